@@ -1,0 +1,1 @@
+"""Process-level plumbing: the private Redis, start-up, reconcile, demo data."""

@@ -1,0 +1,90 @@
+"""Demo data so a new user can try a call at once: people, a sharing relationship with quota,
+merchants of each kind, catalog items, and one token per principal. Loading twice is harmless."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from authz_server.domain.model import CatalogItem, Merchant
+from authz_server.domain.types import (
+    Channel,
+    ItemCategory,
+    MerchantKind,
+    Party,
+    Relation,
+    Scheme,
+)
+from authz_server.service.idempotency import Idempotency
+from authz_server.service.registry import RegistryService
+from authz_server.service.relationships import RelationshipService
+
+DEMO_TOKENS: dict[str, dict[str, str]] = {
+    "demo-admin": {"kind": "admin"},
+    "demo-app": {"kind": "channel", "channel": Channel.APP.value},
+    "demo-platform": {"kind": "channel", "channel": Channel.PROVINCIAL_PLATFORM.value},
+    "demo-window": {"kind": "channel", "channel": Channel.SERVICE_WINDOW.value},
+    "demo-hospital": {"kind": "merchant", "merchant_id": "hospital-440300-1"},
+    "demo-pharmacy": {"kind": "merchant", "merchant_id": "pharmacy-440300-1"},
+    "demo-collector": {"kind": "merchant", "merchant_id": "collector-440300-1"},
+}
+
+MERCHANTS = [
+    Merchant(
+        "hospital-440300-1", MerchantKind.MEDICAL_INSTITUTION, "440300", True, "市人民医院"
+    ),
+    Merchant("pharmacy-440300-1", MerchantKind.RETAIL_PHARMACY, "440300", True, "深圳大药房"),
+    Merchant("collector-440300-1", MerchantKind.PREMIUM_COLLECTOR, "440300", True, "深圳市医保局"),
+]
+
+ITEMS = [
+    CatalogItem("drug-amoxicillin", "阿莫西林胶囊", ItemCategory.DRUG, True),
+    CatalogItem("device-glucometer", "血糖仪", ItemCategory.DEVICE, True),
+    CatalogItem("consumable-bandage", "医用绷带", ItemCategory.CONSUMABLE, True),
+    CatalogItem("cosmetic-face-cream", "护肤霜", ItemCategory.CONSUMABLE, False),
+]
+
+HOLDER = "demo-holder-zhang"  # an employee in Beijing
+RELATIVE = "demo-parent-li"  # a resident in Shenzhen, 2,000 km away
+SPOUSE = "demo-spouse-wang"  # an employee in Chengdu
+
+
+def write_tokens(path: Path) -> None:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(DEMO_TOKENS, indent=2) + "\n")
+
+
+def _no_encode(_: object) -> bytes:
+    return b""
+
+
+async def load(registry: RegistryService, relationships: RelationshipService) -> str:
+    """Loads the demo data; returns the id of the demo relationship (holder -> parent)."""
+    for participant_id, scheme, region in (
+        (HOLDER, Scheme.EMPLOYEE, "110100"),
+        (RELATIVE, Scheme.RESIDENT, "440300"),
+        (SPOUSE, Scheme.EMPLOYEE, "510100"),
+    ):
+        await registry.upsert_participant(participant_id, scheme, region)
+    await registry.credit_account(
+        HOLDER, 1_000_000, Idempotency("credit", "demo-credit-1", "demo", _no_encode)
+    )
+    for merchant in MERCHANTS:
+        await registry.upsert_merchant(merchant)
+    await registry.upsert_catalog_items(ITEMS)
+    existing, _ = await relationships.list(HOLDER, None, 100, "")
+    for view in existing:
+        if view.relationship.beneficiary_id == RELATIVE and view.relationship.dissolved_at is None:
+            return view.relationship.relationship_id
+    view = await relationships.propose(HOLDER, RELATIVE, Relation.PARENT, Channel.APP)
+    relationship_id = view.relationship.relationship_id
+    await relationships.consent(relationship_id, Party.HOLDER, Channel.APP)
+    await relationships.consent(relationship_id, Party.BENEFICIARY, Channel.APP)
+    await relationships.allocate(
+        relationship_id,
+        200_000,
+        Idempotency("allocate", f"demo-allocate-{relationship_id}", "demo", _no_encode),
+        Channel.APP,
+    )
+    return relationship_id

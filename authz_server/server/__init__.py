@@ -1,0 +1,1 @@
+"""gRPC transport: thin handlers that validate, call a service and convert the answer."""

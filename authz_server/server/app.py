@@ -1,0 +1,107 @@
+"""Assembles the gRPC server: services, handlers, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from authz_server.generated.medwallet.v1 import (
+    registry_pb2,
+    registry_pb2_grpc,
+    relationship_pb2,
+    relationship_pb2_grpc,
+)
+from authz_server.runtime.reconcile import reconcile
+from authz_server.server.auth import Authenticator
+from authz_server.server.registry_handler import RegistryHandler
+from authz_server.server.relationship_handler import RelationshipHandler
+from authz_server.service.clock import Clock, system_clock
+from authz_server.service.registry import RegistryService
+from authz_server.service.relationships import RelationshipService
+from authz_server.settings import Settings
+from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.sql.database import Database
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
+]
+# Bounds on what one connection may send: a catalog batch of 1000 items fits well inside.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Application:
+    settings: Settings
+    redis_url: str
+    clock: Clock = system_clock
+    server: grpc.aio.Server = field(init=False)
+    port: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.database = Database(self.settings.effective_database_url)
+        self.redis = Redis.from_url(
+            self.redis_url,
+            socket_timeout=self.settings.redis_timeout_seconds,
+            socket_connect_timeout=self.settings.redis_timeout_seconds,
+        )
+        self.quotas = RedisQuotaCache(self.redis)
+        self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
+        self.registry = RegistryService(self.database, self.quotas, self.clock)
+        self.relationships = RelationshipService(
+            self.database, self.quotas, self.settings.allowed_relations, self.clock
+        )
+        self.health = health_aio.HealthServicer()
+
+    async def start(self) -> int:
+        """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ]
+        )
+        registry_pb2_grpc.add_RegistryServiceServicer_to_server(
+            RegistryHandler(self.registry, self.auth), self.server
+        )
+        relationship_pb2_grpc.add_RelationshipServiceServicer_to_server(
+            RelationshipHandler(self.relationships, self.auth), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )  # fmt: skip
+        await self._set_serving(False)
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        report = await reconcile(self.database, self.quotas)
+        log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
+        await self._set_serving(True)
+        return self.port
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *SERVICE_NAMES]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """NOT_SERVING first, so balancers stop sending; then in-flight calls get the grace."""
+        await self._set_serving(False)
+        await self.server.stop(grace_seconds)
+        await self.redis.aclose()
+        self.database.close()

@@ -1,0 +1,373 @@
+"""RelationshipService: propose, consent, allocate, release, dissolve, read.
+
+Order of writes between SQL (the record) and Redis (the hot quota), chosen so that Redis may
+understate a quota but never overstate it:
+- money into a quota (allocate): SQL commits first, then Redis is credited;
+- money out of a quota (release): Redis is debited first (atomically against concurrent holds),
+  then SQL commits; if SQL fails, Redis is credited back;
+- dissolve: SQL first (a capture re-checks the relationship in SQL, so a hold placed in between
+  can never be captured), then Redis.
+A Redis failure after a SQL commit leaves Redis short until `reconcile` restores it from SQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from authz_server.domain import relationships as rules
+from authz_server.domain.errors import InvalidArgument, PolicyRefusal
+from authz_server.domain.model import QuotaView, Relationship
+from authz_server.domain.types import (
+    Channel,
+    DissolutionReason,
+    LedgerKind,
+    Party,
+    Relation,
+    RelationshipStatus,
+)
+from authz_server.service import idempotency, ledger
+from authz_server.service.clock import Clock, system_clock
+from authz_server.service.idempotency import Idempotency
+from authz_server.service.ports import QuotaCache, QuotaFigures, QuotaRestore
+from authz_server.storage.sql import records
+from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.tables import RelationshipRow
+
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 50
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QuotaMoveResult:
+    quota: QuotaView
+    holder_balance_fen: int
+
+
+@dataclass(frozen=True)
+class DissolveResult:
+    quota: QuotaView
+    returned_fen: int
+
+
+def restore_of(relationship: Relationship) -> QuotaRestore:
+    """What the ledger says the hot quota of a relationship should be."""
+    activated = relationship.activated_at or relationship.created_at
+    return QuotaRestore(
+        relationship_id=relationship.relationship_id,
+        beneficiary_id=relationship.beneficiary_id,
+        holder_id=relationship.holder_id,
+        active=relationship.status is RelationshipStatus.ACTIVE,
+        unused_fen=relationship.totals.unused_fen,
+        funding_order=int(activated.timestamp() * 1000),
+    )
+
+
+class RelationshipService:
+    def __init__(
+        self,
+        database: Database,
+        quotas: QuotaCache,
+        allowed_relations: frozenset[Relation],
+        clock: Clock = system_clock,
+    ) -> None:
+        self.database = database
+        self.quotas = quotas
+        self.allowed_relations = allowed_relations
+        self.clock = clock
+
+    async def propose(
+        self, holder_id: str, beneficiary_id: str, relation: Relation, channel: Channel
+    ) -> QuotaView:
+        def work(session: Session) -> Relationship:
+            holder = records.participant(records.participant_row(session, holder_id))
+            beneficiary = records.participant(records.participant_row(session, beneficiary_id))
+            existing = session.scalars(
+                select(RelationshipRow.relationship_id).where(
+                    RelationshipRow.holder_id == holder_id,
+                    RelationshipRow.beneficiary_id == beneficiary_id,
+                    RelationshipRow.status.in_([s.value for s in rules.OPEN_STATUSES]),
+                )
+            ).first()
+            rules.check_proposal(
+                holder, beneficiary, relation, self.allowed_relations, existing is not None
+            )
+            now = self.clock()
+            row = RelationshipRow(
+                relationship_id=uuid.uuid4().hex,
+                holder_id=holder_id,
+                beneficiary_id=beneficiary_id,
+                relation=relation.value,
+                status=RelationshipStatus.PENDING_CONSENT.value,
+                holder_consented=False,
+                beneficiary_consented=False,
+                created_channel=channel.value,
+                created_at=now,
+                allocated_total_fen=0,
+                released_total_fen=0,
+                captured_total_fen=0,
+                refunded_to_quota_total_fen=0,
+            )
+            session.add(row)
+            session.flush()
+            ledger.event(session, row.relationship_id, "PROPOSED", now, channel)
+            return records.relationship(row)
+
+        try:
+            relationship = await self.database.run(work)
+        except IntegrityError:  # the open-pair index caught a concurrent identical proposal
+            raise PolicyRefusal(
+                "DUPLICATE_RELATIONSHIP", f"{holder_id} already shares with {beneficiary_id}"
+            ) from None
+        return QuotaView(relationship, 0, 0)
+
+    async def consent(self, relationship_id: str, party: Party, channel: Channel) -> QuotaView:
+        """Rule 4. Consenting again (a retry) answers the relationship unchanged."""
+
+        def work(session: Session) -> Relationship:
+            row = records.relationship_row(session, relationship_id, lock=True)
+            already = row.holder_consented if party is Party.HOLDER else row.beneficiary_consented
+            if already and row.status != RelationshipStatus.DISSOLVED.value:
+                return records.relationship(row)
+            relationship = records.relationship(row)
+            rules.check_consent(
+                relationship,
+                records.participant(records.participant_row(session, row.holder_id)),
+                records.participant(records.participant_row(session, row.beneficiary_id)),
+            )
+            now = self.clock()
+            if party is Party.HOLDER:
+                row.holder_consented = True
+            else:
+                row.beneficiary_consented = True
+            ledger.event(session, relationship_id, "CONSENTED", now, channel, party)
+            if rules.becomes_active(relationship, party):
+                row.status = RelationshipStatus.ACTIVE.value
+                row.activated_at = now
+                ledger.event(session, relationship_id, "ACTIVATED", now, channel)
+            return records.relationship(row)
+
+        relationship = await self.database.run(work)
+        if relationship.status is RelationshipStatus.ACTIVE:
+            await self.quotas.restore(restore_of(relationship))
+        return await self._view(relationship)
+
+    async def allocate(
+        self,
+        relationship_id: str,
+        amount_fen: int,
+        call: Idempotency[QuotaMoveResult],
+        channel: Channel,
+    ) -> QuotaMoveResult | bytes:
+        """Rule 5: personal account -> quota. SQL first, then Redis (see module docstring)."""
+        checked = await self._precheck(relationship_id, call)
+        if isinstance(checked, bytes):
+            return checked
+        held_fen = (await self._figures(checked)).held_fen
+
+        def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
+            replay = idempotency.find(session, call)
+            if replay is not None:
+                return replay, None
+            row = records.relationship_row(session, relationship_id, lock=True)
+            holder_row = records.participant_row(session, row.holder_id)
+            rules.check_quota_movable(records.relationship(row), records.participant(holder_row))
+            holder = ledger.debit_account(session, row.holder_id, amount_fen)
+            now = self.clock()
+            row.allocated_total_fen += amount_fen
+            ledger.entry(
+                session,
+                LedgerKind.QUOTA_ALLOCATION,
+                row.holder_id,
+                amount_fen,
+                now,
+                relationship_id=relationship_id,
+                channel=channel,
+            )
+            relationship = records.relationship(row)
+            view = QuotaView(relationship, relationship.totals.unused_fen - held_fen, held_fen)
+            result = QuotaMoveResult(view, holder.balance_fen)
+            idempotency.remember(session, call, result, now)
+            return result, relationship
+
+        result, relationship = await self._run_idempotent(work)
+        if relationship is not None and not await self.quotas.credit(
+            relationship.beneficiary_id, relationship_id, amount_fen
+        ):
+            await self._repair(relationship_id)
+        return result
+
+    async def release(
+        self,
+        relationship_id: str,
+        amount_fen: int,
+        call: Idempotency[QuotaMoveResult],
+        channel: Channel,
+    ) -> QuotaMoveResult | bytes:
+        """Rule 5: unused quota -> personal account. Redis first, then SQL."""
+
+        checked = await self._precheck(relationship_id, call)
+        if isinstance(checked, bytes):
+            return checked
+        beneficiary_id = checked.beneficiary_id
+        remaining = await self.quotas.debit(beneficiary_id, relationship_id, amount_fen)
+        if remaining is None:
+            rules.check_release((await self._figures(checked)).available_fen, amount_fen)
+            raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again")
+
+        def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
+            replay = idempotency.find(session, call)
+            if replay is not None:
+                return replay, None
+            row = records.relationship_row(session, relationship_id, lock=True)
+            holder_row = records.participant_row(session, row.holder_id, lock=True)
+            rules.check_quota_movable(records.relationship(row), records.participant(holder_row))
+            now = self.clock()
+            row.released_total_fen += amount_fen
+            holder_row.balance_fen += amount_fen
+            ledger.entry(
+                session,
+                LedgerKind.QUOTA_RELEASE,
+                row.holder_id,
+                amount_fen,
+                now,
+                relationship_id=relationship_id,
+                channel=channel,
+            )
+            relationship = records.relationship(row)
+            view = QuotaView(relationship, remaining, self._held_after(relationship, remaining))
+            result = QuotaMoveResult(view, holder_row.balance_fen)
+            idempotency.remember(session, call, result, now)
+            return result, relationship
+
+        try:
+            result, relationship = await self._run_idempotent(work)
+        except BaseException:
+            await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
+            raise
+        if relationship is None:  # a concurrent identical call won; give our debit back
+            await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
+        return result
+
+    async def dissolve(
+        self, relationship_id: str, party: Party, channel: Channel
+    ) -> DissolveResult:
+        """Rule 4: either party may dissolve; unused quota goes back to the holder. Dissolving a
+        dissolved relationship (a retry) answers it unchanged with returned_fen 0."""
+
+        def work(session: Session) -> tuple[Relationship, int]:
+            row = records.relationship_row(session, relationship_id, lock=True)
+            if row.status == RelationshipStatus.DISSOLVED.value:
+                return records.relationship(row), 0
+            returned = ledger.dissolve(
+                session, row, DissolutionReason.VOLUNTARY, self.clock(), channel, party
+            )
+            return records.relationship(row), returned
+
+        relationship, returned = await self.database.run(work)
+        await self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+        return DissolveResult(QuotaView(relationship, 0, 0), returned)
+
+    async def get(self, relationship_id: str) -> QuotaView:
+        relationship = await self.database.run(
+            lambda session: records.relationship(records.relationship_row(session, relationship_id))
+        )
+        return await self._view(relationship)
+
+    async def list(
+        self, holder_id: str | None, beneficiary_id: str | None, page_size: int, page_token: str
+    ) -> tuple[list[QuotaView], str]:
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 0 and {MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        after = _decode_token(page_token)
+
+        def work(session: Session) -> list[Relationship]:
+            query = select(RelationshipRow)
+            if holder_id is not None:
+                query = query.where(RelationshipRow.holder_id == holder_id)
+            else:
+                query = query.where(RelationshipRow.beneficiary_id == beneficiary_id)
+            if after:
+                query = query.where(RelationshipRow.relationship_id > after)
+            rows = session.scalars(query.order_by(RelationshipRow.relationship_id).limit(size + 1))
+            return [records.relationship(row) for row in rows]
+
+        relationships = await self.database.run(work)
+        more = len(relationships) > size
+        relationships = relationships[:size]
+        views = [await self._view(r) for r in relationships]
+        next_token = _encode_token(relationships[-1].relationship_id) if more else ""
+        return views, next_token
+
+    async def _run_idempotent(
+        self, work: Callable[[Session], tuple[T | bytes, Relationship | None]]
+    ) -> tuple[T | bytes, Relationship | None]:
+        try:
+            return await self.database.run(work)
+        except IntegrityError:  # the same key committed concurrently: answer as it did
+            return await self.database.run(work)
+
+    async def _view(self, relationship: Relationship) -> QuotaView:
+        if relationship.status is not RelationshipStatus.ACTIVE:
+            return QuotaView(relationship, 0, 0)
+        figures = await self.quotas.figures(
+            relationship.beneficiary_id, [relationship.relationship_id]
+        )
+        found = figures.get(relationship.relationship_id)
+        if found is None:
+            found = await self.quotas.restore(restore_of(relationship))
+        return QuotaView(relationship, found.available_fen, found.held_fen)
+
+    async def _precheck(
+        self, relationship_id: str, call: Idempotency[QuotaMoveResult]
+    ) -> bytes | Relationship:
+        """A replayed answer, or the relationship after the checks of rule 5 (read only)."""
+
+        def check(session: Session) -> bytes | Relationship:
+            replay = idempotency.find(session, call)
+            if replay is not None:
+                return replay
+            row = records.relationship_row(session, relationship_id)
+            holder = records.participant(records.participant_row(session, row.holder_id))
+            relationship = records.relationship(row)
+            rules.check_quota_movable(relationship, holder)
+            return relationship
+
+        return await self.database.run(check)
+
+    async def _figures(self, relationship: Relationship) -> QuotaFigures:
+        return (await self._view(relationship)).figures
+
+    @staticmethod
+    def _held_after(relationship: Relationship, available_fen: int) -> int:
+        return max(0, relationship.totals.unused_fen - available_fen)
+
+    async def _repair(self, relationship_id: str) -> None:
+        """Redis lacked the quota: set it from the ledger, which already counts the change."""
+        relationship = await self.database.run(
+            lambda session: records.relationship(records.relationship_row(session, relationship_id))
+        )
+        await self.quotas.restore(restore_of(relationship))
+
+
+def _encode_token(relationship_id: str) -> str:
+    return base64.urlsafe_b64encode(relationship_id.encode()).decode()
+
+
+def _decode_token(page_token: str) -> str:
+    """Page tokens are opaque to callers; a token we did not issue is INVALID_ARGUMENT."""
+    if not page_token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(page_token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service issued") from None

@@ -1,0 +1,97 @@
+"""Every setting is an environment variable with a default; the README lists them in one table.
+
+`Settings.from_environment()` reads them once at start-up into a frozen dataclass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from authz_server.domain.relationships import DEFAULT_ALLOWED_RELATIONS
+from authz_server.domain.types import Relation
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Address the gRPC server binds.
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    # Port of the Prometheus /metrics HTTP endpoint (0 turns it off).
+    metrics_port: int = 9464
+    # Where the SQLite file, the private Redis and the demo tokens live.
+    data_dir: Path = Path("data")
+    # SQLAlchemy URL of the system of record; empty means SQLite in data_dir.
+    database_url: str = ""
+    # Redis URL of the hot state; empty means start a private redis-server in data_dir.
+    redis_url: str = ""
+    # JSON file mapping bearer token -> principal; empty means data_dir/tokens.json.
+    tokens_file: str = ""
+    # Server processes sharing the port (SO_REUSEPORT); 0 means one per core.
+    workers: int = 1
+    # On SIGTERM: how long in-flight calls may take before the process exits.
+    shutdown_grace_seconds: float = 10.0
+    # Python logging level of the JSON log lines.
+    log_level: str = "INFO"
+    # Load demo participants, merchants, items and tokens at start (for trying it out).
+    demo_data: bool = False
+    # Every Redis call gives up after this long: UNAVAILABLE instead of a hang.
+    redis_timeout_seconds: float = 0.5
+    # How long an authorization hold lasts before it returns to the quota by itself.
+    pharmacy_hold_seconds: int = 900
+    medical_hold_seconds: int = 86_400
+    # Relation kinds allowed for sharing (comma-separated), default the notice's list.
+    allowed_relations: frozenset[Relation] = field(default=DEFAULT_ALLOWED_RELATIONS)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'medwallet.sqlite3'}"
+
+    @property
+    def effective_tokens_file(self) -> Path:
+        return Path(self.tokens_file) if self.tokens_file else self.data_dir / "tokens.json"
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def get(name: str, default: object) -> str:
+            return env.get(name, str(default))
+
+        relations = env.get("MEDWALLET_ALLOWED_RELATIONS")
+        return cls(
+            grpc_host=get("MEDWALLET_GRPC_HOST", defaults.grpc_host),
+            grpc_port=int(get("MEDWALLET_GRPC_PORT", defaults.grpc_port)),
+            metrics_port=int(get("MEDWALLET_METRICS_PORT", defaults.metrics_port)),
+            data_dir=Path(get("MEDWALLET_DATA_DIR", defaults.data_dir)),
+            database_url=env.get("DATABASE_URL", ""),
+            redis_url=env.get("REDIS_URL", ""),
+            tokens_file=env.get("MEDWALLET_TOKENS_FILE", ""),
+            workers=int(get("MEDWALLET_WORKERS", defaults.workers)),
+            shutdown_grace_seconds=float(
+                get("MEDWALLET_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds)
+            ),
+            log_level=get("MEDWALLET_LOG_LEVEL", defaults.log_level),
+            demo_data=_flag(get("MEDWALLET_DEMO_DATA", defaults.demo_data)),
+            redis_timeout_seconds=float(
+                get("MEDWALLET_REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds)
+            ),
+            pharmacy_hold_seconds=int(
+                get("MEDWALLET_PHARMACY_HOLD_SECONDS", defaults.pharmacy_hold_seconds)
+            ),
+            medical_hold_seconds=int(
+                get("MEDWALLET_MEDICAL_HOLD_SECONDS", defaults.medical_hold_seconds)
+            ),
+            allowed_relations=(
+                frozenset(Relation(r.strip().upper()) for r in relations.split(",") if r.strip())
+                if relations
+                else defaults.allowed_relations
+            ),
+        )

@@ -1,0 +1,1 @@
+"""Storage adapters: SQL (system of record) and Redis (hot state)."""

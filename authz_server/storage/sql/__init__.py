@@ -1,0 +1,1 @@
+"""The system of record in SQL (SQLite by default, PostgreSQL in production)."""

@@ -1,0 +1,65 @@
+"""Engine, sessions and the worker threads SQL runs on (SQLAlchemy is synchronous here)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from authz_server.domain.errors import Unavailable
+
+T = TypeVar("T")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the one writer; the busy timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Database:
+    """Runs units of work in transactions on a bounded thread pool.
+
+    SQLite allows one writer, so it gets one thread (writes queue instead of failing with
+    'database is locked'); PostgreSQL gets `threads`, and row locks keep it correct.
+    """
+
+    def __init__(self, url: str, threads: int = 8) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        options: dict[str, Any] = {}
+        if not self.is_sqlite:
+            options = {"pool_size": threads, "max_overflow": 0, "pool_pre_ping": True}
+        self.engine: Engine = create_engine(url, **options)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.executor = ThreadPoolExecutor(
+            max_workers=1 if self.is_sqlite else threads, thread_name_prefix="sql"
+        )
+
+    def transaction(self, work: Callable[[Session], T]) -> T:
+        """Runs work(session) in one transaction on the calling thread."""
+        with self.sessions() as session, session.begin():
+            return work(session)
+
+    async def run(self, work: Callable[[Session], T]) -> T:
+        """Runs work(session) in one transaction on the SQL threads."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.executor, self.transaction, work)
+        except OperationalError as error:
+            raise Unavailable(f"the database did not answer: {error.orig}") from error
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.engine.dispose()

@@ -1,0 +1,83 @@
+"""Conversions between rows and domain records, and the row look-ups the services share."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from authz_server.domain.errors import NotFound
+from authz_server.domain.model import Participant, QuotaTotals, Relationship
+from authz_server.domain.types import (
+    Channel,
+    DissolutionReason,
+    ParticipantStatus,
+    Relation,
+    RelationshipStatus,
+    Scheme,
+)
+from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
+
+
+def utc(moment: datetime) -> datetime:
+    """SQLite gives naive datetimes back; everything stored is UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def participant(row: ParticipantRow) -> Participant:
+    return Participant(
+        participant_id=row.participant_id,
+        scheme=Scheme(row.scheme),
+        pooling_region=row.pooling_region,
+        status=ParticipantStatus(row.status),
+        balance_fen=row.balance_fen,
+        updated_at=utc(row.updated_at),
+    )
+
+
+def totals(row: RelationshipRow) -> QuotaTotals:
+    return QuotaTotals(
+        allocated_total_fen=row.allocated_total_fen,
+        released_total_fen=row.released_total_fen,
+        captured_total_fen=row.captured_total_fen,
+        refunded_to_quota_total_fen=row.refunded_to_quota_total_fen,
+    )
+
+
+def relationship(row: RelationshipRow) -> Relationship:
+    return Relationship(
+        relationship_id=row.relationship_id,
+        holder_id=row.holder_id,
+        beneficiary_id=row.beneficiary_id,
+        relation=Relation(row.relation),
+        status=RelationshipStatus(row.status),
+        holder_consented=row.holder_consented,
+        beneficiary_consented=row.beneficiary_consented,
+        created_channel=Channel(row.created_channel),
+        created_at=utc(row.created_at),
+        activated_at=utc(row.activated_at) if row.activated_at else None,
+        dissolved_at=utc(row.dissolved_at) if row.dissolved_at else None,
+        dissolution_reason=(
+            DissolutionReason(row.dissolution_reason) if row.dissolution_reason else None
+        ),
+        totals=totals(row),
+    )
+
+
+def participant_row(session: Session, participant_id: str, *, lock: bool = False) -> ParticipantRow:
+    query = select(ParticipantRow).where(ParticipantRow.participant_id == participant_id)
+    row = session.scalars(query.with_for_update() if lock else query).one_or_none()
+    if row is None:
+        raise NotFound(f"participant {participant_id} not found")
+    return row
+
+
+def relationship_row(
+    session: Session, relationship_id: str, *, lock: bool = False
+) -> RelationshipRow:
+    query = select(RelationshipRow).where(RelationshipRow.relationship_id == relationship_id)
+    row = session.scalars(query.with_for_update() if lock else query).one_or_none()
+    if row is None:
+        raise NotFound(f"relationship {relationship_id} not found")
+    return row

@@ -1,0 +1,156 @@
+"""Tables of the system of record. Schema changes go through Alembic (authz_server/migrations)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigIdentity = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+Id = String(64)
+Enum = String(32)
+Timestamp = DateTime(timezone=True)
+
+
+class ParticipantRow(Base):
+    __tablename__ = "participants"
+
+    participant_id: Mapped[str] = mapped_column(Id, primary_key=True)
+    scheme: Mapped[str] = mapped_column(Enum)
+    pooling_region: Mapped[str] = mapped_column(String(6))
+    status: Mapped[str] = mapped_column(Enum)
+    termination_reason: Mapped[str | None] = mapped_column(Enum)
+    # The personal account (employees only). Changed only together with a ledger row.
+    balance_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class MerchantRow(Base):
+    __tablename__ = "merchants"
+
+    merchant_id: Mapped[str] = mapped_column(Id, primary_key=True)
+    kind: Mapped[str] = mapped_column(Enum)
+    pooling_region: Mapped[str] = mapped_column(String(6))
+    designated: Mapped[bool] = mapped_column(Boolean)
+    name: Mapped[str] = mapped_column(String(200))
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class CatalogItemRow(Base):
+    __tablename__ = "catalog_items"
+
+    item_code: Mapped[str] = mapped_column(Id, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    category: Mapped[str] = mapped_column(Enum)
+    eligible: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class RelationshipRow(Base):
+    __tablename__ = "relationships"
+    __table_args__ = (
+        # Rule 3: at most one open (pending or active) relationship per (holder, beneficiary).
+        Index(
+            "uq_relationships_open_pair",
+            "holder_id",
+            "beneficiary_id",
+            unique=True,
+            sqlite_where=text("status IN ('PENDING_CONSENT', 'ACTIVE')"),
+            postgresql_where=text("status IN ('PENDING_CONSENT', 'ACTIVE')"),
+        ),
+    )
+
+    relationship_id: Mapped[str] = mapped_column(Id, primary_key=True)
+    holder_id: Mapped[str] = mapped_column(ForeignKey("participants.participant_id"), index=True)
+    beneficiary_id: Mapped[str] = mapped_column(
+        ForeignKey("participants.participant_id"), index=True
+    )
+    relation: Mapped[str] = mapped_column(Enum)
+    status: Mapped[str] = mapped_column(Enum)
+    holder_consented: Mapped[bool] = mapped_column(Boolean, default=False)
+    beneficiary_consented: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_channel: Mapped[str] = mapped_column(Enum)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    activated_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    dissolved_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    dissolution_reason: Mapped[str | None] = mapped_column(Enum)
+    # Running totals (never decrease); see domain.model.QuotaTotals for the conservation rule.
+    allocated_total_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    released_total_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    captured_total_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    refunded_to_quota_total_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RelationshipEventRow(Base):
+    """Audit trail: every change of a relationship with the channel that made it."""
+
+    __tablename__ = "relationship_events"
+
+    event_id: Mapped[int] = mapped_column(BigIdentity, primary_key=True, autoincrement=True)
+    relationship_id: Mapped[str] = mapped_column(
+        ForeignKey("relationships.relationship_id"), index=True
+    )
+    event: Mapped[str] = mapped_column(Enum)
+    party: Mapped[str | None] = mapped_column(Enum)
+    # The channel principal, or SYSTEM for insurance events.
+    channel: Mapped[str] = mapped_column(Enum)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class LedgerEntryRow(Base):
+    """One row for every movement of money; amounts are positive, the kind gives the direction."""
+
+    __tablename__ = "ledger_entries"
+
+    entry_id: Mapped[int] = mapped_column(BigIdentity, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(Enum, index=True)
+    # The personal account's owner (the holder) whose money this is.
+    holder_id: Mapped[str] = mapped_column(ForeignKey("participants.participant_id"), index=True)
+    relationship_id: Mapped[str | None] = mapped_column(
+        ForeignKey("relationships.relationship_id"), index=True
+    )
+    authorization_id: Mapped[str | None] = mapped_column(Id, index=True)
+    merchant_id: Mapped[str | None] = mapped_column(Id)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str | None] = mapped_column(Enum)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class IdempotencyRecordRow(Base):
+    """The first answer to an idempotent write, returned again on a retry with the same key."""
+
+    __tablename__ = "idempotency_records"
+
+    scope: Mapped[str] = mapped_column(String(96), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(Id, primary_key=True)
+    request_digest: Mapped[str] = mapped_column(String(64))
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
