@@ -57,17 +57,31 @@ class ManualClock:
 
 
 def fresh_database(url: str | None, directory: Path) -> str:
-    """An empty database at the newest schema: SQLite file, or a clean PostgreSQL schema."""
+    """An empty database at the newest schema: a SQLite file, or on PostgreSQL a schema of its
+    own (so concurrent test sessions on one database never see each other)."""
     if not url:
         url = f"sqlite:///{directory / 'test.sqlite3'}"
     else:
+        schema = f"test_{uuid.uuid4().hex[:16]}"
         engine = create_engine(url)
         with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA public CASCADE"))
-            connection.execute(text("CREATE SCHEMA public"))
+            connection.execute(text(f"CREATE SCHEMA {schema}"))
         engine.dispose()
+        separator = "&" if "?" in url else "?"
+        url = f"{url}{separator}options=-csearch_path%3D{schema}"
     upgrade_to_head(url)
     return url
+
+
+def drop_database(url: str) -> None:
+    """Drops the private PostgreSQL schema of fresh_database (SQLite files go with tmp_path)."""
+    if "csearch_path%3D" not in url:
+        return
+    schema = url.rsplit("csearch_path%3D", 1)[1]
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
 
 
 class Harness:
@@ -109,6 +123,7 @@ class Harness:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.redis.stop()
+        drop_database(self.database_url)
 
 
 def new_id(prefix: str) -> str:
