@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from enum import StrEnum
@@ -15,8 +16,9 @@ MAX_AMOUNT_FEN = 10_000_000_000
 MAX_ID_LENGTH = 64
 MAX_NAME_LENGTH = 200
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
-# A 6-digit administrative division code; provinces are 11..82 (mainland, Hong Kong, Macao).
-_REGION_PATTERN = re.compile(r"[1-8][0-9]{5}")
+# A 6-digit administrative division code (GB/T 2260) whose first two digits are a province:
+# 11-15, 21-23, 31-37, 41-46, 50-54, 61-65, 71 (Taiwan), 81-82 (Hong Kong, Macao).
+_REGION_PATTERN = re.compile(r"(1[1-5]|2[1-3]|3[1-7]|4[1-6]|5[0-4]|6[1-5]|71|8[12])[0-9]{4}")
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -54,6 +56,22 @@ def name(field: str, value: str) -> str:
 def pooling_region(field: str, value: str) -> str:
     if not _REGION_PATTERN.fullmatch(value):
         raise InvalidArgument(field, "must be a 6-digit administrative division code like 110100")
+    return value
+
+
+def page_token(field: str, value: str) -> str:
+    """A page token is opaque to callers, but only one this service issued is accepted: the
+    canonical URL-safe base64 of an identifier (the last id of the previous page)."""
+    if not value:
+        return value
+    try:
+        raw = base64.urlsafe_b64decode(value.encode("ascii"))
+        decoded = raw.decode("ascii")
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        raise InvalidArgument(field, "is not a token this service issued") from None
+    canonical = base64.urlsafe_b64encode(raw).decode("ascii") == value
+    if not canonical or len(decoded) > MAX_ID_LENGTH or not _ID_PATTERN.fullmatch(decoded):
+        raise InvalidArgument(field, "is not a token this service issued")
     return value
 
 

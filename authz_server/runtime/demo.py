@@ -30,9 +30,7 @@ DEMO_TOKENS: dict[str, dict[str, str]] = {
 }
 
 MERCHANTS = [
-    Merchant(
-        "hospital-440300-1", MerchantKind.MEDICAL_INSTITUTION, "440300", True, "市人民医院"
-    ),
+    Merchant("hospital-440300-1", MerchantKind.MEDICAL_INSTITUTION, "440300", True, "市人民医院"),
     Merchant("pharmacy-440300-1", MerchantKind.RETAIL_PHARMACY, "440300", True, "深圳大药房"),
     Merchant("collector-440300-1", MerchantKind.PREMIUM_COLLECTOR, "440300", True, "深圳市医保局"),
 ]

@@ -8,12 +8,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.model import Relationship
-from authz_server.domain.types import RelationshipStatus
+from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.ports import QuotaCache
 from authz_server.service.relationships import restore_of
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from authz_server.storage.sql.tables import RelationshipRow
+from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
 
 BATCH_SIZE = 1000
 
@@ -33,9 +33,12 @@ async def reconcile(database: Database, quotas: QuotaCache) -> ReconcileReport:
     while True:
         cursor = after
 
-        def page(session: Session, cursor: str = cursor) -> list[Relationship]:
-            rows = session.scalars(
-                select(RelationshipRow)
+        def page(session: Session, cursor: str = cursor) -> list[tuple[Relationship, Scheme]]:
+            rows = session.execute(
+                select(RelationshipRow, ParticipantRow.scheme)
+                .join(
+                    ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id
+                )
                 .where(
                     RelationshipRow.relationship_id > cursor,
                     RelationshipRow.status == RelationshipStatus.ACTIVE.value,
@@ -43,16 +46,16 @@ async def reconcile(database: Database, quotas: QuotaCache) -> ReconcileReport:
                 .order_by(RelationshipRow.relationship_id)
                 .limit(BATCH_SIZE)
             )
-            return [records.relationship(row) for row in rows]
+            return [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
 
         batch = await database.run(page)
         if not batch:
             break
-        for relationship in batch:
+        for relationship, scheme in batch:
             before = await quotas.figures(
                 relationship.beneficiary_id, [relationship.relationship_id]
             )
-            after_figures = await quotas.restore(restore_of(relationship))
+            after_figures = await quotas.restore(restore_of(relationship, scheme))
             old = before.get(relationship.relationship_id)
             old_total = (old.available_fen + old.held_fen) if old else None
             new_total = after_figures.available_fen + after_figures.held_fen
@@ -60,5 +63,5 @@ async def reconcile(database: Database, quotas: QuotaCache) -> ReconcileReport:
                 drifted += 1
                 drift_fen += abs(new_total - (old_total or 0))
             count += 1
-        after = batch[-1].relationship_id
+        after = batch[-1][0].relationship_id
     return ReconcileReport(quotas=count, drifted=drifted, drift_fen=drift_fen)

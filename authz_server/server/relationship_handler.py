@@ -132,8 +132,9 @@ class RelationshipHandler(relationship_pb2_grpc.RelationshipServiceServicer):
             beneficiary_id = validation.identifier("beneficiary_id", request.beneficiary_id)
         else:
             raise InvalidArgument("holder_id", "set holder_id or beneficiary_id")
+        page_token = validation.page_token("page_token", request.page_token)
         views, token = await self.service.list(
-            holder_id, beneficiary_id, request.page_size, request.page_token
+            holder_id, beneficiary_id, request.page_size, page_token
         )
         return relationship_pb2.ListRelationshipsResponse(
             relationships=[convert.relationship(v) for v in views], next_page_token=token

@@ -21,6 +21,9 @@ class QuotaRestore:
     unused_fen: int
     # Funding order: smaller is drawn first (the relationship's activation time in ms).
     funding_order: int
+    # The beneficiary's scheme (the resident premium is only for residents). It cannot change
+    # while the relationship is active: a change of scheme passes through termination.
+    beneficiary_scheme: str
 
 
 class QuotaCache(Protocol):

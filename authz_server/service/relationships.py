@@ -32,6 +32,7 @@ from authz_server.domain.types import (
     Party,
     Relation,
     RelationshipStatus,
+    Scheme,
 )
 from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
@@ -58,7 +59,7 @@ class DissolveResult:
     returned_fen: int
 
 
-def restore_of(relationship: Relationship) -> QuotaRestore:
+def restore_of(relationship: Relationship, beneficiary_scheme: Scheme) -> QuotaRestore:
     """What the ledger says the hot quota of a relationship should be."""
     activated = relationship.activated_at or relationship.created_at
     return QuotaRestore(
@@ -68,6 +69,7 @@ def restore_of(relationship: Relationship) -> QuotaRestore:
         active=relationship.status is RelationshipStatus.ACTIVE,
         unused_fen=relationship.totals.unused_fen,
         funding_order=int(activated.timestamp() * 1000),
+        beneficiary_scheme=beneficiary_scheme.value,
     )
 
 
@@ -157,7 +159,7 @@ class RelationshipService:
 
         relationship = await self.database.run(work)
         if relationship.status is RelationshipStatus.ACTIVE:
-            await self.quotas.restore(restore_of(relationship))
+            await self._restore(relationship)
         return await self._view(relationship)
 
     async def allocate(
@@ -178,7 +180,10 @@ class RelationshipService:
             if replay is not None:
                 return replay, None
             row = records.relationship_row(session, relationship_id, lock=True)
-            holder_row = records.participant_row(session, row.holder_id)
+            # Locked on the first read: a later SELECT ... FOR UPDATE in this session would hand
+            # back the identity-mapped row unrefreshed, and the debit would overwrite the balance
+            # from a stale read (a lost update under concurrent allocations on PostgreSQL).
+            holder_row = records.participant_row(session, row.holder_id, lock=True)
             rules.check_quota_movable(records.relationship(row), records.participant(holder_row))
             holder = ledger.debit_account(session, row.holder_id, amount_fen)
             now = self.clock()
@@ -324,7 +329,7 @@ class RelationshipService:
         )
         found = figures.get(relationship.relationship_id)
         if found is None:
-            found = await self.quotas.restore(restore_of(relationship))
+            found = await self._restore(relationship)
         return QuotaView(relationship, found.available_fen, found.held_fen)
 
     async def _precheck(
@@ -356,7 +361,18 @@ class RelationshipService:
         relationship = await self.database.run(
             lambda session: records.relationship(records.relationship_row(session, relationship_id))
         )
-        await self.quotas.restore(restore_of(relationship))
+        await self._restore(relationship)
+
+    async def _restore(self, relationship: Relationship) -> QuotaFigures:
+        """Sets the hot quota from the ledger (the latest figures are read again here)."""
+
+        def read(session: Session) -> tuple[Relationship, Scheme]:
+            row = records.relationship_row(session, relationship.relationship_id)
+            beneficiary = records.participant_row(session, row.beneficiary_id)
+            return records.relationship(row), Scheme(beneficiary.scheme)
+
+        latest, scheme = await self.database.run(read)
+        return await self.quotas.restore(restore_of(latest, scheme))
 
 
 def _encode_token(relationship_id: str) -> str:

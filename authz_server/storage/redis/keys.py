@@ -1,17 +1,59 @@
-"""Key names. All keys of one beneficiary share the hash tag {b:<beneficiary_id>}."""
+"""Key names. All keys of one beneficiary share the hash tag {b:<8 hex of sha1(beneficiary)>}.
+
+The tag is derived from the beneficiary, and an authorization id starts with the same 8 hex
+digits, so Capture/Void/Get find the slot from the id alone. Beneficiaries whose digests collide
+merely share a slot. Keys that belong to one beneficiary also carry its id.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 
-def tag(beneficiary_id: str) -> str:
-    return f"mw:{{b:{beneficiary_id}}}"
+TAG_LENGTH = 8
+
+
+def tag_digest(beneficiary_id: str) -> str:
+    return hashlib.sha1(beneficiary_id.encode()).hexdigest()[:TAG_LENGTH]
+
+
+def prefix_of_digest(digest: str) -> str:
+    return f"mw:{{b:{digest}}}"
+
+
+def prefix(beneficiary_id: str) -> str:
+    return prefix_of_digest(tag_digest(beneficiary_id))
+
+
+def prefix_of_authorization(authorization_id: str) -> str:
+    return prefix_of_digest(authorization_id[:TAG_LENGTH])
+
+
+def new_authorization_id(beneficiary_id: str) -> str:
+    """32 characters: the beneficiary's tag digest, then 24 random hex digits."""
+    return tag_digest(beneficiary_id) + uuid.uuid4().hex[:24]
 
 
 def quota(beneficiary_id: str, relationship_id: str) -> str:
-    """HASH status, available, held, holder, order."""
-    return f"{tag(beneficiary_id)}:q:{relationship_id}"
+    """HASH status, available, held, holder, beneficiary, scheme, order."""
+    return f"{prefix(beneficiary_id)}:q:{relationship_id}"
 
 
 def quota_index(beneficiary_id: str) -> str:
     """ZSET of the beneficiary's active relationship ids, scored by funding order."""
-    return f"{tag(beneficiary_id)}:quotas"
+    return f"{prefix(beneficiary_id)}:quotas:{beneficiary_id}"
+
+
+def authorization(authorization_id: str) -> str:
+    """HASH of one authorization (see lua/authorize.lua for its fields)."""
+    return f"{prefix_of_authorization(authorization_id)}:a:{authorization_id}"
+
+
+def expiry(prefix_text: str) -> str:
+    """ZSET of open holds in this slot, scored by expiry time in ms."""
+    return f"{prefix_text}:expiry"
+
+
+def idempotency(beneficiary_id: str, merchant_id: str, key: str) -> str:
+    """HASH: the first answer to (merchant, key) for this beneficiary."""
+    return f"{prefix(beneficiary_id)}:i:{merchant_id}:{key}"

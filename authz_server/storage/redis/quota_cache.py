@@ -47,7 +47,8 @@ class RedisQuotaCache:
             keys.quota(beneficiary_id, relationship_id),
             keys.quota_index(beneficiary_id),
         ]
-        await guarded(lambda: self._dissolve(keys=quota_keys, args=[relationship_id]))
+        arguments = [relationship_id, keys.prefix(beneficiary_id)]
+        await guarded(lambda: self._dissolve(keys=quota_keys, args=arguments))
 
     async def restore(self, quota: QuotaRestore) -> QuotaFigures:
         quota_keys = [
@@ -60,6 +61,9 @@ class RedisQuotaCache:
             "ACTIVE" if quota.active else "DISSOLVED",
             quota.unused_fen,
             quota.funding_order,
+            quota.beneficiary_id,
+            quota.beneficiary_scheme,
+            keys.prefix(quota.beneficiary_id),
         ]
         result: Any = await guarded(lambda: self._restore(keys=quota_keys, args=arguments))
         return QuotaFigures(available_fen=int(result[0]), held_fen=int(result[1]))

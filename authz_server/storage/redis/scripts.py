@@ -1,4 +1,8 @@
-"""Loads the Lua scripts once; redis-py runs them by EVALSHA and reloads after a Redis restart."""
+"""Loads the Lua scripts once; redis-py runs them by EVALSHA and reloads after a Redis restart.
+
+A script that uses the shared functions of lua/_lib.lua gets them prepended, so each script is
+still one self-contained EVAL.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,19 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+LIBRARY_USERS = frozenset(
+    {"authorize", "capture_begin", "capture_finish", "void", "expire", "quota_dissolve",
+     "quota_restore"}
+)  # fmt: skip
+
+
+def source(name: str) -> str:
+    folder = resources.files("authz_server.storage.redis").joinpath("lua")
+    text = folder.joinpath(f"{name}.lua").read_text()
+    if name in LIBRARY_USERS:
+        text = folder.joinpath("_lib.lua").read_text() + "\n" + text
+    return text
+
 
 def load(client: Redis, name: str) -> AsyncScript:
-    source = resources.files("authz_server.storage.redis").joinpath(f"lua/{name}.lua").read_text()
-    return client.register_script(source)
+    return client.register_script(source(name))

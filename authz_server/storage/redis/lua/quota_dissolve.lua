@@ -1,6 +1,18 @@
--- Marks a quota dissolved so no new hold can be placed on it. The ledger (SQL) already returned
--- the unused money to the holder; here the figures go to zero.
--- KEYS[1] quota hash, KEYS[2] beneficiary's quota index; ARGV[1] relationship id.
+-- Marks a quota dissolved so no new hold can be placed on it, and voids its open holds (their
+-- parts on the beneficiary's other quotas go back to those). The ledger (SQL) already returned
+-- this quota's unused money to the holder; here its figures go to zero.
+-- KEYS: 1 quota hash, 2 beneficiary's quota index. ARGV: 1 relationship id, 2 prefix.
+local prefix = ARGV[2]
+local holds = prefix .. ':qh:' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0)
 redis.call('ZREM', KEYS[2], ARGV[1])
+for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
+  local auth = prefix .. ':a:' .. auth_id
+  if redis.call('HGET', auth, 's') == 'PENDING' then
+    release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
+    redis.call('HSET', auth, 's', 'VOIDED')
+    redis.call('ZREM', prefix .. ':expiry', auth_id)
+  end
+end
+redis.call('DEL', holds)
 return 1

@@ -1,18 +1,30 @@
--- Sets a quota from the ledger's unused figure (available + held), keeping open holds.
--- KEYS[1] quota hash, KEYS[2] beneficiary's quota index.
--- ARGV: relationship id, holder id, 'ACTIVE' or 'DISSOLVED', unused_fen, funding order.
--- Returns {available, held}.
-local unused = tonumber(ARGV[4])
+-- Sets a quota from the ledger's unused figure (available + held), keeping its open holds.
+-- KEYS: 1 quota hash, 2 beneficiary's quota index.
+-- ARGV: 1 relationship id, 2 holder id, 3 'ACTIVE' or 'DISSOLVED', 4 unused fen,
+--       5 funding order, 6 beneficiary id, 7 beneficiary's scheme, 8 prefix.
+-- Held is recounted from the open holds themselves. Returns {available, held}.
+local unused, prefix = tonumber(ARGV[4]), ARGV[8]
 if ARGV[3] ~= 'ACTIVE' then
-  redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0, 'holder', ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0,
+    'holder', ARGV[2], 'beneficiary', ARGV[6], 'scheme', ARGV[7])
   redis.call('ZREM', KEYS[2], ARGV[1])
   return {0, 0}
 end
-local held = tonumber(redis.call('HGET', KEYS[1], 'held') or '0')
-if held > unused then
-  held = unused
+local held = 0
+local holds = prefix .. ':qh:' .. ARGV[1]
+for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
+  local auth = prefix .. ':a:' .. auth_id
+  local status = redis.call('HGET', auth, 's')
+  if status == 'PENDING' or status == 'CAPTURING' then
+    for _, part in ipairs(parse_funding(redis.call('HGET', auth, 'f'))) do
+      if part[1] == ARGV[1] then held = held + part[2] end
+    end
+  else
+    redis.call('SREM', holds, auth_id)
+  end
 end
+if held > unused then held = unused end
 redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'available', unused - held, 'held', held,
-  'holder', ARGV[2], 'order', ARGV[5])
+  'holder', ARGV[2], 'order', ARGV[5], 'beneficiary', ARGV[6], 'scheme', ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 return {unused - held, held}

@@ -1,0 +1,112 @@
+-- Authorize in one round trip: expire due holds, check idempotency, choose the funding, place
+-- the hold, remember the answer.
+-- KEYS: 1 authorization hash, 2 idempotency hash, 3 beneficiary's quota index, 4 expiry zset.
+-- ARGV: 1 prefix, 2 now ms, 3 authorization id, 4 merchant, 5 beneficiary, 6 purpose,
+--       7 request digest, 8 eligible fen (what may be paid), 9 allow partial (0/1),
+--       10 relationship id or '', 11 expires at ms, 12 decline reason decided before ('' none),
+--       13 capture at once (0/1), 14 resident scheme required (0/1), 15 opaque line template.
+-- Returns {'REUSED'} | {'REPLAY', fields...} | {'NEW', fields...} where fields are
+--   authorization id, decision, decline reason, approved fen, funding, remaining fen, status,
+--   expires at ms, line template.
+local prefix, now = ARGV[1], tonumber(ARGV[2])
+expire_due(prefix, now, 16)
+
+local function answer(kind, record)
+  return {kind, record.a, record.d, record.r, tostring(record.ap), record.f, tostring(record.rem),
+          record.s, tostring(record.ex), record.t}
+end
+
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  local stored = redis.call('HGETALL', KEYS[2])
+  local record = {}
+  for i = 1, #stored, 2 do record[stored[i]] = stored[i + 1] end
+  if record.digest ~= ARGV[7] then return {'REUSED'} end
+  return answer('REPLAY', record)
+end
+
+local auth_id, need = ARGV[3], tonumber(ARGV[8])
+local record = {a = auth_id, d = 'DECLINED', r = ARGV[12], ap = 0, f = '', rem = 0,
+                s = 'DECLINED', ex = 0, t = ARGV[15]}
+
+-- The quotas that may fund it: the named one, or all the beneficiary's, oldest first.
+local candidates = {}
+if record.r == '' then
+  if ARGV[10] ~= '' then
+    local quota = prefix .. ':q:' .. ARGV[10]
+    local status = redis.call('HGET', quota, 'status')
+    if not status or redis.call('HGET', quota, 'beneficiary') ~= ARGV[5] then
+      record.r = 'RELATIONSHIP_NOT_FOUND'
+    elseif status ~= 'ACTIVE' then
+      record.r = 'RELATIONSHIP_NOT_ACTIVE'
+    else
+      candidates = {ARGV[10]}
+    end
+  else
+    candidates = redis.call('ZRANGE', KEYS[3], 0, -1)
+    if #candidates == 0 then record.r = 'RELATIONSHIP_NOT_FOUND' end
+  end
+end
+if record.r == '' and ARGV[14] == '1' then
+  local quota = prefix .. ':q:' .. candidates[1]
+  if redis.call('HGET', quota, 'scheme') ~= 'RESIDENT' then
+    record.r = 'BENEFICIARY_NOT_ELIGIBLE'
+  end
+end
+
+local available = {}
+local total = 0
+for i, rid in ipairs(candidates) do
+  available[i] = tonumber(redis.call('HGET', prefix .. ':q:' .. rid, 'available'))
+  total = total + available[i]
+end
+
+if record.r == '' then
+  -- Funding order: the first single quota that covers the whole amount; else split across the
+  -- quotas in order (oldest relationship first); with allow_partial, what all of them hold.
+  local plan = {}
+  for i, rid in ipairs(candidates) do
+    if available[i] >= need then plan = {{i, need}} break end
+  end
+  if #plan == 0 then
+    local approved = need
+    if total < need then
+      if ARGV[9] == '1' and total > 0 then approved = total else approved = 0 end
+    end
+    local left = approved
+    for i, _ in ipairs(candidates) do
+      if left == 0 then break end
+      local take = math.min(left, available[i])
+      if take > 0 then plan[#plan + 1] = {i, take} left = left - take end
+    end
+  end
+  if #plan == 0 then
+    record.r = 'INSUFFICIENT_QUOTA'
+  else
+    local pieces = {}
+    for _, step in ipairs(plan) do
+      local rid, amount = candidates[step[1]], step[2]
+      local quota = prefix .. ':q:' .. rid
+      redis.call('HINCRBY', quota, 'available', -amount)
+      redis.call('HINCRBY', quota, 'held', amount)
+      redis.call('SADD', prefix .. ':qh:' .. rid, auth_id)
+      available[step[1]] = available[step[1]] - amount
+      total = total - amount
+      record.ap = record.ap + amount
+      pieces[#pieces + 1] = rid .. '=' .. amount
+    end
+    record.f = table.concat(pieces, ';')
+    record.d = (record.ap < need) and 'PARTIALLY_APPROVED' or 'APPROVED'
+    record.s = (ARGV[13] == '1') and 'CAPTURING' or 'PENDING'
+    record.ex = tonumber(ARGV[11])
+    if record.s == 'PENDING' then redis.call('ZADD', KEYS[4], record.ex, auth_id) end
+  end
+end
+record.rem = total
+
+redis.call('HSET', KEYS[1], 'm', ARGV[4], 'b', ARGV[5], 'p', ARGV[6], 's', record.s,
+  'ap', record.ap, 'cp', 0, 'f', record.f, 'ex', record.ex, 'cr', now, 'd', record.d,
+  'r', record.r, 'ck', '')
+redis.call('HSET', KEYS[2], 'digest', ARGV[7], 'a', auth_id, 'd', record.d, 'r', record.r,
+  'ap', record.ap, 'f', record.f, 'rem', record.rem, 's', record.s, 'ex', record.ex,
+  't', record.t)
+return answer('NEW', record)

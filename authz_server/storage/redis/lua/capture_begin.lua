@@ -1,0 +1,40 @@
+-- First phase of a capture: claims a pending hold (status CAPTURING) so that neither expiry nor
+-- a void can take it while the capture is written to SQL.
+-- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant, 4 capture idempotency key,
+-- 5 amount fen (0 = all).
+-- Returns {outcome, approved fen, amount fen, funding, beneficiary, purpose}; outcome is OK,
+-- REPLAY (captured with this key), IN_PROGRESS, NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
+-- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED or CAPTURE_EXCEEDS_APPROVED.
+local prefix, now = ARGV[1], tonumber(ARGV[2])
+expire_due(prefix, now, 16)
+local auth = KEYS[1]
+local auth_id = string.match(auth, ':a:(.+)$')
+if redis.call('HGET', auth, 'm') ~= ARGV[3] then return {'NOT_FOUND'} end
+local f = redis.call('HMGET', auth, 's', 'ap', 'ex', 'ck', 'f', 'b', 'p', 'cp')
+local status, approved, expires, key = f[1], tonumber(f[2]), tonumber(f[3]), f[4]
+local function reply(outcome, amount)
+  return {outcome, tostring(approved), tostring(amount), f[5], f[6], f[7]}
+end
+if status == 'CAPTURED' then
+  if key == ARGV[4] then return reply('REPLAY', tonumber(f[8])) end
+  return reply('ALREADY_CAPTURED', 0)
+end
+if status == 'CAPTURING' then
+  if key == ARGV[4] then return reply('IN_PROGRESS', 0) end
+  return reply('ALREADY_CAPTURED', 0)
+end
+if status == 'VOIDED' then return reply('ALREADY_VOIDED', 0) end
+if status == 'EXPIRED' then return reply('AUTHORIZATION_EXPIRED', 0) end
+if status ~= 'PENDING' then return reply('AUTHORIZATION_DECLINED', 0) end
+if now >= expires then
+  release_parts(prefix, auth_id, f[5], nil)
+  redis.call('HSET', auth, 's', 'EXPIRED')
+  redis.call('ZREM', prefix .. ':expiry', auth_id)
+  return reply('AUTHORIZATION_EXPIRED', 0)
+end
+local amount = tonumber(ARGV[5])
+if amount == 0 then amount = approved end
+if amount > approved then return reply('CAPTURE_EXCEEDS_APPROVED', 0) end
+redis.call('HSET', auth, 's', 'CAPTURING', 'ck', ARGV[4], 'cp', amount)
+redis.call('ZREM', prefix .. ':expiry', auth_id)
+return reply('OK', amount)

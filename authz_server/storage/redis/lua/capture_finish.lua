@@ -1,0 +1,23 @@
+-- Second phase, after SQL answered: CAPTURED (the captured parts leave the quotas, the rest of
+-- the hold returns), VOIDED (SQL refused: the whole hold returns), or PENDING (SQL failed for
+-- a passing reason: the hold is put back as it was, so the merchant can retry).
+-- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 outcome, 3 captured parts "rid=fen;...".
+local prefix, auth = ARGV[1], KEYS[1]
+local auth_id = string.match(auth, ':a:(.+)$')
+if redis.call('HGET', auth, 's') ~= 'CAPTURING' then return 0 end
+if ARGV[2] == 'PENDING' then
+  redis.call('HSET', auth, 's', 'PENDING', 'ck', '', 'cp', 0)
+  redis.call('ZADD', prefix .. ':expiry', redis.call('HGET', auth, 'ex'), auth_id)
+  return 1
+end
+local captured = {}
+local total = 0
+if ARGV[2] == 'CAPTURED' then
+  for _, part in ipairs(parse_funding(ARGV[3])) do
+    captured[part[1]] = part[2]
+    total = total + part[2]
+  end
+end
+release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), captured)
+redis.call('HSET', auth, 's', ARGV[2], 'cp', total)
+return 1

@@ -1,0 +1,1 @@
+"""Client code for hospital HIS and pharmacy POS integrators (see the README)."""
