@@ -10,6 +10,7 @@ import signal
 import sys
 from dataclasses import replace
 
+from authz_server.bulk import command as bulk_command
 from authz_server.runtime import demo
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server.app import Application
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--demo", action="store_true", help="load demo data (MEDWALLET_DEMO_DATA)")
     commands.add_parser("migrate", help="bring the database to the newest schema")
     commands.add_parser("reconcile", help="rebuild the Redis quotas from the SQL ledger")
+    bulk_command.add_arguments(commands.add_parser("load-csv", help=bulk_command.HELP))
     call = commands.add_parser("call", help="call an RPC with a JSON request and print the answer")
     call.add_argument("method", help="e.g. RelationshipService/GetRelationship")
     call.add_argument("request", nargs="?", default="{}", help="the request as JSON")
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "reconcile":
         _prepare(settings)
         return asyncio.run(_reconcile(settings))
+    if arguments.command == "load-csv":
+        _prepare(settings)
+        return bulk_command.run(arguments, settings)
     return 2
 
 
@@ -111,6 +116,7 @@ async def _reconcile(settings: Settings) -> int:
     from redis.asyncio import Redis
 
     from authz_server.runtime.reconcile import reconcile
+    from authz_server.storage.redis.hold_store import HoldStore
     from authz_server.storage.redis.quota_cache import RedisQuotaCache
     from authz_server.storage.sql.database import Database
 
@@ -119,7 +125,7 @@ async def _reconcile(settings: Settings) -> int:
         return 2
     database = Database(settings.effective_database_url)
     client = Redis.from_url(settings.redis_url)
-    report = await reconcile(database, RedisQuotaCache(client))
+    report = await reconcile(database, RedisQuotaCache(client), HoldStore(client))
     print(f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen")
     await client.aclose()
     database.close()

@@ -42,7 +42,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from authz_server.domain import validation
 from authz_server.domain.errors import InvalidArgument
@@ -55,6 +55,7 @@ E = TypeVar("E", bound=StrEnum)
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
+_MEMBERS: dict[type[StrEnum], dict[str, StrEnum]] = {}
 
 
 class Kind(StrEnum):
@@ -91,6 +92,13 @@ class RelationshipRecord:
 
 
 def _enum(field: str, value: str, enum: type[E]) -> E:
+    """validation.choice, with a dictionary look-up first (a million rows, a few names)."""
+    members = _MEMBERS.get(enum)
+    if members is None:
+        members = _MEMBERS[enum] = {member.value: member for member in enum}
+    member = members.get(value)
+    if member is not None:
+        return cast(E, member)
     return validation.choice(field, value or None, enum)
 
 

@@ -16,6 +16,7 @@ MAX_AMOUNT_FEN = 10_000_000_000
 MAX_ID_LENGTH = 64
 MAX_NAME_LENGTH = 200
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_\-]+")
+_CONTROL_PATTERN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A 6-digit administrative division code (GB/T 2260) whose first two digits are a province:
 # 11-15, 21-23, 31-37, 41-46, 50-54, 61-65, 71 (Taiwan), 81-82 (Hong Kong, Macao).
 _REGION_PATTERN = re.compile(r"(1[1-5]|2[1-3]|3[1-7]|4[1-6]|5[0-4]|6[1-5]|71|8[12])[0-9]{4}")
@@ -50,6 +51,9 @@ def idempotency_key(field: str, value: str) -> str:
 def name(field: str, value: str) -> str:
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidArgument(field, f"must be at most {MAX_NAME_LENGTH} characters")
+    # Control characters (NUL above all: PostgreSQL text cannot hold it) are never part of a name.
+    if _CONTROL_PATTERN.search(value):
+        raise InvalidArgument(field, "must not contain control characters")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
 from authz_server.generated.medwallet.v1 import (
+    authorization_pb2,
+    authorization_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     relationship_pb2,
@@ -19,23 +22,32 @@ from authz_server.generated.medwallet.v1 import (
 )
 from authz_server.runtime.reconcile import reconcile
 from authz_server.server.auth import Authenticator
+from authz_server.server.authorization_handler import AuthorizationHandler
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
+from authz_server.service.authorization import AuthorizationService
 from authz_server.service.clock import Clock, system_clock
+from authz_server.service.journal import Journal
+from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.registry import RegistryService
 from authz_server.service.relationships import RelationshipService
 from authz_server.settings import Settings
+from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = [
+    authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
 ]
 # Bounds on what one connection may send: a catalog batch of 1000 items fits well inside.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# How often expired holds are swept (scripts also expire due holds of their slot lazily).
+SWEEP_INTERVAL_SECONDS = 1.0
 
 
 @dataclass
@@ -55,11 +67,27 @@ class Application:
         )
         self.quotas = RedisQuotaCache(self.redis)
         self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
-        self.registry = RegistryService(self.database, self.quotas, self.clock)
+        self.references = ReferenceCache(self.database)
+        self.registry = RegistryService(self.database, self.quotas, self.clock, self.references)
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
+        self.holds = HoldStore(self.redis)
+        self.group_commit = GroupCommit(self.database)
+        self.journal = Journal(self.database)
+        self.authorizations = AuthorizationService(
+            self.database,
+            self.holds,
+            self.quotas,
+            self.group_commit,
+            self.journal,
+            self.references,
+            self.settings.pharmacy_hold_seconds,
+            self.settings.medical_hold_seconds,
+            self.clock,
+        )
         self.health = health_aio.HealthServicer()
+        self.background: list[asyncio.Task[None]] = []
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
@@ -75,6 +103,9 @@ class Application:
         relationship_pb2_grpc.add_RelationshipServiceServicer_to_server(
             RelationshipHandler(self.relationships, self.auth), self.server
         )
+        authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
+            AuthorizationHandler(self.authorizations, self.auth), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -84,8 +115,13 @@ class Application:
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         self.port = self.server.add_insecure_port(address)
+        await self.references.refresh()
+        self.references.start()
+        self.group_commit.start()
+        self.journal.start()
+        report = await reconcile(self.database, self.quotas, self.holds)
+        self.background.append(asyncio.get_running_loop().create_task(self._sweep()))
         await self.server.start()
-        report = await reconcile(self.database, self.quotas)
         log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
         await self._set_serving(True)
         return self.port
@@ -99,9 +135,24 @@ class Application:
         for name in ["", *SERVICE_NAMES]:
             await self.health.set(name, status)
 
+    async def _sweep(self) -> None:
+        """Returns expired holds to their quotas even when nobody touches them."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+            try:
+                await self.holds.sweep(int(self.clock().timestamp() * 1000))
+            except Exception:
+                log.exception("hold sweep failed; retrying")
+
     async def stop(self, grace_seconds: float | None = None) -> None:
         """NOT_SERVING first, so balancers stop sending; then in-flight calls get the grace."""
         await self._set_serving(False)
         await self.server.stop(grace_seconds)
+        for task in self.background:
+            task.cancel()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        await self.journal.stop()
+        await self.group_commit.stop()
+        await self.references.stop()
         await self.redis.aclose()
         self.database.close()

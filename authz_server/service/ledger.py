@@ -117,5 +117,7 @@ def dissolve(
             relationship_id=row.relationship_id,
             channel=channel,
         )
-    event(session, row.relationship_id, f"DISSOLVED_{reason.value}", now, channel, party)
+    # One DISSOLVED event; the reason is the row's dissolution_reason (a relationship is
+    # dissolved once). "DISSOLVED_<reason>" overflowed the 32-character event column.
+    event(session, row.relationship_id, "DISSOLVED", now, channel, party)
     return unused

@@ -25,6 +25,7 @@ from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import QuotaCache
+from authz_server.service.reference_cache import ReferenceCache
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import (
@@ -60,10 +61,17 @@ class InsuranceEvent:
 
 
 class RegistryService:
-    def __init__(self, database: Database, quotas: QuotaCache, clock: Clock = system_clock) -> None:
+    def __init__(
+        self,
+        database: Database,
+        quotas: QuotaCache,
+        clock: Clock = system_clock,
+        references: ReferenceCache | None = None,
+    ) -> None:
         self.database = database
         self.quotas = quotas
         self.clock = clock
+        self.references = references
 
     async def upsert_participant(
         self, participant_id: str, scheme: Scheme, pooling_region: str
@@ -224,7 +232,10 @@ class RegistryService:
             row.updated_at = self.clock()
             return merchant
 
-        return await self.database.run(work)
+        result = await self.database.run(work)
+        if self.references is not None:
+            self.references.put_merchant(merchant)
+        return result
 
     async def upsert_catalog_items(self, items: Sequence[CatalogItem]) -> int:
         if len(items) > MAX_CATALOG_BATCH:
@@ -256,4 +267,7 @@ class RegistryService:
             session.execute(statement)
             return len(values)
 
-        return await self.database.run(work)
+        count = await self.database.run(work)
+        if self.references is not None:
+            self.references.put_items(items)
+        return count

@@ -4,7 +4,8 @@ Order of writes between SQL (the record) and Redis (the hot quota), chosen so th
 understate a quota but never overstate it:
 - money into a quota (allocate): SQL commits first, then Redis is credited;
 - money out of a quota (release): Redis is debited first (atomically against concurrent holds),
-  then SQL commits; if SQL fails, Redis is credited back;
+  then SQL commits, both while the relationship's row is locked; if SQL fails, Redis is
+  credited back;
 - dissolve: SQL first (a capture re-checks the relationship in SQL, so a hold placed in between
   can never be captured), then Redis.
 A Redis failure after a SQL commit leaves Redis short until `reconcile` restores it from SQL.
@@ -12,11 +13,12 @@ A Redis failure after a SQL commit leaves Redis short until `reconcile` restores
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -32,12 +34,12 @@ from authz_server.domain.types import (
     Party,
     Relation,
     RelationshipStatus,
-    Scheme,
 )
 from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
-from authz_server.service.ports import QuotaCache, QuotaFigures, QuotaRestore
+from authz_server.service.ports import QuotaCache, QuotaFigures
+from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import RelationshipRow
@@ -57,20 +59,6 @@ class QuotaMoveResult:
 class DissolveResult:
     quota: QuotaView
     returned_fen: int
-
-
-def restore_of(relationship: Relationship, beneficiary_scheme: Scheme) -> QuotaRestore:
-    """What the ledger says the hot quota of a relationship should be."""
-    activated = relationship.activated_at or relationship.created_at
-    return QuotaRestore(
-        relationship_id=relationship.relationship_id,
-        beneficiary_id=relationship.beneficiary_id,
-        holder_id=relationship.holder_id,
-        active=relationship.status is RelationshipStatus.ACTIVE,
-        unused_fen=relationship.totals.unused_fen,
-        funding_order=int(activated.timestamp() * 1000),
-        beneficiary_scheme=beneficiary_scheme.value,
-    )
 
 
 class RelationshipService:
@@ -176,10 +164,12 @@ class RelationshipService:
         held_fen = (await self._figures(checked)).held_fen
 
         def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
+            # The row lock first: an identical call in flight holds it until it commits, so the
+            # replay is found here instead of the balance it already took being found short.
+            row = records.relationship_row(session, relationship_id, lock=True)
             replay = idempotency.find(session, call)
             if replay is not None:
                 return replay, None
-            row = records.relationship_row(session, relationship_id, lock=True)
             # Locked on the first read: a later SELECT ... FOR UPDATE in this session would hand
             # back the identity-mapped row unrefreshed, and the debit would overwrite the balance
             # from a stale read (a lost update under concurrent allocations on PostgreSQL).
@@ -217,24 +207,35 @@ class RelationshipService:
         call: Idempotency[QuotaMoveResult],
         channel: Channel,
     ) -> QuotaMoveResult | bytes:
-        """Rule 5: unused quota -> personal account. Redis first, then SQL."""
+        """Rule 5: unused quota -> personal account. Redis first, then SQL, both under the
+        relationship's row lock: an identical call in flight holds that lock from before its
+        Redis debit until its commit, so a concurrent retry finds its answer, never a quota the
+        first call already took (which would refuse a retry of a call that succeeded)."""
 
         checked = await self._precheck(relationship_id, call)
         if isinstance(checked, bytes):
             return checked
         beneficiary_id = checked.beneficiary_id
-        remaining = await self.quotas.debit(beneficiary_id, relationship_id, amount_fen)
-        if remaining is None:
-            rules.check_release((await self._figures(checked)).available_fen, amount_fen)
-            raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again")
+        loop = asyncio.get_running_loop()
+        debited: list[int] = []  # the figure Redis answered once it gave the money
+
+        def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+            """Runs a Redis call on the event loop from this SQL thread, and waits for it."""
+            return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
         def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
+            row = records.relationship_row(session, relationship_id, lock=True)
             replay = idempotency.find(session, call)
             if replay is not None:
                 return replay, None
-            row = records.relationship_row(session, relationship_id, lock=True)
             holder_row = records.participant_row(session, row.holder_id, lock=True)
             rules.check_quota_movable(records.relationship(row), records.participant(holder_row))
+            if not debited:
+                taken = on_loop(self.quotas.debit(beneficiary_id, relationship_id, amount_fen))
+                if taken is None:
+                    raise _QuotaShort
+                debited.append(taken)
+            remaining = debited[0]
             now = self.clock()
             row.released_total_fen += amount_fen
             holder_row.balance_fen += amount_fen
@@ -255,10 +256,14 @@ class RelationshipService:
 
         try:
             result, relationship = await self._run_idempotent(work)
+        except _QuotaShort:
+            rules.check_release((await self._figures(checked)).available_fen, amount_fen)
+            raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again") from None
         except BaseException:
-            await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
+            if debited:
+                await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
             raise
-        if relationship is None:  # a concurrent identical call won; give our debit back
+        if relationship is None and debited:  # the key committed concurrently: give it back
             await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
         return result
 
@@ -358,21 +363,14 @@ class RelationshipService:
 
     async def _repair(self, relationship_id: str) -> None:
         """Redis lacked the quota: set it from the ledger, which already counts the change."""
-        relationship = await self.database.run(
-            lambda session: records.relationship(records.relationship_row(session, relationship_id))
-        )
-        await self._restore(relationship)
+        await restore_from_ledger(self.database, self.quotas, relationship_id)
 
     async def _restore(self, relationship: Relationship) -> QuotaFigures:
-        """Sets the hot quota from the ledger (the latest figures are read again here)."""
+        return await restore_from_ledger(self.database, self.quotas, relationship.relationship_id)
 
-        def read(session: Session) -> tuple[Relationship, Scheme]:
-            row = records.relationship_row(session, relationship.relationship_id)
-            beneficiary = records.participant_row(session, row.beneficiary_id)
-            return records.relationship(row), Scheme(beneficiary.scheme)
 
-        latest, scheme = await self.database.run(read)
-        return await self.quotas.restore(restore_of(latest, scheme))
+class _QuotaShort(Exception):
+    """Redis refused a release's debit (not enough available); refused after the lock."""
 
 
 def _encode_token(relationship_id: str) -> str:

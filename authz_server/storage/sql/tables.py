@@ -141,6 +141,9 @@ class LedgerEntryRow(Base):
     merchant_id: Mapped[str | None] = mapped_column(Id)
     amount_fen: Mapped[int] = mapped_column(BigInteger)
     channel: Mapped[str | None] = mapped_column(Enum)
+    # Settlement: the pooling regions whose agencies this movement concerns (captures, refunds).
+    holder_region: Mapped[str | None] = mapped_column(String(6))
+    merchant_region: Mapped[str | None] = mapped_column(String(6))
     created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
 
 
@@ -154,3 +157,82 @@ class IdempotencyRecordRow(Base):
     request_digest: Mapped[str] = mapped_column(String(64))
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class AuthorizationRow(Base):
+    """The journal of every authorization decision, declines included (written in batches off
+    the hot path). Kept at least until the month's settlement closes."""
+
+    __tablename__ = "authorizations"
+    __table_args__ = (
+        # Idempotency keys are unique per merchant (Redis checks them per beneficiary at
+        # decision time; this catches a key reused for another beneficiary, after the fact).
+        Index("uq_authorizations_merchant_key", "merchant_id", "idempotency_key", unique=True),
+    )
+
+    authorization_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(Id)
+    beneficiary_id: Mapped[str] = mapped_column(Id, index=True)
+    purpose: Mapped[str] = mapped_column(Enum)
+    decision: Mapped[str] = mapped_column(Enum)
+    decline_reason: Mapped[str | None] = mapped_column(Enum)
+    requested_fen: Mapped[int] = mapped_column(BigInteger)
+    approved_fen: Mapped[int] = mapped_column(BigInteger)
+    # "relationship_id=fen;..." in funding order.
+    funding: Mapped[str] = mapped_column(String(2000))
+    idempotency_key: Mapped[str] = mapped_column(Id)
+    request_digest: Mapped[str] = mapped_column(String(64))
+    # The AuthorizeResponse as first sent, for replays after Redis was lost.
+    response: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class CaptureRow(Base):
+    """A captured authorization: the money the merchant is owed (less refunds)."""
+
+    __tablename__ = "captures"
+
+    authorization_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(Id, index=True)
+    merchant_region: Mapped[str] = mapped_column(String(6))
+    beneficiary_id: Mapped[str] = mapped_column(Id)
+    purpose: Mapped[str] = mapped_column(Enum)
+    approved_fen: Mapped[int] = mapped_column(BigInteger)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+    idempotency_key: Mapped[str] = mapped_column(Id)
+    captured_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class CapturePartRow(Base):
+    """The part of a capture drawn from one relationship's quota."""
+
+    __tablename__ = "capture_parts"
+
+    authorization_id: Mapped[str] = mapped_column(
+        ForeignKey("captures.authorization_id"), primary_key=True
+    )
+    relationship_id: Mapped[str] = mapped_column(
+        ForeignKey("relationships.relationship_id"), primary_key=True
+    )
+    # Funding order within the authorization; refunds go back in reverse order.
+    position: Mapped[int] = mapped_column(Integer)
+    holder_id: Mapped[str] = mapped_column(Id)
+    # The holder's pooling region when captured: whose agency pays (settlement).
+    holder_region: Mapped[str] = mapped_column(String(6))
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class RefundRow(Base):
+    __tablename__ = "refunds"
+
+    refund_id: Mapped[int] = mapped_column(BigIdentity, primary_key=True, autoincrement=True)
+    authorization_id: Mapped[str] = mapped_column(
+        ForeignKey("captures.authorization_id"), index=True
+    )
+    merchant_id: Mapped[str] = mapped_column(Id)
+    amount_fen: Mapped[int] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str] = mapped_column(Id)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)

@@ -1,0 +1,573 @@
+"""AuthorizationService: two-phase payments from the shared quota (authorize, capture, void,
+refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
+
+- Authorize is one Redis round trip (storage/redis/lua/authorize.lua); its decision is
+  journaled to SQL in batches afterwards (service/journal.py).
+- Capture claims the hold in Redis, writes the capture to SQL through group commit, then
+  settles the hold in Redis. Refund is written to SQL first, then credited to the quota.
+- Dissolution voids open holds; a hold whose relationship was dissolved cannot be captured
+  (RELATIONSHIP_NOT_ACTIVE), because the capture re-checks the relationship in SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from authz_server.domain import authorization as rules
+from authz_server.domain.errors import (
+    IdempotencyKeyReused,
+    InvalidArgument,
+    NotFound,
+    PolicyRefusal,
+    Unavailable,
+)
+from authz_server.domain.types import (
+    AuthorizationStatus,
+    Decision,
+    DeclineReason,
+    LedgerKind,
+    Purpose,
+    RelationshipStatus,
+)
+from authz_server.service import idempotency, ledger
+from authz_server.service.clock import Clock, system_clock
+from authz_server.service.idempotency import Idempotency
+from authz_server.service.journal import Journal
+from authz_server.service.ports import QuotaCache
+from authz_server.service.quota_sync import restore_from_ledger
+from authz_server.service.reference_cache import ReferenceCache
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.hold_store import AuthorizeCall, HoldDecision, HoldStore
+from authz_server.storage.sql import records
+from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.group_commit import GroupCommit
+from authz_server.storage.sql.tables import (
+    AuthorizationRow,
+    CapturePartRow,
+    CaptureRow,
+    RefundRow,
+)
+
+Funding = tuple[tuple[str, int], ...]
+CAPTURE_REFUSALS = frozenset(
+    {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED"}
+)
+
+
+@dataclass(frozen=True)
+class AuthorizeOutcome:
+    authorization_id: str
+    decision: Decision
+    decline_reason: DeclineReason | None
+    approved_fen: int
+    lines: tuple[rules.LineResult, ...]
+    funding: Funding
+    remaining_fen: int
+    expires_at: datetime | None
+    status: AuthorizationStatus
+
+
+@dataclass(frozen=True)
+class AuthorizationView:
+    authorization_id: str
+    merchant_id: str
+    beneficiary_id: str
+    purpose: Purpose
+    status: AuthorizationStatus
+    approved_fen: int
+    captured_fen: int
+    refunded_fen: int
+    funding: Funding
+    created_at: datetime | None
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RefundOutcome:
+    view: AuthorizationView
+    # (relationship id, fen, went to the personal account because the quota is dissolved)
+    parts: tuple[tuple[str, int, bool], ...]
+
+
+def parse_funding(text: str) -> Funding:
+    parts = []
+    for piece in filter(None, text.split(";")):
+        relationship_id, _, amount = piece.partition("=")
+        parts.append((relationship_id, int(amount)))
+    return tuple(parts)
+
+
+def format_funding(funding: Funding) -> str:
+    return ";".join(f"{relationship_id}={amount}" for relationship_id, amount in funding)
+
+
+def split_capture(funding: Funding, amount_fen: int) -> Funding:
+    """A capture of less than approved is drawn from the funding parts in order."""
+    left, parts = amount_fen, []
+    for relationship_id, approved in funding:
+        take = min(left, approved)
+        left -= take
+        parts.append((relationship_id, take))
+    return tuple(parts)
+
+
+def encode_lines(lines: tuple[rules.LineResult, ...]) -> str:
+    """The precheck's line results, kept with the idempotency record for replays."""
+    return "\n".join(
+        f"{line.item_code}|{int(line.approved)}|{line.decline_reason or ''}|"
+        f"{line.approved_amount_fen}"
+        for line in lines
+    )
+
+
+def decode_lines(text: str) -> tuple[rules.LineResult, ...]:
+    lines = []
+    for row in filter(None, text.split("\n")):
+        code, approved, reason, amount = row.split("|")
+        lines.append(
+            rules.LineResult(
+                code, approved == "1", DeclineReason(reason) if reason else None, int(amount)
+            )
+        )
+    return tuple(lines)
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _from_ms(value: int) -> datetime | None:
+    return datetime.fromtimestamp(value / 1000, UTC) if value else None
+
+
+class AuthorizationService:
+    def __init__(
+        self,
+        database: Database,
+        holds: HoldStore,
+        quotas: QuotaCache,
+        group_commit: GroupCommit,
+        journal: Journal,
+        references: ReferenceCache,
+        pharmacy_hold_seconds: int,
+        medical_hold_seconds: int,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.database = database
+        self.holds = holds
+        self.quotas = quotas
+        self.group_commit = group_commit
+        self.journal = journal
+        self.references = references
+        self.pharmacy_hold_seconds = pharmacy_hold_seconds
+        self.medical_hold_seconds = medical_hold_seconds
+        self.clock = clock
+
+    # --- Authorize -------------------------------------------------------------------------
+
+    async def authorize(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        encode: Callable[[AuthorizeOutcome], bytes],
+    ) -> AuthorizeOutcome:
+        rules.check_request(request)
+        merchant = self.references.merchants.get(request.merchant_id)
+        precheck = rules.precheck(request, merchant, self.references.catalog)
+        now = self.clock()
+        hold_seconds = rules.hold_seconds(
+            request.purpose, self.pharmacy_hold_seconds, self.medical_hold_seconds
+        )
+        call = AuthorizeCall(
+            authorization_id=keys.new_authorization_id(request.beneficiary_id),
+            merchant_id=request.merchant_id,
+            beneficiary_id=request.beneficiary_id,
+            idempotency_key=request.idempotency_key,
+            purpose=request.purpose.value,
+            request_digest=request_digest,
+            eligible_fen=precheck.eligible_fen,
+            allow_partial=request.allow_partial,
+            relationship_id=request.relationship_id or "",
+            expires_at_ms=_ms(now) + hold_seconds * 1000,
+            decided_decline=precheck.decline_reason.value if precheck.decline_reason else "",
+            capture_at_once=request.captures_at_once,
+            requires_resident=request.purpose is Purpose.RESIDENT_PREMIUM,
+            template=encode_lines(precheck.lines),
+        )
+        decision = await self.holds.authorize(call, _ms(now))
+        if decision is None:
+            raise IdempotencyKeyReused(request.idempotency_key)
+        if decision.replayed:
+            return await self._replayed(decision)
+        outcome = self._outcome(decision)
+        if decision.status == "CAPTURING":
+            outcome = await self._capture_at_once(request, outcome, now)
+        self.journal.record(
+            {
+                "authorization_id": outcome.authorization_id,
+                "merchant_id": request.merchant_id,
+                "beneficiary_id": request.beneficiary_id,
+                "purpose": request.purpose.value,
+                "decision": outcome.decision.value,
+                "decline_reason": outcome.decline_reason.value if outcome.decline_reason else None,
+                "requested_fen": request.amount_fen,
+                "approved_fen": outcome.approved_fen,
+                "funding": format_funding(outcome.funding),
+                "idempotency_key": request.idempotency_key,
+                "request_digest": request_digest,
+                "response": encode(outcome),
+                "created_at": now,
+                "expires_at": outcome.expires_at,
+            }
+        )
+        return outcome
+
+    def _outcome(self, decision: HoldDecision) -> AuthorizeOutcome:
+        approved = decision.decision != Decision.DECLINED.value
+        lines = decode_lines(decision.template)
+        if approved:
+            lines = rules.distribute(lines, decision.approved_fen)
+        elif decision.decline_reason:
+            reason = DeclineReason(decision.decline_reason)
+            lines = tuple(
+                line if not line.approved else rules.LineResult(line.item_code, False, reason, 0)
+                for line in lines
+            )
+        status = {
+            "CAPTURING": AuthorizationStatus.PENDING,
+            "PENDING": AuthorizationStatus.PENDING,
+        }.get(decision.status, AuthorizationStatus(decision.status))
+        return AuthorizeOutcome(
+            authorization_id=decision.authorization_id,
+            decision=Decision(decision.decision),
+            decline_reason=DeclineReason(decision.decline_reason)
+            if decision.decline_reason
+            else None,
+            approved_fen=decision.approved_fen,
+            lines=lines,
+            funding=parse_funding(decision.funding),
+            remaining_fen=decision.remaining_fen,
+            expires_at=_from_ms(decision.expires_at_ms) if approved else None,
+            status=status,
+        )
+
+    async def _replayed(self, decision: HoldDecision) -> AuthorizeOutcome:
+        outcome = self._outcome(decision)
+        if decision.status != "CAPTURING":
+            return outcome
+        # A one-step payment: answer with how its capture ended (or retry while it runs).
+        current = (await self.holds.get(decision.authorization_id)).get("s", "")
+        if current == "CAPTURED":
+            return _with_status(outcome, AuthorizationStatus.CAPTURED)
+        if current == "VOIDED":
+            return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
+        raise Unavailable("the payment is still being written; retry")
+
+    async def _capture_at_once(
+        self, request: rules.AuthorizeRequest, outcome: AuthorizeOutcome, now: datetime
+    ) -> AuthorizeOutcome:
+        try:
+            await self._write_capture(
+                outcome.authorization_id,
+                request.merchant_id,
+                request.beneficiary_id,
+                request.purpose,
+                outcome.approved_fen,
+                outcome.funding,
+                outcome.funding,
+                None,
+                now,
+            )
+        except PolicyRefusal:  # the relationship was dissolved in between
+            await self.holds.capture_finish(outcome.authorization_id, "VOIDED", "")
+            return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
+        except BaseException:
+            await self.holds.capture_finish(outcome.authorization_id, "VOIDED", "")
+            raise
+        await self.holds.capture_finish(
+            outcome.authorization_id, "CAPTURED", format_funding(outcome.funding)
+        )
+        return _with_status(outcome, AuthorizationStatus.CAPTURED)
+
+    # --- Capture ---------------------------------------------------------------------------
+
+    async def capture(
+        self,
+        merchant_id: str,
+        authorization_id: str,
+        amount_fen: int,
+        call: Idempotency[AuthorizationView],
+    ) -> AuthorizationView | bytes:
+        now = self.clock()
+        claim = await self.holds.capture_begin(
+            authorization_id, merchant_id, call.key, amount_fen, _ms(now)
+        )
+        if claim.outcome == "NOT_FOUND":
+            raise NotFound(f"authorization {authorization_id} not found")
+        if claim.outcome == "REPLAY":
+            return await self._capture_replay(call)
+        if claim.outcome == "IN_PROGRESS":
+            raise Unavailable("this capture is still being written; retry with the same key")
+        if claim.outcome in CAPTURE_REFUSALS:
+            raise PolicyRefusal(claim.outcome, f"authorization {authorization_id}: {claim.outcome}")
+        if claim.outcome == "CAPTURE_EXCEEDS_APPROVED":
+            raise InvalidArgument("amount_fen", f"must be at most {claim.approved_fen} fen")
+        funding = parse_funding(claim.funding)
+        parts = split_capture(funding, claim.amount_fen)
+        try:
+            result = await self._write_capture(
+                authorization_id,
+                merchant_id,
+                claim.beneficiary_id,
+                Purpose(claim.purpose),
+                claim.approved_fen,
+                funding,
+                parts,
+                call,
+                now,
+            )
+        except PolicyRefusal:  # a relationship was dissolved: the hold is void
+            await self.holds.capture_finish(authorization_id, "VOIDED", "")
+            raise
+        except BaseException:  # nothing was written: put the hold back as it was
+            await self.holds.capture_finish(authorization_id, "PENDING", "")
+            raise
+        await self.holds.capture_finish(authorization_id, "CAPTURED", format_funding(parts))
+        return result
+
+    async def _capture_replay(self, call: Idempotency[AuthorizationView]) -> bytes:
+        replay = await self.database.run(lambda session: idempotency.find(session, call))
+        if replay is None:
+            raise IdempotencyKeyReused(call.key)
+        return replay
+
+    async def _write_capture(
+        self,
+        authorization_id: str,
+        merchant_id: str,
+        beneficiary_id: str,
+        purpose: Purpose,
+        approved_fen: int,
+        funding: Funding,
+        parts: Funding,
+        call: Idempotency[AuthorizationView] | None,
+        now: datetime,
+    ) -> AuthorizationView | bytes:
+        merchant = self.references.merchants.get(merchant_id)
+        merchant_region = merchant.pooling_region if merchant else ""
+        amount = sum(fen for _, fen in parts)
+
+        def work(session: Session) -> AuthorizationView | bytes:
+            if call is not None:
+                replay = idempotency.find(session, call)
+                if replay is not None:
+                    return replay
+            if session.get(CaptureRow, authorization_id) is not None:
+                raise PolicyRefusal("ALREADY_CAPTURED", f"{authorization_id} is captured")
+            session.add(
+                CaptureRow(
+                    authorization_id=authorization_id,
+                    merchant_id=merchant_id,
+                    merchant_region=merchant_region,
+                    beneficiary_id=beneficiary_id,
+                    purpose=purpose.value,
+                    approved_fen=approved_fen,
+                    amount_fen=amount,
+                    refunded_fen=0,
+                    idempotency_key=call.key if call else "",
+                    captured_at=now,
+                )
+            )
+            session.flush()  # the parts refer to it
+            for position, (relationship_id, fen) in enumerate(parts):
+                if fen == 0:
+                    continue
+                row = records.relationship_row(session, relationship_id, lock=True)
+                if row.status != RelationshipStatus.ACTIVE.value:
+                    raise PolicyRefusal(
+                        "RELATIONSHIP_NOT_ACTIVE", f"relationship {relationship_id} is dissolved"
+                    )
+                holder = records.participant_row(session, row.holder_id)
+                row.captured_total_fen += fen
+                entry = ledger.entry(
+                    session, LedgerKind.CAPTURE, row.holder_id, fen, now,
+                    relationship_id=relationship_id,
+                )  # fmt: skip
+                entry.authorization_id = authorization_id
+                entry.merchant_id = merchant_id
+                entry.holder_region = holder.pooling_region
+                entry.merchant_region = merchant_region
+                session.add(
+                    CapturePartRow(
+                        authorization_id=authorization_id,
+                        relationship_id=relationship_id,
+                        position=position,
+                        holder_id=row.holder_id,
+                        holder_region=holder.pooling_region,
+                        amount_fen=fen,
+                        refunded_fen=0,
+                    )
+                )
+            session.flush()
+            view = AuthorizationView(
+                authorization_id, merchant_id, beneficiary_id, purpose,
+                AuthorizationStatus.CAPTURED, approved_fen, amount, 0, funding, None, None,
+            )  # fmt: skip
+            if call is not None:
+                idempotency.remember(session, call, view, now)
+            return view
+
+        return await self.group_commit.submit(work)
+
+    # --- Void ------------------------------------------------------------------------------
+
+    async def void(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
+        outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        if outcome == "NOT_FOUND":
+            raise NotFound(f"authorization {authorization_id} not found")
+        if outcome != "OK":
+            raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")
+        return await self.get(merchant_id, authorization_id)
+
+    # --- Refund ----------------------------------------------------------------------------
+
+    async def refund(
+        self,
+        merchant_id: str,
+        authorization_id: str,
+        amount_fen: int,
+        call: Idempotency[RefundOutcome],
+    ) -> RefundOutcome | bytes:
+        """Back to the quota it came from, last-drawn part first; to the holder's personal
+        account where that relationship is no longer active."""
+        now = self.clock()
+        credits: list[tuple[str, str, int]] = []
+
+        def work(session: Session) -> RefundOutcome | bytes:
+            replay = idempotency.find(session, call)
+            if replay is not None:
+                return replay
+            capture = session.get(CaptureRow, authorization_id, with_for_update=True)
+            if capture is None or capture.merchant_id != merchant_id:
+                raise NotFound(f"no capture of authorization {authorization_id}")
+            if capture.refunded_fen + amount_fen > capture.amount_fen:
+                raise PolicyRefusal(
+                    "REFUND_EXCEEDS_CAPTURED",
+                    f"only {capture.amount_fen - capture.refunded_fen} fen can still be refunded",
+                )
+            capture_parts = session.scalars(
+                select(CapturePartRow)
+                .where(CapturePartRow.authorization_id == authorization_id)
+                .order_by(CapturePartRow.position.desc())
+            ).all()
+            left, done = amount_fen, []
+            for part in capture_parts:
+                take = min(left, part.amount_fen - part.refunded_fen)
+                if take <= 0:
+                    continue
+                left -= take
+                part.refunded_fen += take
+                row = records.relationship_row(session, part.relationship_id, lock=True)
+                row.refunded_to_quota_total_fen += take
+                to_account = row.status != RelationshipStatus.ACTIVE.value
+                if to_account:  # through the quota straight back to the holder's account
+                    row.released_total_fen += take
+                    ledger.credit_account(session, row.holder_id, take)
+                else:
+                    credits.append((row.beneficiary_id, row.relationship_id, take))
+                kind = LedgerKind.REFUND_TO_ACCOUNT if to_account else LedgerKind.REFUND_TO_QUOTA
+                entry = ledger.entry(
+                    session, kind, row.holder_id, take, now, relationship_id=row.relationship_id
+                )
+                entry.authorization_id = authorization_id
+                entry.merchant_id = merchant_id
+                entry.holder_region = part.holder_region
+                entry.merchant_region = capture.merchant_region
+                done.append((row.relationship_id, take, to_account))
+            capture.refunded_fen += amount_fen
+            session.add(
+                RefundRow(
+                    authorization_id=authorization_id,
+                    merchant_id=merchant_id,
+                    amount_fen=amount_fen,
+                    idempotency_key=call.key,
+                    created_at=now,
+                )
+            )
+            view = AuthorizationView(
+                authorization_id, merchant_id, capture.beneficiary_id, Purpose(capture.purpose),
+                AuthorizationStatus.CAPTURED, capture.approved_fen, capture.amount_fen,
+                capture.refunded_fen,
+                tuple((p.relationship_id, p.amount_fen) for p in reversed(capture_parts)),
+                records.utc(capture.captured_at), None,
+            )  # fmt: skip
+            outcome = RefundOutcome(view, tuple(done))
+            idempotency.remember(session, call, outcome, now)
+            return outcome
+
+        result = await self.group_commit.submit(work)
+        for beneficiary_id, relationship_id, fen in credits:
+            if not await self.quotas.credit(beneficiary_id, relationship_id, fen):
+                await restore_from_ledger(self.database, self.quotas, relationship_id)
+        return result
+
+    # --- Get -------------------------------------------------------------------------------
+
+    async def get(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
+        fields = await self.holds.get(authorization_id)
+        if fields and fields.get("m") != merchant_id:
+            raise NotFound(f"authorization {authorization_id} not found")
+
+        def read(session: Session) -> tuple[AuthorizationRow | None, CaptureRow | None]:
+            return (
+                session.get(AuthorizationRow, authorization_id),
+                session.get(CaptureRow, authorization_id),
+            )
+
+        journal_row, capture = await self.database.run(read)
+        if not fields:
+            if journal_row is None or journal_row.merchant_id != merchant_id:
+                raise NotFound(f"authorization {authorization_id} not found")
+            # Redis lost it: captured if SQL says so, otherwise its hold counts as voided.
+            status = AuthorizationStatus.CAPTURED if capture else AuthorizationStatus.VOIDED
+            if journal_row.decision == Decision.DECLINED.value:
+                status = AuthorizationStatus.DECLINED
+            return AuthorizationView(
+                authorization_id, merchant_id, journal_row.beneficiary_id,
+                Purpose(journal_row.purpose), status, journal_row.approved_fen,
+                capture.amount_fen if capture else 0, capture.refunded_fen if capture else 0,
+                parse_funding(journal_row.funding), records.utc(journal_row.created_at),
+                records.utc(journal_row.expires_at) if journal_row.expires_at else None,
+            )  # fmt: skip
+        status_text = fields.get("s", "")
+        status = (
+            AuthorizationStatus.PENDING
+            if status_text == "CAPTURING"
+            else AuthorizationStatus(status_text)
+        )
+        return AuthorizationView(
+            authorization_id, merchant_id, fields.get("b", ""), Purpose(fields["p"]), status,
+            int(fields.get("ap", 0)), capture.amount_fen if capture else 0,
+            capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
+            _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
+        )  # fmt: skip
+
+
+def _with_status(outcome: AuthorizeOutcome, status: AuthorizationStatus) -> AuthorizeOutcome:
+    return AuthorizeOutcome(
+        outcome.authorization_id, outcome.decision, outcome.decline_reason, outcome.approved_fen,
+        outcome.lines, outcome.funding, outcome.remaining_fen, outcome.expires_at, status,
+    )  # fmt: skip
+
+
+def _declined(outcome: AuthorizeOutcome, reason: DeclineReason) -> AuthorizeOutcome:
+    lines = tuple(rules.LineResult(line.item_code, False, reason, 0) for line in outcome.lines)
+    return AuthorizeOutcome(
+        outcome.authorization_id, Decision.DECLINED, reason, 0, lines, (),
+        outcome.remaining_fen + outcome.approved_fen, None, AuthorizationStatus.VOIDED,
+    )  # fmt: skip

@@ -1,0 +1,157 @@
+"""Authorizations and holds in Redis: thin wrappers over the Lua scripts, one call each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.quota_cache import guarded
+from authz_server.storage.redis.scripts import load
+
+SWEEP_LIMIT = 500
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class HoldDecision:
+    """What authorize.lua answered (NEW or REPLAY); REUSED raises before this is built."""
+
+    replayed: bool
+    authorization_id: str
+    decision: str
+    decline_reason: str
+    approved_fen: int
+    funding: str
+    remaining_fen: int
+    status: str
+    expires_at_ms: int
+    template: str
+
+
+@dataclass(frozen=True)
+class CaptureClaim:
+    outcome: str
+    approved_fen: int
+    amount_fen: int
+    funding: str
+    beneficiary_id: str
+    purpose: str
+
+
+@dataclass(frozen=True)
+class AuthorizeCall:
+    authorization_id: str
+    merchant_id: str
+    beneficiary_id: str
+    idempotency_key: str
+    purpose: str
+    request_digest: str
+    eligible_fen: int
+    allow_partial: bool
+    relationship_id: str
+    expires_at_ms: int
+    decided_decline: str
+    capture_at_once: bool
+    requires_resident: bool
+    template: str
+
+
+class HoldStore:
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self._authorize = load(client, "authorize")
+        self._capture_begin = load(client, "capture_begin")
+        self._capture_finish = load(client, "capture_finish")
+        self._void = load(client, "void")
+        self._expire = load(client, "expire")
+
+    async def authorize(self, call: AuthorizeCall, now_ms: int) -> HoldDecision | None:
+        """None when the idempotency key was used before with another request."""
+        prefix = keys.prefix(call.beneficiary_id)
+        script_keys = [
+            keys.authorization(call.authorization_id),
+            keys.idempotency(call.beneficiary_id, call.merchant_id, call.idempotency_key),
+            keys.quota_index(call.beneficiary_id),
+            keys.expiry(prefix),
+        ]
+        arguments: list[str | int] = [
+            prefix,
+            now_ms,
+            call.authorization_id,
+            call.merchant_id,
+            call.beneficiary_id,
+            call.purpose,
+            call.request_digest,
+            call.eligible_fen,
+            int(call.allow_partial),
+            call.relationship_id,
+            call.expires_at_ms,
+            call.decided_decline,
+            int(call.capture_at_once),
+            int(call.requires_resident),
+            call.template,
+        ]
+        raw: Any = await guarded(lambda: self._authorize(keys=script_keys, args=arguments))
+        reply = [_text(part) for part in raw]
+        if reply[0] == "REUSED":
+            return None
+        return HoldDecision(
+            replayed=reply[0] == "REPLAY",
+            authorization_id=reply[1],
+            decision=reply[2],
+            decline_reason=reply[3],
+            approved_fen=int(reply[4]),
+            funding=reply[5],
+            remaining_fen=int(reply[6]),
+            status=reply[7],
+            expires_at_ms=int(reply[8]),
+            template=reply[9],
+        )
+
+    async def capture_begin(
+        self, authorization_id: str, merchant_id: str, key: str, amount_fen: int, now_ms: int
+    ) -> CaptureClaim:
+        prefix = keys.prefix_of_authorization(authorization_id)
+        script_keys = [keys.authorization(authorization_id)]
+        arguments: list[str | int] = [prefix, now_ms, merchant_id, key, amount_fen]
+        raw: Any = await guarded(lambda: self._capture_begin(keys=script_keys, args=arguments))
+        reply = [_text(part) for part in raw]
+        if len(reply) == 1:
+            return CaptureClaim(reply[0], 0, 0, "", "", "")
+        return CaptureClaim(reply[0], int(reply[1]), int(reply[2]), reply[3], reply[4], reply[5])
+
+    async def capture_finish(self, authorization_id: str, outcome: str, parts: str) -> None:
+        prefix = keys.prefix_of_authorization(authorization_id)
+        script_keys = [keys.authorization(authorization_id)]
+        await guarded(lambda: self._capture_finish(keys=script_keys, args=[prefix, outcome, parts]))
+
+    async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> str:
+        prefix = keys.prefix_of_authorization(authorization_id)
+        script_keys = [keys.authorization(authorization_id)]
+        raw: Any = await guarded(
+            lambda: self._void(keys=script_keys, args=[prefix, now_ms, merchant_id])
+        )
+        return _text(raw)
+
+    async def get(self, authorization_id: str) -> dict[str, str]:
+        raw: Any = await guarded(lambda: self.client.hgetall(keys.authorization(authorization_id)))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def sweep(self, now_ms: int) -> int:
+        """Expires due holds everywhere (the scripts also expire lazily in their own slot)."""
+        expired = 0
+        async for key in self.client.scan_iter(match="mw:{b:*}:expiry", count=1000):
+            expired += await self._sweep_slot(_text(key), now_ms)
+        return expired
+
+    async def _sweep_slot(self, expiry_key: str, now_ms: int) -> int:
+        prefix = expiry_key.removesuffix(":expiry")
+        arguments: list[str | int] = [prefix, now_ms, SWEEP_LIMIT]
+        count: Any = await guarded(lambda: self._expire(keys=[expiry_key], args=arguments))
+        return int(count)

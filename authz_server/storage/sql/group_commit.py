@@ -1,0 +1,90 @@
+"""Group commit: concurrent writes (captures, refunds) share one SQL transaction.
+
+Each unit of work runs in its own SAVEPOINT, so a refusal (a relationship no longer active, a
+refund over the captured amount) undoes only that unit; one COMMIT then makes the whole batch
+durable. While one batch commits, the next one gathers, so SQL latency does not cap throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from authz_server.domain.errors import Unavailable
+from authz_server.storage.sql.database import Database
+
+T = TypeVar("T")
+# Bounds one transaction: long enough to amortize a commit, short enough for lock times.
+MAX_BATCH = 256
+
+BatchObserver = Callable[[int, float], None]
+
+
+def _ignore(_size: int, _seconds: float) -> None:
+    return None
+
+
+class GroupCommit:
+    def __init__(self, database: Database, observe: BatchObserver = _ignore) -> None:
+        self.database = database
+        self.observe = observe
+        self.pending: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="group-commit")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def submit(self, work: Callable[[Session], T]) -> T:
+        """Runs work(session) in the next batch; raises what work raised, or Unavailable."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.pending.append((work, future))
+        self.wakeup.set()
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pending:
+                batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+                started = time.perf_counter()
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self.database.executor, self._commit, [work for work, _ in batch]
+                    )
+                except OperationalError as error:
+                    failure = Unavailable(f"the database did not answer: {error.orig}")
+                    outcomes = [(False, failure)] * len(batch)
+                except Exception as error:  # the COMMIT itself failed: nothing of it happened
+                    outcomes = [(False, error)] * len(batch)
+                self.observe(len(batch), time.perf_counter() - started)
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+
+    def _commit(self, works: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        with self.database.sessions() as session, session.begin():
+            for work in works:
+                try:
+                    with session.begin_nested():
+                        outcomes.append((True, work(session)))
+                except Exception as error:  # this unit only; its savepoint was rolled back
+                    outcomes.append((False, error))
+        return outcomes
