@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
-import os
 import signal
 import sys
 from dataclasses import replace
@@ -53,16 +53,35 @@ async def _serve(settings: Settings) -> int:
 
 
 def _print_demo(port: int, relationship_id: str) -> None:
+    basket = json.dumps(
+        {
+            "idempotency_key": "till-0001",
+            "beneficiary_id": demo.RELATIVE,
+            "purpose": "PURPOSE_PHARMACY",
+            "amount_fen": 3500,
+            "allow_partial": True,
+            "lines": [
+                {"item_code": "drug-amoxicillin", "quantity": 1, "amount_fen": 2500},
+                {"item_code": "cosmetic-face-cream", "quantity": 1, "amount_fen": 1000},
+            ],
+        },
+        ensure_ascii=False,
+    )
     print(
         f"""
-MedWallet AuthZ is serving on localhost:{port} with demo data.
-Tokens (in {os.environ.get("MEDWALLET_TOKENS_FILE", "data/tokens.json")}): demo-admin, demo-app,
-demo-hospital, demo-pharmacy, demo-collector. Try, in another terminal:
+MedWallet AuthZ is serving on localhost:{port} with demo data: holder {demo.HOLDER} (Beijing)
+shares 2,000.00 yuan of quota with {demo.RELATIVE} (Shenzhen), relationship {relationship_id}.
+Tokens: demo-admin, demo-app, demo-hospital, demo-pharmacy, demo-collector. In another terminal:
 
-  medwallet-authz call RelationshipService/GetRelationship \\
+  # a pharmacy basket with an ineligible item: the drug is approved, the face cream is not
+  medwallet-authz call AuthorizationService/Authorize '{basket}' \
+      --token demo-pharmacy --port {port}
+  # then capture it with the authorization_id it answered:
+  medwallet-authz call AuthorizationService/Capture \
+      '{{"authorization_id": "<id>", "idempotency_key": "till-0001-capture"}}' \
+      --token demo-pharmacy --port {port}
+  medwallet-authz call RelationshipService/GetRelationship \
       '{{"relationship_id": "{relationship_id}"}}' --token demo-app --port {port}
-  medwallet-authz call RegistryService/GetParticipant \\
-      '{{"participant_id": "{demo.HOLDER}"}}' --token demo-admin --port {port}
 """,
         flush=True,
     )

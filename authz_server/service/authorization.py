@@ -198,6 +198,7 @@ class AuthorizationService:
             capture_at_once=request.captures_at_once,
             requires_resident=request.purpose is Purpose.RESIDENT_PREMIUM,
             template=encode_lines(precheck.lines),
+            requested_fen=request.amount_fen,
         )
         decision = await self.holds.authorize(call, _ms(now))
         if decision is None:

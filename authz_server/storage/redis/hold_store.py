@@ -60,6 +60,7 @@ class AuthorizeCall:
     capture_at_once: bool
     requires_resident: bool
     template: str
+    requested_fen: int
 
 
 class HoldStore:
@@ -96,6 +97,7 @@ class HoldStore:
             int(call.capture_at_once),
             int(call.requires_resident),
             call.template,
+            call.requested_fen,
         ]
         raw: Any = await guarded(lambda: self._authorize(keys=script_keys, args=arguments))
         reply = [_text(part) for part in raw]

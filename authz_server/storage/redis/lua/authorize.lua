@@ -4,7 +4,8 @@
 -- ARGV: 1 prefix, 2 now ms, 3 authorization id, 4 merchant, 5 beneficiary, 6 purpose,
 --       7 request digest, 8 eligible fen (what may be paid), 9 allow partial (0/1),
 --       10 relationship id or '', 11 expires at ms, 12 decline reason decided before ('' none),
---       13 capture at once (0/1), 14 resident scheme required (0/1), 15 opaque line template.
+--       13 capture at once (0/1), 14 resident scheme required (0/1), 15 opaque line template,
+--       16 amount requested fen.
 -- Returns {'REUSED'} | {'REPLAY', fields...} | {'NEW', fields...} where fields are
 --   authorization id, decision, decline reason, approved fen, funding, remaining fen, status,
 --   expires at ms, line template.
@@ -95,7 +96,8 @@ if record.r == '' then
       pieces[#pieces + 1] = rid .. '=' .. amount
     end
     record.f = table.concat(pieces, ';')
-    record.d = (record.ap < need) and 'PARTIALLY_APPROVED' or 'APPROVED'
+    -- Partial when less than the amount asked: short quota, or ineligible lines left out.
+    record.d = (record.ap < tonumber(ARGV[16])) and 'PARTIALLY_APPROVED' or 'APPROVED'
     record.s = (ARGV[13] == '1') and 'CAPTURING' or 'PENDING'
     record.ex = tonumber(ARGV[11])
     if record.s == 'PENDING' then redis.call('ZADD', KEYS[4], record.ex, auth_id) end
