@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
-import signal
 import sys
 from dataclasses import replace
 
 from authz_server.bulk import command as bulk_command
-from authz_server.runtime import demo
-from authz_server.runtime.embedded_redis import EmbeddedRedis
-from authz_server.server.app import Application
+from authz_server.runtime import serving
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
@@ -25,74 +21,13 @@ def _prepare(settings: Settings) -> None:
     upgrade_to_head(settings.effective_database_url)
 
 
-async def _serve(settings: Settings) -> int:
-    embedded = None
-    redis_url = settings.redis_url
-    if not redis_url:
-        embedded = EmbeddedRedis(settings.data_dir / "redis")
-        redis_url = embedded.start()
-    if settings.demo_data:
-        demo.write_tokens(settings.effective_tokens_file)
-    app = Application(settings, redis_url)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    try:
-        port = await app.start()
-        if settings.demo_data:
-            relationship_id = await demo.load(app.registry, app.relationships)
-            _print_demo(port, relationship_id)
-        log.info("serving on port %d", port)
-        await stopping.wait()
-        await app.stop(settings.shutdown_grace_seconds)
-    finally:
-        if embedded:
-            embedded.stop()
-    return 0
-
-
-def _print_demo(port: int, relationship_id: str) -> None:
-    basket = json.dumps(
-        {
-            "idempotency_key": "till-0001",
-            "beneficiary_id": demo.RELATIVE,
-            "purpose": "PURPOSE_PHARMACY",
-            "amount_fen": 3500,
-            "allow_partial": True,
-            "lines": [
-                {"item_code": "drug-amoxicillin", "quantity": 1, "amount_fen": 2500},
-                {"item_code": "cosmetic-face-cream", "quantity": 1, "amount_fen": 1000},
-            ],
-        },
-        ensure_ascii=False,
-    )
-    print(
-        f"""
-MedWallet AuthZ is serving on localhost:{port} with demo data: holder {demo.HOLDER} (Beijing)
-shares 2,000.00 yuan of quota with {demo.RELATIVE} (Shenzhen), relationship {relationship_id}.
-Tokens: demo-admin, demo-app, demo-hospital, demo-pharmacy, demo-collector. In another terminal:
-
-  # a pharmacy basket with an ineligible item: the drug is approved, the face cream is not
-  medwallet-authz call AuthorizationService/Authorize '{basket}' \
-      --token demo-pharmacy --port {port}
-  # then capture it with the authorization_id it answered:
-  medwallet-authz call AuthorizationService/Capture \
-      '{{"authorization_id": "<id>", "idempotency_key": "till-0001-capture"}}' \
-      --token demo-pharmacy --port {port}
-  medwallet-authz call RelationshipService/GetRelationship \
-      '{{"relationship_id": "{relationship_id}"}}' --token demo-app --port {port}
-""",
-        flush=True,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medwallet-authz", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC server")
     serve.add_argument("--port", type=int, help="gRPC port (MEDWALLET_GRPC_PORT)")
     serve.add_argument("--demo", action="store_true", help="load demo data (MEDWALLET_DEMO_DATA)")
+    serve.add_argument("--workers", type=int, help="server processes; 0: one per core")
     commands.add_parser("migrate", help="bring the database to the newest schema")
     commands.add_parser("reconcile", help="rebuild the Redis quotas from the SQL ledger")
     bulk_command.add_arguments(commands.add_parser("load-csv", help=bulk_command.HELP))
@@ -117,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, grpc_port=arguments.port)
         if arguments.demo:
             settings = replace(settings, demo_data=True)
-        _prepare(settings)
-        return asyncio.run(_serve(settings))
+        if arguments.workers is not None:
+            settings = replace(settings, workers=arguments.workers)
+        return serving.serve(settings)
     if arguments.command == "migrate":
         _prepare(settings)
         return 0

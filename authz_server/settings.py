@@ -34,7 +34,9 @@ class Settings:
     # JSON file mapping bearer token -> principal; empty means data_dir/tokens.json.
     tokens_file: str = ""
     # Server processes sharing the port (SO_REUSEPORT); 0 means one per core.
-    workers: int = 1
+    workers: int = 0
+    # One JSON log line per call (request id, RPC, merchant, decision, latency).
+    access_log: bool = True
     # On SIGTERM: how long in-flight calls may take before the process exits.
     shutdown_grace_seconds: float = 10.0
     # Python logging level of the JSON log lines.
@@ -48,6 +50,10 @@ class Settings:
     medical_hold_seconds: int = 86_400
     # Relation kinds allowed for sharing (comma-separated), default the notice's list.
     allowed_relations: frozenset[Relation] = field(default=DEFAULT_ALLOWED_RELATIONS)
+
+    @property
+    def effective_workers(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
     @property
     def effective_database_url(self) -> str:
@@ -79,6 +85,7 @@ class Settings:
                 get("MEDWALLET_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds)
             ),
             log_level=get("MEDWALLET_LOG_LEVEL", defaults.log_level),
+            access_log=_flag(get("MEDWALLET_ACCESS_LOG", defaults.access_log)),
             demo_data=_flag(get("MEDWALLET_DEMO_DATA", defaults.demo_data)),
             redis_timeout_seconds=float(
                 get("MEDWALLET_REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds)

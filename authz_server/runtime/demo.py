@@ -86,3 +86,38 @@ async def load(registry: RegistryService, relationships: RelationshipService) ->
         Channel.APP,
     )
     return relationship_id
+
+
+def print_instructions(port: int, relationship_id: str) -> None:
+    basket = json.dumps(
+        {
+            "idempotency_key": "till-0001",
+            "beneficiary_id": RELATIVE,
+            "purpose": "PURPOSE_PHARMACY",
+            "amount_fen": 3500,
+            "allow_partial": True,
+            "lines": [
+                {"item_code": "drug-amoxicillin", "quantity": 1, "amount_fen": 2500},
+                {"item_code": "cosmetic-face-cream", "quantity": 1, "amount_fen": 1000},
+            ],
+        },
+        ensure_ascii=False,
+    )
+    print(
+        f"""
+MedWallet AuthZ is serving on localhost:{port} with demo data: holder {HOLDER} (Beijing)
+shares 2,000.00 yuan of quota with {RELATIVE} (Shenzhen), relationship {relationship_id}.
+Tokens: demo-admin, demo-app, demo-hospital, demo-pharmacy, demo-collector. In another terminal:
+
+  # a pharmacy basket with an ineligible item: the drug is approved, the face cream is not
+  medwallet-authz call AuthorizationService/Authorize '{basket}' \
+      --token demo-pharmacy --port {port}
+  # then capture it with the authorization_id it answered:
+  medwallet-authz call AuthorizationService/Capture \
+      '{{"authorization_id": "<id>", "idempotency_key": "till-0001-capture"}}' \
+      --token demo-pharmacy --port {port}
+  medwallet-authz call RelationshipService/GetRelationship \
+      '{{"relationship_id": "{relationship_id}"}}' --token demo-app --port {port}
+""",
+        flush=True,
+    )

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
+from sqlalchemy import text
 
 from authz_server.generated.medwallet.v1 import (
     authorization_pb2,
@@ -20,6 +21,8 @@ from authz_server.generated.medwallet.v1 import (
     relationship_pb2,
     relationship_pb2_grpc,
 )
+from authz_server.observability import metrics
+from authz_server.observability.interceptor import ObservingInterceptor
 from authz_server.runtime.reconcile import reconcile
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
@@ -48,6 +51,8 @@ SERVICE_NAMES = [
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
+# How often health looks at Redis and SQL.
+HEALTH_INTERVAL_SECONDS = 1.0
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Application:
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
         self.holds = HoldStore(self.redis)
-        self.group_commit = GroupCommit(self.database)
+        self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
         self.journal = Journal(self.database)
         self.authorizations = AuthorizationService(
             self.database,
@@ -88,14 +93,16 @@ class Application:
         )
         self.health = health_aio.HealthServicer()
         self.background: list[asyncio.Task[None]] = []
+        self.stopping = False
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
         self.server = grpc.aio.server(
+            interceptors=[ObservingInterceptor(self.settings.access_log)],
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ]
+            ],
         )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
@@ -120,13 +127,44 @@ class Application:
         self.group_commit.start()
         self.journal.start()
         report = await reconcile(self.database, self.quotas, self.holds)
-        self.background.append(asyncio.get_running_loop().create_task(self._sweep()))
+        metrics.reconcile_drift.inc(report.drifted)
+        metrics.reconcile_drift_fen.inc(report.drift_fen)
+        loop = asyncio.get_running_loop()
+        self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
         await self.server.start()
         log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
         await self._set_serving(True)
+        self.background.append(loop.create_task(self._monitor(), name="health-monitor"))
         return self.port
 
+    async def _monitor(self) -> None:
+        """NOT_SERVING while Redis or SQL does not answer, SERVING again once both do."""
+        serving = True
+        while not self.stopping:
+            await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
+            healthy = await self._dependencies_answer()
+            if healthy != serving and not self.stopping:
+                log.warning("dependencies %s", "answer again" if healthy else "do not answer")
+                await self._set_serving(healthy)
+                serving = healthy
+
+    async def _dependencies_answer(self) -> bool:
+        try:
+            await asyncio.wait_for(self.redis.ping(), self.settings.redis_timeout_seconds * 2)
+            metrics.redis_up.set(1)
+        except Exception:
+            metrics.redis_up.set(0)
+            return False
+        try:
+            await asyncio.wait_for(
+                self.database.run(lambda session: session.execute(text("SELECT 1"))), 5
+            )
+        except Exception:
+            return False
+        return True
+
     async def _set_serving(self, serving: bool) -> None:
+        metrics.health_serving.set(1 if serving else 0)
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -140,12 +178,15 @@ class Application:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
             try:
-                await self.holds.sweep(int(self.clock().timestamp() * 1000))
+                expired, still_open = await self.holds.sweep(int(self.clock().timestamp() * 1000))
+                metrics.hold_expirations.inc(expired)
+                metrics.open_holds.set(still_open)
             except Exception:
                 log.exception("hold sweep failed; retrying")
 
     async def stop(self, grace_seconds: float | None = None) -> None:
         """NOT_SERVING first, so balancers stop sending; then in-flight calls get the grace."""
+        self.stopping = True
         await self._set_serving(False)
         await self.server.stop(grace_seconds)
         for task in self.background:

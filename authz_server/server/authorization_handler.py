@@ -16,6 +16,8 @@ from authz_server.generated.medwallet.v1 import (
     authorization_pb2_grpc,
     common_pb2,
 )
+from authz_server.observability import metrics
+from authz_server.observability.interceptor import annotate
 from authz_server.server import convert
 from authz_server.server.auth import Authenticator, PrincipalKind
 from authz_server.server.errors import mapped
@@ -137,6 +139,7 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
         outcome = await self.service.authorize(
             domain_request, convert.digest(request), _encode_authorize
         )
+        annotate(merchant=merchant_id, decision=outcome.decision.value)
         return authorize_response(outcome)
 
     @mapped
@@ -150,6 +153,11 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
         key = validation.idempotency_key("idempotency_key", request.idempotency_key)
         call = Idempotency(f"capture:{merchant_id}", key, convert.digest(request), _encode_capture)
         result = await self.service.capture(merchant_id, identifier, request.amount_fen, call)
+        annotate(merchant=merchant_id)
+        if isinstance(result, bytes):
+            metrics.idempotent_replays.labels("Capture").inc()
+        else:
+            metrics.captured_fen.labels(result.purpose.value).inc(result.captured_fen)
         encoded = result if isinstance(result, bytes) else _encode_capture(result)
         return authorization_pb2.CaptureResponse.FromString(encoded)
 
@@ -172,6 +180,11 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
         key = validation.idempotency_key("idempotency_key", request.idempotency_key)
         call = Idempotency(f"refund:{merchant_id}", key, convert.digest(request), _encode_refund)
         result = await self.service.refund(merchant_id, identifier, amount, call)
+        annotate(merchant=merchant_id)
+        if isinstance(result, bytes):
+            metrics.idempotent_replays.labels("Refund").inc()
+        else:
+            metrics.refunded_fen.labels(result.view.purpose.value).inc(amount)
         encoded = result if isinstance(result, bytes) else _encode_refund(result)
         return authorization_pb2.RefundResponse.FromString(encoded)
 

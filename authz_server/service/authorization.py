@@ -34,6 +34,7 @@ from authz_server.domain.types import (
     Purpose,
     RelationshipStatus,
 )
+from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
@@ -204,10 +205,12 @@ class AuthorizationService:
         if decision is None:
             raise IdempotencyKeyReused(request.idempotency_key)
         if decision.replayed:
+            metrics.idempotent_replays.labels("Authorize").inc()
             return await self._replayed(decision)
         outcome = self._outcome(decision)
         if decision.status == "CAPTURING":
             outcome = await self._capture_at_once(request, outcome, now)
+        _count(request.purpose, outcome)
         self.journal.record(
             {
                 "authorization_id": outcome.authorization_id,
@@ -239,10 +242,14 @@ class AuthorizationService:
                 line if not line.approved else rules.LineResult(line.item_code, False, reason, 0)
                 for line in lines
             )
-        status = {
-            "CAPTURING": AuthorizationStatus.PENDING,
-            "PENDING": AuthorizationStatus.PENDING,
-        }.get(decision.status, AuthorizationStatus(decision.status))
+        # A one-step payment is CAPTURING until its capture is written: PENDING until then.
+        # (Not dict.get(status, AuthorizationStatus(status)): the default is built eagerly,
+        # and there is no AuthorizationStatus "CAPTURING".)
+        status = (
+            AuthorizationStatus.PENDING
+            if decision.status == "CAPTURING"
+            else AuthorizationStatus(decision.status)
+        )
         return AuthorizeOutcome(
             authorization_id=decision.authorization_id,
             decision=Decision(decision.decision),
@@ -557,6 +564,15 @@ class AuthorizationService:
             capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
             _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
         )  # fmt: skip
+
+
+def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:
+    reason = outcome.decline_reason.value if outcome.decline_reason else "NONE"
+    metrics.authorizations.labels(purpose.value, outcome.decision.value, reason).inc()
+    if outcome.approved_fen:
+        metrics.approved_fen.labels(purpose.value).inc(outcome.approved_fen)
+    if outcome.status is AuthorizationStatus.CAPTURED:
+        metrics.captured_fen.labels(purpose.value).inc(outcome.approved_fen)
 
 
 def _with_status(outcome: AuthorizeOutcome, status: AuthorizationStatus) -> AuthorizeOutcome:

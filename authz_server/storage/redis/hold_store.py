@@ -99,7 +99,9 @@ class HoldStore:
             call.template,
             call.requested_fen,
         ]
-        raw: Any = await guarded(lambda: self._authorize(keys=script_keys, args=arguments))
+        raw: Any = await guarded(
+            lambda: self._authorize(keys=script_keys, args=arguments), "authorize"
+        )
         reply = [_text(part) for part in raw]
         if reply[0] == "REUSED":
             return None
@@ -122,7 +124,9 @@ class HoldStore:
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
         arguments: list[str | int] = [prefix, now_ms, merchant_id, key, amount_fen]
-        raw: Any = await guarded(lambda: self._capture_begin(keys=script_keys, args=arguments))
+        raw: Any = await guarded(
+            lambda: self._capture_begin(keys=script_keys, args=arguments), "capture_begin"
+        )
         reply = [_text(part) for part in raw]
         if len(reply) == 1:
             return CaptureClaim(reply[0], 0, 0, "", "", "")
@@ -131,13 +135,16 @@ class HoldStore:
     async def capture_finish(self, authorization_id: str, outcome: str, parts: str) -> None:
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
-        await guarded(lambda: self._capture_finish(keys=script_keys, args=[prefix, outcome, parts]))
+        await guarded(
+            lambda: self._capture_finish(keys=script_keys, args=[prefix, outcome, parts]),
+            "capture_finish",
+        )
 
     async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> str:
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
         raw: Any = await guarded(
-            lambda: self._void(keys=script_keys, args=[prefix, now_ms, merchant_id])
+            lambda: self._void(keys=script_keys, args=[prefix, now_ms, merchant_id]), "void"
         )
         return _text(raw)
 
@@ -145,15 +152,23 @@ class HoldStore:
         raw: Any = await guarded(lambda: self.client.hgetall(keys.authorization(authorization_id)))
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    async def sweep(self, now_ms: int) -> int:
-        """Expires due holds everywhere (the scripts also expire lazily in their own slot)."""
-        expired = 0
+    async def sweep(self, now_ms: int) -> tuple[int, int]:
+        """Expires due holds everywhere (the scripts also expire lazily in their own slot).
+        Returns (expired now, still open)."""
+        expired = still_open = 0
         async for key in self.client.scan_iter(match="mw:{b:*}:expiry", count=1000):
             expired += await self._sweep_slot(_text(key), now_ms)
-        return expired
+            still_open += await self._open_in_slot(_text(key))
+        return expired, still_open
+
+    async def _open_in_slot(self, expiry_key: str) -> int:
+        count: Any = await guarded(lambda: self.client.zcard(expiry_key))
+        return int(count)
 
     async def _sweep_slot(self, expiry_key: str, now_ms: int) -> int:
         prefix = expiry_key.removesuffix(":expiry")
         arguments: list[str | int] = [prefix, now_ms, SWEEP_LIMIT]
-        count: Any = await guarded(lambda: self._expire(keys=[expiry_key], args=arguments))
+        count: Any = await guarded(
+            lambda: self._expire(keys=[expiry_key], args=arguments), "expire"
+        )
         return int(count)

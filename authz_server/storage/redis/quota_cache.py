@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -9,6 +10,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from authz_server.domain.errors import Unavailable
+from authz_server.observability import metrics
 from authz_server.service.ports import QuotaFigures, QuotaRestore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.scripts import load
@@ -16,12 +18,15 @@ from authz_server.storage.redis.scripts import load
 T = TypeVar("T")
 
 
-async def guarded(call: Callable[[], Awaitable[T]]) -> T:
+async def guarded(call: Callable[[], Awaitable[T]], script: str = "command") -> T:
     """Runs a Redis call; a timeout or connection error is UNAVAILABLE, never a hang."""
+    begin = time.perf_counter()
     try:
         return await call()
     except (RedisError, OSError, TimeoutError) as error:
         raise Unavailable(f"the quota store did not answer: {type(error).__name__}") from error
+    finally:
+        metrics.redis_script_seconds.labels(script).observe(time.perf_counter() - begin)
 
 
 class RedisQuotaCache:
@@ -34,12 +39,16 @@ class RedisQuotaCache:
 
     async def credit(self, beneficiary_id: str, relationship_id: str, amount_fen: int) -> bool:
         key = keys.quota(beneficiary_id, relationship_id)
-        result: Any = await guarded(lambda: self._credit(keys=[key], args=[amount_fen]))
+        result: Any = await guarded(
+            lambda: self._credit(keys=[key], args=[amount_fen]), "quota_credit"
+        )
         return int(result) >= 0
 
     async def debit(self, beneficiary_id: str, relationship_id: str, amount_fen: int) -> int | None:
         key = keys.quota(beneficiary_id, relationship_id)
-        result: Any = await guarded(lambda: self._debit(keys=[key], args=[amount_fen]))
+        result: Any = await guarded(
+            lambda: self._debit(keys=[key], args=[amount_fen]), "quota_debit"
+        )
         return None if int(result) < 0 else int(result)
 
     async def dissolve(self, beneficiary_id: str, relationship_id: str) -> None:
@@ -48,7 +57,7 @@ class RedisQuotaCache:
             keys.quota_index(beneficiary_id),
         ]
         arguments = [relationship_id, keys.prefix(beneficiary_id)]
-        await guarded(lambda: self._dissolve(keys=quota_keys, args=arguments))
+        await guarded(lambda: self._dissolve(keys=quota_keys, args=arguments), "quota_dissolve")
 
     async def restore(self, quota: QuotaRestore) -> QuotaFigures:
         quota_keys = [
@@ -65,7 +74,9 @@ class RedisQuotaCache:
             quota.beneficiary_scheme,
             keys.prefix(quota.beneficiary_id),
         ]
-        result: Any = await guarded(lambda: self._restore(keys=quota_keys, args=arguments))
+        result: Any = await guarded(
+            lambda: self._restore(keys=quota_keys, args=arguments), "quota_restore"
+        )
         return QuotaFigures(available_fen=int(result[0]), held_fen=int(result[1]))
 
     async def figures(

@@ -1,0 +1,100 @@
+"""Every Prometheus metric of the service, defined once (README "Operating it" lists them).
+
+gRPC metrics use go-grpc-prometheus's names and labels so existing dashboards and alerts work.
+No label ever holds a person or a merchant. With PROMETHEUS_MULTIPROC_DIR set (multi-process
+serving), prometheus-client writes each worker's values to files the supervisor aggregates.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+import authz_server
+
+# The latency objective (p99 of Authorize under 50 ms) is a bucket boundary.
+LATENCY_OBJECTIVE_SECONDS = 0.05
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, LATENCY_OBJECTIVE_SECONDS, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0)  # fmt: skip
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+grpc_started = Counter(
+    "grpc_server_started_total",
+    "RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+grpc_handled = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+grpc_handling_seconds = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS,
+)
+
+authorizations = Counter(
+    "medwallet_authorizations_total",
+    "Authorization decisions by purpose, decision and decline reason (NONE when approved).",
+    ["purpose", "decision", "decline_reason"],
+)
+approved_fen = Counter(
+    "medwallet_approved_amount_fen_total", "Money approved (held), in fen.", ["purpose"]
+)
+captured_fen = Counter(
+    "medwallet_captured_amount_fen_total", "Money captured, in fen.", ["purpose"]
+)
+refunded_fen = Counter(
+    "medwallet_refunded_amount_fen_total", "Money refunded, in fen.", ["purpose"]
+)
+open_holds = Gauge(
+    "medwallet_open_holds",
+    "Holds pending capture, void or expiry (counted by the sweeper).",
+    multiprocess_mode="livemax",
+)
+hold_expirations = Counter(
+    "medwallet_hold_expirations_total", "Holds that expired and returned to their quota."
+)
+idempotent_replays = Counter(
+    "medwallet_idempotent_replays_total",
+    "Writes answered from their idempotency record (a client retry).",
+    ["rpc"],
+)
+redis_script_seconds = Histogram(
+    "medwallet_redis_script_seconds",
+    "Latency of one Redis script call.",
+    ["script"],
+    buckets=FAST_BUCKETS,
+)
+sql_commit_seconds = Histogram(
+    "medwallet_sql_commit_seconds",
+    "Latency of one group-commit SQL transaction.",
+    buckets=FAST_BUCKETS,
+)
+group_commit_batch_size = Histogram(
+    "medwallet_group_commit_batch_size",
+    "Units of work per group-commit transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+reconcile_drift = Counter(
+    "medwallet_reconcile_drift_total", "Quotas reconcile found different from the ledger."
+)
+reconcile_drift_fen = Counter(
+    "medwallet_reconcile_drift_fen_total", "Absolute difference reconcile corrected, in fen."
+)
+redis_up = Gauge(
+    "medwallet_redis_up", "1 while Redis answers, else 0.", multiprocess_mode="livemin"
+)
+health_serving = Gauge(
+    "medwallet_health_serving", "1 while health is SERVING, else 0.", multiprocess_mode="livemin"
+)
+build_info = Gauge(
+    "medwallet_build_info", "Build information.", ["version"], multiprocess_mode="livemax"
+)
+build_info.labels(version=authz_server.__version__).set(1)
+
+
+def observe_group_commit(size: int, seconds: float) -> None:
+    group_commit_batch_size.observe(size)
+    sql_commit_seconds.observe(seconds)

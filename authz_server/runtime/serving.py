@@ -1,0 +1,114 @@
+"""`medwallet-authz serve`: one process, or a supervisor with N worker processes.
+
+With N > 1 the supervisor prepares what is shared (schema, private Redis, tokens), then spawns
+N workers that each create their own gRPC server on the same port (SO_REUSEPORT) — spawned, not
+forked, so no gRPC object ever crosses a fork. Workers write metrics to PROMETHEUS_MULTIPROC_DIR;
+the supervisor serves one /metrics aggregating them. SIGTERM to the supervisor is passed to the
+workers, which turn NOT_SERVING, finish in-flight calls within the grace period and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+from types import FrameType
+
+from authz_server.observability import logs
+from authz_server.runtime import demo
+from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.settings import Settings
+from authz_server.storage.sql.migrate import upgrade_to_head
+
+log = logging.getLogger("authz_server")
+
+
+def serve(settings: Settings) -> int:
+    logs.configure(settings.log_level)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_to_head(settings.effective_database_url)
+    if settings.demo_data:
+        demo.write_tokens(settings.effective_tokens_file)
+    embedded = None
+    redis_url = settings.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis(settings.data_dir / "redis")
+        redis_url = embedded.start()
+    try:
+        if settings.effective_workers == 1:
+            if settings.metrics_port:
+                from prometheus_client import start_http_server
+
+                start_http_server(settings.metrics_port)
+            return asyncio.run(run_worker(settings, redis_url, 0))
+        return _supervise(settings, redis_url)
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+def _supervise(settings: Settings, redis_url: str) -> int:
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(settings.data_dir / "metrics")
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files would add old counts
+    os.makedirs(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=worker_main, args=(settings, redis_url, index), name=f"w{index}")
+        for index in range(settings.effective_workers)
+    ]
+    for worker in workers:
+        worker.start()
+    if settings.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+        start_http_server(settings.metrics_port, registry=registry)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for worker in workers:
+            if worker.pid and worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    log.info("supervising %d workers", len(workers))
+    codes = []
+    for worker in workers:
+        worker.join()
+        codes.append(worker.exitcode or 0)
+        from prometheus_client import multiprocess
+
+        if worker.pid:
+            multiprocess.mark_process_dead(worker.pid, metrics_dir)  # type: ignore[no-untyped-call]
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def worker_main(settings: Settings, redis_url: str, index: int) -> None:
+    logs.configure(settings.log_level)
+    raise SystemExit(asyncio.run(run_worker(settings, redis_url, index)))
+
+
+async def run_worker(settings: Settings, redis_url: str, index: int) -> int:
+    from authz_server.server.app import Application
+
+    app = Application(settings, redis_url)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    port = await app.start()
+    if settings.demo_data and index == 0:
+        relationship_id = await demo.load(app.registry, app.relationships)
+        demo.print_instructions(port, relationship_id)
+    log.info("worker %d serving on port %d", index, port)
+    await stopping.wait()
+    grace = settings.shutdown_grace_seconds
+    log.info("worker %d stopping: NOT_SERVING, %.1f s grace", index, grace)
+    await app.stop(grace)
+    return 0
