@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from authz_server.bulk import command as bulk_command
 from authz_server.runtime import serving
@@ -31,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="bring the database to the newest schema")
     commands.add_parser("reconcile", help="rebuild the Redis quotas from the SQL ledger")
     bulk_command.add_arguments(commands.add_parser("load-csv", help=bulk_command.HELP))
+    close = commands.add_parser("close-month", help="close a month's settlement (YYYY-MM)")
+    close.add_argument("month")
+    close.add_argument("--export", type=Path, help="also write the tables to this folder")
+    close.add_argument("--format", choices=["csv", "json"], default="csv")
+    export = commands.add_parser("settlement-export", help="write a closed month's tables")
+    export.add_argument("month")
+    export.add_argument("--to", type=Path, default=Path("settlement"))
+    export.add_argument("--format", choices=["csv", "json"], default="csv")
     call = commands.add_parser("call", help="call an RPC with a JSON request and print the answer")
     call.add_argument("method", help="e.g. RelationshipService/GetRelationship")
     call.add_argument("request", nargs="?", default="{}", help="the request as JSON")
@@ -61,10 +70,46 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "reconcile":
         _prepare(settings)
         return asyncio.run(_reconcile(settings))
+    if arguments.command in ("close-month", "settlement-export"):
+        _prepare(settings)
+        return _settle(settings, arguments)
     if arguments.command == "load-csv":
         _prepare(settings)
         return bulk_command.run(arguments, settings)
     return 2
+
+
+def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
+    """Closes (or exports) a month through the same service the gRPC call uses."""
+    from authz_server.domain.errors import DomainError
+    from authz_server.domain.settlement import Month
+    from authz_server.runtime import settlement_export
+    from authz_server.runtime.progress import Progress
+    from authz_server.service.settlement import SettlementService
+    from authz_server.storage.sql.database import Database
+
+    database = Database(settings.effective_database_url)
+    service = SettlementService(database, settings.prepaid_safety_percent)
+    try:
+        month = Month.parse("month", arguments.month)
+        started = settlement_export.timed()
+        with Progress(1, f"closing {month}") as progress:
+            if arguments.command == "close-month":
+                report, already = database.transaction(lambda s: service.close_in(s, month))
+            else:
+                report, already = asyncio.run(service.report(month)), True
+            progress.advance(1)
+        print(settlement_export.summary(report, already, settlement_export.timed() - started))
+        folder = arguments.export if arguments.command == "close-month" else arguments.to
+        if folder is not None:
+            for path in settlement_export.export(report, folder, arguments.format):
+                print(f"wrote {path}")
+        return 0
+    except DomainError as error:
+        print(f"refused: {error.reason}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        database.close()
 
 
 async def _reconcile(settings: Settings) -> int:

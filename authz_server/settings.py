@@ -48,6 +48,8 @@ class Settings:
     # How long an authorization hold lasts before it returns to the quota by itself.
     pharmacy_hold_seconds: int = 900
     medical_hold_seconds: int = 86_400
+    # Prepaid fund for next month = average outflow of the last 3 closed months x this / 100.
+    prepaid_safety_percent: int = 120
     # Relation kinds allowed for sharing (comma-separated), default the notice's list.
     allowed_relations: frozenset[Relation] = field(default=DEFAULT_ALLOWED_RELATIONS)
 
@@ -95,6 +97,9 @@ class Settings:
             ),
             medical_hold_seconds=int(
                 get("MEDWALLET_MEDICAL_HOLD_SECONDS", defaults.medical_hold_seconds)
+            ),
+            prepaid_safety_percent=int(
+                get("MEDWALLET_PREPAID_SAFETY_PERCENT", defaults.prepaid_safety_percent)
             ),
             allowed_relations=(
                 frozenset(Relation(r.strip().upper()) for r in relations.split(",") if r.strip())

@@ -31,6 +31,14 @@ TOKENS = {
     "test-window": {"kind": "channel", "channel": "SERVICE_WINDOW"},
     "test-merchant-a": {"kind": "merchant", "merchant_id": "merchant-a"},
     "test-merchant-b": {"kind": "merchant", "merchant_id": "merchant-b"},
+    # Merchants of the authorization rule, idempotency and recovery tests (one kind each, never
+    # re-registered with another): tests/test_authorization_rules.py registers them.
+    "test-rules-hospital": {"kind": "merchant", "merchant_id": "rules-hospital"},
+    "test-rules-hospital-2": {"kind": "merchant", "merchant_id": "rules-hospital-2"},
+    "test-rules-pharmacy": {"kind": "merchant", "merchant_id": "rules-pharmacy"},
+    "test-rules-collector": {"kind": "merchant", "merchant_id": "rules-collector"},
+    "test-rules-undesignated": {"kind": "merchant", "merchant_id": "rules-undesignated"},
+    "test-rules-unregistered": {"kind": "merchant", "merchant_id": "rules-unregistered"},
 }
 
 
@@ -54,6 +62,10 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += timedelta(seconds=seconds)
+
+    def set(self, moment: datetime) -> None:
+        """From now on the clock reads `moment` (and runs on from there)."""
+        self.offset = moment - datetime.now(UTC)
 
 
 def fresh_database(url: str | None, directory: Path) -> str:
@@ -85,14 +97,16 @@ def drop_database(url: str) -> None:
 
 
 class Harness:
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, extra_tokens: dict[str, dict[str, str]] | None = None
+    ) -> None:
         self.directory = directory
         self.redis = EmbeddedRedis(directory / "redis", persistent=False)
         external_redis = os.environ.get("TEST_REDIS_URL", "")
         self.redis_url = external_redis or self.redis.start()
         self.database_url = fresh_database(os.environ.get("TEST_DATABASE_URL"), directory)
         tokens = directory / "tokens.json"
-        tokens.write_text(json.dumps(TOKENS))
+        tokens.write_text(json.dumps({**TOKENS, **(extra_tokens or {})}))
         self.settings = replace(
             Settings(),
             grpc_host="127.0.0.1",

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 
 from authz_server.generated.medwallet.v1 import (
@@ -20,6 +20,8 @@ from authz_server.generated.medwallet.v1 import (
     registry_pb2_grpc,
     relationship_pb2,
     relationship_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
 )
 from authz_server.observability import metrics
 from authz_server.observability.interceptor import ObservingInterceptor
@@ -28,12 +30,14 @@ from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
+from authz_server.server.settlement_handler import SettlementHandler
 from authz_server.service.authorization import AuthorizationService
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.journal import Journal
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.registry import RegistryService
 from authz_server.service.relationships import RelationshipService
+from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
@@ -43,6 +47,7 @@ from authz_server.storage.sql.group_commit import GroupCommit
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = [
+    settlement_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
@@ -51,6 +56,8 @@ SERVICE_NAMES = [
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
+# Redis connections per process; calls beyond it wait for one (see __post_init__).
+REDIS_MAX_CONNECTIONS = 256
 # How often health looks at Redis and SQL.
 HEALTH_INTERVAL_SECONDS = 1.0
 
@@ -65,10 +72,16 @@ class Application:
 
     def __post_init__(self) -> None:
         self.database = Database(self.settings.effective_database_url)
-        self.redis = Redis.from_url(
-            self.redis_url,
-            socket_timeout=self.settings.redis_timeout_seconds,
-            socket_connect_timeout=self.settings.redis_timeout_seconds,
+        # A blocking pool: a burst of calls beyond the pool's size waits (boundedly) for a free
+        # connection; the default pool failed them at once with MaxConnectionsError (UNAVAILABLE).
+        self.redis = Redis.from_pool(
+            BlockingConnectionPool.from_url(
+                self.redis_url,
+                max_connections=REDIS_MAX_CONNECTIONS,
+                timeout=self.settings.redis_timeout_seconds * 4,
+                socket_timeout=self.settings.redis_timeout_seconds,
+                socket_connect_timeout=self.settings.redis_timeout_seconds,
+            )
         )
         self.quotas = RedisQuotaCache(self.redis)
         self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
@@ -91,6 +104,9 @@ class Application:
             self.settings.medical_hold_seconds,
             self.clock,
         )
+        self.settlement = SettlementService(
+            self.database, self.settings.prepaid_safety_percent, self.clock
+        )
         self.health = health_aio.HealthServicer()
         self.background: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -112,6 +128,9 @@ class Application:
         )
         authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
             AuthorizationHandler(self.authorizations, self.auth), self.server
+        )
+        settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
+            SettlementHandler(self.settlement, self.auth), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -236,3 +236,58 @@ class RefundRow(Base):
     amount_fen: Mapped[int] = mapped_column(BigInteger)
     idempotency_key: Mapped[str] = mapped_column(Id)
     created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
+
+
+class SettlementMonthRow(Base):
+    """A closed month. Its rows below are written once, in the closing transaction, and never
+    changed; a refund of a closed month's capture is settled in the month it happens."""
+
+    __tablename__ = "settlement_months"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    closed_at: Mapped[datetime] = mapped_column(Timestamp)
+    captured_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger)
+    safety_percent: Mapped[int] = mapped_column(Integer)
+
+
+class SettlementMerchantPayableRow(Base):
+    __tablename__ = "settlement_merchant_payables"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    merchant_id: Mapped[str] = mapped_column(Id, primary_key=True)
+    pooling_region: Mapped[str] = mapped_column(String(6))
+    captured_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger)
+    payable_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class SettlementRegionFlowRow(Base):
+    __tablename__ = "settlement_region_flows"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    holder_region: Mapped[str] = mapped_column(String(6), primary_key=True)
+    merchant_region: Mapped[str] = mapped_column(String(6), primary_key=True)
+    captured_fen: Mapped[int] = mapped_column(BigInteger)
+    refunded_fen: Mapped[int] = mapped_column(BigInteger)
+    net_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class SettlementProvincePositionRow(Base):
+    __tablename__ = "settlement_province_positions"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    province: Mapped[str] = mapped_column(String(2), primary_key=True)
+    pays_fen: Mapped[int] = mapped_column(BigInteger)
+    receives_fen: Mapped[int] = mapped_column(BigInteger)
+    net_fen: Mapped[int] = mapped_column(BigInteger)
+
+
+class SettlementPrepaidFundRow(Base):
+    __tablename__ = "settlement_prepaid_funds"
+
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)
+    pooling_region: Mapped[str] = mapped_column(String(6), primary_key=True)
+    outflow_fen: Mapped[int] = mapped_column(BigInteger)
+    next_month_fen: Mapped[int] = mapped_column(BigInteger)
+    adjustment_fen: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,77 @@
+"""Settlement rules of POLICY.md ("Settlement"), without I/O.
+
+Months run from midnight Beijing time (UTC+8, no daylight saving) on the 1st. The prepaid fund
+(预付金) for the next month is the average outflow of the last three closed months (the month
+being closed included) times a safety factor, rounded up to the fen; the factor is given in
+percent so no floating point touches money.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+
+from authz_server.domain.errors import InvalidArgument, PolicyRefusal
+
+BEIJING = timezone(timedelta(hours=8), "Asia/Shanghai")
+MONTH_PATTERN = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+# How many closed months the prepaid fund averages over.
+PREPAID_WINDOW_MONTHS = 3
+
+
+@dataclass(frozen=True, order=True)
+class Month:
+    year: int
+    month: int
+
+    @classmethod
+    def parse(cls, field: str, text: str) -> Month:
+        match = MONTH_PATTERN.fullmatch(text)
+        if not match or not 2000 <= int(match.group(1)) <= 2999:
+            raise InvalidArgument(field, "must be a month YYYY-MM between 2000 and 2999")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @classmethod
+    def containing(cls, moment: datetime) -> Month:
+        local = moment.astimezone(BEIJING)
+        return cls(local.year, local.month)
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    def next(self) -> Month:
+        return Month(self.year + self.month // 12, self.month % 12 + 1)
+
+    def previous(self) -> Month:
+        return Month(self.year - (self.month == 1), (self.month - 2) % 12 + 1)
+
+    @property
+    def starts_at(self) -> datetime:
+        """The first instant of the month, in UTC."""
+        return datetime(self.year, self.month, 1, tzinfo=BEIJING).astimezone(UTC)
+
+    @property
+    def ends_at(self) -> datetime:
+        """The first instant after the month, in UTC."""
+        return self.next().starts_at
+
+
+def check_closable(month: Month, now: datetime, earliest_open: Month | None) -> None:
+    """A month closes once it has ended, and only after every earlier month with traffic."""
+    if now < month.ends_at:
+        raise PolicyRefusal("MONTH_NOT_ENDED", f"{month} has not ended in Beijing time")
+    if earliest_open is not None and earliest_open < month:
+        raise PolicyRefusal("EARLIER_MONTH_OPEN", f"{earliest_open} must be closed first")
+
+
+def prepaid_fund(outflows_fen: Sequence[int], safety_percent: int) -> int:
+    """The next month's prepaid fund from the outflows of up to the last three closed months.
+    Negative outflows (more refunded than spent) count as zero: a fund is never negative."""
+    window = [max(0, outflow) for outflow in outflows_fen[-PREPAID_WINDOW_MONTHS:]]
+    if not window:
+        return 0
+    numerator = sum(window) * safety_percent
+    denominator = len(window) * 100
+    return -(-numerator // denominator)  # ceiling division in integers

@@ -1,0 +1,51 @@
+"""`medwallet-authz close-month` and `settlement-export`: the agencies' files, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from authz_server.service.settlement import SettlementReport
+
+TABLES = ("merchant_payables", "region_flows", "province_positions", "prepaid_funds")
+
+
+def export(report: SettlementReport, directory: Path, form: str) -> list[Path]:
+    """One file per table: <month>-<table>.csv (with a header row) or one <month>.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if form == "json":
+        path = directory / f"{report.month}.json"
+        document = dataclasses.asdict(report)
+        document["closed_at"] = report.closed_at.isoformat()
+        path.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+        return [path]
+    written = []
+    for table in TABLES:
+        rows = getattr(report, table)
+        path = directory / f"{report.month}-{table.replace('_', '-')}.csv"
+        with path.open("w", newline="") as handle:
+            fields = [f.name for f in dataclasses.fields(rows[0])] if rows else []
+            writer = csv.writer(handle)
+            writer.writerow(fields)
+            for row in rows:
+                writer.writerow(dataclasses.astuple(row))
+        written.append(path)
+    return written
+
+
+def summary(report: SettlementReport, already: bool, seconds: float) -> str:
+    net = sum(p.net_fen for p in report.province_positions)
+    return (
+        f"{report.month} {'was already closed' if already else 'closed'} in {seconds:.2f} s: "
+        f"captured {report.captured_fen} fen, refunded {report.refunded_fen} fen, "
+        f"{len(report.merchant_payables)} merchants, {len(report.region_flows)} region pairs, "
+        f"{len(report.province_positions)} provinces (net {net} fen), "
+        f"{len(report.prepaid_funds)} prepaid funds"
+    )
+
+
+def timed() -> float:
+    return time.perf_counter()
