@@ -122,11 +122,11 @@ class RelationshipService:
     async def consent(self, relationship_id: str, party: Party, channel: Channel) -> QuotaView:
         """Rule 4. Consenting again (a retry) answers the relationship unchanged."""
 
-        def work(session: Session) -> Relationship:
+        def work(session: Session) -> tuple[Relationship, bool]:
             row = records.relationship_row(session, relationship_id, lock=True)
             already = row.holder_consented if party is Party.HOLDER else row.beneficiary_consented
             if already and row.status != RelationshipStatus.DISSOLVED.value:
-                return records.relationship(row)
+                return records.relationship(row), False
             relationship = records.relationship(row)
             rules.check_consent(
                 relationship,
@@ -139,14 +139,18 @@ class RelationshipService:
             else:
                 row.beneficiary_consented = True
             ledger.event(session, relationship_id, "CONSENTED", now, channel, party)
-            if rules.becomes_active(relationship, party):
+            activated = rules.becomes_active(relationship, party)
+            if activated:
                 row.status = RelationshipStatus.ACTIVE.value
                 row.activated_at = now
                 ledger.event(session, relationship_id, "ACTIVATED", now, channel)
-            return records.relationship(row)
+            return records.relationship(row), activated
 
-        relationship = await self.database.run(work)
-        if relationship.status is RelationshipStatus.ACTIVE:
+        relationship, activated = await self.database.run(work)
+        # Only the activating consent sets the hot quota. A repeated consent must not: its
+        # restore could land between a release's Redis debit and its SQL commit and put the
+        # released money back into the quota (Redis overstating it; spendable twice).
+        if activated:
             await self._restore(relationship)
         return await self._view(relationship)
 
