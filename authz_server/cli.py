@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("month")
     export.add_argument("--to", type=Path, default=Path("settlement"))
     export.add_argument("--format", choices=["csv", "json"], default="csv")
+    commands.add_parser(
+        "purge-idempotency",
+        help="drop the engine's idempotency records of closed months (needs REDIS_URL)",
+    )
     call = commands.add_parser("call", help="call an RPC with a JSON request and print the answer")
     call.add_argument("method", help="e.g. RelationshipService/GetRelationship")
     call.add_argument("request", nargs="?", default="{}", help="the request as JSON")
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command in ("close-month", "settlement-export"):
         _prepare(settings)
         return _settle(settings, arguments)
+    if arguments.command == "purge-idempotency":
+        _prepare(settings)
+        return asyncio.run(_purge(settings))
     if arguments.command == "load-csv":
         _prepare(settings)
         return bulk_command.run(arguments, settings)
@@ -110,6 +117,27 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
         return 1
     finally:
         database.close()
+
+
+async def _purge(settings: Settings) -> int:
+    from redis.asyncio import Redis
+
+    from authz_server.service.retention import purge_closed_months
+    from authz_server.storage.sql.database import Database
+
+    if not settings.redis_url:
+        print("purge-idempotency needs REDIS_URL")
+        return 2
+    database = Database(settings.effective_database_url)
+    client = Redis.from_url(settings.redis_url)
+    purged = await purge_closed_months(database, client)
+    print(
+        f"through {purged.through_month or 'no closed month'}: dropped "
+        f"{purged.sql_records} SQL and {purged.redis_records} Redis idempotency records"
+    )
+    await client.aclose()
+    database.close()
+    return 0
 
 
 async def _reconcile(settings: Settings) -> int:

@@ -259,3 +259,50 @@ def test_malformed_month_is_invalid_argument(world: World, month: str) -> None:
         world.close(month)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert factories.error_info(refused.value).metadata["field"] == "month"
+
+
+def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> None:
+    """Runs after the three-month test closed January to March."""
+    from authz_server.service.retention import purge_closed_months
+
+    app = world.harness.app
+    world.at(beijing(2025, 4, 16, 10, 0))
+    relative, _ = world.family("bj", "gd", 100_000)
+    token = bearer("token-gd")
+    april = world.authorizations.Authorize(ef.medical(relative, 1_000), metadata=token)
+    capture = authorization_pb2.CaptureRequest(
+        authorization_id=april.authorization_id, idempotency_key="april-capture"
+    )
+    first = world.authorizations.Capture(capture, metadata=token)
+
+    async def idempotency_keys() -> int:
+        return len([key async for key in app.redis.scan_iter(match="mw:{b:*}:i:*")])
+
+    before = world.harness.run(idempotency_keys())
+    purged = world.harness.run(purge_closed_months(app.database, app.redis))
+    assert purged.through_month == "2025-03"
+    assert purged.redis_records == before - 1  # everything but April's authorization
+    assert purged.sql_records > 0
+    assert world.harness.run(idempotency_keys()) == 1
+    # April is open: its retries still get the original answers.
+    again = world.authorizations.Capture(capture, metadata=token)
+    assert again.SerializeToString() == first.SerializeToString()
+    replay = world.authorizations.Authorize(
+        authorization_pb2.AuthorizeRequest(
+            idempotency_key=april_key(world, april.authorization_id),
+            beneficiary_id=relative,
+            purpose=common_pb2.PURPOSE_MEDICAL_OUT_OF_POCKET,
+            amount_fen=1_000,
+        ),
+        metadata=token,
+    )
+    assert replay.authorization_id == april.authorization_id
+
+
+def april_key(world: World, authorization_id: str) -> str:
+    from authz_server.storage.sql.tables import AuthorizationRow
+
+    world.harness.run(world.harness.app.journal.flush())
+    return world.harness.app.database.transaction(
+        lambda s: s.get(AuthorizationRow, authorization_id).idempotency_key  # type: ignore[union-attr]
+    )

@@ -29,23 +29,27 @@ local auth_id, need = ARGV[3], tonumber(ARGV[8])
 local record = {a = auth_id, d = 'DECLINED', r = ARGV[12], ap = 0, f = '', rem = 0,
                 s = 'DECLINED', ex = 0, t = ARGV[15]}
 
--- The quotas that may fund it: the named one, or all the beneficiary's, oldest first.
+-- The quotas that may fund it: the named one, or all the beneficiary's, oldest first. Also
+-- looked up when only the items were refused, so that remaining_quota_fen tells the till what is
+-- there; not when the merchant may not charge the quota at all.
 local candidates = {}
-if record.r == '' then
+if record.r == '' or record.r == 'ITEM_NOT_ELIGIBLE' then
+  local missing = ''
   if ARGV[10] ~= '' then
     local quota = prefix .. ':q:' .. ARGV[10]
     local status = redis.call('HGET', quota, 'status')
     if not status or redis.call('HGET', quota, 'beneficiary') ~= ARGV[5] then
-      record.r = 'RELATIONSHIP_NOT_FOUND'
+      missing = 'RELATIONSHIP_NOT_FOUND'
     elseif status ~= 'ACTIVE' then
-      record.r = 'RELATIONSHIP_NOT_ACTIVE'
+      missing = 'RELATIONSHIP_NOT_ACTIVE'
     else
       candidates = {ARGV[10]}
     end
   else
     candidates = redis.call('ZRANGE', KEYS[3], 0, -1)
-    if #candidates == 0 then record.r = 'RELATIONSHIP_NOT_FOUND' end
+    if #candidates == 0 then missing = 'RELATIONSHIP_NOT_FOUND' end
   end
+  if record.r == '' then record.r = missing end
 end
 if record.r == '' and ARGV[14] == '1' then
   local quota = prefix .. ':q:' .. candidates[1]
@@ -110,5 +114,5 @@ redis.call('HSET', KEYS[1], 'm', ARGV[4], 'b', ARGV[5], 'p', ARGV[6], 's', recor
   'r', record.r, 'ck', '')
 redis.call('HSET', KEYS[2], 'digest', ARGV[7], 'a', auth_id, 'd', record.d, 'r', record.r,
   'ap', record.ap, 'f', record.f, 'rem', record.rem, 's', record.s, 'ex', record.ex,
-  't', record.t)
+  't', record.t, 'cr', now)
 return answer('NEW', record)
