@@ -37,6 +37,8 @@ class Settings:
     workers: int = 0
     # One JSON log line per call (request id, RPC, merchant, decision, latency).
     access_log: bool = True
+    # gRPC metrics and access logs (off only to measure what they cost).
+    instrumentation: bool = True
     # On SIGTERM: how long in-flight calls may take before the process exits.
     shutdown_grace_seconds: float = 10.0
     # Python logging level of the JSON log lines.
@@ -88,6 +90,7 @@ class Settings:
             ),
             log_level=get("MEDWALLET_LOG_LEVEL", defaults.log_level),
             access_log=_flag(get("MEDWALLET_ACCESS_LOG", defaults.access_log)),
+            instrumentation=_flag(get("MEDWALLET_INSTRUMENTATION", defaults.instrumentation)),
             demo_data=_flag(get("MEDWALLET_DEMO_DATA", defaults.demo_data)),
             redis_timeout_seconds=float(
                 get("MEDWALLET_REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds)

@@ -39,6 +39,7 @@ from authz_server.service.registry import RegistryService
 from authz_server.service.relationships import RelationshipService
 from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
+from authz_server.storage.redis import scripts
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.sql.database import Database
@@ -114,7 +115,11 @@ class Application:
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
         self.server = grpc.aio.server(
-            interceptors=[ObservingInterceptor(self.settings.access_log)],
+            interceptors=(
+                [ObservingInterceptor(self.settings.access_log)]
+                if self.settings.instrumentation
+                else []
+            ),
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -141,6 +146,7 @@ class Application:
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         self.port = self.server.add_insecure_port(address)
+        await scripts.preload(self.redis)
         await self.references.refresh()
         self.references.start()
         self.group_commit.start()
