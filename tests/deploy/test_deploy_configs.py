@@ -46,25 +46,16 @@ INSTALL_HINT = (
 GRPC_PORT = 50051
 METRICS_PORT = 9464
 
+
 # Every setting the server reads (all have defaults in the server).
-KNOWN_ENV = {
-    "MEDWALLET_GRPC_HOST",
-    "MEDWALLET_GRPC_PORT",
-    "MEDWALLET_METRICS_PORT",
-    "MEDWALLET_DATA_DIR",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "MEDWALLET_TOKENS_FILE",
-    "MEDWALLET_WORKERS",
-    "MEDWALLET_SHUTDOWN_GRACE_SECONDS",
-    "MEDWALLET_LOG_LEVEL",
-    "MEDWALLET_DEMO_DATA",
-    "MEDWALLET_REDIS_TIMEOUT_SECONDS",
-    "MEDWALLET_PHARMACY_HOLD_SECONDS",
-    "MEDWALLET_MEDICAL_HOLD_SECONDS",
-    "PROMETHEUS_MULTIPROC_DIR",
-    "MEDWALLET_ALLOWED_RELATIONS",
-}
+def _settings_variables() -> set[str]:
+    """Every environment variable the server reads, from authz_server/settings.py itself."""
+    source = (ROOT / "authz_server" / "settings.py").read_text()
+    return set(re.findall(r'"((?:MEDWALLET_[A-Z_]+)|DATABASE_URL|REDIS_URL)"', source))
+
+
+# Every setting the server reads (all have defaults in the server).
+KNOWN_ENV = _settings_variables() | {"PROMETHEUS_MULTIPROC_DIR"}
 
 # Metrics the server exposes (histograms also as _bucket/_sum/_count), plus Prometheus' `up`.
 COUNTERS_AND_GAUGES = {
