@@ -26,7 +26,7 @@ def python_of(environment: Path) -> Path:
 
 
 def main() -> int:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this runs on whatever python3 is first
         print("Python 3.11 or newer is needed", file=sys.stderr)
         return 2
     in_venv = sys.prefix != sys.base_prefix

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import urllib.request
 
+import grpc
 import pytest
 from prometheus_client import start_http_server
 
@@ -57,7 +58,7 @@ def test_calls_move_the_series(scrape_url, registry, relationships, authorizatio
         ),
         metadata=ef.HOSPITAL_TOKEN,
     )
-    with pytest.raises(Exception):
+    with pytest.raises(grpc.RpcError):
         authorizations.Void(
             authorization_pb2.VoidRequest(authorization_id="0" * 32), metadata=ef.HOSPITAL_TOKEN
         )
