@@ -25,10 +25,19 @@ def _generator():  # type: ignore[no-untyped-def]
     return module
 
 
+def _sources(root: Path) -> dict[Path, bytes]:
+    """The .py and .pyi files under root (not __pycache__), by path relative to root."""
+    return {
+        path.relative_to(root): path.read_bytes()
+        for path in root.rglob("*")
+        if path.suffix in (".py", ".pyi") and "__pycache__" not in path.parts
+    }
+
+
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     _generator().generate(tmp_path / "generated")
-    fresh = {p.relative_to(tmp_path / "generated"): p.read_bytes() for p in tmp_path.rglob("*.py*")}
-    committed = {p.relative_to(GENERATED): p.read_bytes() for p in GENERATED.rglob("*.py*")}
+    fresh = _sources(tmp_path / "generated")
+    committed = _sources(GENERATED)
     stale = sorted(str(name) for name in fresh.keys() | committed.keys()
                    if fresh.get(name) != committed.get(name))  # fmt: skip
     assert not stale, f"stale generated code, run `python protos/generate.py`: {stale}"

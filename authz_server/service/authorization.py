@@ -56,8 +56,9 @@ from authz_server.storage.sql.tables import (
 
 Funding = tuple[tuple[str, int], ...]
 CAPTURE_REFUSALS = frozenset(
-    {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED"}
-)
+    {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
+     "RELATIONSHIP_NOT_ACTIVE"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ class AuthorizationService:
             authorization_id, merchant_id, call.key, amount_fen, _ms(now)
         )
         if claim.outcome == "NOT_FOUND":
-            raise NotFound(f"authorization {authorization_id} not found")
+            return await self._capture_without_hold(merchant_id, authorization_id, call)
         if claim.outcome == "REPLAY":
             return await self._capture_replay(call)
         if claim.outcome == "IN_PROGRESS":
@@ -339,14 +340,28 @@ class AuthorizationService:
                 call,
                 now,
             )
-        except PolicyRefusal:  # a relationship was dissolved: the hold is void
-            await self.holds.capture_finish(authorization_id, "VOIDED", "")
+        except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
+            await self.holds.capture_finish(authorization_id, "VOIDED", "", refusal.reason)
             raise
         except BaseException:  # nothing was written: put the hold back as it was
             await self.holds.capture_finish(authorization_id, "PENDING", "")
             raise
         await self.holds.capture_finish(authorization_id, "CAPTURED", format_funding(parts))
         return result
+
+    async def _capture_without_hold(
+        self, merchant_id: str, authorization_id: str, call: Idempotency[AuthorizationView]
+    ) -> bytes:
+        """Redis knows no such authorization of this merchant. If SQL does (Redis lost it), a
+        retry gets its first answer; otherwise it is captured or, a lost hold, voided."""
+        state = await self.database.run(lambda session: _lost_state(session, authorization_id))
+        if state is None or state[0] != merchant_id:
+            raise NotFound(f"authorization {authorization_id} not found")
+        replay = await self.database.run(lambda session: idempotency.find(session, call))
+        if replay is not None:
+            return replay
+        reason = state[1]
+        raise PolicyRefusal(reason, f"authorization {authorization_id}: {reason}")
 
     async def _capture_replay(self, call: Idempotency[AuthorizationView]) -> bytes:
         replay = await self.database.run(lambda session: idempotency.find(session, call))
@@ -436,8 +451,11 @@ class AuthorizationService:
 
     async def void(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
         outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
-        if outcome == "NOT_FOUND":
-            raise NotFound(f"authorization {authorization_id} not found")
+        if outcome == "NOT_FOUND":  # unknown, another merchant's, or lost with Redis
+            state = await self.database.run(lambda session: _lost_state(session, authorization_id))
+            if state is None or state[0] != merchant_id:
+                raise NotFound(f"authorization {authorization_id} not found")
+            outcome = "OK" if state[1] == "ALREADY_VOIDED" else state[1]
         if outcome != "OK":
             raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")
         return await self.get(merchant_id, authorization_id)
@@ -518,7 +536,16 @@ class AuthorizationService:
             idempotency.remember(session, call, outcome, now)
             return outcome
 
-        result = await self.group_commit.submit(work)
+        try:
+            result = await self.group_commit.submit(work)
+        except NotFound:
+            # This merchant's authorization, not (yet) captured: nothing can be refunded.
+            # Another merchant's, or none: get() raises NotFound itself.
+            await self.get(merchant_id, authorization_id)
+            raise PolicyRefusal(
+                "REFUND_EXCEEDS_CAPTURED",
+                f"authorization {authorization_id} is not captured: nothing to refund",
+            ) from None
         for beneficiary_id, relationship_id, fen in credits:
             if not await self.quotas.credit(beneficiary_id, relationship_id, fen):
                 await restore_from_ledger(self.database, self.quotas, relationship_id)
@@ -564,6 +591,19 @@ class AuthorizationService:
             capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
             _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
         )  # fmt: skip
+
+
+def _lost_state(session: Session, authorization_id: str) -> tuple[str, str] | None:
+    """An authorization Redis does not know, as SQL has it: (merchant, what a capture of it is
+    told), None if SQL does not know it either. A hold lost with Redis counts as voided."""
+    journal_row = session.get(AuthorizationRow, authorization_id)
+    if journal_row is None:
+        return None
+    if session.get(CaptureRow, authorization_id) is not None:
+        return journal_row.merchant_id, "ALREADY_CAPTURED"
+    if journal_row.decision == Decision.DECLINED.value:
+        return journal_row.merchant_id, "AUTHORIZATION_DECLINED"
+    return journal_row.merchant_id, "ALREADY_VOIDED"
 
 
 def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:

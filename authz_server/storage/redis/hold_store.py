@@ -132,11 +132,14 @@ class HoldStore:
             return CaptureClaim(reply[0], 0, 0, "", "", "")
         return CaptureClaim(reply[0], int(reply[1]), int(reply[2]), reply[3], reply[4], reply[5])
 
-    async def capture_finish(self, authorization_id: str, outcome: str, parts: str) -> None:
+    async def capture_finish(
+        self, authorization_id: str, outcome: str, parts: str, why: str = ""
+    ) -> None:
+        """`why` (with VOIDED): what a later capture is told instead of ALREADY_VOIDED."""
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
         await guarded(
-            lambda: self._capture_finish(keys=script_keys, args=[prefix, outcome, parts]),
+            lambda: self._capture_finish(keys=script_keys, args=[prefix, outcome, parts, why]),
             "capture_finish",
         )
 

@@ -4,7 +4,8 @@
 -- 5 amount fen (0 = all).
 -- Returns {outcome, approved fen, amount fen, funding, beneficiary, purpose}; outcome is OK,
 -- REPLAY (captured with this key), IN_PROGRESS, NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
--- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED or CAPTURE_EXCEEDS_APPROVED.
+-- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
+-- RELATIONSHIP_NOT_ACTIVE (voided because a relationship funding it was dissolved).
 local prefix, now = ARGV[1], tonumber(ARGV[2])
 expire_due(prefix, now, 16)
 local auth = KEYS[1]
@@ -23,7 +24,11 @@ if status == 'CAPTURING' then
   if key == ARGV[4] then return reply('IN_PROGRESS', 0) end
   return reply('ALREADY_CAPTURED', 0)
 end
-if status == 'VOIDED' then return reply('ALREADY_VOIDED', 0) end
+if status == 'VOIDED' then
+  local why = redis.call('HGET', auth, 'vr')
+  if not why or why == '' then why = 'ALREADY_VOIDED' end
+  return reply(why, 0)
+end
 if status == 'EXPIRED' then return reply('AUTHORIZATION_EXPIRED', 0) end
 if status ~= 'PENDING' then return reply('AUTHORIZATION_DECLINED', 0) end
 if now >= expires then

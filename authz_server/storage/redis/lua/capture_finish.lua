@@ -1,7 +1,8 @@
 -- Second phase, after SQL answered: CAPTURED (the captured parts leave the quotas, the rest of
 -- the hold returns), VOIDED (SQL refused: the whole hold returns), or PENDING (SQL failed for
 -- a passing reason: the hold is put back as it was, so the merchant can retry).
--- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 outcome, 3 captured parts "rid=fen;...".
+-- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 outcome, 3 captured parts "rid=fen;...",
+-- 4 (optional, with VOIDED) why, answered to a later capture instead of ALREADY_VOIDED.
 local prefix, auth = ARGV[1], KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
 if redis.call('HGET', auth, 's') ~= 'CAPTURING' then return 0 end
@@ -20,4 +21,5 @@ if ARGV[2] == 'CAPTURED' then
 end
 release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), captured)
 redis.call('HSET', auth, 's', ARGV[2], 'cp', total)
+if ARGV[2] == 'VOIDED' and ARGV[4] and ARGV[4] ~= '' then redis.call('HSET', auth, 'vr', ARGV[4]) end
 return 1

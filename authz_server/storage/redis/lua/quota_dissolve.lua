@@ -1,6 +1,7 @@
 -- Marks a quota dissolved so no new hold can be placed on it, and voids its open holds (their
 -- parts on the beneficiary's other quotas go back to those). The ledger (SQL) already returned
--- this quota's unused money to the holder; here its figures go to zero.
+-- this quota's unused money to the holder; here its figures go to zero. A hold voided here
+-- remembers why (vr), so a later capture is refused RELATIONSHIP_NOT_ACTIVE.
 -- KEYS: 1 quota hash, 2 beneficiary's quota index. ARGV: 1 relationship id, 2 prefix.
 local prefix = ARGV[2]
 local holds = prefix .. ':qh:' .. ARGV[1]
@@ -10,7 +11,7 @@ for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
   local auth = prefix .. ':a:' .. auth_id
   if redis.call('HGET', auth, 's') == 'PENDING' then
     release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
-    redis.call('HSET', auth, 's', 'VOIDED')
+    redis.call('HSET', auth, 's', 'VOIDED', 'vr', 'RELATIONSHIP_NOT_ACTIVE')
     redis.call('ZREM', prefix .. ':expiry', auth_id)
   end
 end
