@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
-from sqlalchemy import select
+from redis.asyncio import Redis
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.model import Relationship
+from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
+from authz_server.server.convert import enum_name
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import restore_of
+from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import (
+    AuthorizationRow,
     CapturePartRow,
     CaptureRow,
     ParticipantRow,
     RelationshipRow,
+    SettlementMonthRow,
 )
 
 BATCH_SIZE = 1000
@@ -69,6 +79,7 @@ async def reconcile(
     """
     if holds is not None:
         await settle_interrupted_captures(database, holds)
+        await restore_authorize_records(database, holds.client)
     after = ""
     count = drifted = drift_fen = 0
     while True:
@@ -106,3 +117,92 @@ async def reconcile(
             count += 1
         after = batch[-1][0].relationship_id
     return ReconcileReport(quotas=count, drifted=drifted, drift_fen=drift_fen)
+
+
+async def restore_authorize_records(database: Database, redis: Redis) -> int:
+    """Puts back Authorize idempotency records Redis lost, from the SQL journal of the months
+    not yet settled, so a till's retry after a Redis loss gets its original answer instead of
+    paying again. Records still in Redis are left alone. Returns how many were restored."""
+    from authz_server.domain.authorization import LineResult
+    from authz_server.domain.types import DeclineReason
+    from authz_server.generated.medwallet.v1 import authorization_pb2
+    from authz_server.service.authorization import encode_lines
+
+    last_closed = await database.run(
+        lambda session: session.scalar(select(func.max(SettlementMonthRow.month)))
+    )
+    cutoff = Month.parse("month", last_closed).ends_at if last_closed else None
+    restored, after = 0, ""
+    while True:
+
+        def page(session: Session, after: str = after) -> list[AuthorizationRow]:
+            query = select(AuthorizationRow).where(AuthorizationRow.authorization_id > after)
+            if cutoff is not None:
+                query = query.where(AuthorizationRow.created_at >= cutoff)
+            return list(
+                session.scalars(query.order_by(AuthorizationRow.authorization_id).limit(BATCH_SIZE))
+            )
+
+        rows = await database.run(page)
+        if not rows:
+            return restored
+        keys_of_rows = [
+            keys.idempotency(row.beneficiary_id, row.merchant_id, row.idempotency_key)
+            for row in rows
+        ]
+        present = await guarded(partial(_exist, redis, keys_of_rows))
+        for row, key, exists in zip(rows, keys_of_rows, present, strict=True):
+            if exists:
+                continue
+            answer = authorization_pb2.AuthorizeResponse.FromString(row.response)
+            lines = tuple(
+                LineResult(
+                    line.item_code,
+                    line.approved,
+                    DeclineReason(
+                        _name(
+                            authorization_pb2.DeclineReason, "DECLINE_REASON", line.decline_reason
+                        )
+                    )
+                    if line.decline_reason
+                    else None,
+                    line.approved_amount_fen,
+                )
+                for line in answer.line_results
+            )
+            fields: dict[str, str | int] = {
+                "digest": row.request_digest,
+                "a": row.authorization_id,
+                "d": _name(authorization_pb2.Decision, "DECISION", answer.decision),
+                "r": _name(
+                    authorization_pb2.DeclineReason, "DECLINE_REASON", answer.decline_reason
+                ),
+                "ap": answer.approved_amount_fen,
+                "f": ";".join(f"{p.relationship_id}={p.amount_fen}" for p in answer.funding),
+                "rem": answer.remaining_quota_fen,
+                "s": _name(
+                    authorization_pb2.AuthorizationStatus, "AUTHORIZATION_STATUS", answer.status
+                ),
+                "ex": answer.expires_at.ToMilliseconds() if answer.HasField("expires_at") else 0,
+                "t": encode_lines(lines),
+                "cr": int(utc(row.created_at).timestamp() * 1000),
+            }
+            await guarded(partial(_write, redis, key, fields))
+            restored += 1
+        after = rows[-1].authorization_id
+
+
+async def _write(redis: Redis, key: str, fields: dict[str, str | int]) -> None:
+    await redis.hset(key, mapping=fields)  # type: ignore[arg-type]
+
+
+async def _exist(redis: Redis, names: list[str]) -> list[bool]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.exists(name)
+        return [bool(found) for found in await pipe.execute()]
+
+
+def _name(wrapper: Any, prefix: str, number: int) -> str:
+    """The domain name of a proto enum value (DECISION_APPROVED -> APPROVED; unset -> '')."""
+    return enum_name(wrapper, prefix, number) or ""

@@ -292,6 +292,9 @@ class AuthorizationService:
                 None,
                 now,
             )
+        except CapturedInLedger as captured:  # SQL has it already: settle the hold as SQL says
+            await self.holds.capture_finish(outcome.authorization_id, "CAPTURED", captured.parts)
+            return _with_status(outcome, AuthorizationStatus.CAPTURED)
         except PolicyRefusal:  # the relationship was dissolved in between
             await self.holds.capture_finish(outcome.authorization_id, "VOIDED", "")
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
@@ -340,6 +343,11 @@ class AuthorizationService:
                 call,
                 now,
             )
+        except CapturedInLedger as captured:
+            # SQL has a capture the hold did not know of (an earlier attempt whose answer was
+            # lost): settle the hold as SQL says, never release money SQL counts as captured.
+            await self.holds.capture_finish(authorization_id, "CAPTURED", captured.parts)
+            raise
         except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
             await self.holds.capture_finish(authorization_id, "VOIDED", "", refusal.reason)
             raise
@@ -391,7 +399,7 @@ class AuthorizationService:
                 if replay is not None:
                     return replay
             if session.get(CaptureRow, authorization_id) is not None:
-                raise PolicyRefusal("ALREADY_CAPTURED", f"{authorization_id} is captured")
+                raise CapturedInLedger(authorization_id, _ledger_parts(session, authorization_id))
             session.add(
                 CaptureRow(
                     authorization_id=authorization_id,
@@ -613,6 +621,23 @@ def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:
         metrics.approved_fen.labels(purpose.value).inc(outcome.approved_fen)
     if outcome.status is AuthorizationStatus.CAPTURED:
         metrics.captured_fen.labels(purpose.value).inc(outcome.approved_fen)
+
+
+class CapturedInLedger(PolicyRefusal):
+    """ALREADY_CAPTURED, found in SQL; carries the captured parts ("rid=fen;...")."""
+
+    def __init__(self, authorization_id: str, parts: str) -> None:
+        super().__init__("ALREADY_CAPTURED", f"authorization {authorization_id} is captured")
+        self.parts = parts
+
+
+def _ledger_parts(session: Session, authorization_id: str) -> str:
+    rows = session.scalars(
+        select(CapturePartRow)
+        .where(CapturePartRow.authorization_id == authorization_id)
+        .order_by(CapturePartRow.position)
+    )
+    return ";".join(f"{row.relationship_id}={row.amount_fen}" for row in rows)
 
 
 def _with_status(outcome: AuthorizeOutcome, status: AuthorizationStatus) -> AuthorizeOutcome:

@@ -1,0 +1,95 @@
+"""After Redis loses its data, a till's retry gets its original answer and never pays twice;
+a capture SQL already has is never undone by a later attempt."""
+
+from __future__ import annotations
+
+from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
+from authz_server.generated.medwallet.v1 import common_pb2
+from authz_server.runtime.reconcile import reconcile
+from authz_server.storage.redis import keys
+from tests import factories
+from tests.harness import new_id
+from tests.test_authorization_rules import (
+    COLLECTOR,
+    HOSPITAL,
+    authorize_request,
+    family,
+    figures,
+    register_merchants,
+)
+
+
+def _flush_and_reconcile(harness) -> None:
+    app = harness.app
+    harness.run(app.journal.flush())
+    harness.run(app.redis.flushall())
+    harness.run(reconcile(app.database, app.quotas, app.holds))
+
+
+def test_premium_retried_after_redis_loss_pays_once(
+    harness, registry, relationships, authorizations
+) -> None:
+    register_merchants(registry)
+    people = family(registry, relationships, 50_000)
+    request = authorize_request(
+        people.beneficiary_id, common_pb2.PURPOSE_RESIDENT_PREMIUM, 10_000, capture=True
+    )
+    first = authorizations.Authorize(request, metadata=COLLECTOR)
+    assert first.status == pb.AUTHORIZATION_STATUS_CAPTURED
+    _flush_and_reconcile(harness)
+    again = authorizations.Authorize(request, metadata=COLLECTOR)
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+        deterministic=True
+    )
+    assert figures(relationships, people.relationship_ids[0]) == (40_000, 0, 10_000)
+
+
+def test_hold_retried_after_redis_loss_gets_the_original_answer(
+    harness, registry, relationships, authorizations
+) -> None:
+    register_merchants(registry)
+    people = family(registry, relationships, 30_000, 20_000)
+    request = authorize_request(
+        people.beneficiary_id, common_pb2.PURPOSE_MEDICAL_OUT_OF_POCKET, 45_000
+    )
+    first = authorizations.Authorize(request, metadata=HOSPITAL)
+    assert len(first.funding) == 2
+    _flush_and_reconcile(harness)
+    again = authorizations.Authorize(request, metadata=HOSPITAL)
+    assert again.SerializeToString(deterministic=True) == first.SerializeToString(
+        deterministic=True
+    )
+    # The hold itself was lost with Redis: it counts as voided, all the quota is available.
+    assert [figures(relationships, r) for r in people.relationship_ids] == [
+        (30_000, 0, 0),
+        (20_000, 0, 0),
+    ]
+
+
+def test_capture_found_in_sql_settles_the_hold_instead_of_releasing_it(
+    harness, registry, relationships, authorizations
+) -> None:
+    register_merchants(registry)
+    people = family(registry, relationships, 30_000)
+    held = authorizations.Authorize(
+        authorize_request(people.beneficiary_id, common_pb2.PURPOSE_MEDICAL_OUT_OF_POCKET, 8_000),
+        metadata=HOSPITAL,
+    )
+    authorizations.Capture(
+        pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key=new_id("c")),
+        metadata=HOSPITAL,
+    )
+    # An earlier attempt's Redis finish was lost: the hold looks pending again, held again.
+    key = keys.authorization(held.authorization_id)
+    quota = keys.quota(people.beneficiary_id, people.relationship_ids[0])
+    harness.run(harness.app.redis.hset(key, mapping={"s": "PENDING", "ck": ""}))
+    harness.run(harness.app.redis.hincrby(quota, "held", 8_000))  # available stays 22,000
+    try:
+        authorizations.Capture(
+            pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key="other"),
+            metadata=HOSPITAL,
+        )
+        raise AssertionError("a second capture must be refused")
+    except Exception as error:  # grpc.RpcError
+        assert factories.error_info(error).reason == "ALREADY_CAPTURED"  # type: ignore[arg-type]
+    assert figures(relationships, people.relationship_ids[0]) == (22_000, 0, 8_000)
