@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from authz_server.bulk import csv_formats
 from authz_server.bulk.csv_formats import Kind
 from authz_server.settings import Settings
 
@@ -13,6 +14,8 @@ HELP = "bulk-load participants, credits, merchants, items and relationships from
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = csv_formats.__doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for kind in Kind:
         parser.add_argument(
             f"--{kind.value}", type=Path, metavar="CSV", help=f"the {kind.value} file"

@@ -14,9 +14,10 @@ The file formats are in `authz_server.bulk.csv_formats`. What a load guarantees:
 - Fast: rows go in batches (default 5,000), one transaction each, with one query per batch
   for the state the rules need (existing ids, balances, open pairs, known keys), multi-row
   inserts (PostgreSQL: COPY), and balances changed by one executemany UPDATE of the per-
-  participant sums. On PostgreSQL the batch's participant rows are locked (FOR UPDATE); on
-  SQLite each batch takes the write lock up front (BEGIN IMMEDIATE), so a server running at the
-  same time stays consistent with the load.
+  participant sums. A server may run during a load: on SQLite each batch takes the write lock
+  up front (BEGIN IMMEDIATE); on PostgreSQL a relationship batch locks its participants (FOR
+  UPDATE) before checking balances, a credit batch adds to balances with a relative UPDATE, and
+  a batch that collides with a concurrent write is retried with fresh state.
 - Redis is not touched. The server's start-up reconcile (`runtime/reconcile.py`) gives every
   active relationship its quota from SQL; for a server already running, run
   `medwallet-authz reconcile` after the load (until then GetRelationship restores a quota it
@@ -29,7 +30,7 @@ import csv
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TextIO, TypeVar
@@ -78,7 +79,6 @@ from authz_server.server import convert
 from authz_server.server.registry_handler import _encode_credit
 from authz_server.service.registry import CreditResult
 from authz_server.storage.sql.database import _sqlite_pragmas
-from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import (
     CatalogItemRow,
     IdempotencyRecordRow,
@@ -338,7 +338,11 @@ class BulkLoader:
                 progress.note(f"{path}: more rejected rows are not shown here (see --rejects)")
             printed += 1
 
-        with Progress(count_rows(path), f"{kind.value} {path.name}", stream=self.stream) as bar:
+        try:
+            total: int | None = count_rows(path)
+        except OSError:
+            total = None  # reading it will report why
+        with Progress(total, f"{kind.value} {path.name}", stream=self.stream) as bar:
             try:
                 for batch in self._batches(path, FORMATS[kind]):
                     for line, field_name, why in batch.rejections:
@@ -410,6 +414,11 @@ class BulkLoader:
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 with self.engine.begin() as connection:
+                    if self.is_postgresql:
+                        # A batch looks up thousands of keys at once (= ANY(array)); on tables
+                        # that are filling up, the planner's statistics are stale and it picks a
+                        # full scan per batch (quadratic over a load). Index probes it is.
+                        connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
                     return apply(connection, records)
             except (IntegrityError, OperationalError) as error:
                 if attempt == ATTEMPTS:
@@ -467,23 +476,26 @@ class BulkLoader:
             statement += f" ON CONFLICT ({upsert_key}) DO UPDATE SET {updates}"
         connection.exec_driver_sql(statement, rows)
 
-    def _add_to_balances(self, connection: Connection, deltas: dict[str, int]) -> None:
-        """Adds each participant's (signed) sum to their balance, in one statement."""
+    def _add_to_balances(self, connection: Connection, deltas: dict[str, int]) -> dict[str, int]:
+        """Adds each participant's (signed) sum to their balance, in one statement. On
+        PostgreSQL returns the balances after it (SQLite: {}; the batch's write lock means they
+        are what the batch read plus the sums)."""
         changes = [(delta, key) for key, delta in deltas.items() if delta]
         if not changes:
-            return
+            return {}
         if self.is_postgresql:
-            connection.exec_driver_sql(
+            result = connection.exec_driver_sql(
                 "UPDATE participants AS p SET balance_fen = p.balance_fen + d.delta"
                 " FROM unnest(%s::bigint[], %s::text[]) AS d(delta, id)"
-                " WHERE p.participant_id = d.id",
+                " WHERE p.participant_id = d.id RETURNING p.participant_id, p.balance_fen",
                 ([delta for delta, _ in changes], [key for _, key in changes]),
             )
-            return
+            return {key: balance for key, balance in result.all()}
         connection.exec_driver_sql(
             "UPDATE participants SET balance_fen = balance_fen + ? WHERE participant_id = ?",
             changes,
         )
+        return {}
 
     def _ledger_ids(self, connection: Connection, count: int) -> list[int]:
         """Ids for new ledger rows, taken before they are written (COPY cannot return them):
@@ -546,11 +558,10 @@ class BulkLoader:
         query = select(people.c.participant_id, people.c.scheme, people.c.balance_fen).where(
             self._among(people.c.participant_id, (r.participant_id for _, r in batch))
         )
-        if self.is_postgresql:
-            query = query.with_for_update()
+        # Not locked: the balance changes by a relative UPDATE, which returns the final figure.
         accounts = {
             row.participant_id: _Account(row.scheme, row.balance_fen)
-            for row in connection.execute(query)
+            for row in connection.execute(query).all()
         }
         digests: dict[str, str] = {
             row.idempotency_key: row.request_digest
@@ -598,6 +609,10 @@ class BulkLoader:
             accepted.append((record, digest, account.balance_fen))
         if not accepted:
             return outcome
+        finals = self._add_to_balances(connection, deltas)
+        if finals:  # what other writers added since the read comes before this batch's credits
+            offsets = {key: finals[key] - accounts[key].balance_fen for key in deltas}
+            accepted = [(r, d, b + offsets[r.participant_id]) for r, d, b in accepted]
         now = self._stamp(self.clock())
         entry_ids = self._ledger_ids(connection, len(accepted))
         credit = LedgerKind.ACCOUNT_CREDIT.value
@@ -625,7 +640,6 @@ class BulkLoader:
                 for (record, digest, balance), entry_id in zip(accepted, entry_ids, strict=True)
             ],
         )
-        self._add_to_balances(connection, deltas)
         outcome.loaded = len(accepted)
         return outcome
 
@@ -688,20 +702,16 @@ class BulkLoader:
             people.c.pooling_region,
             people.c.status,
             people.c.balance_fen,
-            people.c.updated_at,
         ).where(self._among(people.c.participant_id, party_ids))
         if self.is_postgresql:
             query = query.with_for_update()
+        schemes = {scheme.value: scheme for scheme in Scheme}
+        statuses = {status.value: status for status in ParticipantStatus}
+        # The rules never read updated_at; the batch's clock stands in for it.
+        moment = self.clock()
         participants = {
-            row.participant_id: Participant(
-                participant_id=row.participant_id,
-                scheme=Scheme(row.scheme),
-                pooling_region=row.pooling_region,
-                status=ParticipantStatus(row.status),
-                balance_fen=row.balance_fen,
-                updated_at=utc(row.updated_at),
-            )
-            for row in connection.execute(query)
+            key: Participant(key, schemes[scheme], region, statuses[status], balance, moment)
+            for key, scheme, region, status, balance in connection.execute(query).all()
         }
         open_pairs: set[tuple[str, str]] = {
             (row.holder_id, row.beneficiary_id)
@@ -754,9 +764,15 @@ class BulkLoader:
                     field_name = "beneficiary_id" if active else "holder_id"
                 outcome.reject(line, field_name, f"{refusal.reason}: {refusal.message}")
                 continue
-            participants[record.holder_id] = replace(
-                holder, balance_fen=holder.balance_fen - record.quota_fen
-            )
+            if record.quota_fen:
+                participants[record.holder_id] = Participant(
+                    holder.participant_id,
+                    holder.scheme,
+                    holder.pooling_region,
+                    holder.status,
+                    holder.balance_fen - record.quota_fen,
+                    holder.updated_at,
+                )
             open_pairs.add((record.holder_id, record.beneficiary_id))
             existing[record.relationship_id] = (*wanted, record.quota_fen)
             accepted.append(record)
