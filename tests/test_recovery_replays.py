@@ -93,3 +93,68 @@ def test_capture_found_in_sql_settles_the_hold_instead_of_releasing_it(
     except Exception as error:  # grpc.RpcError
         assert factories.error_info(error).reason == "ALREADY_CAPTURED"  # type: ignore[arg-type]
     assert figures(relationships, people.relationship_ids[0]) == (22_000, 0, 8_000)
+
+
+def _stall(harness, authorization_id: str, key: str, seconds_ago: int) -> None:
+    """Makes a capture look stuck between its phases since `seconds_ago`."""
+    started = int(harness.clock().timestamp() * 1000) - seconds_ago * 1000
+    prefix = keys.prefix_of_authorization(authorization_id)
+    redis = harness.app.redis
+    harness.run(
+        redis.hset(
+            keys.authorization(authorization_id),
+            mapping={"s": "CAPTURING", "ck": key, "cs": started},
+        )
+    )
+    harness.run(redis.zadd(f"{prefix}:capturing", {authorization_id: started}))
+
+
+def test_a_retry_settles_its_own_stalled_capture(
+    harness, registry, relationships, authorizations
+) -> None:
+    register_merchants(registry)
+    people = family(registry, relationships, 30_000)
+    held = authorizations.Authorize(
+        authorize_request(people.beneficiary_id, common_pb2.PURPOSE_MEDICAL_OUT_OF_POCKET, 8_000),
+        metadata=HOSPITAL,
+    )
+    # The first attempt claimed the hold and vanished before writing SQL.
+    _stall(harness, held.authorization_id, "till-retry", seconds_ago=120)
+    captured = authorizations.Capture(
+        pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key="till-retry"),
+        metadata=HOSPITAL,
+    )
+    assert captured.authorization.captured_amount_fen == 8_000
+    assert figures(relationships, people.relationship_ids[0]) == (22_000, 0, 8_000)
+
+
+def test_the_sweeper_finishes_a_stalled_capture_sql_has(
+    harness, registry, relationships, authorizations
+) -> None:
+    import time
+
+    register_merchants(registry)
+    people = family(registry, relationships, 30_000)
+    held = authorizations.Authorize(
+        authorize_request(people.beneficiary_id, common_pb2.PURPOSE_MEDICAL_OUT_OF_POCKET, 8_000),
+        metadata=HOSPITAL,
+    )
+    authorizations.Capture(
+        pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key="swept"),
+        metadata=HOSPITAL,
+    )
+    # SQL has the capture; Redis lost the finish: still CAPTURING, the money still held.
+    quota = keys.quota(people.beneficiary_id, people.relationship_ids[0])
+    harness.run(harness.app.redis.hincrby(quota, "held", 8_000))
+    _stall(harness, held.authorization_id, "swept", seconds_ago=120)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        shown = factories.relationship(relationships, people.relationship_ids[0])
+        if (shown.available_fen, shown.held_fen) == (22_000, 0):
+            break
+        time.sleep(0.2)
+    assert figures(relationships, people.relationship_ids[0]) == (22_000, 0, 8_000)
+    answer = authorizations.GetAuthorization(
+        pb.GetAuthorizationRequest(authorization_id=held.authorization_id), metadata=HOSPITAL
+    )
+    assert answer.authorization.status == pb.AUTHORIZATION_STATUS_CAPTURED

@@ -14,6 +14,7 @@ from authz_server.domain.model import Relationship
 from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.server.convert import enum_name
+from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import restore_of
 from authz_server.storage.redis import keys
@@ -24,8 +25,6 @@ from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import (
     AuthorizationRow,
-    CapturePartRow,
-    CaptureRow,
     ParticipantRow,
     RelationshipRow,
     SettlementMonthRow,
@@ -41,33 +40,6 @@ class ReconcileReport:
     drift_fen: int
 
 
-async def settle_interrupted_captures(database: Database, holds: HoldStore) -> int:
-    """A capture whose process stopped between its SQL write and its Redis finish is left
-    CAPTURING: finish it as SQL says (captured, or back to pending). Returns how many."""
-    settled = 0
-    async for key in holds.client.scan_iter(match="mw:{b:*}:a:*", count=1000):
-        authorization_id = (key.decode() if isinstance(key, bytes) else key).rsplit(":", 1)[1]
-        fields = await holds.get(authorization_id)
-        if fields.get("s") != "CAPTURING":
-            continue
-
-        def parts(session: Session, authorization_id: str = authorization_id) -> str | None:
-            if session.get(CaptureRow, authorization_id) is None:
-                return None
-            rows = session.scalars(
-                select(CapturePartRow).where(CapturePartRow.authorization_id == authorization_id)
-            )
-            return ";".join(f"{row.relationship_id}={row.amount_fen}" for row in rows)
-
-        captured = await database.run(parts)
-        if captured is None:
-            await holds.capture_finish(authorization_id, "PENDING", "")
-        else:
-            await holds.capture_finish(authorization_id, "CAPTURED", captured)
-        settled += 1
-    return settled
-
-
 async def reconcile(
     database: Database, quotas: QuotaCache, holds: HoldStore | None = None
 ) -> ReconcileReport:
@@ -78,7 +50,8 @@ async def reconcile(
     phases while this runs can leave a quota understated (never overstated) until the next run.
     """
     if holds is not None:
-        await settle_interrupted_captures(database, holds)
+        # Every capture still between its phases (none can be live: nothing is served yet).
+        await settle_stalled(database, holds, now_ms=2**62, older_than_ms=0)
         await restore_authorize_records(database, holds.client)
     after = ""
     count = drifted = drift_fen = 0

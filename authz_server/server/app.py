@@ -32,6 +32,7 @@ from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
 from authz_server.service.authorization import AuthorizationService
+from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.journal import Journal
 from authz_server.service.reference_cache import ReferenceCache
@@ -40,7 +41,7 @@ from authz_server.service.relationships import RelationshipService
 from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
 from authz_server.storage.redis import scripts
-from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -203,7 +204,11 @@ class Application:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
             try:
-                expired, still_open = await self.holds.sweep(int(self.clock().timestamp() * 1000))
+                now_ms = int(self.clock().timestamp() * 1000)
+                expired, still_open = await self.holds.sweep(now_ms)
+                await settle_stalled(
+                    self.database, self.holds, now_ms, STALE_CAPTURE_SECONDS * 1000
+                )
                 metrics.hold_expirations.inc(expired)
                 metrics.open_holds.set(still_open)
             except Exception:

@@ -36,6 +36,7 @@ from authz_server.domain.types import (
 )
 from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
+from authz_server.service.capture_recovery import ledger_parts, settle_capture
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import Journal
@@ -314,6 +315,7 @@ class AuthorizationService:
         authorization_id: str,
         amount_fen: int,
         call: Idempotency[AuthorizationView],
+        resumed: bool = False,
     ) -> AuthorizationView | bytes:
         now = self.clock()
         claim = await self.holds.capture_begin(
@@ -323,7 +325,12 @@ class AuthorizationService:
             return await self._capture_without_hold(merchant_id, authorization_id, call)
         if claim.outcome == "REPLAY":
             return await self._capture_replay(call)
-        if claim.outcome == "IN_PROGRESS":
+        if claim.outcome == "STALLED" and not resumed:
+            # Our own earlier attempt lost its way between SQL and Redis: settle it as SQL
+            # says, then answer this retry as if it came first or again.
+            await settle_capture(self.database, self.holds, authorization_id)
+            return await self.capture(merchant_id, authorization_id, amount_fen, call, True)
+        if claim.outcome in ("IN_PROGRESS", "STALLED"):
             raise Unavailable("this capture is still being written; retry with the same key")
         if claim.outcome in CAPTURE_REFUSALS:
             raise PolicyRefusal(claim.outcome, f"authorization {authorization_id}: {claim.outcome}")
@@ -399,7 +406,9 @@ class AuthorizationService:
                 if replay is not None:
                     return replay
             if session.get(CaptureRow, authorization_id) is not None:
-                raise CapturedInLedger(authorization_id, _ledger_parts(session, authorization_id))
+                raise CapturedInLedger(
+                    authorization_id, ledger_parts(session, authorization_id) or ""
+                )
             session.add(
                 CaptureRow(
                     authorization_id=authorization_id,
@@ -629,15 +638,6 @@ class CapturedInLedger(PolicyRefusal):
     def __init__(self, authorization_id: str, parts: str) -> None:
         super().__init__("ALREADY_CAPTURED", f"authorization {authorization_id} is captured")
         self.parts = parts
-
-
-def _ledger_parts(session: Session, authorization_id: str) -> str:
-    rows = session.scalars(
-        select(CapturePartRow)
-        .where(CapturePartRow.authorization_id == authorization_id)
-        .order_by(CapturePartRow.position)
-    )
-    return ";".join(f"{row.relationship_id}={row.amount_fen}" for row in rows)
 
 
 def _with_status(outcome: AuthorizeOutcome, status: AuthorizationStatus) -> AuthorizeOutcome:

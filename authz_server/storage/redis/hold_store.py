@@ -12,6 +12,9 @@ from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.redis.scripts import load
 
 SWEEP_LIMIT = 500
+# A capture still CAPTURING this long after it began lost its process (or its Redis reply):
+# it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
+STALE_CAPTURE_SECONDS = 30
 
 
 def _text(value: Any) -> str:
@@ -123,7 +126,9 @@ class HoldStore:
     ) -> CaptureClaim:
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
-        arguments: list[str | int] = [prefix, now_ms, merchant_id, key, amount_fen]
+        arguments: list[str | int] = [
+            prefix, now_ms, merchant_id, key, amount_fen, STALE_CAPTURE_SECONDS * 1000,
+        ]  # fmt: skip
         raw: Any = await guarded(
             lambda: self._capture_begin(keys=script_keys, args=arguments), "capture_begin"
         )
@@ -163,6 +168,20 @@ class HoldStore:
             expired += await self._sweep_slot(_text(key), now_ms)
             still_open += await self._open_in_slot(_text(key))
         return expired, still_open
+
+    async def stalled_captures(self, now_ms: int, older_than_ms: int) -> list[str]:
+        """Authorizations CAPTURING since before now - older_than_ms, in every slot."""
+        found: list[str] = []
+        async for key in self.client.scan_iter(match="mw:{b:*}:capturing", count=1000):
+            ids = await self._stalled_in_slot(_text(key), now_ms - older_than_ms)
+            found.extend(ids)
+        return found
+
+    async def _stalled_in_slot(self, capturing_key: str, before_ms: int) -> list[str]:
+        ids: Any = await guarded(
+            lambda: self.client.zrangebyscore(capturing_key, "-inf", before_ms)
+        )
+        return [_text(i) for i in ids]
 
     async def _open_in_slot(self, expiry_key: str) -> int:
         count: Any = await guarded(lambda: self.client.zcard(expiry_key))

@@ -1,7 +1,7 @@
 -- First phase of a capture: claims a pending hold (status CAPTURING) so that neither expiry nor
 -- a void can take it while the capture is written to SQL.
 -- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant, 4 capture idempotency key,
--- 5 amount fen (0 = all).
+-- 5 amount fen (0 = all), 6 ms after which a capture still CAPTURING counts as stalled.
 -- Returns {outcome, approved fen, amount fen, funding, beneficiary, purpose}; outcome is OK,
 -- REPLAY (captured with this key), IN_PROGRESS, NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
 -- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
@@ -21,7 +21,12 @@ if status == 'CAPTURED' then
   return reply('ALREADY_CAPTURED', 0)
 end
 if status == 'CAPTURING' then
-  if key == ARGV[4] then return reply('IN_PROGRESS', 0) end
+  if key == ARGV[4] then
+    -- Still running, or its process lost the thread: past ARGV[6] ms it counts as stalled.
+    local started = tonumber(redis.call('HGET', auth, 'cs') or '0')
+    if now - started > tonumber(ARGV[6]) then return reply('STALLED', 0) end
+    return reply('IN_PROGRESS', 0)
+  end
   return reply('ALREADY_CAPTURED', 0)
 end
 if status == 'VOIDED' then
@@ -40,6 +45,7 @@ end
 local amount = tonumber(ARGV[5])
 if amount == 0 then amount = approved end
 if amount > approved then return reply('CAPTURE_EXCEEDS_APPROVED', 0) end
-redis.call('HSET', auth, 's', 'CAPTURING', 'ck', ARGV[4], 'cp', amount)
+redis.call('HSET', auth, 's', 'CAPTURING', 'ck', ARGV[4], 'cp', amount, 'cs', now)
 redis.call('ZREM', prefix .. ':expiry', auth_id)
+redis.call('ZADD', prefix .. ':capturing', now, auth_id)
 return reply('OK', amount)

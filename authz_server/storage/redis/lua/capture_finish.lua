@@ -5,6 +5,7 @@
 -- 4 (optional, with VOIDED) why, answered to a later capture instead of ALREADY_VOIDED.
 local prefix, auth = ARGV[1], KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
+redis.call('ZREM', prefix .. ':capturing', auth_id)
 if redis.call('HGET', auth, 's') ~= 'CAPTURING' then return 0 end
 if ARGV[2] == 'PENDING' then
   redis.call('HSET', auth, 's', 'PENDING', 'ck', '', 'cp', 0)
