@@ -40,3 +40,24 @@ def test_authorize_capture_refund(registry, relationships, authorizations) -> No
     shown = factories.relationship(relationships, relationship_id)
     assert (shown.available_fen, shown.held_fen, shown.spent_fen) == (30_000, 0, 20_000)
     assert shown.allocated_fen == shown.available_fen + shown.held_fen + shown.spent_fen
+
+
+def test_capture_answers_like_get(registry, relationships, authorizations) -> None:
+    ef.merchant(registry, ef.HOSPITAL, common_pb2.MERCHANT_KIND_MEDICAL_INSTITUTION)
+    holder = factories.employee(registry, balance_fen=10_000)
+    parent = factories.resident(registry)
+    factories.active_relationship(relationships, holder, parent, 5_000)
+    answer = authorizations.Authorize(ef.medical(parent, 3_000), metadata=ef.HOSPITAL_TOKEN)
+    captured = authorizations.Capture(
+        authorization_pb2.CaptureRequest(
+            authorization_id=answer.authorization_id, idempotency_key="like-get"
+        ),
+        metadata=ef.HOSPITAL_TOKEN,
+    ).authorization
+    shown = authorizations.GetAuthorization(
+        authorization_pb2.GetAuthorizationRequest(authorization_id=answer.authorization_id),
+        metadata=ef.HOSPITAL_TOKEN,
+    ).authorization
+    assert captured.created_at.seconds > 0
+    assert captured.expires_at == answer.expires_at
+    assert captured == shown

@@ -349,6 +349,8 @@ class AuthorizationService:
                 parts,
                 call,
                 now,
+                created_at=_from_ms(claim.created_ms),
+                expires_at=_from_ms(claim.expires_ms),
             )
         except CapturedInLedger as captured:
             # SQL has a capture the hold did not know of (an earlier attempt whose answer was
@@ -395,6 +397,8 @@ class AuthorizationService:
         parts: Funding,
         call: Idempotency[AuthorizationView] | None,
         now: datetime,
+        created_at: datetime | None = None,
+        expires_at: datetime | None = None,
     ) -> AuthorizationView | bytes:
         merchant = self.references.merchants.get(merchant_id)
         merchant_region = merchant.pooling_region if merchant else ""
@@ -456,7 +460,8 @@ class AuthorizationService:
             session.flush()
             view = AuthorizationView(
                 authorization_id, merchant_id, beneficiary_id, purpose,
-                AuthorizationStatus.CAPTURED, approved_fen, amount, 0, funding, None, None,
+                AuthorizationStatus.CAPTURED, approved_fen, amount, 0, funding, created_at,
+                expires_at,
             )  # fmt: skip
             if call is not None:
                 idempotency.remember(session, call, view, now)

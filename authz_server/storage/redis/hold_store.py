@@ -45,6 +45,8 @@ class CaptureClaim:
     funding: str
     beneficiary_id: str
     purpose: str
+    created_ms: int = 0
+    expires_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,10 @@ class HoldStore:
         reply = [_text(part) for part in raw]
         if len(reply) == 1:
             return CaptureClaim(reply[0], 0, 0, "", "", "")
-        return CaptureClaim(reply[0], int(reply[1]), int(reply[2]), reply[3], reply[4], reply[5])
+        return CaptureClaim(
+            reply[0], int(reply[1]), int(reply[2]), reply[3], reply[4], reply[5],
+            int(reply[6]), int(reply[7]),
+        )  # fmt: skip
 
     async def capture_finish(
         self, authorization_id: str, outcome: str, parts: str, why: str = ""

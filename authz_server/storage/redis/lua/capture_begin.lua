@@ -2,7 +2,8 @@
 -- a void can take it while the capture is written to SQL.
 -- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant, 4 capture idempotency key,
 -- 5 amount fen (0 = all), 6 ms after which a capture still CAPTURING counts as stalled.
--- Returns {outcome, approved fen, amount fen, funding, beneficiary, purpose}; outcome is OK,
+-- Returns {outcome, approved fen, amount fen, funding, beneficiary, purpose, created ms,
+-- expires ms}; outcome is OK,
 -- REPLAY (captured with this key), IN_PROGRESS, NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
 -- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
 -- RELATIONSHIP_NOT_ACTIVE (voided because a relationship funding it was dissolved).
@@ -11,10 +12,11 @@ expire_due(prefix, now, 16)
 local auth = KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
 if redis.call('HGET', auth, 'm') ~= ARGV[3] then return {'NOT_FOUND'} end
-local f = redis.call('HMGET', auth, 's', 'ap', 'ex', 'ck', 'f', 'b', 'p', 'cp')
+local f = redis.call('HMGET', auth, 's', 'ap', 'ex', 'ck', 'f', 'b', 'p', 'cp', 'cr')
 local status, approved, expires, key = f[1], tonumber(f[2]), tonumber(f[3]), f[4]
 local function reply(outcome, amount)
-  return {outcome, tostring(approved), tostring(amount), f[5], f[6], f[7]}
+  return {outcome, tostring(approved), tostring(amount), f[5], f[6], f[7], f[9] or '0',
+          f[3] or '0'}
 end
 if status == 'CAPTURED' then
   if key == ARGV[4] then return reply('REPLAY', tonumber(f[8])) end
