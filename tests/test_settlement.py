@@ -276,14 +276,17 @@ def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> 
     first = world.authorizations.Capture(capture, metadata=token)
 
     async def idempotency_keys() -> int:
-        return len([key async for key in app.redis.scan_iter(match="mw:{b:*}:i:*")])
+        """Authorize records (per beneficiary) and their merchant-wide key claims."""
+        records = [key async for key in app.redis.scan_iter(match="mw:{b:*}:i:*")]
+        claims = [key async for key in app.redis.scan_iter(match="mw:{k:*}:k:*")]
+        return len(records) + len(claims)
 
     before = world.harness.run(idempotency_keys())
     purged = world.harness.run(purge_closed_months(app.database, app.redis))
     assert purged.through_month == "2025-03"
-    assert purged.redis_records == before - 1  # everything but April's authorization
+    assert purged.redis_records == before - 2  # all but April's record and its claim
     assert purged.sql_records > 0
-    assert world.harness.run(idempotency_keys()) == 1
+    assert world.harness.run(idempotency_keys()) == 2
     # April is open: its retries still get the original answers.
     again = world.authorizations.Capture(capture, metadata=token)
     assert again.SerializeToString() == first.SerializeToString()

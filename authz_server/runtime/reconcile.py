@@ -161,6 +161,10 @@ async def restore_authorize_records(database: Database, redis: Redis) -> int:
                 "cr": int(utc(row.created_at).timestamp() * 1000),
             }
             await guarded(partial(_write, redis, key, fields))
+            claim = keys.idempotency_claim(row.merchant_id, row.idempotency_key)
+            await guarded(
+                partial(redis.set, claim, f"{row.request_digest}|{fields['cr']}", nx=True)
+            )
             restored += 1
         after = rows[-1].authorization_id
 

@@ -60,6 +60,13 @@ async def purge_closed_months(database: Database, redis: Redis) -> Purged:
         if len(doomed) >= REDIS_BATCH:
             redis_records += int(await redis.delete(*doomed))
             doomed = []
+    async for key in redis.scan_iter(match="mw:{k:*}:k:*", count=1000):
+        claim: Any = await redis.get(key)  # "<digest>|<created ms>"
+        if claim is not None and int(claim.rsplit(b"|", 1)[1]) < cutoff_ms:
+            doomed.append(key)
+        if len(doomed) >= REDIS_BATCH:
+            redis_records += int(await redis.delete(*doomed))
+            doomed = []
     if doomed:
         redis_records += int(await redis.delete(*doomed))
     return Purged(last, sql_records, redis_records)

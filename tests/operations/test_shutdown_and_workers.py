@@ -133,6 +133,8 @@ def test_two_workers_one_port_one_scrape(tmp_path: Path) -> None:
             if line.startswith("grpc_server_handled_total{") and 'grpc_method="Authorize"' in line
         )
         assert total == calls == sum(per_process)  # one scrape shows both processes' counts
+        assert "medwallet_health_serving 1.0" in text
+        assert 'medwallet_build_info{version="0.1.0"} 1.0' in text
         assert server.stop() == 0, server.output()
     finally:
         server.stop()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.quota_cache import guarded
@@ -72,6 +73,7 @@ class HoldStore:
     def __init__(self, client: Redis) -> None:
         self.client = client
         self._authorize = load(client, "authorize")
+        self._undo = load(client, "authorize_undo")
         self._capture_begin = load(client, "capture_begin")
         self._capture_finish = load(client, "capture_finish")
         self._void = load(client, "void")
@@ -104,11 +106,23 @@ class HoldStore:
             call.template,
             call.requested_fen,
         ]
-        raw: Any = await guarded(
-            lambda: self._authorize(keys=script_keys, args=arguments), "authorize"
+        claim_key = keys.idempotency_claim(call.merchant_id, call.idempotency_key)
+        raw, claimed_by = await guarded(
+            lambda: self._decide_and_claim(
+                script_keys, arguments, claim_key, f"{call.request_digest}|{now_ms}"
+            ),
+            "authorize",
         )
         reply = [_text(part) for part in raw]
         if reply[0] == "REUSED":
+            return None
+        if _text(claimed_by).split("|")[0] != call.request_digest:
+            # The merchant used this key first for another request (another beneficiary):
+            # forget the decision just made and refuse, as the same beneficiary's slot would.
+            if reply[0] == "NEW":
+                undo_keys = script_keys[:2]
+                undo_args = [prefix, call.authorization_id]
+                await guarded(lambda: self._undo(keys=undo_keys, args=undo_args), "undo")
             return None
         return HoldDecision(
             replayed=reply[0] == "REPLAY",
@@ -122,6 +136,26 @@ class HoldStore:
             expires_at_ms=int(reply[8]),
             template=reply[9],
         )
+
+    async def _decide_and_claim(
+        self, script_keys: list[str], arguments: list[str | int], claim_key: str, claim: str
+    ) -> tuple[Any, Any]:
+        """authorize.lua and the merchant-wide key claim, pipelined: one round trip."""
+        for attempt in (1, 2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._authorize.sha, len(script_keys), *script_keys, *arguments)
+                pipe.set(claim_key, claim, nx=True)
+                pipe.get(claim_key)
+                raw, _, claimed_by = await pipe.execute(raise_on_error=False)
+            if isinstance(raw, NoScriptError) and attempt == 1:
+                await self.client.script_load(self._authorize.script)  # Redis was restarted
+                continue
+            if isinstance(raw, Exception):
+                raise raw
+            if isinstance(claimed_by, Exception):
+                raise claimed_by
+            return raw, claimed_by
+        raise NoScriptError("authorize.lua could not be loaded")
 
     async def capture_begin(
         self, authorization_id: str, merchant_id: str, key: str, amount_fen: int, now_ms: int

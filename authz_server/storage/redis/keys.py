@@ -57,3 +57,13 @@ def expiry(prefix_text: str) -> str:
 def idempotency(beneficiary_id: str, merchant_id: str, key: str) -> str:
     """HASH: the first answer to (merchant, key) for this beneficiary."""
     return f"{prefix(beneficiary_id)}:i:{merchant_id}:{key}"
+
+
+def idempotency_claim(merchant_id: str, key: str) -> str:
+    """STRING "<request digest>|<created ms>": which request first used a merchant's key.
+
+    Idempotency keys are unique per merchant, but a decision lives in its beneficiary's slot.
+    This key, in a slot of its own derived from (merchant, key), catches the same key reused for
+    another beneficiary; it is written in the same round trip as the decision."""
+    digest = hashlib.sha1(f"{merchant_id}|{key}".encode()).hexdigest()[:TAG_LENGTH]
+    return f"mw:{{k:{digest}}}:k:{merchant_id}:{key}"

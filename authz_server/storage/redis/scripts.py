@@ -11,10 +11,12 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-LIBRARY_USERS = frozenset(
-    {"authorize", "capture_begin", "capture_finish", "void", "expire", "quota_dissolve",
-     "quota_restore"}
+ALL_SCRIPTS = (
+    "authorize", "authorize_undo", "capture_begin", "capture_finish", "void", "expire",
+    "quota_credit", "quota_debit", "quota_dissolve", "quota_restore",
 )  # fmt: skip
+# The two smallest scripts need none of the shared functions.
+LIBRARY_USERS = frozenset(ALL_SCRIPTS) - {"quota_credit", "quota_debit"}
 
 
 def source(name: str) -> str:
@@ -23,12 +25,6 @@ def source(name: str) -> str:
     if name in LIBRARY_USERS:
         text = folder.joinpath("_lib.lua").read_text() + "\n" + text
     return text
-
-
-ALL_SCRIPTS = (
-    "authorize", "capture_begin", "capture_finish", "void", "expire", "quota_credit",
-    "quota_debit", "quota_dissolve", "quota_restore",
-)  # fmt: skip
 
 
 async def preload(client: Redis) -> None:

@@ -1,0 +1,13 @@
+-- Undoes a decision authorize.lua just made, when its idempotency key turned out to be claimed
+-- already by another request of the same merchant (for another beneficiary): the hold goes back
+-- to the quotas and the decision is forgotten, as if the call had been refused at once.
+-- KEYS: 1 authorization hash, 2 idempotency hash. ARGV: 1 prefix, 2 authorization id.
+local prefix, auth, auth_id = ARGV[1], KEYS[1], ARGV[2]
+if redis.call('HGET', KEYS[2], 'a') == auth_id then redis.call('DEL', KEYS[2]) end
+local status = redis.call('HGET', auth, 's')
+if status == 'PENDING' or status == 'CAPTURING' then
+  release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
+  redis.call('ZREM', prefix .. ':expiry', auth_id)
+end
+redis.call('DEL', auth)
+return 1
