@@ -4,6 +4,7 @@ merchants of each kind, catalog items, and one token per principal. Loading twic
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from authz_server.domain.model import CatalogItem, Merchant
@@ -103,6 +104,11 @@ def print_instructions(port: int, relationship_id: str) -> None:
         },
         ensure_ascii=False,
     )
+    # The command as this process was started (e.g. .venv/bin/medwallet-authz), so the lines
+    # below work as pasted even when the virtualenv is not activated.
+    command = sys.argv[0] if "/" in sys.argv[0] else "medwallet-authz"
+    if command.endswith("cli.py"):
+        command = "medwallet-authz"
     print(
         f"""
 MedWallet AuthZ is serving on localhost:{port} with demo data: holder {HOLDER} (Beijing)
@@ -110,13 +116,13 @@ shares 2,000.00 yuan of quota with {RELATIVE} (Shenzhen), relationship {relation
 Tokens: demo-admin, demo-app, demo-hospital, demo-pharmacy, demo-collector. In another terminal:
 
   # a pharmacy basket with an ineligible item: the drug is approved, the face cream is not
-  medwallet-authz call AuthorizationService/Authorize '{basket}' \
+  {command} call AuthorizationService/Authorize '{basket}' \
       --token demo-pharmacy --port {port}
   # then capture it with the authorization_id it answered:
-  medwallet-authz call AuthorizationService/Capture \
+  {command} call AuthorizationService/Capture \
       '{{"authorization_id": "<id>", "idempotency_key": "till-0001-capture"}}' \
       --token demo-pharmacy --port {port}
-  medwallet-authz call RelationshipService/GetRelationship \
+  {command} call RelationshipService/GetRelationship \
       '{{"relationship_id": "{relationship_id}"}}' --token demo-app --port {port}
 """,
         flush=True,
