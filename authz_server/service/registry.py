@@ -141,24 +141,26 @@ class RegistryService:
         transaction, unused quota going back to each holder. Repeating an event is a no-op."""
 
         def work(session: Session) -> tuple[InsuranceEventResult, list[RelationshipRow]]:
+            # Lock order everywhere: relationships first, then participants (allocate, release,
+            # dissolve and capture do the same), so concurrent writers cannot deadlock.
+            open_rows = session.scalars(
+                select(RelationshipRow)
+                .where(
+                    or_(
+                        RelationshipRow.holder_id == event.participant_id,
+                        RelationshipRow.beneficiary_id == event.participant_id,
+                    ),
+                    RelationshipRow.status.in_([s.value for s in rules.OPEN_STATUSES]),
+                )
+                .order_by(RelationshipRow.relationship_id)
+                .with_for_update()
+            ).all()
             row = records.participant_row(session, event.participant_id, lock=True)
             now = self.clock()
             changed = self._apply(row, event)
             dissolved: list[RelationshipRow] = []
             returned = 0
             if changed and event.event_type is not InsuranceEventType.REINSTATED:
-                open_rows = session.scalars(
-                    select(RelationshipRow)
-                    .where(
-                        or_(
-                            RelationshipRow.holder_id == row.participant_id,
-                            RelationshipRow.beneficiary_id == row.participant_id,
-                        ),
-                        RelationshipRow.status.in_([s.value for s in rules.OPEN_STATUSES]),
-                    )
-                    .order_by(RelationshipRow.relationship_id)
-                    .with_for_update()
-                ).all()
                 for relationship in open_rows:
                     reason = rules.dissolution_reason(
                         event.event_type, records.relationship(relationship), row.participant_id
