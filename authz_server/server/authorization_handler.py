@@ -86,10 +86,6 @@ def authorization(view: AuthorizationView) -> authorization_pb2.Authorization:
     )
 
 
-def _encode_authorize(outcome: AuthorizeOutcome) -> bytes:
-    return authorize_response(outcome).SerializeToString()
-
-
 def _encode_capture(view: AuthorizationView) -> bytes:
     return authorization_pb2.CaptureResponse(authorization=authorization(view)).SerializeToString()
 
@@ -136,11 +132,11 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
             allow_partial=request.allow_partial,
             capture=request.capture,
         )
-        outcome = await self.service.authorize(
-            domain_request, convert.digest(request), _encode_authorize
+        response = await self.service.authorize(
+            domain_request, convert.digest(request), authorize_response
         )
-        annotate(merchant=merchant_id, decision=outcome.decision.value)
-        return authorize_response(outcome)
+        annotate(merchant=merchant_id, decision=authorization_pb2.Decision.Name(response.decision))
+        return response
 
     @mapped
     async def Capture(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -56,6 +57,15 @@ from authz_server.storage.sql.tables import (
 )
 
 Funding = tuple[tuple[str, int], ...]
+
+
+class Serializable(Protocol):
+    """A response message (protobuf), serialized only when the journal writes it."""
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
+R = TypeVar("R", bound=Serializable)
 CAPTURE_REFUSALS = frozenset(
     {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
      "RELATIONSHIP_NOT_ACTIVE"}
@@ -177,8 +187,10 @@ class AuthorizationService:
         self,
         request: rules.AuthorizeRequest,
         request_digest: str,
-        encode: Callable[[AuthorizeOutcome], bytes],
-    ) -> AuthorizeOutcome:
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> R:
+        """Decides and answers `respond(outcome)`: the transport's response, built once for the
+        caller and the journal (which serializes it later, off the hot path)."""
         rules.check_request(request)
         merchant = self.references.merchants.get(request.merchant_id)
         precheck = rules.precheck(request, merchant, self.references.catalog)
@@ -208,11 +220,12 @@ class AuthorizationService:
             raise IdempotencyKeyReused(request.idempotency_key)
         if decision.replayed:
             metrics.idempotent_replays.labels("Authorize").inc()
-            return await self._replayed(decision)
+            return respond(await self._replayed(decision))
         outcome = self._outcome(decision)
         if decision.status == "CAPTURING":
             outcome = await self._capture_at_once(request, outcome, now)
         _count(request.purpose, outcome)
+        response = respond(outcome)
         self.journal.record(
             {
                 "authorization_id": outcome.authorization_id,
@@ -226,12 +239,12 @@ class AuthorizationService:
                 "funding": format_funding(outcome.funding),
                 "idempotency_key": request.idempotency_key,
                 "request_digest": request_digest,
-                "response": encode(outcome),
+                "response": response,
                 "created_at": now,
                 "expires_at": outcome.expires_at,
             }
         )
-        return outcome
+        return response
 
     def _outcome(self, decision: HoldDecision) -> AuthorizeOutcome:
         approved = decision.decision != Decision.DECLINED.value

@@ -56,7 +56,14 @@ class Journal:
         insert = sqlite_insert if self.database.is_sqlite else postgresql_insert
         # A replayed decision is journaled once; a key reused for another beneficiary is kept
         # out by the unique (merchant, key) index and logged.
-        session.execute(insert(AuthorizationRow).on_conflict_do_nothing(), rows)
+        # Responses arrive as messages; serializing them here keeps it off the hot path.
+        serialized = [
+            {**row, "response": row["response"].SerializeToString()}
+            if not isinstance(row["response"], bytes)
+            else row
+            for row in rows
+        ]
+        session.execute(insert(AuthorizationRow).on_conflict_do_nothing(), serialized)
 
     async def _run(self) -> None:
         while True:
