@@ -1,0 +1,1 @@
+"""Load tests (Locust), the data generator and the benchmark; see loadtest/README.md."""

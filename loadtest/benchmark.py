@@ -1,0 +1,1036 @@
+"""One command for the benchmark: the service against what the machine allows (an echo floor)
+and against what a team might build instead (SQLAlchemy on PostgreSQL with SELECT FOR UPDATE).
+
+    python -m loadtest.benchmark                      # SQLite for the service's ledger
+    python -m loadtest.benchmark --database-url postgresql+psycopg://postgres@127.0.0.1/bench
+
+In one run it generates a data set (python -m loadtest.generate_data) and loads it with the bulk
+loader, starts a private non-persistent Redis on a unix socket, the service
+(`medwallet-authz serve`, MEDWALLET_WORKERS processes) on 127.0.0.1, and measures, with the
+same load generator (loadtest/loadgen.py) and the same request bytes:
+
+  floor     a bare grpc.aio server answering with responses of the service's size, on the same
+            event loop and the same number of worker processes (loadtest/echo_server.py);
+  service   Authorize alone, and Authorize followed by Capture;
+  baseline  the same on PostgreSQL, one transaction per call with SELECT ... FOR UPDATE
+            (loadtest/baseline_server.py; only when PostgreSQL answers at
+            --baseline-database-url, a private schema there, dropped afterwards);
+
+each on a uniform workload (random families out of many) and a hot spot (one family). For
+each it prints throughput, p50/p99 latency, the server's CPU time per operation (its process
+tree's user+system time before/after, so the load generator's CPU is not counted), the data
+store's CPU per operation (the private Redis; PostgreSQL backends of our connections), the
+ratios to the floor and to the baseline, and the over-quota approvals, which must be 0: the
+amounts approved per family are added up on the client and checked against the family's
+quota, and against the quota figures the store holds after the run.
+
+Results: loadtest/results/benchmark.json and loadtest/results/benchmark.png (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.runtime.progress import Progress
+from authz_server.settings import Settings
+from loadtest import dataset, generate_data, loadgen
+from loadtest.processes import Server, cpu_seconds, free_port
+
+RESULTS = dataset.ROOT / "loadtest" / "results"
+DEFAULT_BASELINE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/bench"
+LINE_FEN = (1_500, 1_500)
+# A hot family's quota covers this share of the operations aimed at it, so the last ones
+# must be declined: the over-quota guard is exercised, not just never reached.
+HOT_SHARE = 0.9
+OPERATIONS = ("Authorize", "Authorize+Capture")
+# The guard itself: this many Authorize calls, 32 at a time, at a family whose quota fits
+# EXHAUST_FITS of them; exactly EXHAUST_FITS must be approved (not timed, not in the ratios).
+EXHAUST = "exhaust"
+EXHAUST_SENT = 1_000
+EXHAUST_FITS = 250
+WORKLOADS = ("uniform", "hot spot")
+SYSTEMS = ("floor", "service", "baseline")
+
+
+@dataclass
+class Phase:
+    system: str
+    operation: str
+    workload: str
+    operations: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    throughput: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    server_cpu_us: float = 0.0
+    store_cpu_us: float | None = None
+    capture_p50_ms: float | None = None
+    capture_p99_ms: float | None = None
+    response_bytes: float = 0.0
+    over_quota: int | None = None
+    time_bound_hit: bool = False
+
+
+@dataclass
+class Run:
+    arguments: argparse.Namespace
+    directory: Path
+    workers: int
+    data: Path = field(init=False)
+    tokens: Path = field(init=False)
+    quotas: dict[str, int] = field(default_factory=dict)
+    relationships: dict[str, list[str]] = field(default_factory=dict)
+    uniform: list[str] = field(default_factory=list)
+    hot: dict[str, str] = field(default_factory=dict)
+    tills: list[str] = field(default_factory=list)
+    items: tuple[str, str] = ("", "")
+    phases: list[Phase] = field(default_factory=list)
+    approved: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    samples: dict[str, bytes] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    profiles: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.data = self.directory / "data"
+        self.tokens = self.data / dataset.TOKENS
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def prepare_data(run: Run) -> None:
+    arguments = run.arguments
+    amount = sum(LINE_FEN)
+    hot_quotas = [
+        math.floor(HOT_SHARE * (arguments.authorize_ops + arguments.warmup)) * amount,
+        math.floor(HOT_SHARE * (arguments.capture_ops + arguments.warmup)) * amount,
+        EXHAUST_FITS * amount,
+    ]
+    options = generate_data.Options(
+        relationships=arguments.relationships,
+        out=run.data,
+        seed=arguments.seed,
+        prefix="bn",
+        hot_families=0,
+        hot_quotas=hot_quotas,
+    )
+    summary = generate_data.generate(options)
+    log("\n".join(summary.lines()))
+    run.hot = dict(zip((*OPERATIONS, EXHAUST), summary.hot_families, strict=True))
+    for row in dataset.read_csv(run.data / dataset.RELATIONSHIPS):
+        beneficiary = row["beneficiary_id"]
+        run.quotas[beneficiary] = run.quotas.get(beneficiary, 0) + int(row["quota_fen"])
+        run.relationships.setdefault(beneficiary, []).append(row["relationship_id"])
+    hot = set(run.hot.values())
+    run.uniform = [b for b in run.relationships if b not in hot]
+    workload = dataset.load_workload(run.data, run.tokens)
+    run.tills = [token for _, token in workload.merchants["RETAIL_PHARMACY"][:32]]
+    drugs = [code for code in workload.eligible_items if "-D" in code]
+    devices = [code for code in workload.eligible_items if "-V" in code]
+    run.items = (drugs[0], devices[0])
+
+
+def sqlite_or_schema(url: str | None, directory: Path, label: str) -> tuple[str, str | None]:
+    """The service's database: a SQLite file, or a private schema of the PostgreSQL database."""
+    if not url:
+        return f"sqlite:///{directory / 'service.sqlite3'}", None
+    import psycopg
+
+    schema = f"{label}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(conninfo(url), autocommit=True) as connection:
+        connection.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options=-csearch_path%3D{schema}", schema
+
+
+def conninfo(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    plain = parsed.set(drivername="postgresql", query={})
+    return plain.render_as_string(hide_password=False)
+
+
+def drop_schema(url: str, schema: str | None) -> None:
+    if not schema:
+        return
+    import psycopg
+
+    try:
+        with psycopg.connect(conninfo(url), autocommit=True) as connection:
+            connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    except Exception as error:
+        log(f"could not drop schema {schema}: {error}")
+
+
+def postgres_reachable(url: str) -> str | None:
+    """None if we can use the database (created when missing), else why not."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    try:
+        with psycopg.connect(conninfo(url), connect_timeout=3):
+            return None
+    except psycopg.OperationalError as error:
+        if "does not exist" not in str(error):
+            return str(error).strip().splitlines()[0]
+    parsed = make_url(url)
+    try:
+        admin = parsed.set(drivername="postgresql", database="postgres", query={})
+        with psycopg.connect(
+            admin.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
+        ) as connection:
+            connection.execute(f'CREATE DATABASE "{parsed.database}"')
+        return None
+    except Exception as error:
+        return str(error).strip().splitlines()[0]
+
+
+def backend_pids(url: str, application_name: str) -> list[int]:
+    import psycopg
+
+    try:
+        with psycopg.connect(conninfo(url), autocommit=True, connect_timeout=3) as connection:
+            rows = connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                (application_name,),
+            ).fetchall()
+        return [row[0] for row in rows]
+    except Exception:
+        return []
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+
+def plans(run: Run, system: str, address: str, operation: str, workload: str) -> list[loadgen.Plan]:
+    arguments = run.arguments
+    capture = operation == "Authorize+Capture"
+    total = arguments.capture_ops if capture else arguments.authorize_ops
+    warmup = arguments.warmup
+    clients = arguments.clients
+    beneficiaries = run.uniform if workload == "uniform" else [run.hot[operation]]
+    if workload == EXHAUST:
+        total, warmup, beneficiaries = EXHAUST_SENT, 0, [run.hot[EXHAUST]]
+    key = f"{system[:2]}{'c' if capture else 'a'}{workload[0]}-"
+    return [
+        loadgen.Plan(
+            address=address,
+            capture=capture,
+            operations=total // clients + (1 if index < total % clients else 0),
+            warmup=warmup // clients,
+            concurrency=max(1, arguments.concurrency // clients),
+            channels=arguments.channels,
+            tokens=run.tills,
+            beneficiaries=beneficiaries,
+            items=run.items,
+            line_fen=LINE_FEN,
+            key_prefix=f"{key}{index}-",
+            time_bound=arguments.time_bound,
+            seed=arguments.seed * 100 + index,
+        )
+        for index in range(clients)
+    ]
+
+
+def measure(
+    run: Run,
+    system: str,
+    server: Server,
+    operation: str,
+    workload: str,
+    store_pids: Any,
+    profile: bool = False,
+) -> Phase:
+    context = multiprocessing.get_context("spawn")
+    worker_plans = plans(run, system, server.address, operation, workload)
+    start = context.Event()
+    ready = context.Semaphore(0)
+    results = context.Queue()
+    counters = [context.Value("q", 0, lock=False) for _ in worker_plans]
+    processes = [
+        context.Process(target=loadgen.worker, args=(plan, counter, start, ready, results))
+        for plan, counter in zip(worker_plans, counters, strict=True)
+    ]
+    for process in processes:
+        process.start()
+    for _ in processes:
+        if not ready.acquire(timeout=300):
+            raise RuntimeError("the load generator did not finish its warm-up")
+    profilers = start_profilers(run, system, server, operation, workload) if profile else []
+    stores = store_pids()
+    cpu_before = server.cpu()
+    store_before = cpu_seconds(stores, tree=False) if stores else None
+    start.set()
+    reports: list[loadgen.Report] = []
+    total = sum(plan.operations for plan in worker_plans)
+    label = f"{system:<8} {operation:<17} {workload:<8}"
+    with Progress(total, label, unit="ops") as progress:
+        while len(reports) < len(processes):
+            try:
+                item = results.get(timeout=0.1)
+            except Exception:
+                item = None
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"a load-generator process failed: {item!r}")
+            if item is not None:
+                reports.append(item)
+            done = sum(counter.value for counter in counters)
+            if done > progress.count:
+                progress.advance(done - progress.count)
+            alive = any(process.is_alive() for process in processes)
+            if item is None and not alive and results.empty():
+                raise RuntimeError("a load-generator process died")
+    cpu_after = server.cpu()
+    stores_after = store_pids()
+    store_after = cpu_seconds(stores_after, tree=False) if stores_after else None
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+    for profiler in profilers:
+        try:
+            profiler.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+    for process in processes:
+        process.join(timeout=30)
+    phase = Phase(system, operation, workload)
+    latencies = sorted(latency for report in reports for latency in report.latencies)
+    phase.operations = len(latencies)
+    errors: Counter[str] = Counter()
+    decisions: Counter[str] = Counter()
+    for report in reports:
+        errors.update(report.errors)
+        decisions.update(report.decisions)
+        for name, value in (
+            ("authorize", report.sample_authorize),
+            ("capture", report.sample_capture),
+        ):
+            if value and f"{system}:{name}" not in run.samples:
+                run.samples[f"{system}:{name}"] = value
+    phase.errors = dict(errors)
+    phase.decisions = dict(decisions)
+    started = min(report.started for report in reports)
+    ended = max(report.ended for report in reports)
+    phase.seconds = ended - started
+    phase.time_bound_hit = phase.seconds >= run.arguments.time_bound * 0.99
+    completed = sum(report.operations for report in reports)
+    phase.throughput = len(latencies) / phase.seconds if phase.seconds > 0 else 0.0
+    if latencies:
+        phase.p50_ms = latencies[len(latencies) // 2] * 1000
+        phase.p99_ms = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000
+        phase.mean_ms = statistics.fmean(latencies) * 1000
+    captures = sorted(latency for report in reports for latency in report.capture_latencies)
+    if captures:
+        phase.capture_p50_ms = captures[len(captures) // 2] * 1000
+        phase.capture_p99_ms = captures[min(len(captures) - 1, int(len(captures) * 0.99))] * 1000
+    phase.server_cpu_us = (cpu_after - cpu_before) / max(1, completed) * 1e6
+    if store_before is not None and store_after is not None:
+        phase.store_cpu_us = max(0.0, store_after - store_before) / max(1, completed) * 1e6
+    responses = sum(report.responses for report in reports)
+    phase.response_bytes = sum(r.response_bytes for r in reports) / responses if responses else 0
+    if system != "floor":
+        totals = run.approved.setdefault(system, {})
+        for report in reports:
+            for beneficiary, (fen, count) in report.approved.items():
+                entry = totals.setdefault(beneficiary, [0, 0])
+                entry[0] += fen
+                entry[1] += count
+        phase.over_quota = over_quota(run, totals)
+        previous = sum(p.over_quota or 0 for p in run.phases if p.system == system)
+        phase.over_quota -= previous
+    run.phases.append(phase)
+    return phase
+
+
+def exhaust(run: Run, system: str, server: Server, store_pids: Any) -> None:
+    """EXHAUST_SENT concurrent Authorize calls at a quota that fits EXHAUST_FITS."""
+    phase = measure(run, system, server, "Authorize", EXHAUST, store_pids)
+    approved = phase.decisions.get("DECISION_APPROVED", 0)
+    run.checks[f"{system}_exhaust"] = {
+        "sent": EXHAUST_SENT,
+        "fit_in_quota": EXHAUST_FITS,
+        "approved": approved,
+        "declined": phase.decisions.get("DECISION_DECLINED", 0),
+        "errors": sum(phase.errors.values()),
+        "exact": approved == EXHAUST_FITS,
+    }
+
+
+def over_quota(run: Run, totals: dict[str, list[int]]) -> int:
+    """Approvals beyond each family's quota, from the amounts the clients saw approved."""
+    amount = sum(LINE_FEN)
+    over = 0
+    for beneficiary, (fen, _) in totals.items():
+        excess = fen - run.quotas.get(beneficiary, 0)
+        if excess > 0:
+            over += math.ceil(excess / amount)
+    return over
+
+
+def start_profilers(
+    run: Run, system: str, server: Server, operation: str, workload: str
+) -> list[subprocess.Popen[bytes]]:
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if not spy:
+        run.notes.append("--profile: py-spy is not installed (pip install py-spy)")
+        return []
+    pid = server.worker_pids()[0]
+    stem = f"profile-{system}-{operation.replace('+', '-').lower()}-{workload.replace(' ', '-')}"
+    profilers = []
+    for suffix, form in ((".svg", "flamegraph"), (".txt", "raw")):
+        path = run.arguments.out / f"{stem}{suffix}"
+        command = [spy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+                   "--format", form, "-o", str(path)]  # fmt: skip
+        with (run.directory / f"{stem}{suffix}.log").open("wb") as spy_log:
+            profilers.append(subprocess.Popen(command, stdout=spy_log, stderr=subprocess.STDOUT))
+        run.profiles.append(str(path))
+    time.sleep(0.5)
+    return profilers
+
+
+# --- the systems ------------------------------------------------------------------------------
+
+
+def python_command(module: str, *arguments: str) -> list[str]:
+    return [sys.executable, "-m", module, *arguments]
+
+
+def run_service(run: Run, redis: EmbeddedRedis) -> None:
+    arguments = run.arguments
+    database_url, schema = sqlite_or_schema(arguments.database_url, run.directory, "bench_service")
+    if schema:
+        database_url += "&application_name=mw-bench-service"
+    env = dict(
+        os.environ,
+        MEDWALLET_DATA_DIR=str(run.directory / "service"),
+        DATABASE_URL=database_url,
+        REDIS_URL=redis.url,
+        MEDWALLET_TOKENS_FILE=str(run.tokens),
+        MEDWALLET_GRPC_HOST="127.0.0.1",
+        MEDWALLET_METRICS_PORT="0",
+        MEDWALLET_WORKERS=str(run.workers),
+        MEDWALLET_PHARMACY_HOLD_SECONDS="7200",
+    )
+    env.update(setting.split("=", 1) for setting in arguments.service_env)  # type: ignore[arg-type]
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
+    started = time.monotonic()
+    generate_data.load(run.data, env=dict(env, REDIS_URL=""), batch_size=5000, stdout=sys.stderr)
+    run.checks["bulk_load_seconds"] = round(time.monotonic() - started, 1)
+    port = free_port()
+    env["MEDWALLET_GRPC_PORT"] = str(port)
+    server = Server(
+        "service",
+        python_command("authz_server.cli", "serve"),
+        env,
+        run.directory / "service.log",
+        port,
+        workers=run.workers,
+    )
+    log(f"starting the service ({run.workers} workers; start-up reconciles Redis from SQL)")
+    started = time.monotonic()
+    server.start()
+    run.checks["service_start_seconds"] = round(time.monotonic() - started, 1)
+    assert redis.process is not None
+    redis_pid = redis.process.pid
+
+    def stores() -> list[int]:
+        pids = [redis_pid]
+        if schema:
+            pids += backend_pids(arguments.database_url, "mw-bench-service")
+        return pids
+
+    try:
+        for operation in OPERATIONS:
+            for workload in WORKLOADS:
+                profile = arguments.profile and workload == "uniform"
+                measure(run, "service", server, operation, workload, stores, profile)
+        exhaust(run, "service", server, stores)
+        run.checks["service"] = verify_service(run, redis, database_url)
+    finally:
+        server.stop()
+        drop_schema(arguments.database_url or "", schema)
+
+
+def verify_service(run: Run, redis: EmbeddedRedis, database_url: str) -> dict[str, Any]:
+    """Quota figures after the run: for every family the clients were approved money for,
+    held (Redis) + captured (SQL) must equal what the clients saw approved, and allocated =
+    available + held + captured; the hot families also through GetRelationship."""
+    import redis as redis_client
+    from sqlalchemy import create_engine, text
+
+    from authz_server.storage.redis import keys
+
+    approved = run.approved.get("service", {})
+    client = redis_client.Redis(unix_socket_path=str(redis.socket))
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        captured = {
+            row.relationship_id: (row.allocated_total_fen, row.captured_total_fen)
+            for row in connection.execute(
+                text(
+                    "SELECT relationship_id, allocated_total_fen, captured_total_fen"
+                    " FROM relationships"
+                )
+            )
+        }
+    engine.dispose()
+    mismatched, broken, checked = [], [], 0
+    pipeline = client.pipeline(transaction=False)
+    order = []
+    for beneficiary in approved:
+        for relationship_id in run.relationships.get(beneficiary, []):
+            pipeline.hmget(keys.quota(beneficiary, relationship_id), "available", "held")
+            order.append((beneficiary, relationship_id))
+    figures = pipeline.execute()
+    per_family: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for (beneficiary, relationship_id), (available, held) in zip(order, figures, strict=True):
+        allocated, spent = captured.get(relationship_id, (0, 0))
+        family = per_family[beneficiary]
+        family[0] += allocated
+        family[1] += int(available or 0)
+        family[2] += int(held or 0)
+        family[3] += spent
+    for beneficiary, (allocated, available, held, spent) in per_family.items():
+        checked += 1
+        if held + spent != approved[beneficiary][0]:
+            mismatched.append(beneficiary)
+        if allocated != available + held + spent or available < 0:
+            broken.append(beneficiary)
+    client.close()
+    hot = {}
+    for operation, beneficiary in run.hot.items():
+        allocated, available, held, spent = per_family.get(beneficiary, [0, 0, 0, 0])
+        hot[operation] = {
+            "beneficiary": beneficiary,
+            "quota_fen": run.quotas[beneficiary],
+            "approved_fen_seen_by_clients": approved.get(beneficiary, [0, 0])[0],
+            "available_fen": available,
+            "held_fen": held,
+            "captured_fen": spent,
+        }
+    return {
+        "families_checked": checked,
+        "approved_differs_from_store": len(mismatched),
+        "conservation_broken": len(broken),
+        "hot_families": hot,
+    }
+
+
+def sample_authorize(run: Run) -> bytes:
+    """An answer shaped like the service's, for a floor measured without the service."""
+    from authz_server.generated.medwallet.v1 import authorization_pb2
+
+    beneficiary = run.uniform[0]
+    return authorization_pb2.AuthorizeResponse(
+        authorization_id=uuid.uuid4().hex,
+        decision=authorization_pb2.DECISION_APPROVED,
+        approved_amount_fen=sum(LINE_FEN),
+        line_results=[
+            authorization_pb2.LineResult(item_code=code, approved=True, approved_amount_fen=fen)
+            for code, fen in zip(run.items, LINE_FEN, strict=True)
+        ],
+        funding=[
+            authorization_pb2.FundingPart(
+                relationship_id=run.relationships[beneficiary][0], amount_fen=sum(LINE_FEN)
+            )
+        ],
+        remaining_quota_fen=100_000,
+        expires_at={"seconds": int(time.time()) + 900, "nanos": 123_000_000},
+        status=authorization_pb2.AUTHORIZATION_STATUS_PENDING,
+    ).SerializeToString()
+
+
+def sample_capture(run: Run) -> bytes:
+    from authz_server.generated.medwallet.v1 import authorization_pb2, common_pb2
+
+    beneficiary = run.uniform[0]
+    return authorization_pb2.CaptureResponse(
+        authorization=authorization_pb2.Authorization(
+            authorization_id=uuid.uuid4().hex,
+            merchant_id="bn-ph-110100-001",
+            beneficiary_id=beneficiary,
+            purpose=common_pb2.PURPOSE_PHARMACY,
+            status=authorization_pb2.AUTHORIZATION_STATUS_CAPTURED,
+            approved_amount_fen=sum(LINE_FEN),
+            captured_amount_fen=sum(LINE_FEN),
+            funding=[
+                authorization_pb2.FundingPart(
+                    relationship_id=run.relationships[beneficiary][0], amount_fen=sum(LINE_FEN)
+                )
+            ],
+        )
+    ).SerializeToString()
+
+
+def run_floor(run: Run) -> None:
+    authorize = run.samples.get("service:authorize") or sample_authorize(run)
+    capture = run.samples.get("service:capture") or sample_capture(run)
+    (run.directory / "authorize.bin").write_bytes(authorize)
+    (run.directory / "capture.bin").write_bytes(capture)
+    port = free_port()
+    server = Server(
+        "floor",
+        python_command(
+            "loadtest.echo_server",
+            "--port",
+            str(port),
+            "--workers",
+            str(run.workers),
+            "--authorize-response",
+            str(run.directory / "authorize.bin"),
+            "--capture-response",
+            str(run.directory / "capture.bin"),
+        ),
+        dict(os.environ, PYTHONPATH=str(dataset.ROOT)),
+        run.directory / "floor.log",
+        port,
+        workers=run.workers,
+    )
+    server.start()
+    try:
+        for operation in OPERATIONS:
+            for workload in WORKLOADS:
+                measure(run, "floor", server, operation, workload, list)
+    finally:
+        server.stop()
+
+
+def run_baseline(run: Run) -> None:
+    import psycopg
+
+    arguments = run.arguments
+    url = arguments.baseline_database_url
+    why = postgres_reachable(url)
+    if why is not None:
+        run.notes.append(f"baseline skipped: PostgreSQL at {url} is not reachable ({why})")
+        log(run.notes[-1])
+        return
+    from loadtest import baseline_server
+
+    schema = f"bl_{uuid.uuid4().hex[:12]}"
+    application = f"mw-baseline-{schema}"
+    log(f"baseline: loading the quotas into {url.split('?')[0]} (schema {schema})")
+    try:
+        with psycopg.connect(conninfo(url), autocommit=True) as connection:
+            connection.execute(f"CREATE SCHEMA {schema}")
+            connection.execute(f"SET search_path TO {schema}")
+            connection.execute(baseline_server.SCHEMA)
+            rows = dataset.read_csv(run.data / dataset.RELATIONSHIPS)
+            with connection.cursor() as cursor:
+                columns = (
+                    "relationship_id, beneficiary_id, holder_id, funding_order, status,"
+                    " allocated_fen, available_fen"
+                )
+                with cursor.copy(f"COPY quotas ({columns}) FROM STDIN") as copy:
+                    for order, row in enumerate(rows):
+                        quota = int(row["quota_fen"])
+                        copy.write_row(
+                            (row["relationship_id"], row["beneficiary_id"], row["holder_id"],
+                             order, "ACTIVE", quota, quota)
+                        )  # fmt: skip
+            connection.execute("ANALYZE quotas")
+        port = free_port()
+        server = Server(
+            "baseline",
+            python_command(
+                "loadtest.baseline_server",
+                "--port",
+                str(port),
+                "--workers",
+                str(run.workers),
+                "--database-url",
+                url,
+                "--schema",
+                schema,
+                "--application-name",
+                application,
+                "--tokens",
+                str(run.tokens),
+                "--data-dir",
+                str(run.data),
+            ),
+            dict(os.environ, PYTHONPATH=str(dataset.ROOT)),
+            run.directory / "baseline.log",
+            port,
+            workers=run.workers,
+        )
+        server.start()
+        try:
+            for operation in OPERATIONS:
+                for workload in WORKLOADS:
+                    measure(
+                        run, "baseline", server, operation, workload,
+                        lambda: backend_pids(url, application),
+                    )  # fmt: skip
+            exhaust(run, "baseline", server, lambda: backend_pids(url, application))
+        finally:
+            server.stop()
+        run.checks["baseline"] = verify_baseline(run, url, schema)
+    finally:
+        drop_schema(url, schema)
+
+
+def verify_baseline(run: Run, url: str, schema: str) -> dict[str, Any]:
+    import psycopg
+
+    approved = run.approved.get("baseline", {})
+    with psycopg.connect(conninfo(url), autocommit=True) as connection:
+        rows = connection.execute(
+            f"SELECT beneficiary_id, sum(allocated_fen), sum(available_fen), sum(held_fen),"
+            f" sum(captured_fen) FROM {schema}.quotas GROUP BY beneficiary_id"
+        ).fetchall()
+    mismatched = broken = checked = 0
+    for beneficiary, allocated, available, held, captured in rows:
+        if beneficiary not in approved:
+            continue
+        checked += 1
+        if held + captured != approved[beneficiary][0]:
+            mismatched += 1
+        if allocated != available + held + captured or available < 0:
+            broken += 1
+    return {
+        "families_checked": checked,
+        "approved_differs_from_store": mismatched,
+        "conservation_broken": broken,
+    }
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def find(run: Run, system: str, operation: str, workload: str) -> Phase | None:
+    for phase in run.phases:
+        if (phase.system, phase.operation, phase.workload) == (system, operation, workload):
+            return phase
+    return None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def ratios(run: Run) -> list[dict[str, Any]]:
+    """Service against floor and baseline, with the issue's targets where it sets one."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, target: str, ok: bool | None) -> None:
+        rows.append({"ratio": name, "value": value, "target": target, "met": ok})
+
+    for operation in OPERATIONS:
+        for workload in WORKLOADS:
+            service = find(run, "service", operation, workload)
+            floor = find(run, "floor", operation, workload)
+            baseline = find(run, "baseline", operation, workload)
+            if service is None:
+                continue
+            name = f"{operation}, {workload}"
+            if floor is not None:
+                cpu = ratio(service.server_cpu_us, floor.server_cpu_us)
+                speed = ratio(service.throughput, floor.throughput)
+                targeted = operation == "Authorize"
+                add(
+                    f"{name}: service/floor server CPU per op",
+                    cpu,
+                    "≤ 1.5" if targeted else "",
+                    (cpu <= 1.5) if targeted and cpu else None,
+                )
+                add(
+                    f"{name}: service/floor throughput",
+                    speed,
+                    "≥ 0.65" if targeted else "",
+                    (speed >= 0.65) if targeted and speed else None,
+                )
+            if baseline is not None:
+                speed = ratio(service.throughput, baseline.throughput)
+                p99 = ratio(service.p99_ms, baseline.p99_ms)
+                capture = operation == "Authorize+Capture"
+                goal = 3.0 if workload == "uniform" else 5.0
+                add(
+                    f"{name}: service/baseline throughput",
+                    speed,
+                    f"≥ {goal:g}" if capture else "",
+                    (speed >= goal) if capture and speed else None,
+                )
+                hot = capture and workload == "hot spot"
+                add(
+                    f"{name}: service/baseline p99 latency",
+                    p99,
+                    "≤ 0.1" if hot else "",
+                    (p99 <= 0.1) if hot and p99 else None,
+                )
+                cpu = ratio(service.server_cpu_us, baseline.server_cpu_us)
+                add(f"{name}: service/baseline server CPU per op", cpu, "", None)
+    return rows  # fmt: skip
+
+
+def table(run: Run) -> str:
+    header = (
+        f"{'system':<9}{'operation':<18}{'workload':<10}{'ops':>8}{'errors':>8}{'ops/s':>9}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'server µs/op':>14}{'store µs/op':>13}{'over-quota':>12}"
+    )
+    lines = [header, "-" * len(header)]
+    for phase in run.phases:
+        store = f"{phase.store_cpu_us:,.0f}" if phase.store_cpu_us is not None else "-"
+        over = str(phase.over_quota) if phase.over_quota is not None else "-"
+        bound = "*" if phase.time_bound_hit else ""
+        lines.append(
+            f"{phase.system:<9}{phase.operation:<18}{phase.workload:<10}"
+            f"{phase.operations:>7,}{bound:1}{sum(phase.errors.values()):>8,}"
+            f"{phase.throughput:>9,.0f}{phase.p50_ms:>9.2f}{phase.p99_ms:>9.2f}"
+            f"{phase.server_cpu_us:>14,.0f}{store:>13}{over:>12}"
+        )
+    if any(phase.time_bound_hit for phase in run.phases):
+        lines.append("* stopped by the time bound before all operations were done")
+    return "\n".join(lines)
+
+
+def ratio_lines(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        value = "n/a" if row["value"] is None else f"{row['value']:.2f}×"
+        target = f"  target {row['target']}" if row["target"] else ""
+        verdict = {True: "  met", False: "  NOT met", None: ""}[row["met"]]
+        lines.append(f"  {row['ratio']:<66}{value:>8}{target}{verdict}")
+    return "\n".join(lines)
+
+
+def chart(run: Run, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(operation, workload) for operation in OPERATIONS for workload in WORKLOADS]
+    systems = [s for s in SYSTEMS if any(p.system == s for p in run.phases)]
+    colors = {"floor": "#9e9e9e", "service": "#1f77b4", "baseline": "#d62728"}
+    metrics = (
+        ("throughput", "operations per second (higher is better)"),
+        ("server_cpu_us", "server CPU µs per operation (lower is better)"),
+        ("p99_ms", "p99 latency, ms (lower is better)"),
+    )
+    figure, axes = plt.subplots(1, 3, figsize=(16, 5.2))
+    width = 0.8 / max(1, len(systems))
+    for axis, (metric, title) in zip(axes, metrics, strict=True):
+        for offset, system in enumerate(systems):
+            values = []
+            for operation, workload in groups:
+                phase = find(run, system, operation, workload)
+                values.append(getattr(phase, metric) if phase else 0)
+            positions = [i + (offset - (len(systems) - 1) / 2) * width for i in range(len(groups))]
+            bars = axis.bar(positions, values, width, label=system, color=colors[system])
+            axis.bar_label(bars, fmt="%.0f" if metric != "p99_ms" else "%.1f", fontsize=7)
+        axis.set_xticks(range(len(groups)))
+        axis.set_xticklabels(
+            [f"{o.replace('Authorize+Capture', 'Auth+Capture')}\n{w}" for o, w in groups],
+            fontsize=8,
+        )
+        axis.set_title(title, fontsize=10)
+        if metric == "p99_ms":
+            axis.set_yscale("log")
+    axes[0].legend()
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    figure.suptitle(
+        f"MedWallet AuthZ benchmark, {stamp}: {run.workers} server workers,"
+        f" {os.cpu_count()} cores, {run.arguments.concurrency} calls in flight",
+        fontsize=11,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_results(run: Run, command: str, started: datetime) -> dict[str, Any]:
+    arguments = run.arguments
+    rows = ratios(run)
+    document = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": command,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_start": run.checks.get("load_average_at_start"),
+        },
+        "settings": {
+            "server_workers": run.workers,
+            "load_generator_processes": arguments.clients,
+            "calls_in_flight": arguments.concurrency,
+            "channels_per_process": arguments.channels,
+            "authorize_operations": arguments.authorize_ops,
+            "authorize_capture_operations": arguments.capture_ops,
+            "warmup_operations": arguments.warmup,
+            "time_bound_seconds": arguments.time_bound,
+            "relationships": arguments.relationships,
+            "request": f"pharmacy basket, 2 eligible lines, {sum(LINE_FEN)} fen",
+            "service_database": "PostgreSQL" if arguments.database_url else "SQLite",
+            "baseline_database": arguments.baseline_database_url,
+        },
+        "phases": [asdict(phase) for phase in run.phases],
+        "ratios": rows,
+        "checks": run.checks,
+        "notes": run.notes,
+        "profiles": run.profiles,
+    }
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    (arguments.out / "benchmark.json").write_text(json.dumps(document, indent=1) + "\n")
+    chart(run, arguments.out / "benchmark.png")
+    return document
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--database-url", help="the service's SQL (default: SQLite in the run)")
+    parser.add_argument("--baseline-database-url", default=DEFAULT_BASELINE_URL)
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--relationships", type=int, default=20_000)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="server processes (default: the service's)"
+    )
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight, in all")
+    parser.add_argument("--channels", type=int, default=4, help="connections per client process")
+    parser.add_argument("--authorize-ops", type=int, default=20_000)
+    parser.add_argument("--capture-ops", type=int, default=8_000)
+    parser.add_argument("--warmup", type=int, default=400)
+    parser.add_argument("--time-bound", type=float, default=15.0, help="seconds per phase")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--profile", action="store_true", help="py-spy the service's phases")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the service, e.g. MEDWALLET_ACCESS_LOG=false (repeatable)",
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help="which to measure, comma-separated (default: floor,service,baseline)",
+    )
+    arguments = parser.parse_args(argv)
+    workers = arguments.workers or Settings.from_environment().effective_workers
+    started_at = datetime.now(UTC)
+    command = "python -m loadtest.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="mw-bench-"))
+    run = Run(arguments, directory, workers)
+    run.checks["load_average_at_start"] = os.getloadavg()
+    started = time.monotonic()
+    redis = EmbeddedRedis(directory / "redis", persistent=False)
+    try:
+        prepare_data(run)
+        systems = set(arguments.systems.split(","))
+        if "service" in systems:
+            redis.start()
+            run_service(run, redis)
+        if "floor" in systems:
+            run_floor(run)
+        if "baseline" in systems and not arguments.no_baseline:
+            run_baseline(run)
+    finally:
+        redis.stop()
+        if arguments.keep:
+            log(f"run directory kept: {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    document = write_results(run, command.strip(), started_at)
+    print()
+    print(
+        f"MedWallet AuthZ benchmark {started_at:%Y-%m-%d %H:%M} UTC, {workers} server workers,"
+        f" {arguments.clients} load processes x {arguments.concurrency // arguments.clients}"
+        f" calls in flight, {os.cpu_count()} cores, load average at start"
+        f" {run.checks['load_average_at_start'][0]:.1f}"
+    )
+    print(table(run))
+    captures = [
+        f"{p.system} {p.workload} p50 {p.capture_p50_ms:.1f} / p99 {p.capture_p99_ms:.1f} ms"
+        for p in run.phases
+        if p.capture_p50_ms is not None and p.capture_p99_ms is not None
+    ]
+    if captures:
+        print("the Capture call alone, within Authorize+Capture: " + "; ".join(captures))
+    print("\nratios:")
+    print(ratio_lines(document["ratios"]))
+    sizes = ", ".join(
+        f"{p.system} {p.response_bytes:.0f} B"
+        for p in run.phases
+        if p.operation == "Authorize" and p.workload == "uniform"
+    )
+    print(f"\nmean response size (Authorize, uniform): {sizes}")
+    for name in ("service", "baseline"):
+        check = run.checks.get(name)
+        if check:
+            print(
+                f"{name} quota check: {check['families_checked']:,} families;"
+                f" approved ≠ store: {check['approved_differs_from_store']};"
+                f" conservation broken: {check['conservation_broken']}"
+            )
+    for name in ("service", "baseline"):
+        check = run.checks.get(f"{name}_exhaust")
+        if check:
+            print(
+                f"{name} exhaustion: {check['sent']:,} concurrent Authorize calls at a quota that"
+                f" fits {check['fit_in_quota']}: {check['approved']} approved,"
+                f" {check['declined']} declined, {check['errors']} errors"
+            )
+    over = sum(p.over_quota or 0 for p in run.phases)
+    print(f"over-quota approvals: {over} (must be 0)")
+    for note in run.notes:
+        print(f"note: {note}")
+    print(f"run took {time.monotonic() - started:.0f}s; results in {arguments.out}/benchmark.json"
+          f" and benchmark.png")  # fmt: skip
+    inexact = any(
+        not check["exact"]
+        for name in ("service", "baseline")
+        if (check := run.checks.get(f"{name}_exhaust")) and not check["errors"]
+    )
+    failed = (
+        over > 0
+        or inexact
+        or any(
+            (run.checks.get(n) or {}).get("approved_differs_from_store")
+            or (run.checks.get(n) or {}).get("conservation_broken")
+            for n in ("service", "baseline")
+        )
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

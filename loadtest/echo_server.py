@@ -1,0 +1,107 @@
+"""The floor: a bare grpc.aio AuthorizationService that answers every Authorize and Capture
+with a fixed response of the size the real service sends, and does nothing else.
+
+It runs like the service does: the default asyncio event loop (`asyncio.run`), the same
+server options (SO_REUSEPORT, the same message bound), and N worker processes spawned on one
+port. What the service costs above this is what the service itself does.
+
+    python -m loadtest.echo_server --port 50060 --workers 2 \
+        --authorize-response authorize.bin --capture-response capture.bin
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from authz_server.generated.medwallet.v1 import authorization_pb2, authorization_pb2_grpc
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class Echo(authorization_pb2_grpc.AuthorizationServiceServicer):
+    def __init__(self, authorize: bytes, capture: bytes) -> None:
+        self.authorize = authorization_pb2.AuthorizeResponse.FromString(authorize)
+        self.capture = authorization_pb2.CaptureResponse.FromString(capture)
+
+    async def Authorize(
+        self, request: authorization_pb2.AuthorizeRequest, context: Any
+    ) -> authorization_pb2.AuthorizeResponse:
+        return self.authorize
+
+    async def Capture(
+        self, request: authorization_pb2.CaptureRequest, context: Any
+    ) -> authorization_pb2.CaptureResponse:
+        return self.capture
+
+
+async def serve(port: int, index: int, authorize: bytes, capture: bytes) -> None:
+    from grpc_health.v1 import health_pb2_grpc
+    from grpc_health.v1.health import aio as health_aio
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
+        Echo(authorize, capture), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"echo worker {index} serving on port {port}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await server.stop(1)
+
+
+def worker(port: int, index: int, authorize: bytes, capture: bytes) -> None:
+    asyncio.run(serve(port, index, authorize, capture))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--authorize-response", type=Path, required=True)
+    parser.add_argument("--capture-response", type=Path, required=True)
+    arguments = parser.parse_args(argv)
+    authorize = arguments.authorize_response.read_bytes()
+    capture = arguments.capture_response.read_bytes()
+    if arguments.workers == 1:
+        worker(arguments.port, 0, authorize, capture)
+        return 0
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=worker, args=(arguments.port, index, authorize, capture))
+        for index in range(arguments.workers)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The benchmark's load generator: closed loop, several processes, grpc.aio, fixed counts.
+
+Every system (the echo floor, the service, the PostgreSQL baseline) is driven by exactly this
+code with exactly the same request bytes: pharmacy baskets of two eligible lines, serialized
+before the clock starts. A worker process opens several channels (separate connections, so
+SO_REUSEPORT spreads them over the server's worker processes), warms up, waits for the start
+signal, then keeps `concurrency` calls in flight until its share of the operations is done or
+the time bound passes. An operation is Authorize, or Authorize then Capture of what was
+approved (declined authorizations have nothing to capture).
+
+Each worker reports per-operation latencies, decisions, errors by status code, and the amount
+approved per beneficiary (warm-up included) for the over-quota check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized
+from typing import Any
+
+import grpc
+
+from authz_server.generated.medwallet.v1 import authorization_pb2, common_pb2
+
+AUTHORIZE = "/medwallet.v1.AuthorizationService/Authorize"
+CAPTURE = "/medwallet.v1.AuthorizationService/Capture"
+APPROVED = (authorization_pb2.DECISION_APPROVED, authorization_pb2.DECISION_PARTIALLY_APPROVED)
+DEADLINE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one worker process does."""
+
+    address: str
+    capture: bool
+    operations: int
+    warmup: int
+    concurrency: int
+    channels: int
+    tokens: list[str]
+    beneficiaries: list[str]
+    items: tuple[str, str]
+    line_fen: tuple[int, int]
+    key_prefix: str
+    time_bound: float
+    seed: int
+
+
+@dataclass
+class Report:
+    operations: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    decisions: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    # Authorize+Capture: the Capture call alone (its Authorize is the rest of the latency)
+    capture_latencies: list[float] = field(default_factory=list)
+    # beneficiary -> [approved fen, approvals], warm-up included
+    approved: dict[str, list[int]] = field(default_factory=dict)
+    started: float = 0.0
+    ended: float = 0.0
+    response_bytes: int = 0
+    responses: int = 0
+    sample_authorize: bytes = b""
+    sample_capture: bytes = b""
+
+
+def requests(plan: Plan, count: int, offset: int) -> list[tuple[str, bytes]]:
+    """(beneficiary, serialized AuthorizeRequest) for operations offset..offset+count-1."""
+    rng = random.Random(plan.seed * 1_000_003 + offset)
+    built = []
+    amount = sum(plan.line_fen)
+    for number in range(offset, offset + count):
+        beneficiary = rng.choice(plan.beneficiaries)
+        request = authorization_pb2.AuthorizeRequest(
+            idempotency_key=f"{plan.key_prefix}{number:09d}",
+            beneficiary_id=beneficiary,
+            purpose=common_pb2.PURPOSE_PHARMACY,
+            lines=[
+                authorization_pb2.AuthorizationLine(
+                    item_code=plan.items[0], quantity=1, amount_fen=plan.line_fen[0]
+                ),
+                authorization_pb2.AuthorizationLine(
+                    item_code=plan.items[1], quantity=2, amount_fen=plan.line_fen[1]
+                ),
+            ],
+            amount_fen=amount,
+        )
+        built.append((beneficiary, request.SerializeToString()))
+    return built
+
+
+async def _drive(
+    plan: Plan,
+    counter: Synchronized[int],
+    start: Any,
+    ready: Any,
+) -> Report:
+    report = Report()
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 1 << 22)]
+    channels = [
+        grpc.aio.insecure_channel(plan.address, options=options) for _ in range(plan.channels)
+    ]
+    authorize = [
+        channel.unary_unary(
+            AUTHORIZE, response_deserializer=authorization_pb2.AuthorizeResponse.FromString
+        )
+        for channel in channels
+    ]
+    capture = [
+        channel.unary_unary(
+            CAPTURE, response_deserializer=authorization_pb2.CaptureResponse.FromString
+        )
+        for channel in channels
+    ]
+    metadata = [(("authorization", f"Bearer {token}"),) for token in plan.tokens]
+    for channel in channels:
+        await channel.channel_ready()
+    warm = requests(plan, plan.warmup, 0)
+    work = requests(plan, plan.operations, plan.warmup)
+
+    async def one(index: int, item: tuple[str, bytes], measure: bool) -> None:
+        beneficiary, body = item
+        lane = index % len(channels)
+        token = metadata[index % len(metadata)]
+        began = time.perf_counter()
+        try:
+            answer = await authorize[lane](body, metadata=token, timeout=DEADLINE_SECONDS)
+            size = answer.ByteSize()
+            if not report.sample_authorize and answer.decision in APPROVED:
+                report.sample_authorize = answer.SerializeToString()
+            decision = answer.decision
+            approved = answer.approved_amount_fen if decision in APPROVED else 0
+            if approved:  # held from now on, whatever becomes of the capture
+                entry = report.approved.setdefault(beneficiary, [0, 0])
+                entry[0] += approved
+                entry[1] += 1
+            capture_began = time.perf_counter()
+            if plan.capture and approved:
+                request = authorization_pb2.CaptureRequest(
+                    authorization_id=answer.authorization_id,
+                    idempotency_key=f"{plan.key_prefix}{index:09d}c",
+                )
+                captured = await capture[lane](
+                    request.SerializeToString(), metadata=token, timeout=DEADLINE_SECONDS
+                )
+                if not report.sample_capture:
+                    report.sample_capture = captured.SerializeToString()
+        except grpc.aio.AioRpcError as error:
+            if measure:
+                report.errors[error.code().name] += 1
+            else:
+                report.errors[f"warm-up {error.code().name}"] += 1
+            return
+        elapsed = time.perf_counter() - began
+        if measure:
+            report.latencies.append(elapsed)
+            if plan.capture and approved:
+                report.capture_latencies.append(time.perf_counter() - capture_began)
+            report.decisions[authorization_pb2.Decision.Name(decision)] += 1
+            report.response_bytes += size
+            report.responses += 1
+
+    async def lanes(items: list[tuple[str, bytes]], measure: bool, deadline: float) -> None:
+        position = 0
+
+        async def lane() -> None:
+            nonlocal position
+            while position < len(items) and time.monotonic() < deadline:
+                index = position
+                position += 1
+                await one(index + (plan.warmup if measure else 0), items[index], measure)
+                if measure:
+                    report.operations += 1
+                    if report.operations % 50 == 0:
+                        counter.value += 50
+
+        await asyncio.gather(*(lane() for _ in range(plan.concurrency)))
+
+    await lanes(warm, False, time.monotonic() + plan.time_bound)
+    ready.release()
+    await asyncio.get_running_loop().run_in_executor(None, start.wait)
+    report.started = time.monotonic()
+    await lanes(work, True, report.started + plan.time_bound)
+    report.ended = time.monotonic()
+    counter.value += report.operations % 50
+    for channel in channels:
+        await channel.close()
+    return report
+
+
+def worker(plan: Plan, counter: Synchronized[int], start: Any, ready: Any, results: Any) -> None:
+    """Entry point of a load-generator process (spawned)."""
+    try:
+        results.put(asyncio.run(_drive(plan, counter, start, ready)))
+    except BaseException as error:  # the parent must hear of it, not wait forever
+        ready.release()
+        results.put(error)
+        raise
