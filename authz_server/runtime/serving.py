@@ -20,6 +20,7 @@ from types import FrameType
 from authz_server.observability import logs
 from authz_server.runtime import demo
 from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.runtime.reconcile import ReconcileReport
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
@@ -50,14 +51,38 @@ def serve(settings: Settings) -> int:
             embedded.stop()
 
 
+async def _reconcile_once(settings: Settings, redis_url: str) -> ReconcileReport:
+    """Before the workers start: Redis rebuilt from SQL once, not once per worker."""
+    from redis.asyncio import Redis
+
+    from authz_server.runtime.reconcile import reconcile
+    from authz_server.storage.redis import scripts
+    from authz_server.storage.redis.hold_store import HoldStore
+    from authz_server.storage.redis.quota_cache import RedisQuotaCache
+    from authz_server.storage.sql.database import Database
+
+    database = Database(settings.effective_database_url)
+    client = Redis.from_url(redis_url)
+    try:
+        await scripts.preload(client)
+        return await reconcile(database, RedisQuotaCache(client), HoldStore(client))
+    finally:
+        await client.aclose()
+        database.close()
+
+
 def _supervise(settings: Settings, redis_url: str) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(settings.data_dir / "metrics")
     shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files would add old counts
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    report = asyncio.run(_reconcile_once(settings, redis_url))
+    log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=worker_main, args=(settings, redis_url, index), name=f"w{index}")
+        context.Process(
+            target=worker_main, args=(settings, redis_url, index, report), name=f"w{index}"
+        )
         for index in range(settings.effective_workers)
     ]
     for worker in workers:
@@ -89,15 +114,27 @@ def _supervise(settings: Settings, redis_url: str) -> int:
     return 0 if all(code == 0 for code in codes) else 1
 
 
-def worker_main(settings: Settings, redis_url: str, index: int) -> None:
+def worker_main(
+    settings: Settings, redis_url: str, index: int, reconciled: ReconcileReport
+) -> None:
     logs.configure(settings.log_level)
-    raise SystemExit(asyncio.run(run_worker(settings, redis_url, index)))
+    raise SystemExit(asyncio.run(run_worker(settings, redis_url, index, reconciled)))
 
 
-async def run_worker(settings: Settings, redis_url: str, index: int) -> int:
+async def run_worker(
+    settings: Settings, redis_url: str, index: int, reconciled: ReconcileReport | None = None
+) -> int:
+    """One server process. `reconciled`: the supervisor already rebuilt Redis (worker 0 reports
+    its drift in the metrics); None: this process reconciles at start itself."""
     from authz_server.server.app import Application
 
-    app = Application(settings, redis_url)
+    app = Application(
+        settings, redis_url, reconcile_at_start=reconciled is None, sweep_holds=index == 0
+    )
+    if reconciled is not None and index == 0:
+        from authz_server.server.app import record_reconcile
+
+        record_reconcile(reconciled)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

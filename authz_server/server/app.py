@@ -25,7 +25,7 @@ from authz_server.generated.medwallet.v1 import (
 )
 from authz_server.observability import metrics
 from authz_server.observability.interceptor import ObservingInterceptor
-from authz_server.runtime.reconcile import reconcile
+from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
 from authz_server.server.registry_handler import RegistryHandler
@@ -69,6 +69,10 @@ class Application:
     settings: Settings
     redis_url: str
     clock: Clock = system_clock
+    # With several workers the supervisor reconciles once before starting them, and one worker
+    # sweeps expired holds for all (each would otherwise scan every slot).
+    reconcile_at_start: bool = True
+    sweep_holds: bool = True
     server: grpc.aio.Server = field(init=False)
     port: int = field(init=False, default=0)
 
@@ -152,13 +156,13 @@ class Application:
         self.references.start()
         self.group_commit.start()
         self.journal.start()
-        report = await reconcile(self.database, self.quotas, self.holds)
-        metrics.reconcile_drift.inc(report.drifted)
-        metrics.reconcile_drift_fen.inc(report.drift_fen)
+        if self.reconcile_at_start:
+            report = await reconcile(self.database, self.quotas, self.holds)
+            record_reconcile(report)
         loop = asyncio.get_running_loop()
-        self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
+        if self.sweep_holds:
+            self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
         await self.server.start()
-        log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
         await self._set_serving(True)
         self.background.append(loop.create_task(self._monitor(), name="health-monitor"))
         return self.port
@@ -227,3 +231,9 @@ class Application:
         await self.references.stop()
         await self.redis.aclose()
         self.database.close()
+
+
+def record_reconcile(report: ReconcileReport) -> None:
+    metrics.reconcile_drift.inc(report.drifted)
+    metrics.reconcile_drift_fen.inc(report.drift_fen)
+    log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)

@@ -69,13 +69,16 @@ class ReferenceCache:
             self.seen_items = max(self.seen_items or item_row.updated_at, item_row.updated_at)
 
     def _changed(self, session: Session) -> tuple[list[MerchantRow], list[CatalogItemRow]]:
-        # >= rather than >: a row written in the same instant as the last one seen is not lost.
+        # Strictly newer than the last row seen: rows bulk-loaded in one instant are read once,
+        # not on every refresh. (A row another process writes in the very microsecond of the
+        # last one seen would be missed until restart; upserts through this process are put
+        # in the cache directly.)
         merchants = select(MerchantRow)
         if self.seen_merchants is not None:
-            merchants = merchants.where(MerchantRow.updated_at >= self.seen_merchants)
+            merchants = merchants.where(MerchantRow.updated_at > self.seen_merchants)
         items = select(CatalogItemRow)
         if self.seen_items is not None:
-            items = items.where(CatalogItemRow.updated_at >= self.seen_items)
+            items = items.where(CatalogItemRow.updated_at > self.seen_items)
         return list(session.scalars(merchants)), list(session.scalars(items))
 
     def start(self) -> None:

@@ -30,7 +30,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # IMMEDIATE: take the write lock at the start. A deferred transaction that reads and then
+    # writes fails at once ("database is locked") when another process writes meanwhile; an
+    # immediate one waits for busy_timeout instead (several workers share one SQLite file).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:

@@ -85,6 +85,8 @@ class GroupCommit:
                 try:
                     with session.begin_nested():
                         outcomes.append((True, work(session)))
+                except OperationalError as error:  # a lock or connection failure: retryable
+                    outcomes.append((False, Unavailable(f"the database did not answer: {error}")))
                 except Exception as error:  # this unit only; its savepoint was rolled back
                     outcomes.append((False, error))
         return outcomes
