@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from authz_server.domain.funding import format_funding
 from authz_server.domain.model import Relationship
 from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
@@ -151,7 +152,7 @@ async def restore_authorize_records(database: Database, redis: Redis) -> int:
                     authorization_pb2.DeclineReason, "DECLINE_REASON", answer.decline_reason
                 ),
                 "ap": answer.approved_amount_fen,
-                "f": ";".join(f"{p.relationship_id}={p.amount_fen}" for p in answer.funding),
+                "f": format_funding((p.relationship_id, p.amount_fen) for p in answer.funding),
                 "rem": answer.remaining_quota_fen,
                 "s": _name(
                     authorization_pb2.AuthorizationStatus, "AUTHORIZATION_STATUS", answer.status

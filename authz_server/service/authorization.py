@@ -27,6 +27,7 @@ from authz_server.domain.errors import (
     PolicyRefusal,
     Unavailable,
 )
+from authz_server.domain.funding import Funding, format_funding, parse_funding
 from authz_server.domain.types import (
     AuthorizationStatus,
     Decision,
@@ -55,8 +56,6 @@ from authz_server.storage.sql.tables import (
     CaptureRow,
     RefundRow,
 )
-
-Funding = tuple[tuple[str, int], ...]
 
 
 class Serializable(Protocol):
@@ -105,18 +104,6 @@ class RefundOutcome:
     view: AuthorizationView
     # (relationship id, fen, went to the personal account because the quota is dissolved)
     parts: tuple[tuple[str, int, bool], ...]
-
-
-def parse_funding(text: str) -> Funding:
-    parts = []
-    for piece in filter(None, text.split(";")):
-        relationship_id, _, amount = piece.partition("=")
-        parts.append((relationship_id, int(amount)))
-    return tuple(parts)
-
-
-def format_funding(funding: Funding) -> str:
-    return ";".join(f"{relationship_id}={amount}" for relationship_id, amount in funding)
 
 
 def split_capture(funding: Funding, amount_fen: int) -> Funding:

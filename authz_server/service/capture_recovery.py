@@ -13,6 +13,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from authz_server.domain.funding import format_funding
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import CapturePartRow, CaptureRow
@@ -27,7 +28,7 @@ def ledger_parts(session: Session, authorization_id: str) -> str | None:
         .where(CapturePartRow.authorization_id == authorization_id)
         .order_by(CapturePartRow.position)
     )
-    return ";".join(f"{row.relationship_id}={row.amount_fen}" for row in rows)
+    return format_funding((row.relationship_id, row.amount_fen) for row in rows)
 
 
 async def settle_capture(database: Database, holds: HoldStore, authorization_id: str) -> None:

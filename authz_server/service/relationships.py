@@ -151,7 +151,7 @@ class RelationshipService:
         # restore could land between a release's Redis debit and its SQL commit and put the
         # released money back into the quota (Redis overstating it; spendable twice).
         if activated:
-            await self._restore(relationship)
+            await self._restore(relationship.relationship_id)
         return await self._view(relationship)
 
     async def allocate(
@@ -201,7 +201,7 @@ class RelationshipService:
         if relationship is not None and not await self.quotas.credit(
             relationship.beneficiary_id, relationship_id, amount_fen
         ):
-            await self._repair(relationship_id)
+            await self._restore(relationship_id)
         return result
 
     async def release(
@@ -338,7 +338,7 @@ class RelationshipService:
         )
         found = figures.get(relationship.relationship_id)
         if found is None:
-            found = await self._restore(relationship)
+            found = await self._restore(relationship.relationship_id)
         return QuotaView(relationship, found.available_fen, found.held_fen)
 
     async def _precheck(
@@ -365,12 +365,10 @@ class RelationshipService:
     def _held_after(relationship: Relationship, available_fen: int) -> int:
         return max(0, relationship.totals.unused_fen - available_fen)
 
-    async def _repair(self, relationship_id: str) -> None:
-        """Redis lacked the quota: set it from the ledger, which already counts the change."""
-        await restore_from_ledger(self.database, self.quotas, relationship_id)
-
-    async def _restore(self, relationship: Relationship) -> QuotaFigures:
-        return await restore_from_ledger(self.database, self.quotas, relationship.relationship_id)
+    async def _restore(self, relationship_id: str) -> QuotaFigures:
+        """Sets the hot quota from the ledger (also when Redis lacked it: the ledger already
+        counts every change)."""
+        return await restore_from_ledger(self.database, self.quotas, relationship_id)
 
 
 class _QuotaShort(Exception):
