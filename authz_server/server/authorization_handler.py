@@ -23,11 +23,11 @@ from authz_server.server.auth import Authenticator, PrincipalKind
 from authz_server.server.errors import mapped
 from authz_server.service.authorization import (
     AuthorizationService,
-    AuthorizationView,
     AuthorizeOutcome,
     RefundOutcome,
 )
 from authz_server.service.idempotency import Idempotency
+from authz_server.service.views import AuthorizationView
 
 Context = grpc.aio.ServicerContext[Any, Any]
 AUTHORIZATION_ID = re.compile(r"[0-9a-f]{32}")

@@ -38,13 +38,15 @@ from authz_server.domain.types import (
 )
 from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
-from authz_server.service.capture_recovery import ledger_parts, settle_capture
+from authz_server.service.capture_recovery import settle_capture
+from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import Journal
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.service.reference_cache import ReferenceCache
+from authz_server.service.views import AuthorizationView
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import AuthorizeCall, HoldDecision, HoldStore
 from authz_server.storage.sql import records
@@ -82,21 +84,6 @@ class AuthorizeOutcome:
     remaining_fen: int
     expires_at: datetime | None
     status: AuthorizationStatus
-
-
-@dataclass(frozen=True)
-class AuthorizationView:
-    authorization_id: str
-    merchant_id: str
-    beneficiary_id: str
-    purpose: Purpose
-    status: AuthorizationStatus
-    approved_fen: int
-    captured_fen: int
-    refunded_fen: int
-    funding: Funding
-    created_at: datetime | None
-    expires_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -162,6 +149,7 @@ class AuthorizationService:
         self.holds = holds
         self.quotas = quotas
         self.group_commit = group_commit
+        self.captures = CaptureWriter(database, metrics.observe_group_commit)
         self.journal = journal
         self.references = references
         self.pharmacy_hold_seconds = pharmacy_hold_seconds
@@ -401,73 +389,22 @@ class AuthorizationService:
         expires_at: datetime | None = None,
     ) -> AuthorizationView | bytes:
         merchant = self.references.merchants.get(merchant_id)
-        merchant_region = merchant.pooling_region if merchant else ""
-        amount = sum(fen for _, fen in parts)
-
-        def work(session: Session) -> AuthorizationView | bytes:
-            if call is not None:
-                replay = idempotency.find(session, call)
-                if replay is not None:
-                    return replay
-            if session.get(CaptureRow, authorization_id) is not None:
-                raise CapturedInLedger(
-                    authorization_id, ledger_parts(session, authorization_id) or ""
-                )
-            session.add(
-                CaptureRow(
-                    authorization_id=authorization_id,
-                    merchant_id=merchant_id,
-                    merchant_region=merchant_region,
-                    beneficiary_id=beneficiary_id,
-                    purpose=purpose.value,
-                    approved_fen=approved_fen,
-                    amount_fen=amount,
-                    refunded_fen=0,
-                    idempotency_key=call.key if call else "",
-                    captured_at=now,
-                )
-            )
-            session.flush()  # the parts refer to it
-            for position, (relationship_id, fen) in enumerate(parts):
-                if fen == 0:
-                    continue
-                row = records.relationship_row(session, relationship_id, lock=True)
-                if row.status != RelationshipStatus.ACTIVE.value:
-                    raise PolicyRefusal(
-                        "RELATIONSHIP_NOT_ACTIVE", f"relationship {relationship_id} is dissolved"
-                    )
-                holder = records.participant_row(session, row.holder_id)
-                row.captured_total_fen += fen
-                entry = ledger.entry(
-                    session, LedgerKind.CAPTURE, row.holder_id, fen, now,
-                    relationship_id=relationship_id,
-                )  # fmt: skip
-                entry.authorization_id = authorization_id
-                entry.merchant_id = merchant_id
-                entry.holder_region = holder.pooling_region
-                entry.merchant_region = merchant_region
-                session.add(
-                    CapturePartRow(
-                        authorization_id=authorization_id,
-                        relationship_id=relationship_id,
-                        position=position,
-                        holder_id=row.holder_id,
-                        holder_region=holder.pooling_region,
-                        amount_fen=fen,
-                        refunded_fen=0,
-                    )
-                )
-            session.flush()
-            view = AuthorizationView(
-                authorization_id, merchant_id, beneficiary_id, purpose,
-                AuthorizationStatus.CAPTURED, approved_fen, amount, 0, funding, created_at,
-                expires_at,
-            )  # fmt: skip
-            if call is not None:
-                idempotency.remember(session, call, view, now)
-            return view
-
-        return await self.group_commit.submit(work)
+        unit = CaptureUnit(
+            authorization_id=authorization_id,
+            merchant_id=merchant_id,
+            merchant_region=merchant.pooling_region if merchant else "",
+            beneficiary_id=beneficiary_id,
+            purpose=purpose,
+            approved_fen=approved_fen,
+            funding=funding,
+            parts=parts,
+            call=call,
+            now=now,
+            created_at=created_at,
+            expires_at=expires_at,
+        )
+        result: AuthorizationView | bytes = await self.captures.submit(unit)
+        return result
 
     # --- Void ------------------------------------------------------------------------------
 
@@ -635,14 +572,6 @@ def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:
         metrics.approved_fen.labels(purpose.value).inc(outcome.approved_fen)
     if outcome.status is AuthorizationStatus.CAPTURED:
         metrics.captured_fen.labels(purpose.value).inc(outcome.approved_fen)
-
-
-class CapturedInLedger(PolicyRefusal):
-    """ALREADY_CAPTURED, found in SQL; carries the captured parts ("rid=fen;...")."""
-
-    def __init__(self, authorization_id: str, parts: str) -> None:
-        super().__init__("ALREADY_CAPTURED", f"authorization {authorization_id} is captured")
-        self.parts = parts
 
 
 def _with_status(outcome: AuthorizeOutcome, status: AuthorizationStatus) -> AuthorizeOutcome:

@@ -1,0 +1,225 @@
+"""Captures are written to SQL in batches: one transaction and a few statements per batch.
+
+Concurrent captures queue here; while one batch is in its transaction the next one gathers, so
+SQL round trips are shared by every capture waiting (group commit, set-based). Each capture in a
+batch is decided on its own (`decide`): a replay gets its stored answer, a reused key or a
+dissolved relationship refuses that capture only, the others are written. If the batch's
+transaction fails for a reason that is not a lock or a lost connection, its captures are retried
+one transaction each, so one bad capture cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from authz_server.domain.errors import IdempotencyKeyReused, NotFound, PolicyRefusal, Unavailable
+from authz_server.domain.funding import Funding, format_funding
+from authz_server.domain.types import AuthorizationStatus, Purpose, RelationshipStatus
+from authz_server.service.idempotency import Idempotency
+from authz_server.service.views import AuthorizationView
+from authz_server.storage.sql import capture_batch
+from authz_server.storage.sql.capture_batch import AcceptedCapture, BatchState, CapturePart
+from authz_server.storage.sql.database import Database
+
+log = logging.getLogger(__name__)
+# Bounds one transaction: enough to share its round trips, short enough for row-lock times.
+MAX_BATCH = 256
+
+BatchObserver = Callable[[int, float], None]
+
+
+@dataclass(frozen=True)
+class CaptureUnit:
+    authorization_id: str
+    merchant_id: str
+    merchant_region: str
+    beneficiary_id: str
+    purpose: Purpose
+    approved_fen: int
+    funding: Funding
+    # what this capture draws, part by part in funding order (zero parts are not written)
+    parts: Funding
+    call: Idempotency[AuthorizationView] | None
+    now: datetime
+    created_at: datetime | None
+    expires_at: datetime | None
+
+
+class CapturedInLedger(PolicyRefusal):
+    """ALREADY_CAPTURED, found in SQL; carries the captured parts ("rid=fen;...")."""
+
+    def __init__(self, authorization_id: str, parts: str) -> None:
+        super().__init__("ALREADY_CAPTURED", f"authorization {authorization_id} is captured")
+        self.parts = parts
+
+
+Outcome = tuple[bool, Any]  # (True, answer) or (False, the exception to raise)
+
+
+def decide(
+    units: list[CaptureUnit], state: BatchState
+) -> tuple[list[Outcome], list[AcceptedCapture]]:
+    """Each capture's outcome, in order, and the captures to write. No I/O."""
+    outcomes: list[Outcome] = []
+    accepted: list[AcceptedCapture] = []
+    keys_in_batch: set[tuple[str, str]] = set()
+    captured_in_batch: dict[str, str] = {}
+    for unit in units:
+        call = unit.call
+        if call is not None:
+            stored = state.answers.get((call.scope, call.key))
+            if stored is not None:
+                if stored.request_digest != call.request_digest:
+                    outcomes.append((False, IdempotencyKeyReused(call.key)))
+                else:
+                    outcomes.append((True, stored.response))
+                continue
+            if (call.scope, call.key) in keys_in_batch:
+                # Two captures with one key in one batch: the first decides; the other retries
+                # and then gets the first's answer (or is refused as a reused key).
+                outcomes.append((False, Unavailable("a capture with this key is being written")))
+                continue
+        authorization_id = unit.authorization_id
+        if authorization_id in state.captured:
+            parts_text = format_funding(state.captured[authorization_id])
+            outcomes.append((False, CapturedInLedger(authorization_id, parts_text)))
+            continue
+        if authorization_id in captured_in_batch:
+            parts_text = captured_in_batch[authorization_id]
+            outcomes.append((False, CapturedInLedger(authorization_id, parts_text)))
+            continue
+        refusal = _refusal(unit, state)
+        if refusal is not None:
+            outcomes.append((False, refusal))
+            continue
+        amount = sum(fen for _, fen in unit.parts)
+        answer = AuthorizationView(
+            authorization_id, unit.merchant_id, unit.beneficiary_id, unit.purpose,
+            AuthorizationStatus.CAPTURED, unit.approved_fen, amount, 0, unit.funding,
+            unit.created_at, unit.expires_at,
+        )  # fmt: skip
+        parts = tuple(
+            CapturePart(
+                relationship_id,
+                position,
+                state.relationships[relationship_id].holder_id,
+                state.relationships[relationship_id].holder_region,
+                fen,
+            )
+            for position, (relationship_id, fen) in enumerate(unit.parts)
+            if fen
+        )
+        accepted.append(
+            AcceptedCapture(
+                authorization_id=authorization_id,
+                merchant_id=unit.merchant_id,
+                merchant_region=unit.merchant_region,
+                beneficiary_id=unit.beneficiary_id,
+                purpose=unit.purpose.value,
+                approved_fen=unit.approved_fen,
+                amount_fen=amount,
+                idempotency_key=call.key if call else "",
+                captured_at=unit.now,
+                parts=parts,
+                answer=(call.scope, call.key, call.request_digest, call.encode(answer))
+                if call
+                else None,
+            )
+        )
+        if call is not None:
+            keys_in_batch.add((call.scope, call.key))
+        captured_in_batch[authorization_id] = format_funding(
+            (part.relationship_id, part.amount_fen) for part in parts
+        )
+        outcomes.append((True, answer))
+    return outcomes, accepted
+
+
+def _refusal(unit: CaptureUnit, state: BatchState) -> Exception | None:
+    """A capture draws only from active relationships (a dissolved one voided its holds)."""
+    for relationship_id, fen in unit.parts:
+        if fen == 0:
+            continue
+        found = state.relationships.get(relationship_id)
+        if found is None:
+            return NotFound(f"relationship {relationship_id} not found")
+        if found.status != RelationshipStatus.ACTIVE.value:
+            return PolicyRefusal(
+                "RELATIONSHIP_NOT_ACTIVE", f"relationship {relationship_id} is dissolved"
+            )
+    return None
+
+
+class CaptureWriter:
+    def __init__(self, database: Database, observe: BatchObserver | None = None) -> None:
+        self.database = database
+        self.observe = observe
+        self.pending: list[tuple[CaptureUnit, asyncio.Future[Any]]] = []
+        self.drain: asyncio.Task[None] | None = None
+
+    async def submit(self, unit: CaptureUnit) -> Any:
+        """Writes the capture in the next batch; returns its answer (or the stored answer's
+        bytes on a replay), raises its refusal, or Unavailable."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append((unit, future))
+        if self.drain is None or self.drain.done():
+            # No long-lived task: a drain runs while captures wait and ends when none do.
+            self.drain = asyncio.get_running_loop().create_task(self._drain(), name="captures")
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+            units = [unit for unit, _ in batch]
+            started = time.perf_counter()
+            try:
+                outcomes = await loop.run_in_executor(self.database.executor, self._commit, units)
+            except OperationalError as error:  # a lock or a lost connection: retryable
+                failure = Unavailable(f"the database did not answer: {error.orig}")
+                outcomes = [(False, failure)] * len(batch)
+            except Exception:  # not a lock: find the capture that broke it, one by one
+                log.exception("capture batch of %d failed; retrying one by one", len(batch))
+                outcomes = await loop.run_in_executor(
+                    self.database.executor, self._commit_each, units
+                )
+            if self.observe is not None:
+                self.observe(len(batch), time.perf_counter() - started)
+            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:
+        with self.database.engine.begin() as connection:
+            state = capture_batch.load(
+                connection,
+                keys=[(unit.call.scope, unit.call.key) for unit in units if unit.call],
+                authorization_ids=[unit.authorization_id for unit in units],
+                relationship_ids=[rid for unit in units for rid, fen in unit.parts if fen],
+            )
+            outcomes, accepted = decide(units, state)
+            capture_batch.write(connection, accepted)
+        return outcomes
+
+    def _commit_each(self, units: list[CaptureUnit]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for unit in units:
+            try:
+                outcomes.extend(self._commit([unit]))
+            except OperationalError as error:
+                outcomes.append((False, Unavailable(f"the database did not answer: {error}")))
+            except Exception as error:  # this capture only; its transaction was rolled back
+                outcomes.append((False, error))
+        return outcomes

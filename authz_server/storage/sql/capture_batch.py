@@ -1,0 +1,235 @@
+"""Captures written set-based: a few statements per batch of captures, not a dozen per capture.
+
+One batch is one transaction: read what the batch needs in three queries (idempotency records,
+captures already written, the funding relationships locked in id order with their holders'
+regions), let the caller decide every capture in Python, then write the accepted ones with one
+executemany per table. Lock order is the service's everywhere: relationships (sorted by id, so
+two batches cannot deadlock each other), participants only read.
+
+Each accepted capture part writes its CAPTURE ledger row here, beside the capture_parts row and
+the relationship's captured_total_fen: the three always change together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
+
+from authz_server.domain.types import LedgerKind
+from authz_server.storage.sql.tables import (
+    CapturePartRow,
+    CaptureRow,
+    IdempotencyRecordRow,
+    LedgerEntryRow,
+    ParticipantRow,
+    RelationshipRow,
+)
+
+captures: Table = CaptureRow.__table__  # type: ignore[assignment]
+capture_parts: Table = CapturePartRow.__table__  # type: ignore[assignment]
+ledger_entries: Table = LedgerEntryRow.__table__  # type: ignore[assignment]
+idempotency_records: Table = IdempotencyRecordRow.__table__  # type: ignore[assignment]
+relationships: Table = RelationshipRow.__table__  # type: ignore[assignment]
+participants: Table = ParticipantRow.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    request_digest: str
+    response: bytes
+
+
+@dataclass(frozen=True)
+class FundingRelationship:
+    status: str
+    holder_id: str
+    holder_region: str
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What SQL holds for a batch, read under the relationships' row locks."""
+
+    # (scope, key) -> the answer stored by the first call with that key
+    answers: dict[tuple[str, str], StoredAnswer]
+    # authorization id -> its captured parts ((relationship id, fen) in position order)
+    captured: dict[str, tuple[tuple[str, int], ...]]
+    relationships: dict[str, FundingRelationship]
+
+
+@dataclass(frozen=True)
+class CapturePart:
+    relationship_id: str
+    position: int
+    holder_id: str
+    holder_region: str
+    amount_fen: int
+
+
+@dataclass(frozen=True)
+class AcceptedCapture:
+    authorization_id: str
+    merchant_id: str
+    merchant_region: str
+    beneficiary_id: str
+    purpose: str
+    approved_fen: int
+    amount_fen: int
+    idempotency_key: str
+    captured_at: datetime
+    parts: tuple[CapturePart, ...]
+    # (scope, key, request digest, the encoded answer) for idempotent calls
+    answer: tuple[str, str, str, bytes] | None
+
+
+def load(
+    connection: Connection,
+    keys: Iterable[tuple[str, str]],
+    authorization_ids: Iterable[str],
+    relationship_ids: Iterable[str],
+) -> BatchState:
+    wanted_keys = set(keys)
+    answers: dict[tuple[str, str], StoredAnswer] = {}
+    if wanted_keys:
+        rows = connection.execute(
+            select(
+                idempotency_records.c.scope,
+                idempotency_records.c.idempotency_key,
+                idempotency_records.c.request_digest,
+                idempotency_records.c.response,
+            ).where(idempotency_records.c.idempotency_key.in_({key for _, key in wanted_keys}))
+        )
+        for scope, key, digest, response in rows:
+            if (scope, key) in wanted_keys:
+                answers[(scope, key)] = StoredAnswer(digest, bytes(response))
+    captured: dict[str, list[tuple[str, int]]] = {}
+    ids = sorted(set(authorization_ids))
+    if ids:
+        found = connection.scalars(
+            select(captures.c.authorization_id).where(captures.c.authorization_id.in_(ids))
+        ).all()
+        for authorization_id in found:
+            captured[authorization_id] = []
+        if found:
+            parts = connection.execute(
+                select(
+                    capture_parts.c.authorization_id,
+                    capture_parts.c.relationship_id,
+                    capture_parts.c.amount_fen,
+                )
+                .where(capture_parts.c.authorization_id.in_(found))
+                .order_by(capture_parts.c.authorization_id, capture_parts.c.position)
+            )
+            for authorization_id, relationship_id, amount_fen in parts:
+                captured[authorization_id].append((relationship_id, amount_fen))
+    funding: dict[str, FundingRelationship] = {}
+    relationship_list = sorted(set(relationship_ids))
+    if relationship_list:
+        rows = connection.execute(
+            select(
+                relationships.c.relationship_id,
+                relationships.c.status,
+                relationships.c.holder_id,
+                participants.c.pooling_region,
+            )
+            .join(participants, participants.c.participant_id == relationships.c.holder_id)
+            .where(relationships.c.relationship_id.in_(relationship_list))
+            .order_by(relationships.c.relationship_id)
+            .with_for_update(of=relationships)
+        )
+        for relationship_id, status, holder_id, region in rows:
+            funding[relationship_id] = FundingRelationship(status, holder_id, region)
+    return BatchState(
+        answers=answers,
+        captured={key: tuple(value) for key, value in captured.items()},
+        relationships=funding,
+    )
+
+
+def write(connection: Connection, accepted: Sequence[AcceptedCapture]) -> None:
+    """One executemany per table for the whole batch."""
+    if not accepted:
+        return
+    connection.execute(
+        insert(captures),
+        [
+            {
+                "authorization_id": capture.authorization_id,
+                "merchant_id": capture.merchant_id,
+                "merchant_region": capture.merchant_region,
+                "beneficiary_id": capture.beneficiary_id,
+                "purpose": capture.purpose,
+                "approved_fen": capture.approved_fen,
+                "amount_fen": capture.amount_fen,
+                "refunded_fen": 0,
+                "idempotency_key": capture.idempotency_key,
+                "captured_at": capture.captured_at,
+            }
+            for capture in accepted
+        ],
+    )
+    parts = [(capture, part) for capture in accepted for part in capture.parts]
+    if parts:
+        connection.execute(
+            insert(capture_parts),
+            [
+                {
+                    "authorization_id": capture.authorization_id,
+                    "relationship_id": part.relationship_id,
+                    "position": part.position,
+                    "holder_id": part.holder_id,
+                    "holder_region": part.holder_region,
+                    "amount_fen": part.amount_fen,
+                    "refunded_fen": 0,
+                }
+                for capture, part in parts
+            ],
+        )
+        connection.execute(
+            insert(ledger_entries),
+            [
+                {
+                    "kind": LedgerKind.CAPTURE.value,
+                    "holder_id": part.holder_id,
+                    "relationship_id": part.relationship_id,
+                    "authorization_id": capture.authorization_id,
+                    "merchant_id": capture.merchant_id,
+                    "amount_fen": part.amount_fen,
+                    "channel": None,
+                    "holder_region": part.holder_region,
+                    "merchant_region": capture.merchant_region,
+                    "created_at": capture.captured_at,
+                }
+                for capture, part in parts
+            ],
+        )
+        totals: dict[str, int] = {}
+        for _, part in parts:
+            totals[part.relationship_id] = totals.get(part.relationship_id, 0) + part.amount_fen
+        connection.execute(
+            update(relationships)
+            .where(relationships.c.relationship_id == bindparam("target_relationship_id"))
+            .values(
+                captured_total_fen=relationships.c.captured_total_fen + bindparam("captured_fen")
+            ),
+            [
+                {"target_relationship_id": relationship_id, "captured_fen": fen}
+                for relationship_id, fen in sorted(totals.items())
+            ],
+        )
+    answers = [
+        {
+            "scope": capture.answer[0],
+            "idempotency_key": capture.answer[1],
+            "request_digest": capture.answer[2],
+            "response": capture.answer[3],
+            "created_at": capture.captured_at,
+        }
+        for capture in accepted
+        if capture.answer is not None
+    ]
+    if answers:
+        connection.execute(insert(idempotency_records), answers)
