@@ -1,4 +1,5 @@
-"""Group commit: concurrent writes (captures, refunds) share one SQL transaction.
+"""Group commit: concurrent refunds share one SQL transaction (captures have their own
+set-based batches: service/capture_writer.py).
 
 Each unit of work runs in its own SAVEPOINT, so a refusal (a relationship no longer active, a
 refund over the captured amount) undoes only that unit; one COMMIT then makes the whole batch
