@@ -100,7 +100,11 @@ def load(
                 idempotency_records.c.idempotency_key,
                 idempotency_records.c.request_digest,
                 idempotency_records.c.response,
-            ).where(idempotency_records.c.idempotency_key.in_({key for _, key in wanted_keys}))
+            ).where(  # both columns of the primary key, so SQLite and PostgreSQL search it
+                # (by key alone, or by row value IN on SQLite, the table is scanned)
+                idempotency_records.c.scope.in_(sorted({scope for scope, _ in wanted_keys})),
+                idempotency_records.c.idempotency_key.in_(sorted({key for _, key in wanted_keys})),
+            )
         )
         for scope, key, digest, response in rows:
             if (scope, key) in wanted_keys:
