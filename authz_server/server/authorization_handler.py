@@ -154,8 +154,9 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
             metrics.idempotent_replays.labels("Capture").inc()
         else:
             metrics.captured_fen.labels(result.purpose.value).inc(result.captured_fen)
-        encoded = result if isinstance(result, bytes) else _encode_capture(result)
-        return authorization_pb2.CaptureResponse.FromString(encoded)
+        if isinstance(result, bytes):  # the first answer, as stored
+            return authorization_pb2.CaptureResponse.FromString(result)
+        return authorization_pb2.CaptureResponse(authorization=authorization(result))
 
     @mapped
     async def Void(

@@ -4,7 +4,8 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 - Authorize is one Redis round trip (storage/redis/lua/authorize.lua); its decision is
   journaled to SQL in batches afterwards (service/journal.py).
 - Capture claims the hold in Redis, writes the capture to SQL in a set-based batch
-  (service/capture_writer.py), then settles the hold in Redis. Refund is written to SQL first, then credited to the quota.
+  (service/capture_writer.py), then settles the hold in Redis. Refund is written to SQL
+  first, then credited to the quota.
 - Dissolution voids open holds; a hold whose relationship was dissolved cannot be captured
   (RELATIONSHIP_NOT_ACTIVE), because the capture re-checks the relationship in SQL.
 """
