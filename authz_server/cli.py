@@ -145,6 +145,7 @@ async def _reconcile(settings: Settings) -> int:
 
     from authz_server.runtime.reconcile import reconcile
     from authz_server.storage.redis.hold_store import HoldStore
+    from authz_server.storage.redis.pipelined import PipelinedRedis
     from authz_server.storage.redis.quota_cache import RedisQuotaCache
     from authz_server.storage.sql.database import Database
 
@@ -153,8 +154,14 @@ async def _reconcile(settings: Settings) -> int:
         return 2
     database = Database(settings.effective_database_url)
     client = Redis.from_url(settings.redis_url)
-    report = await reconcile(database, RedisQuotaCache(client), HoldStore(client))
+    pipelined = PipelinedRedis.from_url(
+        settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
+    )
+    report = await reconcile(
+        database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
+    )
     print(f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen")
+    await pipelined.aclose()
     await client.aclose()
     database.close()
     return 0

@@ -35,6 +35,9 @@ class Settings:
     tokens_file: str = ""
     # Server processes sharing the port (SO_REUSEPORT); 0 means one per core.
     workers: int = 0
+    # The servers' asyncio event loop: auto (uvloop when installed, else asyncio), asyncio
+    # or uvloop (runtime/event_loop.py).
+    event_loop: str = "asyncio"
     # One JSON log line per call (request id, RPC, merchant, decision, latency).
     access_log: bool = True
     # gRPC metrics and access logs (off only to measure what they cost).
@@ -85,6 +88,7 @@ class Settings:
             redis_url=env.get("REDIS_URL", ""),
             tokens_file=env.get("MEDWALLET_TOKENS_FILE", ""),
             workers=int(get("MEDWALLET_WORKERS", defaults.workers)),
+            event_loop=get("MEDWALLET_EVENT_LOOP", defaults.event_loop).strip().lower(),
             shutdown_grace_seconds=float(
                 get("MEDWALLET_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds)
             ),

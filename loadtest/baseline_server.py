@@ -42,6 +42,7 @@ from authz_server.generated.medwallet.v1 import (
     authorization_pb2_grpc,
     common_pb2,
 )
+from authz_server.runtime import event_loop
 from authz_server.server import convert
 from authz_server.server.auth import Authenticator, PrincipalKind
 from loadtest import dataset
@@ -389,7 +390,11 @@ async def serve(arguments: argparse.Namespace, index: int) -> None:
     async with engine.connect() as connection:  # fail early if the database is not there
         await connection.execute(text("SELECT count(*) FROM quotas"))
     await server.start()
-    print(f"baseline worker {index} serving on port {arguments.port}", flush=True)
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    print(
+        f"baseline worker {index} serving on port {arguments.port} (event loop: {loop_name})",
+        flush=True,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -400,7 +405,7 @@ async def serve(arguments: argparse.Namespace, index: int) -> None:
 
 
 def worker(arguments: argparse.Namespace, index: int) -> None:
-    asyncio.run(serve(arguments, index))
+    event_loop.run(serve(arguments, index), arguments.event_loop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--application-name", default="mw-baseline")
     parser.add_argument("--tokens", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
+    # The service's event loop (MEDWALLET_EVENT_LOOP); the benchmark passes the same to all.
+    parser.add_argument("--event-loop", choices=event_loop.CHOICES, default="auto")
     arguments = parser.parse_args(argv)
+    arguments.event_loop = event_loop.resolve(arguments.event_loop)
     if arguments.workers == 1:
         worker(arguments, 0)
         return 0

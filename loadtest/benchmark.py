@@ -49,6 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from authz_server.settings import Settings
@@ -439,6 +440,7 @@ def run_service(run: Run, redis: EmbeddedRedis) -> None:
         MEDWALLET_PHARMACY_HOLD_SECONDS="7200",
     )
     env.update(setting.split("=", 1) for setting in arguments.service_env)  # type: ignore[arg-type]
+    env["MEDWALLET_EVENT_LOOP"] = arguments.event_loop  # the floor's and the baseline's too
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
     started = time.monotonic()
@@ -608,6 +610,8 @@ def run_floor(run: Run) -> None:
             str(run.directory / "authorize.bin"),
             "--capture-response",
             str(run.directory / "capture.bin"),
+            "--event-loop",
+            run.arguments.event_loop,
         ),
         dict(os.environ, PYTHONPATH=str(dataset.ROOT)),
         run.directory / "floor.log",
@@ -676,6 +680,8 @@ def run_baseline(run: Run) -> None:
                 str(run.tokens),
                 "--data-dir",
                 str(run.data),
+                "--event-loop",
+                arguments.event_loop,
             ),
             dict(os.environ, PYTHONPATH=str(dataset.ROOT)),
             run.directory / "baseline.log",
@@ -883,6 +889,7 @@ def write_results(run: Run, command: str, started: datetime) -> dict[str, Any]:
         },
         "settings": {
             "server_workers": run.workers,
+            "event_loop": arguments.event_loop,
             "load_generator_processes": arguments.clients,
             "calls_in_flight": arguments.concurrency,
             "channels_per_process": arguments.channels,
@@ -939,11 +946,20 @@ def main(argv: list[str] | None = None) -> int:
         help="a setting for the service, e.g. MEDWALLET_ACCESS_LOG=false (repeatable)",
     )
     parser.add_argument(
+        "--event-loop",
+        choices=event_loop.CHOICES,
+        default="auto",
+        help="the servers' event loop, the same for all three (default: uvloop when installed)",
+    )
+    parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
         help="which to measure, comma-separated (default: floor,service,baseline)",
     )
     arguments = parser.parse_args(argv)
+    if any(setting.startswith("MEDWALLET_EVENT_LOOP=") for setting in arguments.service_env):
+        parser.error("--event-loop chooses the loop, for the floor and the baseline too")
+    arguments.event_loop = event_loop.resolve(arguments.event_loop)
     workers = arguments.workers or Settings.from_environment().effective_workers
     started_at = datetime.now(UTC)
     command = "python -m loadtest.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -972,7 +988,8 @@ def main(argv: list[str] | None = None) -> int:
     document = write_results(run, command.strip(), started_at)
     print()
     print(
-        f"MedWallet AuthZ benchmark {started_at:%Y-%m-%d %H:%M} UTC, {workers} server workers,"
+        f"MedWallet AuthZ benchmark {started_at:%Y-%m-%d %H:%M} UTC, {workers} server workers"
+        f" on {arguments.event_loop},"
         f" {arguments.clients} load processes x {arguments.concurrency // arguments.clients}"
         f" calls in flight, {os.cpu_count()} cores, load average at start"
         f" {run.checks['load_average_at_start'][0]:.1f}"

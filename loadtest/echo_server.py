@@ -1,11 +1,12 @@
 """The floor: a bare grpc.aio AuthorizationService that answers every Authorize and Capture
 with a fixed response of the size the real service sends, and does nothing else.
 
-It runs like the service does: the default asyncio event loop (`asyncio.run`), the same
-server options (SO_REUSEPORT, the same message bound), and N worker processes spawned on one
-port. What the service costs above this is what the service itself does.
+It runs like the service does: the same event loop (`--event-loop`, as MEDWALLET_EVENT_LOOP:
+auto, asyncio or uvloop; the benchmark passes the service's), the same server options
+(SO_REUSEPORT, the same message bound), and N worker processes spawned on one port. What the
+service costs above this is what the service itself does.
 
-    python -m loadtest.echo_server --port 50060 --workers 2 \
+    python -m loadtest.echo_server --port 50060 --workers 2 --event-loop uvloop \
         --authorize-response authorize.bin --capture-response capture.bin
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import grpc
 
 from authz_server.generated.medwallet.v1 import authorization_pb2, authorization_pb2_grpc
+from authz_server.runtime import event_loop
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -58,7 +60,8 @@ async def serve(port: int, index: int, authorize: bytes, capture: bytes) -> None
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"echo worker {index} serving on port {port}", flush=True)
+    loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    print(f"echo worker {index} serving on port {port} (event loop: {loop_name})", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -67,8 +70,8 @@ async def serve(port: int, index: int, authorize: bytes, capture: bytes) -> None
     await server.stop(1)
 
 
-def worker(port: int, index: int, authorize: bytes, capture: bytes) -> None:
-    asyncio.run(serve(port, index, authorize, capture))
+def worker(port: int, index: int, authorize: bytes, capture: bytes, loop: str = "auto") -> None:
+    event_loop.run(serve(port, index, authorize, capture), loop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,15 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--authorize-response", type=Path, required=True)
     parser.add_argument("--capture-response", type=Path, required=True)
+    parser.add_argument("--event-loop", choices=event_loop.CHOICES, default="auto")
     arguments = parser.parse_args(argv)
+    loop = event_loop.resolve(arguments.event_loop)
     authorize = arguments.authorize_response.read_bytes()
     capture = arguments.capture_response.read_bytes()
     if arguments.workers == 1:
-        worker(arguments.port, 0, authorize, capture)
+        worker(arguments.port, 0, authorize, capture, loop)
         return 0
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=worker, args=(arguments.port, index, authorize, capture))
+        context.Process(target=worker, args=(arguments.port, index, authorize, capture, loop))
         for index in range(arguments.workers)
     ]
     for process in processes:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, text
 
+from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server.app import Application
 from authz_server.settings import Settings
@@ -115,9 +116,12 @@ class Harness:
             data_dir=directory,
             database_url=self.database_url,
             tokens_file=str(tokens),
+            # The server's loop as `serve` would choose it (MEDWALLET_EVENT_LOOP=asyncio runs
+            # the suite on asyncio's own loop).
+            event_loop=os.environ.get("MEDWALLET_EVENT_LOOP", Settings().event_loop),
         )
         self.clock = ManualClock()
-        self.loop = asyncio.new_event_loop()
+        self.loop = event_loop.loop_factory(self.settings.event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.app = self.run(self._make_app())

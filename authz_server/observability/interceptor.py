@@ -1,14 +1,23 @@
-"""A server interceptor for gRPC metrics (go-grpc-prometheus style) and one JSON log line per
-call. Handlers add merchant and decision to the line through `annotate`."""
+"""gRPC metrics (go-grpc-prometheus style) and one JSON log line per call, around every unary
+handler of the server. Handlers add merchant and decision to the line through `annotate`.
+
+The handlers are wrapped once, when the services are added to the server (`ObservedServer`),
+not per call by a grpc.aio ServerInterceptor: with grpcio 1.85 a do-nothing interceptor alone
+costs ~30 µs of CPU a call (an echo server: ~300 µs a call without, ~330 with), more than
+everything the wrapper does. What can be done once is done once: the label children of a
+method are looked up when it is wrapped; request ids are a per-process random prefix and a
+counter (uuid4 reads the kernel's random source on every call).
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -16,6 +25,9 @@ from authz_server.observability import metrics
 
 log = logging.getLogger("authz_server.access")
 _call_fields: ContextVar[dict[str, str] | None] = ContextVar("call_fields", default=None)
+_perf_counter = time.perf_counter
+
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def annotate(**fields: str) -> None:
@@ -32,60 +44,156 @@ def go_code_name(code: grpc.StatusCode | None) -> str:
     return "".join(part.capitalize() for part in code.name.split("_"))
 
 
-class ObservingInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, access_log: bool = True) -> None:
+_GO_CODE_NAMES: dict[grpc.StatusCode | None, str] = {
+    code: go_code_name(code) for code in [None, *grpc.StatusCode]
+}
+
+
+def _code_name(code: grpc.StatusCode | None) -> str:
+    return _GO_CODE_NAMES.get(code) or go_code_name(code)
+
+
+class _RequestIds:
+    """16 hex digits: 8 random per process, then a counter. Unique within a process; across
+    processes (workers, restarts) two share a prefix with probability ~n²/2³³."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        # A forked child must not repeat its parent's ids (workers are spawned, but be safe).
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(4).hex()
+        self.counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):08x}"
+
+
+request_ids = _RequestIds()
+
+
+class _Method:
+    """What one method's calls share: label children looked up once, and the wrapped handler."""
+
+    def __init__(self, full_method: str, inner: Handler, access_log: bool) -> None:
+        self.inner = inner
+        self.call = inner.unary_unary
+        service, _, self.method = full_method.lstrip("/").rpartition("/")
+        self.service = service
+        self.started = metrics.grpc_started.labels("unary", service, self.method)
+        self.seconds = metrics.grpc_handling_seconds.labels("unary", service, self.method)
+        # Status code -> grpc_handled child, filled on first use (at most 17 codes).
+        self.handled: dict[grpc.StatusCode | None, Any] = {}
         self.access_log = access_log
-        self._labels: dict[str, tuple[str, str]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        full_method: str = handler_call_details.method
-        service, _, method = full_method.lstrip("/").rpartition("/")
-        started = metrics.grpc_started.labels("unary", service, method)
-        seconds = metrics.grpc_handling_seconds.labels("unary", service, method)
-        inner = handler.unary_unary
-
-        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            started.inc()
-            fields: dict[str, str] = {}
-            token = _call_fields.set(fields)
-            begin = time.perf_counter()
-            code: grpc.StatusCode | None = None
-            try:
-                response = await inner(request, context)  # type: ignore[arg-type]
-                code = context.code()
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                elapsed = time.perf_counter() - begin
-                name = go_code_name(code)
-                seconds.observe(elapsed)
-                metrics.grpc_handled.labels("unary", service, method, name).inc()
-                _call_fields.reset(token)
-                if self.access_log:
-                    log.info(
-                        "rpc",
-                        extra={
-                            "request_id": uuid.uuid4().hex[:16],
-                            "rpc": method,
-                            "code": name,
-                            "latency_ms": round(elapsed * 1000, 3),
-                            **fields,
-                        },
-                    )
-
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        self.wrapped: Handler = grpc.unary_unary_rpc_method_handler(
+            self.observed,
+            request_deserializer=inner.request_deserializer,
+            response_serializer=inner.response_serializer,
         )
+
+    def _handled(self, code: grpc.StatusCode | None) -> Any:
+        child = self.handled[code] = metrics.grpc_handled.labels(
+            "unary", self.service, self.method, _code_name(code)
+        )
+        return child
+
+    async def observed(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        self.started.inc()
+        fields: dict[str, str] = {}
+        token = _call_fields.set(fields)
+        begin = _perf_counter()
+        code: grpc.StatusCode | None = None
+        try:
+            response = await self.call(request, context)  # type: ignore[misc,arg-type]
+            code = context.code()
+            return response
+        except BaseException:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            elapsed = _perf_counter() - begin
+            _call_fields.reset(token)
+            self.seconds.observe(elapsed)
+            (self.handled.get(code) or self._handled(code)).inc()
+            if self.access_log and log.isEnabledFor(logging.INFO):
+                log.info(
+                    "rpc",
+                    extra={
+                        "request_id": request_ids.next(),
+                        "rpc": self.method,
+                        "code": _code_name(code),
+                        "latency_ms": round(elapsed * 1000, 3),
+                        **fields,
+                    },
+                )
+
+
+class ObservedServer(grpc.aio.Server):
+    """A grpc.aio.Server whose unary-unary handlers are registered already wrapped, whichever
+    way they are added (the generated `add_*Servicer_to_server` functions register them by name
+    and through a generic handler). Streaming handlers are registered as they are (not
+    observed). Everything else is the wrapped server's."""
+
+    def __init__(self, server: grpc.aio.Server, access_log: bool = True) -> None:
+        self.server = server
+        self.access_log = access_log
+        # Full method name -> its wrapper.
+        self._methods: dict[str, _Method] = {}
+
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
+            return handler
+        known = self._methods.get(full_method)
+        if known is None or known.inner is not handler:
+            known = self._methods[full_method] = _Method(full_method, handler, self.access_log)
+        return known.wrapped
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, Handler]
+    ) -> None:
+        """What the generated code registers by name (grpc.aio looks these up first)."""
+        self.server.add_registered_method_handlers(
+            service_name,
+            {
+                name: self.wrap(f"/{service_name}/{name}", handler)
+                for name, handler in method_handlers.items()
+            },
+        )
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
+    ) -> None:
+        self.server.add_generic_rpc_handlers(
+            tuple(_ObservedGeneric(self, handler) for handler in generic_rpc_handlers)
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        return self.server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self.server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+
+class _ObservedGeneric(grpc.GenericRpcHandler):
+    """A generic handler's answers, wrapped (and kept: only methods it has a handler for, so a
+    client sending made-up method names cannot grow the cache)."""
+
+    def __init__(self, observed: ObservedServer, inner: grpc.GenericRpcHandler) -> None:
+        self.observed = observed
+        self.inner = inner
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self.inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self.observed.wrap(handler_call_details.method, handler)

@@ -18,7 +18,7 @@ import signal
 from types import FrameType
 
 from authz_server.observability import logs
-from authz_server.runtime import demo
+from authz_server.runtime import demo, event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.reconcile import ReconcileReport
 from authz_server.settings import Settings
@@ -29,6 +29,8 @@ log = logging.getLogger("authz_server")
 
 def serve(settings: Settings) -> int:
     logs.configure(settings.log_level)
+    # A wrong MEDWALLET_EVENT_LOOP fails here, once, not in every worker.
+    log.info("event loop: %s", event_loop.resolve(settings.event_loop))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_to_head(settings.effective_database_url)
     if settings.demo_data:
@@ -44,7 +46,7 @@ def serve(settings: Settings) -> int:
                 from prometheus_client import start_http_server
 
                 start_http_server(settings.metrics_port)
-            return asyncio.run(run_worker(settings, redis_url, 0))
+            return event_loop.run(run_worker(settings, redis_url, 0), settings.event_loop)
         return _supervise(settings, redis_url)
     finally:
         if embedded:
@@ -58,15 +60,20 @@ async def _reconcile_once(settings: Settings, redis_url: str) -> ReconcileReport
     from authz_server.runtime.reconcile import reconcile
     from authz_server.storage.redis import scripts
     from authz_server.storage.redis.hold_store import HoldStore
+    from authz_server.storage.redis.pipelined import PipelinedRedis
     from authz_server.storage.redis.quota_cache import RedisQuotaCache
     from authz_server.storage.sql.database import Database
 
     database = Database(settings.effective_database_url)
     client = Redis.from_url(redis_url)
+    pipelined = PipelinedRedis.from_url(redis_url, timeout_seconds=settings.redis_timeout_seconds)
     try:
         await scripts.preload(client)
-        return await reconcile(database, RedisQuotaCache(client), HoldStore(client))
+        return await reconcile(
+            database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
+        )
     finally:
+        await pipelined.aclose()
         await client.aclose()
         database.close()
 
@@ -76,7 +83,7 @@ def _supervise(settings: Settings, redis_url: str) -> int:
     shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files would add old counts
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    report = asyncio.run(_reconcile_once(settings, redis_url))
+    report = event_loop.run(_reconcile_once(settings, redis_url), settings.event_loop)
     log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
     context = multiprocessing.get_context("spawn")
     workers = [
@@ -118,7 +125,9 @@ def worker_main(
     settings: Settings, redis_url: str, index: int, reconciled: ReconcileReport
 ) -> None:
     logs.configure(settings.log_level)
-    raise SystemExit(asyncio.run(run_worker(settings, redis_url, index, reconciled)))
+    raise SystemExit(
+        event_loop.run(run_worker(settings, redis_url, index, reconciled), settings.event_loop)
+    )
 
 
 async def run_worker(
@@ -143,7 +152,8 @@ async def run_worker(
     if settings.demo_data and index == 0:
         relationship_id = await demo.load(app.registry, app.relationships)
         demo.print_instructions(port, relationship_id)
-    log.info("worker %d serving on port %d", index, port)
+    loop_name = event_loop.resolve(settings.event_loop)
+    log.info("worker %d serving on port %d (event loop: %s)", index, port, loop_name)
     await stopping.wait()
     grace = settings.shutdown_grace_seconds
     log.info("worker %d stopping: NOT_SERVING, %.1f s grace", index, grace)

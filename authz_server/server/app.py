@@ -24,7 +24,7 @@ from authz_server.generated.medwallet.v1 import (
     settlement_pb2_grpc,
 )
 from authz_server.observability import metrics
-from authz_server.observability.interceptor import ObservingInterceptor
+from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
@@ -32,7 +32,7 @@ from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
 from authz_server.service.authorization import AuthorizationService
-from authz_server.service.capture_recovery import settle_stalled
+from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.journal import Journal
 from authz_server.service.reference_cache import ReferenceCache
@@ -41,8 +41,10 @@ from authz_server.service.relationships import RelationshipService
 from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
 from authz_server.storage.redis import scripts
-from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
+from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.sweeper import HoldSweeper
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
 
@@ -58,7 +60,8 @@ SERVICE_NAMES = [
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
-# Redis connections per process; calls beyond it wait for one (see __post_init__).
+# redis-py connections per process, for what does not go through the pipelined connection
+# (health, script preload, reconcile); calls beyond it wait for one (see __post_init__).
 REDIS_MAX_CONNECTIONS = 256
 # How often health looks at Redis and SQL.
 HEALTH_INTERVAL_SECONDS = 1.0
@@ -89,14 +92,19 @@ class Application:
                 socket_connect_timeout=self.settings.redis_timeout_seconds,
             )
         )
-        self.quotas = RedisQuotaCache(self.redis)
+        # The hot path (Authorize, Capture, Void, Get, quota scripts, the sweeper): one
+        # auto-pipelining connection for the whole process (see storage/redis/pipelined.py).
+        self.pipelined_redis = PipelinedRedis.from_url(
+            self.redis_url, timeout_seconds=self.settings.redis_timeout_seconds
+        )
+        self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
         self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
         self.references = ReferenceCache(self.database)
         self.registry = RegistryService(self.database, self.quotas, self.clock, self.references)
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
-        self.holds = HoldStore(self.redis)
+        self.holds = HoldStore(self.redis, self.pipelined_redis)
         self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
         self.journal = Journal(self.database)
         self.authorizations = AuthorizationService(
@@ -119,16 +127,18 @@ class Application:
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
-        self.server = grpc.aio.server(
-            interceptors=(
-                [ObservingInterceptor(self.settings.access_log)]
-                if self.settings.instrumentation
-                else []
-            ),
+        server = grpc.aio.server(
             options=[
                 ("grpc.so_reuseport", 1),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ],
+        )
+        # Metrics and the access log: every unary handler is wrapped as it is added (cheaper
+        # than a grpc.aio interceptor, which costs ~30 µs a call by itself).
+        self.server = (
+            ObservedServer(server, self.settings.access_log)
+            if self.settings.instrumentation
+            else server
         )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
@@ -204,17 +214,19 @@ class Application:
             await self.health.set(name, status)
 
     async def _sweep(self) -> None:
-        """Returns expired holds to their quotas even when nobody touches them."""
+        """Returns expired holds to their quotas even when nobody touches them, and settles
+        captures stalled between their phases as SQL says. Costs what is due (HoldSweeper)."""
+        sweeper = HoldSweeper(self.holds, SWEEP_INTERVAL_SECONDS)
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
             try:
                 now_ms = int(self.clock().timestamp() * 1000)
-                expired, still_open = await self.holds.sweep(now_ms)
-                await settle_stalled(
-                    self.database, self.holds, now_ms, STALE_CAPTURE_SECONDS * 1000
-                )
-                metrics.hold_expirations.inc(expired)
-                metrics.open_holds.set(still_open)
+                report = await sweeper.sweep(now_ms)
+                metrics.hold_expirations.inc(report.expired)
+                if report.open_holds is not None:  # counted by a complete safety-net pass
+                    metrics.open_holds.set(report.open_holds)
+                for authorization_id in report.stalled_captures:
+                    await settle_capture(self.database, self.holds, authorization_id)
             except Exception:
                 log.exception("hold sweep failed; retrying")
 
@@ -229,6 +241,7 @@ class Application:
         await self.journal.stop()
         await self.group_commit.stop()
         await self.references.stop()
+        await self.pipelined_redis.aclose()
         await self.redis.aclose()
         self.database.close()
 

@@ -1,25 +1,60 @@
-"""Authorizations and holds in Redis: thin wrappers over the Lua scripts, one call each."""
+"""Authorizations and holds in Redis: thin wrappers over the Lua scripts, one call each, through
+the pipelined connection; and the sweeper's side (expired holds, stalled captures).
+
+The sweeper finds its work through two indexes Python keeps beside the scripts (keys.DUE_HOLDS,
+keys.CAPTURES_BEGUN), written in the same pipelined write as the script call that creates the
+work, so a sweep costs what is due, not a SCAN of every key. An index entry is a slot prefix
+scored with a time by which the sweeper must look at that slot; it may be early (a visit finds
+nothing due and moves the entry on), never late, except after a crash between a script and its
+index write, or a Redis restart that kept one and not the other: the safety net (index_step, a
+SCAN spread over time) puts such entries back.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from authz_server.storage.redis import keys
+from authz_server.storage.redis.pipelined import (
+    Argument,
+    Command,
+    PipelinedRedis,
+    Reply,
+    Script,
+    as_integer,
+    as_list,
+    as_text,
+)
 from authz_server.storage.redis.quota_cache import guarded
-from authz_server.storage.redis.scripts import load
+from authz_server.storage.redis.scripts import script
 
-SWEEP_LIMIT = 500
+# Holds one expire.lua call expires in one slot (a slot with more is visited again), and slots
+# one batch of the sweeper visits: at most 5,000 holds a batch, some 50 ms of Redis time when
+# everything falls due at once (after an outage), so the calls queued behind a batch on the
+# shared connection stay well within their timeout.
+SWEEP_LIMIT = 50
+SLOTS_PER_BATCH = 100
+# Batches per sweep of due holds (up to 2,000 slots, 100,000 holds a second); the rest waits
+# for the next round rather than keeping the connection busy.
+DUE_BATCHES_PER_SWEEP = 20
+# Keys per SCAN call of the full scans; Redis is busy for about a millisecond per call.
+SCAN_COUNT = 1000
+# Commands per write of the full scans and the safety net, far below the connection's bound.
+COMMANDS_PER_BATCH = 1000
+# The keys the safety net looks for: a slot's expiry and capturing zsets. SCAN filters by a glob
+# (this one also lets through the rare quota index whose beneficiary id has such a tail), so each
+# key found is checked against SLOT_ZSET.
+SLOT_ZSET_GLOB = "mw:{b:*}:[ec][xa]p[it]*"
+SLOT_ZSET = re.compile(r"(mw:\{b:[0-9a-f]+\}):(expiry|capturing)")
 # A capture still CAPTURING this long after it began lost its process (or its Redis reply):
 # it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
 STALE_CAPTURE_SECONDS = 30
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -69,15 +104,28 @@ class AuthorizeCall:
     requested_fen: int
 
 
+@dataclass(frozen=True)
+class IndexStep:
+    """One step of the safety net: where SCAN stopped (0: the pass is complete) and how many
+    open holds the slots it passed hold."""
+
+    cursor: int
+    open_holds: int
+
+
 class HoldStore:
-    def __init__(self, client: Redis) -> None:
+    """`client` (redis-py) stays for the rare commands (reconcile); everything else goes through
+    the pipelined connection `commands`."""
+
+    def __init__(self, client: Redis, commands: PipelinedRedis) -> None:
         self.client = client
-        self._authorize = load(client, "authorize")
-        self._undo = load(client, "authorize_undo")
-        self._capture_begin = load(client, "capture_begin")
-        self._capture_finish = load(client, "capture_finish")
-        self._void = load(client, "void")
-        self._expire = load(client, "expire")
+        self.commands = commands
+        self._authorize = script("authorize")
+        self._undo = script("authorize_undo")
+        self._capture_begin = script("capture_begin")
+        self._capture_finish = script("capture_finish")
+        self._void = script("void")
+        self._expire = script("expire")
 
     async def authorize(self, call: AuthorizeCall, now_ms: int) -> HoldDecision | None:
         """None when the idempotency key was used before with another request."""
@@ -88,7 +136,7 @@ class HoldStore:
             keys.quota_index(call.beneficiary_id),
             keys.expiry(prefix),
         ]
-        arguments: list[str | int] = [
+        arguments: list[Argument] = [
             prefix,
             now_ms,
             call.authorization_id,
@@ -109,20 +157,26 @@ class HoldStore:
         claim_key = keys.idempotency_claim(call.merchant_id, call.idempotency_key)
         raw, claimed_by = await guarded(
             lambda: self._decide_and_claim(
-                script_keys, arguments, claim_key, f"{call.request_digest}|{now_ms}"
+                script_keys,
+                arguments,
+                claim_key,
+                f"{call.request_digest}|{now_ms}",
+                (prefix, call.expires_at_ms),
             ),
             "authorize",
         )
-        reply = [_text(part) for part in raw]
+        reply = [as_text(part) for part in as_list(raw)]
         if reply[0] == "REUSED":
             return None
-        if _text(claimed_by).split("|")[0] != call.request_digest:
+        if as_text(claimed_by).split("|")[0] != call.request_digest:
             # The merchant used this key first for another request (another beneficiary):
             # forget the decision just made and refuse, as the same beneficiary's slot would.
             if reply[0] == "NEW":
                 undo_keys = script_keys[:2]
-                undo_args = [prefix, call.authorization_id]
-                await guarded(lambda: self._undo(keys=undo_keys, args=undo_args), "undo")
+                undo_args: list[Argument] = [prefix, call.authorization_id]
+                await guarded(
+                    lambda: self.commands.evalsha(self._undo, undo_keys, undo_args), "undo"
+                )
             return None
         return HoldDecision(
             replayed=reply[0] == "REPLAY",
@@ -138,21 +192,32 @@ class HoldStore:
         )
 
     async def _decide_and_claim(
-        self, script_keys: list[str], arguments: list[str | int], claim_key: str, claim: str
-    ) -> tuple[Any, Any]:
-        """authorize.lua and the merchant-wide key claim, pipelined: one round trip."""
+        self,
+        script_keys: list[str],
+        arguments: list[Argument],
+        claim_key: str,
+        claim: str,
+        due: tuple[str, int],
+    ) -> tuple[Reply, Reply]:
+        """authorize.lua, the merchant-wide key claim and the due index, pipelined: one round
+        trip. The index entry is written whatever the script decides (a call that opened no
+        hold costs the sweeper one empty visit; deciding it here would repeat authorize.lua's
+        rules); after the script, so a sweeper that read the slot before it will look again."""
+        commands: list[Command] = [
+            ("EVALSHA", self._authorize.sha, len(script_keys), *script_keys, *arguments),
+            ("SET", claim_key, claim, "NX"),
+            ("GET", claim_key),
+            ("ZADD", keys.DUE_HOLDS, "LT", due[1], due[0]),
+        ]
         for attempt in (1, 2):
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._authorize.sha, len(script_keys), *script_keys, *arguments)
-                pipe.set(claim_key, claim, nx=True)
-                pipe.get(claim_key)
-                raw, _, claimed_by = await pipe.execute(raise_on_error=False)
+            raw, _, claimed_by, _ = await self.commands.execute_many(commands)
+            # The index write's own error is left alone: the safety net repairs the index.
             if isinstance(raw, NoScriptError) and attempt == 1:
-                await self.client.script_load(self._authorize.script)  # Redis was restarted
+                await self.commands.load_script(self._authorize)  # Redis was restarted
                 continue
-            if isinstance(raw, Exception):
+            if isinstance(raw, ResponseError):
                 raise raw
-            if isinstance(claimed_by, Exception):
+            if isinstance(claimed_by, ResponseError):
                 raise claimed_by
             return raw, claimed_by
         raise NoScriptError("authorize.lua could not be loaded")
@@ -162,13 +227,19 @@ class HoldStore:
     ) -> CaptureClaim:
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
-        arguments: list[str | int] = [
+        arguments: list[Argument] = [
             prefix, now_ms, merchant_id, key, amount_fen, STALE_CAPTURE_SECONDS * 1000,
         ]  # fmt: skip
-        raw: Any = await guarded(
-            lambda: self._capture_begin(keys=script_keys, args=arguments), "capture_begin"
+        # The capture index entry goes with every claim, whatever its outcome: only an OK claim
+        # leaves a capture to finish, but one empty visit of the sweeper costs less than waiting
+        # for the answer before writing it.
+        raw = await guarded(
+            lambda: self._script_and_index(
+                self._capture_begin, script_keys, arguments, keys.CAPTURES_BEGUN, prefix, now_ms
+            ),
+            "capture_begin",
         )
-        reply = [_text(part) for part in raw]
+        reply = [as_text(part) for part in as_list(raw)]
         if len(reply) == 1:
             return CaptureClaim(reply[0], 0, 0, "", "", "")
         return CaptureClaim(
@@ -182,54 +253,280 @@ class HoldStore:
         """`why` (with VOIDED): what a later capture is told instead of ALREADY_VOIDED."""
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
+        arguments: list[Argument] = [prefix, outcome, parts, why]
+        if outcome == "PENDING":
+            # The hold is open again (with its own expiry, which may have passed meanwhile):
+            # the sweeper looks at the slot at its next round (score 0) and takes it from there.
+            await guarded(
+                lambda: self._script_and_index(
+                    self._capture_finish, script_keys, arguments, keys.DUE_HOLDS, prefix, 0
+                ),
+                "capture_finish",
+            )
+            return
         await guarded(
-            lambda: self._capture_finish(keys=script_keys, args=[prefix, outcome, parts, why]),
+            lambda: self.commands.evalsha(self._capture_finish, script_keys, arguments),
             "capture_finish",
         )
+
+    async def _script_and_index(
+        self,
+        lua: Script,
+        script_keys: list[str],
+        arguments: list[Argument],
+        index: str,
+        prefix: str,
+        visit_by_ms: int,
+    ) -> Reply:
+        """A script and, in the same write, after it, the sweeper index entry of its slot (only
+        ever moved earlier: LT). The index write's own error is left to the safety net."""
+        commands: list[Command] = [
+            ("EVALSHA", lua.sha, len(script_keys), *script_keys, *arguments),
+            ("ZADD", index, "LT", visit_by_ms, prefix),
+        ]
+        raw, _ = await self.commands.execute_many(commands)
+        if isinstance(raw, NoScriptError):
+            await self.commands.load_script(lua)  # Redis was restarted
+            raw, _ = await self.commands.execute_many(commands)
+        if isinstance(raw, ResponseError):
+            raise raw
+        return raw
 
     async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> str:
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
-        raw: Any = await guarded(
-            lambda: self._void(keys=script_keys, args=[prefix, now_ms, merchant_id]), "void"
+        arguments: list[Argument] = [prefix, now_ms, merchant_id]
+        raw = await guarded(
+            lambda: self.commands.evalsha(self._void, script_keys, arguments), "void"
         )
-        return _text(raw)
+        return as_text(raw)
 
     async def get(self, authorization_id: str) -> dict[str, str]:
-        raw: Any = await guarded(lambda: self.client.hgetall(keys.authorization(authorization_id)))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        key = keys.authorization(authorization_id)
+        flat = as_list(await guarded(lambda: self.commands.execute("HGETALL", key)))
+        return {as_text(flat[i]): as_text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
-    async def sweep(self, now_ms: int) -> tuple[int, int]:
-        """Expires due holds everywhere (the scripts also expire lazily in their own slot).
-        Returns (expired now, still open)."""
-        expired = still_open = 0
-        async for key in self.client.scan_iter(match="mw:{b:*}:expiry", count=1000):
-            expired += await self._sweep_slot(_text(key), now_ms)
-            still_open += await self._open_in_slot(_text(key))
-        return expired, still_open
+    # --- the sweeper's work, found through the indexes (O(what is due)) ----------------------
 
-    async def stalled_captures(self, now_ms: int, older_than_ms: int) -> list[str]:
-        """Authorizations CAPTURING since before now - older_than_ms, in every slot."""
+    async def sweep_due(self, now_ms: int) -> int:
+        """Expires the due holds of the slots the due index says are due. Returns how many."""
+        expired = 0
+        for _ in range(DUE_BATCHES_PER_SWEEP):
+            due = await self._due_slots(keys.DUE_HOLDS, now_ms)
+            if not due:
+                break
+            commands: list[Command] = [("ZREM", keys.DUE_HOLDS, *due)]
+            for prefix in due:
+                expiry = keys.expiry(prefix)
+                commands.append(
+                    ("EVALSHA", self._expire.sha, 1, expiry, prefix, now_ms, SWEEP_LIMIT)
+                )
+                commands.append(("ZRANGE", expiry, 0, 0, "WITHSCORES"))
+            # The entries leave the index before the slots are read (same connection: Redis runs
+            # them in this order), and go back with the slot's earliest expiry after. An
+            # Authorize in between either ran before the read (and the read sees its hold) or
+            # writes its own entry after the removal. Only lowered (LT): never later than
+            # what an Authorize wrote meanwhile.
+            replies = await guarded(partial(self.commands.execute_many, commands), "expire")
+            _raise_error(replies[0])
+            back: list[Command] = []
+            failure: ResponseError | None = None
+            for number, prefix in enumerate(due):
+                result, earliest = replies[1 + 2 * number], replies[2 + 2 * number]
+                if isinstance(result, ResponseError) or isinstance(earliest, ResponseError):
+                    failure = failure or _error(result) or _error(earliest)
+                    back.append(("ZADD", keys.DUE_HOLDS, "LT", now_ms, prefix))  # again
+                    continue
+                expired += as_integer(result)
+                first = as_list(earliest)
+                if first:  # [member, score]: the slot's next expiry (still due if over limit)
+                    back.append(("ZADD", keys.DUE_HOLDS, "LT", _score(first[1]), prefix))
+            await self._write_all(back)
+            if isinstance(failure, NoScriptError):
+                await guarded(lambda: self.commands.load_script(self._expire), "expire")
+            elif failure is not None:
+                raise failure
+            # Read the index again: a slot over SWEEP_LIMIT is back in it, still due.
+        return expired
+
+    async def stalled_captures_due(self, now_ms: int, older_than_ms: int) -> list[str]:
+        """Authorizations CAPTURING since before now - older_than_ms, in the slots the capture
+        index says may have them. An entry stays while its slot has captures not finished (a
+        stalled one is back at once, until it is settled)."""
+        before_ms = now_ms - older_than_ms
+        due = await self._due_slots(keys.CAPTURES_BEGUN, before_ms)
+        if not due:
+            return []
+        commands: list[Command] = [("ZREM", keys.CAPTURES_BEGUN, *due)]
+        for prefix in due:
+            capturing = f"{prefix}:capturing"
+            commands.append(("ZRANGEBYSCORE", capturing, "-inf", before_ms))
+            commands.append(("ZRANGE", capturing, 0, 0, "WITHSCORES"))
+        replies = await guarded(partial(self.commands.execute_many, commands))
+        _raise_error(replies[0])
         found: list[str] = []
-        async for key in self.client.scan_iter(match="mw:{b:*}:capturing", count=1000):
-            ids = await self._stalled_in_slot(_text(key), now_ms - older_than_ms)
-            found.extend(ids)
+        back: list[Command] = []
+        for number, prefix in enumerate(due):
+            stalled, earliest = replies[1 + 2 * number], replies[2 + 2 * number]
+            if isinstance(stalled, ResponseError) or isinstance(earliest, ResponseError):
+                back.append(("ZADD", keys.CAPTURES_BEGUN, "LT", before_ms, prefix))
+                continue
+            found.extend(as_text(authorization_id) for authorization_id in as_list(stalled))
+            first = as_list(earliest)
+            if first:
+                back.append(("ZADD", keys.CAPTURES_BEGUN, "LT", _score(first[1]), prefix))
+        await self._write_all(back)
         return found
 
-    async def _stalled_in_slot(self, capturing_key: str, before_ms: int) -> list[str]:
-        ids: Any = await guarded(
-            lambda: self.client.zrangebyscore(capturing_key, "-inf", before_ms)
+    async def index_step(self, cursor: int, count: int) -> IndexStep:
+        """The safety net, one SCAN call (`count` keys) at a time: every slot with open holds or
+        captures gets its index entries back (lowered to its earliest time when they are
+        later), whatever happened to them. The sweeper runs it continuously, spread over time."""
+        reply = as_list(
+            await guarded(
+                lambda: self.commands.execute(
+                    "SCAN", cursor, "MATCH", SLOT_ZSET_GLOB, "COUNT", count, "TYPE", "zset"
+                )
+            )
         )
-        return [_text(i) for i in ids]
+        found = [SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
+        slots = [(match.group(1), match.group(2)) for match in found if match]
+        commands: list[Command] = []
+        for prefix, kind in slots:
+            commands.append(("ZRANGE", f"{prefix}:{kind}", 0, 0, "WITHSCORES"))
+            commands.append(("ZCARD", f"{prefix}:{kind}"))
+        replies = await self._execute_in_batches(commands)
+        back: list[Command] = []
+        open_holds = 0
+        for number, (prefix, kind) in enumerate(slots):
+            earliest, size = replies[2 * number], replies[2 * number + 1]
+            _raise_error(earliest)
+            _raise_error(size)
+            first = as_list(earliest)
+            if not first:
+                continue  # emptied (and so deleted) meanwhile
+            index = keys.DUE_HOLDS if kind == "expiry" else keys.CAPTURES_BEGUN
+            back.append(("ZADD", index, "LT", _score(first[1]), prefix))
+            if kind == "expiry":
+                open_holds += as_integer(size)
+        await self._write_all(back)
+        return IndexStep(cursor=as_integer(reply[0]), open_holds=open_holds)
 
-    async def _open_in_slot(self, expiry_key: str) -> int:
-        count: Any = await guarded(lambda: self.client.zcard(expiry_key))
-        return int(count)
+    async def keys_in_database(self) -> int:
+        return as_integer(await guarded(lambda: self.commands.execute("DBSIZE")))
 
-    async def _sweep_slot(self, expiry_key: str, now_ms: int) -> int:
-        prefix = expiry_key.removesuffix(":expiry")
-        arguments: list[str | int] = [prefix, now_ms, SWEEP_LIMIT]
-        count: Any = await guarded(
-            lambda: self._expire(keys=[expiry_key], args=arguments), "expire"
+    async def _due_slots(self, index: str, before_ms: int) -> list[str]:
+        due = await guarded(
+            lambda: self.commands.execute(
+                "ZRANGEBYSCORE", index, "-inf", before_ms, "LIMIT", 0, SLOTS_PER_BATCH
+            )
         )
-        return int(count)
+        return [as_text(prefix) for prefix in as_list(due)]
+
+    async def _write_all(self, commands: list[Command]) -> None:
+        for reply in await self._execute_in_batches(commands):
+            _raise_error(reply)
+
+    async def _execute_in_batches(self, commands: list[Command]) -> list[Reply]:
+        """Many commands, COMMANDS_PER_BATCH at a time (one write each), replies in order."""
+        replies: list[Reply] = []
+        for start in range(0, len(commands), COMMANDS_PER_BATCH):
+            batch = commands[start : start + COMMANDS_PER_BATCH]
+            replies.extend(await guarded(partial(self.commands.execute_many, batch)))
+        return replies
+
+    # --- everywhere (a SCAN of every key): tests, reconcile ----------------------------------
+
+    async def sweep(self, now_ms: int) -> tuple[int, int]:
+        """Expires every due hold in every slot, whatever the index says, and puts the slots'
+        due index entries right. Returns (expired now, still open). A full SCAN: for tests and
+        tools; the running sweeper uses sweep_due and index_step."""
+        expired = still_open = 0
+        async for prefixes in self._slots_with("expiry"):
+            for start in range(0, len(prefixes), SLOTS_PER_BATCH):
+                batch = prefixes[start : start + SLOTS_PER_BATCH]
+                expired += await self._expire_all_due(batch, now_ms)
+                commands: list[Command] = []
+                for prefix in batch:
+                    commands.append(("ZCARD", keys.expiry(prefix)))
+                    commands.append(("ZRANGE", keys.expiry(prefix), 0, 0, "WITHSCORES"))
+                replies = await self._execute_in_batches(commands)
+                back: list[Command] = []
+                for number, prefix in enumerate(batch):
+                    still_open += as_integer(_raise_error(replies[2 * number]))
+                    first = as_list(_raise_error(replies[2 * number + 1]))
+                    if first:
+                        back.append(("ZADD", keys.DUE_HOLDS, "LT", _score(first[1]), prefix))
+                await self._write_all(back)
+        return expired, still_open
+
+    async def _expire_all_due(self, prefixes: list[str], now_ms: int) -> int:
+        """expire.lua on each slot until none has more due holds than it took."""
+        expired = 0
+        while prefixes:
+            commands: list[Command] = [
+                ("EVALSHA", self._expire.sha, 1, keys.expiry(prefix), prefix, now_ms, SWEEP_LIMIT)
+                for prefix in prefixes
+            ]
+            replies = await guarded(partial(self.commands.execute_many, commands), "expire")
+            if any(isinstance(reply, NoScriptError) for reply in replies):
+                await guarded(lambda: self.commands.load_script(self._expire), "expire")
+                replies = await guarded(partial(self.commands.execute_many, commands), "expire")
+            counts = [as_integer(_raise_error(reply)) for reply in replies]
+            expired += sum(counts)
+            prefixes = [
+                prefix
+                for prefix, count in zip(prefixes, counts, strict=True)
+                if count == SWEEP_LIMIT
+            ]
+        return expired
+
+    async def stalled_captures(self, now_ms: int, older_than_ms: int) -> list[str]:
+        """Authorizations CAPTURING since before now - older_than_ms, in every slot (a full
+        SCAN: reconcile at start-up; the running sweeper uses stalled_captures_due)."""
+        found: list[str] = []
+        async for prefixes in self._slots_with("capturing"):
+            commands: list[Command] = [
+                ("ZRANGEBYSCORE", f"{prefix}:capturing", "-inf", now_ms - older_than_ms)
+                for prefix in prefixes
+            ]
+            for reply in await self._execute_in_batches(commands):
+                found.extend(as_text(authorization_id) for authorization_id in as_list(reply))
+        return found
+
+    async def _slots_with(self, kind: str) -> AsyncIterator[list[str]]:
+        """The slot prefixes that have a `kind` zset (expiry, capturing), a SCAN page at a time."""
+        cursor = 0
+        while True:
+            reply = as_list(
+                await guarded(
+                    partial(
+                        self.commands.execute,
+                        *("SCAN", cursor, "MATCH", f"mw:{{b:*}}:{kind}", "COUNT", SCAN_COUNT),
+                    )
+                )
+            )
+            found = [SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
+            prefixes = [match.group(1) for match in found if match and match.group(2) == kind]
+            if prefixes:
+                yield prefixes
+            cursor = as_integer(reply[0])
+            if cursor == 0:
+                return
+
+
+def _error(reply: Reply) -> ResponseError | None:
+    return reply if isinstance(reply, ResponseError) else None
+
+
+def _raise_error(reply: Reply) -> Reply:
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
+
+
+def _score(reply: Reply) -> bytes:
+    """A score as Redis printed it, to be written back as it is."""
+    if isinstance(reply, bytes):
+        return reply
+    raise ResponseError(f"expected a score from Redis, got {reply!r}")

@@ -54,6 +54,16 @@ def expiry(prefix_text: str) -> str:
     return f"{prefix_text}:expiry"
 
 
+# The sweeper's indexes, kept by Python beside the scripts (a script only touches the keys of
+# one slot, for Redis Cluster, so these live in a slot of their own). Members are slot prefixes.
+DUE_HOLDS = "mw:{sweep}:due"
+"""ZSET: slot prefix -> a time (ms) by which the sweeper must look at the slot's expiry zset;
+never later than the slot's earliest open hold."""
+CAPTURES_BEGUN = "mw:{sweep}:capturing"
+"""ZSET: slot prefix -> the earliest time (ms) a capture of the slot may have begun and not
+finished; the sweeper looks at the slot once that is STALE_CAPTURE_SECONDS ago."""
+
+
 def idempotency(beneficiary_id: str, merchant_id: str, key: str) -> str:
     """HASH: the first answer to (merchant, key) for this beneficiary."""
     return f"{prefix(beneficiary_id)}:i:{merchant_id}:{key}"

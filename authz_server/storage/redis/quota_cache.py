@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
 from authz_server.service.ports import QuotaFigures, QuotaRestore
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.scripts import load
+from authz_server.storage.redis.pipelined import (
+    Argument,
+    Command,
+    PipelinedRedis,
+    Reply,
+    as_integer,
+    as_list,
+)
+from authz_server.storage.redis.scripts import script
 
 T = TypeVar("T")
 
@@ -30,26 +38,30 @@ async def guarded(call: Callable[[], Awaitable[T]], script: str = "command") -> 
 
 
 class RedisQuotaCache:
-    def __init__(self, client: Redis) -> None:
+    """`client` (redis-py) stays for the rare commands; the scripts and reads go through the
+    pipelined connection `commands`."""
+
+    def __init__(self, client: Redis, commands: PipelinedRedis) -> None:
         self.client = client
-        self._credit = load(client, "quota_credit")
-        self._debit = load(client, "quota_debit")
-        self._dissolve = load(client, "quota_dissolve")
-        self._restore = load(client, "quota_restore")
+        self.commands = commands
+        self._credit = script("quota_credit")
+        self._debit = script("quota_debit")
+        self._dissolve = script("quota_dissolve")
+        self._restore = script("quota_restore")
 
     async def credit(self, beneficiary_id: str, relationship_id: str, amount_fen: int) -> bool:
         key = keys.quota(beneficiary_id, relationship_id)
-        result: Any = await guarded(
-            lambda: self._credit(keys=[key], args=[amount_fen]), "quota_credit"
+        result = await guarded(
+            lambda: self.commands.evalsha(self._credit, [key], [amount_fen]), "quota_credit"
         )
-        return int(result) >= 0
+        return as_integer(result) >= 0
 
     async def debit(self, beneficiary_id: str, relationship_id: str, amount_fen: int) -> int | None:
         key = keys.quota(beneficiary_id, relationship_id)
-        result: Any = await guarded(
-            lambda: self._debit(keys=[key], args=[amount_fen]), "quota_debit"
+        result = await guarded(
+            lambda: self.commands.evalsha(self._debit, [key], [amount_fen]), "quota_debit"
         )
-        return None if int(result) < 0 else int(result)
+        return None if as_integer(result) < 0 else as_integer(result)
 
     async def dissolve(self, beneficiary_id: str, relationship_id: str) -> None:
         quota_keys = [
@@ -57,14 +69,16 @@ class RedisQuotaCache:
             keys.quota_index(beneficiary_id),
         ]
         arguments = [relationship_id, keys.prefix(beneficiary_id)]
-        await guarded(lambda: self._dissolve(keys=quota_keys, args=arguments), "quota_dissolve")
+        await guarded(
+            lambda: self.commands.evalsha(self._dissolve, quota_keys, arguments), "quota_dissolve"
+        )
 
     async def restore(self, quota: QuotaRestore) -> QuotaFigures:
         quota_keys = [
             keys.quota(quota.beneficiary_id, quota.relationship_id),
             keys.quota_index(quota.beneficiary_id),
         ]
-        arguments = [
+        arguments: list[Argument] = [
             quota.relationship_id,
             quota.holder_id,
             "ACTIVE" if quota.active else "DISSOLVED",
@@ -74,22 +88,34 @@ class RedisQuotaCache:
             quota.beneficiary_scheme,
             keys.prefix(quota.beneficiary_id),
         ]
-        result: Any = await guarded(
-            lambda: self._restore(keys=quota_keys, args=arguments), "quota_restore"
+        result = as_list(
+            await guarded(
+                lambda: self.commands.evalsha(self._restore, quota_keys, arguments),
+                "quota_restore",
+            )
         )
-        return QuotaFigures(available_fen=int(result[0]), held_fen=int(result[1]))
+        return QuotaFigures(available_fen=as_integer(result[0]), held_fen=as_integer(result[1]))
 
     async def figures(
         self, beneficiary_id: str, relationship_ids: list[str]
     ) -> dict[str, QuotaFigures]:
         if not relationship_ids:
             return {}
-        async with self.client.pipeline(transaction=False) as pipe:
-            for relationship_id in relationship_ids:
-                pipe.hmget(keys.quota(beneficiary_id, relationship_id), "available", "held")
-            rows: list[Any] = await guarded(pipe.execute)
+        commands: list[Command] = [
+            ("HMGET", keys.quota(beneficiary_id, relationship_id), "available", "held")
+            for relationship_id in relationship_ids
+        ]
+        rows = await guarded(lambda: self._all_answered(commands))
         return {
-            relationship_id: QuotaFigures(int(row[0]), int(row[1]))
-            for relationship_id, row in zip(relationship_ids, rows, strict=True)
+            relationship_id: QuotaFigures(as_integer(row[0]), as_integer(row[1]))
+            for relationship_id, row in zip(relationship_ids, map(as_list, rows), strict=True)
             if row[0] is not None
         }
+
+    async def _all_answered(self, commands: list[Command]) -> list[Reply]:
+        """The replies of a pipeline, or its first error reply raised (as redis-py did)."""
+        replies = await self.commands.execute_many(commands)
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies

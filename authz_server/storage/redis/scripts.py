@@ -1,4 +1,5 @@
-"""Loads the Lua scripts once; redis-py runs them by EVALSHA and reloads after a Redis restart.
+"""The Lua scripts: preloaded at start (SCRIPT LOAD), run by EVALSHA, and loaded again by
+PipelinedRedis.evalsha after a Redis restart.
 
 A script that uses the shared functions of lua/_lib.lua gets them prepended, so each script is
 still one self-contained EVAL.
@@ -9,7 +10,8 @@ from __future__ import annotations
 from importlib import resources
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+
+from authz_server.storage.redis.pipelined import Script
 
 ALL_SCRIPTS = (
     "authorize", "authorize_undo", "capture_begin", "capture_finish", "void", "expire",
@@ -33,5 +35,5 @@ async def preload(client: Redis) -> None:
         await client.script_load(source(name))
 
 
-def load(client: Redis, name: str) -> AsyncScript:
-    return client.register_script(source(name))
+def script(name: str) -> Script:
+    return Script(source(name))

@@ -1,0 +1,189 @@
+"""The decision journal's raw executemany writes what SQLAlchemy would have written: the ORM
+reads every column back as recorded, datetimes compare in SQL (reconcile's cutoff), a replayed
+decision or a reused (merchant, key) is skipped (ON CONFLICT DO NOTHING), a failed batch is
+kept and written later, and stop() writes what is queued. On SQLite and, with
+TEST_DATABASE_URL, PostgreSQL (the harness's database)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from authz_server.generated.medwallet.v1 import authorization_pb2
+from authz_server.service import journal as journal_module
+from authz_server.service.journal import COLUMNS, Journal
+from authz_server.storage.sql import records
+from authz_server.storage.sql.tables import AuthorizationRow
+from tests.harness import Harness, new_id
+
+
+def decision(**changes: Any) -> dict[str, Any]:
+    authorization_id = uuid.uuid4().hex
+    created = datetime.now(UTC).replace(microsecond=123456)
+    row: dict[str, Any] = {
+        "authorization_id": authorization_id,
+        "merchant_id": new_id("journal-merchant"),
+        "beneficiary_id": new_id("journal-beneficiary"),
+        "purpose": "PHARMACY",
+        "decision": "PARTIALLY_APPROVED",
+        "decline_reason": None,
+        "requested_fen": 4_000,
+        "approved_fen": 2_500,
+        "funding": "rel-1=2000;rel-2=500",
+        "idempotency_key": new_id("key"),
+        "request_digest": "ab" * 32,
+        "response": authorization_pb2.AuthorizeResponse(
+            authorization_id=authorization_id,
+            decision=authorization_pb2.DECISION_PARTIALLY_APPROVED,
+            approved_amount_fen=2_500,
+        ),
+        "created_at": created,
+        "expires_at": created + timedelta(minutes=15),
+    }
+    row.update(changes)
+    return row
+
+
+def stored(harness: Harness, *authorization_ids: str) -> dict[str, AuthorizationRow]:
+    def read(session: Session) -> dict[str, AuthorizationRow]:
+        query = select(AuthorizationRow).where(
+            AuthorizationRow.authorization_id.in_(authorization_ids)
+        )
+        return {row.authorization_id: row for row in session.scalars(query)}
+
+    return harness.app.database.transaction(read)
+
+
+def test_rows_read_back_through_the_orm_as_recorded(harness: Harness) -> None:
+    journal = Journal(harness.app.database)
+    declined = decision(
+        decision="DECLINED",
+        decline_reason="INSUFFICIENT_QUOTA",
+        approved_fen=0,
+        funding="",
+        expires_at=None,
+        response=b"\x10\x03",  # already serialized: written as it is
+    )
+    partial = decision()
+    for row in (declined, partial):
+        journal.record(dict(row))
+    harness.run(journal.flush())
+    found = stored(harness, declined["authorization_id"], partial["authorization_id"])
+    for row in (declined, partial):
+        back = found[row["authorization_id"]]
+        for column in COLUMNS:
+            value = getattr(back, column)
+            if column in ("created_at", "expires_at"):
+                value = records.utc(value) if value is not None else None
+            expected = row[column]
+            if column == "response" and not isinstance(expected, bytes):
+                expected = expected.SerializeToString()
+            assert value == expected, column
+
+
+def test_datetimes_compare_in_sql_like_the_orm_writes_them(harness: Harness) -> None:
+    """reconcile selects the journal of unsettled months with created_at >= a cutoff."""
+    journal = Journal(harness.app.database)
+    moment = datetime(2031, 5, 31, 16, 0, tzinfo=UTC)  # midnight 1 June, Beijing time
+    before, at, after = (
+        decision(created_at=moment - timedelta(microseconds=1)),
+        decision(created_at=moment),
+        decision(created_at=moment + timedelta(seconds=1)),
+    )
+    merchant = new_id("journal-cutoff")
+    for row in (before, at, after):
+        row["merchant_id"] = merchant
+        journal.record(row)
+    harness.run(journal.flush())
+
+    def since(session: Session) -> set[str]:
+        query = select(AuthorizationRow.authorization_id).where(
+            AuthorizationRow.merchant_id == merchant, AuthorizationRow.created_at >= moment
+        )
+        return set(session.scalars(query))
+
+    assert harness.app.database.transaction(since) == {
+        at["authorization_id"],
+        after["authorization_id"],
+    }
+
+
+def test_a_replay_and_a_reused_key_are_skipped(harness: Harness) -> None:
+    journal = Journal(harness.app.database)
+    first = decision()
+    replay = dict(first, approved_fen=1)  # same authorization id
+    reused = decision(  # another authorization under the same (merchant, key)
+        merchant_id=first["merchant_id"], idempotency_key=first["idempotency_key"]
+    )
+    other = decision()
+    journal.record(first)
+    harness.run(journal.flush())
+    for row in (replay, reused, other):  # one batch: the conflicts do not stop the others
+        journal.record(row)
+    harness.run(journal.flush())
+    found = stored(
+        harness, first["authorization_id"], reused["authorization_id"], other["authorization_id"]
+    )
+    assert set(found) == {first["authorization_id"], other["authorization_id"]}
+    assert found[first["authorization_id"]].approved_fen == first["approved_fen"]
+
+
+def test_a_failed_batch_is_kept_and_written_later(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(harness.app.database)
+    rows = [decision() for _ in range(3)]
+    for row in rows:
+        journal.record(row)
+    real_write = Journal._write
+
+    def failing(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> None:
+        raise RuntimeError("the database is away")
+
+    monkeypatch.setattr(Journal, "_write", failing)
+    with pytest.raises(RuntimeError):
+        harness.run(journal.flush())
+    assert journal.queue == rows
+    monkeypatch.setattr(Journal, "_write", real_write)
+    harness.run(journal.flush())
+    assert journal.queue == []
+    assert len(stored(harness, *(row["authorization_id"] for row in rows))) == 3
+
+
+def test_batches_are_bounded_and_stop_writes_what_is_queued(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "MAX_BATCH", 7)
+    monkeypatch.setattr(journal_module, "FLUSH_INTERVAL_SECONDS", 3600)
+    journal = Journal(harness.app.database)
+    batches: list[int] = []
+    real_write = Journal._write
+
+    def counting(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> None:
+        batches.append(len(rows))
+        real_write(self, session, rows=rows)
+
+    monkeypatch.setattr(Journal, "_write", counting)
+    merchant = new_id("journal-stop")
+
+    async def start_record_stop() -> None:
+        journal.start()
+        for _ in range(20):
+            journal.record(decision(merchant_id=merchant))
+        await asyncio.sleep(0)
+        await journal.stop()  # the loop sleeps for an hour: stop() itself writes them
+
+    harness.run(start_record_stop())
+    assert batches == [7, 7, 6]
+
+    def count(session: Session) -> int:
+        query = select(func.count()).where(AuthorizationRow.merchant_id == merchant)
+        return int(session.scalar(query) or 0)
+
+    assert harness.app.database.transaction(count) == 20
