@@ -33,11 +33,14 @@ class Settings:
     redis_url: str = ""
     # JSON file mapping bearer token -> principal; empty means data_dir/tokens.json.
     tokens_file: str = ""
-    # Server processes sharing the port (SO_REUSEPORT); 0 means one per core.
+    # Server processes sharing the port (SO_REUSEPORT); 0 means one per core on PostgreSQL and
+    # one on SQLite: SQLite has one writer, and two processes take turns on its file lock
+    # through its sleeping busy handler (measured here: Capture p99 ~390 ms with 2 workers,
+    # ~95 ms with 1, at the same throughput; loadtest/RESULTS.md).
     workers: int = 0
     # The servers' asyncio event loop: auto (uvloop when installed, else asyncio), asyncio
-    # or uvloop (runtime/event_loop.py).
-    event_loop: str = "asyncio"
+    # or uvloop (runtime/event_loop.py). uvloop spends less CPU per callback and socket event.
+    event_loop: str = "auto"
     # One JSON log line per call (request id, RPC, merchant, decision, latency).
     access_log: bool = True
     # gRPC metrics and access logs (off only to measure what they cost).
@@ -60,7 +63,11 @@ class Settings:
 
     @property
     def effective_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        if self.workers:
+            return self.workers
+        if self.effective_database_url.startswith("sqlite"):
+            return 1
+        return os.cpu_count() or 1
 
     @property
     def effective_database_url(self) -> str:

@@ -44,7 +44,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -960,7 +960,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(setting.startswith("MEDWALLET_EVENT_LOOP=") for setting in arguments.service_env):
         parser.error("--event-loop chooses the loop, for the floor and the baseline too")
     arguments.event_loop = event_loop.resolve(arguments.event_loop)
-    workers = arguments.workers or Settings.from_environment().effective_workers
+    # The service's own default for the ledger it gets (one worker on SQLite, one per core on
+    # PostgreSQL); the floor and the baseline run as many.
+    service_settings = replace(
+        Settings.from_environment(), database_url=arguments.database_url or ""
+    )
+    workers = arguments.workers or service_settings.effective_workers
     started_at = datetime.now(UTC)
     command = "python -m loadtest.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     arguments.out.mkdir(parents=True, exist_ok=True)
