@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import signal
 import sys
 import uuid
@@ -46,6 +45,7 @@ from authz_server.runtime import event_loop
 from authz_server.server import convert
 from authz_server.server.auth import Authenticator, PrincipalKind
 from loadtest import dataset
+from loadtest.processes import run_workers
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 HOLD_SECONDS = 900
@@ -424,24 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.workers == 1:
         worker(arguments, 0)
         return 0
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=worker, args=(arguments, index))
-        for index in range(arguments.workers)
-    ]
-    for process in processes:
-        process.start()
-
-    def forward(signum: int, _frame: Any) -> None:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for process in processes:
-        process.join()
-    return 0
+    return run_workers(worker, [(arguments, index) for index in range(arguments.workers)])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
 import signal
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import grpc
 
 from authz_server.generated.medwallet.v1 import authorization_pb2, authorization_pb2_grpc
 from authz_server.runtime import event_loop
+from loadtest.processes import run_workers
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -88,24 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.workers == 1:
         worker(arguments.port, 0, authorize, capture, loop)
         return 0
-    context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(target=worker, args=(arguments.port, index, authorize, capture, loop))
-        for index in range(arguments.workers)
-    ]
-    for process in processes:
-        process.start()
-
-    def forward(signum: int, _frame: Any) -> None:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for process in processes:
-        process.join()
-    return 0
+    return run_workers(
+        worker,
+        [(arguments.port, index, authorize, capture, loop) for index in range(arguments.workers)],
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import capture_batch
 from authz_server.storage.sql.capture_batch import AcceptedCapture, BatchState, CapturePart
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.group_commit import answer
 
 log = logging.getLogger(__name__)
 # Bounds one transaction: enough to share its round trips, short enough for row-lock times.
@@ -193,13 +194,7 @@ class CaptureWriter:
                 )
             if self.observe is not None:
                 self.observe(len(batch), time.perf_counter() - started)
-            for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            answer([future for _, future in batch], outcomes)
 
     def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:
         with self.database.engine.begin() as connection:

@@ -30,6 +30,18 @@ def _ignore(_size: int, _seconds: float) -> None:
     return None
 
 
+def answer(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]]) -> None:
+    """Gives each waiting caller of a batch its outcome: (True, result) or (False, error).
+    A caller that stopped waiting (cancelled) is skipped."""
+    for future, (ok, value) in zip(futures, outcomes, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
 class GroupCommit:
     def __init__(self, database: Database, observe: BatchObserver = _ignore) -> None:
         self.database = database
@@ -71,13 +83,7 @@ class GroupCommit:
                 except Exception as error:  # the COMMIT itself failed: nothing of it happened
                     outcomes = [(False, error)] * len(batch)
                 self.observe(len(batch), time.perf_counter() - started)
-                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if ok:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(value)
+                answer([future for _, future in batch], outcomes)
 
     def _commit(self, works: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
