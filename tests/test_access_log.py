@@ -142,3 +142,61 @@ def test_handlers_are_wrapped_once_as_they_are_added() -> None:
         assert observed.wrap("/s.S/A", other) is not first
 
     asyncio.run(main())
+
+
+def test_info_lines_are_written_in_batches_warnings_at_once() -> None:
+    from authz_server.observability.logs import BatchingStreamHandler
+
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=3600)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tests.batching")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        changing = ["before"]
+        logger.info("rpc", extra={"request_id": "r1"})
+        logger.info("state %s", changing)
+        changing[0] = "after"  # the line says what it was when logged
+        assert stream.getvalue() == ""  # waiting for the writer
+        logger.warning("slow", extra={"rpc": "Capture"})  # written at once, after the others
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["message"] for line in lines] == ["rpc", "state ['before']", "slow"]
+        assert lines[0]["request_id"] == "r1" and lines[2]["level"] == "WARNING"
+        logger.info("last")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()  # what logging.shutdown() does at exit: writes what is queued
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "last"
+    handler.writer.join(timeout=5)
+    assert not handler.writer.is_alive()  # close() ends the writer thread
+
+
+def test_the_writer_thread_writes_within_its_interval() -> None:
+    from authz_server.observability.logs import BatchingStreamHandler
+
+    stream = io.StringIO()
+    handler = BatchingStreamHandler(stream, interval=0.05)
+    handler.setFormatter(JsonFormatter())
+    try:
+        handler.handle(logging.makeLogRecord({"msg": "rpc", "levelno": 20, "levelname": "INFO"}))
+        deadline = time.monotonic() + 5
+        while not stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert json.loads(stream.getvalue())["message"] == "rpc"
+    finally:
+        handler.close()
+
+
+def test_a_process_that_exits_writes_its_queued_lines() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import logging; from authz_server.observability import logs; logs.configure('INFO');"
+        "logging.getLogger('authz_server.access').info('rpc', extra={'code': 'OK'})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stderr.strip())["code"] == "OK"
