@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from authz_server.domain.errors import Unavailable
 from authz_server.generated.medwallet.v1 import authorization_pb2
+from authz_server.observability import metrics
 from authz_server.service import journal as journal_module
 from authz_server.service.journal import COLUMNS, Journal
 from authz_server.storage.sql import records
@@ -144,16 +147,37 @@ def test_a_failed_batch_is_kept_and_written_later(
     real_write = Journal._write
 
     def failing(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> None:
-        raise RuntimeError("the database is away")
+        # what SQLAlchemy raises when the database is locked or the connection is lost
+        raise OperationalError("INSERT", None, Exception("the database is away"))
 
     monkeypatch.setattr(Journal, "_write", failing)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(Unavailable):
         harness.run(journal.flush())
     assert journal.queue == rows
     monkeypatch.setattr(Journal, "_write", real_write)
     harness.run(journal.flush())
     assert journal.queue == []
     assert len(stored(harness, *(row["authorization_id"] for row in rows))) == 3
+
+
+def test_a_row_sql_refuses_is_set_aside_and_the_others_are_written(harness: Harness) -> None:
+    """One row SQL will never take (here a decision without a merchant: NOT NULL) must not
+    block the journal: its batch is written row by row and only that row is left out."""
+    journal = Journal(harness.app.database)
+    good = [decision() for _ in range(3)]
+    bad = decision(merchant_id=None)
+    rejected_before = metrics.journal_rejected._value.get()
+    for row in (good[0], bad, good[1], good[2]):
+        journal.record(row)
+    harness.run(journal.flush())
+    assert journal.queue == []
+    assert journal.dropped == 1
+    assert metrics.journal_rejected._value.get() == rejected_before + 1
+    found = stored(harness, bad["authorization_id"], *(row["authorization_id"] for row in good))
+    assert set(found) == {row["authorization_id"] for row in good}
+    journal.record(decision())  # and the journal goes on
+    harness.run(journal.flush())
+    assert journal.queue == []
 
 
 def test_batches_are_bounded_and_stop_writes_what_is_queued(

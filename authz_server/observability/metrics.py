@@ -77,6 +77,10 @@ group_commit_batch_size = Histogram(
     "Units of work per group-commit transaction.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+journal_rejected = Counter(
+    "medwallet_journal_rejected_total",
+    "Decisions not journaled to SQL (queue full, or a row SQL refuses on its own); each logged.",
+)
 reconcile_drift = Counter(
     "medwallet_reconcile_drift_total", "Quotas reconcile found different from the ledger."
 )

@@ -3,27 +3,31 @@
 Authorize answers from Redis alone; its decision is queued here and inserted within about
 FLUSH_INTERVAL_SECONDS. The queue is bounded: when SQL falls behind that far, new decisions are
 still answered and the overflow is counted and logged (Redis keeps the hold itself). A batch
-that fails goes back to the head of the queue and is tried again; stop() writes what is queued.
+that fails because SQL is unavailable goes back to the head of the queue and is tried again; a
+batch SQL refuses for another reason (a row it will never take) is written row by row, and only
+the rows refused on their own are set aside, counted and logged, so one bad row cannot block
+the journal. stop() writes what is queued.
 
-The insert is one prepared statement run with the DBAPI cursor's executemany on plain tuples:
-SQLAlchemy's Core executemany of dicts cost most of this module's CPU (per row: parameter
-dicts, type processing, statement caching). What SQLAlchemy does to a value on the way in is
-still done, by the same bind processors (SQLite stores datetimes as text in its own format).
+The insert is one statement run with the DBAPI cursor's executemany on plain tuples
+(storage/sql/bulk_insert.py): SQLAlchemy's Core executemany of dicts cost most of this module's
+CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from functools import partial
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Dialect, Table
+from sqlalchemy import Table
 from sqlalchemy.orm import Session
 
+from authz_server.domain.errors import Unavailable
+from authz_server.observability import metrics
+from authz_server.storage.sql.bulk_insert import BulkInsert
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import AuthorizationRow
 
@@ -48,47 +52,17 @@ COLUMNS: tuple[str, ...] = tuple(column.name for column in AUTHORIZATIONS.column
 _RESPONSE = COLUMNS.index("response")
 
 
-@dataclass(frozen=True)
-class _Insert:
-    """The INSERT of journal rows for one dialect: SQL text, and the positions of the values
-    that SQLAlchemy's column types would convert, with their converters."""
-
-    sql: str
-    processors: tuple[tuple[int, Callable[[Any], Any]], ...]
-
-    @classmethod
-    def for_dialect(cls, dialect: Dialect) -> _Insert:
-        quote = dialect.identifier_preparer.quote
-        marker = "?" if dialect.paramstyle == "qmark" else "%s"
-        # ON CONFLICT DO NOTHING (no target: any unique constraint), on SQLite and PostgreSQL:
-        # a replayed decision is journaled once; a key reused for another beneficiary is kept
-        # out by the unique (merchant, key) index.
-        sql = (
-            f"INSERT INTO {quote(AUTHORIZATIONS.name)}"
-            f" ({', '.join(quote(name) for name in COLUMNS)})"
-            f" VALUES ({', '.join([marker] * len(COLUMNS))}) ON CONFLICT DO NOTHING"
-        )
-        processors = []
-        for index, column in enumerate(AUTHORIZATIONS.columns):
-            processor = column.type.dialect_impl(dialect).bind_processor(dialect)
-            if processor is not None:
-                processors.append((index, processor))
-        return cls(sql, tuple(processors))
-
-    def values(self, rows: Sequence[dict[str, Any]]) -> list[tuple[Any, ...]]:
-        get = itemgetter(*COLUMNS)
-        processors = self.processors
-        values = []
-        for row in rows:
-            value = list(get(row))
-            response = value[_RESPONSE]
-            if not isinstance(response, bytes):
-                # Responses arrive as messages; serializing them here keeps it off the hot path.
-                value[_RESPONSE] = response.SerializeToString()
-            for index, process in processors:
-                value[index] = process(value[index])
-            values.append(tuple(value))
-        return values
+def _tuples(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """The rows' values in COLUMNS order, responses serialized (off the hot path)."""
+    get = itemgetter(*COLUMNS)
+    values = []
+    for row in rows:
+        value = list(get(row))
+        response = value[_RESPONSE]
+        if not isinstance(response, bytes):
+            value[_RESPONSE] = response.SerializeToString()
+        values.append(value)
+    return values
 
 
 class Journal:
@@ -97,7 +71,9 @@ class Journal:
         self.queue: list[dict[str, Any]] = []
         self.dropped = 0
         self.task: asyncio.Task[None] | None = None
-        self._insert = _Insert.for_dialect(database.engine.dialect)
+        # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key reused for
+        # another beneficiary is kept out by the unique (merchant, key) index.
+        self._insert = BulkInsert.of(AUTHORIZATIONS, database.engine.dialect, skip_conflicts=True)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="journal")
@@ -106,6 +82,7 @@ class Journal:
         """Queues one decision: a dict with a value for every name in COLUMNS."""
         if len(self.queue) >= MAX_QUEUED:
             self.dropped += 1
+            metrics.journal_rejected.inc()
             log.error("journal queue full; decision %s not journaled", row["authorization_id"])
             return
         self.queue.append(row)
@@ -115,22 +92,30 @@ class Journal:
             batch, self.queue = self.queue[:MAX_BATCH], self.queue[MAX_BATCH:]
             try:
                 await self.database.run(partial(self._write, rows=batch))
-            except Exception:
+            except Unavailable:  # SQL down or locked: the whole batch waits for the next try
                 log.exception("journal write failed; will retry %d decisions", len(batch))
                 self.queue[:0] = batch
                 raise
+            except Exception:  # a row SQL refuses: find it, so it cannot block the others
+                log.exception("journal batch of %d refused; writing it row by row", len(batch))
+                await self._write_each(batch)
+
+    async def _write_each(self, batch: list[dict[str, Any]]) -> None:
+        for index, row in enumerate(batch):
+            try:
+                await self.database.run(partial(self._write, rows=[row]))
+            except Unavailable:
+                self.queue[:0] = batch[index:]
+                raise
+            except Exception:
+                self.dropped += 1
+                metrics.journal_rejected.inc()
+                log.exception("journal: decision %s refused by SQL", row["authorization_id"])
 
     def _write(self, session: Session, *, rows: list[dict[str, Any]]) -> None:
-        values = self._insert.values(rows)
         # The session's connection, so the transaction is Database.run's (SQLite: BEGIN
         # IMMEDIATE), committed or rolled back with it.
-        dbapi_connection = session.connection().connection.dbapi_connection
-        assert dbapi_connection is not None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.executemany(self._insert.sql, values)
-        finally:
-            cursor.close()
+        self._insert.run(session.connection(), _tuples(rows))
 
     async def _run(self) -> None:
         while True:

@@ -12,13 +12,15 @@ the relationship's captured_total_fen: the three always change together.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Dialect, Table, select
 
 from authz_server.domain.types import LedgerKind
+from authz_server.storage.sql.bulk_insert import BulkInsert, marker, run_many
 from authz_server.storage.sql.tables import (
     CapturePartRow,
     CaptureRow,
@@ -153,87 +155,140 @@ def load(
     )
 
 
+@dataclass(frozen=True)
+class _Statements:
+    """The batch's writes for one dialect, built once (storage/sql/bulk_insert.py)."""
+
+    captures: BulkInsert
+    capture_parts: BulkInsert
+    ledger_entries: BulkInsert
+    idempotency_records: BulkInsert
+    add_captured_total: str
+
+
+# The columns each insert fills, in the order write() builds its tuples (entry_id is the
+# ledger's own).
+_CAPTURE_COLUMNS = (
+    "authorization_id",
+    "merchant_id",
+    "merchant_region",
+    "beneficiary_id",
+    "purpose",
+    "approved_fen",
+    "amount_fen",
+    "refunded_fen",
+    "idempotency_key",
+    "captured_at",
+)
+_PART_COLUMNS = (
+    "authorization_id",
+    "relationship_id",
+    "position",
+    "holder_id",
+    "holder_region",
+    "amount_fen",
+    "refunded_fen",
+)
+_LEDGER_COLUMNS = (
+    "kind",
+    "holder_id",
+    "relationship_id",
+    "authorization_id",
+    "merchant_id",
+    "amount_fen",
+    "channel",
+    "holder_region",
+    "merchant_region",
+    "created_at",
+)
+_ANSWER_COLUMNS = ("scope", "idempotency_key", "request_digest", "response", "created_at")
+
+
+@functools.lru_cache(maxsize=8)
+def _statements(dialect: Dialect) -> _Statements:
+    quote = dialect.identifier_preparer.quote
+    mark = marker(dialect)
+    return _Statements(
+        captures=BulkInsert.of(captures, dialect, _CAPTURE_COLUMNS),
+        capture_parts=BulkInsert.of(capture_parts, dialect, _PART_COLUMNS),
+        ledger_entries=BulkInsert.of(ledger_entries, dialect, _LEDGER_COLUMNS),
+        idempotency_records=BulkInsert.of(idempotency_records, dialect, _ANSWER_COLUMNS),
+        add_captured_total=(
+            f"UPDATE {quote(relationships.name)}"
+            f" SET captured_total_fen = captured_total_fen + {mark}"
+            f" WHERE relationship_id = {mark}"
+        ),
+    )
+
+
 def write(connection: Connection, accepted: Sequence[AcceptedCapture]) -> None:
-    """One executemany per table for the whole batch."""
+    """One executemany per table for the whole batch, on plain tuples."""
     if not accepted:
         return
-    connection.execute(
-        insert(captures),
+    statements = _statements(connection.dialect)
+    statements.captures.run(
+        connection,
         [
-            {
-                "authorization_id": capture.authorization_id,
-                "merchant_id": capture.merchant_id,
-                "merchant_region": capture.merchant_region,
-                "beneficiary_id": capture.beneficiary_id,
-                "purpose": capture.purpose,
-                "approved_fen": capture.approved_fen,
-                "amount_fen": capture.amount_fen,
-                "refunded_fen": 0,
-                "idempotency_key": capture.idempotency_key,
-                "captured_at": capture.captured_at,
-            }
+            (
+                capture.authorization_id,
+                capture.merchant_id,
+                capture.merchant_region,
+                capture.beneficiary_id,
+                capture.purpose,
+                capture.approved_fen,
+                capture.amount_fen,
+                0,
+                capture.idempotency_key,
+                capture.captured_at,
+            )
             for capture in accepted
         ],
     )
     parts = [(capture, part) for capture in accepted for part in capture.parts]
     if parts:
-        connection.execute(
-            insert(capture_parts),
+        statements.capture_parts.run(
+            connection,
             [
-                {
-                    "authorization_id": capture.authorization_id,
-                    "relationship_id": part.relationship_id,
-                    "position": part.position,
-                    "holder_id": part.holder_id,
-                    "holder_region": part.holder_region,
-                    "amount_fen": part.amount_fen,
-                    "refunded_fen": 0,
-                }
+                (
+                    capture.authorization_id,
+                    part.relationship_id,
+                    part.position,
+                    part.holder_id,
+                    part.holder_region,
+                    part.amount_fen,
+                    0,
+                )
                 for capture, part in parts
             ],
         )
-        connection.execute(
-            insert(ledger_entries),
+        capture_kind = LedgerKind.CAPTURE.value
+        statements.ledger_entries.run(
+            connection,
             [
-                {
-                    "kind": LedgerKind.CAPTURE.value,
-                    "holder_id": part.holder_id,
-                    "relationship_id": part.relationship_id,
-                    "authorization_id": capture.authorization_id,
-                    "merchant_id": capture.merchant_id,
-                    "amount_fen": part.amount_fen,
-                    "channel": None,
-                    "holder_region": part.holder_region,
-                    "merchant_region": capture.merchant_region,
-                    "created_at": capture.captured_at,
-                }
+                (
+                    capture_kind,
+                    part.holder_id,
+                    part.relationship_id,
+                    capture.authorization_id,
+                    capture.merchant_id,
+                    part.amount_fen,
+                    None,
+                    part.holder_region,
+                    capture.merchant_region,
+                    capture.captured_at,
+                )
                 for capture, part in parts
             ],
         )
         totals: dict[str, int] = {}
         for _, part in parts:
             totals[part.relationship_id] = totals.get(part.relationship_id, 0) + part.amount_fen
-        connection.execute(
-            update(relationships)
-            .where(relationships.c.relationship_id == bindparam("target_relationship_id"))
-            .values(
-                captured_total_fen=relationships.c.captured_total_fen + bindparam("captured_fen")
-            ),
-            [
-                {"target_relationship_id": relationship_id, "captured_fen": fen}
-                for relationship_id, fen in sorted(totals.items())
-            ],
+        run_many(
+            connection,
+            statements.add_captured_total,
+            [(fen, relationship_id) for relationship_id, fen in sorted(totals.items())],
         )
     answers = [
-        {
-            "scope": capture.answer[0],
-            "idempotency_key": capture.answer[1],
-            "request_digest": capture.answer[2],
-            "response": capture.answer[3],
-            "created_at": capture.captured_at,
-        }
-        for capture in accepted
-        if capture.answer is not None
+        (*capture.answer, capture.captured_at) for capture in accepted if capture.answer is not None
     ]
-    if answers:
-        connection.execute(insert(idempotency_records), answers)
+    statements.idempotency_records.run(connection, answers)

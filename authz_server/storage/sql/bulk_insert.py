@@ -1,0 +1,96 @@
+"""INSERTs of many rows at once through the DBAPI cursor's executemany on plain tuples.
+
+SQLAlchemy's Core executemany of dicts costs most of a batch's Python time (per row: a parameter
+dict, type processing, statement-cache lookups). Here the statement is built once per table
+and dialect, and what SQLAlchemy would do to a value on the way in is still done, by the
+column types' own bind processors (SQLite stores datetimes as text in SQLAlchemy's format, so
+the ORM reads them back as it wrote them). The rows go through the transaction's connection,
+so they commit or roll back with everything else in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Dialect, Table
+from sqlalchemy.exc import DBAPIError
+
+
+def marker(dialect: Dialect) -> str:
+    """The DBAPI's positional parameter marker: ? for sqlite3, %s for psycopg."""
+    return "?" if dialect.paramstyle == "qmark" else "%s"
+
+
+def run_many(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """cursor.executemany on the connection's DBAPI connection, inside its transaction. The
+    driver's errors are raised as SQLAlchemy raises them (a lock or a lost connection is
+    sqlalchemy.exc.OperationalError, a constraint IntegrityError), so callers handle one kind."""
+    if not rows:
+        return
+    dialect = connection.dialect
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.executemany(sql, rows)
+    except dialect.loaded_dbapi.Error as error:
+        raise DBAPIError.instance(
+            sql, None, error, dialect.loaded_dbapi.Error, dialect=dialect, ismulti=True
+        ) from error
+    finally:
+        cursor.close()
+
+
+@dataclass(frozen=True)
+class BulkInsert:
+    """The INSERT of `columns` of one table for one dialect: SQL text, and the positions of the
+    values that SQLAlchemy's column types convert, with their converters."""
+
+    sql: str
+    columns: tuple[str, ...]
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]
+
+    @classmethod
+    def of(
+        cls,
+        table: Table,
+        dialect: Dialect,
+        columns: Sequence[str] | None = None,
+        *,
+        skip_conflicts: bool = False,
+    ) -> BulkInsert:
+        """`columns` default to all of the table's, in its order. `skip_conflicts` adds ON
+        CONFLICT DO NOTHING (no target: any unique constraint; SQLite and PostgreSQL)."""
+        names = tuple(columns) if columns is not None else tuple(c.name for c in table.columns)
+        quote = dialect.identifier_preparer.quote
+        sql = (
+            f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in names)})"
+            f" VALUES ({', '.join([marker(dialect)] * len(names))})"
+        )
+        if skip_conflicts:
+            sql += " ON CONFLICT DO NOTHING"
+        processors = []
+        for index, name in enumerate(names):
+            column_type = table.columns[name].type
+            processor = column_type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                processors.append((index, processor))
+        return cls(sql, names, tuple(processors))
+
+    def values(self, rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+        """The rows as the DBAPI takes them (each in `columns` order)."""
+        if not self.processors:
+            return list(rows)
+        processors = self.processors
+        converted: list[Sequence[Any]] = []
+        for row in rows:
+            value = list(row)
+            for index, process in processors:
+                value[index] = process(value[index])
+            converted.append(value)
+        return converted
+
+    def run(self, connection: Connection, rows: Sequence[Sequence[Any]]) -> None:
+        run_many(connection, self.sql, self.values(rows))
