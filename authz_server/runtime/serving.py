@@ -5,16 +5,22 @@ N workers that each create their own gRPC server on the same port (SO_REUSEPORT)
 forked, so no gRPC object ever crosses a fork. Workers write metrics to PROMETHEUS_MULTIPROC_DIR;
 the supervisor serves one /metrics aggregating them. SIGTERM to the supervisor is passed to the
 workers, which turn NOT_SERVING, finish in-flight calls within the grace period and exit 0.
+
+Every step of a worker's stop is bounded (Application.stop); one that overran makes the exit
+code 1. A signal while stopping is logged and ignored, and a watchdog bounds what comes after
+the stop too (closing the loop, the interpreter's exit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import threading
 from types import FrameType
 
 from authz_server.observability import logs
@@ -25,6 +31,12 @@ from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
 log = logging.getLogger("authz_server")
+
+# After a worker's stop: how long closing its loop and the interpreter's exit may take before a
+# watchdog ends the process (with the stop's exit code). Both join threads (the loop's default
+# executor, SQL threads, at worst gRPC's poller: grpc PR #40989) that a hang elsewhere can hold.
+# The single-process server stops its private Redis within this too (up to 5 s).
+EXIT_WATCHDOG_SECONDS = 15.0
 
 
 def serve(settings: Settings) -> int:
@@ -146,8 +158,20 @@ async def run_worker(
         record_reconcile(reconciled)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():  # a second SIGTERM (or Ctrl-C besides the supervisor's SIGTERM)
+            log.info(
+                "worker %d: signal %d while stopping, ignored (the stop is bounded)",
+                index,
+                signum,
+                extra={"signal": signum},
+            )
+            return
+        stopping.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     port = await app.start()
     if settings.demo_data and index == 0:
         relationship_id = await demo.load(app.registry, app.relationships)
@@ -157,5 +181,42 @@ async def run_worker(
     await stopping.wait()
     grace = settings.shutdown_grace_seconds
     log.info("worker %d stopping: NOT_SERVING, %.1f s grace", index, grace)
-    await app.stop(grace)
-    return 0
+    unfinished = await app.stop(grace)
+    code = 1 if unfinished else 0
+    # Only the exit is left: a late signal is ignored rather than killing the process half-way
+    # (closing the loop would put the default handlers back), and the watchdog bounds the exit.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+    _exit_within(EXIT_WATCHDOG_SECONDS, code)
+    if unfinished:
+        log.warning(
+            "worker %d stopped; steps not finished: %s",
+            index,
+            ", ".join(unfinished),
+            extra={"steps": unfinished},
+        )
+    else:
+        log.info("worker %d stopped", index)
+    return code
+
+
+def _exit_within(seconds: float, code: int) -> None:
+    """Ends the process with `code` if it still runs `seconds` from now (a daemon thread: a
+    process that exits before then is not held by it)."""
+
+    def expire() -> None:
+        log.warning(
+            "process did not exit within %.1f s of its stop; exiting now",
+            seconds,
+            extra={"exit_code": code},
+        )
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        os._exit(code)
+
+    watchdog = threading.Timer(seconds, expire)
+    watchdog.name = "exit-watchdog"
+    watchdog.daemon = True
+    watchdog.start()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -65,6 +68,14 @@ SWEEP_INTERVAL_SECONDS = 1.0
 REDIS_MAX_CONNECTIONS = 256
 # How often health looks at Redis and SQL.
 HEALTH_INTERVAL_SECONDS = 1.0
+# Bounds on the stop sequence (Application.stop). Each step gets its own; a step that overruns
+# it is logged (WARNING, naming the step) and abandoned, and the stop goes on, so the journal's
+# last flush and closing SQL happen even when an earlier step hangs. grpc.aio's server.stop
+# has no bound of its own: after the grace it cancels the calls left and then waits, as long
+# as it takes, for the core to report every call and its own serving loop finished.
+STOP_STEP_SECONDS = 5.0
+# server.stop: the grace, then this long for the calls cancelled at its end to finish.
+SERVER_STOP_MARGIN_SECONDS = 5.0
 
 
 @dataclass
@@ -230,20 +241,119 @@ class Application:
             except Exception:
                 log.exception("hold sweep failed; retrying")
 
-    async def stop(self, grace_seconds: float | None = None) -> None:
-        """NOT_SERVING first, so balancers stop sending; then in-flight calls get the grace."""
+    async def stop(self, grace_seconds: float | None = None) -> list[str]:
+        """NOT_SERVING first, so balancers stop sending; then in-flight calls get the grace.
+        Every step is bounded (STOP_STEP_SECONDS; server.stop: the grace plus
+        SERVER_STOP_MARGIN_SECONDS). Returns the steps that overran or failed: empty, a clean
+        stop."""
         self.stopping = True
-        await self._set_serving(False)
-        await self.server.stop(grace_seconds)
+        step = STOP_STEP_SECONDS
+        redis_step = max(step, self.settings.redis_timeout_seconds * 4)  # aclose waits 2x
+        steps: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
+            ("health_not_serving", lambda: self._set_serving(False), step),
+            (
+                "server_stop",
+                lambda: self.server.stop(grace_seconds),
+                (grace_seconds or 0.0) + SERVER_STOP_MARGIN_SECONDS,
+            ),
+            ("background_tasks", self._stop_background, step),
+            ("capture_writer", self._captures_written, step),
+            ("journal", self.journal.stop, step),
+            ("group_commit", self.group_commit.stop, step),
+            ("reference_cache", self.references.stop, step),
+            ("pipelined_redis", self.pipelined_redis.aclose, redis_step),
+            ("redis", self.redis.aclose, redis_step),
+            # Database.close joins the SQL threads: on a thread of its own, not on the loop.
+            ("sql", lambda: in_own_thread(self.database.close, "sql-close"), step),
+        ]
+        unfinished = []
+        for name, run, seconds in steps:
+            if not await bounded_step(name, run, seconds):
+                unfinished.append(name)
+        return unfinished
+
+    async def _stop_background(self) -> None:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-        await self.journal.stop()
-        await self.group_commit.stop()
-        await self.references.stop()
-        await self.pipelined_redis.aclose()
-        await self.redis.aclose()
-        self.database.close()
+
+    async def _captures_written(self) -> None:
+        """Lets a batch of captures the capture writer has taken finish before SQL closes."""
+        drain = self.authorizations.captures.drain
+        if drain is not None and not drain.done():
+            await asyncio.wait([drain])
+
+
+async def bounded_step(name: str, step: Callable[[], Awaitable[object]], seconds: float) -> bool:
+    """Runs one step of a stop sequence for at most `seconds`. True: it finished. False: it
+    overran its bound (a WARNING naming it; the step is cancelled and not waited for, so even
+    one that ignores cancellation cannot hold the stop) or it raised (an ERROR naming it)."""
+    started = asyncio.get_running_loop().time()
+    bound = asyncio.timeout(seconds)
+    task: asyncio.Future[object] | None = None
+    try:
+        task = asyncio.ensure_future(step())
+        task.add_done_callback(_retrieve_outcome)
+        async with bound:
+            # Shielded: the bound ends the wait at once, whatever the step does when cancelled.
+            await asyncio.shield(task)
+    except asyncio.CancelledError:  # the stop itself was cancelled: so is its step
+        if task is not None:
+            task.cancel()
+        raise
+    except Exception:
+        if bound.expired() and task is not None:
+            task.cancel()
+            log.warning(
+                "stop step %s did not finish within %.1f s; going on",
+                name,
+                seconds,
+                extra={"step": name, "bound_seconds": seconds},
+            )
+        else:
+            log.exception("stop step %s failed; going on", name, extra={"step": name})
+        return False
+    log.debug(
+        "stop step %s done",
+        name,
+        extra={"step": name, "seconds": round(asyncio.get_running_loop().time() - started, 3)},
+    )
+    return True
+
+
+def _retrieve_outcome(task: asyncio.Future[object]) -> None:
+    # An abandoned step that fails later: retrieved here, not reported again at collection.
+    if not task.cancelled():
+        task.exception()
+
+
+async def in_own_thread(function: Callable[[], object], name: str) -> None:
+    """Runs a blocking call on a daemon thread of its own and waits for it. A bound can give up
+    on it: on the loop it would block the loop (and every bound with it), and a thread of the
+    loop's default executor is joined when the loop closes."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: Exception | None) -> None:
+        if done.done():  # the waiter gave up
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: Exception | None = None
+        try:
+            function()
+        except Exception as caught:
+            error = caught
+        # RuntimeError: the loop closed meanwhile, nobody waits for it any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
 
 
 def record_reconcile(report: ReconcileReport) -> None:
