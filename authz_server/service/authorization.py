@@ -12,10 +12,11 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -566,11 +567,24 @@ def _lost_state(session: Session, authorization_id: str) -> tuple[str, str] | No
     return journal_row.merchant_id, "ALREADY_VOIDED"
 
 
+@functools.cache
+def _decisions(purpose: Purpose, decision: Decision, reason: DeclineReason | None) -> Any:
+    """The decision counter's child for these labels (enums: a bounded cache), looked up once
+    rather than by labels() on every call."""
+    return metrics.authorizations.labels(
+        purpose.value, decision.value, reason.value if reason else "NONE"
+    )
+
+
+@functools.cache
+def _approved(purpose: Purpose) -> Any:
+    return metrics.approved_fen.labels(purpose.value)
+
+
 def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:
-    reason = outcome.decline_reason.value if outcome.decline_reason else "NONE"
-    metrics.authorizations.labels(purpose.value, outcome.decision.value, reason).inc()
+    _decisions(purpose, outcome.decision, outcome.decline_reason).inc()
     if outcome.approved_fen:
-        metrics.approved_fen.labels(purpose.value).inc(outcome.approved_fen)
+        _approved(purpose).inc(outcome.approved_fen)
     if outcome.status is AuthorizationStatus.CAPTURED:
         metrics.captured_fen.labels(purpose.value).inc(outcome.approved_fen)
 
