@@ -9,7 +9,7 @@ the rows refused on their own are set aside, counted and logged, so one bad row 
 the journal. stop() writes what is queued.
 
 The insert is one statement run with the DBAPI cursor's executemany on plain tuples
-(storage/sql/bulk_insert.py): SQLAlchemy's Core executemany of dicts cost most of this module's
+(storage.sql.dbapi.py): SQLAlchemy's Core executemany of dicts cost most of this module's
 CPU.
 """
 
@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
-from authz_server.storage.sql.bulk_insert import BulkInsert
+from authz_server.storage.sql.dbapi import BulkInsert
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import AuthorizationRow
 

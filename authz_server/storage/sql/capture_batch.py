@@ -3,8 +3,9 @@
 One batch is one transaction: read what the batch needs in three queries (idempotency records,
 captures already written, the funding relationships locked in id order with their holders'
 regions), let the caller decide every capture in Python, then write the accepted ones with one
-executemany per table. Lock order is the service's everywhere: relationships (sorted by id, so
-two batches cannot deadlock each other), participants only read.
+executemany per table; all of it on the DBAPI cursor (storage/sql/dbapi.py). Lock order is the
+service's everywhere: relationships (sorted by id, so two batches cannot deadlock each other),
+participants only read.
 
 Each accepted capture part writes its CAPTURE ledger row here, beside the capture_parts row and
 the relationship's captured_total_fen: the three always change together.
@@ -17,10 +18,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, Dialect, Table, select
+from sqlalchemy import Connection, Dialect, Table
 
 from authz_server.domain.types import LedgerKind
-from authz_server.storage.sql.bulk_insert import BulkInsert, marker, run_many
+from authz_server.storage.sql.dbapi import BulkInsert, fetch_all, marker, placeholders, run_many
 from authz_server.storage.sql.tables import (
     CapturePartRow,
     CaptureRow,
@@ -93,20 +94,22 @@ def load(
     authorization_ids: Iterable[str],
     relationship_ids: Iterable[str],
 ) -> BatchState:
+    dialect = connection.dialect
+    quote = dialect.identifier_preparer.quote
     wanted_keys = set(keys)
     answers: dict[tuple[str, str], StoredAnswer] = {}
     if wanted_keys:
-        rows = connection.execute(
-            select(
-                idempotency_records.c.scope,
-                idempotency_records.c.idempotency_key,
-                idempotency_records.c.request_digest,
-                idempotency_records.c.response,
-            ).where(  # both columns of the primary key, so SQLite and PostgreSQL search it
-                # (by key alone, or by row value IN on SQLite, the table is scanned)
-                idempotency_records.c.scope.in_(sorted({scope for scope, _ in wanted_keys})),
-                idempotency_records.c.idempotency_key.in_(sorted({key for _, key in wanted_keys})),
-            )
+        scopes = sorted({scope for scope, _ in wanted_keys})
+        key_list = sorted({key for _, key in wanted_keys})
+        # Both columns of the primary key, so SQLite and PostgreSQL search it (by key alone,
+        # or by row value IN on SQLite, the table is scanned).
+        rows = fetch_all(
+            connection,
+            f"SELECT scope, idempotency_key, request_digest, response"
+            f" FROM {quote(idempotency_records.name)}"
+            f" WHERE scope IN ({placeholders(dialect, len(scopes))})"
+            f" AND idempotency_key IN ({placeholders(dialect, len(key_list))})",
+            [*scopes, *key_list],
         )
         for scope, key, digest, response in rows:
             if (scope, key) in wanted_keys:
@@ -114,37 +117,34 @@ def load(
     captured: dict[str, list[tuple[str, int]]] = {}
     ids = sorted(set(authorization_ids))
     if ids:
-        found = connection.scalars(
-            select(captures.c.authorization_id).where(captures.c.authorization_id.in_(ids))
-        ).all()
-        for authorization_id in found:
-            captured[authorization_id] = []
-        if found:
-            parts = connection.execute(
-                select(
-                    capture_parts.c.authorization_id,
-                    capture_parts.c.relationship_id,
-                    capture_parts.c.amount_fen,
-                )
-                .where(capture_parts.c.authorization_id.in_(found))
-                .order_by(capture_parts.c.authorization_id, capture_parts.c.position)
-            )
-            for authorization_id, relationship_id, amount_fen in parts:
-                captured[authorization_id].append((relationship_id, amount_fen))
+        # The captures already written, with their parts, in one query.
+        rows = fetch_all(
+            connection,
+            f"SELECT c.authorization_id, p.relationship_id, p.amount_fen"
+            f" FROM {quote(captures.name)} c"
+            f" LEFT JOIN {quote(capture_parts.name)} p ON p.authorization_id = c.authorization_id"
+            f" WHERE c.authorization_id IN ({placeholders(dialect, len(ids))})"
+            f" ORDER BY c.authorization_id, p.position",
+            ids,
+        )
+        for authorization_id, relationship_id, amount_fen in rows:
+            parts = captured.setdefault(authorization_id, [])
+            if relationship_id is not None:
+                parts.append((relationship_id, amount_fen))
     funding: dict[str, FundingRelationship] = {}
     relationship_list = sorted(set(relationship_ids))
     if relationship_list:
-        rows = connection.execute(
-            select(
-                relationships.c.relationship_id,
-                relationships.c.status,
-                relationships.c.holder_id,
-                participants.c.pooling_region,
-            )
-            .join(participants, participants.c.participant_id == relationships.c.holder_id)
-            .where(relationships.c.relationship_id.in_(relationship_list))
-            .order_by(relationships.c.relationship_id)
-            .with_for_update(of=relationships)
+        # Locked in id order, so two batches cannot deadlock each other (PostgreSQL; SQLite's
+        # BEGIN IMMEDIATE has locked the whole database already).
+        lock = " FOR UPDATE OF r" if dialect.name == "postgresql" else ""
+        rows = fetch_all(
+            connection,
+            f"SELECT r.relationship_id, r.status, r.holder_id, p.pooling_region"
+            f" FROM {quote(relationships.name)} r"
+            f" JOIN {quote(participants.name)} p ON p.participant_id = r.holder_id"
+            f" WHERE r.relationship_id IN ({placeholders(dialect, len(relationship_list))})"
+            f" ORDER BY r.relationship_id{lock}",
+            relationship_list,
         )
         for relationship_id, status, holder_id, region in rows:
             funding[relationship_id] = FundingRelationship(status, holder_id, region)
@@ -157,7 +157,7 @@ def load(
 
 @dataclass(frozen=True)
 class _Statements:
-    """The batch's writes for one dialect, built once (storage/sql/bulk_insert.py)."""
+    """The batch's writes for one dialect, built once (storage.sql.dbapi.py)."""
 
     captures: BulkInsert
     capture_parts: BulkInsert

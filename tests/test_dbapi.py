@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 
-from authz_server.storage.sql.bulk_insert import BulkInsert, run_many
+from authz_server.storage.sql.dbapi import BulkInsert, run_many
 from authz_server.storage.sql.tables import IdempotencyRecordRow
 from tests.harness import Harness
 

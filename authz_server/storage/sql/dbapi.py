@@ -1,11 +1,14 @@
-"""INSERTs of many rows at once through the DBAPI cursor's executemany on plain tuples.
+"""Statements run on the DBAPI cursor itself, inside a SQLAlchemy transaction: INSERTs of many
+rows at once (executemany on plain tuples) and the capture batch's reads.
 
-SQLAlchemy's Core executemany of dicts costs most of a batch's Python time (per row: a parameter
-dict, type processing, statement-cache lookups). Here the statement is built once per table
-and dialect, and what SQLAlchemy would do to a value on the way in is still done, by the
-column types' own bind processors (SQLite stores datetimes as text in SQLAlchemy's format, so
-the ORM reads them back as it wrote them). The rows go through the transaction's connection,
-so they commit or roll back with everything else in it.
+SQLAlchemy's Core costs most of a batch's Python time (per statement: cache-key generation,
+execution context, result processing; per row: a parameter dict and type processing). That
+time holds the GIL while the event loop waits for it, and a capture batch made ten such
+statements. Here an INSERT is built once per table and dialect, and what SQLAlchemy would do
+to a value on the way in is still done, by the column types' own bind processors (SQLite
+stores datetimes as text in SQLAlchemy's format, so the ORM reads them back as it wrote them).
+Everything goes through the transaction's connection, so it commits or rolls back with the
+rest of the transaction.
 """
 
 from __future__ import annotations
@@ -23,6 +26,33 @@ def marker(dialect: Dialect) -> str:
     return "?" if dialect.paramstyle == "qmark" else "%s"
 
 
+def placeholders(dialect: Dialect, count: int) -> str:
+    """ "?, ?, ?" for an IN list of `count` values."""
+    return ", ".join([marker(dialect)] * count)
+
+
+def _wrapped(dialect: Dialect, sql: str, error: Exception) -> BaseException:
+    return DBAPIError.instance(
+        sql, None, error, dialect.loaded_dbapi.Error, dialect=dialect, ismulti=True
+    )
+
+
+def fetch_all(connection: Connection, sql: str, parameters: Sequence[Any]) -> list[Any]:
+    """The rows of one query (tuples), inside the connection's transaction; errors as
+    run_many raises them."""
+    dialect = connection.dialect
+    dbapi_connection = connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql, parameters)
+        return list(cursor.fetchall())
+    except dialect.loaded_dbapi.Error as error:
+        raise _wrapped(dialect, sql, error) from error
+    finally:
+        cursor.close()
+
+
 def run_many(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
     """cursor.executemany on the connection's DBAPI connection, inside its transaction. The
     driver's errors are raised as SQLAlchemy raises them (a lock or a lost connection is
@@ -36,9 +66,7 @@ def run_many(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) ->
     try:
         cursor.executemany(sql, rows)
     except dialect.loaded_dbapi.Error as error:
-        raise DBAPIError.instance(
-            sql, None, error, dialect.loaded_dbapi.Error, dialect=dialect, ismulti=True
-        ) from error
+        raise _wrapped(dialect, sql, error) from error
     finally:
         cursor.close()
 
