@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
-from authz_server.storage.sql.dbapi import BulkInsert
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.dbapi import BulkInsert
 from authz_server.storage.sql.tables import AuthorizationRow
 
 log = logging.getLogger(__name__)
