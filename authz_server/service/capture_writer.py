@@ -197,7 +197,7 @@ class CaptureWriter:
             answer([future for _, future in batch], outcomes)
 
     def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:
-        with self.database.engine.begin() as connection:
+        with self.database.writing(), self.database.engine.begin() as connection:
             state = capture_batch.load(
                 connection,
                 keys=[(unit.call.scope, unit.call.key) for unit in units if unit.call],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
@@ -12,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from authz_server.domain.errors import Unavailable
+from authz_server.storage.sql.writer_lock import WriterLock, lock_path
 
 T = TypeVar("T")
 
@@ -30,6 +32,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # captures' indexes take random keys, and once they outgrow the cache every insert reads
     # its leaf pages back from the file.
     cursor.execute("PRAGMA cache_size=-65536")
+    cursor.execute("PRAGMA wal_autocheckpoint=10000")
     cursor.close()
 
 
@@ -58,13 +61,20 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        lock_file = lock_path(url) if self.is_sqlite else None
+        self.writer_lock = WriterLock(lock_file) if lock_file else None
         self.executor = ThreadPoolExecutor(
             max_workers=1 if self.is_sqlite else threads, thread_name_prefix="sql"
         )
 
+    def writing(self) -> AbstractContextManager[object]:
+        """Held around every transaction: on a SQLite file, the writer lock its processes share
+        (storage/sql/writer_lock.py); elsewhere nothing."""
+        return self.writer_lock if self.writer_lock is not None else nullcontext()
+
     def transaction(self, work: Callable[[Session], T]) -> T:
         """Runs work(session) in one transaction on the calling thread."""
-        with self.sessions() as session, session.begin():
+        with self.writing(), self.sessions() as session, session.begin():
             return work(session)
 
     async def run(self, work: Callable[[Session], T]) -> T:
@@ -78,3 +88,5 @@ class Database:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.engine.dispose()
+        if self.writer_lock is not None:
+            self.writer_lock.close()

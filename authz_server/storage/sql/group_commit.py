@@ -87,7 +87,7 @@ class GroupCommit:
 
     def _commit(self, works: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
-        with self.database.sessions() as session, session.begin():
+        with self.database.writing(), self.database.sessions() as session, session.begin():
             for work in works:
                 try:
                     with session.begin_nested():
