@@ -86,10 +86,6 @@ def authorization(view: AuthorizationView) -> authorization_pb2.Authorization:
     )
 
 
-def _encode_capture(view: AuthorizationView) -> bytes:
-    return authorization_pb2.CaptureResponse(authorization=authorization(view)).SerializeToString()
-
-
 def _encode_refund(outcome: RefundOutcome) -> bytes:
     return authorization_pb2.RefundResponse(
         authorization=authorization(outcome.view),
@@ -147,15 +143,23 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
         if request.amount_fen:
             validation.amount_fen("amount_fen", request.amount_fen)
         key = validation.idempotency_key("idempotency_key", request.idempotency_key)
-        call = Idempotency(f"capture:{merchant_id}", key, convert.digest(request), _encode_capture)
+        # The answer is built once: for the idempotency record (on the SQL thread) and the reply.
+        built: list[authorization_pb2.CaptureResponse] = []
+
+        def encode(view: AuthorizationView) -> bytes:
+            message = authorization_pb2.CaptureResponse(authorization=authorization(view))
+            built[:] = [message]
+            return message.SerializeToString()
+
+        call = Idempotency(f"capture:{merchant_id}", key, convert.digest(request), encode)
         result = await self.service.capture(merchant_id, identifier, request.amount_fen, call)
         annotate(merchant=merchant_id)
-        if isinstance(result, bytes):
-            metrics.idempotent_replays.labels("Capture").inc()
-        else:
-            metrics.captured_fen.labels(result.purpose.value).inc(result.captured_fen)
         if isinstance(result, bytes):  # the first answer, as stored
+            metrics.idempotent_replays.labels("Capture").inc()
             return authorization_pb2.CaptureResponse.FromString(result)
+        metrics.captured_fen.labels(result.purpose.value).inc(result.captured_fen)
+        if built and built[0].authorization.authorization_id == result.authorization_id:
+            return built[0]
         return authorization_pb2.CaptureResponse(authorization=authorization(result))
 
     @mapped
