@@ -184,8 +184,7 @@ def test_batches_are_bounded_and_stop_writes_what_is_queued(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(journal_module, "MAX_BATCH", 7)
-    monkeypatch.setattr(journal_module, "FLUSH_INTERVAL_SECONDS", 3600)
-    journal = Journal(harness.app.database)
+    journal = Journal(harness.app.database, flush_interval_seconds=3600)
     batches: list[int] = []
     real_write = Journal._write
 

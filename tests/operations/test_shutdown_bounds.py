@@ -23,7 +23,6 @@ from authz_server.generated.medwallet.v1 import authorization_pb2_grpc
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server import app as app_module
 from authz_server.server.app import bounded_step
-from authz_server.service import journal as journal_module
 from authz_server.storage.sql.tables import AuthorizationRow
 from tests.engine_factories import HOSPITAL_TOKEN, medical
 from tests.harness import Harness, drop_database
@@ -60,7 +59,7 @@ def test_a_hanging_server_stop_does_not_hold_the_rest_of_the_stop(
         monkeypatch.setattr(app_module, "SERVER_STOP_MARGIN_SECONDS", 0.5)
         # Only the stop's journal step writes this decision: the periodic flush now sleeps long
         # (its current 0.2 s sleep ends first).
-        monkeypatch.setattr(journal_module, "FLUSH_INTERVAL_SECONDS", 3600.0)
+        monkeypatch.setattr(app.journal, "flush_interval_seconds", 3600.0)
         time.sleep(0.5)
         row = decision()
         app.journal.record(dict(row))
