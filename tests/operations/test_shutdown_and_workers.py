@@ -3,9 +3,11 @@ one metrics endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +43,12 @@ def _register_hospital(channel: grpc.Channel) -> None:
     )
 
 
-def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def serving_hospital(
+    tmp_path: Path,
+) -> Iterator[tuple[ServerProcess, str, authorization_pb2_grpc.AuthorizationServiceStub]]:
+    """A server on a private Redis (so the test may pause it) with a 15 s shutdown grace and a
+    registered hospital: (server, Redis URL, Authorization stub); both stopped afterwards."""
     private = EmbeddedRedis(tmp_path / "redis", persistent=False)
     redis_url = private.start()
     server = ServerProcess(
@@ -54,7 +61,14 @@ def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
         server.wait_serving()
         channel = grpc.insecure_channel(server.address)
         _register_hospital(channel)
-        stub = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+        yield server, redis_url, authorization_pb2_grpc.AuthorizationServiceStub(channel)
+    finally:
+        server.stop()
+        private.stop()
+
+
+def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
+    with serving_hospital(tmp_path) as (server, redis_url, stub):
         statuses: list[int] = []
         watcher_done = threading.Event()
 
@@ -88,9 +102,6 @@ def test_sigterm_drains_in_flight_calls(tmp_path: Path) -> None:
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         assert statuses[0] == serving
         assert not_serving in statuses, statuses  # seen before the listener closed
-    finally:
-        server.stop()
-        private.stop()
 
 
 def test_two_workers_one_port_one_scrape(tmp_path: Path) -> None:

@@ -14,20 +14,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
 from sqlalchemy import create_engine, select
 
-from authz_server.generated.medwallet.v1 import authorization_pb2_grpc
-from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server import app as app_module
 from authz_server.server.app import bounded_step
 from authz_server.storage.sql.tables import AuthorizationRow
 from tests.engine_factories import HOSPITAL_TOKEN, medical
 from tests.harness import Harness, drop_database
-from tests.operations.server_process import ServerProcess
-from tests.operations.test_shutdown_and_workers import _register_hospital
+from tests.operations.test_shutdown_and_workers import serving_hospital
 from tests.test_journal_fast import decision
 
 
@@ -141,19 +137,7 @@ def test_bounded_step_gives_up_on_a_step_that_ignores_cancellation(
 
 
 def test_second_sigterm_while_draining_is_ignored_and_exit_is_0(tmp_path: Path) -> None:
-    private = EmbeddedRedis(tmp_path / "redis", persistent=False)
-    redis_url = private.start()
-    server = ServerProcess(
-        tmp_path,
-        redis_url=redis_url,
-        MEDWALLET_REDIS_TIMEOUT_SECONDS="10",
-        MEDWALLET_SHUTDOWN_GRACE_SECONDS="15",
-    )
-    try:
-        server.wait_serving()
-        channel = grpc.insecure_channel(server.address)
-        _register_hospital(channel)
-        stub = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+    with serving_hospital(tmp_path) as (server, redis_url, stub):
         # Hold every Redis command for 2 s: the calls below are in flight through both signals.
         redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", "2000", "ALL")
         with ThreadPoolExecutor(4) as pool:
@@ -172,6 +156,3 @@ def test_second_sigterm_while_draining_is_ignored_and_exit_is_0(tmp_path: Path) 
         assert "Traceback" not in output, output
         assert "while stopping, ignored" in output, output
         assert "did not finish within" not in output, output  # every step kept its bound
-    finally:
-        server.stop()
-        private.stop()

@@ -13,7 +13,8 @@ rest of the transaction.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,38 +38,36 @@ def _wrapped(dialect: Dialect, sql: str, error: Exception) -> BaseException:
     )
 
 
-def fetch_all(connection: Connection, sql: str, parameters: Sequence[Any]) -> list[Any]:
-    """The rows of one query (tuples), inside the connection's transaction; errors as
-    run_many raises them."""
+@contextmanager
+def _cursor(connection: Connection, sql: str) -> Iterator[Any]:
+    """A cursor of the connection's DBAPI connection, inside its transaction; the driver's errors
+    raised as SQLAlchemy raises them (a lock or a lost connection is
+    sqlalchemy.exc.OperationalError, a constraint IntegrityError), so callers handle one kind."""
     dialect = connection.dialect
     dbapi_connection = connection.connection.dbapi_connection
     assert dbapi_connection is not None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(sql, parameters)
-        return list(cursor.fetchall())
+        yield cursor
     except dialect.loaded_dbapi.Error as error:
         raise _wrapped(dialect, sql, error) from error
     finally:
         cursor.close()
+
+
+def fetch_all(connection: Connection, sql: str, parameters: Sequence[Any]) -> list[Any]:
+    """The rows of one query, as tuples."""
+    with _cursor(connection, sql) as cursor:
+        cursor.execute(sql, parameters)
+        return list(cursor.fetchall())
 
 
 def run_many(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """cursor.executemany on the connection's DBAPI connection, inside its transaction. The
-    driver's errors are raised as SQLAlchemy raises them (a lock or a lost connection is
-    sqlalchemy.exc.OperationalError, a constraint IntegrityError), so callers handle one kind."""
+    """One statement for every row (cursor.executemany)."""
     if not rows:
         return
-    dialect = connection.dialect
-    dbapi_connection = connection.connection.dbapi_connection
-    assert dbapi_connection is not None
-    cursor = dbapi_connection.cursor()
-    try:
+    with _cursor(connection, sql) as cursor:
         cursor.executemany(sql, rows)
-    except dialect.loaded_dbapi.Error as error:
-        raise _wrapped(dialect, sql, error) from error
-    finally:
-        cursor.close()
 
 
 @dataclass(frozen=True)
