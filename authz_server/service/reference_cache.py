@@ -3,6 +3,16 @@
 Loaded at start; refreshed from rows changed since the last look (every REFRESH_SECONDS, so
 other worker processes see an upsert within that time); the process that takes an upsert
 applies it at once.
+
+"Changed since" means updated at most LOOKBACK_SECONDS before the previous refresh began, not
+after the newest row seen. A row's updated_at is its writer's clock when it wrote the row, not
+when the row became visible: a transaction that stamps its row and commits a moment later,
+after another writer's newer row was already read, would otherwise never be seen by this
+process (a merchant's designation revoked through one worker, still honoured by another until
+restart). A row becomes visible within LOOKBACK_SECONDS of its stamp, so one that was not
+visible at the previous refresh is stamped after that refresh began less LOOKBACK_SECONDS.
+Rows read again are applied again, which changes nothing; a bulk load is read again for that
+long, then no more.
 """
 
 from __future__ import annotations
@@ -10,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -22,6 +33,9 @@ from authz_server.storage.sql.tables import CatalogItemRow, MerchantRow
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 2.0
+# Longer than any write of these rows takes from its timestamp to its commit, plus the clock
+# skew between the hosts of the workers.
+LOOKBACK_SECONDS = 60.0
 
 
 class ReferenceCache:
@@ -29,8 +43,8 @@ class ReferenceCache:
         self.database = database
         self.merchants: dict[str, Merchant] = {}
         self.catalog: dict[str, CatalogItem] = {}
-        self.seen_merchants: datetime | None = None
-        self.seen_items: datetime | None = None
+        # When the previous refresh began (this process's clock); None: none yet, read all.
+        self.refreshed_at: datetime | None = None
         self.task: asyncio.Task[None] | None = None
 
     def put_merchant(self, merchant: Merchant) -> None:
@@ -41,7 +55,12 @@ class ReferenceCache:
             self.catalog[item.item_code] = item
 
     async def refresh(self) -> None:
-        merchants, items = await self.database.run(self._changed)
+        began = datetime.now(UTC)
+        since = None
+        if self.refreshed_at is not None:
+            since = self.refreshed_at - timedelta(seconds=LOOKBACK_SECONDS)
+        merchants, items = await self.database.run(partial(self._changed, since=since))
+        self.refreshed_at = began
         for merchant_row in merchants:
             self.put_merchant(
                 Merchant(
@@ -51,9 +70,6 @@ class ReferenceCache:
                     merchant_row.designated,
                     merchant_row.name,
                 )
-            )
-            self.seen_merchants = max(
-                self.seen_merchants or merchant_row.updated_at, merchant_row.updated_at
             )
         for item_row in items:
             self.put_items(
@@ -66,19 +82,15 @@ class ReferenceCache:
                     )
                 ]
             )
-            self.seen_items = max(self.seen_items or item_row.updated_at, item_row.updated_at)
 
-    def _changed(self, session: Session) -> tuple[list[MerchantRow], list[CatalogItemRow]]:
-        # Strictly newer than the last row seen: rows bulk-loaded in one instant are read once,
-        # not on every refresh. (A row another process writes in the very microsecond of the
-        # last one seen would be missed until restart; upserts through this process are put
-        # in the cache directly.)
+    def _changed(
+        self, session: Session, *, since: datetime | None
+    ) -> tuple[list[MerchantRow], list[CatalogItemRow]]:
         merchants = select(MerchantRow)
-        if self.seen_merchants is not None:
-            merchants = merchants.where(MerchantRow.updated_at > self.seen_merchants)
         items = select(CatalogItemRow)
-        if self.seen_items is not None:
-            items = items.where(CatalogItemRow.updated_at > self.seen_items)
+        if since is not None:
+            merchants = merchants.where(MerchantRow.updated_at >= since)
+            items = items.where(CatalogItemRow.updated_at >= since)
         return list(session.scalars(merchants)), list(session.scalars(items))
 
     def start(self) -> None:
