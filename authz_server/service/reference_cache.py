@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -83,15 +84,26 @@ class ReferenceCache:
                 ]
             )
 
-    def _changed(
-        self, session: Session, *, since: datetime | None
-    ) -> tuple[list[MerchantRow], list[CatalogItemRow]]:
-        merchants = select(MerchantRow)
-        items = select(CatalogItemRow)
+    def _changed(self, session: Session, *, since: datetime | None) -> tuple[list[Any], list[Any]]:
+        # Plain rows of the columns the cache keeps, not ORM objects: a bulk-loaded catalog is
+        # read again for LOOKBACK_SECONDS, and that should cost little.
+        merchants = select(
+            MerchantRow.merchant_id,
+            MerchantRow.kind,
+            MerchantRow.pooling_region,
+            MerchantRow.designated,
+            MerchantRow.name,
+        )
+        items = select(
+            CatalogItemRow.item_code,
+            CatalogItemRow.name,
+            CatalogItemRow.category,
+            CatalogItemRow.eligible,
+        )
         if since is not None:
             merchants = merchants.where(MerchantRow.updated_at >= since)
             items = items.where(CatalogItemRow.updated_at >= since)
-        return list(session.scalars(merchants)), list(session.scalars(items))
+        return list(session.execute(merchants)), list(session.execute(items))
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="reference-cache")
