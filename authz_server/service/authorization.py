@@ -13,6 +13,7 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,7 +41,7 @@ from authz_server.domain.types import (
 )
 from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
-from authz_server.service.capture_recovery import settle_capture
+from authz_server.service.capture_recovery import ledger_parts, settle_capture
 from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
@@ -68,6 +69,7 @@ class Serializable(Protocol):
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
 
+log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 CAPTURE_REFUSALS = frozenset(
     {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
@@ -290,12 +292,47 @@ class AuthorizationService:
             await self.holds.capture_finish(outcome.authorization_id, "VOIDED", "")
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
         except BaseException:
-            await self.holds.capture_finish(outcome.authorization_id, "VOIDED", "")
+            settled = await self._settle_unfinished_payment(outcome)
+            if settled is not None:
+                return settled
             raise
         await self.holds.capture_finish(
             outcome.authorization_id, "CAPTURED", format_funding(outcome.funding)
         )
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
+
+    async def _settle_unfinished_payment(
+        self, outcome: AuthorizeOutcome
+    ) -> AuthorizeOutcome | None:
+        """A one-step payment whose capture failed for a reason that is not a refusal (a lock,
+        a lost connection). SQL may have it even so (a COMMIT whose reply was lost), and
+        voiding it would give money SQL counts as spent back to the quota: it is settled as
+        SQL says. Captured: the payment's answer, CAPTURED. Not there: voided (None: the caller
+        raises the failure). SQL cannot say: the hold stays CAPTURING, which neither void nor
+        expiry takes, and the sweeper settles it as SQL says once SQL answers (None)."""
+        authorization_id = outcome.authorization_id
+        relationship_ids = sorted({relationship_id for relationship_id, _ in outcome.funding})
+
+        def read(session: Session) -> str | None:
+            for relationship_id in relationship_ids:
+                # Waits for a capture of these quotas still committing (it holds these locks).
+                records.relationship_row(session, relationship_id, lock=True)
+            return ledger_parts(session, authorization_id)
+
+        try:
+            captured = await self.database.run(read)
+        except Exception:
+            log.warning(
+                "payment %s: SQL cannot say whether it was written; left to the sweeper",
+                authorization_id,
+                extra={"authorization_id": authorization_id},
+            )
+            return None
+        if captured is not None:
+            await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
+            return _with_status(outcome, AuthorizationStatus.CAPTURED)
+        await self.holds.capture_finish(authorization_id, "VOIDED", "")
+        return None
 
     # --- Capture ---------------------------------------------------------------------------
 
