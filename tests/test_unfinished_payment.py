@@ -1,11 +1,14 @@
-"""A one-step payment (a premium) whose SQL write fails for a reason that is not a refusal is
-settled as SQL says, never simply voided: when the COMMIT went through but its reply was lost
-(a dropped PostgreSQL connection), voiding would give money SQL counts as spent back to the
-quota in Redis, and the family could spend it twice. The faults are injected where the driver
-would raise them: after or instead of the batch's real transaction."""
+"""A capture whose SQL write fails for a reason that is not a refusal, or whose call is cancelled
+while it is being written, is settled as SQL says, never by the failure: when the COMMIT went
+through but its reply was lost (a dropped PostgreSQL connection), or committed after the
+client's deadline passed, a hold put back or voided would give money SQL counts as spent back
+to the quota in Redis (by a void, by expiry), and the family could spend it twice. The faults
+are injected where the driver would raise them: after or instead of the batch's real
+transaction; the cancel is a real client deadline."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,17 +16,24 @@ import grpc
 import pytest
 from sqlalchemy.exc import OperationalError
 
+from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
-from tests.harness import Harness
+from tests.harness import Harness, new_id
 from tests.test_authorization_recovery import ledger
 from tests.test_authorization_rules import (
     CAPTURED,
     COLLECTOR,
+    HOSPITAL,
     LTC_PREMIUM,
+    MEDICAL,
     authorize,
+    capture,
     family,
     figures,
+    get,
+    refused,
     register_merchants,
+    void,
 )
 
 LOST = OperationalError("COMMIT", None, Exception("server closed the connection unexpectedly"))
@@ -81,3 +91,53 @@ def test_a_write_that_never_happened_is_voided_and_answers_unavailable(
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert figures(relationships, relationship_id) == (20_000, 0, 0)
     assert ledger(harness, relationship_id).spent_fen == 0
+
+
+def test_a_capture_whose_reply_was_lost_answers_ok_and_cannot_be_voided(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    writer._commit = failing_commit(writer._commit, commits=True)
+    answer = capture(authorizations, HOSPITAL, held.authorization_id, 10_000)
+    assert (answer.status, answer.captured_amount_fen) == (CAPTURED, 10_000)
+    refused(
+        lambda: void(authorizations, HOSPITAL, held.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_CAPTURED",
+    )
+    assert figures(relationships, relationship_id) == (10_000, 0, 10_000)
+    assert ledger(harness, relationship_id).spent_fen == 10_000
+
+
+def test_a_capture_cancelled_by_its_deadline_is_still_settled_by_its_write(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    real = writer._commit
+
+    def slow(units: list[CaptureUnit]) -> list[Outcome]:
+        time.sleep(1.0)  # the client gives up meanwhile; the transaction then commits
+        return real(units)
+
+    writer._commit = slow
+    key = new_id("capture")
+    request = pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key=key)
+    with pytest.raises(grpc.RpcError) as gave_up:
+        authorizations.Capture(request, metadata=HOSPITAL, timeout=0.3)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.5)  # the write ends, and the hold with it
+    writer._commit = real
+    assert get(authorizations, HOSPITAL, held.authorization_id).status == CAPTURED
+    refused(
+        lambda: void(authorizations, HOSPITAL, held.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_CAPTURED",
+    )
+    assert figures(relationships, relationship_id) == (8_000, 0, 12_000)
+    # the retry the till makes with the same key gets the first answer
+    again = capture(authorizations, HOSPITAL, held.authorization_id, key=key)
+    assert (again.status, again.captured_amount_fen) == (CAPTURED, 12_000)

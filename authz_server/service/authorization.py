@@ -12,9 +12,10 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain import authorization as rules
 from authz_server.domain.errors import (
+    DomainError,
     IdempotencyKeyReused,
     InvalidArgument,
     NotFound,
@@ -51,7 +53,12 @@ from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.hold_store import AuthorizeCall, HoldDecision, HoldStore
+from authz_server.storage.redis.hold_store import (
+    AuthorizeCall,
+    CaptureClaim,
+    HoldDecision,
+    HoldStore,
+)
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -59,6 +66,7 @@ from authz_server.storage.sql.tables import (
     AuthorizationRow,
     CapturePartRow,
     CaptureRow,
+    IdempotencyRecordRow,
     RefundRow,
 )
 
@@ -71,6 +79,7 @@ class Serializable(Protocol):
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
+T = TypeVar("T")
 CAPTURE_REFUSALS = frozenset(
     {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
      "RELATIONSHIP_NOT_ACTIVE"}
@@ -202,7 +211,7 @@ class AuthorizationService:
             return respond(await self._replayed(decision))
         outcome = self._outcome(decision)
         if decision.status == "CAPTURING":
-            outcome = await self._capture_at_once(request, outcome, now)
+            outcome = await _to_the_end(self._capture_at_once(request, outcome, now))
         _count(request.purpose, outcome)
         response = respond(outcome)
         self.journal.record(
@@ -311,23 +320,10 @@ class AuthorizationService:
         raises the failure). SQL cannot say: the hold stays CAPTURING, which neither void nor
         expiry takes, and the sweeper settles it as SQL says once SQL answers (None)."""
         authorization_id = outcome.authorization_id
-        relationship_ids = sorted({relationship_id for relationship_id, _ in outcome.funding})
-
-        def read(session: Session) -> str | None:
-            for relationship_id in relationship_ids:
-                # Waits for a capture of these quotas still committing (it holds these locks).
-                records.relationship_row(session, relationship_id, lock=True)
-            return ledger_parts(session, authorization_id)
-
-        try:
-            captured = await self.database.run(read)
-        except Exception:
-            log.warning(
-                "payment %s: SQL cannot say whether it was written; left to the sweeper",
-                authorization_id,
-                extra={"authorization_id": authorization_id},
-            )
+        found = await self._captured_in_sql(authorization_id, outcome.funding, None)
+        if found is None:
             return None
+        captured, _ = found
         if captured is not None:
             await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
@@ -365,6 +361,23 @@ class AuthorizationService:
             raise InvalidArgument("amount_fen", f"must be at most {claim.approved_fen} fen")
         funding = parse_funding(claim.funding)
         parts = split_capture(funding, claim.amount_fen)
+        return await _to_the_end(
+            self._write_claimed_capture(
+                authorization_id, merchant_id, claim, funding, parts, call, now
+            )
+        )
+
+    async def _write_claimed_capture(
+        self,
+        authorization_id: str,
+        merchant_id: str,
+        claim: CaptureClaim,
+        funding: Funding,
+        parts: Funding,
+        call: Idempotency[AuthorizationView],
+        now: datetime,
+    ) -> AuthorizationView | bytes:
+        """Writes a claimed capture to SQL and finishes its hold by the outcome."""
         try:
             result = await self._write_capture(
                 authorization_id,
@@ -387,11 +400,67 @@ class AuthorizationService:
         except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
             await self.holds.capture_finish(authorization_id, "VOIDED", "", refusal.reason)
             raise
-        except BaseException:  # nothing was written: put the hold back as it was
-            await self.holds.capture_finish(authorization_id, "PENDING", "")
+        except BaseException as failure:
+            if isinstance(failure, DomainError) and not isinstance(failure, Unavailable):
+                # refused in SQL before anything was written (a reused key): as it was
+                await self.holds.capture_finish(authorization_id, "PENDING", "")
+                raise
+            # A lock, a lost connection, a failed batch: SQL may have the capture even so (a
+            # COMMIT whose reply was lost). The hold is settled as SQL says; if SQL cannot say,
+            # it stays CAPTURING (neither void nor expiry takes it) for the sweeper.
+            answer = await self._settle_unfinished_capture(authorization_id, call, parts)
+            if answer is not None:
+                return answer
             raise
         await self.holds.capture_finish(authorization_id, "CAPTURED", format_funding(parts))
         return result
+
+    async def _settle_unfinished_capture(
+        self, authorization_id: str, call: Idempotency[AuthorizationView], parts: Funding
+    ) -> bytes | None:
+        """The capture's stored answer when SQL has it (the hold finished CAPTURED), None when
+        SQL has nothing (the hold back to PENDING) or cannot say (the hold left CAPTURING)."""
+        found = await self._captured_in_sql(authorization_id, parts, call)
+        if found is None:
+            return None
+        captured, answer = found
+        if captured is None:
+            await self.holds.capture_finish(authorization_id, "PENDING", "")
+            return None
+        await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
+        return answer
+
+    async def _captured_in_sql(
+        self,
+        authorization_id: str,
+        funding: Funding,
+        call: Idempotency[AuthorizationView] | None,
+    ) -> tuple[str | None, bytes | None] | None:
+        """(the captured parts or None, the capture's stored answer or None) as SQL has them,
+        after any capture of these quotas still committing has ended (their row locks are
+        taken first); None when SQL does not answer."""
+        relationship_ids = sorted({relationship_id for relationship_id, _ in funding})
+
+        def read(session: Session) -> tuple[str | None, bytes | None]:
+            for relationship_id in relationship_ids:
+                records.relationship_row(session, relationship_id, lock=True)
+            captured = ledger_parts(session, authorization_id)
+            answer = None
+            if captured is not None and call is not None:
+                stored = session.get(IdempotencyRecordRow, (call.scope, call.key))
+                if stored is not None and stored.request_digest == call.request_digest:
+                    answer = bytes(stored.response)
+            return captured, answer
+
+        try:
+            return await self.database.run(read)
+        except Exception:
+            log.warning(
+                "capture %s: SQL cannot say whether it was written; left to the sweeper",
+                authorization_id,
+                extra={"authorization_id": authorization_id},
+            )
+            return None
 
     async def _capture_without_hold(
         self, merchant_id: str, authorization_id: str, call: Idempotency[AuthorizationView]
@@ -616,6 +685,25 @@ def _decisions(purpose: Purpose, decision: Decision, reason: DeclineReason | Non
 @functools.cache
 def _approved(purpose: Purpose) -> Any:
     return metrics.approved_fen.labels(purpose.value)
+
+
+async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
+    """Runs a capture's SQL write and the settling of its hold to the end, even when the call is
+    cancelled meanwhile (its client's deadline passed): the write may commit after the cancel,
+    and a hold settled by the cancel rather than by the write's outcome could give captured
+    money back to the quota."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_outcome_seen)
+    return await asyncio.shield(task)
+
+
+def _outcome_seen(task: asyncio.Future[Any]) -> None:
+    """A run-to-the-end task whose caller was cancelled: its failure is logged, not lost."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None and not isinstance(error, DomainError):
+        log.error("capture failed after its call was cancelled", exc_info=error)
 
 
 def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:
