@@ -93,20 +93,29 @@ def test_a_write_that_never_happened_is_voided_and_answers_unavailable(
     assert ledger(harness, relationship_id).spent_fen == 0
 
 
-def test_a_capture_whose_reply_was_lost_answers_ok_and_cannot_be_voided(
-    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
-) -> None:
+def hospital_hold(registry: Any, relationships: Any, authorizations: Any) -> tuple[str, str]:
+    """A 12,000 fen hold on a quota of 20,000: (relationship id, authorization id)."""
     fam = family(registry, relationships, 20_000)
-    (relationship_id,) = fam.relationship_ids
     held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
-    writer._commit = failing_commit(writer._commit, commits=True)
-    answer = capture(authorizations, HOSPITAL, held.authorization_id, 10_000)
-    assert (answer.status, answer.captured_amount_fen) == (CAPTURED, 10_000)
+    return fam.relationship_ids[0], held.authorization_id
+
+
+def cannot_be_voided(authorizations: Any, authorization_id: str) -> None:
     refused(
-        lambda: void(authorizations, HOSPITAL, held.authorization_id),
+        lambda: void(authorizations, HOSPITAL, authorization_id),
         grpc.StatusCode.FAILED_PRECONDITION,
         "ALREADY_CAPTURED",
     )
+
+
+def test_a_capture_whose_reply_was_lost_answers_ok_and_cannot_be_voided(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    relationship_id, authorization_id = hospital_hold(registry, relationships, authorizations)
+    writer._commit = failing_commit(writer._commit, commits=True)
+    answer = capture(authorizations, HOSPITAL, authorization_id, 10_000)
+    assert (answer.status, answer.captured_amount_fen) == (CAPTURED, 10_000)
+    cannot_be_voided(authorizations, authorization_id)
     assert figures(relationships, relationship_id) == (10_000, 0, 10_000)
     assert ledger(harness, relationship_id).spent_fen == 10_000
 
@@ -114,9 +123,7 @@ def test_a_capture_whose_reply_was_lost_answers_ok_and_cannot_be_voided(
 def test_a_capture_cancelled_by_its_deadline_is_still_settled_by_its_write(
     harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
 ) -> None:
-    fam = family(registry, relationships, 20_000)
-    (relationship_id,) = fam.relationship_ids
-    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    relationship_id, authorization_id = hospital_hold(registry, relationships, authorizations)
     real = writer._commit
 
     def slow(units: list[CaptureUnit]) -> list[Outcome]:
@@ -125,19 +132,15 @@ def test_a_capture_cancelled_by_its_deadline_is_still_settled_by_its_write(
 
     writer._commit = slow
     key = new_id("capture")
-    request = pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key=key)
+    request = pb.CaptureRequest(authorization_id=authorization_id, idempotency_key=key)
     with pytest.raises(grpc.RpcError) as gave_up:
         authorizations.Capture(request, metadata=HOSPITAL, timeout=0.3)
     assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(1.5)  # the write ends, and the hold with it
     writer._commit = real
-    assert get(authorizations, HOSPITAL, held.authorization_id).status == CAPTURED
-    refused(
-        lambda: void(authorizations, HOSPITAL, held.authorization_id),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "ALREADY_CAPTURED",
-    )
+    assert get(authorizations, HOSPITAL, authorization_id).status == CAPTURED
+    cannot_be_voided(authorizations, authorization_id)
     assert figures(relationships, relationship_id) == (8_000, 0, 12_000)
     # the retry the till makes with the same key gets the first answer
-    again = capture(authorizations, HOSPITAL, held.authorization_id, key=key)
+    again = capture(authorizations, HOSPITAL, authorization_id, key=key)
     assert (again.status, again.captured_amount_fen) == (CAPTURED, 12_000)

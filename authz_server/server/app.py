@@ -257,7 +257,7 @@ class Application:
                 (grace_seconds or 0.0) + SERVER_STOP_MARGIN_SECONDS,
             ),
             ("background_tasks", self._stop_background, step),
-            ("capture_writer", self._captures_written, step),
+            ("capture_writer", self.authorizations.captures.written, step),
             ("journal", self.journal.stop, step),
             ("group_commit", self.group_commit.stop, step),
             ("reference_cache", self.references.stop, step),
@@ -276,12 +276,6 @@ class Application:
         for task in self.background:
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
-
-    async def _captures_written(self) -> None:
-        """Lets a batch of captures the capture writer has taken finish before SQL closes."""
-        drain = self.authorizations.captures.drain
-        if drain is not None and not drain.done():
-            await asyncio.wait([drain])
 
 
 async def bounded_step(name: str, step: Callable[[], Awaitable[object]], seconds: float) -> bool:

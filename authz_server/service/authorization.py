@@ -313,22 +313,15 @@ class AuthorizationService:
     async def _settle_unfinished_payment(
         self, outcome: AuthorizeOutcome
     ) -> AuthorizeOutcome | None:
-        """A one-step payment whose capture failed for a reason that is not a refusal (a lock,
-        a lost connection). SQL may have it even so (a COMMIT whose reply was lost), and
-        voiding it would give money SQL counts as spent back to the quota: it is settled as
-        SQL says. Captured: the payment's answer, CAPTURED. Not there: voided (None: the caller
-        raises the failure). SQL cannot say: the hold stays CAPTURING, which neither void nor
-        expiry takes, and the sweeper settles it as SQL says once SQL answers (None)."""
-        authorization_id = outcome.authorization_id
-        found = await self._captured_in_sql(authorization_id, outcome.funding, None)
-        if found is None:
+        """A one-step payment whose capture failed without a refusal: settled as SQL says
+        (`_settle_as_sql_says`; when SQL has nothing, voided). CAPTURED when SQL has it; None
+        (the caller raises the failure) otherwise."""
+        settled = await self._settle_as_sql_says(
+            outcome.authorization_id, outcome.funding, "VOIDED", None
+        )
+        if settled is None or not settled[0]:
             return None
-        captured, _ = found
-        if captured is not None:
-            await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
-            return _with_status(outcome, AuthorizationStatus.CAPTURED)
-        await self.holds.capture_finish(authorization_id, "VOIDED", "")
-        return None
+        return _with_status(outcome, AuthorizationStatus.CAPTURED)
 
     # --- Capture ---------------------------------------------------------------------------
 
@@ -408,37 +401,27 @@ class AuthorizationService:
             # A lock, a lost connection, a failed batch: SQL may have the capture even so (a
             # COMMIT whose reply was lost). The hold is settled as SQL says; if SQL cannot say,
             # it stays CAPTURING (neither void nor expiry takes it) for the sweeper.
-            answer = await self._settle_unfinished_capture(authorization_id, call, parts)
-            if answer is not None:
-                return answer
+            settled = await self._settle_as_sql_says(authorization_id, parts, "PENDING", call)
+            if settled is not None and settled[1] is not None:
+                return settled[1]  # SQL has it: its first answer
             raise
         await self.holds.capture_finish(authorization_id, "CAPTURED", format_funding(parts))
         return result
 
-    async def _settle_unfinished_capture(
-        self, authorization_id: str, call: Idempotency[AuthorizationView], parts: Funding
-    ) -> bytes | None:
-        """The capture's stored answer when SQL has it (the hold finished CAPTURED), None when
-        SQL has nothing (the hold back to PENDING) or cannot say (the hold left CAPTURING)."""
-        found = await self._captured_in_sql(authorization_id, parts, call)
-        if found is None:
-            return None
-        captured, answer = found
-        if captured is None:
-            await self.holds.capture_finish(authorization_id, "PENDING", "")
-            return None
-        await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
-        return answer
-
-    async def _captured_in_sql(
+    async def _settle_as_sql_says(
         self,
         authorization_id: str,
         funding: Funding,
+        if_absent: str,
         call: Idempotency[AuthorizationView] | None,
-    ) -> tuple[str | None, bytes | None] | None:
-        """(the captured parts or None, the capture's stored answer or None) as SQL has them,
-        after any capture of these quotas still committing has ended (their row locks are
-        taken first); None when SQL does not answer."""
+    ) -> tuple[bool, bytes | None] | None:
+        """Finishes the hold of a capture that failed without a refusal as SQL has it: SQL may
+        have the capture even so (a COMMIT whose reply was lost), and a hold put back or voided
+        would give money SQL counts as spent back to the quota. SQL is read after any capture
+        of these quotas still committing has ended (their row locks are taken first).
+        Captured: the hold CAPTURED, (True, the call's stored answer). Not there: the hold
+        `if_absent`, (False, None). SQL does not answer: the hold stays CAPTURING, which
+        neither void nor expiry takes, for the sweeper to settle as SQL says (None)."""
         relationship_ids = sorted({relationship_id for relationship_id, _ in funding})
 
         def read(session: Session) -> tuple[str | None, bytes | None]:
@@ -453,7 +436,7 @@ class AuthorizationService:
             return captured, answer
 
         try:
-            return await self.database.run(read)
+            captured, answer = await self.database.run(read)
         except Exception:
             log.warning(
                 "capture %s: SQL cannot say whether it was written; left to the sweeper",
@@ -461,6 +444,11 @@ class AuthorizationService:
                 extra={"authorization_id": authorization_id},
             )
             return None
+        if captured is None:
+            await self.holds.capture_finish(authorization_id, if_absent, "")
+            return False, None
+        await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
+        return True, answer
 
     async def _capture_without_hold(
         self, merchant_id: str, authorization_id: str, call: Idempotency[AuthorizationView]
@@ -693,12 +681,15 @@ async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
     and a hold settled by the cancel rather than by the write's outcome could give captured
     money back to the quota."""
     task = asyncio.ensure_future(work)
-    task.add_done_callback(_outcome_seen)
-    return await asyncio.shield(task)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_outcome_seen)  # nobody is left to receive its failure
+        raise
 
 
 def _outcome_seen(task: asyncio.Future[Any]) -> None:
-    """A run-to-the-end task whose caller was cancelled: its failure is logged, not lost."""
+    """A run-to-the-end task whose caller was cancelled: a failure is logged, not lost."""
     if task.cancelled():
         return
     error = task.exception()

@@ -176,6 +176,12 @@ class CaptureWriter:
             self.drain = asyncio.get_running_loop().create_task(self._drain(), name="captures")
         return await future
 
+    async def written(self) -> None:
+        """Returns once the captures queued or in a transaction now are written (shutdown)."""
+        drain = self.drain
+        if drain is not None and not drain.done():
+            await asyncio.wait([drain])
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self.pending:

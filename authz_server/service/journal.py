@@ -9,7 +9,7 @@ the rows refused on their own are set aside, counted and logged, so one bad row 
 the journal. stop() writes what is queued.
 
 The insert is one statement run with the DBAPI cursor's executemany on plain tuples
-(storage.sql.dbapi.py): SQLAlchemy's Core executemany of dicts cost most of this module's
+(storage/sql/dbapi.py): SQLAlchemy's Core executemany of dicts cost most of this module's
 CPU.
 """
 

@@ -63,7 +63,7 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        lock_file = lock_path(url) if self.is_sqlite else None
+        lock_file = lock_path(url)  # None but for a SQLite file
         self.writer_lock = WriterLock(lock_file) if lock_file else None
         self.executor = ThreadPoolExecutor(
             max_workers=1 if self.is_sqlite else threads, thread_name_prefix="sql"

@@ -28,7 +28,7 @@ def marker(dialect: Dialect) -> str:
 
 
 def placeholders(dialect: Dialect, count: int) -> str:
-    """ "?, ?, ?" for an IN list of `count` values."""
+    """The markers of `count` values ("?, ?, ?"), for a VALUES or an IN list."""
     return ", ".join([marker(dialect)] * count)
 
 
@@ -76,7 +76,6 @@ class BulkInsert:
     values that SQLAlchemy's column types convert, with their converters."""
 
     sql: str
-    columns: tuple[str, ...]
     processors: tuple[tuple[int, Callable[[Any], Any]], ...]
 
     @classmethod
@@ -94,7 +93,7 @@ class BulkInsert:
         quote = dialect.identifier_preparer.quote
         sql = (
             f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in names)})"
-            f" VALUES ({', '.join([marker(dialect)] * len(names))})"
+            f" VALUES ({placeholders(dialect, len(names))})"
         )
         if skip_conflicts:
             sql += " ON CONFLICT DO NOTHING"
@@ -104,7 +103,7 @@ class BulkInsert:
             processor = column_type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 processors.append((index, processor))
-        return cls(sql, names, tuple(processors))
+        return cls(sql, tuple(processors))
 
     def values(self, rows: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
         """The rows as the DBAPI takes them (each in `columns` order)."""
