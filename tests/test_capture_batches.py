@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,9 +24,16 @@ from authz_server.generated.medwallet.v1 import (
     relationship_pb2,
     relationship_pb2_grpc,
 )
-from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
+from authz_server.service.capture_writer import (
+    CAPTURE_WRITE_DEADLINE_SECONDS,
+    CapturedInLedger,
+    CaptureUnit,
+    CaptureWriter,
+)
+from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.views import AuthorizationView
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
 from authz_server.storage.sql.tables import (
     CapturePartRow,
     CaptureRow,
@@ -37,6 +45,13 @@ from tests import factories
 from tests.harness import APP, Harness, new_id
 
 SCOPE = "capture:merchant-batch"
+# The service's clock (tests move it forward): a capture's time is the clock's, as in the service.
+_clock: list[Clock] = [system_clock]
+
+
+@pytest.fixture(autouse=True)
+def service_clock(harness: Harness) -> None:
+    _clock[0] = harness.clock
 
 
 def encode(view: AuthorizationView) -> bytes:
@@ -61,7 +76,7 @@ def unit(
         funding=((relationship_id, fen),),
         parts=((relationship_id, fen),),
         call=Idempotency(SCOPE, key, digest, encode) if key else None,
-        now=datetime.now(UTC),
+        now=_clock[0](),
         created_at=None,
         expires_at=None,
     )
@@ -179,3 +194,22 @@ def test_a_capture_that_breaks_its_batch_fails_alone(
     assert isinstance(results[1], RuntimeError)
     assert all(isinstance(r, AuthorizationView) for r in (results[0], results[2], results[3]))
     assert captured_total(harness, active) == before + 60
+
+
+def test_a_capture_that_waited_past_its_write_deadline_is_not_written(
+    harness: Harness, quotas: tuple[str, str]
+) -> None:
+    """The sweeper settles a claim CAPTURING for STALE_CAPTURE_SECONDS as SQL says; a capture
+    still queued then must not be written afterwards (its hold would be put back while SQL
+    counts the money as spent), so one past its deadline is refused, retryable."""
+    assert CAPTURE_WRITE_DEADLINE_SECONDS * 2 < STALE_CAPTURE_SECONDS
+    active, _ = quotas
+    writer = harness.app.authorizations.captures
+    before = captured_total(harness, active)
+    fresh = unit(active, 30, new_id("k"))
+    waited = unit(active, 40, new_id("k"))
+    waited = replace(waited, now=waited.now - timedelta(seconds=CAPTURE_WRITE_DEADLINE_SECONDS + 1))
+    results = harness.run(submit_together(writer, [fresh, waited]))
+    assert isinstance(results[0], AuthorizationView)
+    assert isinstance(results[1], Unavailable)
+    assert captured_total(harness, active) == before + 30

@@ -14,10 +14,16 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from authz_server.domain.errors import Unavailable
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
+from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
+from authz_server.storage.sql.tables import AuthorizationRow
 from tests.harness import Harness, new_id
 from tests.test_authorization_recovery import ledger
 from tests.test_authorization_rules import (
@@ -80,17 +86,140 @@ def test_a_commit_whose_reply_was_lost_is_answered_captured_and_not_given_back(
     assert again.approved_amount_fen == 0
 
 
-def test_a_write_that_never_happened_is_voided_and_answers_unavailable(
+def pays_once_when_retried(
+    harness: Harness, relationships: Any, authorizations: Any, fam: Any, key: str
+) -> None:
+    """The till's retries with the key of a premium that failed: the payment is made, once."""
+    (relationship_id,) = fam.relationship_ids
+    for _ in range(2):
+        again = authorize(
+            authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000, idempotency_key=key
+        )
+        assert (again.decision, again.status) == (pb.DECISION_APPROVED, CAPTURED)
+        assert figures(relationships, relationship_id) == (5_000, 0, 15_000)
+        assert ledger(harness, relationship_id).spent_fen == 15_000
+
+
+def test_a_write_that_never_happened_is_voided_answers_unavailable_and_a_retry_pays_once(
     harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
 ) -> None:
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
-    writer._commit = failing_commit(writer._commit, commits=False)
+    real = writer._commit
+    writer._commit = failing_commit(real, commits=False)
+    key = new_id("premium")
     with pytest.raises(grpc.RpcError) as failed:
-        authorize(authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000)
+        authorize(
+            authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000, idempotency_key=key
+        )
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert figures(relationships, relationship_id) == (20_000, 0, 0)
     assert ledger(harness, relationship_id).spent_fen == 0
+    # Nothing was paid: the retry (same key, as the client library sends it) makes the payment,
+    # where it was answered DECLINED RELATIONSHIP_NOT_ACTIVE before.
+    writer._commit = real
+    pays_once_when_retried(harness, relationships, authorizations, fam, key)
+
+
+class UnreachableDatabase:
+    """The service's database, every transaction of which fails as if SQL were down."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def run(self, work: Any) -> Any:
+        raise Unavailable("the database did not answer: (injected)")
+
+
+@pytest.fixture()
+def service(harness: Harness) -> Iterator[Any]:
+    service = harness.app.authorizations
+    real = service.database
+    yield service
+    service.database = real
+
+
+def left_capturing(
+    authorizations: Any, service: Any, writer: Any, fam: Any, key: str, *, commits: bool
+) -> None:
+    """A premium whose write fails, and SQL cannot say afterwards whether it happened: its hold
+    is left CAPTURING for the sweeper (what a process killed between Redis and SQL leaves too)."""
+    real_commit, real_database = writer._commit, service.database
+    writer._commit = failing_commit(real_commit, commits=commits)
+    service.database = UnreachableDatabase(real_database)
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            authorize(
+                authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000,
+                idempotency_key=key,
+            )  # fmt: skip
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        writer._commit, service.database = real_commit, real_database
+
+
+def sweep_stalled_payment(harness: Harness, beneficiary_id: str) -> None:
+    """What the running sweeper does once the payment is STALE_CAPTURE_SECONDS old: it finds the
+    payment through the capture index and settles it as SQL says."""
+    holds = harness.app.holds
+    stale_ms = STALE_CAPTURE_SECONDS * 1000
+    later_ms = int(harness.clock().timestamp() * 1000) + stale_ms + 1_000
+    stalled = harness.run(holds.stalled_captures_due(later_ms, stale_ms))
+    ours = [i for i in stalled if keys.prefix_of_authorization(i) == keys.prefix(beneficiary_id)]
+    assert len(ours) == 1, stalled
+    harness.run(settle_capture(harness.app.database, holds, ours[0]))
+
+
+def test_a_payment_left_capturing_and_never_written_is_voided_by_the_sweeper(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    writer: Any,
+    service: Any,
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    key = new_id("premium")
+    left_capturing(authorizations, service, writer, fam, key, commits=False)
+    assert figures(relationships, relationship_id) == (5_000, 15_000, 0)
+    # A one-step payment never went into the sweeper's capture index: held for good.
+    sweep_stalled_payment(harness, fam.beneficiary_id)
+    assert figures(relationships, relationship_id) == (20_000, 0, 0)
+    pays_once_when_retried(harness, relationships, authorizations, fam, key)
+
+
+def test_a_payment_left_capturing_whose_commit_went_through_is_captured_by_the_sweeper(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    writer: Any,
+    service: Any,
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    key = new_id("premium")
+    left_capturing(authorizations, service, writer, fam, key, commits=True)
+    sweep_stalled_payment(harness, fam.beneficiary_id)
+    assert figures(relationships, relationship_id) == (5_000, 0, 15_000)
+    # the retry is answered with the payment SQL has: captured, and not paid again
+    pays_once_when_retried(harness, relationships, authorizations, fam, key)
+    # and the decision, which its failed first call never journaled, is journaled by the retry
+    harness.run(harness.app.journal.flush())
+
+    def journaled(session: Any) -> list[tuple[str, int]]:
+        rows = session.execute(
+            select(AuthorizationRow.decision, AuthorizationRow.approved_fen).where(
+                AuthorizationRow.idempotency_key == key
+            )
+        )
+        return [tuple(row) for row in rows]
+
+    assert harness.app.database.transaction(journaled) == [("APPROVED", 15_000)]
 
 
 def hospital_hold(registry: Any, relationships: Any, authorizations: Any) -> tuple[str, str]:

@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -43,7 +43,7 @@ from authz_server.domain.types import (
 )
 from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
-from authz_server.service.capture_recovery import ledger_parts, settle_capture
+from authz_server.service.capture_recovery import captured_as_sql_says, settle_capture
 from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
@@ -54,6 +54,7 @@ from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import (
+    NOT_WRITTEN,
     AuthorizeCall,
     CaptureClaim,
     HoldDecision,
@@ -162,7 +163,7 @@ class AuthorizationService:
         self.holds = holds
         self.quotas = quotas
         self.group_commit = group_commit
-        self.captures = CaptureWriter(database, metrics.observe_group_commit)
+        self.captures = CaptureWriter(database, metrics.observe_group_commit, clock)
         self.journal = journal
         self.references = references
         self.pharmacy_hold_seconds = pharmacy_hold_seconds
@@ -203,17 +204,19 @@ class AuthorizationService:
             template=encode_lines(precheck.lines),
             requested_fen=request.amount_fen,
         )
-        decision = await self.holds.authorize(call, _ms(now))
-        if decision is None:
-            raise IdempotencyKeyReused(request.idempotency_key)
+        decision = await self._decide(call, _ms(now))
         if decision.replayed:
             metrics.idempotent_replays.labels("Authorize").inc()
-            return respond(await self._replayed(decision))
-        outcome = self._outcome(decision)
-        if decision.status == "CAPTURING":
-            outcome = await _to_the_end(self._capture_at_once(request, outcome, now))
-        _count(request.purpose, outcome)
+            outcome = await self._replayed(decision)
+        else:
+            outcome = self._outcome(decision)
+            if decision.status == "CAPTURING":
+                outcome = await _to_the_end(self._capture_at_once(request, outcome, now))
+            _count(request.purpose, outcome)
         response = respond(outcome)
+        # A replay is journaled too (the row is kept once: ON CONFLICT DO NOTHING): its first
+        # call may never have been, a one-step payment whose call failed and whose hold the
+        # sweeper then found captured in SQL, or a process that died before its journal flush.
         self.journal.record(
             {
                 "authorization_id": outcome.authorization_id,
@@ -233,6 +236,24 @@ class AuthorizationService:
             }
         )
         return response
+
+    async def _decide(self, call: AuthorizeCall, now_ms: int) -> HoldDecision:
+        """authorize.lua's decision (new, or the key's first). A one-step payment whose first
+        attempt was voided because SQL never had it paid nothing: its decision is forgotten and
+        this retry decides anew, under a new id (at most once per call; a retry racing this one
+        finds the new decision)."""
+        decision = await self.holds.authorize(call, now_ms)
+        if (
+            decision is not None
+            and decision.replayed
+            and decision.status == "CAPTURING"
+            and await self.holds.forget_unwritten(call, decision.authorization_id)
+        ):
+            fresh_id = keys.new_authorization_id(call.beneficiary_id)
+            decision = await self.holds.authorize(replace(call, authorization_id=fresh_id), now_ms)
+        if decision is None:
+            raise IdempotencyKeyReused(call.idempotency_key)
+        return decision
 
     def _outcome(self, decision: HoldDecision) -> AuthorizeOutcome:
         approved = decision.decision != Decision.DECLINED.value
@@ -314,10 +335,11 @@ class AuthorizationService:
         self, outcome: AuthorizeOutcome
     ) -> AuthorizeOutcome | None:
         """A one-step payment whose capture failed without a refusal: settled as SQL says
-        (`_settle_as_sql_says`; when SQL has nothing, voided). CAPTURED when SQL has it; None
-        (the caller raises the failure) otherwise."""
+        (`_settle_as_sql_says`; when SQL has nothing, voided as NOT_WRITTEN, so a retry with
+        its key pays anew). CAPTURED when SQL has it; None (the caller raises the failure)
+        otherwise."""
         settled = await self._settle_as_sql_says(
-            outcome.authorization_id, outcome.funding, "VOIDED", None
+            outcome.authorization_id, outcome.funding, "VOIDED", None, NOT_WRITTEN
         )
         if settled is None or not settled[0]:
             return None
@@ -414,20 +436,20 @@ class AuthorizationService:
         funding: Funding,
         if_absent: str,
         call: Idempotency[AuthorizationView] | None,
+        why: str = "",
     ) -> tuple[bool, bytes | None] | None:
         """Finishes the hold of a capture that failed without a refusal as SQL has it: SQL may
         have the capture even so (a COMMIT whose reply was lost), and a hold put back or voided
         would give money SQL counts as spent back to the quota. SQL is read after any capture
         of these quotas still committing has ended (their row locks are taken first).
         Captured: the hold CAPTURED, (True, the call's stored answer). Not there: the hold
-        `if_absent`, (False, None). SQL does not answer: the hold stays CAPTURING, which
-        neither void nor expiry takes, for the sweeper to settle as SQL says (None)."""
-        relationship_ids = sorted({relationship_id for relationship_id, _ in funding})
+        `if_absent` (VOIDED with `why`), (False, None). SQL does not answer: the hold stays
+        CAPTURING, which neither void nor expiry takes, for the sweeper to settle as SQL says
+        (None)."""
+        relationship_ids = [relationship_id for relationship_id, _ in funding]
 
         def read(session: Session) -> tuple[str | None, bytes | None]:
-            for relationship_id in relationship_ids:
-                records.relationship_row(session, relationship_id, lock=True)
-            captured = ledger_parts(session, authorization_id)
+            captured = captured_as_sql_says(session, authorization_id, relationship_ids)
             answer = None
             if captured is not None and call is not None:
                 stored = session.get(IdempotencyRecordRow, (call.scope, call.key))
@@ -445,7 +467,7 @@ class AuthorizationService:
             )
             return None
         if captured is None:
-            await self.holds.capture_finish(authorization_id, if_absent, "")
+            await self.holds.capture_finish(authorization_id, if_absent, "", why)
             return False, None
         await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
         return True, answer

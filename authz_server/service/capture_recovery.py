@@ -3,18 +3,22 @@
 A capture claims its hold in Redis (CAPTURING), writes SQL, then finishes the hold. If the
 process dies or loses the Redis reply in between, the hold stays CAPTURING: neither void nor
 expiry may take it, because SQL may already count it captured. Here it is finished as SQL says:
-CAPTURED with the parts SQL has, or back to PENDING when SQL has nothing (the merchant may retry).
+CAPTURED with the parts SQL has, or back to PENDING when SQL has nothing (the merchant may retry;
+a one-step payment is voided instead, and a retry with its key pays anew).
 Called at start-up (reconcile), by the sweeper for captures stalled past STALE_CAPTURE_SECONDS,
 and by a same-key retry that finds its own capture stalled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from authz_server.domain.funding import format_funding
-from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.domain.funding import format_funding, parse_funding
+from authz_server.storage.redis.hold_store import NOT_WRITTEN, HoldStore
+from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import CapturePartRow, CaptureRow
 
@@ -31,12 +35,37 @@ def ledger_parts(session: Session, authorization_id: str) -> str | None:
     return format_funding((row.relationship_id, row.amount_fen) for row in rows)
 
 
+def captured_as_sql_says(
+    session: Session, authorization_id: str, relationship_ids: Iterable[str]
+) -> str | None:
+    """`ledger_parts`, read after every capture of these quotas still committing has ended:
+    their row locks are taken first, in id order as everywhere (on SQLite the transaction holds
+    the database's write lock already). Without them, a capture whose COMMIT is in flight would
+    read as absent, and its hold be given back while SQL counts the money as spent."""
+    for relationship_id in sorted(set(relationship_ids)):
+        records.relationship_row(session, relationship_id, lock=True)
+    return ledger_parts(session, authorization_id)
+
+
 async def settle_capture(database: Database, holds: HoldStore, authorization_id: str) -> None:
-    captured = await database.run(lambda session: ledger_parts(session, authorization_id))
-    if captured is None:
-        await holds.capture_finish(authorization_id, "PENDING", "")
-    else:
+    """Finishes a hold still CAPTURING as SQL says: CAPTURED with SQL's parts; when SQL has
+    nothing, PENDING again, or VOIDED (NOT_WRITTEN) for a one-step payment, which nobody would
+    capture later (its caller never got its id), so its money is freed at once."""
+    hold = await holds.get(authorization_id)
+    if hold.get("s") != "CAPTURING":
+        return  # finished meanwhile
+    funding = parse_funding(hold.get("f", ""))
+    captured = await database.run(
+        lambda session: captured_as_sql_says(
+            session, authorization_id, (relationship_id for relationship_id, _ in funding)
+        )
+    )
+    if captured is not None:
         await holds.capture_finish(authorization_id, "CAPTURED", captured)
+    elif hold.get("o") == "1":
+        await holds.capture_finish(authorization_id, "VOIDED", "", NOT_WRITTEN)
+    else:
+        await holds.capture_finish(authorization_id, "PENDING", "")
 
 
 async def settle_stalled(

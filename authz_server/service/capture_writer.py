@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -23,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from authz_server.domain.errors import IdempotencyKeyReused, NotFound, PolicyRefusal, Unavailable
 from authz_server.domain.funding import Funding, format_funding
 from authz_server.domain.types import AuthorizationStatus, Purpose, RelationshipStatus
+from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import capture_batch
@@ -33,6 +34,13 @@ from authz_server.storage.sql.group_commit import answer
 log = logging.getLogger(__name__)
 # Bounds one transaction: enough to share its round trips, short enough for row-lock times.
 MAX_BATCH = 256
+# A capture whose transaction has not taken its quotas' locks this long after its hold was
+# claimed is not written (UNAVAILABLE; the till retries). The sweeper settles a claim still
+# CAPTURING after STALE_CAPTURE_SECONDS as SQL says, under the same locks: a capture still
+# waiting in a queue then must never be written after SQL was read as not having it, or the
+# hold would be put back while SQL counts its money as spent. Well below the sweeper's 30 s,
+# leaving room for clock skew between hosts.
+CAPTURE_WRITE_DEADLINE_SECONDS = 10
 
 BatchObserver = Callable[[int, float], None]
 
@@ -66,14 +74,19 @@ Outcome = tuple[bool, Any]  # (True, answer) or (False, the exception to raise)
 
 
 def decide(
-    units: list[CaptureUnit], state: BatchState
+    units: list[CaptureUnit], state: BatchState, now: datetime
 ) -> tuple[list[Outcome], list[AcceptedCapture]]:
-    """Each capture's outcome, in order, and the captures to write. No I/O."""
+    """Each capture's outcome, in order, and the captures to write (`now`: the time the batch
+    read `state` under its locks). No I/O."""
     outcomes: list[Outcome] = []
     accepted: list[AcceptedCapture] = []
     keys_in_batch: set[tuple[str, str]] = set()
     captured_in_batch: dict[str, str] = {}
+    oldest_claim = now - timedelta(seconds=CAPTURE_WRITE_DEADLINE_SECONDS)
     for unit in units:
+        if unit.now < oldest_claim:
+            outcomes.append((False, Unavailable("the capture waited too long to be written")))
+            continue
         call = unit.call
         if call is not None:
             stored = state.answers.get((call.scope, call.key))
@@ -160,9 +173,15 @@ def _refusal(unit: CaptureUnit, state: BatchState) -> Exception | None:
 
 
 class CaptureWriter:
-    def __init__(self, database: Database, observe: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        database: Database,
+        observe: BatchObserver | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
         self.database = database
         self.observe = observe
+        self.clock = clock
         self.pending: list[tuple[CaptureUnit, asyncio.Future[Any]]] = []
         self.drain: asyncio.Task[None] | None = None
 
@@ -210,7 +229,7 @@ class CaptureWriter:
                 authorization_ids=[unit.authorization_id for unit in units],
                 relationship_ids=[rid for unit in units for rid, fen in unit.parts if fen],
             )
-            outcomes, accepted = decide(units, state)
+            outcomes, accepted = decide(units, state, self.clock())
             capture_batch.write(connection, accepted)
         return outcomes
 

@@ -55,6 +55,10 @@ SLOT_ZSET = re.compile(r"(mw:\{b:[0-9a-f]+\}):(expiry|capturing)")
 # A capture still CAPTURING this long after it began lost its process (or its Redis reply):
 # it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
 STALE_CAPTURE_SECONDS = 30
+# Why a one-step payment was voided when SQL turned out not to have it: nothing was paid, so a
+# retry with the same key makes the payment (authorize_forget.lua); a capture of it is refused
+# ALREADY_VOIDED.
+NOT_WRITTEN = "NOT_WRITTEN"
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class HoldStore:
         self.commands = commands
         self._authorize = script("authorize")
         self._undo = script("authorize_undo")
+        self._forget = script("authorize_forget")
         self._capture_begin = script("capture_begin")
         self._capture_finish = script("capture_finish")
         self._void = script("void")
@@ -162,6 +167,7 @@ class HoldStore:
                 claim_key,
                 f"{call.request_digest}|{now_ms}",
                 (prefix, call.expires_at_ms),
+                now_ms if call.capture_at_once else None,
             ),
             "authorize",
         )
@@ -191,6 +197,19 @@ class HoldStore:
             template=reply[9],
         )
 
+    async def forget_unwritten(self, call: AuthorizeCall, authorization_id: str) -> bool:
+        """Forgets this key's decision when it is a one-step payment voided because SQL never
+        had it (authorize_forget.lua); True when it did, so the call may decide anew."""
+        script_keys = [
+            keys.idempotency(call.beneficiary_id, call.merchant_id, call.idempotency_key),
+            keys.authorization(authorization_id),
+        ]
+        raw = await guarded(
+            lambda: self.commands.evalsha(self._forget, script_keys, [authorization_id]),
+            "authorize_forget",
+        )
+        return as_integer(raw) == 1
+
     async def _decide_and_claim(
         self,
         script_keys: list[str],
@@ -198,19 +217,24 @@ class HoldStore:
         claim_key: str,
         claim: str,
         due: tuple[str, int],
+        capture_begun_ms: int | None,
     ) -> tuple[Reply, Reply]:
         """authorize.lua, the merchant-wide key claim and the due index, pipelined: one round
         trip. The index entry is written whatever the script decides (a call that opened no
         hold costs the sweeper one empty visit; deciding it here would repeat authorize.lua's
-        rules); after the script, so a sweeper that read the slot before it will look again."""
+        rules); after the script, so a sweeper that read the slot before it will look again.
+        A one-step payment (`capture_begun_ms`) is a capture from its start: its slot goes into
+        the capture index as well, so a payment its process never finished is settled."""
         commands: list[Command] = [
             ("EVALSHA", self._authorize.sha, len(script_keys), *script_keys, *arguments),
             ("SET", claim_key, claim, "NX"),
             ("GET", claim_key),
             ("ZADD", keys.DUE_HOLDS, "LT", due[1], due[0]),
         ]
+        if capture_begun_ms is not None:
+            commands.append(("ZADD", keys.CAPTURES_BEGUN, "LT", capture_begun_ms, due[0]))
         for attempt in (1, 2):
-            raw, _, claimed_by, _ = await self.commands.execute_many(commands)
+            raw, _, claimed_by, *_ = await self.commands.execute_many(commands)
             # The index write's own error is left alone: the safety net repairs the index.
             if isinstance(raw, NoScriptError) and attempt == 1:
                 await self.commands.load_script(self._authorize)  # Redis was restarted

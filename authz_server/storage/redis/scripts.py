@@ -14,11 +14,11 @@ from redis.asyncio import Redis
 from authz_server.storage.redis.pipelined import Script
 
 ALL_SCRIPTS = (
-    "authorize", "authorize_undo", "capture_begin", "capture_finish", "void", "expire",
-    "quota_credit", "quota_debit", "quota_dissolve", "quota_restore",
+    "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
+    "expire", "quota_credit", "quota_debit", "quota_dissolve", "quota_restore",
 )  # fmt: skip
-# The two smallest scripts need none of the shared functions.
-LIBRARY_USERS = frozenset(ALL_SCRIPTS) - {"quota_credit", "quota_debit"}
+# The smallest scripts need none of the shared functions.
+LIBRARY_USERS = frozenset(ALL_SCRIPTS) - {"quota_credit", "quota_debit", "authorize_forget"}
 
 
 def source(name: str) -> str:

@@ -105,13 +105,19 @@ if record.r == '' then
     record.s = (ARGV[13] == '1') and 'CAPTURING' or 'PENDING'
     record.ex = tonumber(ARGV[11])
     if record.s == 'PENDING' then redis.call('ZADD', KEYS[4], record.ex, auth_id) end
+    -- A one-step payment is a capture from its start: the sweeper settles it as SQL says if
+    -- its process never finishes it (it is never PENDING, so expiry would never free it).
+    if record.s == 'CAPTURING' then redis.call('ZADD', prefix .. ':capturing', now, auth_id) end
   end
 end
 record.rem = total
 
+-- The hold: merchant, beneficiary, purpose, status, approved, captured, funding, expires,
+-- created, decision, reason, capture key, one-step payment (1/0; such a hold is voided, not put
+-- back, when SQL turns out not to have it).
 redis.call('HSET', KEYS[1], 'm', ARGV[4], 'b', ARGV[5], 'p', ARGV[6], 's', record.s,
   'ap', record.ap, 'cp', 0, 'f', record.f, 'ex', record.ex, 'cr', now, 'd', record.d,
-  'r', record.r, 'ck', '')
+  'r', record.r, 'ck', '', 'o', ARGV[13])
 redis.call('HSET', KEYS[2], 'digest', ARGV[7], 'a', auth_id, 'd', record.d, 'r', record.r,
   'ap', record.ap, 'f', record.f, 'rem', record.rem, 's', record.s, 'ex', record.ex,
   't', record.t, 'cr', now)

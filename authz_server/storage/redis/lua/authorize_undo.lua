@@ -8,6 +8,7 @@ local status = redis.call('HGET', auth, 's')
 if status == 'PENDING' or status == 'CAPTURING' then
   release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
   redis.call('ZREM', prefix .. ':expiry', auth_id)
+  redis.call('ZREM', prefix .. ':capturing', auth_id)
 end
 redis.call('DEL', auth)
 return 1

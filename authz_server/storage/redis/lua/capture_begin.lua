@@ -33,7 +33,8 @@ if status == 'CAPTURING' then
 end
 if status == 'VOIDED' then
   local why = redis.call('HGET', auth, 'vr')
-  if not why or why == '' then why = 'ALREADY_VOIDED' end
+  -- NOT_WRITTEN: a one-step payment SQL never had (capture_finish.lua).
+  if not why or why == '' or why == 'NOT_WRITTEN' then why = 'ALREADY_VOIDED' end
   return reply(why, 0)
 end
 if status == 'EXPIRED' then return reply('AUTHORIZATION_EXPIRED', 0) end
