@@ -8,6 +8,8 @@ transaction; the cancel is a real client deadline."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -273,3 +275,28 @@ def test_a_capture_cancelled_by_its_deadline_is_still_settled_by_its_write(
     # the retry the till makes with the same key gets the first answer
     again = capture(authorizations, HOSPITAL, authorization_id, key=key)
     assert (again.status, again.captured_amount_fen) == (CAPTURED, 12_000)
+
+
+def test_the_stop_waits_for_captures_whose_calls_were_cancelled(harness: Harness) -> None:
+    """A capture left running after its call was cancelled is awaited by `finished` (a step of
+    the stop, before Redis and SQL close), so its hold is settled by its write, not left
+    CAPTURING for the next start's reconcile."""
+    service = harness.app.authorizations
+
+    async def scenario() -> tuple[bool, bool]:
+        ended = asyncio.Event()
+
+        async def capture_write() -> None:
+            await asyncio.sleep(0.3)
+            ended.set()
+
+        caller = asyncio.ensure_future(service._to_the_end(capture_write()))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await caller
+        before = ended.is_set()
+        await service.finished()
+        return before, ended.is_set()
+
+    assert harness.run(scenario()) == (False, True)

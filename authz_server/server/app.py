@@ -257,6 +257,8 @@ class Application:
                 (grace_seconds or 0.0) + SERVER_STOP_MARGIN_SECONDS,
             ),
             ("background_tasks", self._stop_background, step),
+            # captures whose calls were cancelled (a deadline) but which run to their end
+            ("captures_left_running", self.authorizations.finished, step),
             ("capture_writer", self.authorizations.captures.written, step),
             ("journal", self.journal.stop, step),
             ("group_commit", self.group_commit.stop, step),

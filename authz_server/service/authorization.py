@@ -169,6 +169,8 @@ class AuthorizationService:
         self.pharmacy_hold_seconds = pharmacy_hold_seconds
         self.medical_hold_seconds = medical_hold_seconds
         self.clock = clock
+        # Captures run to their end after their call was cancelled (_to_the_end), until they end.
+        self._left_running: set[asyncio.Future[Any]] = set()
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -211,7 +213,7 @@ class AuthorizationService:
         else:
             outcome = self._outcome(decision)
             if decision.status == "CAPTURING":
-                outcome = await _to_the_end(self._capture_at_once(request, outcome, now))
+                outcome = await self._to_the_end(self._capture_at_once(request, outcome, now))
             _count(request.purpose, outcome)
         response = respond(outcome)
         # A replay is journaled too (the row is kept once: ON CONFLICT DO NOTHING): its first
@@ -345,6 +347,26 @@ class AuthorizationService:
             return None
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
 
+    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
+        """Runs a capture's SQL write and the settling of its hold to the end, even when the
+        call is cancelled meanwhile (its client's deadline passed): the write may commit after
+        the cancel, and a hold settled by the cancel rather than by the write's outcome could
+        give captured money back to the quota. A task left running so is kept until it ends,
+        for `finished` (the stop waits for it before closing Redis and SQL)."""
+        task = asyncio.ensure_future(work)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_outcome_seen)  # nobody is left to receive its failure
+            self._left_running.add(task)
+            task.add_done_callback(self._left_running.discard)
+            raise
+
+    async def finished(self) -> None:
+        """Returns once the captures whose calls were cancelled while they ran have ended."""
+        while self._left_running:
+            await asyncio.wait(list(self._left_running))
+
     # --- Capture ---------------------------------------------------------------------------
 
     async def capture(
@@ -376,7 +398,7 @@ class AuthorizationService:
             raise InvalidArgument("amount_fen", f"must be at most {claim.approved_fen} fen")
         funding = parse_funding(claim.funding)
         parts = split_capture(funding, claim.amount_fen)
-        return await _to_the_end(
+        return await self._to_the_end(
             self._write_claimed_capture(
                 authorization_id, merchant_id, claim, funding, parts, call, now
             )
@@ -695,19 +717,6 @@ def _decisions(purpose: Purpose, decision: Decision, reason: DeclineReason | Non
 @functools.cache
 def _approved(purpose: Purpose) -> Any:
     return metrics.approved_fen.labels(purpose.value)
-
-
-async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
-    """Runs a capture's SQL write and the settling of its hold to the end, even when the call is
-    cancelled meanwhile (its client's deadline passed): the write may commit after the cancel,
-    and a hold settled by the cancel rather than by the write's outcome could give captured
-    money back to the quota."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_outcome_seen)  # nobody is left to receive its failure
-        raise
 
 
 def _outcome_seen(task: asyncio.Future[Any]) -> None:
