@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -300,3 +301,85 @@ def test_the_stop_waits_for_captures_whose_calls_were_cancelled(harness: Harness
         return before, ended.is_set()
 
     assert harness.run(scenario()) == (False, True)
+
+
+class RacingForgets:
+    """The hold store, with two retries' forget_unwritten calls made to meet: both have read
+    the old decision; the first forgets it, and only then does the second try."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.arrived = 0
+        self.both = asyncio.Event()
+        self.first_done = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def forget_unwritten(self, call: Any, authorization_id: str) -> bool:
+        self.arrived += 1
+        if self.arrived == 2:
+            self.both.set()
+            await self.first_done.wait()
+            return bool(await self.real.forget_unwritten(call, authorization_id))
+        await self.both.wait()
+        forgot = bool(await self.real.forget_unwritten(call, authorization_id))
+        self.first_done.set()
+        return forgot
+
+
+def test_two_racing_retries_of_a_premium_never_written_get_the_one_payment(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    real_commit = writer._commit
+    writer._commit = failing_commit(real_commit, commits=False)
+    key = new_id("premium")
+    try:
+        with pytest.raises(grpc.RpcError):
+            authorize(
+                authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000,
+                idempotency_key=key,
+            )  # fmt: skip
+    finally:
+        writer._commit = real_commit
+    service = harness.app.authorizations
+    real_holds = service.holds
+    racing = harness.run(_made_on_the_loop(lambda: RacingForgets(real_holds)))
+    service.holds = racing
+    answers: list[Any] = []
+
+    def till() -> None:
+        """Retries UNAVAILABLE (the payment being written) with the same key, as clients do."""
+        for _ in range(50):
+            try:
+                answer = authorize(
+                    authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000,
+                    idempotency_key=key,
+                )  # fmt: skip
+                answers.append(answer)
+                return
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(0.05)
+
+    try:
+        tills = [threading.Thread(target=till) for _ in range(2)]
+        for thread in tills:
+            thread.start()
+        for thread in tills:
+            thread.join(20)
+    finally:
+        service.holds = real_holds
+    assert racing.arrived >= 2  # (a till retrying UNAVAILABLE asks again)
+    assert [(a.decision, a.status) for a in answers] == [(pb.DECISION_APPROVED, CAPTURED)] * 2
+    assert answers[0].authorization_id == answers[1].authorization_id
+    assert figures(relationships, relationship_id) == (5_000, 0, 15_000)
+    assert ledger(harness, relationship_id).spent_fen == 15_000
+
+
+async def _made_on_the_loop(make: Callable[[], Any]) -> Any:
+    """Builds an object whose asyncio primitives belong to the harness's loop."""
+    return make()

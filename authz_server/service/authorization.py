@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -242,8 +242,9 @@ class AuthorizationService:
     async def _decide(self, call: AuthorizeCall, now_ms: int) -> HoldDecision:
         """authorize.lua's decision (new, or the key's first). A one-step payment whose first
         attempt was voided because SQL never had it paid nothing: its decision is forgotten and
-        this retry decides anew, under a new id (at most once per call; a retry racing this one
-        finds the new decision)."""
+        this retry decides anew. When a retry racing this one forgot it first, this one asks
+        again and gets the decision that retry made (or makes it). `call`'s own id is still
+        unused after a replay, so the second ask may use it."""
         decision = await self.holds.authorize(call, now_ms)
         if (
             decision is not None
@@ -251,8 +252,7 @@ class AuthorizationService:
             and decision.status == "CAPTURING"
             and await self.holds.forget_unwritten(call, decision.authorization_id)
         ):
-            fresh_id = keys.new_authorization_id(call.beneficiary_id)
-            decision = await self.holds.authorize(replace(call, authorization_id=fresh_id), now_ms)
+            decision = await self.holds.authorize(call, now_ms)
         if decision is None:
             raise IdempotencyKeyReused(call.idempotency_key)
         return decision

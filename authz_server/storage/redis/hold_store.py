@@ -199,7 +199,8 @@ class HoldStore:
 
     async def forget_unwritten(self, call: AuthorizeCall, authorization_id: str) -> bool:
         """Forgets this key's decision when it is a one-step payment voided because SQL never
-        had it (authorize_forget.lua); True when it did, so the call may decide anew."""
+        had it (authorize_forget.lua). True when the key no longer names that decision
+        (forgotten here, or by a retry racing this one): the call must ask again."""
         script_keys = [
             keys.idempotency(call.beneficiary_id, call.merchant_id, call.idempotency_key),
             keys.authorization(authorization_id),
@@ -208,7 +209,7 @@ class HoldStore:
             lambda: self.commands.evalsha(self._forget, script_keys, [authorization_id]),
             "authorize_forget",
         )
-        return as_integer(raw) == 1
+        return as_integer(raw) != 0
 
     async def _decide_and_claim(
         self,
