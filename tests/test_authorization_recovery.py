@@ -30,6 +30,7 @@ from authz_server.generated.medwallet.v1 import (
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.reconcile import reconcile
 from authz_server.server.app import Application
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
 from authz_server.storage.sql.tables import (
     AuthorizationRow,
     CaptureRow,
@@ -259,13 +260,14 @@ def test_reconcile_finishes_interrupted_captures_as_sql_says(
     harness: Harness, registry, relationships, authorizations
 ) -> None:
     """A process that stopped between a capture's two phases leaves the hold CAPTURING:
-    reconcile puts it back to pending when SQL has no capture, captures it when SQL has."""
+    reconcile puts it back to pending when SQL has no capture, captures it when SQL has (once
+    the claim is STALE_CAPTURE_SECONDS old: a younger one may be another server's, live)."""
     fam = family(registry, relationships, 50_000)
     [rid] = fam.relationship_ids
     app = harness.app
     unwritten = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 10_000)
     written = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 20_000)
-    now_ms = int(harness.clock().timestamp() * 1000)
+    now_ms = int(harness.clock().timestamp() * 1000) - (STALE_CAPTURE_SECONDS + 1) * 1000
     for answer in (unwritten, written):
         claim = harness.run(
             app.holds.capture_begin(
@@ -284,7 +286,7 @@ def test_reconcile_finishes_interrupted_captures_as_sql_says(
     )  # fmt: skip
     assert get(authorizations, HOSPITAL, unwritten.authorization_id).status == PENDING
 
-    harness.run(reconcile(app.database, app.quotas, app.holds))
+    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
 
     assert get(authorizations, HOSPITAL, written.authorization_id).status == CAPTURED
     assert figures(relationships, rid) == (20_000, 10_000, 20_000)

@@ -191,7 +191,7 @@ def test_a_hold_put_back_after_a_failed_capture_is_swept_again(redis_url: str) -
         assert claim.outcome == "OK"
         assert await store.holds.sweep_due(expires_ms + 1) == 0  # nothing to expire: claimed
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) is None
-        await store.holds.capture_finish(held, "PENDING", "")
+        await store.holds.capture_finish(held, "", "PENDING", "")
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == 0  # look at once
         assert await store.holds.sweep_due(expires_ms + 2) == 1
         assert await store.status(held) == "EXPIRED"
@@ -249,7 +249,7 @@ def test_stalled_captures_are_found_through_the_capture_index(redis_url: str) ->
         assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
         # Still stalled until it is settled: found again.
         assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
-        await store.holds.capture_finish(held, "CAPTURED", "")
+        await store.holds.capture_finish(held, "", "CAPTURED", "")
         assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == []
         assert await store.due_score(keys.CAPTURES_BEGUN, beneficiary_id) is None
 

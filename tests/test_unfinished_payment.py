@@ -291,13 +291,13 @@ def test_the_stop_waits_for_captures_whose_calls_were_cancelled(harness: Harness
             await asyncio.sleep(0.3)
             ended.set()
 
-        caller = asyncio.ensure_future(service._to_the_end(capture_write()))
+        caller = asyncio.ensure_future(service.to_the_end.run(capture_write()))
         await asyncio.sleep(0.05)
         caller.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await caller
         before = ended.is_set()
-        await service.finished()
+        await service.to_the_end.finished()
         return before, ended.is_set()
 
     assert harness.run(scenario()) == (False, True)

@@ -17,10 +17,11 @@ from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.server.convert import enum_name
 from authz_server.service.capture_recovery import settle_stalled
+from authz_server.service.clock import Clock, system_clock
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import restore_of
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
 from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
@@ -45,7 +46,10 @@ class ReconcileReport:
 
 
 async def reconcile(
-    database: Database, quotas: QuotaCache, holds: HoldStore | None = None
+    database: Database,
+    quotas: QuotaCache,
+    holds: HoldStore | None = None,
+    clock: Clock = system_clock,
 ) -> ReconcileReport:
     """Sets every active quota to the ledger's unused figure (keeping open holds) and marks
     every other relationship's quota dissolved. Counts quotas whose figure was different.
@@ -54,8 +58,15 @@ async def reconcile(
     phases while this runs can leave a quota understated (never overstated) until the next run.
     """
     if holds is not None:
-        # Every capture still between its phases (none can be live: nothing is served yet).
-        await settle_stalled(database, holds, now_ms=2**62, older_than_ms=0)
+        # The captures stalled between their phases: only those past STALE_CAPTURE_SECONDS, as
+        # the sweeper does. Other servers may be serving (a rolling restart, the reconcile Job):
+        # a younger claim may be live, its write still committing after SQL was read here.
+        await settle_stalled(
+            database,
+            holds,
+            now_ms=int(clock().timestamp() * 1000),
+            older_than_ms=STALE_CAPTURE_SECONDS * 1000,
+        )
         await restore_authorize_records(database, holds.client)
     after = ""
     count = drifted = drift_fen = 0

@@ -178,7 +178,7 @@ class Application:
         self.group_commit.start()
         self.journal.start()
         if self.reconcile_at_start:
-            report = await reconcile(self.database, self.quotas, self.holds)
+            report = await reconcile(self.database, self.quotas, self.holds, self.clock)
             record_reconcile(report)
         loop = asyncio.get_running_loop()
         if self.sweep_holds:
@@ -257,8 +257,9 @@ class Application:
                 (grace_seconds or 0.0) + SERVER_STOP_MARGIN_SECONDS,
             ),
             ("background_tasks", self._stop_background, step),
-            # captures whose calls were cancelled (a deadline) but which run to their end
-            ("captures_left_running", self.authorizations.finished, step),
+            # captures and releases whose calls were cancelled (a deadline) but which run to
+            # their end: before Redis and SQL close
+            ("writes_left_running", self._writes_left_running, step),
             ("capture_writer", self.authorizations.captures.written, step),
             ("journal", self.journal.stop, step),
             ("group_commit", self.group_commit.stop, step),
@@ -273,6 +274,11 @@ class Application:
             if not await bounded_step(name, run, seconds):
                 unfinished.append(name)
         return unfinished
+
+    async def _writes_left_running(self) -> None:
+        await asyncio.gather(
+            self.authorizations.to_the_end.finished(), self.relationships.to_the_end.finished()
+        )
 
     async def _stop_background(self) -> None:
         for task in self.background:

@@ -12,10 +12,9 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -51,6 +50,7 @@ from authz_server.service.journal import Journal
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.service.reference_cache import ReferenceCache
+from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import (
@@ -169,8 +169,9 @@ class AuthorizationService:
         self.pharmacy_hold_seconds = pharmacy_hold_seconds
         self.medical_hold_seconds = medical_hold_seconds
         self.clock = clock
-        # Captures run to their end after their call was cancelled (_to_the_end), until they end.
-        self._left_running: set[asyncio.Future[Any]] = set()
+        # A claimed capture runs to its end even when its call is cancelled (a deadline): its
+        # write may commit after the cancel, and its hold must be settled by that write.
+        self.to_the_end = ToTheEnd("capture")
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class AuthorizationService:
         else:
             outcome = self._outcome(decision)
             if decision.status == "CAPTURING":
-                outcome = await self._to_the_end(self._capture_at_once(request, outcome, now))
+                outcome = await self.to_the_end.run(self._capture_at_once(request, outcome, now))
             _count(request.purpose, outcome)
         response = respond(outcome)
         # A replay is journaled too (the row is kept once: ON CONFLICT DO NOTHING): its first
@@ -305,6 +306,7 @@ class AuthorizationService:
     async def _capture_at_once(
         self, request: rules.AuthorizeRequest, outcome: AuthorizeOutcome, now: datetime
     ) -> AuthorizeOutcome:
+        claim = str(_ms(now))  # authorize.lua began the payment's claim at this time
         try:
             await self._write_capture(
                 outcome.authorization_id,
@@ -318,54 +320,36 @@ class AuthorizationService:
                 now,
             )
         except CapturedInLedger as captured:  # SQL has it already: settle the hold as SQL says
-            await self.holds.capture_finish(outcome.authorization_id, "CAPTURED", captured.parts)
+            await self.holds.capture_finish(
+                outcome.authorization_id, claim, "CAPTURED", captured.parts
+            )
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
         except PolicyRefusal:  # the relationship was dissolved in between
-            await self.holds.capture_finish(outcome.authorization_id, "VOIDED", "")
+            await self.holds.capture_finish(outcome.authorization_id, claim, "VOIDED", "")
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
         except BaseException:
-            settled = await self._settle_unfinished_payment(outcome)
+            settled = await self._settle_unfinished_payment(outcome, claim)
             if settled is not None:
                 return settled
             raise
         await self.holds.capture_finish(
-            outcome.authorization_id, "CAPTURED", format_funding(outcome.funding)
+            outcome.authorization_id, claim, "CAPTURED", format_funding(outcome.funding)
         )
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
 
     async def _settle_unfinished_payment(
-        self, outcome: AuthorizeOutcome
+        self, outcome: AuthorizeOutcome, claim: str
     ) -> AuthorizeOutcome | None:
         """A one-step payment whose capture failed without a refusal: settled as SQL says
         (`_settle_as_sql_says`; when SQL has nothing, voided as NOT_WRITTEN, so a retry with
         its key pays anew). CAPTURED when SQL has it; None (the caller raises the failure)
         otherwise."""
         settled = await self._settle_as_sql_says(
-            outcome.authorization_id, outcome.funding, "VOIDED", None, NOT_WRITTEN
+            outcome.authorization_id, claim, outcome.funding, "VOIDED", None, NOT_WRITTEN
         )
         if settled is None or not settled[0]:
             return None
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
-
-    async def _to_the_end(self, work: Coroutine[Any, Any, T]) -> T:
-        """Runs a capture's SQL write and the settling of its hold to the end, even when the
-        call is cancelled meanwhile (its client's deadline passed): the write may commit after
-        the cancel, and a hold settled by the cancel rather than by the write's outcome could
-        give captured money back to the quota. A task left running so is kept until it ends,
-        for `finished` (the stop waits for it before closing Redis and SQL)."""
-        task = asyncio.ensure_future(work)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_outcome_seen)  # nobody is left to receive its failure
-            self._left_running.add(task)
-            task.add_done_callback(self._left_running.discard)
-            raise
-
-    async def finished(self) -> None:
-        """Returns once the captures whose calls were cancelled while they ran have ended."""
-        while self._left_running:
-            await asyncio.wait(list(self._left_running))
 
     # --- Capture ---------------------------------------------------------------------------
 
@@ -398,7 +382,7 @@ class AuthorizationService:
             raise InvalidArgument("amount_fen", f"must be at most {claim.approved_fen} fen")
         funding = parse_funding(claim.funding)
         parts = split_capture(funding, claim.amount_fen)
-        return await self._to_the_end(
+        return await self.to_the_end.run(
             self._write_claimed_capture(
                 authorization_id, merchant_id, claim, funding, parts, call, now
             )
@@ -415,6 +399,7 @@ class AuthorizationService:
         now: datetime,
     ) -> AuthorizationView | bytes:
         """Writes a claimed capture to SQL and finishes its hold by the outcome."""
+        claim_ms = str(_ms(now))  # capture_begin claimed the hold at this time
         try:
             result = await self._write_capture(
                 authorization_id,
@@ -432,29 +417,36 @@ class AuthorizationService:
         except CapturedInLedger as captured:
             # SQL has a capture the hold did not know of (an earlier attempt whose answer was
             # lost): settle the hold as SQL says, never release money SQL counts as captured.
-            await self.holds.capture_finish(authorization_id, "CAPTURED", captured.parts)
+            await self.holds.capture_finish(authorization_id, claim_ms, "CAPTURED", captured.parts)
             raise
         except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
-            await self.holds.capture_finish(authorization_id, "VOIDED", "", refusal.reason)
+            await self.holds.capture_finish(
+                authorization_id, claim_ms, "VOIDED", "", refusal.reason
+            )
             raise
         except BaseException as failure:
             if isinstance(failure, DomainError) and not isinstance(failure, Unavailable):
                 # refused in SQL before anything was written (a reused key): as it was
-                await self.holds.capture_finish(authorization_id, "PENDING", "")
+                await self.holds.capture_finish(authorization_id, claim_ms, "PENDING", "")
                 raise
             # A lock, a lost connection, a failed batch: SQL may have the capture even so (a
             # COMMIT whose reply was lost). The hold is settled as SQL says; if SQL cannot say,
             # it stays CAPTURING (neither void nor expiry takes it) for the sweeper.
-            settled = await self._settle_as_sql_says(authorization_id, parts, "PENDING", call)
+            settled = await self._settle_as_sql_says(
+                authorization_id, claim_ms, parts, "PENDING", call
+            )
             if settled is not None and settled[1] is not None:
                 return settled[1]  # SQL has it: its first answer
             raise
-        await self.holds.capture_finish(authorization_id, "CAPTURED", format_funding(parts))
+        await self.holds.capture_finish(
+            authorization_id, claim_ms, "CAPTURED", format_funding(parts)
+        )
         return result
 
     async def _settle_as_sql_says(
         self,
         authorization_id: str,
+        claim: str,
         funding: Funding,
         if_absent: str,
         call: Idempotency[AuthorizationView] | None,
@@ -489,9 +481,9 @@ class AuthorizationService:
             )
             return None
         if captured is None:
-            await self.holds.capture_finish(authorization_id, if_absent, "", why)
+            await self.holds.capture_finish(authorization_id, claim, if_absent, "", why)
             return False, None
-        await self.holds.capture_finish(authorization_id, "CAPTURED", captured)
+        await self.holds.capture_finish(authorization_id, claim, "CAPTURED", captured)
         return True, answer
 
     async def _capture_without_hold(
@@ -717,15 +709,6 @@ def _decisions(purpose: Purpose, decision: Decision, reason: DeclineReason | Non
 @functools.cache
 def _approved(purpose: Purpose) -> Any:
     return metrics.approved_fen.labels(purpose.value)
-
-
-def _outcome_seen(task: asyncio.Future[Any]) -> None:
-    """A run-to-the-end task whose caller was cancelled: a failure is logged, not lost."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is not None and not isinstance(error, DomainError):
-        log.error("capture failed after its call was cancelled", exc_info=error)
 
 
 def _count(purpose: Purpose, outcome: AuthorizeOutcome) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from authz_server.domain import relationships as rules
-from authz_server.domain.errors import InvalidArgument, PolicyRefusal
+from authz_server.domain.errors import IdempotencyKeyReused, InvalidArgument, PolicyRefusal
 from authz_server.domain.model import QuotaView, Relationship
 from authz_server.domain.types import (
     Channel,
@@ -40,12 +41,14 @@ from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import QuotaCache, QuotaFigures
 from authz_server.service.quota_sync import restore_from_ledger
+from authz_server.service.to_the_end import ToTheEnd
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import RelationshipRow
 
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -73,6 +76,9 @@ class RelationshipService:
         self.quotas = quotas
         self.allowed_relations = allowed_relations
         self.clock = clock
+        # A release runs to its end even when its call is cancelled (a deadline): its SQL
+        # transaction may commit after the cancel, and its Redis debit must follow that commit.
+        self.to_the_end = ToTheEnd("quota release")
 
     async def propose(
         self, holder_id: str, beneficiary_id: str, relation: Relation, channel: Channel
@@ -258,18 +264,61 @@ class RelationshipService:
             idempotency.remember(session, call, result, now)
             return result, relationship
 
+        async def to_the_end() -> QuotaMoveResult | bytes:
+            try:
+                result, relationship = await self._run_idempotent(work)
+            except _QuotaShort:
+                raise
+            except BaseException:
+                if debited:
+                    replay = await self._release_as_sql_says(
+                        beneficiary_id, relationship_id, amount_fen, call
+                    )
+                    if replay is not None:
+                        return replay  # SQL has it: the first answer
+                raise
+            if relationship is None and debited:  # the key committed concurrently: give back
+                await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
+            return result
+
         try:
-            result, relationship = await self._run_idempotent(work)
+            return await self.to_the_end.run(to_the_end())
         except _QuotaShort:
             rules.check_release((await self._figures(checked)).available_fen, amount_fen)
             raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again") from None
-        except BaseException:
-            if debited:
-                await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
-            raise
-        if relationship is None and debited:  # the key committed concurrently: give it back
+
+    async def _release_as_sql_says(
+        self,
+        beneficiary_id: str,
+        relationship_id: str,
+        amount_fen: int,
+        call: Idempotency[QuotaMoveResult],
+    ) -> bytes | None:
+        """A release whose transaction failed without a refusal (a lost connection, whose
+        COMMIT may have gone through): its Redis debit is given back only when SQL does not
+        have it, read under the relationship's row lock (a commit in flight ends first).
+        SQL has it: its stored answer. SQL cannot say: the debit stays (Redis understates the
+        quota until reconcile, never overstates it) and None, as when it was given back."""
+
+        def read(session: Session) -> bytes | None:
+            records.relationship_row(session, relationship_id, lock=True)
+            return idempotency.find(session, call)
+
+        try:
+            replay = await self.database.run(read)
+        except IdempotencyKeyReused:  # another request took the key: this one did not commit
+            replay = None
+        except Exception:
+            log.warning(
+                "release on %s: SQL cannot say whether it was written; its Redis debit of %d fen "
+                "stays until reconcile",
+                relationship_id,
+                amount_fen,
+            )
+            return None
+        if replay is None:
             await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
-        return result
+        return replay
 
     async def dissolve(
         self, relationship_id: str, party: Party, channel: Channel

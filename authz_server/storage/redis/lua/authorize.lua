@@ -118,6 +118,8 @@ record.rem = total
 redis.call('HSET', KEYS[1], 'm', ARGV[4], 'b', ARGV[5], 'p', ARGV[6], 's', record.s,
   'ap', record.ap, 'cp', 0, 'f', record.f, 'ex', record.ex, 'cr', now, 'd', record.d,
   'r', record.r, 'ck', '', 'o', ARGV[13])
+-- A one-step payment's claim begins now: cs is its token for capture_finish.lua.
+if record.s == 'CAPTURING' then redis.call('HSET', KEYS[1], 'cs', ARGV[2]) end
 redis.call('HSET', KEYS[2], 'digest', ARGV[7], 'a', auth_id, 'd', record.d, 'r', record.r,
   'ap', record.ap, 'f', record.f, 'rem', record.rem, 's', record.s, 'ex', record.ex,
   't', record.t, 'cr', now)

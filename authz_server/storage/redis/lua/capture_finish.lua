@@ -2,11 +2,20 @@
 -- the hold returns), VOIDED (SQL refused: the whole hold returns), or PENDING (SQL failed for
 -- a passing reason: the hold is put back as it was, so the merchant can retry).
 -- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 outcome, 3 captured parts "rid=fen;...",
--- 4 (optional, with VOIDED) why, answered to a later capture instead of ALREADY_VOIDED.
+-- 4 (with VOIDED; may be '') why, answered to a later capture instead of ALREADY_VOIDED,
+-- 5 the claim being finished (its cs, when it began; '' for any claim).
+-- Finishes nothing when the hold is no longer in that claim: a sweeper that read SQL for an
+-- old claim must not finish a newer one (a till's retry that settled and claimed it again),
+-- whose own write SQL may be committing. Returns 1 when it finished the claim, else 0.
 local prefix, auth = ARGV[1], KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
+local state = redis.call('HMGET', auth, 's', 'cs')
+if state[1] ~= 'CAPTURING' then
+  redis.call('ZREM', prefix .. ':capturing', auth_id)
+  return 0
+end
+if ARGV[5] and ARGV[5] ~= '' and state[2] ~= ARGV[5] then return 0 end
 redis.call('ZREM', prefix .. ':capturing', auth_id)
-if redis.call('HGET', auth, 's') ~= 'CAPTURING' then return 0 end
 if ARGV[2] == 'PENDING' then
   redis.call('HSET', auth, 's', 'PENDING', 'ck', '', 'cp', 0)
   redis.call('ZADD', prefix .. ':expiry', redis.call('HGET', auth, 'ex'), auth_id)

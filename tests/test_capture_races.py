@@ -1,0 +1,148 @@
+"""A capture's hold is finished only by what finished its own claim. Two ways a finish for an
+old claim, or for a claim still live, reopened a hold whose capture SQL then committed (the
+merchant was told "captured"; a void or expiry then gave the money back to the quota, and Redis
+showed more than SQL): a slow sweeper racing a till's same-key retry, and a reconcile run while
+servers serve. Found by an audit; each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from authz_server.runtime.reconcile import reconcile
+from authz_server.service.capture_recovery import settle_capture
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
+from authz_server.storage.sql.database import Database
+from tests.harness import Harness, new_id
+from tests.test_authorization_recovery import hot_figures, ledger
+from tests.test_authorization_rules import (
+    CAPTURED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    capture,
+    family,
+    get,
+    refused,
+    register_merchants,
+    void,
+)
+
+
+def register(registry: Any) -> None:
+    register_merchants(registry)
+
+
+def settled_captured(
+    harness: Harness, authorizations: Any, fam: Any, authorization_id: str
+) -> None:
+    """The hold is CAPTURED, cannot be voided, and Redis shows no more than SQL."""
+    (relationship_id,) = fam.relationship_ids
+    assert get(authorizations, HOSPITAL, authorization_id).status == CAPTURED
+    refused(
+        lambda: void(authorizations, HOSPITAL, authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_CAPTURED",
+    )
+    available, held = hot_figures(harness, fam.beneficiary_id, relationship_id)
+    assert available + held <= ledger(harness, relationship_id).unused_fen
+    assert ledger(harness, relationship_id).spent_fen == 12_000
+
+
+class SlowSweeper:
+    """The sweeper's hold store: its capture_finish waits for `go` (a sweeper that read SQL,
+    then stalled), so a till's retry can settle and claim the hold again meanwhile."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.reached = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def get(self, authorization_id: str) -> Any:
+        return await self.real.get(authorization_id)
+
+    async def capture_finish(self, *arguments: Any) -> None:
+        self.reached.set()
+        await self.go.wait()
+        await self.real.capture_finish(*arguments)
+
+
+def test_a_slow_sweeper_cannot_reopen_the_claim_of_a_retry(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    register(registry)
+    fam = family(registry, relationships, 20_000)
+    authorization_id = authorize(
+        authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000
+    ).authorization_id
+    holds = harness.app.holds
+    key = new_id("capture")
+    # a capture claimed STALE_CAPTURE_SECONDS ago by a process that then died
+    stale_ms = int(harness.clock().timestamp() * 1000) - (STALE_CAPTURE_SECONDS + 1) * 1000
+    claimed = harness.run(holds.capture_begin(authorization_id, "rules-hospital", key, 0, stale_ms))
+    assert claimed.outcome == "OK"
+
+    async def sweeper_reads_sql() -> tuple[SlowSweeper, asyncio.Future[None]]:
+        slow = SlowSweeper(holds)
+        task = asyncio.ensure_future(settle_capture(harness.app.database, slow, authorization_id))
+        await slow.reached.wait()  # SQL has nothing: about to put the hold back PENDING
+        return slow, task
+
+    slow, sweeper = harness.run(sweeper_reads_sql())
+    writer = harness.app.authorizations.captures
+    real_submit = writer.submit
+
+    async def submit(unit: Any) -> Any:
+        # The till's retry found its capture STALLED, settled it, claimed it again; before
+        # its write, the sweeper's late finish (for the old claim) lands.
+        slow.go.set()
+        await sweeper
+        return await real_submit(unit)
+
+    writer.submit = submit  # type: ignore[method-assign]
+    try:
+        answer = capture(authorizations, HOSPITAL, authorization_id, key=key)
+    finally:
+        writer.submit = real_submit  # type: ignore[method-assign]
+    assert (answer.status, answer.captured_amount_fen) == (CAPTURED, 12_000)
+    settled_captured(harness, authorizations, fam, authorization_id)
+
+
+def test_a_reconcile_run_while_serving_leaves_a_live_capture_alone(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    register(registry)
+    fam = family(registry, relationships, 20_000)
+    authorization_id = authorize(
+        authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000
+    ).authorization_id
+    writer = harness.app.authorizations.captures
+    real = writer._commit
+
+    def slow(units: Any) -> Any:  # a busy SQL: the batch begins a moment later
+        time.sleep(1.0)
+        return real(units)
+
+    answers: list[Any] = []
+    till = threading.Thread(
+        target=lambda: answers.append(capture(authorizations, HOSPITAL, authorization_id, 12_000))
+    )
+    writer._commit = slow  # type: ignore[method-assign]
+    try:
+        till.start()
+        time.sleep(0.3)  # claimed in Redis, waiting for its batch
+        # the operator's reconcile (the Job, or a new pod's start-up): its own SQL connection
+        other = Database(harness.database_url)
+        try:
+            harness.run(reconcile(other, harness.app.quotas, harness.app.holds, harness.clock))
+        finally:
+            other.close()
+        till.join(10)
+    finally:
+        writer._commit = real  # type: ignore[method-assign]
+    assert [(a.status, a.captured_amount_fen) for a in answers] == [(CAPTURED, 12_000)]
+    settled_captured(harness, authorizations, fam, authorization_id)
