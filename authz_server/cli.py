@@ -160,7 +160,10 @@ async def _reconcile(settings: Settings) -> int:
     report = await reconcile(
         database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
     )
-    print(f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen")
+    print(
+        f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen;"
+        f" {report.busy} left as they were (a capture between its phases; run it again)"
+    )
     await pipelined.aclose()
     await client.aclose()
     database.close()

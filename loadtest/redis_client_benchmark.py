@@ -104,7 +104,7 @@ async def benchmark(redis_url: str, operations: int, concurrency: int, loop_name
     for number in range(BENEFICIARIES):
         relationship_id, beneficiary_id = f"bench-relationship-{number}", f"bench-{number}"
         await quotas.restore(
-            QuotaRestore(relationship_id, beneficiary_id, "holder", True, 10**15, 1, "EMPLOYEE")
+            QuotaRestore(relationship_id, beneficiary_id, "holder", True, 10**15, 1, "EMPLOYEE", 0)
         )
 
     async def with_redis_py(commands: list[Command]) -> object:

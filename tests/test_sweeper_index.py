@@ -68,7 +68,7 @@ class Store:
         """A new beneficiary (in a slot of its own) with one active quota of `fen`."""
         beneficiary_id, relationship_id = f"b-{uuid.uuid4().hex}", f"r-{uuid.uuid4().hex}"
         await self.quotas.restore(
-            QuotaRestore(relationship_id, beneficiary_id, "holder", True, fen, 1, "EMPLOYEE")
+            QuotaRestore(relationship_id, beneficiary_id, "holder", True, fen, 1, "EMPLOYEE", 0)
         )
         return beneficiary_id, relationship_id
 

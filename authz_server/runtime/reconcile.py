@@ -12,14 +12,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.funding import format_funding
-from authz_server.domain.model import Relationship
 from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.server.convert import enum_name
 from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
-from authz_server.service.ports import QuotaCache
-from authz_server.service.quota_sync import restore_of
+from authz_server.service.ports import QuotaCache, QuotaRestore
+from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
 from authz_server.storage.redis.quota_cache import guarded
@@ -33,7 +32,9 @@ from authz_server.storage.sql.tables import (
     SettlementMonthRow,
 )
 
-BATCH_SIZE = 1000
+# Quotas per page: read under their row locks and restored before they are let go, so a page
+# holds them (on SQLite the database's write lock) for one round of Redis restores, ~10-50 ms.
+BATCH_SIZE = 500
 # Quotas reconciled concurrently within a page (see reconcile()).
 QUOTAS_IN_FLIGHT = 100
 
@@ -43,6 +44,8 @@ class ReconcileReport:
     quotas: int
     drifted: int
     drift_fen: int
+    # left as they were: a capture of theirs was between its phases (the next run sets them)
+    busy: int = 0
 
 
 async def reconcile(
@@ -54,8 +57,9 @@ async def reconcile(
     """Sets every active quota to the ledger's unused figure (keeping open holds) and marks
     every other relationship's quota dissolved. Counts quotas whose figure was different.
 
-    Run it at start-up (the server does) or with traffic stopped: a capture between its two
-    phases while this runs can leave a quota understated (never overstated) until the next run.
+    It may run while servers serve (a new server's start, the reconcile Job, after a bulk
+    load): each page of quotas is read under its row locks and restored before they are let go,
+    and a quota with a capture between its phases is left as it is (`busy`).
     """
     if holds is not None:
         # The captures stalled between their phases: only those past STALE_CAPTURE_SECONDS, as
@@ -69,11 +73,16 @@ async def reconcile(
         )
         await restore_authorize_records(database, holds.client)
     after = ""
-    count = drifted = drift_fen = 0
+    count = drifted = drift_fen = busy = 0
+    loop = asyncio.get_running_loop()
     while True:
         cursor = after
 
-        def page(session: Session, cursor: str = cursor) -> list[tuple[Relationship, Scheme]]:
+        def page(
+            session: Session, cursor: str = cursor
+        ) -> tuple[str, list[int | BaseException | None]]:
+            """A page of quotas, read under their row locks and restored before those are let
+            go (service/quota_sync.py says why): (the last relationship id, each one's drift)."""
             rows = session.execute(
                 select(RelationshipRow, ParticipantRow.scheme)
                 .join(
@@ -85,43 +94,65 @@ async def reconcile(
                 )
                 .order_by(RelationshipRow.relationship_id)
                 .limit(BATCH_SIZE)
+                .with_for_update(of=RelationshipRow)
             )
-            return [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
+            batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
+            if not batch:
+                return "", []
+            marks = ledger_marks(
+                session, [relationship.relationship_id for relationship, _ in batch]
+            )
+            quotas_of_page = [
+                restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
+                for relationship, scheme in batch
+            ]
+            return batch[-1][0].relationship_id, on_loop(
+                loop, _restore_page(quotas, quotas_of_page)
+            )
 
-        batch = await database.run(page)
-        if not batch:
+        after, drifts = await database.run(page)
+        if not drifts:
             break
-        # QUOTAS_IN_FLIGHT at once: the pipelined connection sends their commands in a few
-        # writes instead of two round trips per quota (each quota is its own keys, so order is
-        # free). Not the whole page at once: 2,000 commands queued behind each other could
-        # outlast the per-command Redis timeout on a loaded machine.
-        drifts: list[int | BaseException | None] = []
-        for start in range(0, len(batch), QUOTAS_IN_FLIGHT):
-            drifts += await asyncio.gather(
-                *(
-                    _reconcile_quota(quotas, relationship, scheme)
-                    for relationship, scheme in batch[start : start + QUOTAS_IN_FLIGHT]
-                ),
-                return_exceptions=True,
-            )
         for drift in drifts:
             if isinstance(drift, BaseException):
                 raise drift
-            if drift is not None:
+            if drift is _BUSY:
+                busy += 1
+            elif drift is not None:
                 drifted += 1
                 drift_fen += drift
             count += 1
-        after = batch[-1][0].relationship_id
-    return ReconcileReport(quotas=count, drifted=drifted, drift_fen=drift_fen)
+    return ReconcileReport(quotas=count, drifted=drifted, drift_fen=drift_fen, busy=busy)
 
 
-async def _reconcile_quota(
-    quotas: QuotaCache, relationship: Relationship, scheme: Scheme
-) -> int | None:
-    """Sets one quota to the ledger's figure; returns by how much it was off (None: it was not)."""
-    before = await quotas.figures(relationship.beneficiary_id, [relationship.relationship_id])
-    after_figures = await quotas.restore(restore_of(relationship, scheme))
-    old = before.get(relationship.relationship_id)
+# A quota left as it was because a capture of it was between its phases (quota_restore.lua).
+_BUSY = -1
+
+
+async def _restore_page(
+    quotas: QuotaCache, page: list[QuotaRestore]
+) -> list[int | BaseException | None]:
+    """QUOTAS_IN_FLIGHT at once: the pipelined connection sends their commands in a few writes
+    instead of two round trips per quota (each quota is its own keys, so order is free). Not
+    the whole page at once: 2,000 commands queued behind each other could outlast the
+    per-command Redis timeout on a loaded machine."""
+    drifts: list[int | BaseException | None] = []
+    for start in range(0, len(page), QUOTAS_IN_FLIGHT):
+        drifts += await asyncio.gather(
+            *(_reconcile_quota(quotas, quota) for quota in page[start : start + QUOTAS_IN_FLIGHT]),
+            return_exceptions=True,
+        )
+    return drifts
+
+
+async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> int | None:
+    """Sets one quota to the ledger's figure; returns by how much it was off (None: it was not;
+    _BUSY: left as it was)."""
+    before = await quotas.figures(quota.beneficiary_id, [quota.relationship_id])
+    after_figures = await quotas.restore(quota)
+    if after_figures is None:
+        return _BUSY
+    old = before.get(quota.relationship_id)
     old_total = (old.available_fen + old.held_fen) if old else None
     new_total = after_figures.available_fen + after_figures.held_fen
     if old_total == new_total:

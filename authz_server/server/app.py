@@ -361,4 +361,9 @@ async def in_own_thread(function: Callable[[], object], name: str) -> None:
 def record_reconcile(report: ReconcileReport) -> None:
     metrics.reconcile_drift.inc(report.drifted)
     metrics.reconcile_drift_fen.inc(report.drift_fen)
-    log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
+    log.info(
+        "reconciled %d quotas, %d drifted, %d left as they were (a capture between its phases)",
+        report.quotas,
+        report.drifted,
+        report.busy,
+    )

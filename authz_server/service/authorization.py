@@ -563,9 +563,11 @@ class AuthorizationService:
         """Back to the quota it came from, last-drawn part first; to the holder's personal
         account where that relationship is no longer active."""
         now = self.clock()
-        credits: list[tuple[str, str, int]] = []
+        # (beneficiary, relationship, fen, the REFUND_TO_QUOTA ledger entry), once written
+        credits: list[tuple[str, str, int, int]] = []
 
         def work(session: Session) -> RefundOutcome | bytes:
+            credits.clear()
             replay = idempotency.find(session, call)
             if replay is not None:
                 return replay
@@ -595,8 +597,6 @@ class AuthorizationService:
                 if to_account:  # through the quota straight back to the holder's account
                     row.released_total_fen += take
                     ledger.credit_account(session, row.holder_id, take)
-                else:
-                    credits.append((row.beneficiary_id, row.relationship_id, take))
                 kind = LedgerKind.REFUND_TO_ACCOUNT if to_account else LedgerKind.REFUND_TO_QUOTA
                 entry = ledger.entry(
                     session, kind, row.holder_id, take, now, relationship_id=row.relationship_id
@@ -605,6 +605,9 @@ class AuthorizationService:
                 entry.merchant_id = merchant_id
                 entry.holder_region = part.holder_region
                 entry.merchant_region = capture.merchant_region
+                if not to_account:
+                    session.flush()  # the entry's id: the credit's mark in Redis
+                    credits.append((row.beneficiary_id, row.relationship_id, take, entry.entry_id))
                 done.append((row.relationship_id, take, to_account))
             capture.refunded_fen += amount_fen
             session.add(
@@ -637,8 +640,8 @@ class AuthorizationService:
                 "REFUND_EXCEEDS_CAPTURED",
                 f"authorization {authorization_id} is not captured: nothing to refund",
             ) from None
-        for beneficiary_id, relationship_id, fen in credits:
-            if not await self.quotas.credit(beneficiary_id, relationship_id, fen):
+        for beneficiary_id, relationship_id, fen, entry_id in credits:
+            if not await self.quotas.credit(beneficiary_id, relationship_id, fen, entry_id):
                 await restore_from_ledger(self.database, self.quotas, relationship_id)
         return result
 

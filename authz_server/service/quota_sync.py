@@ -1,17 +1,36 @@
-"""Setting a hot quota in Redis from the ledger in SQL: one place for every caller."""
+"""Setting a hot quota in Redis from the ledger in SQL: one place for every caller.
+
+The SQL figure is read under the relationship's row lock, and the Redis restore runs before that
+lock is let go: every money movement of a quota takes that lock before it commits (captures,
+refunds, allocations, releases, dissolution), and a release takes its money from Redis under
+it. So nothing moves between the read and the restore; a credit committed before the read whose
+Redis step comes after the restore is recognised by its ledger entry and not added twice
+(quota_credit.lua). A restore may run while servers serve.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from authz_server.domain.errors import Unavailable
 from authz_server.domain.model import QuotaFigures, Relationship
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.ports import QuotaCache, QuotaRestore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.tables import LedgerEntryRow
+
+T = TypeVar("T")
 
 
-def restore_of(relationship: Relationship, beneficiary_scheme: Scheme) -> QuotaRestore:
+def restore_of(
+    relationship: Relationship, beneficiary_scheme: Scheme, ledger_mark: int
+) -> QuotaRestore:
     """What the ledger says the hot quota of a relationship should be."""
     activated = relationship.activated_at or relationship.created_at
     return QuotaRestore(
@@ -22,19 +41,44 @@ def restore_of(relationship: Relationship, beneficiary_scheme: Scheme) -> QuotaR
         unused_fen=relationship.totals.unused_fen,
         funding_order=int(activated.timestamp() * 1000),
         beneficiary_scheme=beneficiary_scheme.value,
+        ledger_mark=ledger_mark,
     )
+
+
+def ledger_marks(session: Session, relationship_ids: Sequence[str]) -> dict[str, int]:
+    """Each relationship's newest ledger entry (a relationship with none is left out)."""
+    if not relationship_ids:
+        return {}
+    rows = session.execute(
+        select(LedgerEntryRow.relationship_id, func.max(LedgerEntryRow.entry_id))
+        .where(LedgerEntryRow.relationship_id.in_(relationship_ids))
+        .group_by(LedgerEntryRow.relationship_id)
+    )
+    return {str(relationship_id): int(mark) for relationship_id, mark in rows}
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Runs a Redis call on the event loop from a SQL thread (inside its transaction, so under
+    its locks), and waits for it."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
 
 async def restore_from_ledger(
     database: Database, quotas: QuotaCache, relationship_id: str
 ) -> QuotaFigures:
-    """Reads the relationship's latest figures and sets its hot quota from them (used when
-    Redis lacked a quota that SQL has, e.g. after Redis lost its data)."""
+    """Sets the relationship's hot quota from its latest figures (when Redis lacked a quota
+    that SQL has, e.g. after Redis lost its data, or a new one). Unavailable while a capture
+    of the quota is between its phases (retry)."""
+    loop = asyncio.get_running_loop()
 
-    def read(session: Session) -> tuple[Relationship, Scheme]:
-        row = records.relationship_row(session, relationship_id)
+    def work(session: Session) -> QuotaFigures | None:
+        row = records.relationship_row(session, relationship_id, lock=True)
         beneficiary = records.participant_row(session, row.beneficiary_id)
-        return records.relationship(row), Scheme(beneficiary.scheme)
+        mark = ledger_marks(session, [relationship_id]).get(relationship_id, 0)
+        quota = restore_of(records.relationship(row), Scheme(beneficiary.scheme), mark)
+        return on_loop(loop, quotas.restore(quota))
 
-    relationship, scheme = await database.run(read)
-    return await quotas.restore(restore_of(relationship, scheme))
+    figures = await database.run(work)
+    if figures is None:
+        raise Unavailable("a capture of this quota is being written; retry")
+    return figures

@@ -39,7 +39,7 @@ from authz_server.domain.types import (
 from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
-from authz_server.service.ports import QuotaCache, QuotaFigures
+from authz_server.service.ports import Debit, QuotaCache, QuotaFigures
 from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.storage.sql import records
@@ -173,6 +173,8 @@ class RelationshipService:
             return checked
         held_fen = (await self._figures(checked)).held_fen
 
+        entry_ids: list[int] = []  # the allocation's ledger entry, once written
+
         def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
             # The row lock first: an identical call in flight holds it until it commits, so the
             # replay is found here instead of the balance it already took being found short.
@@ -188,7 +190,7 @@ class RelationshipService:
             holder = ledger.debit_account(session, row.holder_id, amount_fen)
             now = self.clock()
             row.allocated_total_fen += amount_fen
-            ledger.entry(
+            entry = ledger.entry(
                 session,
                 LedgerKind.QUOTA_ALLOCATION,
                 row.holder_id,
@@ -197,6 +199,8 @@ class RelationshipService:
                 relationship_id=relationship_id,
                 channel=channel,
             )
+            session.flush()  # the entry's id: the credit's mark in Redis (quota_credit.lua)
+            entry_ids[:] = [entry.entry_id]
             relationship = records.relationship(row)
             view = QuotaView(relationship, relationship.totals.unused_fen - held_fen, held_fen)
             result = QuotaMoveResult(view, holder.balance_fen)
@@ -205,7 +209,7 @@ class RelationshipService:
 
         result, relationship = await self._run_idempotent(work)
         if relationship is not None and not await self.quotas.credit(
-            relationship.beneficiary_id, relationship_id, amount_fen
+            relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
         ):
             await self._restore(relationship_id)
         return result
@@ -227,7 +231,7 @@ class RelationshipService:
             return checked
         beneficiary_id = checked.beneficiary_id
         loop = asyncio.get_running_loop()
-        debited: list[int] = []  # the figure Redis answered once it gave the money
+        debited: list[Debit] = []  # what Redis answered once it gave the money
 
         def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
             """Runs a Redis call on the event loop from this SQL thread, and waits for it."""
@@ -245,7 +249,7 @@ class RelationshipService:
                 if taken is None:
                     raise _QuotaShort
                 debited.append(taken)
-            remaining = debited[0]
+            remaining = debited[0].available_fen
             now = self.clock()
             row.released_total_fen += amount_fen
             holder_row.balance_fen += amount_fen
@@ -272,13 +276,15 @@ class RelationshipService:
             except BaseException:
                 if debited:
                     replay = await self._release_as_sql_says(
-                        beneficiary_id, relationship_id, amount_fen, call
+                        beneficiary_id, relationship_id, amount_fen, debited[0].epoch, call
                     )
                     if replay is not None:
                         return replay  # SQL has it: the first answer
                 raise
             if relationship is None and debited:  # the key committed concurrently: give back
-                await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
+                await self.quotas.give_back(
+                    beneficiary_id, relationship_id, amount_fen, debited[0].epoch
+                )
             return result
 
         try:
@@ -292,6 +298,7 @@ class RelationshipService:
         beneficiary_id: str,
         relationship_id: str,
         amount_fen: int,
+        epoch: str,
         call: Idempotency[QuotaMoveResult],
     ) -> bytes | None:
         """A release whose transaction failed without a refusal (a lost connection, whose
@@ -317,7 +324,7 @@ class RelationshipService:
             )
             return None
         if replay is None:
-            await self.quotas.credit(beneficiary_id, relationship_id, amount_fen)
+            await self.quotas.give_back(beneficiary_id, relationship_id, amount_fen, epoch)
         return replay
 
     async def dissolve(

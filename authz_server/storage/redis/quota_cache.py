@@ -11,7 +11,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
-from authz_server.service.ports import QuotaFigures, QuotaRestore
+from authz_server.service.ports import Debit, QuotaFigures, QuotaRestore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import (
     Argument,
@@ -20,6 +20,7 @@ from authz_server.storage.redis.pipelined import (
     Reply,
     as_integer,
     as_list,
+    as_text,
 )
 from authz_server.storage.redis.scripts import script
 
@@ -49,19 +50,42 @@ class RedisQuotaCache:
         self._dissolve = script("quota_dissolve")
         self._restore = script("quota_restore")
 
-    async def credit(self, beneficiary_id: str, relationship_id: str, amount_fen: int) -> bool:
-        key = keys.quota(beneficiary_id, relationship_id)
-        result = await guarded(
-            lambda: self.commands.evalsha(self._credit, [key], [amount_fen]), "quota_credit"
-        )
-        return as_integer(result) >= 0
+    async def credit(
+        self, beneficiary_id: str, relationship_id: str, amount_fen: int, entry_id: int
+    ) -> bool:
+        return await self._credit_script(beneficiary_id, relationship_id, amount_fen, entry_id, "")
 
-    async def debit(self, beneficiary_id: str, relationship_id: str, amount_fen: int) -> int | None:
+    async def give_back(
+        self, beneficiary_id: str, relationship_id: str, amount_fen: int, epoch: str
+    ) -> None:
+        await self._credit_script(beneficiary_id, relationship_id, amount_fen, "", epoch)
+
+    async def _credit_script(
+        self,
+        beneficiary_id: str,
+        relationship_id: str,
+        amount_fen: int,
+        entry_id: int | str,
+        epoch: str,
+    ) -> bool:
         key = keys.quota(beneficiary_id, relationship_id)
+        arguments: list[Argument] = [amount_fen, entry_id, epoch]
         result = await guarded(
-            lambda: self.commands.evalsha(self._debit, [key], [amount_fen]), "quota_debit"
+            lambda: self.commands.evalsha(self._credit, [key], arguments), "quota_credit"
         )
-        return None if as_integer(result) < 0 else as_integer(result)
+        return as_integer(result) != -1  # -2: counted already by a restore
+
+    async def debit(
+        self, beneficiary_id: str, relationship_id: str, amount_fen: int
+    ) -> Debit | None:
+        key = keys.quota(beneficiary_id, relationship_id)
+        result = as_list(
+            await guarded(
+                lambda: self.commands.evalsha(self._debit, [key], [amount_fen]), "quota_debit"
+            )
+        )
+        available = as_integer(result[0])
+        return None if available < 0 else Debit(available, as_text(result[1]))
 
     async def dissolve(self, beneficiary_id: str, relationship_id: str) -> None:
         quota_keys = [
@@ -73,7 +97,7 @@ class RedisQuotaCache:
             lambda: self.commands.evalsha(self._dissolve, quota_keys, arguments), "quota_dissolve"
         )
 
-    async def restore(self, quota: QuotaRestore) -> QuotaFigures:
+    async def restore(self, quota: QuotaRestore) -> QuotaFigures | None:
         quota_keys = [
             keys.quota(quota.beneficiary_id, quota.relationship_id),
             keys.quota_index(quota.beneficiary_id),
@@ -87,6 +111,7 @@ class RedisQuotaCache:
             quota.beneficiary_id,
             quota.beneficiary_scheme,
             keys.prefix(quota.beneficiary_id),
+            quota.ledger_mark,
         ]
         result = as_list(
             await guarded(
@@ -94,6 +119,8 @@ class RedisQuotaCache:
                 "quota_restore",
             )
         )
+        if as_integer(result[0]) < 0:
+            return None  # BUSY: a capture of the quota is between its phases
         return QuotaFigures(available_fen=as_integer(result[0]), held_fen=as_integer(result[1]))
 
     async def figures(

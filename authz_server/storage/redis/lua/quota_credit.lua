@@ -1,7 +1,18 @@
--- Adds money to an active quota. KEYS[1] quota hash; ARGV[1] amount_fen.
--- Returns the new available figure, or -1 when the quota is missing or not active: the caller
--- then restores it from the ledger, which already counts the money.
+-- Adds money to an active quota. KEYS[1] quota hash; ARGV[1] amount_fen; ARGV[2] the ledger
+-- entry of a credit SQL committed first ('' none); ARGV[3] the restore epoch a debit being given
+-- back was taken in ('' none).
+-- A restore (quota_restore.lua) sets the quota from SQL's figure, which already counts every
+-- credit entry up to its mark r, and starts a new epoch e: such a credit, or the give-back of a
+-- debit taken before it, was counted by the restore and must not be added again.
+-- Returns the new available figure; -2 when the money is counted already (nothing done); -1
+-- when the quota is missing or not active: the caller then restores it from the ledger.
 if redis.call('HGET', KEYS[1], 'status') ~= 'ACTIVE' then
   return -1
+end
+if ARGV[2] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'r') or '0') >= tonumber(ARGV[2]) then
+  return -2
+end
+if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'e') or '0') ~= ARGV[3] then
+  return -2
 end
 return redis.call('HINCRBY', KEYS[1], 'available', ARGV[1])

@@ -1,30 +1,42 @@
 -- Sets a quota from the ledger's unused figure (available + held), keeping its open holds.
 -- KEYS: 1 quota hash, 2 beneficiary's quota index.
 -- ARGV: 1 relationship id, 2 holder id, 3 'ACTIVE' or 'DISSOLVED', 4 unused fen,
---       5 funding order, 6 beneficiary id, 7 beneficiary's scheme, 8 prefix.
--- Held is recounted from the open holds themselves. Returns {available, held}.
+--       5 funding order, 6 beneficiary id, 7 beneficiary's scheme, 8 prefix,
+--       9 the relationship's newest ledger entry when SQL was read (r).
+-- The caller holds the relationship's row lock from its read of SQL until this has run, so no
+-- money of this quota commits in between. Held is recounted from the open holds themselves.
+-- r and a new epoch e tell later credits and give-backs that the figure counts them already
+-- (quota_credit.lua). A quota with a capture between its phases is left as it is (BUSY): its
+-- SQL write may have committed, and the figure would count the capture twice once its hold is
+-- finished. Returns {available, held}, or {-1, -1} when BUSY.
 local unused, prefix = tonumber(ARGV[4]), ARGV[8]
 if ARGV[3] ~= 'ACTIVE' then
   redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0,
-    'holder', ARGV[2], 'beneficiary', ARGV[6], 'scheme', ARGV[7])
+    'holder', ARGV[2], 'beneficiary', ARGV[6], 'scheme', ARGV[7], 'r', ARGV[9])
+  redis.call('HINCRBY', KEYS[1], 'e', 1)
   redis.call('ZREM', KEYS[2], ARGV[1])
   return {0, 0}
 end
 local held = 0
 local holds = prefix .. ':qh:' .. ARGV[1]
+local finished = {}
 for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
   local auth = prefix .. ':a:' .. auth_id
   local status = redis.call('HGET', auth, 's')
-  if status == 'PENDING' or status == 'CAPTURING' then
+  if status == 'CAPTURING' then return {-1, -1} end
+  if status == 'PENDING' then
     for _, part in ipairs(parse_funding(redis.call('HGET', auth, 'f'))) do
       if part[1] == ARGV[1] then held = held + part[2] end
     end
   else
-    redis.call('SREM', holds, auth_id)
+    finished[#finished + 1] = auth_id
   end
 end
+for _, auth_id in ipairs(finished) do redis.call('SREM', holds, auth_id) end
 if held > unused then held = unused end
 redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'available', unused - held, 'held', held,
-  'holder', ARGV[2], 'order', ARGV[5], 'beneficiary', ARGV[6], 'scheme', ARGV[7])
+  'holder', ARGV[2], 'order', ARGV[5], 'beneficiary', ARGV[6], 'scheme', ARGV[7],
+  'r', ARGV[9])
+redis.call('HINCRBY', KEYS[1], 'e', 1)
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 return {unused - held, held}
