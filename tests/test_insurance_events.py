@@ -13,6 +13,7 @@ import grpc
 import pytest
 from sqlalchemy import func, select
 
+from authz_server.domain.errors import Unavailable
 from authz_server.domain.types import LedgerKind
 from authz_server.generated.medwallet.v1 import (
     common_pb2,
@@ -22,6 +23,7 @@ from authz_server.generated.medwallet.v1 import (
 from authz_server.storage.sql.tables import LedgerEntryRow, RelationshipEventRow
 from tests import factories
 from tests.harness import ADMIN, APP, Harness, new_id
+from tests.test_authorization_recovery import hot_figures
 
 TERMINATED = registry_pb2.INSURANCE_EVENT_TYPE_TERMINATED
 TRANSFERRED = registry_pb2.INSURANCE_EVENT_TYPE_TRANSFERRED
@@ -301,3 +303,45 @@ def test_terminated_person_cannot_transfer(registry) -> None:
         lambda: report(registry, person, event_type=TRANSFERRED, new_pooling_region=NEW_REGION),
         "PARTICIPANT_NOT_ACTIVE",
     )
+
+
+class RedisStepFails:
+    """The registry's quota cache: its first dissolve fails, as when Redis does not answer."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def dissolve(self, beneficiary_id: str, relationship_id: str) -> None:
+        if not self.failed:
+            self.failed = True
+            raise Unavailable("the quota store did not answer: (injected)")
+        await self.real.dissolve(beneficiary_id, relationship_id)
+
+
+def test_a_repeated_event_dissolves_in_redis_what_the_first_left_undone(
+    harness: Harness, registry: Any, relationships: Any
+) -> None:
+    """The event committed in SQL but its Redis step failed: the quota still looked active in
+    Redis (holds placed on it could never be captured; split payments declined wrongly). The
+    reporting system's retry of the same event now finishes the Redis step."""
+    holder = factories.employee(registry, balance_fen=50_000)
+    beneficiary = factories.employee(registry)
+    relationship_id = factories.active_relationship(relationships, holder, beneficiary, 20_000)
+    service = harness.app.registry
+    failing = RedisStepFails(service.quotas)
+    service.quotas = failing
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            report(registry, beneficiary, **EVENTS["retirement"])
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert hot_figures(harness, beneficiary, relationship_id) == (20_000, 0)  # still there
+        again = report(registry, beneficiary, **EVENTS["retirement"])
+    finally:
+        service.quotas = failing.real
+    assert list(again.dissolved_relationship_ids) == []  # nothing new in SQL
+    assert hot_figures(harness, beneficiary, relationship_id) == (0, 0)
+    assert factories.relationship(relationships, relationship_id).status == DISSOLVED

@@ -18,6 +18,7 @@ from authz_server.domain.types import (
     InsuranceEventType,
     LedgerKind,
     ParticipantStatus,
+    RelationshipStatus,
     Scheme,
     TerminationReason,
 )
@@ -138,7 +139,9 @@ class RegistryService:
 
     async def report_event(self, event: InsuranceEvent) -> InsuranceEventResult:
         """Rule 7: ending or moving a person's insurance dissolves all their relationships in one
-        transaction, unused quota going back to each holder. Repeating an event is a no-op."""
+        transaction, unused quota going back to each holder. Repeating an event changes
+        nothing in SQL; it dissolves the person's dissolved quotas in Redis again, in case the
+        first call's Redis step did not happen (its process died, or Redis did not answer)."""
 
         def work(session: Session) -> tuple[InsuranceEventResult, list[RelationshipRow]]:
             # Lock order everywhere: relationships first, then participants (allocate, release,
@@ -170,10 +173,24 @@ class RegistryService:
                     dissolved.append(relationship)
             if changed:
                 row.updated_at = now
+            else:  # a repeat: the Redis step of the first call is done again (idempotent)
+                dissolved = list(
+                    session.scalars(
+                        select(RelationshipRow).where(
+                            or_(
+                                RelationshipRow.holder_id == event.participant_id,
+                                RelationshipRow.beneficiary_id == event.participant_id,
+                            ),
+                            RelationshipRow.status == RelationshipStatus.DISSOLVED.value,
+                        )
+                    )
+                )
             session.flush()
             result = InsuranceEventResult(
                 participant=records.participant(row),
-                dissolved_relationship_ids=[r.relationship_id for r in dissolved],
+                dissolved_relationship_ids=[r.relationship_id for r in dissolved]
+                if changed
+                else [],
                 returned_fen=returned,
             )
             return result, dissolved
