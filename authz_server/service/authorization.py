@@ -171,7 +171,7 @@ class AuthorizationService:
         self.clock = clock
         # A claimed capture runs to its end even when its call is cancelled (a deadline): its
         # write may commit after the cancel, and its hold must be settled by that write.
-        self.to_the_end = ToTheEnd("capture")
+        self.to_the_end = ToTheEnd("capture or refund")
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -631,7 +631,9 @@ class AuthorizationService:
             return outcome
 
         try:
-            result = await self.group_commit.submit(work)
+            # SQL first, then the credits; to the end even when the call is cancelled meanwhile
+            # (a refund whose credit never came would understate the quota until reconcile).
+            return await self.to_the_end.run(self._refund_to_the_end(work, credits))
         except NotFound:
             # This merchant's authorization, not (yet) captured: nothing can be refunded.
             # Another merchant's, or none: get() raises NotFound itself.
@@ -640,6 +642,13 @@ class AuthorizationService:
                 "REFUND_EXCEEDS_CAPTURED",
                 f"authorization {authorization_id} is not captured: nothing to refund",
             ) from None
+
+    async def _refund_to_the_end(
+        self,
+        work: Callable[[Session], RefundOutcome | bytes],
+        credits: list[tuple[str, str, int, int]],
+    ) -> RefundOutcome | bytes:
+        result = await self.group_commit.submit(work)
         for beneficiary_id, relationship_id, fen, entry_id in credits:
             if not await self.quotas.credit(beneficiary_id, relationship_id, fen, entry_id):
                 await restore_from_ledger(self.database, self.quotas, relationship_id)

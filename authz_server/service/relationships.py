@@ -207,12 +207,17 @@ class RelationshipService:
             idempotency.remember(session, call, result, now)
             return result, relationship
 
-        result, relationship = await self._run_idempotent(work)
-        if relationship is not None and not await self.quotas.credit(
-            relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
-        ):
-            await self._restore(relationship_id)
-        return result
+        async def to_the_end() -> QuotaMoveResult | bytes:
+            # SQL first, then Redis; to the end even when the call is cancelled meanwhile: a
+            # commit whose credit never came would understate the quota until reconcile.
+            result, relationship = await self._run_idempotent(work)
+            if relationship is not None and not await self.quotas.credit(
+                relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
+            ):
+                await self._restore(relationship_id)
+            return result
+
+        return await self.to_the_end.run(to_the_end())
 
     async def release(
         self,
