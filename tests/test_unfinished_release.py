@@ -17,6 +17,8 @@ import pytest
 
 from authz_server.domain.errors import Unavailable
 from authz_server.generated.medwallet.v1 import relationship_pb2
+from authz_server.service.quota_sync import restore_from_ledger
+from authz_server.storage.redis import keys
 from tests.harness import APP, Harness, new_id
 from tests.test_authorization_recovery import hot_figures, ledger
 from tests.test_authorization_rules import family
@@ -108,5 +110,66 @@ def test_a_release_that_never_committed_is_given_back_and_answers_unavailable(
     service.database = FailingOnce(service.database, commits=False)
     with pytest.raises(grpc.RpcError) as failed:
         relationships.ReleaseQuota(release_request(relationship_id, new_id("r")), metadata=APP)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    redis_agrees_with_sql(harness, fam, 20_000)
+
+
+class FailsAfterItsWork:
+    """The release's own transaction (the second; the first is the precheck) does its work,
+    the Redis debit included, and then fails before its COMMIT, as a lost connection does."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def run(self, work: Any) -> Any:
+        self.calls += 1
+        if self.calls != 2:
+            return await self.real.run(work)
+
+        def failing(session: Any) -> Any:
+            work(session)
+            raise Unavailable("the database did not answer: server closed the connection")
+
+        return await self.real.run(failing)
+
+
+class RedisLossBeforeTheGiveBack:
+    """Redis loses the quota (a failover without its last writes) while the release runs, and the
+    quota is rebuilt from SQL before the release's give-back arrives."""
+
+    def __init__(self, real: Any, harness: Harness) -> None:
+        self.real = real
+        self.harness = harness
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def give_back(
+        self, beneficiary_id: str, relationship_id: str, fen: int, epoch: str
+    ) -> None:
+        await self.harness.app.holds.client.delete(keys.quota(beneficiary_id, relationship_id))
+        await restore_from_ledger(self.harness.app.database, self.real, relationship_id)
+        await self.real.give_back(beneficiary_id, relationship_id, fen, epoch)
+
+
+def test_a_give_back_after_redis_lost_and_rebuilt_the_quota_is_dropped(
+    harness: Harness, registry: Any, relationships: Any, service: Any
+) -> None:
+    """A rebuilt quota must not take the epoch of the lost one (a counter started again at the
+    same value, and the give-back was added on top of SQL's figure: found by an audit)."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    service.database = FailsAfterItsWork(service.database)
+    real_quotas = service.quotas
+    service.quotas = RedisLossBeforeTheGiveBack(real_quotas, harness)
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            relationships.ReleaseQuota(release_request(relationship_id, new_id("r")), metadata=APP)
+    finally:
+        service.quotas = real_quotas
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     redis_agrees_with_sql(harness, fam, 20_000)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from authz_server.domain.errors import Unavailable
 from authz_server.domain.funding import format_funding
 from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
@@ -35,6 +37,7 @@ from authz_server.storage.sql.tables import (
 # Quotas per page: read under their row locks and restored before they are let go, so a page
 # holds them (on SQLite the database's write lock) for one round of Redis restores, ~10-50 ms.
 BATCH_SIZE = 500
+T = TypeVar("T")
 # Quotas reconciled concurrently within a page (see reconcile()).
 QUOTAS_IN_FLIGHT = 100
 
@@ -110,7 +113,7 @@ async def reconcile(
                 loop, _restore_page(quotas, quotas_of_page)
             )
 
-        after, drifts = await database.run(page)
+        after, drifts = await _locked_page(database, page)
         if not drifts:
             break
         for drift in drifts:
@@ -127,6 +130,22 @@ async def reconcile(
 
 # A quota left as it was because a capture of it was between its phases (quota_restore.lua).
 _BUSY = -1
+# Tries of a page whose locks could not be had (a PostgreSQL deadlock with a refund batch,
+# which locks its rows in refund order; the other side is retried by its own caller).
+PAGE_TRIES = 3
+
+
+async def _locked_page(database: Database, page: Callable[[Session], T]) -> T:
+    """`database.run(page)`, tried again when it could not take its locks (or Redis did not
+    answer). A page sets each quota from SQL under its locks, so setting it again is safe."""
+    for attempt in range(1, PAGE_TRIES + 1):
+        try:
+            return await database.run(page)
+        except Unavailable:
+            if attempt == PAGE_TRIES:
+                raise
+            await asyncio.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
 
 
 async def _restore_page(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -112,6 +113,7 @@ class RedisQuotaCache:
             quota.beneficiary_scheme,
             keys.prefix(quota.beneficiary_id),
             quota.ledger_mark,
+            os.urandom(8).hex(),  # the quota's new epoch (quota_restore.lua)
         ]
         result = as_list(
             await guarded(

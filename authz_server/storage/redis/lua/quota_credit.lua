@@ -12,7 +12,7 @@ end
 if ARGV[2] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'r') or '0') >= tonumber(ARGV[2]) then
   return -2
 end
-if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'e') or '0') ~= ARGV[3] then
+if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'e') or 'none') ~= ARGV[3] then
   return -2
 end
 return redis.call('HINCRBY', KEYS[1], 'available', ARGV[1])

@@ -2,7 +2,9 @@
 -- KEYS: 1 quota hash, 2 beneficiary's quota index.
 -- ARGV: 1 relationship id, 2 holder id, 3 'ACTIVE' or 'DISSOLVED', 4 unused fen,
 --       5 funding order, 6 beneficiary id, 7 beneficiary's scheme, 8 prefix,
---       9 the relationship's newest ledger entry when SQL was read (r).
+--       9 the relationship's newest ledger entry when SQL was read (r), 10 a new epoch (e): a
+--       random token, never one a quota had before (a counter would start again with a quota
+--       Redis lost).
 -- The caller holds the relationship's row lock from its read of SQL until this has run, so no
 -- money of this quota commits in between. Held is recounted from the open holds themselves.
 -- r and a new epoch e tell later credits and give-backs that the figure counts them already
@@ -13,7 +15,7 @@ local unused, prefix = tonumber(ARGV[4]), ARGV[8]
 if ARGV[3] ~= 'ACTIVE' then
   redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0,
     'holder', ARGV[2], 'beneficiary', ARGV[6], 'scheme', ARGV[7], 'r', ARGV[9])
-  redis.call('HINCRBY', KEYS[1], 'e', 1)
+  redis.call('HSET', KEYS[1], 'e', ARGV[10])
   redis.call('ZREM', KEYS[2], ARGV[1])
   return {0, 0}
 end
@@ -37,6 +39,6 @@ if held > unused then held = unused end
 redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'available', unused - held, 'held', held,
   'holder', ARGV[2], 'order', ARGV[5], 'beneficiary', ARGV[6], 'scheme', ARGV[7],
   'r', ARGV[9])
-redis.call('HINCRBY', KEYS[1], 'e', 1)
+redis.call('HSET', KEYS[1], 'e', ARGV[10])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 return {unused - held, held}
