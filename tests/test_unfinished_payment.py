@@ -383,3 +383,51 @@ def test_two_racing_retries_of_a_premium_never_written_get_the_one_payment(
 async def _made_on_the_loop(make: Callable[[], Any]) -> Any:
     """Builds an object whose asyncio primitives belong to the harness's loop."""
     return make()
+
+
+def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_declined(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    writer: Any,
+    service: Any,
+) -> None:
+    """The sweeper voids a payment never written between a retry's look at the key's decision
+    and its read of the hold: that retry is answered UNAVAILABLE (retry), not DECLINED, which
+    would be journaled under the key and then stand for the payment the next retry makes (found
+    by an audit)."""
+    fam = family(registry, relationships, 20_000)
+    key = new_id("premium")
+    left_capturing(authorizations, service, writer, fam, key, commits=False)
+    real_holds = service.holds
+
+    class SweptMeanwhile:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_holds, name)
+
+        async def forget_unwritten(self, call: Any, authorization_id: str) -> bool:
+            stands = await real_holds.forget_unwritten(call, authorization_id)  # still CAPTURING
+            stalled_ms = int(harness.clock().timestamp() * 1000) + 3_600_000
+            for stalled in await real_holds.stalled_captures_due(stalled_ms, 0):
+                await settle_capture(harness.app.database, real_holds, stalled)
+            return bool(stands)
+
+    service.holds = SweptMeanwhile()
+    try:
+        with pytest.raises(grpc.RpcError) as told:
+            authorize(
+                authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000,
+                idempotency_key=key,
+            )  # fmt: skip
+    finally:
+        service.holds = real_holds
+    assert told.value.code() == grpc.StatusCode.UNAVAILABLE
+    pays_once_when_retried(harness, relationships, authorizations, fam, key)
+    harness.run(harness.app.journal.flush())
+
+    def journaled(session: Any) -> list[str]:
+        query = select(AuthorizationRow.decision).where(AuthorizationRow.idempotency_key == key)
+        return list(session.scalars(query))
+
+    assert harness.app.database.transaction(journaled) == ["APPROVED"]

@@ -296,9 +296,14 @@ class AuthorizationService:
         if decision.status != "CAPTURING":
             return outcome
         # A one-step payment: answer with how its capture ended (or retry while it runs).
-        current = (await self.holds.get(decision.authorization_id)).get("s", "")
+        hold = await self.holds.get(decision.authorization_id)
+        current = hold.get("s", "")
         if current == "CAPTURED":
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
+        if current == "VOIDED" and hold.get("vr") == NOT_WRITTEN:
+            # Voided just now, after _decide looked (the sweeper): nothing was paid, and the
+            # next retry makes the payment. Not DECLINED: that answer would be journaled.
+            raise Unavailable("the payment was not made; retry with the same key to make it")
         if current == "VOIDED":
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
         raise Unavailable("the payment is still being written; retry")
