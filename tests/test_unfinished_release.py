@@ -38,8 +38,9 @@ def redis_agrees_with_sql(harness: Harness, fam: Any, unused_fen: int) -> None:
 
 class FailingOnce:
     """The release's database: its second transaction (the first is the read-only precheck,
-    the second the release itself) commits, or not, and then fails as a lost connection does;
-    every other one is real."""
+    the second the release itself, which takes the Redis debit) does its work and then fails as
+    a lost connection does: after its COMMIT (`commits`, the reply lost) or before it (rolled
+    back). Every other transaction is real."""
 
     def __init__(self, real: Any, *, commits: bool) -> None:
         self.real = real
@@ -55,7 +56,13 @@ class FailingOnce:
             return await self.real.run(work)
         if self.commits:
             await self.real.run(work)
-        raise Unavailable("the database did not answer: server closed the connection")
+            raise Unavailable("the database did not answer: server closed the connection")
+
+        def rolled_back(session: Any) -> Any:
+            work(session)
+            raise Unavailable("the database did not answer: server closed the connection")
+
+        return await self.real.run(rolled_back)
 
 
 @pytest.fixture()
@@ -120,29 +127,6 @@ def test_a_release_that_never_committed_is_given_back_and_answers_unavailable(
     redis_agrees_with_sql(harness, fam, 20_000)
 
 
-class FailsAfterItsWork:
-    """The release's own transaction (the second; the first is the precheck) does its work,
-    the Redis debit included, and then fails before its COMMIT, as a lost connection does."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    async def run(self, work: Any) -> Any:
-        self.calls += 1
-        if self.calls != 2:
-            return await self.real.run(work)
-
-        def failing(session: Any) -> Any:
-            work(session)
-            raise Unavailable("the database did not answer: server closed the connection")
-
-        return await self.real.run(failing)
-
-
 class RedisLossBeforeTheGiveBack:
     """Redis loses the quota (a failover without its last writes) while the release runs, and the
     quota is rebuilt from SQL before the release's give-back arrives."""
@@ -169,7 +153,7 @@ def test_a_give_back_after_redis_lost_and_rebuilt_the_quota_is_dropped(
     same value, and the give-back was added on top of SQL's figure: found by an audit)."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
-    service.database = FailsAfterItsWork(service.database)
+    service.database = FailingOnce(service.database, commits=False)
     real_quotas = service.quotas
     service.quotas = RedisLossBeforeTheGiveBack(real_quotas, harness)
     try:
