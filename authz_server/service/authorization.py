@@ -60,7 +60,7 @@ from authz_server.storage.redis.hold_store import (
     HoldDecision,
     HoldStore,
 )
-from authz_server.storage.sql import records
+from authz_server.storage.sql import records, settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
 from authz_server.storage.sql.tables import (
@@ -567,12 +567,15 @@ class AuthorizationService:
     ) -> RefundOutcome | bytes:
         """Back to the quota it came from, last-drawn part first; to the holder's personal
         account where that relationship is no longer active."""
-        now = self.clock()
         # (beneficiary, relationship, fen, the REFUND_TO_QUOTA ledger entry), once written
         credits: list[tuple[str, str, int, int]] = []
 
         def work(session: Session) -> RefundOutcome | bytes:
             credits.clear()
+            # The time is read inside the transaction, after the settlement lock: the month the
+            # refund settles in (storage/sql/settlement_lock.py).
+            settlement_lock.for_writing(session)
+            now = self.clock()
             replay = idempotency.find(session, call)
             if replay is not None:
                 return replay

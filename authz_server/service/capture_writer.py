@@ -26,7 +26,7 @@ from authz_server.domain.types import AuthorizationStatus, Purpose, Relationship
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.views import AuthorizationView
-from authz_server.storage.sql import capture_batch
+from authz_server.storage.sql import capture_batch, settlement_lock
 from authz_server.storage.sql.capture_batch import AcceptedCapture, BatchState, CapturePart
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import answer
@@ -141,7 +141,10 @@ def decide(
                 approved_fen=unit.approved_fen,
                 amount_fen=amount,
                 idempotency_key=call.key if call else "",
-                captured_at=unit.now,
+                # The batch's time, read inside its transaction: the month it settles in
+                # (storage/sql/settlement_lock.py), not the claim's, which may be in a month
+                # closed meanwhile.
+                captured_at=now,
                 parts=parts,
                 answer=(call.scope, call.key, call.request_digest, call.encode(answer))
                 if call
@@ -223,6 +226,7 @@ class CaptureWriter:
 
     def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:
         with self.database.writing(), self.database.engine.begin() as connection:
+            settlement_lock.for_writing(connection)  # before the time is read (decide's now)
             state = capture_batch.load(
                 connection,
                 keys=[(unit.call.scope, unit.call.key) for unit in units if unit.call],

@@ -19,6 +19,7 @@ from authz_server.domain.errors import NotFound
 from authz_server.domain.settlement import PREPAID_WINDOW_MONTHS, Month, check_closable
 from authz_server.domain.types import LedgerKind
 from authz_server.service.clock import Clock, system_clock
+from authz_server.storage.sql import settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import (
@@ -166,6 +167,9 @@ class SettlementService:
         return await self.database.run(lambda session: self.close_in(session, month))
 
     def close_in(self, session: Session, month: Month) -> tuple[SettlementReport, bool]:
+        # Waits for captures and refunds committing now, and for another close (PostgreSQL:
+        # its row lock below locks nothing while the month's row does not exist yet).
+        settlement_lock.for_closing(session)
         if session.get(SettlementMonthRow, str(month), with_for_update=True) is not None:
             return self._report(session, month), True
         check_closable(month, self.clock(), self._earliest_open(session))
