@@ -12,7 +12,9 @@ import time
 from typing import Any
 
 import grpc
+import pytest
 
+from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.runtime.reconcile import reconcile
 from authz_server.service.capture_recovery import settle_capture
 from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
@@ -146,3 +148,29 @@ def test_a_reconcile_run_while_serving_leaves_a_live_capture_alone(
         writer._commit = real  # type: ignore[method-assign]
     assert [(a.status, a.captured_amount_fen) for a in answers] == [(CAPTURED, 12_000)]
     settled_captured(harness, authorizations, fam, authorization_id)
+
+
+def test_a_void_while_the_capture_is_written_is_told_to_retry_not_already_captured(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """A void that finds the hold CAPTURING was answered ALREADY_CAPTURED, though the capture
+    could still fail and put the hold back (found by an audit): now UNAVAILABLE, and its retry
+    gets what the capture came to."""
+    register(registry)
+    fam = family(registry, relationships, 20_000)
+    authorization_id = authorize(
+        authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000
+    ).authorization_id
+    now_ms = int(harness.clock().timestamp() * 1000)
+    claimed = harness.run(
+        harness.app.holds.capture_begin(authorization_id, "rules-hospital", new_id("c"), 0, now_ms)
+    )
+    assert claimed.outcome == "OK"
+    with pytest.raises(grpc.RpcError) as told:
+        void(authorizations, HOSPITAL, authorization_id)
+    assert told.value.code() == grpc.StatusCode.UNAVAILABLE
+    # the capture fails for a passing reason: the hold is pending again, and the void goes on
+    harness.run(harness.app.holds.capture_finish(authorization_id, str(now_ms), "PENDING", ""))
+    assert void(authorizations, HOSPITAL, authorization_id).status == pb.AUTHORIZATION_STATUS_VOIDED
+    available, held = hot_figures(harness, fam.beneficiary_id, fam.relationship_ids[0])
+    assert (available, held) == (20_000, 0)

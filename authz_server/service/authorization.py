@@ -552,6 +552,8 @@ class AuthorizationService:
             if state is None or state[0] != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
             outcome = "OK" if state[1] == "ALREADY_VOIDED" else state[1]
+        if outcome == "CAPTURE_IN_PROGRESS":  # not "captured": the capture may still fail
+            raise Unavailable("a capture of this authorization is being written; retry")
         if outcome != "OK":
             raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")
         return await self.get(merchant_id, authorization_id)

@@ -1,6 +1,8 @@
 -- Voids a pending hold: its money returns to the quotas at once. Voiding a voided one is a
 -- harmless repeat. KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant.
--- Returns OK, NOT_FOUND, ALREADY_CAPTURED, AUTHORIZATION_EXPIRED or AUTHORIZATION_DECLINED.
+-- Returns OK, NOT_FOUND, ALREADY_CAPTURED, CAPTURE_IN_PROGRESS (its capture is being written
+-- and may still fail: the hold would then be pending again), AUTHORIZATION_EXPIRED or
+-- AUTHORIZATION_DECLINED.
 local prefix, now = ARGV[1], tonumber(ARGV[2])
 expire_due(prefix, now, 16)
 local auth = KEYS[1]
@@ -8,7 +10,8 @@ local auth_id = string.match(auth, ':a:(.+)$')
 if redis.call('HGET', auth, 'm') ~= ARGV[3] then return 'NOT_FOUND' end
 local status = redis.call('HGET', auth, 's')
 if status == 'VOIDED' then return 'OK' end
-if status == 'CAPTURED' or status == 'CAPTURING' then return 'ALREADY_CAPTURED' end
+if status == 'CAPTURED' then return 'ALREADY_CAPTURED' end
+if status == 'CAPTURING' then return 'CAPTURE_IN_PROGRESS' end
 if status == 'EXPIRED' then return 'AUTHORIZATION_EXPIRED' end
 if status ~= 'PENDING' then return 'AUTHORIZATION_DECLINED' end
 release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
