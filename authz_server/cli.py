@@ -102,7 +102,10 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
         started = settlement_export.timed()
         with Progress(1, f"closing {month}") as progress:
             if arguments.command == "close-month":
-                report, already = database.transaction(lambda s: service.close_in(s, month))
+                writers_done_at = database.transaction(service.wait_for_writers)
+                report, already = database.transaction(
+                    lambda s: service.close_in(s, month, writers_done_at)
+                )
             else:
                 report, already = asyncio.run(service.report(month)), True
             progress.advance(1)

@@ -8,6 +8,7 @@ take turns. Found by an audit; the first two tests fail on the old code, the las
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -169,3 +170,39 @@ def test_two_closes_of_one_month_at_once_answer_the_same_report(world: World) ->
     results = world.harness.run(close_twice())
     assert not [r for r in results if isinstance(r, BaseException)], results
     assert world.settled("2025-01") == (1_000, 0)
+
+
+def test_payments_go_on_while_a_month_is_being_closed(world: World) -> None:
+    """The close waits for the writes in flight and then lets them go on: it does not hold
+    their lock while it computes (seconds, for a large month), or every capture and refund
+    would wait behind it, and a capture waiting past its write deadline would be refused
+    (found by an audit). On SQLite every write waits for the close's transaction anyway (one
+    writer at a time), so this runs on PostgreSQL."""
+    if not world.harness.database_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer at a time: a capture waits for any transaction")
+    world.at(2025, 2, 1, 10)  # within the hold's 24 hours
+    service = world.harness.app.settlement
+    real_earliest_open = service._earliest_open
+    computing = threading.Event()
+    captured = threading.Event()
+
+    def slow_close(session: Any) -> Any:  # called inside the close's transaction
+        computing.set()
+        captured.wait(20)
+        return real_earliest_open(session)
+
+    service._earliest_open = slow_close  # type: ignore[method-assign]
+    try:
+        closing = asyncio.run_coroutine_threadsafe(
+            service.close_month(Month(2025, 1)), world.harness.loop
+        )
+        assert computing.wait(20)
+        world.capture()  # not held up by the close (it would time out if it were)
+        captured.set()
+        closing.result(30)
+    finally:
+        captured.set()
+        service._earliest_open = real_earliest_open  # type: ignore[method-assign]
+    # dated 1 February: settled in February, not in the January being closed
+    world.at(2025, 3, 5, 12)
+    assert world.settled("2025-01", "2025-02") == (1_000, 0)

@@ -164,15 +164,29 @@ class SettlementService:
 
     async def close_month(self, month: Month) -> tuple[SettlementReport, bool]:
         """Closes the month (or answers its stored report); True when it was closed before."""
-        return await self.database.run(lambda session: self.close_in(session, month))
+        writers_done_at = await self.database.run(self.wait_for_writers)
+        return await self.database.run(
+            lambda session: self.close_in(session, month, writers_done_at)
+        )
 
-    def close_in(self, session: Session, month: Month) -> tuple[SettlementReport, bool]:
-        # Waits for captures and refunds committing now, and for another close (PostgreSQL:
-        # its row lock below locks nothing while the month's row does not exist yet).
+    def wait_for_writers(self, session: Session) -> datetime:
+        """In a transaction of its own: waits for every capture and refund writing now
+        (settlement_lock.py), then answers the time, which decides whether the month has
+        ended: a write after it reads a later time."""
+        settlement_lock.wait_for_writers(session)
+        return self.clock()
+
+    def close_in(
+        self, session: Session, month: Month, writers_done_at: datetime
+    ) -> tuple[SettlementReport, bool]:
+        """The close itself; `writers_done_at` from `wait_for_writers` (close_month; the CLI
+        does the same). The month must have ended by then, not merely by now."""
+        # One close at a time (PostgreSQL: the row lock below locks nothing while the month's
+        # row does not exist yet).
         settlement_lock.for_closing(session)
         if session.get(SettlementMonthRow, str(month), with_for_update=True) is not None:
             return self._report(session, month), True
-        check_closable(month, self.clock(), self._earliest_open(session))
+        check_closable(month, writers_done_at, self._earliest_open(session))
         times = {"starts_at": month.starts_at, "ends_at": month.ends_at}
         typed = [bindparam(name, type_=DateTime(timezone=True)) for name in times]
         window = [month.previous(), month.previous().previous()]

@@ -3,9 +3,14 @@
 A month is closed once and its report never changes, so a capture or refund dated in that month
 must be in SQL before the close reads the ledger, and one that commits after the close must be
 dated after the month. Writers read the time for their rows inside their transaction, after
-taking this lock; the close takes it before it reads. On PostgreSQL it is an advisory lock:
-shared for writers (they do not wait for each other), exclusive for the close (which also
-serializes two closes of one month). On SQLite every write transaction holds the database's
+taking the writers' lock shared (`for_writing`). The close, once the month has ended, first
+takes that lock exclusively in a transaction of its own and lets it go at once
+(`wait_for_writers`): every write dated in the month has committed by then, and every later one
+reads a time after the month's end. It does not hold it while it computes (a close over a large
+month takes seconds, and every payment would wait). Closes take turns through a lock of their
+own (`for_closing`), held for the close's transaction.
+
+On PostgreSQL these are advisory locks. On SQLite every write transaction holds the database's
 write lock already, so there is nothing more to take.
 """
 
@@ -14,22 +19,28 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
-# Any fixed 64-bit number, the same in every process of the service.
-SETTLEMENT_LOCK = 0x6D77_7365_7474_6C65  # "mwsettle"
+# Fixed 64-bit numbers, the same in every process of the service.
+WRITERS_LOCK = 0x6D77_7365_7474_6C65  # "mwsettle"
+CLOSE_LOCK = 0x6D77_636C_6F73_6521  # "mwclose!"
 
 
 def for_writing(connection: Connection | Session) -> None:
     """Taken by a transaction that writes settled money, before it reads the time."""
     if _dialect(connection) == "postgresql":
-        connection.execute(
-            text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": SETTLEMENT_LOCK}
-        )
+        connection.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": WRITERS_LOCK})
+
+
+def wait_for_writers(session: Session) -> None:
+    """A transaction of its own, once the month has ended: returns when every write that took
+    the writers' lock before it has committed."""
+    if _dialect(session) == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITERS_LOCK})
 
 
 def for_closing(session: Session) -> None:
-    """Taken by a month's close before it reads anything."""
+    """Taken by a month's close before it reads anything: one close at a time."""
     if _dialect(session) == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SETTLEMENT_LOCK})
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLOSE_LOCK})
 
 
 def _dialect(connection: Connection | Session) -> str:
