@@ -68,7 +68,10 @@ def main() -> None:
     month = Month(2025, 1)
     with Progress(1, f"closing {month}", unit="months") as progress:
         started = time.perf_counter()
-        report, _ = database.transaction(lambda session: service.close_in(session, month))
+        writers_done_at = database.transaction(service.wait_for_writers)
+        report, _ = database.transaction(
+            lambda session: service.close_in(session, month, writers_done_at)
+        )
         close_seconds = time.perf_counter() - started
         progress.advance(1)
     database.close()
