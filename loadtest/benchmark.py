@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
@@ -439,7 +441,7 @@ def run_service(run: Run, redis: EmbeddedRedis) -> None:
         MEDWALLET_WORKERS=str(run.workers),
         MEDWALLET_PHARMACY_HOLD_SECONDS="7200",
     )
-    env.update(setting.split("=", 1) for setting in arguments.service_env)  # type: ignore[arg-type]
+    env.update(setting.split("=", 1) for setting in arguments.service_env)
     env["MEDWALLET_EVENT_LOOP"] = arguments.event_loop  # the floor's and the baseline's too
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
@@ -565,7 +567,7 @@ def sample_authorize(run: Run) -> bytes:
             )
         ],
         remaining_quota_fen=100_000,
-        expires_at={"seconds": int(time.time()) + 900, "nanos": 123_000_000},
+        expires_at=Timestamp(seconds=int(time.time()) + 900, nanos=123_000_000),
         status=authorization_pb2.AUTHORIZATION_STATUS_PENDING,
     ).SerializeToString()
 

@@ -49,9 +49,7 @@ def rows(before: dict[str, Any], after: dict[str, Any]) -> list[list[str]]:
                     phase(run, other, operation, workload).get(key) for run in (before, after)
                 ]
                 if all(references):
-                    cells.append(
-                        f"{old / references[0]:.2f}× → {new / references[1]:.2f}×"  # type: ignore[operator]
-                    )
+                    cells.append(f"{old / references[0]:.2f}× → {new / references[1]:.2f}×")
                 else:
                     cells.append("-")
             table.append(cells)

@@ -138,7 +138,8 @@ def load_workload(data_dir: Path, tokens_file: Path) -> Workload:
         token = merchant_tokens.get(row["merchant_id"])
         if designated and token:
             merchants[row["kind"]].append((row["merchant_id"], token))
-    eligible, ineligible = [], []
+    eligible: list[str] = []
+    ineligible: list[str] = []
     for row in read_csv(data_dir / ITEMS):
         payable = row["eligible"].lower() in ("true", "1", "yes") and row["category"] in (
             "DRUG",
@@ -155,7 +156,8 @@ def load_workload(data_dir: Path, tokens_file: Path) -> Workload:
     manifest_path = data_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     hot_ids = set(manifest.get("hot_families", []))
-    families, hot = [], []
+    families: list[Family] = []
+    hot: list[Family] = []
     for beneficiary_id, parts in quotas.items():
         family = Family(
             beneficiary_id,

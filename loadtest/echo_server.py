@@ -55,7 +55,8 @@ async def serve(port: int, index: int, authorize: bytes, capture: bytes) -> None
         ]
     )
     authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
-        Echo(authorize, capture), server
+        Echo(authorize, capture),  # type: ignore[abstract]  # only Authorize and Capture
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -33,7 +33,7 @@ def describe(error: grpc.RpcError) -> str:
     code = error.code() if hasattr(error, "code") else None
     reason = ""
     try:
-        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+        status = rpc_status.from_call(error)
     except Exception:  # a status without rich details, or not a call
         status = None
     if status is not None:
@@ -46,7 +46,7 @@ def describe(error: grpc.RpcError) -> str:
     return f"{name} {reason}: {details}" if reason else f"{name}: {details}"
 
 
-class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
     """Fires a Locust request event for every unary call made through the channel."""
 
     def __init__(self, environment: Environment) -> None:
@@ -67,7 +67,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             exception = GrpcFailure(describe(error))
         method = client_call_details.method
         name = self.label or method.rsplit(".", 1)[-1]
-        self.environment.events.request.fire(
+        self.environment.events.request.fire(  # type: ignore[no-untyped-call]
             request_type="grpc",
             name=name,
             response_time=(time.perf_counter() - started) * 1000,

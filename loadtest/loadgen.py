@@ -105,13 +105,13 @@ async def _drive(
     channels = [
         grpc.aio.insecure_channel(plan.address, options=options) for _ in range(plan.channels)
     ]
-    authorize = [
+    authorize: list[Any] = [
         channel.unary_unary(
             AUTHORIZE, response_deserializer=authorization_pb2.AuthorizeResponse.FromString
         )
         for channel in channels
     ]
-    capture = [
+    capture: list[Any] = [
         channel.unary_unary(
             CAPTURE, response_deserializer=authorization_pb2.CaptureResponse.FromString
         )

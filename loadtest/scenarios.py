@@ -47,7 +47,7 @@ LTC_PREMIUM_FEN = 9_000
 _workload: Workload | None = None
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def _arguments(parser: Any) -> None:
     parser.add_argument(
         "--data-dir",

@@ -38,7 +38,7 @@ def test_ruff_format() -> None:
 
 
 def test_mypy_strict() -> None:
-    run(tool("mypy"), "authz_server", "clients")
+    run(tool("mypy"), "authz_server", "clients", "loadtest")
 
 
 def test_buf_lint() -> None:
