@@ -119,7 +119,7 @@ async def reconcile(
         for drift in drifts:
             if isinstance(drift, BaseException):
                 raise drift
-            if drift is _BUSY:
+            if drift == _BUSY:
                 busy += 1
             elif drift is not None:
                 drifted += 1
@@ -138,14 +138,12 @@ PAGE_TRIES = 3
 async def _locked_page(database: Database, page: Callable[[Session], T]) -> T:
     """`database.run(page)`, tried again when it could not take its locks (or Redis did not
     answer). A page sets each quota from SQL under its locks, so setting it again is safe."""
-    for attempt in range(1, PAGE_TRIES + 1):
+    for attempt in range(1, PAGE_TRIES):
         try:
             return await database.run(page)
         except Unavailable:
-            if attempt == PAGE_TRIES:
-                raise
             await asyncio.sleep(0.1 * attempt)
-    raise AssertionError("unreachable")
+    return await database.run(page)
 
 
 async def _restore_page(

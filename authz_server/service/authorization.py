@@ -169,8 +169,8 @@ class AuthorizationService:
         self.pharmacy_hold_seconds = pharmacy_hold_seconds
         self.medical_hold_seconds = medical_hold_seconds
         self.clock = clock
-        # A claimed capture runs to its end even when its call is cancelled (a deadline): its
-        # write may commit after the cancel, and its hold must be settled by that write.
+        # A claimed capture or a refund runs to its end even when its call is cancelled (a
+        # deadline): its write may commit after the cancel, and Redis must follow that write.
         self.to_the_end = ToTheEnd("capture or refund")
 
     # --- Authorize -------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class AuthorizationService:
     async def _capture_at_once(
         self, request: rules.AuthorizeRequest, outcome: AuthorizeOutcome, now: datetime
     ) -> AuthorizeOutcome:
-        claim = str(_ms(now))  # authorize.lua began the payment's claim at this time
+        claim_token = str(_ms(now))  # when authorize.lua began the payment's claim: its cs
         try:
             await self._write_capture(
                 outcome.authorization_id,
@@ -326,31 +326,31 @@ class AuthorizationService:
             )
         except CapturedInLedger as captured:  # SQL has it already: settle the hold as SQL says
             await self.holds.capture_finish(
-                outcome.authorization_id, claim, "CAPTURED", captured.parts
+                outcome.authorization_id, claim_token, "CAPTURED", captured.parts
             )
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
         except PolicyRefusal:  # the relationship was dissolved in between
-            await self.holds.capture_finish(outcome.authorization_id, claim, "VOIDED", "")
+            await self.holds.capture_finish(outcome.authorization_id, claim_token, "VOIDED", "")
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
         except BaseException:
-            settled = await self._settle_unfinished_payment(outcome, claim)
+            settled = await self._settle_unfinished_payment(outcome, claim_token)
             if settled is not None:
                 return settled
             raise
         await self.holds.capture_finish(
-            outcome.authorization_id, claim, "CAPTURED", format_funding(outcome.funding)
+            outcome.authorization_id, claim_token, "CAPTURED", format_funding(outcome.funding)
         )
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
 
     async def _settle_unfinished_payment(
-        self, outcome: AuthorizeOutcome, claim: str
+        self, outcome: AuthorizeOutcome, claim_token: str
     ) -> AuthorizeOutcome | None:
         """A one-step payment whose capture failed without a refusal: settled as SQL says
         (`_settle_as_sql_says`; when SQL has nothing, voided as NOT_WRITTEN, so a retry with
         its key pays anew). CAPTURED when SQL has it; None (the caller raises the failure)
         otherwise."""
         settled = await self._settle_as_sql_says(
-            outcome.authorization_id, claim, outcome.funding, "VOIDED", None, NOT_WRITTEN
+            outcome.authorization_id, claim_token, outcome.funding, "VOIDED", None, NOT_WRITTEN
         )
         if settled is None or not settled[0]:
             return None
@@ -404,7 +404,7 @@ class AuthorizationService:
         now: datetime,
     ) -> AuthorizationView | bytes:
         """Writes a claimed capture to SQL and finishes its hold by the outcome."""
-        claim_ms = str(_ms(now))  # capture_begin claimed the hold at this time
+        claim_token = str(_ms(now))  # when capture_begin claimed the hold: its cs
         try:
             result = await self._write_capture(
                 authorization_id,
@@ -422,36 +422,38 @@ class AuthorizationService:
         except CapturedInLedger as captured:
             # SQL has a capture the hold did not know of (an earlier attempt whose answer was
             # lost): settle the hold as SQL says, never release money SQL counts as captured.
-            await self.holds.capture_finish(authorization_id, claim_ms, "CAPTURED", captured.parts)
+            await self.holds.capture_finish(
+                authorization_id, claim_token, "CAPTURED", captured.parts
+            )
             raise
         except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
             await self.holds.capture_finish(
-                authorization_id, claim_ms, "VOIDED", "", refusal.reason
+                authorization_id, claim_token, "VOIDED", "", refusal.reason
             )
             raise
         except BaseException as failure:
             if isinstance(failure, DomainError) and not isinstance(failure, Unavailable):
                 # refused in SQL before anything was written (a reused key): as it was
-                await self.holds.capture_finish(authorization_id, claim_ms, "PENDING", "")
+                await self.holds.capture_finish(authorization_id, claim_token, "PENDING", "")
                 raise
             # A lock, a lost connection, a failed batch: SQL may have the capture even so (a
             # COMMIT whose reply was lost). The hold is settled as SQL says; if SQL cannot say,
             # it stays CAPTURING (neither void nor expiry takes it) for the sweeper.
             settled = await self._settle_as_sql_says(
-                authorization_id, claim_ms, parts, "PENDING", call
+                authorization_id, claim_token, parts, "PENDING", call
             )
             if settled is not None and settled[1] is not None:
                 return settled[1]  # SQL has it: its first answer
             raise
         await self.holds.capture_finish(
-            authorization_id, claim_ms, "CAPTURED", format_funding(parts)
+            authorization_id, claim_token, "CAPTURED", format_funding(parts)
         )
         return result
 
     async def _settle_as_sql_says(
         self,
         authorization_id: str,
-        claim: str,
+        claim_token: str,
         funding: Funding,
         if_absent: str,
         call: Idempotency[AuthorizationView] | None,
@@ -486,9 +488,9 @@ class AuthorizationService:
             )
             return None
         if captured is None:
-            await self.holds.capture_finish(authorization_id, claim, if_absent, "", why)
+            await self.holds.capture_finish(authorization_id, claim_token, if_absent, "", why)
             return False, None
-        await self.holds.capture_finish(authorization_id, claim, "CAPTURED", captured)
+        await self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", captured)
         return True, answer
 
     async def _capture_without_hold(

@@ -54,7 +54,7 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
     hold = await holds.get(authorization_id)
     if hold.get("s") != "CAPTURING":
         return  # finished meanwhile
-    claim = hold.get("cs", "")  # the claim read here is the one finished, or none
+    claim_token = hold.get("cs", "")  # the claim read here is the one finished, or none
     funding = parse_funding(hold.get("f", ""))
     captured = await database.run(
         lambda session: captured_as_sql_says(
@@ -62,11 +62,11 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
         )
     )
     if captured is not None:
-        await holds.capture_finish(authorization_id, claim, "CAPTURED", captured)
+        await holds.capture_finish(authorization_id, claim_token, "CAPTURED", captured)
     elif hold.get("o") == "1":
-        await holds.capture_finish(authorization_id, claim, "VOIDED", "", NOT_WRITTEN)
+        await holds.capture_finish(authorization_id, claim_token, "VOIDED", "", NOT_WRITTEN)
     else:
-        await holds.capture_finish(authorization_id, claim, "PENDING", "")
+        await holds.capture_finish(authorization_id, claim_token, "PENDING", "")
 
 
 async def settle_stalled(

@@ -171,10 +171,11 @@ class RegistryService:
                     assert reason is not None
                     returned += ledger.dissolve(session, relationship, reason, now, None)
                     dissolved.append(relationship)
+            in_redis = dissolved
             if changed:
                 row.updated_at = now
             else:  # a repeat: the Redis step of the first call is done again (idempotent)
-                dissolved = list(
+                in_redis = list(
                     session.scalars(
                         select(RelationshipRow).where(
                             or_(
@@ -188,15 +189,13 @@ class RegistryService:
             session.flush()
             result = InsuranceEventResult(
                 participant=records.participant(row),
-                dissolved_relationship_ids=[r.relationship_id for r in dissolved]
-                if changed
-                else [],
+                dissolved_relationship_ids=[r.relationship_id for r in dissolved],
                 returned_fen=returned,
             )
-            return result, dissolved
+            return result, in_redis
 
-        result, dissolved = await self.database.run(work)
-        for relationship in dissolved:
+        result, in_redis = await self.database.run(work)
+        for relationship in in_redis:
             await self.quotas.dissolve(relationship.beneficiary_id, relationship.relationship_id)
         return result
 

@@ -17,9 +17,9 @@ import asyncio
 import base64
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -40,7 +40,7 @@ from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import Debit, QuotaCache, QuotaFigures
-from authz_server.service.quota_sync import restore_from_ledger
+from authz_server.service.quota_sync import on_loop, restore_from_ledger
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
@@ -76,9 +76,9 @@ class RelationshipService:
         self.quotas = quotas
         self.allowed_relations = allowed_relations
         self.clock = clock
-        # A release runs to its end even when its call is cancelled (a deadline): its SQL
-        # transaction may commit after the cancel, and its Redis debit must follow that commit.
-        self.to_the_end = ToTheEnd("quota release")
+        # An allocation or release runs to its end even when its call is cancelled (a deadline):
+        # its SQL transaction may commit after the cancel, and its Redis step must follow it.
+        self.to_the_end = ToTheEnd("quota allocation or release")
 
     async def propose(
         self, holder_id: str, beneficiary_id: str, relation: Relation, channel: Channel
@@ -238,10 +238,6 @@ class RelationshipService:
         loop = asyncio.get_running_loop()
         debited: list[Debit] = []  # what Redis answered once it gave the money
 
-        def on_loop(coroutine: Coroutine[Any, Any, T]) -> T:
-            """Runs a Redis call on the event loop from this SQL thread, and waits for it."""
-            return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
-
         def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
             row = records.relationship_row(session, relationship_id, lock=True)
             replay = idempotency.find(session, call)
@@ -250,7 +246,9 @@ class RelationshipService:
             holder_row = records.participant_row(session, row.holder_id, lock=True)
             rules.check_quota_movable(records.relationship(row), records.participant(holder_row))
             if not debited:
-                taken = on_loop(self.quotas.debit(beneficiary_id, relationship_id, amount_fen))
+                taken = on_loop(
+                    loop, self.quotas.debit(beneficiary_id, relationship_id, amount_fen)
+                )
                 if taken is None:
                     raise _QuotaShort
                 debited.append(taken)

@@ -273,14 +273,15 @@ class HoldStore:
         )  # fmt: skip
 
     async def capture_finish(
-        self, authorization_id: str, claim: str, outcome: str, parts: str, why: str = ""
+        self, authorization_id: str, claim_token: str, outcome: str, parts: str, why: str = ""
     ) -> None:
-        """Finishes the claim `claim` (when it began, in ms as sent to capture_begin or
-        authorize; '' for whichever claim there is): nothing when the hold is in another claim
-        by then. `why` (with VOIDED): what a later capture is told instead of ALREADY_VOIDED."""
+        """Finishes the claim `claim_token` names (its cs: when it began, in ms as sent to
+        capture_begin or authorize; '' for whichever claim there is): nothing when the hold is
+        in another claim by then. `why` (with VOIDED): what a later capture is told instead of
+        ALREADY_VOIDED."""
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
-        arguments: list[Argument] = [prefix, outcome, parts, why, claim]
+        arguments: list[Argument] = [prefix, outcome, parts, why, claim_token]
         if outcome == "PENDING":
             # The hold is open again (with its own expiry, which may have passed meanwhile):
             # the sweeper looks at the slot at its next round (score 0) and takes it from there.
