@@ -144,32 +144,16 @@ async def _purge(settings: Settings) -> int:
 
 
 async def _reconcile(settings: Settings) -> int:
-    from redis.asyncio import Redis
-
-    from authz_server.runtime.reconcile import reconcile
-    from authz_server.storage.redis.hold_store import HoldStore
-    from authz_server.storage.redis.pipelined import PipelinedRedis
-    from authz_server.storage.redis.quota_cache import RedisQuotaCache
-    from authz_server.storage.sql.database import Database
+    from authz_server.runtime.hot_state import trusted_and_reconciled
 
     if not settings.redis_url:
         print("reconcile needs REDIS_URL (the private Redis is rebuilt at every start)")
         return 2
-    database = Database(settings.effective_database_url)
-    client = Redis.from_url(settings.redis_url)
-    pipelined = PipelinedRedis.from_url(
-        settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
-    )
-    report = await reconcile(
-        database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
-    )
+    report = await trusted_and_reconciled(settings, settings.redis_url)
     print(
         f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen;"
         f" {report.busy} left as they were (a capture between its phases; run it again)"
     )
-    await pipelined.aclose()
-    await client.aclose()
-    database.close()
     return 0
 
 

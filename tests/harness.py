@@ -147,3 +147,17 @@ class Harness:
 def new_id(prefix: str) -> str:
     """A unique id per test, so tests share one database without seeing each other."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def lose_redis(harness: Harness, seconds: float = 30.0) -> None:
+    """FLUSHALL on the server's Redis, then waits until the server has rebuilt the hot state
+    from SQL by itself (runtime/hot_state.py) and serves again."""
+    import time
+
+    app = harness.app
+    before = app.guardian.last_rebuild
+    harness.run(app.redis.flushall())
+    deadline = time.monotonic() + seconds
+    while app.guardian.last_rebuild is before or not app.guardian.ready:
+        assert time.monotonic() < deadline, "the hot state was not rebuilt in time"
+        time.sleep(0.05)

@@ -1,7 +1,7 @@
-"""Redis is a cache of the ledger (issue 3): after FLUSHALL, reconcile rebuilds every quota
-exactly from SQL, captured money is never lost, holds lost with Redis count as voided, and an
-interrupted capture is finished as SQL says. With Redis unavailable, calls fail UNAVAILABLE in a
-bounded time and leave nothing half-written in SQL.
+"""Redis is a cache of the ledger (issues 3 and 12): after FLUSHALL the server rebuilds every
+quota and open hold exactly from SQL by itself, captured money is never lost, an approved hold
+stays capturable, and an interrupted capture is finished as SQL says. With Redis unavailable,
+calls fail UNAVAILABLE in a bounded time and leave nothing half-written in SQL.
 
 The ledger figure of a quota is computed here independently of the service, from the ledger rows
 (and cross-checked against the relationship row's running totals)."""
@@ -38,7 +38,7 @@ from authz_server.storage.sql.tables import (
     RelationshipRow,
 )
 from tests import factories
-from tests.harness import APP, Harness, new_id
+from tests.harness import APP, Harness, lose_redis, new_id
 from tests.test_authorization_rules import (
     CAPTURED,
     COLLECTOR,
@@ -138,17 +138,10 @@ def journaled(harness: Harness, *authorization_ids: str) -> None:
     wait_for(lambda: harness.app.database.transaction(count) == len(authorization_ids))
 
 
-def flush_redis_and_reconcile(harness: Harness, *authorization_ids: str) -> None:
-    app = harness.app
-    journaled(harness, *authorization_ids)
-    harness.run(app.redis.flushall())
-    harness.run(reconcile(app.database, app.quotas, app.holds))
+# --- FLUSHALL: the server rebuilds from SQL by itself ------------------------------------------
 
 
-# --- FLUSHALL, then reconcile ----------------------------------------------------------------
-
-
-def test_flushall_then_reconcile_restores_every_quota_from_the_ledger(
+def test_after_flushall_the_server_rebuilds_every_quota_and_open_hold_from_the_ledger(
     harness: Harness, registry, relationships, authorizations
 ) -> None:
     # One beneficiary with three quotas: a pending hold, a partly captured and partly refunded
@@ -179,30 +172,18 @@ def test_flushall_then_reconcile_restores_every_quota_from_the_ledger(
     balances = [factories.balance(registry, holder) for holder in fam.holder_ids]
     assert balances == [0, 0, 6_000]
 
-    flush_redis_and_reconcile(
-        harness,
-        pending.authorization_id,
-        paid.authorization_id,
-        split.authorization_id,
-        premium.authorization_id,
-        dissolved_paid.authorization_id,
-    )
+    lose_redis(harness)
 
-    # Every quota is the ledger's figure; the holds are gone (voided), captures all kept.
+    # The server rebuilt every quota from the ledger by itself, with the open holds put back
+    # from SQL (durable approvals): the figures are what they were, captures all kept.
+    assert {rid: figures(relationships, rid) for rid in fam.relationship_ids} == before
     for rid in (big, small):
-        expected = ledger(harness, rid)
-        assert hot_figures(harness, fam.beneficiary_id, rid) == (expected.unused_fen, 0)
+        assert sum(hot_figures(harness, fam.beneficiary_id, rid)) == ledger(harness, rid).unused_fen
     assert ledger(harness, big) == Ledger(39_000, 11_000)
     assert ledger(harness, small) == Ledger(7_000, 3_000)
     assert ledger(harness, other) == Ledger(0, 4_000)
-    assert [figures(relationships, rid) for rid in fam.relationship_ids] == [
-        (39_000, 0, 11_000),
-        (7_000, 0, 3_000),
-        (0, 0, 4_000),
-    ]
     assert [factories.balance(registry, holder) for holder in fam.holder_ids] == balances
 
-    # Captured authorizations read as captured (from SQL); lost holds as voided.
     shown = get(authorizations, HOSPITAL, paid.authorization_id)
     assert (shown.status, shown.approved_amount_fen, shown.captured_amount_fen) == (
         CAPTURED,
@@ -211,20 +192,17 @@ def test_flushall_then_reconcile_restores_every_quota_from_the_ledger(
     )
     assert shown.refunded_amount_fen == 4_000
     assert get(authorizations, COLLECTOR, premium.authorization_id).captured_amount_fen == 3_000
-    assert get(authorizations, HOSPITAL, pending.authorization_id).status == VOIDED
-    assert get(authorizations, HOSPITAL, split.authorization_id).status == VOIDED
-    # A lost hold cannot be captured (it counts as voided); a capture retry still answers.
-    refused(
-        lambda: capture(authorizations, HOSPITAL, pending.authorization_id),
-        grpc.StatusCode.FAILED_PRECONDITION,
-        "ALREADY_VOIDED",
-    )
+    # The holds approved before the loss are still open: a void returns its money, a capture
+    # succeeds.
+    assert get(authorizations, HOSPITAL, pending.authorization_id).status == PENDING
+    assert get(authorizations, HOSPITAL, split.authorization_id).status == PENDING
     refused(
         lambda: void(authorizations, HOSPITAL, paid.authorization_id),
         grpc.StatusCode.FAILED_PRECONDITION,
         "ALREADY_CAPTURED",
     )
     assert void(authorizations, HOSPITAL, pending.authorization_id).status == VOIDED
+    assert capture(authorizations, HOSPITAL, split.authorization_id).status == CAPTURED
     retried = capture(authorizations, HOSPITAL, paid.authorization_id, 15_000, key=paid_key)
     assert (retried.status, retried.captured_amount_fen) == (CAPTURED, 15_000)
     refused(
@@ -232,16 +210,19 @@ def test_flushall_then_reconcile_restores_every_quota_from_the_ledger(
         grpc.StatusCode.FAILED_PRECONDITION,
         "ALREADY_CAPTURED",
     )
+    assert [figures(relationships, rid) for rid in (big, small)] == [
+        (10_000, 0, 40_000),
+        (4_000, 0, 6_000),
+    ]
+    # A voided hold stays voided through another loss (SQL knows the void).
+    lose_redis(harness)
+    assert get(authorizations, HOSPITAL, pending.authorization_id).status == VOIDED
     # Refunds and new payments work on the rebuilt quotas.
     refund(authorizations, HOSPITAL, paid.authorization_id, 1_000)
-    again = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 40_000)
+    again = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 11_000)
     assert again.decision == pb.DECISION_APPROVED
-    assert [(p.relationship_id, p.amount_fen) for p in again.funding] == [(big, 40_000)]
-    assert again.remaining_quota_fen == 7_000
-    assert [figures(relationships, rid) for rid in (big, small)] == [
-        (0, 40_000, 10_000),
-        (7_000, 0, 3_000),
-    ]
+    assert [(p.relationship_id, p.amount_fen) for p in again.funding] == [(big, 11_000)]
+    assert again.remaining_quota_fen == 4_000
     for rid in (big, small):
         assert sum(hot_figures(harness, fam.beneficiary_id, rid)) == ledger(harness, rid).unused_fen
 

@@ -1,7 +1,7 @@
 """The decision journal's raw executemany writes what SQLAlchemy would have written: the ORM
-reads every column back as recorded, datetimes compare in SQL (reconcile's cutoff), a replayed
-decision or a reused (merchant, key) is skipped (ON CONFLICT DO NOTHING), a failed batch is
-kept and written later, and stop() writes what is queued. On SQLite and, with
+reads every column back as recorded, datetimes compare in SQL, a replayed decision is kept once
+and a key SQL answered before under another authorization gets that stored decision back, a
+batch SQL cannot take answers UNAVAILABLE, and a row SQL refuses fails alone. On SQLite and, with
 TEST_DATABASE_URL, PostgreSQL (the harness's database)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from authz_server.domain.errors import Unavailable
 from authz_server.generated.medwallet.v1 import authorization_pb2
 from authz_server.observability import metrics
 from authz_server.service import journal as journal_module
-from authz_server.service.journal import COLUMNS, Journal
+from authz_server.service.journal import COLUMNS, Journal, StoredDecision
 from authz_server.storage.sql import records
 from authz_server.storage.sql.tables import AuthorizationRow
 from tests.harness import Harness, new_id
@@ -63,6 +63,21 @@ def stored(harness: Harness, *authorization_ids: str) -> dict[str, Authorization
     return harness.app.database.transaction(read)
 
 
+def write_all(harness: Harness, journal: Journal, rows: list[dict[str, Any]]) -> list[Any]:
+    """Writes the rows as concurrent Authorize calls would; each one's outcome (or error)."""
+
+    async def write() -> list[Any]:
+        journal.start()
+        try:
+            return await asyncio.gather(
+                *(journal.write(dict(row)) for row in rows), return_exceptions=True
+            )
+        finally:
+            await journal.stop()
+
+    return harness.run(write())
+
+
 def test_rows_read_back_through_the_orm_as_recorded(harness: Harness) -> None:
     journal = Journal(harness.app.database)
     declined = decision(
@@ -74,9 +89,7 @@ def test_rows_read_back_through_the_orm_as_recorded(harness: Harness) -> None:
         response=b"\x10\x03",  # already serialized: written as it is
     )
     partial = decision()
-    for row in (declined, partial):
-        journal.record(dict(row))
-    harness.run(journal.flush())
+    assert write_all(harness, journal, [declined, partial]) == [None, None]
     found = stored(harness, declined["authorization_id"], partial["authorization_id"])
     for row in (declined, partial):
         back = found[row["authorization_id"]]
@@ -88,10 +101,12 @@ def test_rows_read_back_through_the_orm_as_recorded(harness: Harness) -> None:
             if column == "response" and not isinstance(expected, bytes):
                 expected = expected.SerializeToString()
             assert value == expected, column
+        assert back.voided_at is None
 
 
 def test_datetimes_compare_in_sql_like_the_orm_writes_them(harness: Harness) -> None:
-    """reconcile selects the journal of unsettled months with created_at >= a cutoff."""
+    """Queries select the journal by time (created_at >= a month's start; open holds by
+    expires_at > now), so the raw insert must store times as the ORM compares them."""
     journal = Journal(harness.app.database)
     moment = datetime(2031, 5, 31, 16, 0, tzinfo=UTC)  # midnight 1 June, Beijing time
     before, at, after = (
@@ -102,8 +117,7 @@ def test_datetimes_compare_in_sql_like_the_orm_writes_them(harness: Harness) -> 
     merchant = new_id("journal-cutoff")
     for row in (before, at, after):
         row["merchant_id"] = merchant
-        journal.record(row)
-    harness.run(journal.flush())
+    write_all(harness, journal, [before, at, after])
 
     def since(session: Session) -> set[str]:
         query = select(AuthorizationRow.authorization_id).where(
@@ -117,7 +131,9 @@ def test_datetimes_compare_in_sql_like_the_orm_writes_them(harness: Harness) -> 
     }
 
 
-def test_a_replay_and_a_reused_key_are_skipped(harness: Harness) -> None:
+def test_a_replay_is_kept_once_and_a_key_answered_before_gets_the_stored_decision(
+    harness: Harness,
+) -> None:
     journal = Journal(harness.app.database)
     first = decision()
     replay = dict(first, approved_fen=1)  # same authorization id
@@ -125,11 +141,18 @@ def test_a_replay_and_a_reused_key_are_skipped(harness: Harness) -> None:
         merchant_id=first["merchant_id"], idempotency_key=first["idempotency_key"]
     )
     other = decision()
-    journal.record(first)
-    harness.run(journal.flush())
-    for row in (replay, reused, other):  # one batch: the conflicts do not stop the others
-        journal.record(row)
-    harness.run(journal.flush())
+    assert write_all(harness, journal, [first]) == [None]
+    # One batch: the conflicts do not stop the others.
+    outcomes = write_all(harness, journal, [replay, reused, other])
+    assert outcomes == [
+        None,
+        StoredDecision(
+            first["authorization_id"],
+            first["request_digest"],
+            first["response"].SerializeToString(),
+        ),
+        None,
+    ]
     found = stored(
         harness, first["authorization_id"], reused["authorization_id"], other["authorization_id"]
     )
@@ -137,13 +160,11 @@ def test_a_replay_and_a_reused_key_are_skipped(harness: Harness) -> None:
     assert found[first["authorization_id"]].approved_fen == first["approved_fen"]
 
 
-def test_a_failed_batch_is_kept_and_written_later(
+def test_a_batch_sql_cannot_take_answers_unavailable_and_the_next_one_is_written(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = Journal(harness.app.database)
     rows = [decision() for _ in range(3)]
-    for row in rows:
-        journal.record(row)
     real_write = Journal._write
 
     def failing(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> None:
@@ -151,59 +172,44 @@ def test_a_failed_batch_is_kept_and_written_later(
         raise OperationalError("INSERT", None, Exception("the database is away"))
 
     monkeypatch.setattr(Journal, "_write", failing)
-    with pytest.raises(Unavailable):
-        harness.run(journal.flush())
-    assert journal.queue == rows
+    outcomes = write_all(harness, journal, rows)
+    assert all(isinstance(outcome, Unavailable) for outcome in outcomes)
+    assert stored(harness, *(row["authorization_id"] for row in rows)) == {}
     monkeypatch.setattr(Journal, "_write", real_write)
-    harness.run(journal.flush())
-    assert journal.queue == []
+    assert write_all(harness, journal, rows) == [None] * 3  # the callers' retries
     assert len(stored(harness, *(row["authorization_id"] for row in rows))) == 3
 
 
-def test_a_row_sql_refuses_is_set_aside_and_the_others_are_written(harness: Harness) -> None:
+def test_a_row_sql_refuses_fails_alone_and_the_others_are_written(harness: Harness) -> None:
     """One row SQL will never take (here a decision without a merchant: NOT NULL) must not
-    block the journal: its batch is written row by row and only that row is left out."""
+    fail the others: its batch is written row by row and only that row's caller fails."""
     journal = Journal(harness.app.database)
     good = [decision() for _ in range(3)]
     bad = decision(merchant_id=None)
     rejected_before = metrics.journal_rejected._value.get()
-    for row in (good[0], bad, good[1], good[2]):
-        journal.record(row)
-    harness.run(journal.flush())
-    assert journal.queue == []
-    assert journal.dropped == 1
+    outcomes = write_all(harness, journal, [good[0], bad, good[1], good[2]])
+    assert [outcome is None for outcome in outcomes] == [True, False, True, True]
+    assert isinstance(outcomes[1], Exception)
     assert metrics.journal_rejected._value.get() == rejected_before + 1
     found = stored(harness, bad["authorization_id"], *(row["authorization_id"] for row in good))
     assert set(found) == {row["authorization_id"] for row in good}
-    journal.record(decision())  # and the journal goes on
-    harness.run(journal.flush())
-    assert journal.queue == []
+    assert write_all(harness, journal, [decision()]) == [None]  # and the journal goes on
 
 
-def test_batches_are_bounded_and_stop_writes_what_is_queued(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_batches_are_bounded(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal_module, "MAX_BATCH", 7)
-    journal = Journal(harness.app.database, flush_interval_seconds=3600)
+    journal = Journal(harness.app.database)
     batches: list[int] = []
     real_write = Journal._write
 
-    def counting(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> None:
+    def counting(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> Any:
         batches.append(len(rows))
-        real_write(self, session, rows=rows)
+        return real_write(self, session, rows=rows)
 
     monkeypatch.setattr(Journal, "_write", counting)
-    merchant = new_id("journal-stop")
-
-    async def start_record_stop() -> None:
-        journal.start()
-        for _ in range(20):
-            journal.record(decision(merchant_id=merchant))
-        await asyncio.sleep(0)
-        await journal.stop()  # the loop sleeps for an hour: stop() itself writes them
-
-    harness.run(start_record_stop())
-    assert batches == [7, 7, 6]
+    merchant = new_id("journal-batches")
+    write_all(harness, journal, [decision(merchant_id=merchant) for _ in range(20)])
+    assert sum(batches) == 20 and max(batches) == 7
 
     def count(session: Session) -> int:
         query = select(func.count()).where(AuthorizationRow.merchant_id == merchant)

@@ -10,9 +10,8 @@ import pytest
 
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.generated.medwallet.v1 import common_pb2
-from authz_server.runtime.reconcile import reconcile
 from tests import factories
-from tests.harness import new_id
+from tests.harness import lose_redis, new_id
 from tests.test_authorization_rules import HOSPITAL, authorize_request, family, figures
 from tests.test_authorization_rules import register_merchants as register
 
@@ -74,10 +73,7 @@ def test_reuse_is_still_refused_after_redis_lost_its_data(
     first, second = family(registry, relationships, 20_000), family(registry, relationships, 20_000)
     key = new_id("flushed")
     authorizations.Authorize(_medical(first.beneficiary_id, key), metadata=HOSPITAL)
-    app = harness.app
-    harness.run(app.journal.flush())
-    harness.run(app.redis.flushall())
-    harness.run(reconcile(app.database, app.quotas, app.holds))
+    lose_redis(harness)
     _refused_as_reused(
         lambda: authorizations.Authorize(_medical(second.beneficiary_id, key), metadata=HOSPITAL)
     )

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.generated.medwallet.v1 import common_pb2
-from authz_server.runtime.reconcile import reconcile
 from authz_server.storage.redis import keys
 from tests import factories
-from tests.harness import new_id
+from tests.harness import lose_redis, new_id
 from tests.test_authorization_rules import (
     COLLECTOR,
     HOSPITAL,
@@ -20,10 +19,7 @@ from tests.test_authorization_rules import (
 
 
 def _flush_and_reconcile(harness) -> None:
-    app = harness.app
-    harness.run(app.journal.flush())
-    harness.run(app.redis.flushall())
-    harness.run(reconcile(app.database, app.quotas, app.holds))
+    lose_redis(harness)
 
 
 def test_premium_retried_after_redis_loss_pays_once(
@@ -59,11 +55,16 @@ def test_hold_retried_after_redis_loss_gets_the_original_answer(
     assert again.SerializeToString(deterministic=True) == first.SerializeToString(
         deterministic=True
     )
-    # The hold itself was lost with Redis: it counts as voided, all the quota is available.
+    # The hold itself survived the loss of Redis: it was put back from SQL, and is capturable.
     assert [figures(relationships, r) for r in people.relationship_ids] == [
-        (30_000, 0, 0),
-        (20_000, 0, 0),
+        (0, 30_000, 0),
+        (5_000, 15_000, 0),
     ]
+    captured = authorizations.Capture(
+        pb.CaptureRequest(authorization_id=first.authorization_id, idempotency_key=new_id("c")),
+        metadata=HOSPITAL,
+    )
+    assert captured.authorization.status == pb.AUTHORIZATION_STATUS_CAPTURED
 
 
 def test_capture_found_in_sql_settles_the_hold_instead_of_releasing_it(

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.service.ports import QuotaRestore
 from authz_server.storage.redis import keys
+from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import (
     STALE_CAPTURE_SECONDS,
     SWEEP_LIMIT,
@@ -109,7 +110,10 @@ def run(redis_url: str, body: Callable[[Store], Awaitable[T]]) -> T:
     async def main() -> T:
         admin = Redis.from_url(redis_url)
         await admin.flushall()  # each test sees only its own slots
+        # A complete hot state (nothing in it yet): its slots are marked as they are first used.
+        await admin.set(keys.GENERATION, "test-generation|test-run")
         commands = PipelinedRedis.from_url(redis_url, timeout_seconds=2)
+        commands.generation = HotStateGeneration()
         store = Store(HoldStore(admin, commands), RedisQuotaCache(admin, commands), admin)
         try:
             return await body(store)

@@ -87,6 +87,21 @@ reconcile_drift = Counter(
 reconcile_drift_fen = Counter(
     "medwallet_reconcile_drift_fen_total", "Absolute difference reconcile corrected, in fen."
 )
+hot_state_ready = Gauge(
+    "medwallet_hot_state_ready",
+    "1 while Redis holds a complete hot state this server trusts, else 0 (runtime/hot_state.py).",
+    multiprocess_mode="livemin",
+)
+hot_state_rebuilds = Counter(
+    "medwallet_hot_state_rebuilds_total",
+    "Rebuilds of the hot state from SQL this server ran (Redis lost data, restarted or failed "
+    "over).",
+)
+hot_state_rebuild_seconds = Gauge(
+    "medwallet_hot_state_rebuild_seconds",
+    "How long this server's last rebuild of the hot state from SQL took.",
+    multiprocess_mode="max",
+)
 redis_up = Gauge(
     "medwallet_redis_up", "1 while Redis answers, else 0.", multiprocess_mode="livemin"
 )

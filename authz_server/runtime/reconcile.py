@@ -5,33 +5,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from redis.asyncio import Redis
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
-from authz_server.domain.funding import format_funding
-from authz_server.domain.settlement import Month
 from authz_server.domain.types import RelationshipStatus, Scheme
-from authz_server.server.convert import enum_name
 from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.ports import QuotaCache, QuotaRestore
 from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
-from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
-from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import (
-    AuthorizationRow,
     ParticipantRow,
     RelationshipRow,
-    SettlementMonthRow,
 )
 
 # Quotas per page: read under their row locks and restored before they are let go, so a page
@@ -74,7 +64,6 @@ async def reconcile(
             now_ms=int(clock().timestamp() * 1000),
             older_than_ms=STALE_CAPTURE_SECONDS * 1000,
         )
-        await restore_authorize_records(database, holds.client)
     after = ""
     count = drifted = drift_fen = busy = 0
     loop = asyncio.get_running_loop()
@@ -175,96 +164,3 @@ async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> int | Non
     if old_total == new_total:
         return None
     return abs(new_total - (old_total or 0))
-
-
-async def restore_authorize_records(database: Database, redis: Redis) -> int:
-    """Puts back Authorize idempotency records Redis lost, from the SQL journal of the months
-    not yet settled, so a till's retry after a Redis loss gets its original answer instead of
-    paying again. Records still in Redis are left alone. Returns how many were restored."""
-    from authz_server.domain.authorization import LineResult
-    from authz_server.domain.types import DeclineReason
-    from authz_server.generated.medwallet.v1 import authorization_pb2
-    from authz_server.service.authorization import encode_lines
-
-    last_closed = await database.run(
-        lambda session: session.scalar(select(func.max(SettlementMonthRow.month)))
-    )
-    cutoff = Month.parse("month", last_closed).ends_at if last_closed else None
-    restored, after = 0, ""
-    while True:
-
-        def page(session: Session, after: str = after) -> list[AuthorizationRow]:
-            query = select(AuthorizationRow).where(AuthorizationRow.authorization_id > after)
-            if cutoff is not None:
-                query = query.where(AuthorizationRow.created_at >= cutoff)
-            return list(
-                session.scalars(query.order_by(AuthorizationRow.authorization_id).limit(BATCH_SIZE))
-            )
-
-        rows = await database.run(page)
-        if not rows:
-            return restored
-        keys_of_rows = [
-            keys.idempotency(row.beneficiary_id, row.merchant_id, row.idempotency_key)
-            for row in rows
-        ]
-        present = await guarded(partial(_exist, redis, keys_of_rows))
-        for row, key, exists in zip(rows, keys_of_rows, present, strict=True):
-            if exists:
-                continue
-            answer = authorization_pb2.AuthorizeResponse.FromString(row.response)
-            lines = tuple(
-                LineResult(
-                    line.item_code,
-                    line.approved,
-                    DeclineReason(
-                        _name(
-                            authorization_pb2.DeclineReason, "DECLINE_REASON", line.decline_reason
-                        )
-                    )
-                    if line.decline_reason
-                    else None,
-                    line.approved_amount_fen,
-                )
-                for line in answer.line_results
-            )
-            fields: dict[str, str | int] = {
-                "digest": row.request_digest,
-                "a": row.authorization_id,
-                "d": _name(authorization_pb2.Decision, "DECISION", answer.decision),
-                "r": _name(
-                    authorization_pb2.DeclineReason, "DECLINE_REASON", answer.decline_reason
-                ),
-                "ap": answer.approved_amount_fen,
-                "f": format_funding((p.relationship_id, p.amount_fen) for p in answer.funding),
-                "rem": answer.remaining_quota_fen,
-                "s": _name(
-                    authorization_pb2.AuthorizationStatus, "AUTHORIZATION_STATUS", answer.status
-                ),
-                "ex": answer.expires_at.ToMilliseconds() if answer.HasField("expires_at") else 0,
-                "t": encode_lines(lines),
-                "cr": int(utc(row.created_at).timestamp() * 1000),
-            }
-            await guarded(partial(_write, redis, key, fields))
-            claim = keys.idempotency_claim(row.merchant_id, row.idempotency_key)
-            await guarded(
-                partial(redis.set, claim, f"{row.request_digest}|{fields['cr']}", nx=True)
-            )
-            restored += 1
-        after = rows[-1].authorization_id
-
-
-async def _write(redis: Redis, key: str, fields: dict[str, str | int]) -> None:
-    await redis.hset(key, mapping=fields)  # type: ignore[arg-type]
-
-
-async def _exist(redis: Redis, names: list[str]) -> list[bool]:
-    async with redis.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.exists(name)
-        return [bool(found) for found in await pipe.execute()]
-
-
-def _name(wrapper: Any, prefix: str, number: int) -> str:
-    """The domain name of a proto enum value (DECISION_APPROVED -> APPROVED; unset -> '')."""
-    return enum_name(wrapper, prefix, number) or ""

@@ -66,28 +66,10 @@ def serve(settings: Settings) -> int:
 
 
 async def _reconcile_once(settings: Settings, redis_url: str) -> ReconcileReport:
-    """Before the workers start: Redis rebuilt from SQL once, not once per worker."""
-    from redis.asyncio import Redis
+    """Before the workers start: Redis made trustworthy and reconciled once, not per worker."""
+    from authz_server.runtime.hot_state import trusted_and_reconciled
 
-    from authz_server.runtime.reconcile import reconcile
-    from authz_server.storage.redis import scripts
-    from authz_server.storage.redis.hold_store import HoldStore
-    from authz_server.storage.redis.pipelined import PipelinedRedis
-    from authz_server.storage.redis.quota_cache import RedisQuotaCache
-    from authz_server.storage.sql.database import Database
-
-    database = Database(settings.effective_database_url)
-    client = Redis.from_url(redis_url)
-    pipelined = PipelinedRedis.from_url(redis_url, timeout_seconds=settings.redis_timeout_seconds)
-    try:
-        await scripts.preload(client)
-        return await reconcile(
-            database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
-        )
-    finally:
-        await pipelined.aclose()
-        await client.aclose()
-        database.close()
+    return await trusted_and_reconciled(settings, redis_url)
 
 
 def _supervise(settings: Settings, redis_url: str) -> int:

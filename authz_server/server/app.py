@@ -28,6 +28,7 @@ from authz_server.generated.medwallet.v1 import (
 )
 from authz_server.observability import metrics
 from authz_server.observability.interceptor import ObservedServer
+from authz_server.runtime.hot_state import HotStateGuardian
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
@@ -44,6 +45,7 @@ from authz_server.service.relationships import RelationshipService
 from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
 from authz_server.storage.redis import scripts
+from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
@@ -68,6 +70,9 @@ SWEEP_INTERVAL_SECONDS = 1.0
 REDIS_MAX_CONNECTIONS = 256
 # How often health looks at Redis and SQL.
 HEALTH_INTERVAL_SECONDS = 1.0
+# How long a starting server waits for a trustworthy hot state (its rebuild, or another's)
+# before it starts anyway, NOT_SERVING, and goes on waiting in the background.
+START_WAIT_SECONDS = 60.0
 # Bounds on the stop sequence (Application.stop). Each step gets its own; a step that overruns
 # it is logged (WARNING, naming the step) and abandoned, and the stop goes on, so the journal's
 # last flush and closing SQL happen even when an earlier step hangs. grpc.aio's server.stop
@@ -108,6 +113,10 @@ class Application:
         self.pipelined_redis = PipelinedRedis.from_url(
             self.redis_url, timeout_seconds=self.settings.redis_timeout_seconds
         )
+        # Every script call carries the hot state's generation (storage/redis/generation.py);
+        # the guardian rebuilds Redis from SQL when it lost data (runtime/hot_state.py).
+        self.generation = HotStateGeneration()
+        self.pipelined_redis.generation = self.generation
         self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
         self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
         self.references = ReferenceCache(self.database)
@@ -135,6 +144,17 @@ class Application:
         self.health = health_aio.HealthServicer()
         self.background: list[asyncio.Task[None]] = []
         self.stopping = False
+        # SERVING while Redis and SQL answer and the hot state is trusted (both known).
+        self.dependencies_answer = True
+        self.serving = False
+        self.guardian = HotStateGuardian(
+            self.database,
+            self.redis,
+            self.pipelined_redis,
+            self.generation,
+            lambda _ready: self._refresh_serving(),
+            self.clock,
+        )
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
@@ -177,27 +197,37 @@ class Application:
         self.references.start()
         self.group_commit.start()
         self.journal.start()
-        if self.reconcile_at_start:
+        # A Redis that lost its data (or never had any) is rebuilt from SQL first: by this
+        # server, or by another that got there first.
+        ready = await self.guardian.wait_ready(START_WAIT_SECONDS)
+        if self.reconcile_at_start and ready and self.guardian.last_rebuild is None:
             report = await reconcile(self.database, self.quotas, self.holds, self.clock)
             record_reconcile(report)
         loop = asyncio.get_running_loop()
         if self.sweep_holds:
             self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
         await self.server.start()
-        await self._set_serving(True)
+        await self._refresh_serving()
         self.background.append(loop.create_task(self._monitor(), name="health-monitor"))
+        self.background.append(loop.create_task(self.guardian.run(), name="hot-state-guardian"))
         return self.port
 
     async def _monitor(self) -> None:
         """NOT_SERVING while Redis or SQL does not answer, SERVING again once both do."""
-        serving = True
         while not self.stopping:
             await asyncio.sleep(HEALTH_INTERVAL_SECONDS)
             healthy = await self._dependencies_answer()
-            if healthy != serving and not self.stopping:
+            if healthy != self.dependencies_answer and not self.stopping:
                 log.warning("dependencies %s", "answer again" if healthy else "do not answer")
-                await self._set_serving(healthy)
-                serving = healthy
+            self.dependencies_answer = healthy
+            await self._refresh_serving()
+
+    async def _refresh_serving(self) -> None:
+        """Health as the dependencies and the hot state say (never SERVING once stopping)."""
+        serving = self.dependencies_answer and self.guardian.ready and not self.stopping
+        if serving != self.serving and not self.stopping:
+            self.serving = serving
+            await self._set_serving(serving)
 
     async def _dependencies_answer(self) -> bool:
         try:

@@ -128,8 +128,14 @@ class AuthorizationHandler(authorization_pb2_grpc.AuthorizationServiceServicer):
             allow_partial=request.allow_partial,
             capture=request.capture,
         )
-        response = await self.service.authorize(
+        answer = await self.service.authorize(
             domain_request, convert.digest(request), authorize_response
+        )
+        # bytes: the answer SQL stored for the key before (Redis had lost it)
+        response = (
+            authorization_pb2.AuthorizeResponse.FromString(answer)
+            if isinstance(answer, bytes)
+            else answer
         )
         annotate(merchant=merchant_id, decision=authorization_pb2.Decision.Name(response.decision))
         return response

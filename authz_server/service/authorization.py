@@ -12,6 +12,7 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from authz_server.domain.errors import (
     Unavailable,
 )
 from authz_server.domain.funding import Funding, format_funding, parse_funding
+from authz_server.domain.hot_state import OpenHold
 from authz_server.domain.types import (
     AuthorizationStatus,
     Decision,
@@ -46,7 +48,7 @@ from authz_server.service.capture_recovery import captured_as_sql_says, settle_c
 from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
-from authz_server.service.journal import Journal
+from authz_server.service.journal import Journal, StoredDecision
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.service.reference_cache import ReferenceCache
@@ -63,6 +65,7 @@ from authz_server.storage.redis.hold_store import (
 from authz_server.storage.sql import records, settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
+from authz_server.storage.sql.open_holds import mark_voided, open_holds
 from authz_server.storage.sql.tables import (
     AuthorizationRow,
     CapturePartRow,
@@ -81,6 +84,10 @@ class Serializable(Protocol):
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
+# How long an approval committed in SQL waits for a rebuild of the hot state to end before its
+# call answers UNAVAILABLE (a retry then gets the stored answer, its hold put back).
+HOLD_WAIT_SECONDS = 10.0
+HOLD_WAIT_STEP_SECONDS = 0.2
 CAPTURE_REFUSALS = frozenset(
     {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
      "RELATIONSHIP_NOT_ACTIVE"}
@@ -180,9 +187,9 @@ class AuthorizationService:
         request: rules.AuthorizeRequest,
         request_digest: str,
         respond: Callable[[AuthorizeOutcome], R],
-    ) -> R:
+    ) -> R | bytes:
         """Decides and answers `respond(outcome)`: the transport's response, built once for the
-        caller and the journal (which serializes it later, off the hot path)."""
+        caller and the journal; or, bytes, the response SQL stored for the key before."""
         rules.check_request(request)
         merchant = self.references.merchants.get(request.merchant_id)
         precheck = rules.precheck(request, merchant, self.references.catalog)
@@ -214,13 +221,20 @@ class AuthorizationService:
         else:
             outcome = self._outcome(decision)
             if decision.status == "CAPTURING":
+                # A one-step payment pays at once: not when SQL answered its key before (Redis
+                # lost that answer), which would pay twice.
+                stored = await self.database.run(
+                    lambda session: _stored_decision(session, call, decision.authorization_id)
+                )
+                if stored is not None:
+                    return await self._stored_answer(call, stored, decision.authorization_id)
                 outcome = await self.to_the_end.run(self._capture_at_once(request, outcome, now))
             _count(request.purpose, outcome)
         response = respond(outcome)
-        # A replay is journaled too (the row is kept once: ON CONFLICT DO NOTHING): its first
-        # call may never have been, a one-step payment whose call failed and whose hold the
-        # sweeper then found captured in SQL, or a process that died before its journal flush.
-        self.journal.record(
+        # Durable before the till hears it (service/journal.py): an approval survives the loss of
+        # Redis, and SQL's unique key is the last word on which decision a key has. A replay is
+        # journaled too (kept once): its first call may never have been.
+        stored = await self.journal.write(
             {
                 "authorization_id": outcome.authorization_id,
                 "merchant_id": request.merchant_id,
@@ -238,7 +252,62 @@ class AuthorizationService:
                 "expires_at": outcome.expires_at,
             }
         )
+        if stored is not None:
+            # A decision made anew (or a stray record Redis kept) is undone; never a payment
+            # already made (a one-step payment's capture).
+            undo = decision.status in ("PENDING", "DECLINED")
+            return await self._stored_answer(
+                call, stored, decision.authorization_id if undo else None
+            )
+        if decision.status == "PENDING" and not decision.replayed:
+            await self._keep_hold(
+                OpenHold(
+                    outcome.authorization_id, request.merchant_id, request.beneficiary_id,
+                    request.purpose.value, outcome.decision.value, outcome.approved_fen,
+                    outcome.funding, now, outcome.expires_at or now,
+                )
+            )  # fmt: skip
         return response
+
+    async def _stored_answer(
+        self, call: AuthorizeCall, stored: StoredDecision, undo_id: str | None
+    ) -> bytes:
+        """SQL answered this key before, under another authorization (Redis lost the record):
+        the decision `undo_id` Redis has for it is undone, and the key gets SQL's answer (its
+        hold put back if it is still open), or IDEMPOTENCY_KEY_REUSED for another request."""
+        if undo_id is not None:
+            await self.holds.undo(call, undo_id)
+        if stored.request_digest != call.request_digest:
+            raise IdempotencyKeyReused(call.idempotency_key)
+        metrics.idempotent_replays.labels("Authorize").inc()
+        hold = await self.database.run(
+            lambda session: next(
+                iter(open_holds(session, self.clock(), authorization_id=stored.authorization_id)),
+                None,
+            )
+        )
+        if hold is not None:
+            await self._keep_hold(hold)
+        return stored.response
+
+    async def _keep_hold(self, hold: OpenHold) -> None:
+        """Makes sure Redis holds an approval SQL has: a rebuild of the hot state that read SQL
+        before the decision was committed did not put it back. One round trip that changes
+        nothing when Redis knows the authorization; while a rebuild runs, it waits for it (the
+        approval is in SQL, so it must be capturable after)."""
+        deadline = asyncio.get_running_loop().time() + HOLD_WAIT_SECONDS
+        while True:
+            try:
+                if await self.holds.restore_hold(hold, _ms(self.clock())):
+                    log.warning(
+                        "authorization %s: hold put back from SQL", hold.authorization_id,
+                        extra={"authorization_id": hold.authorization_id},
+                    )  # fmt: skip
+                return
+            except Unavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(HOLD_WAIT_STEP_SECONDS)
 
     async def _decide(self, call: AuthorizeCall, now_ms: int) -> HoldDecision:
         """authorize.lua's decision (new, or the key's first). A one-step payment whose first
@@ -365,12 +434,17 @@ class AuthorizationService:
         amount_fen: int,
         call: Idempotency[AuthorizationView],
         resumed: bool = False,
+        put_back: bool = False,
     ) -> AuthorizationView | bytes:
         now = self.clock()
         claim = await self.holds.capture_begin(
             authorization_id, merchant_id, call.key, amount_fen, _ms(now)
         )
         if claim.outcome == "NOT_FOUND":
+            if not put_back and await self._put_back_if_open(merchant_id, authorization_id):
+                return await self.capture(
+                    merchant_id, authorization_id, amount_fen, call, resumed, put_back=True
+                )
             return await self._capture_without_hold(merchant_id, authorization_id, call)
         if claim.outcome == "REPLAY":
             return await self._capture_replay(call)
@@ -379,6 +453,14 @@ class AuthorizationService:
             # says, then answer this retry as if it came first or again.
             await settle_capture(self.database, self.holds, authorization_id)
             return await self.capture(merchant_id, authorization_id, amount_fen, call, True)
+        if claim.outcome == "IN_PROGRESS":
+            # The same key's capture is under way, or committed and lost its Redis step (a
+            # stall): once SQL has its answer, the hold is finished as SQL says and the retry
+            # gets that answer, rather than waiting STALE_CAPTURE_SECONDS for the sweeper.
+            replay = await self.database.run(lambda session: idempotency.find(session, call))
+            if replay is not None:
+                await settle_capture(self.database, self.holds, authorization_id)
+                return replay
         if claim.outcome in ("IN_PROGRESS", "STALLED"):
             raise Unavailable("this capture is still being written; retry with the same key")
         if claim.outcome in CAPTURE_REFUSALS:
@@ -429,6 +511,10 @@ class AuthorizationService:
         except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
             await self.holds.capture_finish(
                 authorization_id, claim_token, "VOIDED", "", refusal.reason
+            )
+            voided_at = self.clock()
+            await self.database.run(
+                lambda session: mark_voided(session, authorization_id, voided_at)
             )
             raise
         except BaseException as failure:
@@ -493,6 +579,18 @@ class AuthorizationService:
         await self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", captured)
         return True, answer
 
+    async def _put_back_if_open(self, merchant_id: str, authorization_id: str) -> bool:
+        """Redis does not know an authorization of this merchant that SQL has open (Redis lost
+        it, and the rebuild has not put it back): its hold is put back. True when it was."""
+        now = self.clock()
+        holds = await self.database.run(
+            lambda session: open_holds(session, now, authorization_id=authorization_id)
+        )
+        if not holds or holds[0].merchant_id != merchant_id:
+            return False
+        await self._keep_hold(holds[0])
+        return True
+
     async def _capture_without_hold(
         self, merchant_id: str, authorization_id: str, call: Idempotency[AuthorizationView]
     ) -> bytes:
@@ -549,6 +647,8 @@ class AuthorizationService:
 
     async def void(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
         outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        if outcome == "NOT_FOUND" and await self._put_back_if_open(merchant_id, authorization_id):
+            outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
         if outcome == "NOT_FOUND":  # unknown, another merchant's, or lost with Redis
             state = await self.database.run(lambda session: _lost_state(session, authorization_id))
             if state is None or state[0] != merchant_id:
@@ -558,6 +658,10 @@ class AuthorizationService:
             raise Unavailable("a capture of this authorization is being written; retry")
         if outcome != "OK":
             raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")
+        # Voided in SQL before the till hears it, so a rebuild of Redis does not put the hold
+        # back. A retry (after a failure here) voids again harmlessly and marks it then.
+        now = self.clock()
+        await self.database.run(lambda session: mark_voided(session, authorization_id, now))
         return await self.get(merchant_id, authorization_id)
 
     # --- Refund ----------------------------------------------------------------------------
@@ -706,6 +810,25 @@ class AuthorizationService:
             capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
             _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
         )  # fmt: skip
+
+
+def _stored_decision(
+    session: Session, call: AuthorizeCall, authorization_id: str
+) -> StoredDecision | None:
+    """The decision SQL holds for the call's key, if another authorization's."""
+    row = session.execute(
+        select(
+            AuthorizationRow.authorization_id,
+            AuthorizationRow.request_digest,
+            AuthorizationRow.response,
+        ).where(
+            AuthorizationRow.merchant_id == call.merchant_id,
+            AuthorizationRow.idempotency_key == call.idempotency_key,
+        )
+    ).one_or_none()
+    if row is None or row[0] == authorization_id:
+        return None
+    return StoredDecision(row[0], row[1], bytes(row[2]))
 
 
 def _lost_state(session: Session, authorization_id: str) -> tuple[str, str] | None:

@@ -1,12 +1,15 @@
-"""The journal of authorization decisions, written to SQL in batches off the hot path.
+"""The journal of authorization decisions: durable in SQL before the till hears the answer.
 
-Authorize answers from Redis alone; its decision is queued here and inserted within about
-FLUSH_INTERVAL_SECONDS. The queue is bounded: when SQL falls behind that far, new decisions are
-still answered and the overflow is counted and logged (Redis keeps the hold itself). A batch
-that fails because SQL is unavailable goes back to the head of the queue and is tried again; a
-batch SQL refuses for another reason (a row it will never take) is written row by row, and only
-the rows refused on their own are set aside, counted and logged, so one bad row cannot block
-the journal. stop() writes what is queued.
+An approval must survive the loss of Redis (runtime/rebuild.py puts open holds back from these
+rows), and an idempotency key answered once must never get a new decision, whatever Redis
+forgot. So Authorize waits for its row to be committed (`write`), and the unique index on
+(merchant, idempotency key) is the last word on which decision a key has: a decision made anew
+for a key SQL already answered (Redis lost its record) is told the stored one instead.
+
+Rows are group-committed: while one batch commits, the next gathers, so the durable write costs
+an Authorize the latency of about one commit, not a transaction of its own. A batch that SQL
+refuses for another reason than being unavailable is written row by row, so one bad row cannot
+fail the others.
 
 The insert is one statement run with the DBAPI cursor's executemany on plain tuples
 (storage/sql/dbapi.py): SQLAlchemy's Core executemany of dicts cost most of this module's
@@ -18,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
@@ -32,24 +36,35 @@ from authz_server.storage.sql.dbapi import BulkInsert
 from authz_server.storage.sql.tables import AuthorizationRow
 
 log = logging.getLogger(__name__)
-# How often queued decisions are written. Each flush is one transaction with a fixed cost of
-# ~0.5-1 ms of this process's CPU (the hop to the SQL thread, session, BEGIN, COMMIT; measured
-# here on SQLite and PostgreSQL), on top of ~20-25 µs a row. At ~400 decisions/s per worker,
-# 0.2 s makes ~80-row batches: the fixed part is ~10 µs a decision instead of ~50 µs at 50 ms.
-# What it risks: a crash of this process loses at most that much of the journal, while Redis
-# (AOF, fsync every second) still holds those decisions; the journal is needed only once Redis
-# has lost data too, and Redis itself loses up to ~1 s then. stop() writes what is queued.
-FLUSH_INTERVAL_SECONDS = 0.2
 # Rows per transaction. On SQLite the one SQL thread is shared with the group commit of
 # captures: a batch of 500 keeps it for ~15 ms at most; a backlog drains in several of them.
 MAX_BATCH = 500
-MAX_QUEUED = 100_000
+# Decisions waiting for their commit, at most. Beyond it Authorize answers UNAVAILABLE at once
+# (SQL is far behind: waiting would only time out later, with the memory held meanwhile).
+MAX_QUEUED = 20_000
 
 AUTHORIZATIONS: Table = AuthorizationRow.__table__  # type: ignore[assignment]
-# The journal's columns in the table's order (storage/sql/tables.py is the one mapping); a
-# decision is recorded as a dict with these keys, "response" an AuthorizeResponse or bytes.
-COLUMNS: tuple[str, ...] = tuple(column.name for column in AUTHORIZATIONS.columns)
+# The columns a decision is written with, in the table's order (storage/sql/tables.py is the one
+# mapping); a decision is a dict with these keys, "response" an AuthorizeResponse or bytes.
+# voided_at is set later, by a void.
+COLUMNS: tuple[str, ...] = tuple(
+    column.name for column in AUTHORIZATIONS.columns if column.name != "voided_at"
+)
 _RESPONSE = COLUMNS.index("response")
+
+
+@dataclass(frozen=True)
+class StoredDecision:
+    """The decision SQL already holds for an idempotency key: another authorization's."""
+
+    authorization_id: str
+    request_digest: str
+    response: bytes
+
+
+# What a write comes to: None (this decision is the key's, written now or before), or the
+# decision the key already has.
+Written = StoredDecision | None
 
 
 def _tuples(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
@@ -66,69 +81,77 @@ def _tuples(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
 
 
 class Journal:
-    def __init__(
-        self, database: Database, flush_interval_seconds: float = FLUSH_INTERVAL_SECONDS
-    ) -> None:
+    def __init__(self, database: Database) -> None:
         self.database = database
-        # Per journal, not read from the module at every round: a test that slows one journal
-        # down leaves every other one (the test session's server's) as it was.
-        self.flush_interval_seconds = flush_interval_seconds
-        self.queue: list[dict[str, Any]] = []
-        self.dropped = 0
+        self.queue: list[tuple[dict[str, Any], asyncio.Future[Written]]] = []
+        self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key reused for
-        # another beneficiary is kept out by the unique (merchant, key) index.
-        self._insert = BulkInsert.of(AUTHORIZATIONS, database.engine.dialect, skip_conflicts=True)
+        # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key answered before
+        # under another authorization id is kept out by the unique (merchant, key) index and
+        # found afterwards (_conflicts).
+        self._insert = BulkInsert.of(
+            AUTHORIZATIONS, database.engine.dialect, COLUMNS, skip_conflicts=True
+        )
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name="journal")
 
-    def record(self, row: dict[str, Any]) -> None:
-        """Queues one decision: a dict with a value for every name in COLUMNS."""
+    async def write(self, row: dict[str, Any]) -> Written:
+        """Writes one decision (a dict with a value for every name in COLUMNS) and returns once
+        it is committed: None when it is the key's decision, else the one SQL holds for the key.
+        Raises Unavailable when SQL does not take it."""
         if len(self.queue) >= MAX_QUEUED:
-            self.dropped += 1
             metrics.journal_rejected.inc()
-            log.error("journal queue full; decision %s not journaled", row["authorization_id"])
-            return
-        self.queue.append(row)
+            raise Unavailable("the decision journal is too far behind; retry")
+        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        self.queue.append((row, future))
+        self.wakeup.set()
+        return await future
 
     async def flush(self) -> None:
+        """Writes every queued decision (each caller gets its outcome)."""
         while self.queue:
             batch, self.queue = self.queue[:MAX_BATCH], self.queue[MAX_BATCH:]
+            rows = [row for row, _ in batch]
+            futures = [future for _, future in batch]
+            outcomes: Sequence[Written | BaseException]
             try:
-                await self.database.run(partial(self._write, rows=batch))
-            except Unavailable:  # SQL down or locked: the whole batch waits for the next try
-                log.exception("journal write failed; will retry %d decisions", len(batch))
-                self.queue[:0] = batch
-                raise
-            except Exception:  # a row SQL refuses: find it, so it cannot block the others
+                outcomes = await self.database.run(partial(self._write, rows=rows))
+            except Unavailable as failure:  # SQL down or locked: every caller answers so
+                log.warning("journal write of %d decisions failed: %s", len(batch), failure)
+                _answer(futures, [failure] * len(batch))
+                continue
+            except Exception:  # a row SQL refuses: find it, so it cannot fail the others
                 log.exception("journal batch of %d refused; writing it row by row", len(batch))
-                await self._write_each(batch)
+                outcomes = await self._write_each(rows)
+            _answer(futures, outcomes)
 
-    async def _write_each(self, batch: list[dict[str, Any]]) -> None:
-        for index, row in enumerate(batch):
+    async def _write_each(self, rows: list[dict[str, Any]]) -> list[Written | BaseException]:
+        outcomes: list[Written | BaseException] = []
+        for row in rows:
             try:
-                await self.database.run(partial(self._write, rows=[row]))
-            except Unavailable:
-                self.queue[:0] = batch[index:]
-                raise
-            except Exception:
-                self.dropped += 1
+                outcomes.extend(await self.database.run(partial(self._write, rows=[row])))
+            except Exception as error:
                 metrics.journal_rejected.inc()
                 log.exception("journal: decision %s refused by SQL", row["authorization_id"])
+                outcomes.append(error)
+        return outcomes
 
-    def _write(self, session: Session, *, rows: list[dict[str, Any]]) -> None:
+    def _write(self, session: Session, *, rows: list[dict[str, Any]]) -> list[Written]:
         # The session's connection, so the transaction is Database.run's (SQLite: BEGIN
         # IMMEDIATE), committed or rolled back with it.
         self._insert.run(session.connection(), _tuples(rows))
+        return _conflicts(session, rows)
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.flush_interval_seconds)
+            await self.wakeup.wait()
+            self.wakeup.clear()
             try:
                 await self.flush()
             except Exception:
-                await asyncio.sleep(1)
+                log.exception("journal flush failed")
+                await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -138,3 +161,45 @@ class Journal:
             await self.flush()
         except Exception:
             log.exception("journal: %d decisions not written at shutdown", len(self.queue))
+
+
+def _conflicts(session: Session, rows: list[dict[str, Any]]) -> list[Written]:
+    """Which rows' keys SQL holds under another authorization id (read in the same
+    transaction, after the insert: a row not there was kept out by the key's index)."""
+    ids = [row["authorization_id"] for row in rows]
+    present = set(
+        session.scalars(
+            select(AuthorizationRow.authorization_id).where(
+                AuthorizationRow.authorization_id.in_(ids)
+            )
+        )
+    )
+    outcomes: list[Written] = []
+    for row in rows:
+        if row["authorization_id"] in present:
+            outcomes.append(None)
+            continue
+        stored = session.execute(
+            select(
+                AuthorizationRow.authorization_id,
+                AuthorizationRow.request_digest,
+                AuthorizationRow.response,
+            ).where(
+                AuthorizationRow.merchant_id == row["merchant_id"],
+                AuthorizationRow.idempotency_key == row["idempotency_key"],
+            )
+        ).one()
+        outcomes.append(StoredDecision(stored[0], stored[1], bytes(stored[2])))
+    return outcomes
+
+
+def _answer(
+    futures: list[asyncio.Future[Written]], outcomes: Sequence[Written | BaseException]
+) -> None:
+    for future, outcome in zip(futures, outcomes, strict=True):
+        if future.done():  # the caller stopped waiting (its deadline)
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

@@ -89,6 +89,9 @@ COUNTERS_AND_GAUGES = {
     "medwallet_reconcile_drift_total",
     "medwallet_reconcile_drift_fen_total",
     "medwallet_redis_up",
+    "medwallet_hot_state_ready",
+    "medwallet_hot_state_rebuilds_total",
+    "medwallet_hot_state_rebuild_seconds",
     "medwallet_health_serving",
     "medwallet_build_info",
     "up",
@@ -121,6 +124,8 @@ REQUIRED_ALERTS = {
     "MedWalletReconcileDrift",
     "MedWalletHoldExpirySpike",
     "MedWalletHealthFlapping",
+    "MedWalletHotStateNotReady",
+    "MedWalletHotStateRebuilt",
 }
 
 

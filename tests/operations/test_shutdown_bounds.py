@@ -53,12 +53,19 @@ def test_a_hanging_server_stop_does_not_hold_the_rest_of_the_stop(
     try:
         monkeypatch.setattr(app.server, "stop", hanging_stop)
         monkeypatch.setattr(app_module, "SERVER_STOP_MARGIN_SECONDS", 0.5)
-        # Only the stop's journal step writes this decision: the periodic flush now sleeps long
-        # (its current 0.2 s sleep ends first).
-        monkeypatch.setattr(app.journal, "flush_interval_seconds", 3600.0)
-        time.sleep(0.5)
+        # Only the stop's journal step writes this decision: the journal's writer is stopped
+        # first, and the decision waits in its queue.
         row = decision()
-        app.journal.record(dict(row))
+
+        async def queue_one() -> asyncio.Task[object]:
+            journal = app.journal
+            assert journal.task is not None
+            journal.task.cancel()
+            await asyncio.gather(journal.task, return_exceptions=True)
+            journal.task = None
+            return asyncio.get_running_loop().create_task(journal.write(dict(row)))
+
+        queued = harness.run(queue_one())
 
         started = time.monotonic()
         unfinished = harness.run(app.stop(0), timeout=30)
@@ -81,6 +88,7 @@ def test_a_hanging_server_stop_does_not_hold_the_rest_of_the_stop(
         finally:
             engine.dispose()
         assert len(found) == 1
+        assert queued.done() and queued.result() is None  # its caller was answered
         # ... the SQL threads were shut down ...
         with pytest.raises(RuntimeError):
             app.database.executor.submit(lambda: None)

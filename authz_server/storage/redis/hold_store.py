@@ -20,6 +20,8 @@ from functools import partial
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
+from authz_server.domain.funding import format_funding
+from authz_server.domain.hot_state import OpenHold
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import (
     Argument,
@@ -131,6 +133,7 @@ class HoldStore:
         self._capture_finish = script("capture_finish")
         self._void = script("void")
         self._expire = script("expire")
+        self._hold_restore = script("hold_restore")
 
     async def authorize(self, call: AuthorizeCall, now_ms: int) -> HoldDecision | None:
         """None when the idempotency key was used before with another request."""
@@ -178,11 +181,7 @@ class HoldStore:
             # The merchant used this key first for another request (another beneficiary):
             # forget the decision just made and refuse, as the same beneficiary's slot would.
             if reply[0] == "NEW":
-                undo_keys = script_keys[:2]
-                undo_args: list[Argument] = [prefix, call.authorization_id]
-                await guarded(
-                    lambda: self.commands.evalsha(self._undo, undo_keys, undo_args), "undo"
-                )
+                await self.undo(call, call.authorization_id)
             return None
         return HoldDecision(
             replayed=reply[0] == "REPLAY",
@@ -196,6 +195,39 @@ class HoldStore:
             expires_at_ms=int(reply[8]),
             template=reply[9],
         )
+
+    async def undo(self, call: AuthorizeCall, authorization_id: str) -> None:
+        """Forgets a decision made for `call`'s key (authorize_undo.lua): its hold goes back to
+        the quotas; the key's record is dropped if it names this decision."""
+        undo_keys = [
+            keys.authorization(authorization_id),
+            keys.idempotency(call.beneficiary_id, call.merchant_id, call.idempotency_key),
+        ]
+        undo_args: list[Argument] = [keys.prefix(call.beneficiary_id), authorization_id]
+        await guarded(lambda: self.commands.evalsha(self._undo, undo_keys, undo_args), "undo")
+
+    async def restore_hold(self, hold: OpenHold, now_ms: int) -> bool:
+        """Places an approved hold SQL has and Redis lost (hold_restore.lua). True when placed;
+        False when Redis knows the authorization already, or it is expired or void."""
+        prefix = keys.prefix(hold.beneficiary_id)
+        expires_ms = int(hold.expires_at.timestamp() * 1000)
+        arguments: list[Argument] = [
+            prefix, now_ms, hold.merchant_id, hold.beneficiary_id, hold.purpose,
+            hold.approved_fen, format_funding(hold.funding), expires_ms,
+            int(hold.created_at.timestamp() * 1000), hold.decision,
+        ]  # fmt: skip
+        raw = await guarded(
+            lambda: self._script_and_index(
+                self._hold_restore,
+                [keys.authorization(hold.authorization_id)],
+                arguments,
+                keys.DUE_HOLDS,
+                prefix,
+                expires_ms,
+            ),
+            "hold_restore",
+        )
+        return as_integer(raw) == 1
 
     async def forget_unwritten(self, call: AuthorizeCall, authorization_id: str) -> bool:
         """Forgets this key's decision when it is a one-step payment voided because SQL never

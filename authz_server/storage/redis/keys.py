@@ -40,6 +40,12 @@ def quota(beneficiary_id: str, relationship_id: str) -> str:
     return f"{prefix(beneficiary_id)}:q:{relationship_id}"
 
 
+def quota_holds(beneficiary_id: str, relationship_id: str) -> str:
+    """SET of the authorization ids holding money on one quota (written by the scripts as
+    prefix .. ':qh:' .. relationship id)."""
+    return f"{prefix(beneficiary_id)}:qh:{relationship_id}"
+
+
 def quota_index(beneficiary_id: str) -> str:
     """ZSET of the beneficiary's active relationship ids, scored by funding order."""
     return f"{prefix(beneficiary_id)}:quotas:{beneficiary_id}"
@@ -78,3 +84,19 @@ def idempotency_claim(merchant_id: str, key: str) -> str:
     another beneficiary; it is written in the same round trip as the decision."""
     digest = hashlib.sha1(f"{merchant_id}|{key}".encode()).hexdigest()[:TAG_LENGTH]
     return f"mw:{{k:{digest}}}:k:{merchant_id}:{key}"
+
+
+# --- the hot state's generation (storage/redis/generation.py) ------------------------------
+GENERATION = "mw:{generation}"
+"""STRING: "<generation>|<run id>" once Redis holds the whole hot state rebuilt from SQL (the
+generation a random token, the run id that of the Redis process it was rebuilt in);
+"REBUILDING|<generation>" while a rebuild runs; missing when Redis lost everything."""
+REBUILD_LOCK = "mw:{generation}:rebuild"
+"""STRING with an expiry: the token of the one server rebuilding the hot state."""
+
+
+def generation_marker(prefix_text: str) -> str:
+    """STRING: the generation this slot's keys belong to. Every script checks it first
+    (lua/_generation.lua), so no decision is made on a slot Redis lost or that a rebuild has
+    not finished."""
+    return f"{prefix_text}:g"

@@ -30,7 +30,7 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias, cast
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -43,6 +43,8 @@ from redis.exceptions import (
     RedisError,
     ResponseError,
 )
+
+from authz_server.storage.redis.generation import refused_slot
 
 Argument: TypeAlias = str | bytes | int
 Command: TypeAlias = tuple[Argument, ...]
@@ -61,6 +63,9 @@ PENDING_COMMANDS_LIMIT = 10_000
 # hiredis.pack_command packs a whole command in C (str as UTF-8, int as decimal, as redis-py
 # does). Its stub declares a one-element tuple; any length is accepted.
 _pack: Callable[[Command], bytes] = hiredis.pack_command  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from authz_server.storage.redis.generation import HotStateGeneration
 
 # Error reply codes redis-py turns into its own subclasses; the rest are ResponseError.
 _ERROR_KINDS: dict[str, type[ResponseError]] = {
@@ -334,6 +339,9 @@ class PipelinedRedis:
         self._connection: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self._closed = False
+        # The hot state's generation, appended to every EVALSHA (storage/redis/generation.py);
+        # None for a plain connection (tools, tests of this class).
+        self.generation: HotStateGeneration | None = None
 
     @classmethod
     def from_url(
@@ -364,19 +372,43 @@ class PipelinedRedis:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connected()
+        generation = self.generation
+        if generation is None:
+            return await connection.send(commands)
+        replies = await connection.send(_stamped(commands, generation.value))
+        # Scripts that refused their slots did nothing: sending them again (with the newer
+        # generation adopted, then with their unused slots marked) is safe. Twice at most.
+        for _ in range(2):
+            refused = [number for number, reply in enumerate(replies) if refused_slot(reply)]
+            if not refused or not await generation.resolve(
+                self, [replies[number] for number in refused]
+            ):
+                break
+            again = _stamped([commands[number] for number in refused], generation.value)
+            for number, reply in zip(refused, await self.execute_many_plain(again), strict=True):
+                replies[number] = reply
+        return replies
+
+    async def execute_many_plain(self, commands: Sequence[Command]) -> list[Reply]:
+        """execute_many without the generation: the commands as they are."""
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connected()
         return await connection.send(commands)
 
     async def evalsha(
         self, script: Script, keys: Sequence[str], arguments: Sequence[Argument]
     ) -> Reply:
         command = ("EVALSHA", script.sha, len(keys), *keys, *arguments)
-        try:
-            return await self.execute(*command)
-        except NoScriptError:
+        (reply,) = await self.execute_many((command,))
+        if isinstance(reply, NoScriptError):
             # Redis restarted (or SCRIPT FLUSH) since the scripts were loaded: load and retry
             # once. EVALSHA refused it without running anything, so the retry is safe.
             await self.load_script(script)
-            return await self.execute(*command)
+            (reply,) = await self.execute_many((command,))
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
     async def load_script(self, script: Script) -> None:
         await self.execute("SCRIPT", "LOAD", script.source)
@@ -441,6 +473,11 @@ class PipelinedRedis:
             raise RedisConnectionError("the Redis client is closed")
         self._connection = connection
         return connection
+
+
+def _stamped(commands: Sequence[Command], generation: str) -> list[Command]:
+    """The commands with `generation` after every script's arguments (lua/_generation.lua)."""
+    return [(*command, generation) if command[0] == "EVALSHA" else command for command in commands]
 
 
 def _retrieve_error(task: asyncio.Task[_Connection]) -> None:

@@ -1,8 +1,9 @@
 """The Lua scripts: preloaded at start (SCRIPT LOAD), run by EVALSHA, and loaded again by
 PipelinedRedis.evalsha after a Redis restart.
 
-A script that uses the shared functions of lua/_lib.lua gets them prepended, so each script is
-still one self-contained EVAL.
+Every script begins with lua/_generation.lua (the slot's generation check); a script that uses
+the shared functions of lua/_lib.lua gets them prepended too, so each script is still one
+self-contained EVAL.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from authz_server.storage.redis.pipelined import Script
 
 ALL_SCRIPTS = (
     "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
-    "expire", "quota_credit", "quota_debit", "quota_dissolve", "quota_restore",
+    "expire", "quota_credit", "quota_debit", "quota_dissolve", "quota_restore", "hold_restore",
 )  # fmt: skip
 # The smallest scripts need none of the shared functions.
 LIBRARY_USERS = frozenset(ALL_SCRIPTS) - {"quota_credit", "quota_debit", "authorize_forget"}
@@ -26,7 +27,7 @@ def source(name: str) -> str:
     text = folder.joinpath(f"{name}.lua").read_text()
     if name in LIBRARY_USERS:
         text = folder.joinpath("_lib.lua").read_text() + "\n" + text
-    return text
+    return folder.joinpath("_generation.lua").read_text() + "\n" + text
 
 
 async def preload(client: Redis) -> None:

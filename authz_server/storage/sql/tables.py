@@ -185,7 +185,11 @@ class AuthorizationRow(Base):
     # The AuthorizeResponse as first sent, for replays after Redis was lost.
     response: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(Timestamp, index=True)
-    expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Indexed: a rebuild of the hot state finds the holds still open by their expiry.
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
+    # When the hold was voided (Void, or its capture refused): such a hold is not put back
+    # when Redis is rebuilt from SQL. Captured holds have a CaptureRow; expired ones expired.
+    voided_at: Mapped[datetime | None] = mapped_column(Timestamp, default=None)
 
 
 class CaptureRow(Base):

@@ -7,15 +7,20 @@
 -- Finishes nothing when the hold is no longer in that claim: a sweeper that read SQL for an
 -- old claim must not finish a newer one (a till's retry that settled and claimed it again),
 -- whose own write SQL may be committing. Returns 1 when it finished the claim, else 0.
+-- A hold put back from SQL by a rebuild (rs = 1) lost its claim with Redis: a capture that was
+-- being written then finishes it as CAPTURED or VOIDED from PENDING (SQL's answer is the
+-- truth; the rebuild read SQL before that capture committed).
 local prefix, auth = ARGV[1], KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
-local state = redis.call('HMGET', auth, 's', 'cs')
-if state[1] ~= 'CAPTURING' then
+local state = redis.call('HMGET', auth, 's', 'cs', 'rs')
+local restored = state[1] == 'PENDING' and state[3] == '1' and ARGV[2] ~= 'PENDING'
+if state[1] ~= 'CAPTURING' and not restored then
   redis.call('ZREM', prefix .. ':capturing', auth_id)
   return 0
 end
-if ARGV[5] and ARGV[5] ~= '' and state[2] ~= ARGV[5] then return 0 end
+if not restored and ARGV[5] and ARGV[5] ~= '' and state[2] ~= ARGV[5] then return 0 end
 redis.call('ZREM', prefix .. ':capturing', auth_id)
+redis.call('ZREM', prefix .. ':expiry', auth_id)
 if ARGV[2] == 'PENDING' then
   redis.call('HSET', auth, 's', 'PENDING', 'ck', '', 'cp', 0)
   redis.call('ZADD', prefix .. ':expiry', redis.call('HGET', auth, 'ex'), auth_id)

@@ -1,0 +1,179 @@
+"""Keeps the hot state trustworthy without an operator: notices when Redis lost its data (or
+may have), has exactly one server rebuild it from SQL (runtime/rebuild.py), and tells health.
+
+Every server runs a guardian. It looks at keys.GENERATION every CHECK_SECONDS, and at once when a
+call found its slot lost (storage/redis/generation.py). The hot state is trusted while that key
+names a complete generation built in the Redis process that answers now (its run id): a Redis
+that restarted (even with its file: the last second of writes may be missing), a replica
+promoted in its place, FLUSHALL, or a rebuild that died half-way all fail that test. Then health
+turns NOT_SERVING and the servers race for a lock in Redis (SET NX with an expiry, renewed while
+the rebuild runs): the winner rebuilds, the others wait for the new generation. If the winner
+dies, its lock expires and another takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+
+from authz_server.observability import metrics
+from authz_server.runtime.rebuild import RebuildAbandoned, RebuildReport, rebuild_hot_state
+from authz_server.service.clock import Clock, system_clock
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.generation import GlobalMarker, HotStateGeneration
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from authz_server.storage.sql.database import Database
+
+if TYPE_CHECKING:
+    from authz_server.runtime.reconcile import ReconcileReport
+    from authz_server.settings import Settings
+
+log = logging.getLogger(__name__)
+# How often each server looks at the generation while all is well (a call that finds its slot
+# lost wakes it at once). Bounds how long a promoted replica's older copy can go unnoticed.
+CHECK_SECONDS = 0.5
+# The rebuild lock's expiry, and how often its owner renews it.
+LOCK_SECONDS = 15
+RENEW_SECONDS = 5.0
+# How long a starting process waits for the hot state (its own rebuild, or another server's).
+START_WAIT_SECONDS = 300.0
+
+
+class HotStateGuardian:
+    def __init__(
+        self,
+        database: Database,
+        client: Redis,
+        commands: PipelinedRedis,
+        generation: HotStateGeneration,
+        on_ready: Callable[[bool], Awaitable[None]],
+        clock: Clock = system_clock,
+    ) -> None:
+        self.database = database
+        self.client = client
+        self.commands = commands
+        self.generation = generation
+        self.on_ready = on_ready
+        self.clock = clock
+        self.ready = False
+        self.last_rebuild: RebuildReport | None = None
+
+    async def run(self) -> None:
+        """Checks until cancelled; a failed check (Redis down) counts as not ready."""
+        while True:
+            try:
+                await self.check()
+            except Exception as error:
+                log.warning("hot state check failed: %s", error)
+                await self._set_ready(False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.generation.wait_lost(), CHECK_SECONDS)
+
+    async def check(self) -> bool:
+        """Trusts the hot state, or rebuilds it (when this server wins the lock). True when the
+        hot state is ready now."""
+        marker = GlobalMarker.parse(await self.client.get(keys.GENERATION))
+        run_id = str((await self.client.info("server"))["run_id"])
+        if marker is not None and not marker.rebuilding and marker.run_id == run_id:
+            if self.generation.value != marker.generation:
+                log.info("hot state generation %s adopted", marker.generation)
+                self.generation.value = marker.generation
+            await self._set_ready(True)
+            return True
+        await self._set_ready(False)
+        token = os.urandom(8).hex()
+        if not await self.client.set(keys.REBUILD_LOCK, token, nx=True, ex=LOCK_SECONDS):
+            return False  # another server rebuilds; its generation is adopted when published
+        still_owner = asyncio.Event()
+        still_owner.set()
+        renewing = asyncio.get_running_loop().create_task(self._renew(token, still_owner))
+        try:
+            metrics.hot_state_rebuilds.inc()
+            report = await rebuild_hot_state(
+                self.database, self.commands, run_id, still_owner, self.clock
+            )
+        except RebuildAbandoned:
+            log.warning("hot state rebuild abandoned: another server took it over")
+            return False
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                if await self.client.get(keys.REBUILD_LOCK) == token.encode():
+                    await self.client.delete(keys.REBUILD_LOCK)
+        self.last_rebuild = report
+        metrics.hot_state_rebuild_seconds.set(report.seconds)
+        self.generation.value = report.generation
+        await self._set_ready(True)
+        return True
+
+    async def wait_ready(self, timeout_seconds: float) -> bool:
+        """Checks (and rebuilds, or waits for another server's rebuild) until the hot state is
+        ready or the time is up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_seconds
+        while True:
+            try:
+                if await self.check():
+                    return True
+            except Exception as error:
+                log.warning("hot state check failed: %s", error)
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(CHECK_SECONDS / 2)
+
+    async def _renew(self, token: str, still_owner: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                if await self.client.get(keys.REBUILD_LOCK) != token.encode():
+                    still_owner.clear()
+                    return
+                await self.client.expire(keys.REBUILD_LOCK, LOCK_SECONDS)
+            except Exception as error:  # Redis gone again: the rebuild itself will fail
+                log.warning("rebuild lock not renewed: %s", error)
+
+    async def _set_ready(self, ready: bool) -> None:
+        metrics.hot_state_ready.set(1 if ready else 0)
+        if ready == self.ready:
+            return
+        log.warning("hot state %s", "ready" if ready else "not trusted: serving stops")
+        self.ready = ready
+        await self.on_ready(ready)
+
+
+async def trusted_and_reconciled(settings: Settings, redis_url: str) -> ReconcileReport:
+    """For a process that does not serve (the workers' supervisor, the reconcile command): the
+    hot state made trustworthy (rebuilt from SQL when it is not), then reconciled with SQL."""
+    from authz_server.runtime.reconcile import reconcile
+    from authz_server.storage.redis import scripts
+    from authz_server.storage.redis.hold_store import HoldStore
+    from authz_server.storage.redis.quota_cache import RedisQuotaCache
+
+    database = Database(settings.effective_database_url)
+    client = Redis.from_url(redis_url)
+    pipelined = PipelinedRedis.from_url(redis_url, timeout_seconds=settings.redis_timeout_seconds)
+    generation = HotStateGeneration()
+    pipelined.generation = generation
+
+    async def ignore(_ready: bool) -> None:
+        return None
+
+    try:
+        await scripts.preload(client)
+        guardian = HotStateGuardian(database, client, pipelined, generation, ignore)
+        if not await guardian.wait_ready(START_WAIT_SECONDS):
+            raise RuntimeError("the hot state could not be rebuilt from SQL in time")
+        return await reconcile(
+            database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
+        )
+    finally:
+        await pipelined.aclose()
+        await client.aclose()
+        database.close()

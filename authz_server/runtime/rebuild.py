@@ -1,0 +1,154 @@
+"""Rebuilds the whole hot state in Redis from SQL under a new generation, after Redis lost its
+data (or may have: a restart, a failover). storage/redis/generation.py says how the generation
+keeps every server from deciding on Redis meanwhile; runtime/hot_state.py decides when to
+rebuild and makes sure only one server does.
+
+1. keys.GENERATION says REBUILDING: every server answers UNAVAILABLE (health NOT_SERVING).
+2. Every key of the hot state is deleted: whatever Redis still had (a restart with part of its
+   file, a replica's older copy) may be wrong, and nothing is decided on it again.
+3. SQL is read a page of beneficiaries at a time, under their relationships' row locks, and the
+   page is written to Redis before the locks are let go (as reconcile does, service/quota_sync.py
+   says why): quotas with the ledger's figures less the open holds, the open holds themselves
+   with their expiry (domain/hot_state.py), each slot marked with the new generation.
+4. keys.GENERATION names the new generation and the Redis run it was built in: servers adopt it
+   at their next call and serve again.
+Idempotency records are not copied back: a retry whose record Redis lost gets SQL's stored answer
+(service/journal.py), so the rebuild costs what is open now, not every decision of the month.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from authz_server.domain.types import Scheme
+from authz_server.service.clock import Clock, system_clock
+from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.generation import REBUILDING, new_generation
+from authz_server.storage.redis.pipelined import Command, PipelinedRedis
+from authz_server.storage.redis.rebuild_writer import delete_hot_state, page_commands
+from authz_server.storage.sql import records
+from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.open_holds import open_holds
+from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
+
+log = logging.getLogger(__name__)
+# Beneficiaries per page: their relationships stay locked for one round of Redis writes.
+BENEFICIARIES_PER_PAGE = 500
+# Commands per write to Redis, far below the connection's bound on commands in flight.
+COMMANDS_PER_WRITE = 2000
+
+
+class RebuildAbandoned(Exception):
+    """Another server took the rebuild over (this one's lock expired): its result stands."""
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    generation: str
+    deleted_keys: int
+    beneficiaries: int
+    quotas: int
+    open_holds: int
+    seconds: float
+
+
+async def rebuild_hot_state(
+    database: Database,
+    redis: PipelinedRedis,
+    run_id: str,
+    still_owner: asyncio.Event | None = None,
+    clock: Clock = system_clock,
+) -> RebuildReport:
+    """Rebuilds everything under a new generation and publishes it. `still_owner` (when given)
+    is cleared by the caller if it lost the rebuild lock: the rebuild then stops unpublished."""
+    started = time.perf_counter()
+    generation = new_generation()
+    await redis.execute("SET", keys.GENERATION, f"{REBUILDING}|{generation}")
+    deleted = await delete_hot_state(redis)
+    loop = asyncio.get_running_loop()
+    after = ""
+    beneficiaries = quotas = holds = 0
+    while True:
+        if still_owner is not None and not still_owner.is_set():
+            raise RebuildAbandoned(generation)
+        cursor = after
+
+        def page(session: Session, cursor: str = cursor) -> tuple[str, int, int, int]:
+            return _page(session, cursor, generation, redis, loop, clock())
+
+        after, page_beneficiaries, page_quotas, page_holds = await database.run(page)
+        if not page_beneficiaries:
+            break
+        beneficiaries += page_beneficiaries
+        quotas += page_quotas
+        holds += page_holds
+    if still_owner is not None and not still_owner.is_set():
+        raise RebuildAbandoned(generation)
+    await redis.execute("SET", keys.GENERATION, f"{generation}|{run_id}")
+    report = RebuildReport(
+        generation=generation,
+        deleted_keys=deleted,
+        beneficiaries=beneficiaries,
+        quotas=quotas,
+        open_holds=holds,
+        seconds=time.perf_counter() - started,
+    )
+    log.warning(
+        "hot state rebuilt from SQL: generation %s, %d quotas of %d beneficiaries, %d open "
+        "holds, %d stale keys deleted, %.1f s",
+        generation, quotas, beneficiaries, holds, deleted, report.seconds,
+    )  # fmt: skip
+    return report
+
+
+def _page(
+    session: Session,
+    after: str,
+    generation: str,
+    redis: PipelinedRedis,
+    loop: asyncio.AbstractEventLoop,
+    now: datetime,
+) -> tuple[str, int, int, int]:
+    """One page of beneficiaries, read under their relationships' row locks and written to
+    Redis before those are let go: (the last beneficiary, beneficiaries, quotas, open holds)."""
+    beneficiary_ids = list(
+        session.scalars(
+            select(RelationshipRow.beneficiary_id)
+            .distinct()
+            .where(RelationshipRow.beneficiary_id > after)
+            .order_by(RelationshipRow.beneficiary_id)
+            .limit(BENEFICIARIES_PER_PAGE)
+        )
+    )
+    if not beneficiary_ids:
+        return after, 0, 0, 0
+    rows = session.execute(
+        select(RelationshipRow, ParticipantRow.scheme)
+        .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
+        .where(RelationshipRow.beneficiary_id.in_(beneficiary_ids))
+        .order_by(RelationshipRow.relationship_id)
+        .with_for_update(of=RelationshipRow)
+    ).all()
+    marks = ledger_marks(session, [row.relationship_id for row, _ in rows])
+    quotas = [
+        restore_of(records.relationship(row), Scheme(scheme), marks.get(row.relationship_id, 0))
+        for row, scheme in rows
+    ]
+    holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
+    on_loop(loop, _write(redis, page_commands(generation, quotas, holds)))
+    return beneficiary_ids[-1], len(beneficiary_ids), len(quotas), len(holds)
+
+
+async def _write(redis: PipelinedRedis, commands: list[Command]) -> None:
+    for start in range(0, len(commands), COMMANDS_PER_WRITE):
+        for reply in await redis.execute_many(commands[start : start + COMMANDS_PER_WRITE]):
+            if isinstance(reply, Exception):
+                raise reply

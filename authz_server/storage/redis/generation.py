@@ -1,0 +1,116 @@
+"""The hot state's generation: which rebuild of Redis from SQL the data in Redis belongs to.
+
+Redis is a cache that can vanish (a restart without persistence, FLUSHALL, a replica promoted
+with an older copy). Nothing may be decided on what it lost, so:
+- a rebuild from SQL (runtime/rebuild.py) writes the whole hot state under a new random
+  generation, marks every slot it writes with it (keys.generation_marker), and only then
+  publishes it in keys.GENERATION together with the Redis process's run id;
+- every script call carries the generation its process decides in (PipelinedRedis appends it)
+  and every script first checks its slot's marker (lua/_generation.lua): a lost slot is refused
+  before anything is read or written;
+- a refused call comes here (`resolve`): a newer complete generation is adopted and the call
+  sent again; a slot never used in the current generation is marked (nothing can be in it:
+  every write to a slot goes through a script that checks the marker); otherwise the hot state
+  is lost, the guardian (runtime/hot_state.py) is told, and the call answers UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from redis.exceptions import ResponseError
+
+from authz_server.storage.redis import keys
+
+if TYPE_CHECKING:
+    from authz_server.storage.redis.pipelined import PipelinedRedis, Reply
+
+log = logging.getLogger(__name__)
+# The error replies of lua/_generation.lua.
+SLOT_UNMARKED = "MWUNMARKED"
+SLOT_STALE = "MWSTALE"
+REBUILDING = "REBUILDING"
+
+
+def new_generation() -> str:
+    """A random token, never one Redis had before (a counter would start again with a Redis
+    that lost it)."""
+    return os.urandom(8).hex()
+
+
+@dataclass(frozen=True)
+class GlobalMarker:
+    """What keys.GENERATION says: a complete generation and the Redis run it was built in, or a
+    rebuild under way."""
+
+    generation: str
+    run_id: str
+    rebuilding: bool
+
+    @classmethod
+    def parse(cls, raw: Reply | str) -> GlobalMarker | None:
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        first, _, second = text.partition("|")
+        if first == REBUILDING:
+            return cls(generation=second, run_id="", rebuilding=True)
+        return cls(generation=first, run_id=second, rebuilding=False)
+
+    def text(self) -> str:
+        return (
+            f"{REBUILDING}|{self.generation}"
+            if self.rebuilding
+            else (f"{self.generation}|{self.run_id}")
+        )
+
+
+def refused_slot(reply: Reply) -> bool:
+    """Whether a script's reply is lua/_generation.lua's refusal."""
+    return isinstance(reply, ResponseError) and str(reply).startswith((SLOT_UNMARKED, SLOT_STALE))
+
+
+class HotStateGeneration:
+    """This process's generation: appended to every script call by PipelinedRedis. Empty until
+    one is adopted, so every script refuses until Redis holds a complete hot state."""
+
+    def __init__(self) -> None:
+        self.value = ""
+        # Set when a call found the hot state lost or being rebuilt; the guardian waits on it.
+        self.lost = asyncio.Event()
+
+    async def resolve(self, redis: PipelinedRedis, refusals: list[Reply]) -> bool:
+        """Scripts refused their slots. True when they should be sent again (a newer complete
+        generation adopted, or unused slots marked); False when the hot state is lost or being
+        rebuilt (the guardian is told; the calls answer UNAVAILABLE)."""
+        marker = GlobalMarker.parse(await redis.execute("GET", keys.GENERATION))
+        if marker is None or marker.rebuilding:
+            self.lost.set()
+            return False
+        if marker.generation != self.value:
+            log.info("hot state generation %s adopted", marker.generation)
+            self.value = marker.generation
+            return True
+        commands: list[tuple[str | bytes | int, ...]] = []
+        for refusal in refusals:
+            words = str(refusal).split()
+            if words[0] == SLOT_UNMARKED:
+                # Never used in this generation: nothing can be in it. NX: a rebuild's mark wins.
+                commands.append(("SET", words[1], self.value, "NX"))
+            else:
+                # Marked by another generation although ours is complete: a straggler of an
+                # earlier rebuild wrote it after that rebuild's sweep. Taken over.
+                log.warning("slot %s marked %s under generation %s", words[1], words[2], self.value)
+                commands.append(("SET", words[1], self.value))
+        for reply in await redis.execute_many(commands):
+            if isinstance(reply, ResponseError):
+                raise reply
+        return True
+
+    async def wait_lost(self) -> None:
+        await self.lost.wait()
+        self.lost.clear()

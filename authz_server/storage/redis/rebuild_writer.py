@@ -1,0 +1,98 @@
+"""The Redis side of a rebuild of the hot state from SQL (runtime/rebuild.py): what one page of
+beneficiaries looks like in Redis, as plain commands, and the sweep that empties Redis first.
+The field names are the scripts' (lua/_lib.lua, lua/quota_restore.lua, lua/hold_restore.lua)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from authz_server.domain.funding import format_funding
+from authz_server.domain.hot_state import OpenHold, figures, held_by_quota
+from authz_server.service.ports import QuotaRestore
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.pipelined import (
+    Command,
+    PipelinedRedis,
+    as_integer,
+    as_list,
+    as_text,
+)
+
+# Keys per SCAN call while Redis is emptied, and per UNLINK.
+SCAN_COUNT = 1000
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def page_commands(
+    generation: str, quotas: list[QuotaRestore], holds: list[OpenHold]
+) -> list[Command]:
+    """Every key of these beneficiaries: quotas (figures from the ledger less the open holds),
+    the open holds themselves (rs = 1: put back from SQL), and each slot's generation mark."""
+    commands: list[Command] = []
+    held = held_by_quota(holds)
+    epoch = os.urandom(8).hex()
+    prefixes: set[str] = set()
+    for quota in quotas:
+        key = keys.quota(quota.beneficiary_id, quota.relationship_id)
+        prefixes.add(keys.prefix(quota.beneficiary_id))
+        if quota.active:
+            quota_figures = figures(quota.unused_fen, held.get(quota.relationship_id, 0))
+            commands.append(
+                ("HSET", key, "status", "ACTIVE", "available", quota_figures.available_fen,
+                 "held", quota_figures.held_fen, "holder", quota.holder_id,
+                 "order", quota.funding_order, "beneficiary", quota.beneficiary_id,
+                 "scheme", quota.beneficiary_scheme, "r", quota.ledger_mark, "e", epoch)
+            )  # fmt: skip
+            commands.append(
+                ("ZADD", keys.quota_index(quota.beneficiary_id), quota.funding_order,
+                 quota.relationship_id)
+            )  # fmt: skip
+        else:
+            commands.append(
+                ("HSET", key, "status", "DISSOLVED", "available", 0, "held", 0,
+                 "holder", quota.holder_id, "beneficiary", quota.beneficiary_id,
+                 "scheme", quota.beneficiary_scheme, "r", quota.ledger_mark, "e", epoch)
+            )  # fmt: skip
+    for hold in holds:
+        prefix = keys.prefix(hold.beneficiary_id)
+        prefixes.add(prefix)
+        expires_ms = _ms(hold.expires_at)
+        commands.append(
+            ("HSET", keys.authorization(hold.authorization_id), "m", hold.merchant_id,
+             "b", hold.beneficiary_id, "p", hold.purpose, "s", "PENDING",
+             "ap", hold.approved_fen, "cp", 0, "f", format_funding(hold.funding),
+             "ex", expires_ms, "cr", _ms(hold.created_at), "d", hold.decision, "r", "",
+             "ck", "", "o", 0, "rs", 1)
+        )  # fmt: skip
+        commands.append(("ZADD", keys.expiry(prefix), expires_ms, hold.authorization_id))
+        commands.append(("ZADD", keys.DUE_HOLDS, "LT", expires_ms, prefix))
+        for relationship_id, _ in hold.funding:
+            commands.append(
+                ("SADD", keys.quota_holds(hold.beneficiary_id, relationship_id),
+                 hold.authorization_id)
+            )  # fmt: skip
+    commands.extend(
+        ("SET", keys.generation_marker(prefix), generation) for prefix in sorted(prefixes)
+    )
+    return commands
+
+
+async def delete_hot_state(redis: PipelinedRedis) -> int:
+    """Deletes every key of the hot state but the generation's own. Returns how many."""
+    deleted, cursor = 0, 0
+    while True:
+        reply = as_list(await redis.execute("SCAN", cursor, "MATCH", "mw:*", "COUNT", SCAN_COUNT))
+        names = [
+            as_text(name)
+            for name in as_list(reply[1])
+            if not as_text(name).startswith(keys.GENERATION)
+        ]
+        if names:
+            deleted += as_integer(await redis.execute("UNLINK", *names))
+        cursor = as_integer(reply[0])
+        if cursor == 0:
+            return deleted

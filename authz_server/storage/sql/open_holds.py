@@ -1,0 +1,91 @@
+"""The holds SQL says are open (domain/hot_state.py's rule), read for a rebuild of the hot state
+and for putting one hold back; and the mark a void leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import exists, select, update
+from sqlalchemy.orm import Session
+
+from authz_server.domain.funding import parse_funding
+from authz_server.domain.hot_state import APPROVALS, OpenHold, is_open
+from authz_server.domain.types import RelationshipStatus
+from authz_server.storage.sql.records import utc
+from authz_server.storage.sql.tables import AuthorizationRow, CaptureRow, RelationshipRow
+
+
+def open_holds(
+    session: Session,
+    now: datetime,
+    *,
+    beneficiary_ids: Sequence[str] = (),
+    authorization_id: str | None = None,
+) -> list[OpenHold]:
+    """The open holds of these beneficiaries (or the one authorization), as SQL has them now.
+    Read under the caller's row locks of their relationships, when it needs a stable answer."""
+    query = select(AuthorizationRow).where(
+        AuthorizationRow.decision.in_(sorted(APPROVALS)),
+        AuthorizationRow.expires_at > now,
+        AuthorizationRow.voided_at.is_(None),
+        ~exists().where(CaptureRow.authorization_id == AuthorizationRow.authorization_id),
+    )
+    if authorization_id is not None:
+        query = query.where(AuthorizationRow.authorization_id == authorization_id)
+    else:
+        query = query.where(AuthorizationRow.beneficiary_id.in_(beneficiary_ids))
+    rows = list(session.scalars(query))
+    funding = {row.authorization_id: parse_funding(row.funding) for row in rows}
+    relationship_ids = sorted({rid for parts in funding.values() for rid, _ in parts})
+    active = (
+        set(
+            session.scalars(
+                select(RelationshipRow.relationship_id).where(
+                    RelationshipRow.relationship_id.in_(relationship_ids),
+                    RelationshipRow.status == RelationshipStatus.ACTIVE.value,
+                )
+            )
+        )
+        if relationship_ids
+        else set()
+    )
+    holds = []
+    for row in rows:
+        parts = funding[row.authorization_id]
+        expires_at = utc(row.expires_at) if row.expires_at else None
+        if expires_at is None or not is_open(
+            row.decision,
+            expires_at,
+            voided=False,
+            captured=False,
+            funding_active=bool(parts) and all(rid in active for rid, _ in parts),
+            now=now,
+        ):
+            continue
+        holds.append(
+            OpenHold(
+                authorization_id=row.authorization_id,
+                merchant_id=row.merchant_id,
+                beneficiary_id=row.beneficiary_id,
+                purpose=row.purpose,
+                decision=row.decision,
+                approved_fen=row.approved_fen,
+                funding=parts,
+                created_at=utc(row.created_at),
+                expires_at=expires_at,
+            )
+        )
+    return holds
+
+
+def mark_voided(session: Session, authorization_id: str, now: datetime) -> None:
+    """A hold voided in Redis is voided in SQL too, so a rebuild does not put it back."""
+    session.execute(
+        update(AuthorizationRow)
+        .where(
+            AuthorizationRow.authorization_id == authorization_id,
+            AuthorizationRow.voided_at.is_(None),
+        )
+        .values(voided_at=now)
+    )
