@@ -3,9 +3,12 @@ a capture SQL already has is never undone by a later attempt."""
 
 from __future__ import annotations
 
+from sqlalchemy import delete
+
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.generated.medwallet.v1 import common_pb2
 from authz_server.storage.redis import keys
+from authz_server.storage.sql.tables import AuthorizationRow
 from tests import factories
 from tests.harness import lose_redis, new_id
 from tests.test_authorization_rules import (
@@ -36,6 +39,37 @@ def test_premium_retried_after_redis_loss_pays_once(
     again = authorizations.Authorize(request, metadata=COLLECTOR)
     assert again.SerializeToString(deterministic=True) == first.SerializeToString(
         deterministic=True
+    )
+    assert figures(relationships, people.relationship_ids[0]) == (40_000, 0, 10_000)
+
+
+def test_premium_whose_journal_row_was_never_written_pays_once_after_redis_loss(
+    harness, registry, relationships, authorizations
+) -> None:
+    """A process that died just after the capture committed and before the journal row: the
+    payment's answer is stored with the capture itself, so a retry after Redis lost the decision
+    still gets it, and nothing is paid twice."""
+    register_merchants(registry)
+    people = family(registry, relationships, 50_000)
+    request = authorize_request(
+        people.beneficiary_id, common_pb2.PURPOSE_RESIDENT_PREMIUM, 10_000, capture=True
+    )
+    first = authorizations.Authorize(request, metadata=COLLECTOR)
+    assert first.status == pb.AUTHORIZATION_STATUS_CAPTURED
+
+    def forget_journal_row(session) -> None:
+        session.execute(
+            delete(AuthorizationRow).where(
+                AuthorizationRow.authorization_id == first.authorization_id
+            )
+        )
+
+    harness.app.database.transaction(forget_journal_row)
+    _flush_and_reconcile(harness)
+    again = authorizations.Authorize(request, metadata=COLLECTOR)
+    assert (again.authorization_id, again.status) == (
+        first.authorization_id,
+        pb.AUTHORIZATION_STATUS_CAPTURED,
     )
     assert figures(relationships, people.relationship_ids[0]) == (40_000, 0, 10_000)
 

@@ -125,20 +125,15 @@ def test_a_write_that_never_happened_is_voided_answers_unavailable_and_a_retry_p
 
 
 class UnreachableDatabase:
-    """The service's database, every transaction of which fails as if SQL were down, after
-    the first `answered` ones (a one-step payment reads SQL for its key before it pays)."""
+    """The service's database, every transaction of which fails as if SQL were down."""
 
-    def __init__(self, real: Any, answered: int = 1) -> None:
+    def __init__(self, real: Any) -> None:
         self.real = real
-        self.answered = answered
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
 
     async def run(self, work: Any) -> Any:
-        if self.answered > 0:
-            self.answered -= 1
-            return await self.real.run(work)
         raise Unavailable("the database did not answer: (injected)")
 
 

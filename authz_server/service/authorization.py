@@ -221,14 +221,13 @@ class AuthorizationService:
         else:
             outcome = self._outcome(decision)
             if decision.status == "CAPTURING":
-                # A one-step payment pays at once: not when SQL answered its key before (Redis
-                # lost that answer), which would pay twice.
-                stored = await self.database.run(
-                    lambda session: _stored_decision(session, call, decision.authorization_id)
+                paid = await self.to_the_end.run(
+                    self._capture_at_once(request, outcome, now, call, respond)
                 )
-                if stored is not None:
-                    return await self._stored_answer(call, stored, decision.authorization_id)
-                outcome = await self.to_the_end.run(self._capture_at_once(request, outcome, now))
+                if isinstance(paid, bytes):
+                    metrics.idempotent_replays.labels("Authorize").inc()
+                    return paid
+                outcome = paid
             _count(request.purpose, outcome)
         response = respond(outcome)
         # Durable before the till hears it (service/journal.py): an approval survives the loss of
@@ -378,11 +377,28 @@ class AuthorizationService:
         raise Unavailable("the payment is still being written; retry")
 
     async def _capture_at_once(
-        self, request: rules.AuthorizeRequest, outcome: AuthorizeOutcome, now: datetime
-    ) -> AuthorizeOutcome:
+        self,
+        request: rules.AuthorizeRequest,
+        outcome: AuthorizeOutcome,
+        now: datetime,
+        call: AuthorizeCall,
+        respond: Callable[[AuthorizeOutcome], Serializable],
+    ) -> AuthorizeOutcome | bytes:
+        """Pays a one-step payment. Its answer is stored under its idempotency key in the
+        capture's own transaction, so a key that paid once never pays again, even when Redis
+        lost the decision and the journal never got the row (a crash just after the capture):
+        the capture writer answers such a key with the stored response (bytes), and the
+        decision just made is undone."""
         claim_token = str(_ms(now))  # when authorize.lua began the payment's claim: its cs
+        answer = respond(_with_status(outcome, AuthorizationStatus.CAPTURED)).SerializeToString()
+        paid_once = Idempotency[AuthorizationView](
+            f"authorize:{request.merchant_id}",
+            request.idempotency_key,
+            call.request_digest,
+            lambda _view: answer,
+        )
         try:
-            await self._write_capture(
+            written = await self._write_capture(
                 outcome.authorization_id,
                 request.merchant_id,
                 request.beneficiary_id,
@@ -390,9 +406,12 @@ class AuthorizationService:
                 outcome.approved_fen,
                 outcome.funding,
                 outcome.funding,
-                None,
+                paid_once,
                 now,
             )
+        except IdempotencyKeyReused:  # the key paid for another request: nothing paid here
+            await self.holds.undo(call, outcome.authorization_id)
+            raise
         except CapturedInLedger as captured:  # SQL has it already: settle the hold as SQL says
             await self.holds.capture_finish(
                 outcome.authorization_id, claim_token, "CAPTURED", captured.parts
@@ -406,6 +425,9 @@ class AuthorizationService:
             if settled is not None:
                 return settled
             raise
+        if isinstance(written, bytes):  # the key paid before: its answer, nothing paid now
+            await self.holds.undo(call, outcome.authorization_id)
+            return written
         await self.holds.capture_finish(
             outcome.authorization_id, claim_token, "CAPTURED", format_funding(outcome.funding)
         )
@@ -810,25 +832,6 @@ class AuthorizationService:
             capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
             _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
         )  # fmt: skip
-
-
-def _stored_decision(
-    session: Session, call: AuthorizeCall, authorization_id: str
-) -> StoredDecision | None:
-    """The decision SQL holds for the call's key, if another authorization's."""
-    row = session.execute(
-        select(
-            AuthorizationRow.authorization_id,
-            AuthorizationRow.request_digest,
-            AuthorizationRow.response,
-        ).where(
-            AuthorizationRow.merchant_id == call.merchant_id,
-            AuthorizationRow.idempotency_key == call.idempotency_key,
-        )
-    ).one_or_none()
-    if row is None or row[0] == authorization_id:
-        return None
-    return StoredDecision(row[0], row[1], bytes(row[2]))
 
 
 def _lost_state(session: Session, authorization_id: str) -> tuple[str, str] | None:
