@@ -65,7 +65,12 @@ from authz_server.storage.redis.hold_store import (
 from authz_server.storage.sql import records, settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
-from authz_server.storage.sql.open_holds import mark_voided, open_holds
+from authz_server.storage.sql.open_holds import (
+    LedgerVoid,
+    mark_voided,
+    open_holds,
+    void_in_ledger,
+)
 from authz_server.storage.sql.tables import (
     AuthorizationRow,
     CapturePartRow,
@@ -668,22 +673,32 @@ class AuthorizationService:
     # --- Void ------------------------------------------------------------------------------
 
     async def void(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
+        # SQL first (storage/sql/open_holds.void_in_ledger): a capture committing meanwhile
+        # either came first (ALREADY_CAPTURED) or is refused; and a rebuild of Redis never puts
+        # a voided hold back.
+        now = self.clock()
+        in_ledger, parts = await self.database.run(
+            lambda session: void_in_ledger(session, authorization_id, merchant_id, now)
+        )
+        if in_ledger is LedgerVoid.CAPTURED:
+            # Redis may still hold it (its claim lost with Redis, put back by a rebuild):
+            # finished as SQL says, never given back.
+            await self.holds.capture_finish(authorization_id, "", "CAPTURED", parts)
+            raise PolicyRefusal(
+                "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
+            )
         outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
-        if outcome == "NOT_FOUND" and await self._put_back_if_open(merchant_id, authorization_id):
-            outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        if outcome == "NOT_FOUND" and in_ledger is LedgerVoid.EXPIRED:
+            outcome = "AUTHORIZATION_EXPIRED"
         if outcome == "NOT_FOUND":  # unknown, another merchant's, or lost with Redis
             state = await self.database.run(lambda session: _lost_state(session, authorization_id))
             if state is None or state[0] != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
             outcome = "OK" if state[1] == "ALREADY_VOIDED" else state[1]
-        if outcome == "CAPTURE_IN_PROGRESS":  # not "captured": the capture may still fail
+        if outcome == "CAPTURE_IN_PROGRESS":  # its write will find the void and be refused
             raise Unavailable("a capture of this authorization is being written; retry")
         if outcome != "OK":
             raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")
-        # Voided in SQL before the till hears it, so a rebuild of Redis does not put the hold
-        # back. A retry (after a failure here) voids again harmlessly and marks it then.
-        now = self.clock()
-        await self.database.run(lambda session: mark_voided(session, authorization_id, now))
         return await self.get(merchant_id, authorization_id)
 
     # --- Refund ----------------------------------------------------------------------------

@@ -13,26 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from authz_server.domain.funding import format_funding, parse_funding
+from authz_server.domain.funding import parse_funding
 from authz_server.storage.redis.hold_store import NOT_WRITTEN, HoldStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from authz_server.storage.sql.tables import CapturePartRow, CaptureRow
-
-
-def ledger_parts(session: Session, authorization_id: str) -> str | None:
-    """The captured parts ("rid=fen;..." in funding order), None when SQL has no capture."""
-    if session.get(CaptureRow, authorization_id) is None:
-        return None
-    rows = session.scalars(
-        select(CapturePartRow)
-        .where(CapturePartRow.authorization_id == authorization_id)
-        .order_by(CapturePartRow.position)
-    )
-    return format_funding((row.relationship_id, row.amount_fen) for row in rows)
+from authz_server.storage.sql.open_holds import ledger_parts
 
 
 def captured_as_sql_says(

@@ -161,7 +161,10 @@ def decide(
 
 
 def _refusal(unit: CaptureUnit, state: BatchState) -> Exception | None:
-    """A capture draws only from active relationships (a dissolved one voided its holds)."""
+    """A capture draws only from active relationships (a dissolved one voided its holds), and
+    never of an authorization a Void marked in SQL first."""
+    if unit.authorization_id in state.voided:
+        return PolicyRefusal("ALREADY_VOIDED", f"authorization {unit.authorization_id} is voided")
     for relationship_id, fen in unit.parts:
         if fen == 0:
             continue

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Dialect, Table
 from authz_server.domain.types import LedgerKind
 from authz_server.storage.sql.dbapi import BulkInsert, fetch_all, marker, placeholders, run_many
 from authz_server.storage.sql.tables import (
+    AuthorizationRow,
     CapturePartRow,
     CaptureRow,
     IdempotencyRecordRow,
@@ -31,6 +32,7 @@ from authz_server.storage.sql.tables import (
     RelationshipRow,
 )
 
+authorizations: Table = AuthorizationRow.__table__  # type: ignore[assignment]
 captures: Table = CaptureRow.__table__  # type: ignore[assignment]
 capture_parts: Table = CapturePartRow.__table__  # type: ignore[assignment]
 ledger_entries: Table = LedgerEntryRow.__table__  # type: ignore[assignment]
@@ -61,6 +63,8 @@ class BatchState:
     # authorization id -> its captured parts ((relationship id, fen) in position order)
     captured: dict[str, tuple[tuple[str, int], ...]]
     relationships: dict[str, FundingRelationship]
+    # authorizations voided in SQL (a Void is recorded there first): never captured
+    voided: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -148,10 +152,25 @@ def load(
         )
         for relationship_id, status, holder_id, region in rows:
             funding[relationship_id] = FundingRelationship(status, holder_id, region)
+    voided: frozenset[str] = frozenset()
+    if ids:
+        # Read after the relationships' locks: a Void marks SQL under the same locks, so it
+        # committed before this read, or waits until this batch has committed.
+        voided = frozenset(
+            row[0]
+            for row in fetch_all(
+                connection,
+                f"SELECT authorization_id FROM {quote(authorizations.name)}"
+                f" WHERE authorization_id IN ({placeholders(dialect, len(ids))})"
+                f" AND voided_at IS NOT NULL",
+                ids,
+            )
+        )
     return BatchState(
         answers=answers,
         captured={key: tuple(value) for key, value in captured.items()},
         relationships=funding,
+        voided=voided,
     )
 
 

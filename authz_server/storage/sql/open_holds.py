@@ -3,17 +3,23 @@ and for putting one hold back; and the mark a void leaves."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
-from authz_server.domain.funding import parse_funding
+from authz_server.domain.funding import format_funding, parse_funding
 from authz_server.domain.hot_state import APPROVALS, OpenHold, is_open
 from authz_server.domain.types import RelationshipStatus
 from authz_server.storage.sql.records import utc
-from authz_server.storage.sql.tables import AuthorizationRow, CaptureRow, RelationshipRow
+from authz_server.storage.sql.tables import (
+    AuthorizationRow,
+    CapturePartRow,
+    CaptureRow,
+    RelationshipRow,
+)
 
 
 def open_holds(
@@ -77,6 +83,56 @@ def open_holds(
             )
         )
     return holds
+
+
+def ledger_parts(session: Session, authorization_id: str) -> str | None:
+    """The captured parts ("rid=fen;..." in funding order), None when SQL has no capture."""
+    if session.get(CaptureRow, authorization_id) is None:
+        return None
+    rows = session.scalars(
+        select(CapturePartRow)
+        .where(CapturePartRow.authorization_id == authorization_id)
+        .order_by(CapturePartRow.position)
+    )
+    return format_funding((row.relationship_id, row.amount_fen) for row in rows)
+
+
+class LedgerVoid(enum.Enum):
+    """What SQL says of a void, decided under the locks of the quotas funding the hold."""
+
+    UNKNOWN = "UNKNOWN"  # no such authorization of this merchant
+    DECLINED = "DECLINED"
+    CAPTURED = "CAPTURED"  # its capture committed first: it cannot be voided
+    EXPIRED = "EXPIRED"  # left to Redis's own answer (expiry is Redis's to apply)
+    VOIDED = "VOIDED"  # marked now, or before
+
+
+def void_in_ledger(
+    session: Session, authorization_id: str, merchant_id: str, now: datetime
+) -> tuple[LedgerVoid, str]:
+    """Marks a hold voided in SQL first, under its quotas' row locks (in id order, as every
+    writer takes them): a capture committing at the same moment either committed before (then
+    CAPTURED, with its parts "rid=fen;...") or will find the mark and be refused (the capture
+    writer refuses a voided authorization). So a till is never told VOIDED for money SQL
+    captured, even when Redis lost the capture's claim."""
+    row = session.get(AuthorizationRow, authorization_id)
+    if row is None or row.merchant_id != merchant_id:
+        return LedgerVoid.UNKNOWN, ""
+    if row.decision not in APPROVALS:
+        return LedgerVoid.DECLINED, ""
+    for relationship_id in sorted({rid for rid, _ in parse_funding(row.funding)}):
+        session.execute(
+            select(RelationshipRow.relationship_id)
+            .where(RelationshipRow.relationship_id == relationship_id)
+            .with_for_update()
+        )
+    parts = ledger_parts(session, authorization_id)
+    if parts is not None:
+        return LedgerVoid.CAPTURED, parts
+    if row.voided_at is None and row.expires_at is not None and utc(row.expires_at) <= now:
+        return LedgerVoid.EXPIRED, ""
+    mark_voided(session, authorization_id, now)
+    return LedgerVoid.VOIDED, ""
 
 
 def mark_voided(session: Session, authorization_id: str, now: datetime) -> None:
