@@ -87,6 +87,12 @@ reconcile_drift = Counter(
 reconcile_drift_fen = Counter(
     "medwallet_reconcile_drift_fen_total", "Absolute difference reconcile corrected, in fen."
 )
+ledger_limit_refusals = Counter(
+    "medwallet_ledger_limit_refusals_total",
+    "Captures and releases Redis approved that the SQL ledger refused because the quota had"
+    " not that much unused (Redis overstated the quota); each logged.",
+    ["operation"],
+)
 redis_up = Gauge(
     "medwallet_redis_up", "1 while Redis answers, else 0.", multiprocess_mode="livemin"
 )
