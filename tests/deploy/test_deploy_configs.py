@@ -88,6 +88,7 @@ COUNTERS_AND_GAUGES = {
     "medwallet_idempotent_replays_total",
     "medwallet_reconcile_drift_total",
     "medwallet_reconcile_drift_fen_total",
+    "medwallet_ledger_limit_refusals_total",
     "medwallet_redis_up",
     "medwallet_health_serving",
     "medwallet_build_info",
@@ -119,6 +120,7 @@ REQUIRED_ALERTS = {
     "MedWalletAuthorizeLatencyP99High",
     "MedWalletRedisDown",
     "MedWalletReconcileDrift",
+    "MedWalletLedgerLimitExceeded",
     "MedWalletHoldExpirySpike",
     "MedWalletHealthFlapping",
 }
