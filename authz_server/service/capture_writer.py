@@ -212,16 +212,20 @@ def _beyond_ledger(
     return None
 
 
-def count_ledger_refusals(outcomes: list[Outcome]) -> None:
+def _count_ledger_refusals(units: list[CaptureUnit], outcomes: list[Outcome]) -> None:
     """Each refusal by the ledger's limit is counted and logged: Redis overstated a quota
     (an alert pages on any, deploy/RUNBOOK.md#medwalletledgerlimitexceeded)."""
-    for written, result in outcomes:
+    for unit, (written, result) in zip(units, outcomes, strict=True):
         if not written and isinstance(result, LedgerLimitExceeded):
             metrics.ledger_limit_refusals.labels("capture").inc()
             log.error(
                 "capture refused by the ledger: %s (Redis overstated this quota)",
                 result.message,
-                extra={"relationship_id": result.relationship_id},
+                extra={
+                    "relationship_id": result.relationship_id,
+                    "authorization_id": unit.authorization_id,
+                    "merchant_id": unit.merchant_id,
+                },
             )
 
 
@@ -272,7 +276,7 @@ class CaptureWriter:
                 )
             if self.observe is not None:
                 self.observe(len(batch), time.perf_counter() - started)
-            count_ledger_refusals(outcomes)
+            _count_ledger_refusals(units, outcomes)
             answer([future for _, future in batch], outcomes)
 
     def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:
