@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from authz_server.domain.errors import LedgerLimitExceeded
+from authz_server.domain.model import QuotaTotals
 from authz_server.domain.types import Purpose
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.generated.medwallet.v1 import relationship_pb2
@@ -293,6 +294,12 @@ def test_a_batch_writes_the_captures_the_ledger_can_pay_and_refuses_the_others(
     assert refusals("capture") == before + 2
 
 
+TOTALS_FIELDS = (
+    "allocated_total_fen",
+    "released_total_fen",
+    "captured_total_fen",
+    "refunded_to_quota_total_fen",
+)
 BAD_TOTALS = [
     # (what the update sets, the one rule it breaks)
     ({"captured_total_fen": 10_001}, "within_allocation"),
@@ -322,6 +329,10 @@ def test_the_database_refuses_totals_beyond_the_ledger_limit(
         connection.execute(statement.values(**values))
     assert f"ck_relationships_{rule}" in str(caught.value)
     assert totals(harness, rid) == (10_000, 0, 0, 0)
+    # The domain's statement of the rule agrees with the database's.
+    fields = dict(zip(TOTALS_FIELDS, (10_000, 0, 0, 0), strict=True))
+    assert QuotaTotals(**fields).within_ledger_limit
+    assert not QuotaTotals(**{**fields, **values}).within_ledger_limit
     # At the limit is allowed: all of it captured, half refunded, the rest released.
     with database.writing(), database.engine.begin() as connection:
         connection.execute(
@@ -332,6 +343,7 @@ def test_the_database_refuses_totals_beyond_the_ledger_limit(
             )
         )
     assert totals(harness, rid) == (10_000, 5_000, 10_000, 5_000)
+    assert QuotaTotals(10_000, 5_000, 10_000, 5_000).within_ledger_limit
 
 
 def test_the_migration_names_relationships_already_beyond_the_limit(tmp_path: Path) -> None:
