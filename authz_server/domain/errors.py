@@ -33,6 +33,22 @@ class PolicyRefusal(DomainError):
         super().__init__(message, reason)
 
 
+class LedgerLimitExceeded(PolicyRefusal):
+    """The ledger (SQL) cannot pay what the hot state (Redis) approved: the quota's unused money
+    in SQL is less than the capture draws from it. Redis overstated the quota; nothing was
+    written. FAILED_PRECONDITION, reason LEDGER_LIMIT_EXCEEDED."""
+
+    def __init__(self, relationship_id: str, unused_fen: int, asked_fen: int) -> None:
+        super().__init__(
+            "LEDGER_LIMIT_EXCEEDED",
+            f"relationship {relationship_id} has {unused_fen} fen unused in the ledger,"
+            f" less than the {asked_fen} fen asked",
+        )
+        self.relationship_id = relationship_id
+        self.unused_fen = unused_fen
+        self.asked_fen = asked_fen
+
+
 class NotFound(DomainError):
     """NOT_FOUND. Also what a merchant gets for another merchant's authorization."""
 

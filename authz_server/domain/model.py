@@ -73,6 +73,24 @@ class QuotaTotals:
         )
 
     @property
+    def within_ledger_limit(self) -> bool:
+        """The ledger's limit (the CHECK constraints on `relationships` state it too): money
+        out of a quota never exceeds money into it, captured - refunded_to_quota + released
+        <= allocated, i.e. unused >= 0; every total is non-negative and a quota gets back no
+        more than was captured from it."""
+        return (
+            self.unused_fen >= 0
+            and min(
+                self.allocated_total_fen,
+                self.released_total_fen,
+                self.captured_total_fen,
+                self.refunded_to_quota_total_fen,
+            )
+            >= 0
+            and self.refunded_to_quota_total_fen <= self.captured_total_fen
+        )
+
+    @property
     def allocated_now_fen(self) -> int:
         """Allocated minus given back to the holder; = available + held + spent."""
         return self.allocated_total_fen - self.released_total_fen

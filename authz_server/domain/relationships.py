@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from authz_server.domain.errors import PolicyRefusal
-from authz_server.domain.model import Participant, Relationship
+from authz_server.domain.errors import LedgerLimitExceeded, PolicyRefusal
+from authz_server.domain.model import Participant, QuotaTotals, Relationship
 from authz_server.domain.types import (
     DissolutionReason,
     InsuranceEventType,
@@ -134,6 +134,15 @@ def check_release(available_fen: int, amount_fen: int) -> None:
             "INSUFFICIENT_QUOTA",
             f"only {available_fen} fen of the quota is available to release",
         )
+
+
+def check_ledger_pays(relationship_id: str, totals: QuotaTotals, amount_fen: int) -> None:
+    """The ledger's limit (QuotaTotals.within_ledger_limit): money leaves a quota (a capture,
+    a release) only if the ledger has it unused, whatever the hot state approved. Checked
+    under the relationship's row lock, in the transaction that moves the money; `totals`
+    include what that transaction moved before."""
+    if amount_fen > totals.unused_fen:
+        raise LedgerLimitExceeded(relationship_id, totals.unused_fen, amount_fen)
 
 
 def dissolution_reason(

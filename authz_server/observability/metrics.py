@@ -102,6 +102,16 @@ hot_state_rebuild_seconds = Gauge(
     "How long this server's last rebuild of the hot state from SQL took.",
     multiprocess_mode="max",
 )
+ledger_limit_refusals = Counter(
+    "medwallet_ledger_limit_refusals_total",
+    "Captures and releases Redis approved that the SQL ledger refused because the quota had"
+    " not that much unused (Redis overstated the quota); each logged.",
+    ["operation"],
+)
+# Both series exist from the start at 0, so the alert's increase() sees the first refusal (a
+# series born at 1 shows no increase).
+for _operation in ("capture", "release"):
+    ledger_limit_refusals.labels(_operation)
 redis_up = Gauge(
     "medwallet_redis_up", "1 while Redis answers, else 0.", multiprocess_mode="livemin"
 )

@@ -28,6 +28,7 @@ from authz_server.domain.errors import (
     DomainError,
     IdempotencyKeyReused,
     InvalidArgument,
+    LedgerLimitExceeded,
     NotFound,
     PolicyRefusal,
     Unavailable,
@@ -95,7 +96,7 @@ HOLD_WAIT_SECONDS = 10.0
 HOLD_WAIT_STEP_SECONDS = 0.2
 CAPTURE_REFUSALS = frozenset(
     {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
-     "RELATIONSHIP_NOT_ACTIVE"}
+     "RELATIONSHIP_NOT_ACTIVE", "LEDGER_LIMIT_EXCEEDED"}
 )  # fmt: skip
 
 
@@ -422,6 +423,14 @@ class AuthorizationService:
                 outcome.authorization_id, claim_token, "CAPTURED", captured.parts
             )
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
+        except LedgerLimitExceeded as refusal:
+            # Redis approved what the ledger cannot pay; nothing was paid, so NOT_WRITTEN: a
+            # retry with this key decides anew (on the healed figure) instead of a replay.
+            await self.holds.capture_finish(
+                outcome.authorization_id, claim_token, "VOIDED", "", NOT_WRITTEN
+            )
+            await self._heal_overstated_quota(refusal)
+            raise
         except PolicyRefusal:  # the relationship was dissolved in between
             await self.holds.capture_finish(outcome.authorization_id, claim_token, "VOIDED", "")
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
@@ -535,7 +544,9 @@ class AuthorizationService:
                 authorization_id, claim_token, "CAPTURED", captured.parts
             )
             raise
-        except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
+        except PolicyRefusal as refusal:
+            # A relationship was dissolved, or the ledger cannot pay: the hold is void, and a
+            # retry of this capture is told why.
             await self.holds.capture_finish(
                 authorization_id, claim_token, "VOIDED", "", refusal.reason
             )
@@ -543,6 +554,8 @@ class AuthorizationService:
             await self.database.run(
                 lambda session: mark_voided(session, authorization_id, voided_at)
             )
+            if isinstance(refusal, LedgerLimitExceeded):
+                await self._heal_overstated_quota(refusal)
             raise
         except BaseException as failure:
             if isinstance(failure, DomainError) and not isinstance(failure, Unavailable):
@@ -562,6 +575,21 @@ class AuthorizationService:
             authorization_id, claim_token, "CAPTURED", format_funding(parts)
         )
         return result
+
+    async def _heal_overstated_quota(self, refusal: LedgerLimitExceeded) -> None:
+        """The ledger refused a capture Redis approved: Redis overstated the quota (the void
+        just gave the hold back to that figure). It is set from the ledger now, so the next
+        Authorize decides on what can be paid rather than approving it again. If it cannot
+        be now (another capture of it between its phases), reconcile does it later."""
+        try:
+            await restore_from_ledger(self.database, self.quotas, refusal.relationship_id)
+        except Exception:
+            log.warning(
+                "quota %s overstated in Redis could not be set from the ledger now",
+                refusal.relationship_id,
+                extra={"relationship_id": refusal.relationship_id},
+                exc_info=True,
+            )
 
     async def _settle_as_sql_says(
         self,

@@ -2,8 +2,9 @@
 
 Concurrent captures queue here; while one batch is in its transaction the next one gathers, so
 SQL round trips are shared by every capture waiting (group commit, set-based). Each capture in a
-batch is decided on its own (`decide`): a replay gets its stored answer, a reused key or a
-dissolved relationship refuses that capture only, the others are written. If the batch's
+batch is decided on its own (`decide`): a replay gets its stored answer, a reused key, a
+dissolved relationship or a quota whose ledger cannot pay (LEDGER_LIMIT_EXCEEDED: Redis
+overstated it) refuses that capture only, the others are written. If the batch's
 transaction fails for a reason that is not a lock or a lost connection, its captures are retried
 one transaction each, so one bad capture cannot fail the others.
 """
@@ -14,15 +15,23 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
-from authz_server.domain.errors import IdempotencyKeyReused, NotFound, PolicyRefusal, Unavailable
+from authz_server.domain import relationships as relationship_rules
+from authz_server.domain.errors import (
+    IdempotencyKeyReused,
+    LedgerLimitExceeded,
+    NotFound,
+    PolicyRefusal,
+    Unavailable,
+)
 from authz_server.domain.funding import Funding, format_funding
 from authz_server.domain.types import AuthorizationStatus, Purpose, RelationshipStatus
+from authz_server.observability import metrics
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.views import AuthorizationView
@@ -82,6 +91,8 @@ def decide(
     accepted: list[AcceptedCapture] = []
     keys_in_batch: set[tuple[str, str]] = set()
     captured_in_batch: dict[str, str] = {}
+    # relationship id -> fen the captures accepted so far in this batch draw from it
+    drawn_in_batch: dict[str, int] = {}
     oldest_claim = now - timedelta(seconds=CAPTURE_WRITE_DEADLINE_SECONDS)
     for unit in units:
         if unit.now < oldest_claim:
@@ -110,7 +121,7 @@ def decide(
             parts_text = captured_in_batch[authorization_id]
             outcomes.append((False, CapturedInLedger(authorization_id, parts_text)))
             continue
-        refusal = _refusal(unit, state)
+        refusal = _refusal(unit, state) or _beyond_ledger(unit, state, drawn_in_batch)
         if refusal is not None:
             outcomes.append((False, refusal))
             continue
@@ -153,6 +164,10 @@ def decide(
         )
         if call is not None:
             keys_in_batch.add((call.scope, call.key))
+        for part in parts:
+            drawn_in_batch[part.relationship_id] = (
+                drawn_in_batch.get(part.relationship_id, 0) + part.amount_fen
+            )
         captured_in_batch[authorization_id] = format_funding(
             (part.relationship_id, part.amount_fen) for part in parts
         )
@@ -176,6 +191,45 @@ def _refusal(unit: CaptureUnit, state: BatchState) -> Exception | None:
                 "RELATIONSHIP_NOT_ACTIVE", f"relationship {relationship_id} is dissolved"
             )
     return None
+
+
+def _beyond_ledger(
+    unit: CaptureUnit, state: BatchState, drawn_in_batch: dict[str, int]
+) -> LedgerLimitExceeded | None:
+    """The ledger's limit: a capture draws no more from a quota than the ledger has unused,
+    counting what the captures accepted before it in this batch draw (not yet written). Redis
+    approved the hold; if the ledger cannot pay it, Redis overstated the quota."""
+    asked: dict[str, int] = {}
+    for relationship_id, fen in unit.parts:
+        asked[relationship_id] = asked.get(relationship_id, 0) + fen
+    for relationship_id, fen in asked.items():
+        if fen == 0:
+            continue
+        totals = state.relationships[relationship_id].totals
+        drawn_fen = drawn_in_batch.get(relationship_id, 0)
+        with_batch = replace(totals, captured_total_fen=totals.captured_total_fen + drawn_fen)
+        try:
+            relationship_rules.check_ledger_pays(relationship_id, with_batch, fen)
+        except LedgerLimitExceeded as refusal:
+            return refusal
+    return None
+
+
+def _count_ledger_refusals(units: list[CaptureUnit], outcomes: list[Outcome]) -> None:
+    """Each refusal by the ledger's limit is counted and logged: Redis overstated a quota
+    (an alert pages on any, deploy/RUNBOOK.md#medwalletledgerlimitexceeded)."""
+    for unit, (written, result) in zip(units, outcomes, strict=True):
+        if not written and isinstance(result, LedgerLimitExceeded):
+            metrics.ledger_limit_refusals.labels("capture").inc()
+            log.error(
+                "capture refused by the ledger: %s (Redis overstated this quota)",
+                result.message,
+                extra={
+                    "relationship_id": result.relationship_id,
+                    "authorization_id": unit.authorization_id,
+                    "merchant_id": unit.merchant_id,
+                },
+            )
 
 
 class CaptureWriter:
@@ -225,6 +279,7 @@ class CaptureWriter:
                 )
             if self.observe is not None:
                 self.observe(len(batch), time.perf_counter() - started)
+            _count_ledger_refusals(units, outcomes)
             answer([future for _, future in batch], outcomes)
 
     def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:

@@ -8,6 +8,11 @@ understate a quota but never overstate it:
   credited back;
 - dissolve: SQL first (a capture re-checks the relationship in SQL, so a hold placed in between
   can never be captured), then Redis.
+SQL enforces the ledger's limit whatever Redis says (domain.relationships.check_ledger_pays, and
+CHECK constraints on the totals): a release Redis allowed but the ledger has not the money for
+is refused INSUFFICIENT_QUOTA, and Redis, which overstated the quota, is set from the ledger.
+Dissolving returns exactly the unused money and a refund only adds to a quota, so neither can
+break the limit; the constraints are their backstop.
 A Redis failure after a SQL commit leaves Redis short until `reconcile` restores it from SQL.
 """
 
@@ -26,7 +31,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from authz_server.domain import relationships as rules
-from authz_server.domain.errors import IdempotencyKeyReused, InvalidArgument, PolicyRefusal
+from authz_server.domain.errors import (
+    IdempotencyKeyReused,
+    InvalidArgument,
+    LedgerLimitExceeded,
+    PolicyRefusal,
+)
 from authz_server.domain.model import QuotaView, Relationship
 from authz_server.domain.types import (
     Channel,
@@ -36,6 +46,7 @@ from authz_server.domain.types import (
     Relation,
     RelationshipStatus,
 )
+from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
@@ -252,6 +263,8 @@ class RelationshipService:
                 if taken is None:
                     raise _QuotaShort
                 debited.append(taken)
+            # Redis gave the money; the ledger must have it too (under the row lock).
+            rules.check_ledger_pays(relationship_id, records.totals(row), amount_fen)
             remaining = debited[0].available_fen
             now = self.clock()
             row.released_total_fen += amount_fen
@@ -276,6 +289,11 @@ class RelationshipService:
                 result, relationship = await self._run_idempotent(work)
             except _QuotaShort:
                 raise
+            except LedgerLimitExceeded:
+                # Redis overstated the quota: its debit is not given back; the quota is set
+                # from the ledger instead.
+                await self._heal_overstated_quota(relationship_id)
+                raise
             except BaseException:
                 if debited:
                     replay = await self._release_as_sql_says(
@@ -295,6 +313,30 @@ class RelationshipService:
         except _QuotaShort:
             rules.check_release((await self._figures(checked)).available_fen, amount_fen)
             raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again") from None
+        except LedgerLimitExceeded as refusal:
+            metrics.ledger_limit_refusals.labels("release").inc()
+            log.error(
+                "release refused by the ledger: %s (Redis overstated this quota)",
+                refusal.message,
+                extra={"relationship_id": relationship_id},
+            )
+            raise PolicyRefusal(
+                "INSUFFICIENT_QUOTA",
+                f"only {refusal.unused_fen} fen of the quota is unused in the ledger",
+            ) from None
+
+    async def _heal_overstated_quota(self, relationship_id: str) -> None:
+        """Sets from the ledger a quota Redis overstated; if it cannot be now (a capture of it
+        between its phases), reconcile does it later."""
+        try:
+            await self._restore(relationship_id)
+        except Exception:
+            log.warning(
+                "quota %s overstated in Redis could not be set from the ledger now",
+                relationship_id,
+                extra={"relationship_id": relationship_id},
+                exc_info=True,
+            )
 
     async def _release_as_sql_says(
         self,

@@ -20,6 +20,7 @@ from datetime import datetime
 
 from sqlalchemy import Connection, Dialect, Table
 
+from authz_server.domain.model import QuotaTotals
 from authz_server.domain.types import LedgerKind
 from authz_server.storage.sql.dbapi import BulkInsert, fetch_all, marker, placeholders, run_many
 from authz_server.storage.sql.tables import (
@@ -52,6 +53,8 @@ class FundingRelationship:
     status: str
     holder_id: str
     holder_region: str
+    # as committed, under the row lock: what the ledger's limit is checked against
+    totals: QuotaTotals
 
 
 @dataclass(frozen=True)
@@ -143,15 +146,24 @@ def load(
         lock = " FOR UPDATE OF r" if dialect.name == "postgresql" else ""
         rows = fetch_all(
             connection,
-            f"SELECT r.relationship_id, r.status, r.holder_id, p.pooling_region"
+            f"SELECT r.relationship_id, r.status, r.holder_id, p.pooling_region,"
+            f" r.allocated_total_fen, r.released_total_fen, r.captured_total_fen,"
+            f" r.refunded_to_quota_total_fen"
             f" FROM {quote(relationships.name)} r"
             f" JOIN {quote(participants.name)} p ON p.participant_id = r.holder_id"
             f" WHERE r.relationship_id IN ({placeholders(dialect, len(relationship_list))})"
             f" ORDER BY r.relationship_id{lock}",
             relationship_list,
         )
-        for relationship_id, status, holder_id, region in rows:
-            funding[relationship_id] = FundingRelationship(status, holder_id, region)
+        for relationship_id, status, holder_id, region, *totals_fen in rows:
+            allocated_fen, released_fen, captured_fen, refunded_fen = totals_fen
+            totals = QuotaTotals(
+                allocated_total_fen=allocated_fen,
+                released_total_fen=released_fen,
+                captured_total_fen=captured_fen,
+                refunded_to_quota_total_fen=refunded_fen,
+            )
+            funding[relationship_id] = FundingRelationship(status, holder_id, region, totals)
     voided: frozenset[str] = frozenset()
     if ids:
         # Read after the relationships' locks: a Void marks SQL under the same locks, so it

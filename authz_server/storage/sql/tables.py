@@ -7,6 +7,7 @@ from datetime import datetime
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -17,6 +18,22 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The ledger's limit on a relationship's running totals (domain.model.QuotaTotals
+# .within_ledger_limit), enforced by the database whatever the code does: money out of a quota
+# never exceeds money into it. Names get the "ck_relationships_" prefix (NAMING); migration 0004
+# adds them.
+LEDGER_LIMIT_CHECKS = {
+    "within_allocation": (
+        "captured_total_fen - refunded_to_quota_total_fen + released_total_fen"
+        " <= allocated_total_fen"
+    ),
+    "totals_not_negative": (
+        "allocated_total_fen >= 0 AND released_total_fen >= 0 AND captured_total_fen >= 0"
+        " AND refunded_to_quota_total_fen >= 0"
+    ),
+    "refunds_within_captures": "refunded_to_quota_total_fen <= captured_total_fen",
+}
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigIdentity = BigInteger().with_variant(Integer(), "sqlite")
@@ -86,6 +103,7 @@ class RelationshipRow(Base):
             sqlite_where=text("status IN ('PENDING_CONSENT', 'ACTIVE')"),
             postgresql_where=text("status IN ('PENDING_CONSENT', 'ACTIVE')"),
         ),
+        *(CheckConstraint(condition, name=name) for name, condition in LEDGER_LIMIT_CHECKS.items()),
     )
 
     relationship_id: Mapped[str] = mapped_column(Id, primary_key=True)
