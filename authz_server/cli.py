@@ -164,8 +164,9 @@ async def _reconcile(settings: Settings) -> int:
         database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
     )
     print(
-        f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen;"
-        f" {report.busy} left as they were (a capture between its phases; run it again)"
+        f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen"
+        f" ({report.overstated} overstated by Redis); {report.busy} left as they were (a capture"
+        " between its phases; run it again)"
     )
     await pipelined.aclose()
     await client.aclose()

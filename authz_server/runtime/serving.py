@@ -96,7 +96,12 @@ def _supervise(settings: Settings, redis_url: str) -> int:
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     report = event_loop.run(_reconcile_once(settings, redis_url), settings.event_loop)
-    log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
+    log.info(
+        "reconciled %d quotas, %d drifted (%d overstated by Redis)",
+        report.quotas,
+        report.drifted,
+        report.overstated,
+    )
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(

@@ -361,9 +361,13 @@ async def in_own_thread(function: Callable[[], object], name: str) -> None:
 def record_reconcile(report: ReconcileReport) -> None:
     metrics.reconcile_drift.inc(report.drifted)
     metrics.reconcile_drift_fen.inc(report.drift_fen)
-    log.info(
-        "reconciled %d quotas, %d drifted, %d left as they were (a capture between its phases)",
+    log.log(
+        logging.WARNING if report.drifted else logging.INFO,
+        "reconciled %d quotas, %d drifted by %d fen (%d overstated by Redis), %d left as they"
+        " were (a capture between its phases)",
         report.quotas,
         report.drifted,
+        report.drift_fen,
+        report.overstated,
         report.busy,
     )
