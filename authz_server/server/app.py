@@ -171,7 +171,13 @@ class Application:
         )  # fmt: skip
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as error:  # gRPC says only "Failed to bind to address ..."
+            raise RuntimeError(
+                f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): in use by"
+                " another process, or not an address of this machine"
+            ) from error
         await scripts.preload(self.redis)
         await self.references.refresh()
         self.references.start()
