@@ -40,8 +40,8 @@ class EmbeddedRedis:
         self.socket = self.directory / "redis.sock"
         self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
-        # The socket file our redis-server made (device, inode), so a stop removes no other.
-        self.made: tuple[int, int] | None = None
+        # The socket file our redis-server made (_identity), so a stop removes no other.
+        self.made: tuple[int, int, int] | None = None
 
     @property
     def url(self) -> str:
@@ -105,9 +105,15 @@ class EmbeddedRedis:
                 self.process.wait()
         self.process = None
         # redis-server removes its socket when it exits cleanly; killed, it leaves it behind.
-        # Removed here only if it is still the file our redis-server made.
+        # Removed here only if it is still the file our redis-server made, and nobody answers
+        # on it (a file system may give a new socket the inode of a deleted one).
         if self.made is not None and _identity(self.socket) == self.made:
-            self.socket.unlink(missing_ok=True)
+            try:
+                answered = _answers(self.socket)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                answered = False
+            if not answered:
+                self.socket.unlink(missing_ok=True)
         self.made = None
 
 
@@ -116,10 +122,10 @@ def _answers(socket: Path) -> bool:
         return bool(client.ping())
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    """Which file `path` is (device, inode), None when there is none."""
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file `path` is (device, inode, change time), None when there is none."""
     try:
         status = path.lstat()
     except FileNotFoundError:
         return None
-    return status.st_dev, status.st_ino
+    return status.st_dev, status.st_ino, status.st_ctime_ns
