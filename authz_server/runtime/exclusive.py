@@ -77,8 +77,8 @@ def claim_data_directory(directory: Path) -> Claim | None:
         os.close(descriptor)
         raise ServeRefused(
             f"data directory {directory.resolve()} is in use by another medwallet-authz server"
-            f" (pid {holder}; lock {path}): stop it first, or give this one its own"
-            " MEDWALLET_DATA_DIR"
+            f" (pid {holder}{_gone(holder)}; lock {path}): stop it first, or give this one its"
+            " own MEDWALLET_DATA_DIR"
         ) from None
     except BaseException:
         os.close(descriptor)
@@ -86,6 +86,17 @@ def claim_data_directory(directory: Path) -> Claim | None:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     return Claim(descriptor, f"data directory {directory.resolve()}")
+
+
+def _gone(pid: str) -> str:
+    """What to add to a holder's pid that is no longer a process: its workers hold the lock."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return ", exited: its workers still run (fuser names them)"
+    except (ValueError, OSError):
+        pass  # not a number, or another user's process: it exists
+    return ""
 
 
 def claim_port(host: str, port: int, setting: str) -> Claim | None:

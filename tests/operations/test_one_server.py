@@ -5,6 +5,7 @@ against two copies of the quotas, and SQL ended with more captured than allocate
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -114,3 +115,34 @@ def test_a_server_refuses_a_port_another_program_listens_on_with_so_reuseport(
             server.stop()
     assert code != 0, output
     assert f"port {port}" in output, output
+
+
+def test_workers_keep_the_data_directory_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """The supervisor hands its lock to its workers (the same open file): killed outright, it
+    leaves workers that still serve, and the directory stays theirs."""
+    import psutil
+
+    data = tmp_path / "first" / "data"
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = ServerProcess(tmp_path / "first", workers=2, MEDWALLET_ACCESS_LOG="false")
+    left: list[psutil.Process] = []
+    second: ServerProcess | None = None
+    try:
+        first.wait_serving()
+        left = psutil.Process(first.process.pid).children(recursive=True)
+        first.process.kill()
+        first.process.wait(10)
+        _still_serves(first)  # its workers
+        second = ServerProcess(tmp_path / "second", data_dir=data)
+        code, output = _refused(second)
+        assert code != 0, output
+        assert f"data directory {data.resolve()} is in use" in output, output
+        assert f"pid {first.process.pid}, exited: its workers still run" in output, output
+    finally:
+        first.stop()
+        for process in left:  # the workers and the private Redis, by their pids
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if second is not None:
+            second.stop()
