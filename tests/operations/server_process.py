@@ -50,7 +50,8 @@ class ServerProcess:
             MEDWALLET_WORKERS=str(workers),
             **env,
         )
-        environment.pop("DATABASE_URL", None)
+        if "DATABASE_URL" not in env:  # SQLite in the data directory unless a test says
+            environment.pop("DATABASE_URL", None)
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if redis_url:
             environment["REDIS_URL"] = redis_url

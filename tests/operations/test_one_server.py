@@ -16,7 +16,9 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz_server.generated.medwallet.v1 import authorization_pb2_grpc
+from authz_server.runtime.embedded_redis import EmbeddedRedis
 from tests.engine_factories import HOSPITAL_TOKEN, medical
+from tests.harness import drop_database, fresh_database
 from tests.operations.server_process import ServerProcess
 from tests.operations.test_shutdown_and_workers import _register_hospital
 
@@ -146,3 +148,33 @@ def test_workers_keep_the_data_directory_when_their_supervisor_is_killed(tmp_pat
                 process.kill()
         if second is not None:
             second.stop()
+
+
+def test_the_data_directory_is_locked_with_redis_url_and_database_url_set_too(
+    tmp_path: Path,
+) -> None:
+    """Its data directory then still holds the workers' metrics files (emptied at a start) and
+    demo tokens: one server per data directory holds whatever the stores (PostgreSQL when the
+    suite runs on it)."""
+    private = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    redis_url = private.start()
+    database_url = fresh_database(os.environ.get("TEST_DATABASE_URL"), tmp_path)
+    data = tmp_path / "first" / "data"
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    stores = {"redis_url": redis_url, "DATABASE_URL": database_url}
+    first = ServerProcess(tmp_path / "first", MEDWALLET_ACCESS_LOG="false", **stores)
+    second: ServerProcess | None = None
+    try:
+        first.wait_serving()
+        second = ServerProcess(tmp_path / "second", data_dir=data, **stores)
+        code, output = _refused(second)
+        assert code != 0, output
+        assert f"data directory {data.resolve()} is in use" in output, output
+        _still_serves(first)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        private.stop()
+        drop_database(database_url)
