@@ -2,10 +2,11 @@
 
 With N > 1 the supervisor prepares what is shared (schema, private Redis, tokens), then spawns
 N workers that each create their own gRPC server on the same port (SO_REUSEPORT) — spawned, not
-forked, so no gRPC object ever crosses a fork. Before all of it, the data directory and the
-ports are claimed for this server alone (runtime/exclusive.py): no other server joins them. Workers write metrics to PROMETHEUS_MULTIPROC_DIR;
+forked, so no gRPC object ever crosses a fork. Workers write metrics to PROMETHEUS_MULTIPROC_DIR;
 the supervisor serves one /metrics aggregating them. SIGTERM to the supervisor is passed to the
 workers, which turn NOT_SERVING, finish in-flight calls within the grace period and exit 0.
+Before all of it, the data directory and the ports are claimed for this server alone
+(runtime/exclusive.py): no other server joins them.
 
 Every step of a worker's stop is bounded (Application.stop); one that overran makes the exit
 code 1. A signal while stopping is logged and ignored, and a watchdog bounds what comes after
