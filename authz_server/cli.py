@@ -151,8 +151,9 @@ async def _reconcile(settings: Settings) -> int:
         return 2
     report = await trusted_and_reconciled(settings, settings.redis_url)
     print(
-        f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen;"
-        f" {report.busy} left as they were (a capture between its phases; run it again)"
+        f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen"
+        f" ({report.overstated} overstated by Redis); {report.busy} left as they were (a capture"
+        " between its phases; run it again)"
     )
     return 0
 

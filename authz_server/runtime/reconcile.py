@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
+from authz_server.domain.model import QuotaFigures
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
@@ -35,10 +36,13 @@ QUOTAS_IN_FLIGHT = 100
 @dataclass(frozen=True)
 class ReconcileReport:
     quotas: int
+    # quotas whose Redis figures disagreed with the ledger, either way, and by how much
     drifted: int
     drift_fen: int
     # left as they were: a capture of theirs was between its phases (the next run sets them)
     busy: int = 0
+    # of the drifted: those where Redis let (or would let) out more than the ledger has
+    overstated: int = 0
 
 
 async def reconcile(
@@ -65,14 +69,14 @@ async def reconcile(
             older_than_ms=STALE_CAPTURE_SECONDS * 1000,
         )
     after = ""
-    count = drifted = drift_fen = busy = 0
+    count = drifted = drift_fen = busy = overstated = 0
     loop = asyncio.get_running_loop()
     while True:
         cursor = after
 
         def page(
             session: Session, cursor: str = cursor
-        ) -> tuple[str, list[int | BaseException | None]]:
+        ) -> tuple[str, list[Drift | BaseException | None]]:
             """A page of quotas, read under their row locks and restored before those are let
             go (service/quota_sync.py says why): (the last relationship id, each one's drift)."""
             rows = session.execute(
@@ -112,13 +116,56 @@ async def reconcile(
                 busy += 1
             elif drift is not None:
                 drifted += 1
-                drift_fen += drift
+                drift_fen += drift.fen
+                overstated += drift.overstated
             count += 1
-    return ReconcileReport(quotas=count, drifted=drifted, drift_fen=drift_fen, busy=busy)
+    return ReconcileReport(
+        quotas=count, drifted=drifted, drift_fen=drift_fen, busy=busy, overstated=overstated
+    )
 
 
-# A quota left as it was because a capture of it was between its phases (quota_restore.lua).
-_BUSY = -1
+@dataclass(frozen=True)
+class Drift:
+    """How one quota's Redis figures disagreed with the ledger: by how many fen, and whether
+    Redis overstated it (could let out money the ledger does not have)."""
+
+    fen: int
+    overstated: bool
+
+
+def drift_of(before: QuotaFigures | None, after: QuotaFigures) -> Drift | None:
+    """How Redis's figures `before` a restore disagreed with the ledger's, `after` it (None:
+    they agreed). Every disagreement counts, understated or overstated:
+
+    - the sums (available + held) differ. Only the sums are compared, not each figure: the
+      reconcile may run while servers serve, and their calls move money between available and
+      held (an Authorize, a void, an expiry) between the read and the restore, never in or out
+      of the sum (that commits under the row lock the page holds);
+    - a negative figure before: no script leaves one, and a negative held inflates available
+      by as much with the sum unchanged (Redis let that much more be authorized). The amount is
+      then what available was above the ledger's (a live call may have moved some of it
+      meanwhile: the figure is an estimate, the drift is not);
+    - a negative held after: the ledger's unused figure is itself negative, more captured than
+      allocated (quota_restore.lua keeps held at most unused): money out that was not there.
+    """
+    total_after = after.available_fen + after.held_fen
+    if before is None:  # Redis lacked the quota: everything unused was missing from it
+        return Drift(fen=abs(total_after), overstated=after.held_fen < 0)
+    total_before = before.available_fen + before.held_fen
+    fen = abs(total_before - total_after)
+    negative = max(0, -before.available_fen, -before.held_fen, -after.held_fen)
+    if negative:
+        fen = max(fen, negative, before.available_fen - after.available_fen)
+    if fen == 0:
+        return None
+    return Drift(fen=fen, overstated=total_before > total_after or negative > 0)
+
+
+# A quota left as it was because a capture of it was between its phases (quota_restore.lua);
+# no drift is negative, so it equals none of them.
+_BUSY = Drift(fen=-1, overstated=False)
+
+
 # Tries of a page whose locks could not be had (a PostgreSQL deadlock with a refund batch,
 # which locks its rows in refund order; the other side is retried by its own caller).
 PAGE_TRIES = 3
@@ -137,12 +184,12 @@ async def _locked_page(database: Database, page: Callable[[Session], T]) -> T:
 
 async def _restore_page(
     quotas: QuotaCache, page: list[QuotaRestore]
-) -> list[int | BaseException | None]:
+) -> list[Drift | BaseException | None]:
     """QUOTAS_IN_FLIGHT at once: the pipelined connection sends their commands in a few writes
     instead of two round trips per quota (each quota is its own keys, so order is free). Not
     the whole page at once: 2,000 commands queued behind each other could outlast the
     per-command Redis timeout on a loaded machine."""
-    drifts: list[int | BaseException | None] = []
+    drifts: list[Drift | BaseException | None] = []
     for start in range(0, len(page), QUOTAS_IN_FLIGHT):
         drifts += await asyncio.gather(
             *(_reconcile_quota(quotas, quota) for quota in page[start : start + QUOTAS_IN_FLIGHT]),
@@ -151,16 +198,11 @@ async def _restore_page(
     return drifts
 
 
-async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> int | None:
-    """Sets one quota to the ledger's figure; returns by how much it was off (None: it was not;
+async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> Drift | None:
+    """Sets one quota to the ledger's figure; returns how it was off (None: it was not;
     _BUSY: left as it was)."""
     before = await quotas.figures(quota.beneficiary_id, [quota.relationship_id])
-    after_figures = await quotas.restore(quota)
-    if after_figures is None:
+    after = await quotas.restore(quota)
+    if after is None:
         return _BUSY
-    old = before.get(quota.relationship_id)
-    old_total = (old.available_fen + old.held_fen) if old else None
-    new_total = after_figures.available_fen + after_figures.held_fen
-    if old_total == new_total:
-        return None
-    return abs(new_total - (old_total or 0))
+    return drift_of(before.get(quota.relationship_id), after)

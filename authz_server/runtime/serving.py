@@ -5,6 +5,8 @@ N workers that each create their own gRPC server on the same port (SO_REUSEPORT)
 forked, so no gRPC object ever crosses a fork. Workers write metrics to PROMETHEUS_MULTIPROC_DIR;
 the supervisor serves one /metrics aggregating them. SIGTERM to the supervisor is passed to the
 workers, which turn NOT_SERVING, finish in-flight calls within the grace period and exit 0.
+Before all of it, the data directory and the ports are claimed for this server alone
+(runtime/exclusive.py): no other server joins them.
 
 Every step of a worker's stop is bounded (Application.stop); one that overran makes the exit
 code 1. A signal while stopping is logged and ignored, and a watchdog bounds what comes after
@@ -24,7 +26,7 @@ import threading
 from types import FrameType
 
 from authz_server.observability import logs
-from authz_server.runtime import demo, event_loop
+from authz_server.runtime import demo, event_loop, exclusive
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.reconcile import ReconcileReport
 from authz_server.settings import Settings
@@ -44,6 +46,28 @@ def serve(settings: Settings) -> int:
     # A wrong MEDWALLET_EVENT_LOOP fails here, once, not in every worker.
     log.info("event loop: %s", event_loop.resolve(settings.event_loop))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything else starts: the data directory and the ports are this server's alone
+    # (runtime/exclusive.py), or it exits at once saying whose they are.
+    claims: list[exclusive.Claim] = []
+    try:
+        for claim in (
+            exclusive.claim_data_directory(settings.data_dir),
+            exclusive.claim_port(settings.grpc_host, settings.grpc_port, "MEDWALLET_GRPC_PORT"),
+            exclusive.claim_port("0.0.0.0", settings.metrics_port, "MEDWALLET_METRICS_PORT"),
+        ):
+            if claim is not None:
+                claims.append(claim)
+        return _serve_claimed(settings, claims)
+    except exclusive.ServeRefused as refused:
+        log.error("not serving: %s", refused)
+        return 1
+    finally:
+        # Last: a new server may start once this one's Redis has stopped too.
+        for claim in claims:
+            claim.release()
+
+
+def _serve_claimed(settings: Settings, claims: list[exclusive.Claim]) -> int:
     upgrade_to_head(settings.effective_database_url)
     if settings.demo_data:
         demo.write_tokens(settings.effective_tokens_file)
@@ -59,7 +83,7 @@ def serve(settings: Settings) -> int:
 
                 start_http_server(settings.metrics_port)
             return event_loop.run(run_worker(settings, redis_url, 0), settings.event_loop)
-        return _supervise(settings, redis_url)
+        return _supervise(settings, redis_url, claims)
     finally:
         if embedded:
             embedded.stop()
@@ -72,17 +96,24 @@ async def _reconcile_once(settings: Settings, redis_url: str) -> ReconcileReport
     return await trusted_and_reconciled(settings, redis_url)
 
 
-def _supervise(settings: Settings, redis_url: str) -> int:
+def _supervise(settings: Settings, redis_url: str, claims: list[exclusive.Claim]) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(settings.data_dir / "metrics")
     shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files would add old counts
     os.makedirs(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     report = event_loop.run(_reconcile_once(settings, redis_url), settings.event_loop)
-    log.info("reconciled %d quotas, %d drifted", report.quotas, report.drifted)
+    log.info(
+        "reconciled %d quotas, %d drifted (%d overstated by Redis)",
+        report.quotas,
+        report.drifted,
+        report.overstated,
+    )
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(
-            target=worker_main, args=(settings, redis_url, index, report), name=f"w{index}"
+            target=worker_main,
+            args=(settings, redis_url, index, report, claims),
+            name=f"w{index}",
         )
         for index in range(settings.effective_workers)
     ]
@@ -116,8 +147,14 @@ def _supervise(settings: Settings, redis_url: str) -> int:
 
 
 def worker_main(
-    settings: Settings, redis_url: str, index: int, reconciled: ReconcileReport
+    settings: Settings,
+    redis_url: str,
+    index: int,
+    reconciled: ReconcileReport,
+    claims: list[exclusive.Claim],
 ) -> None:
+    """A worker's process. `claims`: the supervisor's (the same open files), held open here until
+    the process ends, so the data directory and port stay claimed while any worker serves."""
     logs.configure(settings.log_level)
     raise SystemExit(
         event_loop.run(run_worker(settings, redis_url, index, reconciled), settings.event_loop)

@@ -191,7 +191,13 @@ class Application:
         )  # fmt: skip
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as error:  # gRPC says only "Failed to bind to address ..."
+            raise RuntimeError(
+                f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): in use by"
+                " another process, or not an address of this machine"
+            ) from error
         await scripts.preload(self.redis)
         await self.references.refresh()
         self.references.start()
@@ -391,9 +397,13 @@ async def in_own_thread(function: Callable[[], object], name: str) -> None:
 def record_reconcile(report: ReconcileReport) -> None:
     metrics.reconcile_drift.inc(report.drifted)
     metrics.reconcile_drift_fen.inc(report.drift_fen)
-    log.info(
-        "reconciled %d quotas, %d drifted, %d left as they were (a capture between its phases)",
+    log.log(
+        logging.WARNING if report.drifted else logging.INFO,
+        "reconciled %d quotas, %d drifted by %d fen (%d overstated by Redis), %d left as they"
+        " were (a capture between its phases)",
         report.quotas,
         report.drifted,
+        report.drift_fen,
+        report.overstated,
         report.busy,
     )

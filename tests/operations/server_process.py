@@ -24,14 +24,25 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, directory: Path, *, workers: int = 1, redis_url: str = "", **env: str):
-        self.port = free_port()
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        workers: int = 1,
+        redis_url: str = "",
+        data_dir: Path | None = None,
+        port: int = 0,
+        **env: str,
+    ):
+        """A server whose log and tokens are in `directory`, its data in `data_dir` (default
+        `directory`/data), on gRPC `port` (default a free one)."""
+        self.port = port or free_port()
         self.metrics_port = free_port()
         tokens = directory / "tokens.json"
         tokens.write_text(json.dumps(TOKENS))
         environment = dict(
             os.environ,
-            MEDWALLET_DATA_DIR=str(directory / "data"),
+            MEDWALLET_DATA_DIR=str(data_dir or directory / "data"),
             MEDWALLET_GRPC_HOST="127.0.0.1",
             MEDWALLET_GRPC_PORT=str(self.port),
             MEDWALLET_METRICS_PORT=str(self.metrics_port),
@@ -39,7 +50,8 @@ class ServerProcess:
             MEDWALLET_WORKERS=str(workers),
             **env,
         )
-        environment.pop("DATABASE_URL", None)
+        if "DATABASE_URL" not in env:  # SQLite in the data directory unless a test says
+            environment.pop("DATABASE_URL", None)
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if redis_url:
             environment["REDIS_URL"] = redis_url

@@ -1,0 +1,85 @@
+"""Reconcile reports every disagreement between Redis and the ledger (issue 12, point 5), the
+dangerous one above all: a quota Redis overstates. Two servers on one data directory left a quota
+with held -7,400 fen and available 7,400 fen too high; reconcile compared only available + held,
+found them equal, reported "0 drifted" and the drift alert never fired. Here Redis is made to
+overstate on purpose, straight through a Redis client, as that server did."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from authz_server.domain.model import QuotaFigures
+from authz_server.runtime.reconcile import Drift, drift_of, reconcile
+from authz_server.server.app import record_reconcile
+from authz_server.storage.redis import keys
+from tests.harness import Harness
+from tests.test_authorization_recovery import hot_figures
+from tests.test_authorization_rules import HOSPITAL, MEDICAL, authorize, family, register_merchants
+
+
+def _negative_held(client: redis.Redis, quota: str) -> None:
+    # The sum stays what the ledger says; available is 7,400 fen too high.
+    client.hincrby(quota, "held", -7_400)
+    client.hincrby(quota, "available", 7_400)
+
+
+def _raised_available(client: redis.Redis, quota: str) -> None:
+    client.hincrby(quota, "available", 7_400)
+
+
+@pytest.mark.parametrize("overstate", [_negative_held, _raised_available])
+def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    overstate: Callable[[redis.Redis, str], None],
+) -> None:
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)  # an open hold
+    app = harness.app
+    clean = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert (clean.drifted, clean.overstated) == (0, 0)
+    client = redis.Redis.from_url(harness.redis_url)
+    try:
+        overstate(client, keys.quota(fam.beneficiary_id, relationship_id))
+    finally:
+        client.close()
+    counted_before = REGISTRY.get_sample_value("medwallet_reconcile_drift_total") or 0.0
+    fen_before = REGISTRY.get_sample_value("medwallet_reconcile_drift_fen_total") or 0.0
+
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    record_reconcile(report)  # what a server does with the report of its start's reconcile
+
+    assert (report.drifted, report.drift_fen, report.overstated) == (1, 7_400, 1)
+    assert REGISTRY.get_sample_value("medwallet_reconcile_drift_total") == counted_before + 1
+    assert REGISTRY.get_sample_value("medwallet_reconcile_drift_fen_total") == fen_before + 7_400
+    # Repaired from the ledger, the open hold kept.
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (15_000, 5_000)
+    again = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert (again.drifted, again.overstated) == (0, 0)
+
+
+def test_understated_quotas_are_drift_too_but_not_overstated() -> None:
+    ledger = QuotaFigures(available_fen=15_000, held_fen=5_000)
+    assert drift_of(QuotaFigures(10_000, 5_000), ledger) == Drift(fen=5_000, overstated=False)
+    assert drift_of(None, ledger) == Drift(fen=20_000, overstated=False)
+    # Money moved between available and held by live calls while reconcile ran: no drift.
+    assert drift_of(QuotaFigures(20_000, 0), ledger) is None
+    assert drift_of(ledger, ledger) is None
+
+
+def test_a_ledger_that_paid_out_more_than_was_allocated_is_overstated_drift() -> None:
+    """SQL captured 207,400 fen against a quota of 200,000: the restore can only set held to the
+    negative unused figure; Redis said so before too, and the sums agree, yet money went out that
+    was not there."""
+    overdrawn = QuotaFigures(available_fen=0, held_fen=-7_400)
+    assert drift_of(overdrawn, overdrawn) == Drift(fen=7_400, overstated=True)
+    assert drift_of(None, overdrawn) == Drift(fen=7_400, overstated=True)
