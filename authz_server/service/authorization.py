@@ -228,8 +228,42 @@ class AuthorizationService:
                 )
                 if stored is not None:
                     return await self._stored_answer(call, stored, decision.authorization_id)
-                outcome = await self.to_the_end.run(self._capture_at_once(request, outcome, now))
+                # The payment and its journal row run to their end together, even when the
+                # call is cancelled (its deadline) meanwhile: a payment SQL made without the
+                # key's journal row would be made again by a retry once Redis lost the key.
+                return await self.to_the_end.run(
+                    self._pay_and_answer(request, request_digest, call, decision, outcome, now,
+                                         respond)
+                )  # fmt: skip
             _count(request.purpose, outcome)
+        return await self._answer(request, request_digest, call, decision, outcome, now, respond)
+
+    async def _pay_and_answer(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        decision: HoldDecision,
+        outcome: AuthorizeOutcome,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> R | bytes:
+        """A one-step payment: its capture, then its journal row and its answer."""
+        outcome = await self._capture_at_once(request, outcome, now)
+        _count(request.purpose, outcome)
+        return await self._answer(request, request_digest, call, decision, outcome, now, respond)
+
+    async def _answer(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        decision: HoldDecision,
+        outcome: AuthorizeOutcome,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> R | bytes:
+        """The decision journaled, then answered (or SQL's stored answer for its key)."""
         response = respond(outcome)
         # Durable before the till hears it (service/journal.py): an approval survives the loss of
         # Redis, and SQL's unique key is the last word on which decision a key has. A replay is
@@ -394,8 +428,8 @@ class AuthorizationService:
                 now,
             )
         except CapturedInLedger as captured:  # SQL has it already: settle the hold as SQL says
-            await self.holds.capture_finish(
-                outcome.authorization_id, claim_token, "CAPTURED", captured.parts
+            await self._finish_captured(
+                outcome.authorization_id, claim_token, captured.parts, outcome.funding
             )
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
         except PolicyRefusal:  # the relationship was dissolved in between
@@ -406,10 +440,29 @@ class AuthorizationService:
             if settled is not None:
                 return settled
             raise
-        await self.holds.capture_finish(
-            outcome.authorization_id, claim_token, "CAPTURED", format_funding(outcome.funding)
+        await self._finish_captured(
+            outcome.authorization_id, claim_token, format_funding(outcome.funding), outcome.funding
         )
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
+
+    async def _finish_captured(
+        self, authorization_id: str, claim_token: str, parts: str, funding: Funding
+    ) -> None:
+        """Finishes the hold of a capture SQL has, as CAPTURED. When Redis no longer has that
+        claim (Redis was lost and rebuilt from SQL read before this capture committed: the
+        rebuild counted its money as unused), the funding quotas are set from the ledger again,
+        or Redis would go on offering money SQL counts as spent."""
+        if await self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", parts):
+            return
+        for relationship_id, _ in funding:
+            try:
+                await restore_from_ledger(self.database, self.quotas, relationship_id)
+            except Unavailable as error:  # a capture between its phases: reconcile settles it
+                log.warning(
+                    "capture %s: quota %s not restored from the ledger: %s",
+                    authorization_id, relationship_id, error,
+                    extra={"authorization_id": authorization_id},
+                )  # fmt: skip
 
     async def _settle_unfinished_payment(
         self, outcome: AuthorizeOutcome, claim_token: str
@@ -504,9 +557,7 @@ class AuthorizationService:
         except CapturedInLedger as captured:
             # SQL has a capture the hold did not know of (an earlier attempt whose answer was
             # lost): settle the hold as SQL says, never release money SQL counts as captured.
-            await self.holds.capture_finish(
-                authorization_id, claim_token, "CAPTURED", captured.parts
-            )
+            await self._finish_captured(authorization_id, claim_token, captured.parts, funding)
             raise
         except PolicyRefusal as refusal:  # a relationship was dissolved: the hold is void
             await self.holds.capture_finish(
@@ -531,9 +582,7 @@ class AuthorizationService:
             if settled is not None and settled[1] is not None:
                 return settled[1]  # SQL has it: its first answer
             raise
-        await self.holds.capture_finish(
-            authorization_id, claim_token, "CAPTURED", format_funding(parts)
-        )
+        await self._finish_captured(authorization_id, claim_token, format_funding(parts), funding)
         return result
 
     async def _settle_as_sql_says(

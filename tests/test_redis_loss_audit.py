@@ -1,0 +1,231 @@
+"""Audit of the Redis-loss healing (issue 12): money bugs found where a loss meets a call that is
+half-way through (a one-step payment being written, a call cancelled by its deadline, an
+approval journaled while a rebuild read SQL). Each test drives the real server through
+tests/harness.py and compares Redis with the ledger (SQL) afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
+from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
+from authz_server.storage.sql.tables import CaptureRow
+from tests.harness import Harness, lose_redis, new_id
+from tests.test_authorization_recovery import hot_figures, ledger
+from tests.test_authorization_rules import (
+    CAPTURED,
+    COLLECTOR,
+    HOSPITAL,
+    LTC_PREMIUM,
+    MEDICAL,
+    VOIDED,
+    authorize,
+    authorize_request,
+    capture,
+    family,
+    register_merchants,
+    void,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def merchants(registry: Any) -> None:
+    register_merchants(registry)
+
+
+@pytest.fixture()
+def writer(harness: Harness) -> Iterator[CaptureWriter]:
+    captures = harness.app.authorizations.captures
+    real_commit, real_submit = captures._commit, captures.submit
+    yield captures
+    captures._commit = real_commit  # type: ignore[method-assign]
+    captures.submit = real_submit  # type: ignore[method-assign]
+
+
+def captures_of(harness: Harness, beneficiary_id: str) -> int:
+    return int(
+        harness.app.database.transaction(
+            lambda session: session.scalar(
+                select(func.count())
+                .select_from(CaptureRow)
+                .where(CaptureRow.beneficiary_id == beneficiary_id)
+            )
+        )
+    )
+
+
+def test_a_premium_whose_call_timed_out_is_not_paid_again_by_its_retry_after_redis_loss(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    """A one-step payment's capture commits after its caller's deadline passed: the capture
+    runs to its end, but the decision's journal row was never written (the cancelled call
+    never got that far). Redis is then lost; the till's retry with the same key must get the
+    payment already made, not pay a second time (nor be declined for want of the money the
+    first attempt took)."""
+    fam = family(registry, relationships, 40_000)
+    (relationship_id,) = fam.relationship_ids
+    real = writer._commit
+
+    def slow(units: list[CaptureUnit]) -> list[Outcome]:
+        time.sleep(1.0)  # the client gives up meanwhile; the transaction then commits
+        return real(units)
+
+    writer._commit = slow
+    key = new_id("premium")
+    request = authorize_request(fam.beneficiary_id, LTC_PREMIUM, 15_000, idempotency_key=key)
+    with pytest.raises(grpc.RpcError) as gave_up:
+        authorizations.Authorize(request, metadata=COLLECTOR, timeout=0.3)
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.5)  # the payment is written, and its hold finished
+    writer._commit = real
+    assert captures_of(harness, fam.beneficiary_id) == 1
+
+    lose_redis(harness)
+
+    again = authorize(
+        authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000, idempotency_key=key
+    )
+    assert (again.decision, again.status) == (pb.DECISION_APPROVED, CAPTURED)
+    assert captures_of(harness, fam.beneficiary_id) == 1, "the retry paid a second time"
+    assert ledger(harness, relationship_id).spent_fen == 15_000
+
+
+def test_a_premium_written_across_a_rebuild_leaves_redis_equal_to_the_ledger(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    """A one-step payment decided before Redis was lost whose capture commits after the
+    rebuild read SQL: the rebuild counted its money as unused (no journal row, no capture yet)
+    and put no hold back, so its capture_finish finds nothing. Redis must not go on offering
+    the money the payment took."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    app = harness.app
+    gate, arrived = threading.Event(), threading.Event()
+    real_submit = writer.submit
+
+    async def gated(unit: CaptureUnit) -> Any:
+        arrived.set()  # decided in Redis; its capture waits to be written
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        return await real_submit(unit)
+
+    writer.submit = gated
+    answers: list[Any] = []
+    payer = threading.Thread(
+        target=lambda: answers.append(
+            authorize(authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000)
+        )
+    )
+    payer.start()
+    assert arrived.wait(5)
+    lose_redis(harness)
+    gate.set()
+    payer.join(10)
+    assert answers and answers[0].status == CAPTURED
+    assert ledger(harness, relationship_id).unused_fen == 5_000
+    assert sum(hot_figures(harness, fam.beneficiary_id, relationship_id)) == 5_000, (
+        "Redis offers money the payment spent"
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="an approval decided on the lost Redis and journaled after the rebuild read SQL is "
+    "put back by hold_restore.lua even where the rebuilt quota already approved that money "
+    "to another call (available goes below zero, and no ledger guard refuses the captures): "
+    "the rebuild would have to wait for the journal writes of older generations",
+)
+def test_an_approval_journaled_after_the_rebuild_read_sql_does_not_overcommit_the_quota(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    fam = family(registry, relationships, 10_000)
+    (relationship_id,) = fam.relationship_ids
+    app = harness.app
+    journal = app.journal
+    real_write = journal.write
+    gate, arrived = threading.Event(), threading.Event()
+    first = [True]
+
+    async def gated(row: dict[str, Any]) -> Any:
+        if first[0]:
+            first[0] = False
+            arrived.set()  # decided in Redis; its journal row waits to be written
+            while not gate.is_set():
+                await asyncio.sleep(0.02)
+        return await real_write(row)
+
+    journal.write = gated  # type: ignore[method-assign]
+    try:
+        answers: list[Any] = []
+        first_call = threading.Thread(
+            target=lambda: answers.append(
+                authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
+            )
+        )
+        first_call.start()
+        assert arrived.wait(5)
+        lose_redis(harness)  # the rebuild reads SQL without the first decision
+        second = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
+        gate.set()
+        first_call.join(15)
+    finally:
+        journal.write = real_write  # type: ignore[method-assign]
+    assert answers
+    approved = answers[0].approved_amount_fen + second.approved_amount_fen
+    assert approved <= 10_000, "both calls were approved 8,000 fen of a 10,000 fen quota"
+    available, held = hot_figures(harness, fam.beneficiary_id, relationship_id)
+    assert available >= 0 and available + held == ledger(harness, relationship_id).unused_fen
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a hold put back by the rebuild is PENDING although its capture is being written; a "
+    "void of it is answered OK and the capture then commits too (SQL has the capture and "
+    "voided_at): the capture's SQL write does not look at voided_at",
+)
+def test_a_capture_written_across_a_rebuild_cannot_also_be_voided(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
+    gate, arrived = threading.Event(), threading.Event()
+    real_submit = writer.submit
+
+    async def gated(unit: CaptureUnit) -> Any:
+        arrived.set()  # claimed in Redis; its SQL write waits
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        return await real_submit(unit)
+
+    writer.submit = gated
+    outcomes: list[Any] = []
+
+    def capture_it() -> None:
+        try:
+            outcomes.append(capture(authorizations, HOSPITAL, held.authorization_id).status)
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+
+    capturer = threading.Thread(target=capture_it)
+    capturer.start()
+    assert arrived.wait(5)
+    lose_redis(harness)  # the hold is open in SQL: put back PENDING (rs = 1)
+    try:
+        voided = void(authorizations, HOSPITAL, held.authorization_id).status
+    except grpc.RpcError as error:
+        voided = error.code()
+    gate.set()
+    capturer.join(10)
+    assert not (voided == VOIDED and outcomes == [CAPTURED]), "voided and captured both"
+    assert sum(hot_figures(harness, fam.beneficiary_id, relationship_id)) == (
+        ledger(harness, relationship_id).unused_fen
+    )
