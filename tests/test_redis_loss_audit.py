@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
+from authz_server.storage.redis import keys
 from authz_server.storage.sql.tables import CaptureRow
 from tests.harness import Harness, lose_redis, new_id
 from tests.test_authorization_recovery import hot_figures, ledger
@@ -229,3 +230,84 @@ def test_a_capture_written_across_a_rebuild_cannot_also_be_voided(
     assert sum(hot_figures(harness, fam.beneficiary_id, relationship_id)) == (
         ledger(harness, relationship_id).unused_fen
     )
+
+
+def test_a_capture_committed_while_the_rebuild_runs_finishes_its_put_back_hold(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    """A capture claimed before Redis was lost commits after the rebuild put its hold back
+    (rs = 1) but before the rebuild published its generation: its capture_finish is refused
+    (REBUILDING). The put-back hold must not stay PENDING holding money SQL counts as spent:
+    a void (or its expiry) would then give that money back to the quota a second time."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    app = harness.app
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
+    capture_gate, arrived = threading.Event(), threading.Event()
+    real_submit = writer.submit
+
+    async def gated(unit: CaptureUnit) -> Any:
+        arrived.set()
+        while not capture_gate.is_set():
+            await asyncio.sleep(0.02)
+        return await real_submit(unit)
+
+    writer.submit = gated
+    outcomes: list[Any] = []
+
+    def capture_it() -> None:
+        try:
+            outcomes.append(capture(authorizations, HOSPITAL, held.authorization_id, 5_000))
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+
+    capturer = threading.Thread(target=capture_it)
+    capturer.start()
+    assert arrived.wait(5)
+
+    # The rebuild's publication of its generation waits until the capture has committed.
+    commands = app.pipelined_redis
+    real_execute = commands.execute
+    publish_gate = threading.Event()
+
+    async def execute(*arguments: Any) -> Any:
+        if (
+            arguments[:2] == ("SET", keys.GENERATION)
+            and not str(arguments[2]).startswith("REBUILDING")
+        ):
+            while not publish_gate.is_set():
+                await asyncio.sleep(0.02)
+        return await real_execute(*arguments)
+
+    commands.execute = execute  # type: ignore[method-assign]
+    try:
+        before = app.guardian.last_rebuild
+        harness.run(app.redis.flushall())
+        hold_key = keys.authorization(held.authorization_id)
+        deadline = time.monotonic() + 20
+        while not harness.run(app.redis.hexists(hold_key, "rs")):  # its page is written
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        capture_gate.set()
+        deadline = time.monotonic() + 20
+        while ledger(harness, relationship_id).unused_fen != 15_000:  # committed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # its capture_finish is refused meanwhile: the rebuild goes on
+        publish_gate.set()
+        capturer.join(15)
+        deadline = time.monotonic() + 20
+        while app.guardian.last_rebuild is before or not app.guardian.ready:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        commands.execute = real_execute  # type: ignore[method-assign]
+        publish_gate.set()
+        capture_gate.set()
+    assert ledger(harness, relationship_id).unused_fen == 15_000
+    try:
+        void(authorizations, HOSPITAL, held.authorization_id)
+    except grpc.RpcError:
+        pass  # refused: it is captured
+    available, held_fen = hot_figures(harness, fam.beneficiary_id, relationship_id)
+    assert (available, held_fen) == (15_000, 0), "Redis gave money SQL counts as spent back"
