@@ -6,6 +6,7 @@ tests/harness.py and compares Redis with the ledger (SQL) afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -16,10 +17,11 @@ import pytest
 from sqlalchemy import func, select
 
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
+from authz_server.generated.medwallet.v1 import relationship_pb2
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
 from authz_server.storage.redis import keys
 from authz_server.storage.sql.tables import CaptureRow
-from tests.harness import Harness, lose_redis, new_id
+from tests.harness import APP, Harness, lose_redis, new_id
 from tests.test_authorization_recovery import hot_figures, ledger
 from tests.test_authorization_rules import (
     CAPTURED,
@@ -32,6 +34,7 @@ from tests.test_authorization_rules import (
     authorize_request,
     capture,
     family,
+    refund,
     register_merchants,
     void,
 )
@@ -49,6 +52,53 @@ def writer(harness: Harness) -> Iterator[CaptureWriter]:
     yield captures
     captures._commit = real_commit  # type: ignore[method-assign]
     captures.submit = real_submit  # type: ignore[method-assign]
+
+
+class HeldPublication:
+    """The rebuild's publication of its generation (SET keys.GENERATION) waits until `go`."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.commands = harness.app.pipelined_redis
+        self.real = self.commands.execute
+        self.go = threading.Event()
+
+    async def execute(self, *arguments: Any) -> Any:
+        if arguments[:2] == ("SET", keys.GENERATION) and not str(arguments[2]).startswith(
+            "REBUILDING"
+        ):
+            while not self.go.is_set():
+                await asyncio.sleep(0.02)
+        return await self.real(*arguments)
+
+    def __enter__(self) -> HeldPublication:
+        self.commands.execute = self.execute  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.go.set()
+        self.commands.execute = self.real  # type: ignore[method-assign]
+
+
+def lose_redis_until_page_written(harness: Harness, beneficiary_id: str) -> Any:
+    """FLUSHALL; returns once the rebuild has written this beneficiary's page (its slot is
+    marked), the rebuild's previous report (see wait_rebuilt)."""
+    app = harness.app
+    before = app.guardian.last_rebuild
+    harness.run(app.redis.flushall())
+    marker = keys.generation_marker(keys.prefix(beneficiary_id))
+    deadline = time.monotonic() + 20
+    while not harness.run(app.redis.exists(marker)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return before
+
+
+def wait_rebuilt(harness: Harness, before: Any) -> None:
+    app = harness.app
+    deadline = time.monotonic() + 20
+    while app.guardian.last_rebuild is before or not app.guardian.ready:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def captures_of(harness: Harness, beneficiary_id: str) -> int:
@@ -108,7 +158,6 @@ def test_a_premium_written_across_a_rebuild_leaves_redis_equal_to_the_ledger(
     the money the payment took."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
-    app = harness.app
     gate, arrived = threading.Event(), threading.Event()
     real_submit = writer.submit
 
@@ -241,7 +290,6 @@ def test_a_capture_committed_while_the_rebuild_runs_finishes_its_put_back_hold(
     a void (or its expiry) would then give that money back to the quota a second time."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
-    app = harness.app
     held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
     capture_gate, arrived = threading.Event(), threading.Event()
     real_submit = writer.submit
@@ -266,48 +314,68 @@ def test_a_capture_committed_while_the_rebuild_runs_finishes_its_put_back_hold(
     assert arrived.wait(5)
 
     # The rebuild's publication of its generation waits until the capture has committed.
-    commands = app.pipelined_redis
-    real_execute = commands.execute
-    publish_gate = threading.Event()
-
-    async def execute(*arguments: Any) -> Any:
-        if (
-            arguments[:2] == ("SET", keys.GENERATION)
-            and not str(arguments[2]).startswith("REBUILDING")
-        ):
-            while not publish_gate.is_set():
-                await asyncio.sleep(0.02)
-        return await real_execute(*arguments)
-
-    commands.execute = execute  # type: ignore[method-assign]
-    try:
-        before = app.guardian.last_rebuild
-        harness.run(app.redis.flushall())
-        hold_key = keys.authorization(held.authorization_id)
-        deadline = time.monotonic() + 20
-        while not harness.run(app.redis.hexists(hold_key, "rs")):  # its page is written
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with HeldPublication(harness) as publication:
+        before = lose_redis_until_page_written(harness, fam.beneficiary_id)
         capture_gate.set()
         deadline = time.monotonic() + 20
         while ledger(harness, relationship_id).unused_fen != 15_000:  # committed
             assert time.monotonic() < deadline
             time.sleep(0.05)
         time.sleep(0.5)  # its capture_finish is refused meanwhile: the rebuild goes on
-        publish_gate.set()
+        publication.go.set()
         capturer.join(15)
-        deadline = time.monotonic() + 20
-        while app.guardian.last_rebuild is before or not app.guardian.ready:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        commands.execute = real_execute  # type: ignore[method-assign]
-        publish_gate.set()
-        capture_gate.set()
+        wait_rebuilt(harness, before)
+    assert outcomes and outcomes[0] != grpc.StatusCode.UNAVAILABLE, outcomes
     assert ledger(harness, relationship_id).unused_fen == 15_000
-    try:
+    with contextlib.suppress(grpc.RpcError):  # refused: it is captured
         void(authorizations, HOSPITAL, held.authorization_id)
-    except grpc.RpcError:
-        pass  # refused: it is captured
     available, held_fen = hot_figures(harness, fam.beneficiary_id, relationship_id)
     assert (available, held_fen) == (15_000, 0), "Redis gave money SQL counts as spent back"
+
+
+@pytest.mark.parametrize("movement", ["refund", "allocation"])
+def test_money_credited_while_the_rebuild_runs_reaches_the_rebuilt_quota(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, movement: str
+) -> None:
+    """A refund (or an allocation) that commits after the rebuild wrote its quota but before
+    the generation is published: its credit is refused (REBUILDING). Given up, Redis would
+    understate the quota until a reconcile: declines for money the family has."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    paid = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
+    capture(authorizations, HOSPITAL, paid.authorization_id)
+    assert ledger(harness, relationship_id).unused_fen == 12_000
+    outcomes: list[Any] = []
+
+    def move() -> None:
+        try:
+            if movement == "refund":
+                outcomes.append(refund(authorizations, HOSPITAL, paid.authorization_id, 3_000))
+            else:
+                outcomes.append(
+                    relationships.AllocateQuota(
+                        relationship_pb2.AllocateQuotaRequest(
+                            relationship_id=relationship_id,
+                            amount_fen=3_000,
+                            idempotency_key=new_id("alloc"),
+                        ),
+                        metadata=APP,
+                    )
+                )
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+
+    with HeldPublication(harness) as publication:
+        before = lose_redis_until_page_written(harness, fam.beneficiary_id)
+        mover = threading.Thread(target=move)
+        mover.start()
+        deadline = time.monotonic() + 20
+        while ledger(harness, relationship_id).unused_fen != 15_000:  # committed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # its credit is refused meanwhile: the rebuild goes on
+        publication.go.set()
+        mover.join(15)
+        wait_rebuilt(harness, before)
+    available, held_fen = hot_figures(harness, fam.beneficiary_id, relationship_id)
+    assert (available, held_fen) == (15_000, 0), outcomes

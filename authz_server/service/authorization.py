@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -50,12 +50,11 @@ from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import Journal, StoredDecision
 from authz_server.service.ports import QuotaCache
-from authz_server.service.quota_sync import restore_from_ledger
+from authz_server.service.quota_sync import restore_from_ledger, when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.generation import refused_slot
 from authz_server.storage.redis.hold_store import (
     NOT_WRITTEN,
     AuthorizeCall,
@@ -453,7 +452,7 @@ class AuthorizationService:
         claim (Redis was lost and rebuilt from SQL read before this capture committed: the
         rebuild counted its money as unused), the funding quotas are set from the ledger again,
         or Redis would go on offering money SQL counts as spent."""
-        if await _when_rebuilt(
+        if await when_rebuilt(
             lambda: self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", parts)
         ):
             return
@@ -818,7 +817,10 @@ class AuthorizationService:
     ) -> RefundOutcome | bytes:
         result = await self.group_commit.submit(work)
         for beneficiary_id, relationship_id, fen, entry_id in credits:
-            if not await self.quotas.credit(beneficiary_id, relationship_id, fen, entry_id):
+            credit = functools.partial(
+                self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id
+            )
+            if not await when_rebuilt(credit):
                 await restore_from_ledger(self.database, self.quotas, relationship_id)
         return result
 
@@ -862,21 +864,6 @@ class AuthorizationService:
             capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
             _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
         )  # fmt: skip
-
-
-async def _when_rebuilt(step: Callable[[], Awaitable[T]]) -> T:
-    """A Redis step that must follow what SQL committed (a capture's finish): while a rebuild
-    of the hot state runs, its slot is refused (UNAVAILABLE), and it is tried again until the
-    rebuild has published its generation (HOLD_WAIT_SECONDS at most). Given up at once, it
-    would leave a hold the rebuild put back open on money SQL counts as spent."""
-    deadline = asyncio.get_running_loop().time() + HOLD_WAIT_SECONDS
-    while True:
-        try:
-            return await step()
-        except Unavailable as error:
-            if not refused_slot(error.__cause__) or asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(HOLD_WAIT_STEP_SECONDS)
 
 
 def _stored_decision(
