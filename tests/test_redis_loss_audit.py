@@ -33,6 +33,7 @@ from tests.test_authorization_rules import (
     authorize,
     authorize_request,
     capture,
+    dissolve,
     family,
     refund,
     register_merchants,
@@ -379,3 +380,38 @@ def test_money_credited_while_the_rebuild_runs_reaches_the_rebuilt_quota(
         wait_rebuilt(harness, before)
     available, held_fen = hot_figures(harness, fam.beneficiary_id, relationship_id)
     assert (available, held_fen) == (15_000, 0), outcomes
+
+
+def test_a_dissolution_committed_while_the_rebuild_runs_reaches_the_rebuilt_quota(
+    harness: Harness, registry: Any, relationships: Any
+) -> None:
+    """A dissolution that commits after the rebuild wrote its quota (ACTIVE, with its money)
+    but before the generation is published: its quota_dissolve is refused (REBUILDING). Given
+    up, Redis keeps offering the money SQL returned to the holder: approvals that no capture
+    can take."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    app = harness.app
+    outcomes: list[Any] = []
+
+    def dissolve_it() -> None:
+        try:
+            outcomes.append(dissolve(relationships, relationship_id))
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+
+    with HeldPublication(harness) as publication:
+        before = lose_redis_until_page_written(harness, fam.beneficiary_id)
+        dissolver = threading.Thread(target=dissolve_it)
+        dissolver.start()
+        deadline = time.monotonic() + 20
+        while ledger(harness, relationship_id).unused_fen != 0:  # committed
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # its quota_dissolve is refused meanwhile: the rebuild goes on
+        publication.go.set()
+        dissolver.join(15)
+        wait_rebuilt(harness, before)
+    quota = keys.quota(fam.beneficiary_id, relationship_id)
+    status = harness.run(app.redis.hget(quota, "status"))
+    assert status == b"DISSOLVED", outcomes

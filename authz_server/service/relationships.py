@@ -348,7 +348,9 @@ class RelationshipService:
             return records.relationship(row), returned
 
         relationship, returned = await self.database.run(work)
-        await self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+        await when_rebuilt(
+            lambda: self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+        )
         return DissolveResult(QuotaView(relationship, 0, 0), returned)
 
     async def get(self, relationship_id: str) -> QuotaView:
