@@ -236,12 +236,6 @@ def test_an_approval_journaled_after_the_rebuild_read_sql_does_not_overcommit_th
     assert available >= 0 and available + held == ledger(harness, relationship_id).unused_fen
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hold put back by the rebuild is PENDING although its capture is being written; a "
-    "void of it is answered OK and the capture then commits too (SQL has the capture and "
-    "voided_at): the capture's SQL write does not look at voided_at",
-)
 def test_a_capture_written_across_a_rebuild_cannot_also_be_voided(
     harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
 ) -> None:

@@ -110,6 +110,11 @@ def decide(
             parts_text = captured_in_batch[authorization_id]
             outcomes.append((False, CapturedInLedger(authorization_id, parts_text)))
             continue
+        if authorization_id in state.voided:
+            outcomes.append(
+                (False, PolicyRefusal("ALREADY_VOIDED", f"authorization {authorization_id}"))
+            )
+            continue
         refusal = _refusal(unit, state)
         if refusal is not None:
             outcomes.append((False, refusal))

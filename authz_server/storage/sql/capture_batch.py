@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Dialect, Table
 from authz_server.domain.types import LedgerKind
 from authz_server.storage.sql.dbapi import BulkInsert, fetch_all, marker, placeholders, run_many
 from authz_server.storage.sql.tables import (
+    AuthorizationRow,
     CapturePartRow,
     CaptureRow,
     IdempotencyRecordRow,
@@ -31,6 +32,7 @@ from authz_server.storage.sql.tables import (
     RelationshipRow,
 )
 
+authorizations: Table = AuthorizationRow.__table__  # type: ignore[assignment]
 captures: Table = CaptureRow.__table__  # type: ignore[assignment]
 capture_parts: Table = CapturePartRow.__table__  # type: ignore[assignment]
 ledger_entries: Table = LedgerEntryRow.__table__  # type: ignore[assignment]
@@ -61,6 +63,8 @@ class BatchState:
     # authorization id -> its captured parts ((relationship id, fen) in position order)
     captured: dict[str, tuple[tuple[str, int], ...]]
     relationships: dict[str, FundingRelationship]
+    # authorizations voided in SQL (a Void, a refused capture): never captured after that
+    voided: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -148,10 +152,27 @@ def load(
         )
         for relationship_id, status, holder_id, region in rows:
             funding[relationship_id] = FundingRelationship(status, holder_id, region)
+    voided: set[str] = set()
+    if ids:
+        # The authorizations' rows, locked after the relationships (PostgreSQL; SQLite's BEGIN
+        # IMMEDIATE has locked the whole database): a Void marks voided_at under the same row
+        # lock and then looks for a capture (storage/sql/open_holds.py, mark_voided), so a
+        # hold is never both captured and voided, even one a rebuild put back while its
+        # capture was being written.
+        lock = " FOR UPDATE" if dialect.name == "postgresql" else ""
+        rows = fetch_all(
+            connection,
+            f"SELECT authorization_id, voided_at FROM {quote(authorizations.name)}"
+            f" WHERE authorization_id IN ({placeholders(dialect, len(ids))})"
+            f" ORDER BY authorization_id{lock}",
+            ids,
+        )
+        voided = {authorization_id for authorization_id, voided_at in rows if voided_at}
     return BatchState(
         answers=answers,
         captured={key: tuple(value) for key, value in captured.items()},
         relationships=funding,
+        voided=frozenset(voided),
     )
 
 
