@@ -36,6 +36,7 @@ from tests.test_authorization_rules import (
     dissolve,
     family,
     refund,
+    refused,
     register_merchants,
     void,
 )
@@ -409,3 +410,60 @@ def test_a_dissolution_committed_while_the_rebuild_runs_reaches_the_rebuilt_quot
     quota = keys.quota(fam.beneficiary_id, relationship_id)
     status = harness.run(app.redis.hget(quota, "status"))
     assert status == b"DISSOLVED", outcomes
+
+
+def test_a_void_of_a_put_back_hold_whose_capture_commits_first_is_refused(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    writer: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The other order: the capture's transaction has locked the authorization (its write is
+    slow) when the void of the put-back hold marks it: the void waits, finds the capture, and
+    is refused ALREADY_CAPTURED; Redis (which voided the hold) is set from the ledger."""
+    from authz_server.storage.sql import capture_batch
+
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000)
+    gate, arrived, writing = threading.Event(), threading.Event(), threading.Event()
+    real_submit, real_write = writer.submit, capture_batch.write
+
+    async def gated(unit: CaptureUnit) -> Any:
+        arrived.set()
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        return await real_submit(unit)
+
+    def slow_write(connection: Any, accepted: Any) -> None:
+        real_write(connection, accepted)
+        writing.set()
+        time.sleep(1.0)  # the transaction holds its locks; the void comes meanwhile
+
+    writer.submit = gated
+    monkeypatch.setattr(capture_batch, "write", slow_write)
+    outcomes: list[Any] = []
+
+    def capture_it() -> None:
+        try:
+            outcomes.append(capture(authorizations, HOSPITAL, held.authorization_id).status)
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+
+    capturer = threading.Thread(target=capture_it)
+    capturer.start()
+    assert arrived.wait(5)
+    lose_redis(harness)  # the hold is open in SQL: put back PENDING (rs = 1)
+    gate.set()
+    assert writing.wait(5)
+    refused(
+        lambda: void(authorizations, HOSPITAL, held.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_CAPTURED",
+    )
+    capturer.join(10)
+    assert outcomes == [CAPTURED]
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (12_000, 0)
+    assert ledger(harness, relationship_id).unused_fen == 12_000
