@@ -10,16 +10,21 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from redis.exceptions import ResponseError
 from sqlalchemy import func, select
 
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.generated.medwallet.v1 import registry_pb2, relationship_pb2
+from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
 from authz_server.storage.redis import keys
+from authz_server.storage.redis.generation import HotStateGeneration
+from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.sql.tables import CaptureRow, RelationshipRow
 from tests.harness import ADMIN, APP, Harness, lose_redis, new_id
 from tests.test_authorization_recovery import hot_figures, ledger
@@ -494,3 +499,42 @@ def test_a_void_of_a_put_back_hold_whose_capture_commits_first_is_refused(
     assert outcomes == [CAPTURED]
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (12_000, 0)
     assert ledger(harness, relationship_id).unused_fen == 12_000
+
+
+def test_a_slot_marked_lazily_while_a_rebuild_begins_is_not_used_mid_rebuild(
+    tmp_path: Path,
+) -> None:
+    """A script refused an unused slot (MWUNMARKED); resolve read a complete generation, and a
+    rebuild began (REBUILDING, its sweep) before resolve's mark landed: the slot now carries
+    the old generation in an emptied Redis, and the script sent again would decide on it
+    (RELATIONSHIP_NOT_FOUND for a family whose quotas the rebuild has not written yet). The
+    mark must only count while the generation it was made for is still the published one."""
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+
+    async def scenario() -> tuple[bool, Any]:
+        commands = PipelinedRedis.from_url(url, timeout_seconds=2.0)
+        generation = HotStateGeneration()
+        generation.value = "g1"
+        await commands.execute("SET", keys.GENERATION, "g1|run")
+        marker = keys.generation_marker(keys.prefix("beneficiary-x"))
+        real = commands.execute_many
+
+        async def racing(batch: Any) -> Any:
+            if any(command[:2] == ("SET", marker) for command in batch):
+                # the rebuild begins, and its sweep passes the (still empty) slot
+                await real([("SET", keys.GENERATION, "REBUILDING|g2"), ("DEL", marker)])
+            return await real(batch)
+
+        commands.execute_many = racing  # type: ignore[method-assign]
+        try:
+            again = await generation.resolve(commands, [ResponseError(f"MWUNMARKED {marker}")])
+            return again, await real([("GET", marker)])
+        finally:
+            await commands.aclose()
+
+    try:
+        again, (mark,) = asyncio.run(scenario())
+    finally:
+        redis.stop()
+    assert not again, f"the script would be sent again mid-rebuild on a slot marked {mark!r}"
