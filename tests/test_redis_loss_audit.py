@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.generated.medwallet.v1 import registry_pb2, relationship_pb2
 from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.runtime.rebuild import RebuildAbandoned, rebuild_hot_state
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import HotStateGeneration
@@ -588,3 +589,45 @@ def test_a_premium_retried_while_its_first_attempt_is_written_across_a_loss_pays
     assert len(answers) == 2
     assert captures_of(harness, fam.beneficiary_id) == 1, "the premium was paid twice"
     assert ledger(harness, relationship_id).spent_fen == 15_000
+
+
+def test_a_rebuild_taken_over_by_another_server_does_not_publish_its_generation(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A rebuild whose lock expired (its renewals failed) goes on until it looks at its lock
+    again; meanwhile another server took the lock, marked REBUILDING with its own generation
+    and swept Redis. The first must not then publish its generation over the second's
+    rebuild: servers would adopt it and decide on slots the second rebuild emptied."""
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+
+    async def scenario() -> tuple[str, Any]:
+        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0)
+        real = commands.execute
+
+        async def execute(*arguments: Any) -> Any:
+            # the publication (a SET, or a script), not the REBUILDING mark
+            publishing = keys.GENERATION in arguments and not (
+                arguments[0] == "SET" and str(arguments[2]).startswith("REBUILDING")
+            )
+            if publishing:
+                await real("SET", keys.GENERATION, "REBUILDING|second")  # the other server
+            return await real(*arguments)
+
+        commands.execute = execute  # type: ignore[method-assign]
+        outcome = "published"
+        try:
+            await rebuild_hot_state(harness.app.database, commands, "run", None, harness.clock)
+        except RebuildAbandoned:
+            outcome = "abandoned"
+        try:
+            return outcome, await real("GET", keys.GENERATION)
+        finally:
+            await commands.aclose()
+
+    try:
+        outcome, published = harness.run(scenario())
+    finally:
+        redis.stop()
+    assert published == b"REBUILDING|second", (outcome, published)
+    assert outcome == "abandoned"
