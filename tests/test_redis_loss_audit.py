@@ -631,3 +631,43 @@ def test_a_rebuild_taken_over_by_another_server_does_not_publish_its_generation(
         redis.stop()
     assert published == b"REBUILDING|second", (outcome, published)
     assert outcome == "abandoned"
+
+
+def test_a_premium_whose_commit_reply_was_lost_across_a_rebuild_leaves_redis_equal_to_sql(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, writer: Any
+) -> None:
+    """As the premium written across a rebuild, but its COMMIT's reply is lost: the payment is
+    settled as SQL says (captured), and its quota must be set from the ledger there too."""
+    from sqlalchemy.exc import OperationalError
+
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    gate, arrived = threading.Event(), threading.Event()
+    real_submit, real_commit = writer.submit, writer._commit
+
+    async def gated(unit: CaptureUnit) -> Any:
+        arrived.set()
+        while not gate.is_set():
+            await asyncio.sleep(0.02)
+        return await real_submit(unit)
+
+    def commit_and_lose_the_reply(units: list[CaptureUnit]) -> list[Outcome]:
+        real_commit(units)
+        raise OperationalError("COMMIT", None, Exception("server closed the connection"))
+
+    writer.submit = gated
+    writer._commit = commit_and_lose_the_reply
+    answers: list[Any] = []
+    payer = threading.Thread(
+        target=lambda: answers.append(
+            authorize(authorizations, COLLECTOR, fam.beneficiary_id, LTC_PREMIUM, 15_000)
+        )
+    )
+    payer.start()
+    assert arrived.wait(5)
+    lose_redis(harness)
+    gate.set()
+    payer.join(10)
+    assert answers and answers[0].status == CAPTURED
+    assert ledger(harness, relationship_id).unused_fen == 5_000
+    assert sum(hot_figures(harness, fam.beneficiary_id, relationship_id)) == 5_000

@@ -627,7 +627,7 @@ class AuthorizationService:
         if captured is None:
             await self.holds.capture_finish(authorization_id, claim_token, if_absent, "", why)
             return False, None
-        await self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", captured)
+        await self._finish_captured(authorization_id, claim_token, captured, funding)
         return True, answer
 
     async def _put_back_if_open(self, merchant_id: str, authorization_id: str) -> bool:
