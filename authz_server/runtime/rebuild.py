@@ -46,6 +46,13 @@ BENEFICIARIES_PER_PAGE = 500
 COMMANDS_PER_WRITE = 2000
 
 
+# Sets KEYS[1] to ARGV[2] if it is ARGV[1]: 1 when it did.
+_PUBLISH = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
+    "return 1 end return 0"
+)
+
+
 class RebuildAbandoned(Exception):
     """Another server took the rebuild over (this one's lock expired): its result stands."""
 
@@ -92,7 +99,14 @@ async def rebuild_hot_state(
         holds += page_holds
     if still_owner is not None and not still_owner.is_set():
         raise RebuildAbandoned(generation)
-    await redis.execute("SET", keys.GENERATION, f"{generation}|{run_id}")
+    # Published only while keys.GENERATION still names this rebuild: another server that took
+    # the rebuild over (this one's lock expired) has marked its own and swept Redis since.
+    published = await redis.execute(
+        "EVAL", _PUBLISH, 1, keys.GENERATION, f"{REBUILDING}|{generation}",
+        f"{generation}|{run_id}",
+    )  # fmt: skip
+    if published != 1:
+        raise RebuildAbandoned(generation)
     report = RebuildReport(
         generation=generation,
         deleted_keys=deleted,

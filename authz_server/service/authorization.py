@@ -51,7 +51,7 @@ from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import Journal, StoredDecision
 from authz_server.service.ports import QuotaCache
-from authz_server.service.quota_sync import restore_from_ledger
+from authz_server.service.quota_sync import restore_from_ledger, when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
@@ -227,14 +227,46 @@ class AuthorizationService:
         else:
             outcome = self._outcome(decision)
             if decision.status == "CAPTURING":
-                paid = await self.to_the_end.run(
-                    self._capture_at_once(request, outcome, now, call, respond)
-                )
-                if isinstance(paid, bytes):
-                    metrics.idempotent_replays.labels("Authorize").inc()
-                    return paid
-                outcome = paid
+                # The payment and its journal row run to their end together, even when the
+                # call is cancelled (its deadline) meanwhile: a payment SQL made without the
+                # key's journal row would be made again by a retry once Redis lost the key.
+                return await self.to_the_end.run(
+                    self._pay_and_answer(request, request_digest, call, decision, outcome, now,
+                                         respond)
+                )  # fmt: skip
             _count(request.purpose, outcome)
+        return await self._answer(request, request_digest, call, decision, outcome, now, respond)
+
+    async def _pay_and_answer(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        decision: HoldDecision,
+        outcome: AuthorizeOutcome,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> R | bytes:
+        """A one-step payment: its capture, then its journal row and its answer (or, when its
+        key paid before, that payment's stored answer)."""
+        paid = await self._capture_at_once(request, outcome, now, call, respond)
+        if isinstance(paid, bytes):
+            metrics.idempotent_replays.labels("Authorize").inc()
+            return paid
+        _count(request.purpose, paid)
+        return await self._answer(request, request_digest, call, decision, paid, now, respond)
+
+    async def _answer(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        decision: HoldDecision,
+        outcome: AuthorizeOutcome,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> R | bytes:
+        """The decision journaled, then answered (or SQL's stored answer for its key)."""
         response = respond(outcome)
         # Durable before the till hears it (service/journal.py): an approval survives the loss of
         # Redis, and SQL's unique key is the last word on which decision a key has. A replay is
@@ -419,8 +451,8 @@ class AuthorizationService:
             await self.holds.undo(call, outcome.authorization_id)
             raise
         except CapturedInLedger as captured:  # SQL has it already: settle the hold as SQL says
-            await self.holds.capture_finish(
-                outcome.authorization_id, claim_token, "CAPTURED", captured.parts
+            await self._finish_captured(
+                outcome.authorization_id, claim_token, captured.parts, outcome.funding
             )
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
         except LedgerLimitExceeded as refusal:
@@ -442,10 +474,31 @@ class AuthorizationService:
         if isinstance(written, bytes):  # the key paid before: its answer, nothing paid now
             await self.holds.undo(call, outcome.authorization_id)
             return written
-        await self.holds.capture_finish(
-            outcome.authorization_id, claim_token, "CAPTURED", format_funding(outcome.funding)
+        await self._finish_captured(
+            outcome.authorization_id, claim_token, format_funding(outcome.funding), outcome.funding
         )
         return _with_status(outcome, AuthorizationStatus.CAPTURED)
+
+    async def _finish_captured(
+        self, authorization_id: str, claim_token: str, parts: str, funding: Funding
+    ) -> None:
+        """Finishes the hold of a capture SQL has, as CAPTURED. When Redis no longer has that
+        claim (Redis was lost and rebuilt from SQL read before this capture committed: the
+        rebuild counted its money as unused), the funding quotas are set from the ledger again,
+        or Redis would go on offering money SQL counts as spent."""
+        if await when_rebuilt(
+            lambda: self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", parts)
+        ):
+            return
+        for relationship_id, _ in funding:
+            try:
+                await restore_from_ledger(self.database, self.quotas, relationship_id)
+            except Unavailable as error:  # a capture between its phases: reconcile settles it
+                log.warning(
+                    "capture %s: quota %s not restored from the ledger: %s",
+                    authorization_id, relationship_id, error,
+                    extra={"authorization_id": authorization_id},
+                )  # fmt: skip
 
     async def _settle_unfinished_payment(
         self, outcome: AuthorizeOutcome, claim_token: str
@@ -540,9 +593,7 @@ class AuthorizationService:
         except CapturedInLedger as captured:
             # SQL has a capture the hold did not know of (an earlier attempt whose answer was
             # lost): settle the hold as SQL says, never release money SQL counts as captured.
-            await self.holds.capture_finish(
-                authorization_id, claim_token, "CAPTURED", captured.parts
-            )
+            await self._finish_captured(authorization_id, claim_token, captured.parts, funding)
             raise
         except PolicyRefusal as refusal:
             # A relationship was dissolved, or the ledger cannot pay: the hold is void, and a
@@ -571,9 +622,7 @@ class AuthorizationService:
             if settled is not None and settled[1] is not None:
                 return settled[1]  # SQL has it: its first answer
             raise
-        await self.holds.capture_finish(
-            authorization_id, claim_token, "CAPTURED", format_funding(parts)
-        )
+        await self._finish_captured(authorization_id, claim_token, format_funding(parts), funding)
         return result
 
     async def _heal_overstated_quota(self, refusal: LedgerLimitExceeded) -> None:
@@ -631,7 +680,7 @@ class AuthorizationService:
         if captured is None:
             await self.holds.capture_finish(authorization_id, claim_token, if_absent, "", why)
             return False, None
-        await self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", captured)
+        await self._finish_captured(authorization_id, claim_token, captured, funding)
         return True, answer
 
     async def _put_back_if_open(self, merchant_id: str, authorization_id: str) -> bool:
@@ -831,7 +880,10 @@ class AuthorizationService:
     ) -> RefundOutcome | bytes:
         result = await self.group_commit.submit(work)
         for beneficiary_id, relationship_id, fen, entry_id in credits:
-            if not await self.quotas.credit(beneficiary_id, relationship_id, fen, entry_id):
+            credit = functools.partial(
+                self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id
+            )
+            if not await when_rebuilt(credit):
                 await restore_from_ledger(self.database, self.quotas, relationship_id)
         return result
 

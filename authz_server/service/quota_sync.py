@@ -11,9 +11,10 @@ Redis step comes after the restore is recognised by its ledger entry and not add
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from redis.exceptions import ResponseError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -21,11 +22,15 @@ from authz_server.domain.errors import Unavailable
 from authz_server.domain.model import QuotaFigures, Relationship
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.ports import QuotaCache, QuotaRestore
+from authz_server.storage.redis.generation import refused_slot
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import LedgerEntryRow
 
 T = TypeVar("T")
+# How long a Redis step that follows a SQL commit waits for a rebuild of the hot state to end.
+REBUILD_WAIT_SECONDS = 10.0
+REBUILD_WAIT_STEP_SECONDS = 0.2
 
 
 def restore_of(
@@ -82,3 +87,21 @@ async def restore_from_ledger(
     if figures is None:
         raise Unavailable("a capture of this quota is being written; retry")
     return figures
+
+
+async def when_rebuilt(step: Callable[[], Awaitable[T]]) -> T:
+    """A Redis step that must follow what SQL committed (a credit, a capture's finish): while a
+    rebuild of the hot state runs, its slot is refused (UNAVAILABLE), and the step is tried
+    again until the rebuild has published its generation (REBUILD_WAIT_SECONDS at most).
+    Given up at once, its money would be missing from (a credit) or held on (a capture of a
+    hold the rebuild put back) a quota the rebuild had already written from SQL."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REBUILD_WAIT_SECONDS
+    while True:
+        try:
+            return await step()
+        except Unavailable as error:
+            refused = isinstance(error.__cause__, ResponseError) and refused_slot(error.__cause__)
+            if not refused or loop.time() > deadline:
+                raise
+            await asyncio.sleep(REBUILD_WAIT_STEP_SECONDS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import QuotaCache
+from authz_server.service.quota_sync import when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
@@ -196,7 +198,11 @@ class RegistryService:
 
         result, in_redis = await self.database.run(work)
         for relationship in in_redis:
-            await self.quotas.dissolve(relationship.beneficiary_id, relationship.relationship_id)
+            # Waits out a rebuild of the hot state (service/quota_sync.py, when_rebuilt).
+            dissolve = functools.partial(
+                self.quotas.dissolve, relationship.beneficiary_id, relationship.relationship_id
+            )
+            await when_rebuilt(dissolve)
         return result
 
     @staticmethod

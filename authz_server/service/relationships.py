@@ -51,7 +51,7 @@ from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import Debit, QuotaCache, QuotaFigures
-from authz_server.service.quota_sync import on_loop, restore_from_ledger
+from authz_server.service.quota_sync import on_loop, restore_from_ledger, when_rebuilt
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
@@ -222,8 +222,10 @@ class RelationshipService:
             # SQL first, then Redis; to the end even when the call is cancelled meanwhile: a
             # commit whose credit never came would understate the quota until reconcile.
             result, relationship = await self._run_idempotent(work)
-            if relationship is not None and not await self.quotas.credit(
-                relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
+            if relationship is not None and not await when_rebuilt(
+                lambda: self.quotas.credit(
+                    relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
+                )
             ):
                 await self._restore(relationship_id)
             return result
@@ -388,7 +390,9 @@ class RelationshipService:
             return records.relationship(row), returned
 
         relationship, returned = await self.database.run(work)
-        await self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+        await when_rebuilt(
+            lambda: self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+        )
         return DissolveResult(QuotaView(relationship, 0, 0), returned)
 
     async def get(self, relationship_id: str) -> QuotaView:

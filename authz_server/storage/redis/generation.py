@@ -106,9 +106,19 @@ class HotStateGeneration:
                 # earlier rebuild wrote it after that rebuild's sweep. Taken over.
                 log.warning("slot %s marked %s under generation %s", words[1], words[2], self.value)
                 commands.append(("SET", words[1], self.value))
-        for reply in await redis.execute_many(commands):
+        # Read again after the marks, on the same connection: a rebuild that began between
+        # the read above and the marks may have swept the slots already, leaving them marked
+        # with this generation in an emptied Redis. Only while it is still the published one
+        # are the marks its (a rebuild that begins later sweeps them).
+        commands.append(("GET", keys.GENERATION))
+        *replies, published = await redis.execute_many(commands)
+        for reply in replies:
             if isinstance(reply, ResponseError):
                 raise reply
+        after = GlobalMarker.parse(published)
+        if after is None or after.rebuilding or after.generation != self.value:
+            self.lost.set()
+            return False
         return True
 
     async def wait_lost(self) -> None:

@@ -306,28 +306,29 @@ class HoldStore:
 
     async def capture_finish(
         self, authorization_id: str, claim_token: str, outcome: str, parts: str, why: str = ""
-    ) -> None:
+    ) -> bool:
         """Finishes the claim `claim_token` names (its cs: when it began, in ms as sent to
         capture_begin or authorize; '' for whichever claim there is): nothing when the hold is
-        in another claim by then. `why` (with VOIDED): what a later capture is told instead of
-        ALREADY_VOIDED."""
+        in another claim by then, or gone (Redis lost it). `why` (with VOIDED): what a later
+        capture is told instead of ALREADY_VOIDED. True when it finished the claim."""
         prefix = keys.prefix_of_authorization(authorization_id)
         script_keys = [keys.authorization(authorization_id)]
         arguments: list[Argument] = [prefix, outcome, parts, why, claim_token]
         if outcome == "PENDING":
             # The hold is open again (with its own expiry, which may have passed meanwhile):
             # the sweeper looks at the slot at its next round (score 0) and takes it from there.
-            await guarded(
+            raw = await guarded(
                 lambda: self._script_and_index(
                     self._capture_finish, script_keys, arguments, keys.DUE_HOLDS, prefix, 0
                 ),
                 "capture_finish",
             )
-            return
-        await guarded(
+            return as_integer(raw) == 1
+        raw = await guarded(
             lambda: self.commands.evalsha(self._capture_finish, script_keys, arguments),
             "capture_finish",
         )
+        return as_integer(raw) == 1
 
     async def _script_and_index(
         self,

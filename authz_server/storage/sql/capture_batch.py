@@ -66,7 +66,7 @@ class BatchState:
     # authorization id -> its captured parts ((relationship id, fen) in position order)
     captured: dict[str, tuple[tuple[str, int], ...]]
     relationships: dict[str, FundingRelationship]
-    # authorizations voided in SQL (a Void is recorded there first): never captured
+    # authorizations voided in SQL (a Void, a refused capture): never captured after that
     voided: frozenset[str] = frozenset()
 
 
@@ -164,25 +164,27 @@ def load(
                 refunded_to_quota_total_fen=refunded_fen,
             )
             funding[relationship_id] = FundingRelationship(status, holder_id, region, totals)
-    voided: frozenset[str] = frozenset()
+    voided: set[str] = set()
     if ids:
-        # Read after the relationships' locks: a Void marks SQL under the same locks, so it
-        # committed before this read, or waits until this batch has committed.
-        voided = frozenset(
-            row[0]
-            for row in fetch_all(
-                connection,
-                f"SELECT authorization_id FROM {quote(authorizations.name)}"
-                f" WHERE authorization_id IN ({placeholders(dialect, len(ids))})"
-                f" AND voided_at IS NOT NULL",
-                ids,
-            )
+        # The authorizations' rows, locked after the relationships (PostgreSQL; SQLite's BEGIN
+        # IMMEDIATE has locked the whole database): a Void marks voided_at under the same row
+        # lock and then looks for a capture (storage/sql/open_holds.py, mark_voided), so a
+        # hold is never both captured and voided, even one a rebuild put back while its
+        # capture was being written.
+        lock = " FOR UPDATE" if dialect.name == "postgresql" else ""
+        rows = fetch_all(
+            connection,
+            f"SELECT authorization_id, voided_at FROM {quote(authorizations.name)}"
+            f" WHERE authorization_id IN ({placeholders(dialect, len(ids))})"
+            f" ORDER BY authorization_id{lock}",
+            ids,
         )
+        voided = {authorization_id for authorization_id, voided_at in rows if voided_at}
     return BatchState(
         answers=answers,
         captured={key: tuple(value) for key, value in captured.items()},
         relationships=funding,
-        voided=voided,
+        voided=frozenset(voided),
     )
 
 

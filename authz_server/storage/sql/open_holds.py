@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
+from authz_server.domain.errors import PolicyRefusal
 from authz_server.domain.funding import format_funding, parse_funding
 from authz_server.domain.hot_state import APPROVALS, OpenHold, is_open
 from authz_server.domain.types import RelationshipStatus
@@ -136,7 +137,10 @@ def void_in_ledger(
 
 
 def mark_voided(session: Session, authorization_id: str, now: datetime) -> None:
-    """A hold voided in Redis is voided in SQL too, so a rebuild does not put it back."""
+    """A hold voided in Redis is voided in SQL too, so a rebuild does not put it back. Under
+    the authorization's row lock, which a capture's write takes too (capture_batch.load): a
+    capture committed first (of a hold a rebuild put back while it was being written) refuses
+    the void, ALREADY_CAPTURED (rolled back); one after it is refused ALREADY_VOIDED."""
     session.execute(
         update(AuthorizationRow)
         .where(
@@ -145,3 +149,5 @@ def mark_voided(session: Session, authorization_id: str, now: datetime) -> None:
         )
         .values(voided_at=now)
     )
+    if session.get(CaptureRow, authorization_id) is not None:
+        raise PolicyRefusal("ALREADY_CAPTURED", f"authorization {authorization_id} is captured")
