@@ -3,7 +3,9 @@ data (or may have: a restart, a failover). storage/redis/generation.py says how 
 keeps every server from deciding on Redis meanwhile; runtime/hot_state.py decides when to
 rebuild and makes sure only one server does.
 
-1. keys.GENERATION says REBUILDING: every server answers UNAVAILABLE (health NOT_SERVING).
+1. keys.GENERATION says REBUILDING: every server answers UNAVAILABLE (health NOT_SERVING), and
+   the journal refuses decisions of the old generation once the ones journaled before have
+   committed (storage/sql/journal_fence.py).
 2. Every key of the hot state is deleted: whatever Redis still had (a restart with part of its
    file, a replica's older copy) may be wrong, and nothing is decided on it again.
 3. SQL is read a page of beneficiaries at a time, under their relationships' row locks, and the
@@ -36,6 +38,7 @@ from authz_server.storage.redis.pipelined import Command, PipelinedRedis
 from authz_server.storage.redis.rebuild_writer import delete_hot_state, page_commands
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.journal_fence import wait_for_journal
 from authz_server.storage.sql.open_holds import open_holds
 from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
 
@@ -79,6 +82,9 @@ async def rebuild_hot_state(
     started = time.perf_counter()
     generation = new_generation()
     await redis.execute("SET", keys.GENERATION, f"{REBUILDING}|{generation}")
+    # Every decision journaled from now on is refused; those journaled before are read below
+    # (storage/sql/journal_fence.py).
+    await database.run(wait_for_journal)
     deleted = await delete_hot_state(redis)
     loop = asyncio.get_running_loop()
     after = ""

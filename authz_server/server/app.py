@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,7 @@ from authz_server.service.relationships import RelationshipService
 from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
 from authz_server.storage.redis import scripts
-from authz_server.storage.redis.generation import HotStateGeneration
+from authz_server.storage.redis.generation import HotStateGeneration, published_generation
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
@@ -126,7 +127,9 @@ class Application:
         )
         self.holds = HoldStore(self.redis, self.pipelined_redis)
         self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
-        self.journal = Journal(self.database)
+        self.journal = Journal(
+            self.database, functools.partial(published_generation, self.pipelined_redis)
+        )
         self.authorizations = AuthorizationService(
             self.database,
             self.holds,

@@ -287,6 +287,13 @@ class AuthorizationService:
                 "response": response,
                 "created_at": now,
                 "expires_at": outcome.expires_at,
+                # not a column: the journal refuses a hold decided in a generation no longer
+                # published (Redis lost, or being rebuilt, since): a rebuild that read SQL
+                # before this row would not have put the hold back. Payments made and declines
+                # hold no money in Redis, and are journaled whatever the generation.
+                "generation": decision.generation
+                if outcome.status is AuthorizationStatus.PENDING
+                else "",
             }
         )
         if stored is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
@@ -33,6 +33,7 @@ from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.dbapi import BulkInsert
+from authz_server.storage.sql.journal_fence import for_journaling
 from authz_server.storage.sql.tables import AuthorizationRow
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,24 @@ def _tuples(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
     return values
 
 
+# The hot state's generation published now (None while it is missing or being rebuilt).
+PublishedGeneration = Callable[[], Coroutine[Any, Any, str | None]]
+
+
+class GenerationChanged(Unavailable):
+    """The decision was made in a generation of the hot state no longer published: Redis was
+    lost or is being rebuilt since. Not journaled; the till's retry is decided anew."""
+
+
 class Journal:
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self, database: Database, published_generation: PublishedGeneration | None = None
+    ) -> None:
         self.database = database
+        # A decision row carrying a "generation" is written only while that generation is the
+        # published one, read inside the transaction (storage/sql/journal_fence.py).
+        self.published_generation = published_generation
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: list[tuple[dict[str, Any], asyncio.Future[Written]]] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -94,12 +110,15 @@ class Journal:
         )
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run(), name="journal")
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._run(), name="journal")
 
     async def write(self, row: dict[str, Any]) -> Written:
         """Writes one decision (a dict with a value for every name in COLUMNS) and returns once
         it is committed: None when it is the key's decision, else the one SQL holds for the key.
         Raises Unavailable when SQL does not take it."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
         if len(self.queue) >= MAX_QUEUED:
             metrics.journal_rejected.inc()
             raise Unavailable("the decision journal is too far behind; retry")
@@ -137,11 +156,37 @@ class Journal:
                 outcomes.append(error)
         return outcomes
 
-    def _write(self, session: Session, *, rows: list[dict[str, Any]]) -> list[Written]:
+    def _write(
+        self, session: Session, *, rows: list[dict[str, Any]]
+    ) -> list[Written | BaseException]:
         # The session's connection, so the transaction is Database.run's (SQLite: BEGIN
         # IMMEDIATE), committed or rolled back with it.
-        self._insert.run(session.connection(), _tuples(rows))
-        return _conflicts(session, rows)
+        stale = self._of_a_past_generation(session, rows)
+        kept = [row for row, refused in zip(rows, stale, strict=True) if not refused]
+        if kept:
+            self._insert.run(session.connection(), _tuples(kept))
+        written = iter(_conflicts(session, kept) if kept else [])
+        return [
+            GenerationChanged("the hot state was lost or is being rebuilt; retry")
+            if refused
+            else next(written)
+            for refused in stale
+        ]
+
+    def _of_a_past_generation(self, session: Session, rows: list[dict[str, Any]]) -> list[bool]:
+        """Which rows were decided in a generation no longer published (read under the
+        journal's fence, in this transaction)."""
+        if self.published_generation is None or not any(row.get("generation") for row in rows):
+            return [False] * len(rows)
+        for_journaling(session)
+        assert self.loop is not None
+        try:
+            published: str | None = asyncio.run_coroutine_threadsafe(
+                self.published_generation(), self.loop
+            ).result()
+        except Exception as error:  # Redis does not answer: nothing is written, retry
+            raise Unavailable(f"the hot state's generation cannot be read: {error}") from error
+        return [bool(row.get("generation")) and row["generation"] != published for row in rows]
 
     async def _run(self) -> None:
         while True:

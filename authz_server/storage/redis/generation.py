@@ -124,3 +124,10 @@ class HotStateGeneration:
     async def wait_lost(self) -> None:
         await self.lost.wait()
         self.lost.clear()
+
+
+async def published_generation(redis: PipelinedRedis) -> str | None:
+    """The complete generation keys.GENERATION names now; None while it is missing or being
+    rebuilt."""
+    marker = GlobalMarker.parse(await redis.execute("GET", keys.GENERATION))
+    return None if marker is None or marker.rebuilding else marker.generation

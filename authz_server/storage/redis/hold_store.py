@@ -77,6 +77,9 @@ class HoldDecision:
     status: str
     expires_at_ms: int
     template: str
+    # The hot state's generation the decision was made in ('' without one: tools, tests); the
+    # journal refuses a decision of a generation no longer published (service/journal.py).
+    generation: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ class HoldStore:
             status=reply[7],
             expires_at_ms=int(reply[8]),
             template=reply[9],
+            generation=self.commands.generation.value if self.commands.generation else "",
         )
 
     async def undo(self, call: AuthorizeCall, authorization_id: str) -> None:

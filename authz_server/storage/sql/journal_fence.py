@@ -1,0 +1,36 @@
+"""Decisions journaled against a rebuild of the hot state (runtime/rebuild.py).
+
+A decision made in Redis is journaled to SQL before its till hears it, and a rebuild puts back
+the open holds SQL has. A journal write that commits after the rebuild read SQL would be missed
+by it, and Redis would offer that money again. So a journal transaction takes the journal's
+lock shared (`for_journaling`) and then checks, inside it, that the generation its decisions were
+made in is still the one published; a rebuild first marks Redis REBUILDING, then takes the lock
+exclusively in a transaction of its own and lets it go at once (`wait_for_journal`): every
+journal write that read the generation before the mark has committed by then (and is read by
+the rebuild), and every later one reads REBUILDING and refuses its decisions (UNAVAILABLE: the
+till retries, and the retry is decided in the rebuilt Redis).
+
+On PostgreSQL these are advisory locks. On SQLite every write transaction holds the database's
+write lock already, so the rebuild's own transaction waits for the journal's, as it needs.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+# A fixed 64-bit number, the same in every process of the service.
+JOURNAL_LOCK = 0x6D77_6A6F_7572_6E6C  # "mwjournl"
+
+
+def for_journaling(session: Session) -> None:
+    """Taken by a journal transaction before it reads the published generation."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": JOURNAL_LOCK})
+
+
+def wait_for_journal(session: Session) -> None:
+    """A rebuild's transaction of its own, after it marked Redis REBUILDING: returns when every
+    journal write that read the generation before the mark has committed."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOURNAL_LOCK})
