@@ -127,8 +127,12 @@ class Traffic:
     shows as a slow call, as errors, or both)."""
 
     acknowledged: dict[str, int] = field(default_factory=dict)
+    since_mark: dict[str, int] = field(default_factory=dict)
     errors: int = 0
     longest_wait: float = 0.0
+
+    def mark(self) -> None:
+        self.since_mark = {}
 
     async def run(self, client: RedisCluster, names: list[str], stop: asyncio.Event) -> None:
         waiting_since: float | None = None
@@ -145,6 +149,7 @@ class Traffic:
                 await asyncio.sleep(0.05)
                 continue
             self.acknowledged[name] = self.acknowledged.get(name, 0) + 1
+            self.since_mark[name] = self.since_mark.get(name, 0) + 1
             self.longest_wait = max(self.longest_wait, time.monotonic() - waiting_since)
             waiting_since = None
             await asyncio.sleep(0)
@@ -172,6 +177,7 @@ def test_killed_primary_is_replaced_and_the_client_recovers(
             cluster.kill_primary(victim)
             killed_at = time.monotonic()
             promoted = await asyncio.to_thread(cluster.wait_for_promotion, victim)
+            traffic.mark()
             # The client recovers by itself: acknowledged writes go on after the promotion.
             before = sum(traffic.acknowledged.values())
             deadline = time.monotonic() + 15
@@ -189,10 +195,17 @@ def test_killed_primary_is_replaced_and_the_client_recovers(
             assert traffic.longest_wait < 15
             for name in written:
                 assert await client.get(name) == "kept", name
-            # Every INCR acknowledged after the promotion is there; the ones before the kill
-            # were replicated asynchronously, so at most the last few may be lost.
+            # Every INCR acknowledged after the promotion is there. Around the kill, neither
+            # way is exact: the last INCRs acknowledged by the old primary may not have reached
+            # its replica (asynchronous replication), and redis-py re-sends a command whose
+            # reply was lost with the connection, so an INCR the old primary applied and
+            # replicated can be applied twice. The service must not rely on either.
+            drift = 0
             for name in counters:
-                assert int(await client.get(name) or 0) <= traffic.acknowledged.get(name, 0)
+                value = int(await client.get(name) or 0)
+                assert value >= traffic.since_mark.get(name, 0), name
+                drift += abs(value - traffic.acknowledged.get(name, 0))
+            print(f"counters off their acknowledged count by {drift} in all")
             # The killed node comes back as a replica of its promoted replica.
             cluster.restart(victim)
             cluster.wait_until_ok()
