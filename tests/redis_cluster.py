@@ -36,13 +36,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytest
 import redis
 from redis.crc import key_slot
 
 from authz_server.runtime.embedded_redis import redis_server_binary
+
+if TYPE_CHECKING:  # pytest only for the fixture: loadtest/redis_client_benchmark.py runs without
+    import pytest
 
 HOST = "127.0.0.1"
 SLOTS = 16384
@@ -440,6 +442,7 @@ def cluster_fixture(
 ) -> Callable[..., Iterator[RedisClusterHarness]]:
     """A pytest fixture `name` of a running cluster (module-scoped by default): assign it in a
     test module, `redis_cluster = cluster_fixture()`, and ask for `redis_cluster`."""
+    import pytest
 
     def fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterHarness]:
         with running_cluster(tmp_path_factory.mktemp("redis-cluster"), **options) as cluster:
