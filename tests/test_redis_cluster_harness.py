@@ -24,6 +24,7 @@ from tests.redis_cluster import (
     SLOTS,
     RedisClusterHarness,
     cluster_fixture,
+    redis_cli_binary,
     running_cluster,
     slot_of,
 )
@@ -276,6 +277,7 @@ def test_moving_a_slot_range_under_a_running_client_loses_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(redis_cli_binary() is None, reason="no redis-cli found")
 def test_redis_cli_reshard_under_a_running_client_loses_nothing(
     redis_cluster: RedisClusterHarness,
 ) -> None:
