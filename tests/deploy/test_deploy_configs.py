@@ -103,9 +103,14 @@ HISTOGRAMS = {
     "medwallet_sql_commit_seconds",
     "medwallet_group_commit_batch_size",
 }
-KNOWN_METRICS = COUNTERS_AND_GAUGES | {
-    f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
-}
+# From redis_exporter (oliver006/redis_exporter), the sidecar of every Redis Cluster node in
+# deploy/k8s/redis-cluster/: `up` of its scrape, INFO's role as a label, INFO's connected_slaves.
+REDIS_EXPORTER_METRICS = {"redis_up", "redis_instance_info", "redis_connected_slaves"}
+KNOWN_METRICS = (
+    COUNTERS_AND_GAUGES
+    | REDIS_EXPORTER_METRICS
+    | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
+)
 
 SERVER_ERROR_CODES = {"Unavailable", "Internal", "Unknown", "DeadlineExceeded", "ResourceExhausted"}
 BUSINESS_CODES = {
@@ -128,6 +133,9 @@ REQUIRED_ALERTS = {
     "MedWalletHealthFlapping",
     "MedWalletHotStateNotReady",
     "MedWalletHotStateRebuilt",
+    "MedWalletRedisShardDown",
+    "MedWalletRedisFailover",
+    "MedWalletRedisShardWithoutReplica",
 }
 
 
@@ -189,7 +197,7 @@ def metric_names(expr: str) -> tuple[set[str], set[str]]:
     without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
     without_ranges = re.sub(r"\[[^\]]*\]", "", without_strings)
     names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", without_ranges))
-    raw = {n for n in names if re.match(r"(medwallet|grpc_server)_", n) or n == "up"}
+    raw = {n for n in names if re.match(r"(medwallet|grpc_server|redis)_", n) or n == "up"}
     recorded = {n for n in names if n.count(":") == 2}
     return raw, recorded
 
@@ -401,7 +409,12 @@ def test_k8s_selectors_match_the_pods() -> None:
     deployment = k8s_object("Deployment", "medwallet-authz")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    services = [doc for _, doc in k8s_docs() if doc["kind"] == "Service"]
+    services = [
+        doc
+        for _, doc in k8s_docs()
+        if doc["kind"] == "Service"
+        and doc["metadata"]["labels"]["app.kubernetes.io/name"] == "medwallet-authz"
+    ]
     assert services
     for service in services:
         name = service["metadata"]["name"]
@@ -536,8 +549,123 @@ def test_redis_conf_loads_in_redis_server(tmp_path: Path) -> None:
 
 def test_cluster_recipe_documents_the_hash_tag() -> None:
     text = (DEPLOY / "redis" / "CLUSTER.md").read_text(encoding="utf-8")
-    assert "{b:<beneficiary_id>}" in text
-    assert "cluster-enabled yes" in text
+    assert "mw:{b:<tag>}" in text
+    for path in ("redis-cluster.conf", "docker-compose.cluster.yml", "k8s/redis-cluster/"):
+        assert path in text, path
+
+
+# ---------------------------------------------------------------------------- Redis Cluster
+
+REDIS_CLUSTER_CONF = DEPLOY / "redis" / "redis-cluster.conf"
+CLUSTER_COMPOSE = DEPLOY / "redis" / "docker-compose.cluster.yml"
+CLUSTER_K8S = K8S / "redis-cluster"
+
+
+def directives_of(text: str) -> dict[str, str]:
+    found = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            found[key.lower()] = value.strip()
+    return found
+
+
+def test_redis_cluster_conf_adds_cluster_mode_to_redis_conf() -> None:
+    directives = directives_of(REDIS_CLUSTER_CONF.read_text(encoding="utf-8"))
+    assert directives["include"] == "/usr/local/etc/redis/redis.conf"
+    assert directives["cluster-enabled"] == "yes"
+    assert directives["cluster-config-file"].startswith("/data/")
+    assert directives["cluster-require-full-coverage"] == "no"
+    assert directives["cluster-allow-reads-when-down"] == "no"
+
+
+def test_redis_cluster_conf_loads_in_redis_server(tmp_path: Path) -> None:
+    """redis-server 7 (if installed) starts with the file in cluster mode."""
+    server, version = _redis_server_7()
+    if not server:
+        pytest.skip(f"no redis-server 7+ on PATH (found: {version})")
+    base = re.sub(r"(?m)^dir .*$", f"dir {tmp_path}", REDIS_CONF.read_text(encoding="utf-8"))
+    (tmp_path / "redis.conf").write_text(base)
+    text = REDIS_CLUSTER_CONF.read_text(encoding="utf-8")
+    text = text.replace("/usr/local/etc/redis/redis.conf", str(tmp_path / "redis.conf"))
+    conf = tmp_path / "redis-cluster.conf"
+    conf.write_text(text.replace("/data/nodes.conf", str(tmp_path / "nodes.conf")))
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(
+        [server, str(conf), "--port", "0", "--bind", "127.0.0.1", "--unixsocket", str(sock)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 10
+    while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = proc.poll() is None and sock.exists()
+    proc.terminate()
+    output, _ = proc.communicate(timeout=10)
+    assert started, f"redis-server did not start with redis-cluster.conf:\n{output}"
+    assert (tmp_path / "nodes.conf").exists(), "not in cluster mode"
+
+
+def test_cluster_compose_has_six_nodes_and_a_create_step() -> None:
+    compose = load_yaml(CLUSTER_COMPOSE)
+    services = compose["services"]
+    nodes = sorted(name for name in services if name.startswith("redis-node-"))
+    assert len(nodes) == 6
+    for name in nodes:
+        service = services[name]
+        mounts = {v.split(":")[0]: v.split(":")[1] for v in service["volumes"]}
+        for source in mounts:
+            if source.startswith("."):
+                assert (CLUSTER_COMPOSE.parent / source).exists(), f"{name}: {source}"
+        assert mounts["./redis-cluster.conf"] == service["command"][1], name
+        assert mounts["./redis.conf"] == "/usr/local/etc/redis/redis.conf", name
+        assert (
+            service["command"][service["command"].index("--cluster-announce-hostname") + 1]
+            == (service["hostname"])
+        )
+    create = services["redis-cluster-create"]
+    assert set(create["depends_on"]) == set(nodes)
+    script = create["command"][0]
+    assert "--cluster-replicas 1" in script and "--cluster-yes" in script
+    assert "for n in 1 2 3 4 5 6" in script
+
+
+def test_k8s_redis_cluster_objects() -> None:
+    statefulset = k8s_object("StatefulSet", "redis-cluster")
+    spec = statefulset["spec"]
+    assert spec["replicas"] == 6
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = k8s_object("Service", spec["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    ports = {p["name"]: p["port"] for p in service["spec"]["ports"]}
+    assert ports == {"redis": 6379, "cluster-bus": 16379, "metrics": 9121}
+    pdb = k8s_object("PodDisruptionBudget", "redis-cluster")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    containers = {c["name"]: c for c in spec["template"]["spec"]["containers"]}
+    assert set(containers) == {"redis", "exporter"}
+    args = containers["redis"]["args"]
+    assert args[:2] == ["redis-server", "/usr/local/etc/redis/redis.conf"]
+    hostname = args[args.index("--cluster-announce-hostname") + 1]
+    assert hostname == "$(POD_NAME).redis-cluster.$(POD_NAMESPACE).svc.cluster.local"
+    mounts = {m["name"]: m["mountPath"] for m in containers["redis"]["volumeMounts"]}
+    assert mounts["data"] == "/data"
+    assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["data"]
+    # The ConfigMap's file: redis.conf's settings (dir aside) and redis-cluster.conf's.
+    config = k8s_object("ConfigMap", "redis-cluster-config")["data"]["redis.conf"]
+    in_k8s = directives_of(config)
+    expected = redis_directives() | directives_of(REDIS_CLUSTER_CONF.read_text(encoding="utf-8"))
+    del expected["include"]
+    assert in_k8s == expected
+    job = k8s_object("Job", "redis-cluster-create")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0]
+    assert "--cluster-replicas 1" in script and "for n in 0 1 2 3 4 5" in script
+    assert "redis-cluster-$1.redis-cluster." in script
 
 
 # ---------------------------------------------------------------------------------- Grafana
