@@ -7,8 +7,10 @@
 
 Needs only Python 3.11+. Installs nothing outside .venv unless asked: promtool (for the deploy
 checks) comes from apt only with --install-system-tools or when CI=true (as .ci/run runs);
-otherwise its checks are skipped and the run says so, and how to get them. Set TEST_DATABASE_URL=postgresql+psycopg://... to run against
-PostgreSQL instead of SQLite (each run uses a private schema), as .ci/run does.
+otherwise its checks are skipped and the run says so, and how to get them.
+
+Set TEST_DATABASE_URL=postgresql+psycopg://... to run against PostgreSQL instead of SQLite (each
+run uses a private schema), as .ci/run does.
 """
 
 from __future__ import annotations

