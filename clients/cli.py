@@ -1,11 +1,11 @@
 """The command line for operators and demos, on top of MedWalletClient; prints JSON.
 
-    python -m clients.cli --token demo-pharmacy authorize --beneficiary demo-parent-li \\
+    medwallet --token demo-pharmacy authorize --beneficiary demo-parent-li \\
         --purpose pharmacy --line drug-amoxicillin:2:4700 --line cosmetic-face-cream:1:8800 \\
         --allow-partial
-    python -m clients.cli --token demo-pharmacy capture <authorization_id>
-    python -m clients.cli --token demo-app relationship list --holder demo-holder-zhang
-    python -m clients.cli --token demo-admin registry items --csv items.csv
+    medwallet --token demo-pharmacy capture <authorization_id>
+    medwallet --token demo-app relationship list --holder demo-holder-zhang
+    medwallet --token demo-admin registry items --csv items.csv
 
 `--address` (or MEDWALLET_ADDRESS, default localhost:50051), `--token` (or MEDWALLET_TOKEN).
 Amounts are integer fen. Writes that move money print the idempotency key they were sent with;
@@ -398,7 +398,7 @@ def _key_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m clients.cli",
+        prog="medwallet",
         description="Call the MedWallet AuthZ service; results are printed as JSON.",
     )
     parser.add_argument(
