@@ -37,7 +37,7 @@ from authz_server.generated.medwallet.v1 import (
     relationship_pb2,
     relationship_pb2_grpc,
 )
-from clients import convert
+from clients import convert, tracing
 from clients.channel import Keepalive, RetryPolicy, open_channel
 from clients.errors import error_from_rpc
 from clients.model import (
@@ -198,17 +198,19 @@ class MedWalletClient:
         Raises a `clients.errors.MedWalletError`."""
         attempts = 1 + (self._retry.resends if resend else 0)
         delay = self._retry.resend_backoff_s
-        for attempt in range(1, attempts + 1):
-            try:
-                return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
-            except grpc.RpcError as error:
-                unavailable = (
-                    isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
-                )
-                if not unavailable or attempt == attempts:
-                    raise error_from_rpc(error) from error
-            time.sleep(delay)
-            delay = min(delay * self._retry.backoff_multiplier, self._retry.max_backoff_s)
+        with tracing.client_span(method, request) as trace_metadata:  # one span, all resends
+            metadata = self._metadata + trace_metadata
+            for attempt in range(1, attempts + 1):
+                try:
+                    return method(request, timeout=timeout or self._timeout, metadata=metadata)
+                except grpc.RpcError as error:
+                    unavailable = (
+                        isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
+                    )
+                    if not unavailable or attempt == attempts:
+                        raise error_from_rpc(error) from error
+                time.sleep(delay)
+                delay = min(delay * self._retry.backoff_multiplier, self._retry.max_backoff_s)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- AuthorizationService (merchant token) ------------------------------------------------

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from sqlalchemy.exc import OperationalError
 
 from authz_server.domain.errors import IdempotencyKeyReused, NotFound, PolicyRefusal, Unavailable
 from authz_server.domain.funding import Funding, format_funding
 from authz_server.domain.types import AuthorizationStatus, Purpose, RelationshipStatus
+from authz_server.observability import tracing
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.views import AuthorizationView
@@ -187,12 +189,14 @@ class CaptureWriter:
         self.clock = clock
         self.pending: list[tuple[CaptureUnit, asyncio.Future[Any]]] = []
         self.drain: asyncio.Task[None] | None = None
+        self.callers: dict[asyncio.Future[Any], SpanContext] = {}  # traced: the batch links
 
     async def submit(self, unit: CaptureUnit) -> Any:
         """Writes the capture in the next batch; returns its answer (or the stored answer's
         bytes on a replay), raises its refusal, or Unavailable."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending.append((unit, future))
+        tracing.remember_caller(self.callers, future)
         if self.drain is None or self.drain.done():
             # No long-lived task: a drain runs while captures wait and ends when none do.
             self.drain = asyncio.get_running_loop().create_task(self._drain(), name="captures")
@@ -210,8 +214,12 @@ class CaptureWriter:
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
             units = [unit for unit, _ in batch]
             started = time.perf_counter()
+            callers = tracing.callers_of(self.callers, [future for _, future in batch])
             try:
-                outcomes = await loop.run_in_executor(self.database.executor, self._commit, units)
+                with tracing.batch_span("sql capture batch", callers, len(batch)):
+                    outcomes = await loop.run_in_executor(
+                        self.database.executor, self._commit, units
+                    )
             except OperationalError as error:  # a lock or a lost connection: retryable
                 failure = Unavailable(f"the database did not answer: {error.orig}")
                 outcomes = [(False, failure)] * len(batch)

@@ -44,6 +44,8 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from authz_server.observability import tracing
+
 Argument: TypeAlias = str | bytes | int
 Command: TypeAlias = tuple[Argument, ...]
 # What RESP2 answers: bulk strings as bytes, integers, nil, arrays, and error replies (which
@@ -106,10 +108,21 @@ class Script:
     """A Lua script run by EVALSHA; its SHA1 is computed here, as Redis computes it."""
 
     source: str
+    # What trace spans call it (storage/redis/scripts.py names each by its file).
+    name: str = field(default="script", compare=False)
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        SCRIPT_NAMES[self.sha] = self.name
+
+
+# SHA1 -> name of every Script made, for the trace spans of the round trips that run them.
+SCRIPT_NAMES: dict[str, str] = {}
+
+
+def _scripts_in(commands: Sequence[Command]) -> list[str]:
+    return [SCRIPT_NAMES.get(str(c[1]), "script") for c in commands if c and c[0] == "EVALSHA"]
 
 
 @dataclass(frozen=True)
@@ -364,19 +377,26 @@ class PipelinedRedis:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connected()
-        return await connection.send(commands)
+        if tracing.caller() is None:  # not in a traced call: no span (one context lookup)
+            return await connection.send(commands)
+        scripts = _scripts_in(commands)
+        if not scripts:
+            return await connection.send(commands)
+        with tracing.redis_span(scripts, len(commands)):
+            return await connection.send(commands)
 
     async def evalsha(
         self, script: Script, keys: Sequence[str], arguments: Sequence[Argument]
     ) -> Reply:
         command = ("EVALSHA", script.sha, len(keys), *keys, *arguments)
-        try:
-            return await self.execute(*command)
-        except NoScriptError:
-            # Redis restarted (or SCRIPT FLUSH) since the scripts were loaded: load and retry
-            # once. EVALSHA refused it without running anything, so the retry is safe.
-            await self.load_script(script)
-            return await self.execute(*command)
+        with tracing.redis_span((script.name,), 1):
+            try:
+                return await self.execute(*command)
+            except NoScriptError:
+                # Redis restarted (or SCRIPT FLUSH) since the scripts were loaded: load and
+                # retry once. EVALSHA refused it without running anything, so it is safe.
+                await self.load_script(script)
+                return await self.execute(*command)
 
     async def load_script(self, script: Script) -> None:
         await self.execute("SCRIPT", "LOAD", script.source)
