@@ -3,8 +3,9 @@
 In the service's run, after its own phases, the service is restarted with MEDWALLET_TRACING=true
 exporting over OTLP/gRPC to a stand-in collector (loadtest/otlp_sink.py, another process, so
 its CPU is not counted), measured on the uniform Authorize workload as system `traced`, then
-restarted with tracing off and measured the same way as `untraced`, back to back on the same
-data, Redis and ledger. The figures are printed and kept in benchmark.json (`checks.tracing`).
+restarted with tracing on but no OTLP endpoint (spans made, not exported) as `spans`, then
+restarted with tracing off as `untraced`, back to back on the same data, Redis and ledger.
+The figures are printed and kept in benchmark.json (`checks.tracing`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _start_sink(directory: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
 def measure_tracing_cost(
     run: Any, server: Server, stores: Callable[[], list[int]], measure: Measure
 ) -> Server:
-    """Measures `traced` then `untraced`; returns the (untraced) server left running."""
+    """Measures `traced`, `spans` and `untraced`; returns the (untraced) server left running."""
     sink, port, count_file = _start_sink(run.directory)
     server.stop()
     traced_env = dict(
@@ -51,6 +52,13 @@ def measure_tracing_cost(
         sink.terminate()
         sink.wait(timeout=30)
     spans = int(count_file.read_text()) if count_file.exists() else 0
+    made_env = dict(server.env, MEDWALLET_TRACING="true", MEDWALLET_OTLP_ENDPOINT="")
+    made = replace(server, env=made_env, log=run.directory / "spans.log", process=None)
+    made.start()
+    try:
+        unexported = measure(run, "spans", made, "Authorize", "uniform", stores)
+    finally:
+        made.stop()
     untraced = replace(server, log=run.directory / "untraced.log", process=None)
     untraced.start()
     off = measure(run, "untraced", untraced, "Authorize", "uniform", stores)
@@ -65,6 +73,8 @@ def measure_tracing_cost(
         "p99_ms_on": round(on.p99_ms, 2),
         "server_cpu_us_off": round(off.server_cpu_us, 1),
         "server_cpu_us_on": round(on.server_cpu_us, 1),
+        "server_cpu_us_not_exported": round(unexported.server_cpu_us, 1),
+        "throughput_not_exported": round(unexported.throughput, 1),
         "cpu_increase_percent": round(
             (on.server_cpu_us / off.server_cpu_us - 1) * 100 if off.server_cpu_us else 0.0, 1
         ),
@@ -81,7 +91,8 @@ def summary(checks: dict[str, Any]) -> str | None:
         f"tracing cost on Authorize (uniform): off {t['throughput_off']:.0f} ops/s, p50"
         f" {t['p50_ms_off']} / p99 {t['p99_ms_off']} ms, {t['server_cpu_us_off']} µs CPU/op;"
         f" on (OTLP export) {t['throughput_on']:.0f} ops/s, p50 {t['p50_ms_on']} / p99"
-        f" {t['p99_ms_on']} ms, {t['server_cpu_us_on']} µs CPU/op"
+        f" {t['p99_ms_on']} ms, {t['server_cpu_us_on']} µs CPU/op; spans made, not exported:"
+        f" {t['throughput_not_exported']:.0f} ops/s, {t['server_cpu_us_not_exported']} µs CPU/op"
         f" ({t['cpu_increase_percent']:+.1f}% CPU/op; {t['spans_exported']:,} spans exported,"
         f" {t['spans_per_call']} a call)"
     )
