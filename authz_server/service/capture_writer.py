@@ -120,7 +120,7 @@ def decide(
         answer = AuthorizationView(
             authorization_id, unit.merchant_id, unit.beneficiary_id, unit.purpose,
             AuthorizationStatus.CAPTURED, unit.approved_fen, amount, 0, unit.funding,
-            unit.created_at, unit.expires_at,
+            unit.created_at, unit.expires_at, tuple(p for p in unit.parts if p[1]), now,
         )  # fmt: skip
         parts = tuple(
             CapturePart(
