@@ -1,11 +1,11 @@
 """A generic JSON caller for every RPC of the contract (for trying things and for demos).
 
-Exit codes, one per class of outcome (printed with every error):
-  0 answered; 2 the request could not be sent as written (bad JSON, unknown method or field, bad
-  enum name); 3 the request is invalid (INVALID_ARGUMENT, OUT_OF_RANGE); 4 the token
-  (UNAUTHENTICATED, PERMISSION_DENIED); 5 NOT_FOUND; 6 refused in this state (FAILED_PRECONDITION,
-  ALREADY_EXISTS, ABORTED); 7 try again (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED);
-  1 anything else (INTERNAL, UNKNOWN, ...).
+Exit codes, one per class of outcome (clients/errors.py, shared with `medwallet`; printed with
+every error): 0 answered; 2 the request could not be sent as written (bad JSON, unknown method
+or field, bad enum name); 3 the request is invalid (INVALID_ARGUMENT, OUT_OF_RANGE); 4 the token
+(UNAUTHENTICATED, PERMISSION_DENIED); 5 NOT_FOUND; 6 refused in this state (FAILED_PRECONDITION,
+ALREADY_EXISTS, ABORTED); 7 try again (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED);
+1 anything else (INTERNAL, UNKNOWN, ...).
 """
 
 from __future__ import annotations
@@ -28,25 +28,9 @@ from authz_server.runtime.call_request import (
     method_name,
     parse_request,
 )
+from clients.errors import exit_code
 
 EXIT_USAGE = 2
-_EXIT_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: 3,
-    grpc.StatusCode.OUT_OF_RANGE: 3,
-    grpc.StatusCode.UNAUTHENTICATED: 4,
-    grpc.StatusCode.PERMISSION_DENIED: 4,
-    grpc.StatusCode.NOT_FOUND: 5,
-    grpc.StatusCode.FAILED_PRECONDITION: 6,
-    grpc.StatusCode.ALREADY_EXISTS: 6,
-    grpc.StatusCode.ABORTED: 6,
-    grpc.StatusCode.UNAVAILABLE: 7,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 7,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 7,
-}
-
-
-def exit_code(code: grpc.StatusCode) -> int:
-    return _EXIT_BY_CODE.get(code, 1)
 
 
 def list_methods() -> int:
