@@ -73,7 +73,7 @@ EXHAUST_FITS = 250
 WORKLOADS = ("uniform", "hot spot")
 SYSTEMS = ("floor", "service", "baseline")
 # The tracing-cost phases (--tracing-cost) run the service's own server: its quotas, its check.
-LEDGER_OF = {"traced": "service", "spans": "service", "untraced": "service"}
+LEDGER_OF = {"before": "service", "traced": "service", "spans": "service", "after": "service"}
 
 
 @dataclass

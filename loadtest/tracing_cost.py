@@ -4,7 +4,8 @@ In the service's run, after its own phases, the service is restarted with MEDWAL
 exporting over OTLP/gRPC to a stand-in collector (loadtest/otlp_sink.py, another process, so
 its CPU is not counted), measured on the uniform Authorize workload as system `traced`, then
 restarted with tracing on but no OTLP endpoint (spans made, not exported) as `spans`, then
-restarted with tracing off as `untraced`, back to back on the same data, Redis and ledger.
+restarted with tracing off as `after`; `before` measures the same, tracing off, just before
+(a bracket: the machine's load drifts), all on the same data, Redis and ledger.
 The figures are printed and kept in benchmark.json (`checks.tracing`).
 """
 
@@ -35,7 +36,9 @@ def _start_sink(directory: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
 def measure_tracing_cost(
     run: Any, server: Server, stores: Callable[[], list[int]], measure: Measure
 ) -> Server:
-    """Measures `traced`, `spans` and `untraced`; returns the (untraced) server left running."""
+    """Measures `before`, `traced`, `spans` and `after`; returns the (untraced) server left
+    running."""
+    before = measure(run, "before", server, "Authorize", "uniform", stores)  # off, as it runs
     sink, port, count_file = _start_sink(run.directory)
     server.stop()
     traced_env = dict(
@@ -61,10 +64,12 @@ def measure_tracing_cost(
         made.stop()
     untraced = replace(server, log=run.directory / "untraced.log", process=None)
     untraced.start()
-    off = measure(run, "untraced", untraced, "Authorize", "uniform", stores)
+    off = measure(run, "after", untraced, "Authorize", "uniform", stores)
     run.checks["tracing"] = {
         "spans_exported": spans,
         "spans_per_call": round(spans / max(1, on.operations), 2),
+        "server_cpu_us_off_before": round(before.server_cpu_us, 1),
+        "throughput_off_before": round(before.throughput, 1),
         "throughput_off": round(off.throughput, 1),
         "throughput_on": round(on.throughput, 1),
         "p50_ms_off": round(off.p50_ms, 2),
@@ -88,7 +93,9 @@ def summary(checks: dict[str, Any]) -> str | None:
         return None
     t = tracing
     return (
-        f"tracing cost on Authorize (uniform): off {t['throughput_off']:.0f} ops/s, p50"
+        f"tracing cost on Authorize (uniform): off before {t['throughput_off_before']:.0f} ops/s,"
+        f" {t['server_cpu_us_off_before']} µs CPU/op; off after {t['throughput_off']:.0f} ops/s,"
+        f" p50"
         f" {t['p50_ms_off']} / p99 {t['p99_ms_off']} ms, {t['server_cpu_us_off']} µs CPU/op;"
         f" on (OTLP export) {t['throughput_on']:.0f} ops/s, p50 {t['p50_ms_on']} / p99"
         f" {t['p99_ms_on']} ms, {t['server_cpu_us_on']} µs CPU/op; spans made, not exported:"
