@@ -22,6 +22,15 @@ def _prepare(settings: Settings) -> None:
     upgrade_to_head(settings.effective_database_url)
 
 
+def call_doc() -> str:
+    from authz_server.runtime import call as caller
+
+    return (
+        "Calls any RPC of the contract (`--list` shows them all).\n"
+        + (caller.__doc__ or "").split("\n", 1)[1]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medwallet-authz", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,10 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         "purge-idempotency",
         help="drop the engine's idempotency records of closed months (needs REDIS_URL)",
     )
-    call = commands.add_parser("call", help="call an RPC with a JSON request and print the answer")
-    call.add_argument("method", help="e.g. RelationshipService/GetRelationship")
+    call = commands.add_parser(
+        "call",
+        help="call any RPC with a JSON request and print the answer",
+        description=call_doc(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    call.add_argument("method", nargs="?", help="e.g. RelationshipService/GetRelationship")
     call.add_argument("request", nargs="?", default="{}", help="the request as JSON")
-    call.add_argument("--token", required=True, help="bearer token")
+    call.add_argument("--token", help="bearer token (required for a call)")
+    call.add_argument("--list", action="store_true", help="list every RPC and exit")
+    call.add_argument(
+        "--fresh-key",
+        action="store_true",
+        help="send a new idempotency_key (printed), so the same line can be pasted again",
+    )
     call.add_argument("--host", default="localhost")
     call.add_argument("--port", type=int, default=50051)
     arguments = parser.parse_args(argv)
@@ -55,10 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_environment()
     logging.basicConfig(level=settings.log_level, stream=sys.stderr)
     if arguments.command == "call":
-        from authz_server.runtime.call import call_json
+        from authz_server.runtime import call as caller
 
-        return call_json(
-            arguments.host, arguments.port, arguments.method, arguments.request, arguments.token
+        if arguments.list:
+            return caller.list_methods()
+        if arguments.method is None or arguments.token is None:
+            call.error("give METHOD and --token (or --list)")
+        return caller.call_json(
+            arguments.host,
+            arguments.port,
+            arguments.method,
+            arguments.request,
+            arguments.token,
+            fresh_key=arguments.fresh_key,
         )
     if arguments.command == "serve":
         if arguments.port is not None:

@@ -45,6 +45,12 @@ class Settings:
     access_log: bool = True
     # gRPC metrics and access logs (off only to measure what they cost).
     instrumentation: bool = True
+    # OpenTelemetry traces: a span per call continuing the caller's W3C traceparent, with
+    # Redis script and SQL batch spans, and the trace id in the access log (off: no spans).
+    tracing: bool = False
+    # Where spans go over OTLP/gRPC when tracing is on (e.g. http://localhost:4317); empty
+    # means spans are made (trace ids in logs, traces continued) but not exported.
+    otlp_endpoint: str = ""
     # On SIGTERM: how long in-flight calls may take before the process exits.
     shutdown_grace_seconds: float = 10.0
     # Python logging level of the JSON log lines.
@@ -102,6 +108,8 @@ class Settings:
             log_level=get("MEDWALLET_LOG_LEVEL", defaults.log_level),
             access_log=_flag(get("MEDWALLET_ACCESS_LOG", defaults.access_log)),
             instrumentation=_flag(get("MEDWALLET_INSTRUMENTATION", defaults.instrumentation)),
+            tracing=_flag(get("MEDWALLET_TRACING", defaults.tracing)),
+            otlp_endpoint=get("MEDWALLET_OTLP_ENDPOINT", defaults.otlp_endpoint).strip(),
             demo_data=_flag(get("MEDWALLET_DEMO_DATA", defaults.demo_data)),
             redis_timeout_seconds=float(
                 get("MEDWALLET_REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds)

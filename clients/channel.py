@@ -6,7 +6,7 @@ request left) may have been; every write carries an idempotency key fixed before
 attempt, so the server answers a resend with the original answer and never charges twice.
 ProposeRelationship has no key, so it is left out of the retry policy (a resend after success
 would be refused DUPLICATE_RELATIONSHIP); every other method is a keyed write, a harmless repeat
-(consent, void, dissolve, upserts, insurance events), or a read.
+(consent, void, dissolve, upserts, insurance events, closing a month), or a read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 PACKAGE = "medwallet.v1"
-SERVICES = ("AuthorizationService", "RelationshipService", "RegistryService")
+SERVICES = ("AuthorizationService", "RelationshipService", "RegistryService", "SettlementService")
 NOT_RETRIED = (("RelationshipService", "ProposeRelationship"),)
 
 
@@ -72,7 +72,7 @@ def _duration(seconds: float) -> str:
 
 
 def service_config(retry: RetryPolicy) -> str:
-    """The service config JSON: a retryPolicy for UNAVAILABLE on every method of the three
+    """The service config JSON: a retryPolicy for UNAVAILABLE on every method of the four
     services except those in NOT_RETRIED (a method-level entry overrides the service-level one)."""
     retried: dict[str, Any] = {"name": [{"service": f"{PACKAGE}.{name}"} for name in SERVICES]}
     if retry.max_attempts > 1:

@@ -1,16 +1,17 @@
 """The command line for operators and demos, on top of MedWalletClient; prints JSON.
 
-    python -m clients.cli --token demo-pharmacy authorize --beneficiary demo-parent-li \\
+    medwallet --token demo-pharmacy authorize --beneficiary demo-parent-li \\
         --purpose pharmacy --line drug-amoxicillin:2:4700 --line cosmetic-face-cream:1:8800 \\
         --allow-partial
-    python -m clients.cli --token demo-pharmacy capture <authorization_id>
-    python -m clients.cli --token demo-app relationship list --holder demo-holder-zhang
-    python -m clients.cli --token demo-admin registry items --csv items.csv
+    medwallet --token demo-pharmacy capture <authorization_id>
+    medwallet --token demo-app relationship list --holder demo-holder-zhang
+    medwallet --token demo-admin registry items --csv items.csv
 
 `--address` (or MEDWALLET_ADDRESS, default localhost:50051), `--token` (or MEDWALLET_TOKEN).
 Amounts are integer fen. Writes that move money print the idempotency key they were sent with;
-after a failure (exit 1, the error as JSON on stderr with that key) send the same command again
-with `--idempotency-key KEY` to finish it without acting twice. Usage errors exit 2.
+after a failure (the error as JSON on stderr with that key; the exit status says its class:
+clients/errors.py EXIT_CODES) send the same command again with `--idempotency-key KEY` to
+finish it without acting twice. Usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from clients.errors import MedWalletError
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from clients.errors import EXIT_CODES_HELP, MedWalletError, exit_code
 from clients.medwallet_client import MedWalletClient, Operation
 from clients.model import (
     AuthorizationLine,
@@ -135,6 +139,13 @@ def _json_default(value: object) -> object:
 
 def as_data(value: object) -> Any:
     """A result as JSON-ready data: dataclasses as objects, enums by name, datetimes ISO 8601."""
+    if isinstance(value, Message):  # the contract's own message (settlement reports)
+        return json_format.MessageToDict(
+            value,
+            preserving_proto_field_name=True,
+            always_print_fields_with_no_presence=True,
+            unquote_int64_if_possible=True,
+        )
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return json.loads(json.dumps(dataclasses.asdict(value), default=_json_default))
     return json.loads(json.dumps(value, default=_json_default))
@@ -206,6 +217,14 @@ def cmd_refund(client: MedWalletClient, args: argparse.Namespace) -> object:
 
 def cmd_get(client: MedWalletClient, args: argparse.Namespace) -> object:
     return client.get_authorization(args.authorization_id)
+
+
+def cmd_close_month(client: MedWalletClient, args: argparse.Namespace) -> object:
+    return client.close_month(args.month)
+
+
+def cmd_settlement_report(client: MedWalletClient, args: argparse.Namespace) -> object:
+    return client.get_settlement_report(args.month)
 
 
 def cmd_propose(client: MedWalletClient, args: argparse.Namespace) -> object:
@@ -398,8 +417,9 @@ def _key_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m clients.cli",
+        prog="medwallet",
         description="Call the MedWallet AuthZ service; results are printed as JSON.",
+        epilog=EXIT_CODES_HELP,
     )
     parser.add_argument(
         "--address",
@@ -558,6 +578,15 @@ def build_parser() -> argparse.ArgumentParser:
     event.add_argument("--new-region", metavar="DIVISION_CODE")
     event.add_argument("--new-scheme", type=enum_type(Scheme), metavar=_choices(Scheme))
     event.set_defaults(handler=cmd_event)
+
+    settlement = commands.add_parser("settlement", help="monthly settlement (admin)")
+    stl = settlement.add_subparsers(dest="settlement_command", required=True, metavar="COMMAND")
+    close = stl.add_parser("close", help="close a month (YYYY-MM, Beijing time); prints its report")
+    close.add_argument("month")
+    close.set_defaults(handler=cmd_close_month)
+    report = stl.add_parser("report", help="a closed month's report")
+    report.add_argument("month")
+    report.set_defaults(handler=cmd_settlement_report)
     return parser
 
 
@@ -578,10 +607,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if failure.idempotency_key:
                 shown["idempotency_key"] = failure.idempotency_key
             emit(shown, sys.stderr)
-            return 1
+            return exit_code(failure.error.code)
         except MedWalletError as error:
             emit({"error": error.to_dict()}, sys.stderr)
-            return 1
+            return exit_code(error.code)
     emit(result)
     if isinstance(result, dict) and result.get("rejected"):
         return 1

@@ -86,6 +86,8 @@ def authorization(message: authorization_pb2.Authorization) -> model.Authorizati
         funding=funding(message.funding),
         created_at=timestamp(message, "created_at"),
         expires_at=timestamp(message, "expires_at"),
+        captured_funding=funding(message.captured_funding),
+        captured_at=timestamp(message, "captured_at"),
     )
 
 

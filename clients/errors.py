@@ -159,3 +159,33 @@ def error_from_rpc(error: grpc.RpcError) -> MedWalletError:
     if kind is AlreadyExistsError and reason == ErrorReason.IDEMPOTENCY_KEY_REUSED:
         kind = IdempotencyKeyReusedError
     return kind(code, message, reason, metadata)
+
+
+# The command lines' exit status for a call the service did not serve, one per class
+# (`medwallet` and `medwallet-authz call`; 0 served, 2 a usage error found before calling).
+EXIT_CODES: Mapping[grpc.StatusCode, int] = MappingProxyType(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT: 3,
+        grpc.StatusCode.OUT_OF_RANGE: 3,
+        grpc.StatusCode.UNAUTHENTICATED: 4,
+        grpc.StatusCode.PERMISSION_DENIED: 4,
+        grpc.StatusCode.NOT_FOUND: 5,
+        grpc.StatusCode.FAILED_PRECONDITION: 6,
+        grpc.StatusCode.ALREADY_EXISTS: 6,
+        grpc.StatusCode.ABORTED: 6,
+        grpc.StatusCode.UNAVAILABLE: 7,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 7,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 7,
+    }
+)
+EXIT_CODES_HELP = (
+    "exit status: 0 served; 2 usage (bad arguments or JSON); 3 INVALID_ARGUMENT; "
+    "4 UNAUTHENTICATED or PERMISSION_DENIED; 5 NOT_FOUND; 6 refused in this state "
+    "(FAILED_PRECONDITION, ALREADY_EXISTS); 7 try again (UNAVAILABLE, DEADLINE_EXCEEDED); "
+    "1 anything else"
+)
+
+
+def exit_code(code: grpc.StatusCode) -> int:
+    """The exit status for a failed call with this gRPC code (1 for unclassified ones)."""
+    return EXIT_CODES.get(code, 1)

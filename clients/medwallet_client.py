@@ -36,8 +36,10 @@ from authz_server.generated.medwallet.v1 import (
     registry_pb2_grpc,
     relationship_pb2,
     relationship_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
 )
-from clients import convert
+from clients import convert, tracing
 from clients.channel import Keepalive, RetryPolicy, open_channel
 from clients.errors import error_from_rpc
 from clients.model import (
@@ -157,6 +159,7 @@ class MedWalletClient:
         self._authorizations = authorization_pb2_grpc.AuthorizationServiceStub(channel)
         self._relationships = relationship_pb2_grpc.RelationshipServiceStub(channel)
         self._registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        self._settlement = settlement_pb2_grpc.SettlementServiceStub(channel)
 
     def with_token(self, token: str) -> MedWalletClient:
         """Another client on the same channel, calling as another principal."""
@@ -198,17 +201,19 @@ class MedWalletClient:
         Raises a `clients.errors.MedWalletError`."""
         attempts = 1 + (self._retry.resends if resend else 0)
         delay = self._retry.resend_backoff_s
-        for attempt in range(1, attempts + 1):
-            try:
-                return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
-            except grpc.RpcError as error:
-                unavailable = (
-                    isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
-                )
-                if not unavailable or attempt == attempts:
-                    raise error_from_rpc(error) from error
-            time.sleep(delay)
-            delay = min(delay * self._retry.backoff_multiplier, self._retry.max_backoff_s)
+        with tracing.client_span(method, request) as trace_metadata:  # one span, all resends
+            metadata = self._metadata + trace_metadata
+            for attempt in range(1, attempts + 1):
+                try:
+                    return method(request, timeout=timeout or self._timeout, metadata=metadata)
+                except grpc.RpcError as error:
+                    unavailable = (
+                        isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
+                    )
+                    if not unavailable or attempt == attempts:
+                        raise error_from_rpc(error) from error
+                time.sleep(delay)
+                delay = min(delay * self._retry.backoff_multiplier, self._retry.max_backoff_s)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- AuthorizationService (merchant token) ------------------------------------------------
@@ -615,3 +620,21 @@ class MedWalletClient:
             items=[convert.item_message(item) for item in batch]
         )
         return self._invoke(self._registry.UpsertCatalogItems, request, timeout).upserted_count
+
+    # --- SettlementService (admin token) ------------------------------------------------------
+
+    def close_month(
+        self, month: str, *, timeout: float | None = None
+    ) -> settlement_pb2.CloseMonthResponse:
+        """Closes a month ("YYYY-MM", Beijing time) and answers its report; closing it again
+        answers the stored report with `already_closed`. The report is the contract's message
+        (its tables are long; `clients.cli` prints it as JSON)."""
+        request = settlement_pb2.CloseMonthRequest(month=month)
+        return self._invoke(self._settlement.CloseMonth, request, timeout or 60.0)
+
+    def get_settlement_report(
+        self, month: str, *, timeout: float | None = None
+    ) -> settlement_pb2.SettlementReport:
+        """A closed month's report (NOT_FOUND for a month not closed)."""
+        request = settlement_pb2.GetSettlementReportRequest(month=month)
+        return self._invoke(self._settlement.GetSettlementReport, request, timeout).report

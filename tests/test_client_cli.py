@@ -172,18 +172,18 @@ def test_failure_prints_the_error_and_the_key_to_finish_with(
         "test-merchant-a", "authorize", "--beneficiary", parent, "--purpose", "medical",
         "--amount-fen", "5000", "--idempotency-key", paid["idempotency_key"],
     )  # fmt: skip
-    assert (code, out) == (1, None)
+    assert (code, out) == (6, None)  # ALREADY_EXISTS: refused in this state
     assert err["error"]["reason"] == "IDEMPOTENCY_KEY_REUSED"
     assert err["idempotency_key"] == paid["idempotency_key"]
 
     code, _, err = run.run(
         "test-merchant-a", "capture", paid["authorization_id"], "--amount-fen", "-1"
     )
-    assert code == 1
+    assert code == 3
     assert (err["error"]["code"], err["error"]["field"]) == ("INVALID_ARGUMENT", "amount_fen")
 
     code, _, err = run.run("test-app", "registry", "get-participant", holder)
-    assert (code, err["error"]["code"]) == (1, "PERMISSION_DENIED")
+    assert (code, err["error"]["code"]) == (4, "PERMISSION_DENIED")
 
 
 def test_token_from_the_environment_and_usage_errors(
@@ -222,5 +222,14 @@ def test_runs_as_a_module(harness: Harness) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 5, result.stderr
     assert json.loads(result.stderr)["error"]["code"] == "NOT_FOUND"
+
+
+def test_settlement_commands_reach_the_settlement_service(run: Cli) -> None:
+    code, _, err = run.run("test-admin", "settlement", "report", "2001-01")
+    assert (code, err["error"]["code"]) == (5, "NOT_FOUND")  # a month never closed
+    code, _, err = run.run("test-admin", "settlement", "close", "2999-01")
+    assert (code, err["error"]["reason"]) == (6, "MONTH_NOT_ENDED")
+    code, _, err = run.run("test-app", "settlement", "report", "2001-01")
+    assert (code, err["error"]["code"]) == (4, "PERMISSION_DENIED")

@@ -270,6 +270,7 @@ def test_service_config_retries_unavailable_only() -> None:
         "medwallet.v1.AuthorizationService",
         "medwallet.v1.RelationshipService",
         "medwallet.v1.RegistryService",
+        "medwallet.v1.SettlementService",  # CloseMonth again answers the stored report
     }
     assert retried["retryPolicy"] == {
         "maxAttempts": 5,

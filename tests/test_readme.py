@@ -22,3 +22,19 @@ def test_the_two_commands_are_in_the_readme() -> None:
     assert "medwallet-authz serve --demo" in readme
     assert "python3 tests/run.py" in readme
     assert "tests/run.py" in (ROOT / ".ci" / "run").read_text()
+
+
+# The programs the README's commands may start: Python and what this project installs.
+INSTALLED_HERE = {"python3", "python", "pip", "medwallet-authz", "medwallet"}
+
+
+def test_the_readme_reaches_the_service_only_with_tools_one_can_install_here() -> None:
+    """grpcurl is not packaged in Debian 12: the README's commands use Python and the project's
+    own programs (medwallet-authz call, medwallet), and it names no grpcurl invocation."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
+    commands = [part.strip() for block in blocks for line in block.splitlines()
+                for part in line.split("&&") if part.strip()]  # fmt: skip
+    programs = {Path(command.split()[0]).name for command in commands}
+    assert programs <= INSTALLED_HERE, programs
+    assert not re.search(r"`grpcurl [^`]*`", readme)

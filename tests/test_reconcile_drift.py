@@ -45,6 +45,9 @@ def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
     (relationship_id,) = fam.relationship_ids
     authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)  # an open hold
     app = harness.app
+    # Other tests share this database and may leave a quota overstated on purpose (the ledger
+    # limit's tests): a first run repairs theirs, a second one must find nothing.
+    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     clean = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert (clean.drifted, clean.overstated) == (0, 0)
     client = redis.Redis.from_url(harness.redis_url)

@@ -21,7 +21,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from authz_server.observability import metrics
+from authz_server.observability import metrics, tracing
 
 log = logging.getLogger("authz_server.access")
 _call_fields: ContextVar[dict[str, str] | None] = ContextVar("call_fields", default=None)
@@ -76,8 +76,12 @@ request_ids = _RequestIds()
 class _Method:
     """What one method's calls share: label children looked up once, and the wrapped handler."""
 
-    def __init__(self, full_method: str, inner: Handler, access_log: bool) -> None:
+    def __init__(
+        self, full_method: str, inner: Handler, access_log: bool, traced: bool = False
+    ) -> None:
         self.inner = inner
+        self.full_method = full_method
+        self.traced = traced
         self.call = inner.unary_unary
         service, _, self.method = full_method.lstrip("/").rpartition("/")
         self.service = service
@@ -87,7 +91,7 @@ class _Method:
         self.handled: dict[grpc.StatusCode | None, Any] = {}
         self.access_log = access_log
         self.wrapped: Handler = grpc.unary_unary_rpc_method_handler(
-            self.observed,
+            self.observed_in_span if traced else self.observed,
             request_deserializer=inner.request_deserializer,
             response_serializer=inner.response_serializer,
         )
@@ -97,6 +101,17 @@ class _Method:
             "unary", self.service, self.method, _code_name(code)
         )
         return child
+
+    async def observed_in_span(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        """observed() inside the call's span (MEDWALLET_TRACING): the caller's trace goes on."""
+        with tracing.server_span(self.full_method, context.invocation_metadata()) as span:
+            response = await self.observed(request, context)
+            code = context.code()
+            if code not in (None, grpc.StatusCode.OK):
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+            return response
 
     async def observed(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         self.started.inc()
@@ -117,6 +132,8 @@ class _Method:
             self.seconds.observe(elapsed)
             (self.handled.get(code) or self._handled(code)).inc()
             if self.access_log and log.isEnabledFor(logging.INFO):
+                if self.traced:
+                    fields["trace_id"] = tracing.current_trace_id() or ""
                 log.info(
                     "rpc",
                     extra={
@@ -135,9 +152,12 @@ class ObservedServer(grpc.aio.Server):
     and through a generic handler). Streaming handlers are registered as they are (not
     observed). Everything else is the wrapped server's."""
 
-    def __init__(self, server: grpc.aio.Server, access_log: bool = True) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, access_log: bool = True, traced: bool = False
+    ) -> None:
         self.server = server
         self.access_log = access_log
+        self.traced = traced
         # Full method name -> its wrapper.
         self._methods: dict[str, _Method] = {}
 
@@ -146,7 +166,9 @@ class ObservedServer(grpc.aio.Server):
             return handler
         known = self._methods.get(full_method)
         if known is None or known.inner is not handler:
-            known = self._methods[full_method] = _Method(full_method, handler, self.access_log)
+            known = self._methods[full_method] = _Method(
+                full_method, handler, self.access_log, self.traced
+            )
         return known.wrapped
 
     def add_registered_method_handlers(

@@ -89,10 +89,28 @@ async def load(registry: RegistryService, relationships: RelationshipService) ->
     return relationship_id
 
 
-def print_instructions(port: int, relationship_id: str) -> None:
+def token_roles() -> list[str]:
+    """Each demo token with what it may do (one line each)."""
+    kinds = {merchant.merchant_id: merchant.kind for merchant in MERCHANTS}
+    lines = []
+    for token, principal in DEMO_TOKENS.items():
+        if principal["kind"] == "admin":
+            role = "RegistryService and SettlementService (admin)"
+        elif principal["kind"] == "channel":
+            role = f"RelationshipService, as channel {principal['channel']}"
+        else:
+            merchant_id = principal["merchant_id"]
+            role = f"AuthorizationService, its own payments as {merchant_id}"
+            role += f" ({kinds[merchant_id].value.lower().replace('_', ' ')})"
+        lines.append(f"{token:<15} {role}")
+    return lines
+
+
+def instructions(port: int, relationship_id: str, command: str = "medwallet-authz") -> str:
+    """The calls to paste: each Authorize sends a fresh idempotency key (--fresh-key), so pasting
+    it again is a new payment, never a replay of a stored answer."""
     basket = json.dumps(
         {
-            "idempotency_key": "till-0001",
             "beneficiary_id": RELATIVE,
             "purpose": "PURPOSE_PHARMACY",
             "amount_fen": 3500,
@@ -104,26 +122,33 @@ def print_instructions(port: int, relationship_id: str) -> None:
         },
         ensure_ascii=False,
     )
-    # The command as this process was started (e.g. .venv/bin/medwallet-authz), so the lines
-    # below work as pasted even when the virtualenv is not activated.
-    command = sys.argv[0] if "/" in sys.argv[0] else "medwallet-authz"
-    if command.endswith("cli.py"):
-        command = "medwallet-authz"
-    print(
-        f"""
+    tokens = "\n".join(f"  {line}" for line in token_roles())
+    return f"""
 MedWallet AuthZ is serving on localhost:{port} with demo data: holder {HOLDER} (Beijing)
 shares 2,000.00 yuan of quota with {RELATIVE} (Shenzhen), relationship {relationship_id}.
-Tokens: demo-admin, demo-app, demo-hospital, demo-pharmacy, demo-collector. In another terminal:
+Demo tokens (--token) and what each may do:
+{tokens}
+
+In another terminal (each line may be pasted again and again; --fresh-key sends a new
+idempotency_key each time, so every paste is a new payment; sending a key already used instead
+answers the first call's stored answer again, a replay, whatever happened to it since):
 
   # a pharmacy basket with an ineligible item: the drug is approved, the face cream is not
-  {command} call AuthorizationService/Authorize '{basket}' \
-      --token demo-pharmacy --port {port}
-  # then capture it with the authorization_id it answered:
-  {command} call AuthorizationService/Capture \
-      '{{"authorization_id": "<id>", "idempotency_key": "till-0001-capture"}}' \
-      --token demo-pharmacy --port {port}
-  {command} call RelationshipService/GetRelationship \
+  {command} call AuthorizationService/Authorize '{basket}' \\
+      --fresh-key --token demo-pharmacy --port {port}
+  # then capture it: put the authorization_id it answered in place of AUTHORIZATION_ID
+  {command} call AuthorizationService/Capture '{{"authorization_id": "AUTHORIZATION_ID"}}' \\
+      --fresh-key --token demo-pharmacy --port {port}
+  {command} call RelationshipService/GetRelationship \\
       '{{"relationship_id": "{relationship_id}"}}' --token demo-app --port {port}
-""",
-        flush=True,
-    )
+  {command} call --list    # every RPC; errors show the ErrorInfo reason and field
+"""
+
+
+def print_instructions(port: int, relationship_id: str) -> None:
+    # The command as this process was started (e.g. .venv/bin/medwallet-authz), so the lines
+    # work as pasted even when the virtualenv is not activated.
+    command = sys.argv[0] if "/" in sys.argv[0] else "medwallet-authz"
+    if command.endswith(".py"):
+        command = "medwallet-authz"
+    print(instructions(port, relationship_id, command), flush=True)

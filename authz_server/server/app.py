@@ -27,7 +27,7 @@ from authz_server.generated.medwallet.v1 import (
     settlement_pb2,
     settlement_pb2_grpc,
 )
-from authz_server.observability import metrics
+from authz_server.observability import metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.hot_state import HotStateGuardian
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
@@ -169,8 +169,9 @@ class Application:
         )
         # Metrics and the access log: every unary handler is wrapped as it is added (cheaper
         # than a grpc.aio interceptor, which costs ~30 µs a call by itself).
+        traced = tracing.configure(self.settings.tracing, self.settings.otlp_endpoint)
         self.server = (
-            ObservedServer(server, self.settings.access_log)
+            ObservedServer(server, self.settings.access_log, traced)
             if self.settings.instrumentation
             else server
         )

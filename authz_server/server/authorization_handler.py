@@ -83,6 +83,8 @@ def authorization(view: AuthorizationView) -> authorization_pb2.Authorization:
         funding=_funding(view.funding),
         created_at=convert.timestamp(view.created_at),
         expires_at=convert.timestamp(view.expires_at),
+        captured_funding=_funding(view.captured_funding),
+        captured_at=convert.timestamp(view.captured_at),
     )
 
 

@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -798,6 +798,9 @@ class AuthorizationService:
         account where that relationship is no longer active."""
         # (beneficiary, relationship, fen, the REFUND_TO_QUOTA ledger entry), once written
         credits: list[tuple[str, str, int, int]] = []
+        # The authorization as Get shows it (its times, its funding as approved): the answer's
+        # base, so every RPC answers the same view (NotFound for another merchant's id).
+        base = await self.get(merchant_id, authorization_id)
 
         def work(session: Session) -> RefundOutcome | bytes:
             credits.clear()
@@ -856,12 +859,12 @@ class AuthorizationService:
                     created_at=now,
                 )
             )
-            view = AuthorizationView(
-                authorization_id, merchant_id, capture.beneficiary_id, Purpose(capture.purpose),
-                AuthorizationStatus.CAPTURED, capture.approved_fen, capture.amount_fen,
-                capture.refunded_fen,
-                tuple((p.relationship_id, p.amount_fen) for p in reversed(capture_parts)),
-                records.utc(capture.captured_at), None,
+            view = replace(
+                base, status=AuthorizationStatus.CAPTURED, approved_fen=capture.approved_fen,
+                captured_fen=capture.amount_fen, refunded_fen=capture.refunded_fen,
+                captured_funding=tuple((p.relationship_id, p.amount_fen)
+                                       for p in reversed(capture_parts)),
+                captured_at=records.utc(capture.captured_at),
             )  # fmt: skip
             outcome = RefundOutcome(view, tuple(done))
             idempotency.remember(session, call, outcome, now)
@@ -901,13 +904,15 @@ class AuthorizationService:
         if fields and fields.get("m") != merchant_id:
             raise NotFound(f"authorization {authorization_id} not found")
 
-        def read(session: Session) -> tuple[AuthorizationRow | None, CaptureRow | None]:
+        def read(session: Session) -> tuple[AuthorizationRow | None, CaptureRow | None, Funding]:
             return (
                 session.get(AuthorizationRow, authorization_id),
                 session.get(CaptureRow, authorization_id),
+                records.captured_parts(session, authorization_id),
             )
 
-        journal_row, capture = await self.database.run(read)
+        journal_row, capture, drawn = await self.database.run(read)
+        captured_at = records.utc(capture.captured_at) if capture else None
         if not fields:
             if journal_row is None or journal_row.merchant_id != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
@@ -921,6 +926,7 @@ class AuthorizationService:
                 capture.amount_fen if capture else 0, capture.refunded_fen if capture else 0,
                 parse_funding(journal_row.funding), records.utc(journal_row.created_at),
                 records.utc(journal_row.expires_at) if journal_row.expires_at else None,
+                drawn, captured_at,
             )  # fmt: skip
         status_text = fields.get("s", "")
         status = (
@@ -933,6 +939,7 @@ class AuthorizationService:
             int(fields.get("ap", 0)), capture.amount_fen if capture else 0,
             capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
             _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
+            drawn, captured_at,
         )  # fmt: skip
 
 

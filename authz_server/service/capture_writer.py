@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from opentelemetry.trace import SpanContext
 from sqlalchemy.exc import OperationalError
 
 from authz_server.domain import relationships as relationship_rules
@@ -31,7 +32,7 @@ from authz_server.domain.errors import (
 )
 from authz_server.domain.funding import Funding, format_funding
 from authz_server.domain.types import AuthorizationStatus, Purpose, RelationshipStatus
-from authz_server.observability import metrics
+from authz_server.observability import metrics, tracing
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.views import AuthorizationView
@@ -129,7 +130,7 @@ def decide(
         answer = AuthorizationView(
             authorization_id, unit.merchant_id, unit.beneficiary_id, unit.purpose,
             AuthorizationStatus.CAPTURED, unit.approved_fen, amount, 0, unit.funding,
-            unit.created_at, unit.expires_at,
+            unit.created_at, unit.expires_at, tuple(p for p in unit.parts if p[1]), now,
         )  # fmt: skip
         parts = tuple(
             CapturePart(
@@ -244,12 +245,14 @@ class CaptureWriter:
         self.clock = clock
         self.pending: list[tuple[CaptureUnit, asyncio.Future[Any]]] = []
         self.drain: asyncio.Task[None] | None = None
+        self.callers: dict[asyncio.Future[Any], SpanContext] = {}  # traced: the batch links
 
     async def submit(self, unit: CaptureUnit) -> Any:
         """Writes the capture in the next batch; returns its answer (or the stored answer's
         bytes on a replay), raises its refusal, or Unavailable."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending.append((unit, future))
+        tracing.remember_caller(self.callers, future)
         if self.drain is None or self.drain.done():
             # No long-lived task: a drain runs while captures wait and ends when none do.
             self.drain = asyncio.get_running_loop().create_task(self._drain(), name="captures")
@@ -267,8 +270,12 @@ class CaptureWriter:
             batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
             units = [unit for unit, _ in batch]
             started = time.perf_counter()
+            callers = tracing.callers_of(self.callers, [future for _, future in batch])
             try:
-                outcomes = await loop.run_in_executor(self.database.executor, self._commit, units)
+                with tracing.batch_span("sql capture batch", callers, len(batch)):
+                    outcomes = await loop.run_in_executor(
+                        self.database.executor, self._commit, units
+                    )
             except OperationalError as error:  # a lock or a lost connection: retryable
                 failure = Unavailable(f"the database did not answer: {error.orig}")
                 outcomes = [(False, failure)] * len(batch)

@@ -19,6 +19,10 @@ class AuthorizationView:
     approved_fen: int
     captured_fen: int
     refunded_fen: int
+    # The hold's parts, as approved (relationship, fen) in funding order.
     funding: Funding
     created_at: datetime | None
     expires_at: datetime | None
+    # What the capture drew from each relationship, in funding order; empty until captured.
+    captured_funding: Funding = ()
+    captured_at: datetime | None = None

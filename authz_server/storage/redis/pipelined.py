@@ -44,6 +44,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from authz_server.observability import tracing
 from authz_server.storage.redis.generation import refused_slot
 
 Argument: TypeAlias = str | bytes | int
@@ -111,10 +112,21 @@ class Script:
     """A Lua script run by EVALSHA; its SHA1 is computed here, as Redis computes it."""
 
     source: str
+    # What trace spans call it (storage/redis/scripts.py names each by its file).
+    name: str = field(default="script", compare=False)
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+        SCRIPT_NAMES[self.sha] = self.name
+
+
+# SHA1 -> name of every Script made, for the trace spans of the round trips that run them.
+SCRIPT_NAMES: dict[str, str] = {}
+
+
+def _scripts_in(commands: Sequence[Command]) -> list[str]:
+    return [SCRIPT_NAMES.get(str(c[1]), "script") for c in commands if c and c[0] == "EVALSHA"]
 
 
 @dataclass(frozen=True)
@@ -372,6 +384,16 @@ class PipelinedRedis:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connected()
+        if tracing.caller() is None:  # not in a traced call: no span (one context lookup)
+            return await self._send(connection, commands)
+        scripts = _scripts_in(commands)
+        if not scripts:
+            return await self._send(connection, commands)
+        with tracing.redis_span(scripts, len(commands)):
+            return await self._send(connection, commands)
+
+    async def _send(self, connection: _Connection, commands: Sequence[Command]) -> list[Reply]:
+        """The commands, each script with the hot state's generation after its arguments."""
         generation = self.generation
         if generation is None:
             return await connection.send(commands)

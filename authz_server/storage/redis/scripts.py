@@ -37,4 +37,4 @@ async def preload(client: Redis) -> None:
 
 
 def script(name: str) -> Script:
-    return Script(source(name))
+    return Script(source(name), name)

@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from opentelemetry.trace import SpanContext
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
+from authz_server.observability import tracing
 from authz_server.storage.sql.database import Database
 
 T = TypeVar("T")
@@ -47,6 +49,8 @@ class GroupCommit:
         self.database = database
         self.observe = observe
         self.pending: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
+        # The traced callers' spans, by their futures: the batch span links to them.
+        self.callers: dict[asyncio.Future[Any], SpanContext] = {}
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -62,6 +66,7 @@ class GroupCommit:
         """Runs work(session) in the next batch; raises what work raised, or Unavailable."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self.pending.append((work, future))
+        tracing.remember_caller(self.callers, future)
         self.wakeup.set()
         return await future
 
@@ -73,10 +78,12 @@ class GroupCommit:
             while self.pending:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 started = time.perf_counter()
+                callers = tracing.callers_of(self.callers, [future for _, future in batch])
                 try:
-                    outcomes = await loop.run_in_executor(
-                        self.database.executor, self._commit, [work for work, _ in batch]
-                    )
+                    with tracing.batch_span("sql refund batch", callers, len(batch)):
+                        outcomes = await loop.run_in_executor(
+                            self.database.executor, self._commit, [work for work, _ in batch]
+                        )
                 except OperationalError as error:
                     failure = Unavailable(f"the database did not answer: {error.orig}")
                     outcomes = [(False, failure)] * len(batch)

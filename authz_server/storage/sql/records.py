@@ -17,7 +17,7 @@ from authz_server.domain.types import (
     RelationshipStatus,
     Scheme,
 )
-from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
+from authz_server.storage.sql.tables import CapturePartRow, ParticipantRow, RelationshipRow
 
 
 def utc(moment: datetime) -> datetime:
@@ -81,3 +81,13 @@ def relationship_row(
     if row is None:
         raise NotFound(f"relationship {relationship_id} not found")
     return row
+
+
+def captured_parts(session: Session, authorization_id: str) -> tuple[tuple[str, int], ...]:
+    """What a capture drew, (relationship, fen) in funding order; () when not captured."""
+    rows = session.scalars(
+        select(CapturePartRow)
+        .where(CapturePartRow.authorization_id == authorization_id)
+        .order_by(CapturePartRow.position)
+    )
+    return tuple((row.relationship_id, row.amount_fen) for row in rows)

@@ -473,6 +473,10 @@ Global___GetAuthorizationResponse: _TypeAlias = GetAuthorizationResponse  # noqa
 
 @_typing.final
 class Authorization(_message.Message):
+    """One authorization as every RPC that returns it shows it (GetAuthorization, Capture, Void,
+    Refund): the same fields with the same meaning, whichever answers.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AUTHORIZATION_ID_FIELD_NUMBER: _builtins.int
@@ -486,6 +490,8 @@ class Authorization(_message.Message):
     FUNDING_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CAPTURED_FUNDING_FIELD_NUMBER: _builtins.int
+    CAPTURED_AT_FIELD_NUMBER: _builtins.int
     authorization_id: _builtins.str
     merchant_id: _builtins.str
     beneficiary_id: _builtins.str
@@ -495,11 +501,29 @@ class Authorization(_message.Message):
     captured_amount_fen: _builtins.int
     refunded_amount_fen: _builtins.int
     @_builtins.property
-    def funding(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundingPart]: ...
+    def funding(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundingPart]:
+        """The funding AS APPROVED: the hold's part on each relationship, in funding order (sums to
+        approved_amount_fen). It does not change when the authorization is captured.
+        """
+
     @_builtins.property
-    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the authorization was made."""
+
     @_builtins.property
-    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the hold lapses (or lapsed) unless captured or voided."""
+
+    @_builtins.property
+    def captured_funding(self) -> _containers.RepeatedCompositeFieldContainer[Global___FundingPart]:
+        """The funding AS CAPTURED: what the capture drew from each relationship, in funding order
+        (sums to captured_amount_fen); empty until captured. Refunds go back last part first.
+        """
+
+    @_builtins.property
+    def captured_at(self) -> _timestamp_pb2.Timestamp:
+        """When the capture was written; unset until captured."""
+
     def __init__(
         self,
         *,
@@ -514,10 +538,12 @@ class Authorization(_message.Message):
         funding: _abc.Iterable[Global___FundingPart] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        captured_funding: _abc.Iterable[Global___FundingPart] | None = ...,
+        captured_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["captured_at", b"captured_at", "created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_amount_fen", b"approved_amount_fen", "authorization_id", b"authorization_id", "beneficiary_id", b"beneficiary_id", "captured_amount_fen", b"captured_amount_fen", "created_at", b"created_at", "expires_at", b"expires_at", "funding", b"funding", "merchant_id", b"merchant_id", "purpose", b"purpose", "refunded_amount_fen", b"refunded_amount_fen", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_amount_fen", b"approved_amount_fen", "authorization_id", b"authorization_id", "beneficiary_id", b"beneficiary_id", "captured_amount_fen", b"captured_amount_fen", "captured_at", b"captured_at", "captured_funding", b"captured_funding", "created_at", b"created_at", "expires_at", b"expires_at", "funding", b"funding", "merchant_id", b"merchant_id", "purpose", b"purpose", "refunded_amount_fen", b"refunded_amount_fen", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
