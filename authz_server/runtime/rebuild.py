@@ -144,7 +144,8 @@ def _page(
     )
     if not beneficiary_ids:
         return after, 0, 0, 0
-    # Columns, not ORM objects: building 100,000s of those cost a third of a rebuild's time.
+    # Columns, not ORM objects and Relationships: building 100,000 of those took ~1.5 s of a
+    # 7 s rebuild (loadtest/rebuild_benchmark.py, loadtest/RESULTS.md "Redis loss").
     rows = session.execute(
         select(*QUOTA_COLUMNS, ParticipantRow.scheme)
         .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
