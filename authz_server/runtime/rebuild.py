@@ -29,17 +29,18 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from authz_server.domain.types import Scheme
+from authz_server.domain.model import QuotaTotals
+from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.clock import Clock, system_clock
-from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
+from authz_server.service.quota_sync import ledger_marks, on_loop, quota_restore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import REBUILDING, new_generation
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
 from authz_server.storage.redis.rebuild_writer import delete_hot_state, page_commands
-from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.journal_fence import wait_for_journal
 from authz_server.storage.sql.open_holds import open_holds
+from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,19 @@ log = logging.getLogger(__name__)
 BENEFICIARIES_PER_PAGE = 500
 # Commands per write to Redis, far below the connection's bound on commands in flight.
 COMMANDS_PER_WRITE = 2000
+# What a quota's restore needs of its relationship (quota_sync.quota_restore).
+QUOTA_COLUMNS = (
+    RelationshipRow.relationship_id,
+    RelationshipRow.beneficiary_id,
+    RelationshipRow.holder_id,
+    RelationshipRow.status,
+    RelationshipRow.created_at,
+    RelationshipRow.activated_at,
+    RelationshipRow.allocated_total_fen,
+    RelationshipRow.released_total_fen,
+    RelationshipRow.captured_total_fen,
+    RelationshipRow.refunded_to_quota_total_fen,
+)
 
 
 # Sets KEYS[1] to ARGV[2] if it is ARGV[1]: 1 when it did.
@@ -150,17 +164,34 @@ def _page(
     )
     if not beneficiary_ids:
         return after, 0, 0, 0
+    # Columns, not ORM objects and Relationships: building 100,000 of those took ~1.5 s of a
+    # 7 s rebuild (loadtest/rebuild_benchmark.py, loadtest/RESULTS.md "Redis loss").
     rows = session.execute(
-        select(RelationshipRow, ParticipantRow.scheme)
+        select(*QUOTA_COLUMNS, ParticipantRow.scheme)
         .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
         .where(RelationshipRow.beneficiary_id.in_(beneficiary_ids))
         .order_by(RelationshipRow.relationship_id)
         .with_for_update(of=RelationshipRow)
     ).all()
-    marks = ledger_marks(session, [row.relationship_id for row, _ in rows])
+    marks = ledger_marks(session, [row.relationship_id for row in rows])
+    active = RelationshipStatus.ACTIVE.value
     quotas = [
-        restore_of(records.relationship(row), Scheme(scheme), marks.get(row.relationship_id, 0))
-        for row, scheme in rows
+        quota_restore(
+            relationship_id=row.relationship_id,
+            beneficiary_id=row.beneficiary_id,
+            holder_id=row.holder_id,
+            active=row.status == active,
+            totals=QuotaTotals(
+                allocated_total_fen=row.allocated_total_fen,
+                released_total_fen=row.released_total_fen,
+                captured_total_fen=row.captured_total_fen,
+                refunded_to_quota_total_fen=row.refunded_to_quota_total_fen,
+            ),
+            activated_at=utc(row.activated_at or row.created_at),
+            beneficiary_scheme=Scheme(row.scheme),
+            ledger_mark=marks.get(row.relationship_id, 0),
+        )
+        for row in rows
     ]
     holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
     on_loop(loop, _write(redis, page_commands(generation, quotas, holds)))

@@ -186,11 +186,14 @@ class AuthorizationRow(Base):
         # Idempotency keys are unique per merchant (Redis checks them per beneficiary at
         # decision time; this catches a key reused for another beneficiary, after the fact).
         Index("uq_authorizations_merchant_key", "merchant_id", "idempotency_key", unique=True),
+        # A rebuild of the hot state reads each page's open holds by beneficiary and expiry:
+        # only the rows not yet expired are visited (the index serves lookups by beneficiary).
+        Index("ix_authorizations_beneficiary_expires", "beneficiary_id", "expires_at"),
     )
 
     authorization_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     merchant_id: Mapped[str] = mapped_column(Id)
-    beneficiary_id: Mapped[str] = mapped_column(Id, index=True)
+    beneficiary_id: Mapped[str] = mapped_column(Id)
     purpose: Mapped[str] = mapped_column(Enum)
     decision: Mapped[str] = mapped_column(Enum)
     decline_reason: Mapped[str | None] = mapped_column(Enum)

@@ -1,0 +1,30 @@
+"""loadtest/rebuild_benchmark.py at a tiny size: it fills a database consistently, the rebuilds
+after each FLUSHALL put every quota and open hold back, and the sampled quotas in Redis equal
+SQL's (the script fails otherwise). No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from loadtest import rebuild_benchmark
+
+
+def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
+    arguments = [
+        "--relationships", "400", "--decisions", "6000", "--open-holds", "150", "--runs", "2",
+        "--check", "400", "--out", str(tmp_path),
+    ]  # fmt: skip
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    if database_url:
+        arguments += ["--database-url", database_url]
+    assert rebuild_benchmark.main(arguments) == 0
+    kind = "postgresql" if database_url else "sqlite"
+    document = json.loads((tmp_path / f"rebuild-{kind}-400.json").read_text())
+    assert (tmp_path / f"rebuild-{kind}-400.png").exists()
+    assert [run["quotas"] for run in document["runs"]] == [400, 400]
+    assert [run["open_holds"] for run in document["runs"]] == [150, 150]
+    assert all(run["checked_quotas"] == 400 for run in document["runs"])
+    rows = document["fill"]["rows"]
+    assert rows["authorizations"] == 6000 and rows["relationships"] == 400
