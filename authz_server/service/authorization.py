@@ -303,7 +303,11 @@ class AuthorizationService:
             return await self._stored_answer(
                 call, stored, decision.authorization_id if undo else None
             )
-        if decision.status == "PENDING" and not decision.replayed:
+        if decision.status == "PENDING" and not decision.replayed and not decision.generation:
+            # Without a generation (a store that has none: tools) the hold is checked here.
+            # With one, the journal committed this row only while the generation the hold was
+            # placed in was still published, under the fence a rebuild waits on: a rebuild
+            # since reads this row and puts the hold back itself.
             await self._keep_hold(
                 OpenHold(
                     outcome.authorization_id, request.merchant_id, request.beneficiary_id,

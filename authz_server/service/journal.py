@@ -163,9 +163,10 @@ class Journal:
         # IMMEDIATE), committed or rolled back with it.
         stale = self._of_a_past_generation(session, rows)
         kept = [row for row, refused in zip(rows, stale, strict=True) if not refused]
-        if kept:
-            self._insert.run(session.connection(), _tuples(kept))
-        written = iter(_conflicts(session, kept) if kept else [])
+        inserted = self._insert.run(session.connection(), _tuples(kept)) if kept else 0
+        # Every row inserted (the usual case): none was a replay or a key answered before, and
+        # the look-up of conflicts is skipped.
+        written = iter([None] * len(kept) if inserted == len(kept) else _conflicts(session, kept))
         return [
             GenerationChanged("the hot state was lost or is being rebuilt; retry")
             if refused

@@ -62,12 +62,14 @@ def fetch_all(connection: Connection, sql: str, parameters: Sequence[Any]) -> li
         return list(cursor.fetchall())
 
 
-def run_many(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    """One statement for every row (cursor.executemany)."""
+def run_many(connection: Connection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+    """One statement for every row (cursor.executemany). Returns the rows it changed, as the
+    driver counts them (the sum over the rows on sqlite3 and psycopg 3; -1 where unknown)."""
     if not rows:
-        return
+        return 0
     with _cursor(connection, sql) as cursor:
         cursor.executemany(sql, rows)
+        return int(cursor.rowcount)
 
 
 @dataclass(frozen=True)
@@ -118,5 +120,6 @@ class BulkInsert:
             converted.append(value)
         return converted
 
-    def run(self, connection: Connection, rows: Sequence[Sequence[Any]]) -> None:
-        run_many(connection, self.sql, self.values(rows))
+    def run(self, connection: Connection, rows: Sequence[Sequence[Any]]) -> int:
+        """Inserts the rows; returns how many were inserted as the driver counts them."""
+        return run_many(connection, self.sql, self.values(rows))
