@@ -60,6 +60,20 @@ class Settings:
     prepaid_safety_percent: int = 120
     # Relation kinds allowed for sharing (comma-separated), default the notice's list.
     allowed_relations: frozenset[Relation] = field(default=DEFAULT_ALLOWED_RELATIONS)
+    # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
+    # fits well inside; a larger body is RESOURCE_EXHAUSTED before it is read into memory.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Largest request metadata (headers); a bearer token and a trace header need ~1 KiB.
+    max_metadata_bytes: int = 16 * 1024
+    # Calls in flight on one connection (HTTP/2 streams); more wait in the client.
+    max_calls_per_connection: int = 256
+    # A client pinging more often than this without calls gets a strike (keepalive abuse).
+    min_client_ping_interval_ms: int = 10_000
+    # Strikes before the connection is closed (GOAWAY ENHANCE_YOUR_CALM).
+    max_ping_strikes: int = 2
+    # The server pings idle connections this often, and drops them after the timeout unanswered.
+    server_keepalive_ms: int = 60_000
+    server_keepalive_timeout_ms: int = 20_000
 
     @property
     def effective_workers(self) -> int:
@@ -119,5 +133,22 @@ class Settings:
                 frozenset(Relation(r.strip().upper()) for r in relations.split(",") if r.strip())
                 if relations
                 else defaults.allowed_relations
+            ),
+            max_request_bytes=int(get("MEDWALLET_MAX_REQUEST_BYTES", defaults.max_request_bytes)),
+            max_metadata_bytes=int(
+                get("MEDWALLET_MAX_METADATA_BYTES", defaults.max_metadata_bytes)
+            ),
+            max_calls_per_connection=int(
+                get("MEDWALLET_MAX_CALLS_PER_CONNECTION", defaults.max_calls_per_connection)
+            ),
+            min_client_ping_interval_ms=int(
+                get("MEDWALLET_MIN_CLIENT_PING_INTERVAL_MS", defaults.min_client_ping_interval_ms)
+            ),
+            max_ping_strikes=int(get("MEDWALLET_MAX_PING_STRIKES", defaults.max_ping_strikes)),
+            server_keepalive_ms=int(
+                get("MEDWALLET_SERVER_KEEPALIVE_MS", defaults.server_keepalive_ms)
+            ),
+            server_keepalive_timeout_ms=int(
+                get("MEDWALLET_SERVER_KEEPALIVE_TIMEOUT_MS", defaults.server_keepalive_timeout_ms)
             ),
         )

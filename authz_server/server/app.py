@@ -31,6 +31,7 @@ from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
+from authz_server.server.edge import EdgeServer, server_options
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
@@ -59,8 +60,6 @@ SERVICE_NAMES = [
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
 ]
-# Bounds on what one connection may send: a catalog batch of 1000 items fits well inside.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
 # redis-py connections per process, for what does not go through the pipelined connection
@@ -138,19 +137,16 @@ class Application:
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
-        server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        server = grpc.aio.server(options=server_options(self.settings))
         # Metrics and the access log: every unary handler is wrapped as it is added (cheaper
         # than a grpc.aio interceptor, which costs ~30 µs a call by itself).
-        self.server = (
+        observed = (
             ObservedServer(server, self.settings.access_log)
             if self.settings.instrumentation
             else server
         )
+        # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such).
+        self.server = EdgeServer(observed)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
         )
