@@ -20,8 +20,9 @@ def _flag(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    # Address the gRPC server binds.
-    grpc_host: str = "0.0.0.0"
+    # Address the gRPC server binds: loopback by default (plaintext without TLS files); the
+    # deploy files set 0.0.0.0 with TLS.
+    grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     # Port of the Prometheus /metrics HTTP endpoint (0 turns it off).
     metrics_port: int = 9464
@@ -60,6 +61,16 @@ class Settings:
     prepaid_safety_percent: int = 120
     # Relation kinds allowed for sharing (comma-separated), default the notice's list.
     allowed_relations: frozenset[Relation] = field(default=DEFAULT_ALLOWED_RELATIONS)
+    # TLS on the gRPC port: PEM certificate (chain) and key files; empty: plaintext. Reloaded
+    # when they change on disk (server/tls.py).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM CA(s) whose client certificates are accepted: set, mutual TLS is required, and a
+    # merchant is identified by its certificate (merchant tokens are refused).
+    tls_client_ca_file: str = ""
+    # Where a client certificate names its merchant as medwallet:merchant:<id>: uri_san or
+    # common_name.
+    client_identity_field: str = "uri_san"
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
     # fits well inside; a larger body is RESOURCE_EXHAUSTED before it is read into memory.
     max_request_bytes: int = 4 * 1024 * 1024
@@ -133,6 +144,12 @@ class Settings:
                 frozenset(Relation(r.strip().upper()) for r in relations.split(",") if r.strip())
                 if relations
                 else defaults.allowed_relations
+            ),
+            tls_cert_file=env.get("MEDWALLET_TLS_CERT_FILE", ""),
+            tls_key_file=env.get("MEDWALLET_TLS_KEY_FILE", ""),
+            tls_client_ca_file=env.get("MEDWALLET_TLS_CLIENT_CA_FILE", ""),
+            client_identity_field=get(
+                "MEDWALLET_CLIENT_IDENTITY_FIELD", defaults.client_identity_field
             ),
             max_request_bytes=int(get("MEDWALLET_MAX_REQUEST_BYTES", defaults.max_request_bytes)),
             max_metadata_bytes=int(

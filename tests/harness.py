@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server.app import Application
+from authz_server.server.tokens import hashed_file
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
@@ -99,7 +100,10 @@ def drop_database(url: str) -> None:
 
 class Harness:
     def __init__(
-        self, directory: Path, extra_tokens: dict[str, dict[str, str]] | None = None
+        self,
+        directory: Path,
+        extra_tokens: dict[str, dict[str, str]] | None = None,
+        **settings: Any,
     ) -> None:
         self.directory = directory
         self.redis = EmbeddedRedis(directory / "redis", persistent=False)
@@ -107,7 +111,7 @@ class Harness:
         self.redis_url = external_redis or self.redis.start()
         self.database_url = fresh_database(os.environ.get("TEST_DATABASE_URL"), directory)
         tokens = directory / "tokens.json"
-        tokens.write_text(json.dumps({**TOKENS, **(extra_tokens or {})}))
+        tokens.write_text(json.dumps(hashed_file({**TOKENS, **(extra_tokens or {})})))
         self.settings = replace(
             Settings(),
             grpc_host="127.0.0.1",
@@ -120,6 +124,7 @@ class Harness:
             # the suite on asyncio's own loop).
             event_loop=os.environ.get("MEDWALLET_EVENT_LOOP", Settings().event_loop),
         )
+        self.settings = replace(self.settings, **settings)  # a test's own (TLS files, limits)
         self.clock = ManualClock()
         self.loop = event_loop.loop_factory(self.settings.event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +36,7 @@ from authz_server.server.edge import EdgeServer, server_options
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
+from authz_server.server.tls import ClientIdentity, ReloadingCertificates
 from authz_server.service.authorization import AuthorizationService
 from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.clock import Clock, system_clock
@@ -60,6 +62,7 @@ SERVICE_NAMES = [
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
 ]
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
 # redis-py connections per process, for what does not go through the pipelined connection
@@ -108,7 +111,22 @@ class Application:
             self.redis_url, timeout_seconds=self.settings.redis_timeout_seconds
         )
         self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
-        self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
+        self.certificates = (
+            ReloadingCertificates(
+                Path(self.settings.tls_cert_file),
+                Path(self.settings.tls_key_file),
+                Path(self.settings.tls_client_ca_file)
+                if self.settings.tls_client_ca_file
+                else None,
+            )
+            if self.settings.tls_cert_file
+            else None
+        )
+        mutual_tls = self.certificates is not None and self.certificates.client_ca_file is not None
+        self.auth = Authenticator.from_file(
+            self.settings.effective_tokens_file,
+            ClientIdentity(self.settings.client_identity_field) if mutual_tls else None,
+        )
         self.references = ReferenceCache(self.database)
         self.registry = RegistryService(self.database, self.quotas, self.clock, self.references)
         self.relationships = RelationshipService(
@@ -167,7 +185,13 @@ class Application:
         )  # fmt: skip
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
-        self.port = self.server.add_insecure_port(address)
+        if self.certificates is not None:
+            credentials = self.certificates.server_credentials()
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            if self.settings.grpc_host not in LOOPBACK:
+                log.warning("plaintext gRPC on %s: set MEDWALLET_TLS_CERT_FILE/KEY_FILE", address)
+            self.port = self.server.add_insecure_port(address)
         await scripts.preload(self.redis)
         await self.references.refresh()
         self.references.start()

@@ -33,7 +33,10 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # A body over this is RESOURCE_EXHAUSTED before it is read into memory.
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         # Request headers (metadata) over this are refused (the call fails, the server stays).
+        # The soft limit alone refuses only some calls between it and the hard limit (twice it
+        # by default): both are set, so every call over it is refused.
         ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
         # Calls in flight on one HTTP/2 connection; more wait in the client (streams limit).
         ("grpc.max_concurrent_streams", settings.max_calls_per_connection),
         # Keepalive enforcement: a client pinging more often than this without calls in flight
