@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("--host", default="localhost")
     call.add_argument("--port", type=int, default=50051)
     security_commands.add_arguments(commands)
+    security_commands.add_audit_arguments(commands)
     arguments = parser.parse_args(argv)
 
     settings = Settings.from_environment()
@@ -83,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_purge(settings))
     if arguments.command in ("tokens", "make-certs"):
         return security_commands.run(arguments, settings)
+    if arguments.command in ("audit", "purge-audit"):
+        _prepare(settings)
+        return security_commands.run_audit(arguments, settings)
     if arguments.command == "load-csv":
         _prepare(settings)
         return bulk_command.run(arguments, settings)

@@ -71,6 +71,8 @@ class Settings:
     # Where a client certificate names its merchant as medwallet:merchant:<id>: uri_san or
     # common_name.
     client_identity_field: str = "uri_san"
+    # Audit records older than this are deleted by `medwallet-authz purge-audit`.
+    audit_retention_days: int = 1095
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
     # fits well inside; a larger body is RESOURCE_EXHAUSTED before it is read into memory.
     max_request_bytes: int = 4 * 1024 * 1024
@@ -150,6 +152,9 @@ class Settings:
             tls_client_ca_file=env.get("MEDWALLET_TLS_CLIENT_CA_FILE", ""),
             client_identity_field=get(
                 "MEDWALLET_CLIENT_IDENTITY_FIELD", defaults.client_identity_field
+            ),
+            audit_retention_days=int(
+                get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)
             ),
             max_request_bytes=int(get("MEDWALLET_MAX_REQUEST_BYTES", defaults.max_request_bytes)),
             max_metadata_bytes=int(

@@ -1,9 +1,11 @@
-"""`medwallet-authz tokens add|revoke|list` and `medwallet-authz make-certs`."""
+"""`medwallet-authz tokens add|revoke|list`, `make-certs`, `audit` and `purge-audit`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from authz_server.runtime.certificates import make_local_set
@@ -56,3 +58,60 @@ def run(arguments: argparse.Namespace, settings: Settings) -> int:
     for entry in tokens.read(path).values():
         print(entry.token_id, entry.kind, entry.channel or entry.merchant_id or "")
     return 0
+
+
+def add_audit_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    audit = commands.add_parser("audit", help="who accessed a person's data between two dates")
+    audit.add_argument("person_id")
+    audit.add_argument("--from", dest="start", required=True, help="ISO date or time, UTC")
+    audit.add_argument("--to", dest="end", required=True, help="ISO date or time (excluded)")
+    audit.add_argument("--page-size", type=int, default=100)
+    commands.add_parser(
+        "purge-audit", help="delete audit records older than MEDWALLET_AUDIT_RETENTION_DAYS"
+    )
+
+
+def _instant(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def run_audit(arguments: argparse.Namespace, settings: Settings) -> int:
+    from authz_server.service import audit_trail
+    from authz_server.storage.sql.database import Database
+
+    database = Database(settings.effective_database_url)
+    try:
+        if arguments.command == "purge-audit":
+            days = settings.audit_retention_days
+            purged = database.transaction(lambda s: audit_trail.purge(s, days))
+            print(f"deleted {purged} audit records older than {days} days")
+            return 0
+        start, end = _instant(arguments.start), _instant(arguments.end)
+        token, shown = "", 0
+        print("occurred_at\tprincipal\tcredential\trpc\trelationship\tauthorization\toutcome")
+        while True:
+            page, token = database.transaction(
+                partial(
+                    audit_trail.person_access,
+                    person_id=arguments.person_id,
+                    start=start,
+                    end=end,
+                    page_size=arguments.page_size,
+                    page_token=token,
+                )
+            )
+            for stored in page:
+                r = stored.record
+                who = f"{r.principal_kind}:{r.principal_id}" if r.principal_id else r.principal_kind
+                print(
+                    f"{r.occurred_at.isoformat()}\t{who}\t{r.credential}\t{r.rpc}\t"
+                    f"{r.relationship_id}\t{r.authorization_id}\t{r.outcome}"
+                )
+            shown += len(page)
+            if not token:
+                break
+        print(f"{shown} records", file=sys.stderr)
+        return 0
+    finally:
+        database.close()

@@ -18,6 +18,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 
 from authz_server.generated.medwallet.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     authorization_pb2,
     authorization_pb2_grpc,
     registry_pb2,
@@ -30,6 +32,8 @@ from authz_server.generated.medwallet.v1 import (
 from authz_server.observability import metrics
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
+from authz_server.server.audit import AuditedServer
+from authz_server.server.audit_handler import AuditHandler
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
 from authz_server.server.edge import EdgeServer, server_options
@@ -37,6 +41,7 @@ from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
 from authz_server.server.tls import ClientIdentity, ReloadingCertificates
+from authz_server.service.audit_trail import AuditTrail
 from authz_server.service.authorization import AuthorizationService
 from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.clock import Clock, system_clock
@@ -61,6 +66,7 @@ SERVICE_NAMES = [
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
@@ -149,6 +155,7 @@ class Application:
         self.settlement = SettlementService(
             self.database, self.settings.prepaid_safety_percent, self.clock
         )
+        self.audit = AuditTrail(self.database)
         self.health = health_aio.HealthServicer()
         self.background: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -163,8 +170,9 @@ class Application:
             if self.settings.instrumentation
             else server
         )
-        # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such).
-        self.server = EdgeServer(observed)
+        # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such, and not
+        # audited: it read nothing). Then the audit trail records calls about persons.
+        self.server = EdgeServer(AuditedServer(observed, self.audit))
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
         )
@@ -176,6 +184,9 @@ class Application:
         )
         settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
             SettlementHandler(self.settlement, self.auth), self.server
+        )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(
+            AuditHandler(self.database, self.auth), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -197,6 +208,7 @@ class Application:
         self.references.start()
         self.group_commit.start()
         self.journal.start()
+        self.audit.start()
         if self.reconcile_at_start:
             report = await reconcile(self.database, self.quotas, self.holds, self.clock)
             record_reconcile(report)
@@ -282,6 +294,7 @@ class Application:
             ("writes_left_running", self._writes_left_running, step),
             ("capture_writer", self.authorizations.captures.written, step),
             ("journal", self.journal.stop, step),
+            ("audit_trail", self.audit.stop, step),
             ("group_commit", self.group_commit.stop, step),
             ("reference_cache", self.references.stop, step),
             ("pipelined_redis", self.pipelined_redis.aclose, redis_step),

@@ -3,6 +3,7 @@ body. The tokens file holds SHA-256 digests (server/tokens.py)."""
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -30,6 +31,11 @@ class Principal:
     merchant_id: str | None = None
     # What proved it, for the audit trail: "token:<token id>" or "cert:<SHA-256 fingerprint>".
     credential: str = field(default="", compare=False)
+
+
+# The principal the current call proved (None before, or when it proved none): the audit
+# wrapper reads it after the handler (server/audit.py).
+authenticated: ContextVar[Principal | None] = ContextVar("authenticated", default=None)
 
 
 class Unauthenticated(Exception):
@@ -65,6 +71,7 @@ class Authenticator:
         if certified is not None:
             if header:
                 raise Unauthenticated("a merchant certificate needs no token: send none")
+            authenticated.set(certified)
             return certified
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -75,12 +82,14 @@ class Authenticator:
         kind = PrincipalKind(entry.kind)
         if kind is PrincipalKind.MERCHANT and self.client_identity is not None:
             raise Unauthenticated("with mutual TLS a merchant is identified by its certificate")
-        return Principal(
+        principal = Principal(
             kind=kind,
             channel=Channel(entry.channel) if entry.channel is not None else None,
             merchant_id=entry.merchant_id,
             credential=f"token:{entry.token_id}",
         )
+        authenticated.set(principal)
+        return principal
 
     def require(
         self, context: grpc.aio.ServicerContext[object, object], kind: PrincipalKind
