@@ -71,6 +71,15 @@ class Settings:
     # Where a client certificate names its merchant as medwallet:merchant:<id>: uri_san or
     # common_name.
     client_identity_field: str = "uri_san"
+    # Limits per principal (server/limits.py), shared by all workers and pods through Redis:
+    # off only to measure what they cost.
+    rate_limits: bool = True
+    # Each merchant's and each channel's default: calls per second, burst, calls in flight.
+    merchant_limit: str = "rate=1000,burst=2000,in_flight=500"
+    channel_limit: str = "rate=5000,burst=10000,in_flight=2000"
+    # JSON file of limits of their own: {"merchant:M1": "rate=50,burst=100,in_flight=20"};
+    # empty: every principal has its kind's default.
+    limits_file: str = ""
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
@@ -153,6 +162,10 @@ class Settings:
             client_identity_field=get(
                 "MEDWALLET_CLIENT_IDENTITY_FIELD", defaults.client_identity_field
             ),
+            rate_limits=_flag(get("MEDWALLET_RATE_LIMITS", defaults.rate_limits)),
+            merchant_limit=get("MEDWALLET_MERCHANT_LIMIT", defaults.merchant_limit),
+            channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
+            limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
             audit_retention_days=int(
                 get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)
             ),

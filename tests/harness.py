@@ -124,6 +124,10 @@ class Harness:
             # the suite on asyncio's own loop).
             event_loop=os.environ.get("MEDWALLET_EVENT_LOOP", Settings().event_loop),
         )
+        # Limits far above what any test sends (the limiter runs, refusing nothing), unless the
+        # test sets its own.
+        unlimited = "rate=1000000,burst=1000000,in_flight=100000"
+        settings = {"merchant_limit": unlimited, "channel_limit": unlimited, **settings}
         self.settings = replace(self.settings, **settings)  # a test's own (TLS files, limits)
         self.clock = ManualClock()
         self.loop = event_loop.loop_factory(self.settings.event_loop)()

@@ -111,3 +111,8 @@ audit_dropped = Counter(
     "medwallet_audit_dropped_total",
     "Audit records dropped because the buffer was full (SQL not answering for long).",
 )
+rate_limited = Counter(
+    "medwallet_rate_limited_total",
+    "Calls refused RESOURCE_EXHAUSTED by a per-principal limit (rate or calls in flight).",
+    ["principal_kind"],
+)

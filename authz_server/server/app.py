@@ -37,6 +37,7 @@ from authz_server.server.audit_handler import AuditHandler
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
 from authz_server.server.edge import EdgeServer, server_options
+from authz_server.server.limits import LimitedServer, Limiter, Limits
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
@@ -55,6 +56,7 @@ from authz_server.storage.redis import scripts
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.rate_limiter import RedisRateLimiter
 from authz_server.storage.redis.sweeper import HoldSweeper
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -156,6 +158,19 @@ class Application:
             self.database, self.settings.prepaid_safety_percent, self.clock
         )
         self.audit = AuditTrail(self.database)
+        self.limiter = (
+            Limiter(
+                self.auth,
+                Limits.from_settings(
+                    self.settings.merchant_limit,
+                    self.settings.channel_limit,
+                    self.settings.limits_file,
+                ),
+                RedisRateLimiter(self.pipelined_redis),
+            )
+            if self.settings.rate_limits
+            else None
+        )
         self.health = health_aio.HealthServicer()
         self.background: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -172,7 +187,11 @@ class Application:
         )
         # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such, and not
         # audited: it read nothing). Then the audit trail records calls about persons.
-        self.server = EdgeServer(AuditedServer(observed, self.audit))
+        audited = AuditedServer(observed, self.audit)
+        # Then the per-principal limits: a refused call reaches neither the trail nor the log.
+        self.server = EdgeServer(
+            LimitedServer(audited, self.limiter) if self.limiter is not None else audited
+        )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
         )
@@ -295,6 +314,7 @@ class Application:
             ("capture_writer", self.authorizations.captures.written, step),
             ("journal", self.journal.stop, step),
             ("audit_trail", self.audit.stop, step),
+            ("limiter_releases", self._stop_limiter, step),
             ("group_commit", self.group_commit.stop, step),
             ("reference_cache", self.references.stop, step),
             ("pipelined_redis", self.pipelined_redis.aclose, redis_step),
@@ -307,6 +327,10 @@ class Application:
             if not await bounded_step(name, run, seconds):
                 unfinished.append(name)
         return unfinished
+
+    async def _stop_limiter(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.stop()
 
     async def _writes_left_running(self) -> None:
         await asyncio.gather(

@@ -91,6 +91,9 @@ COUNTERS_AND_GAUGES = {
     "medwallet_redis_up",
     "medwallet_health_serving",
     "medwallet_build_info",
+    "medwallet_rate_limited_total",
+    "medwallet_audit_records_total",
+    "medwallet_audit_dropped_total",
     "up",
 }
 HISTOGRAMS = {
@@ -121,6 +124,7 @@ REQUIRED_ALERTS = {
     "MedWalletReconcileDrift",
     "MedWalletHoldExpirySpike",
     "MedWalletHealthFlapping",
+    "MedWalletPrincipalRateLimited",
 }
 
 
