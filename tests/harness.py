@@ -111,7 +111,11 @@ class Harness:
         self.redis_url = external_redis or self.redis.start()
         self.database_url = fresh_database(os.environ.get("TEST_DATABASE_URL"), directory)
         tokens = directory / "tokens.json"
+        # The server's file holds digests only; the tokens themselves, as a client keeps them
+        # (the load tests read these), beside it.
         tokens.write_text(json.dumps(hashed_file({**TOKENS, **(extra_tokens or {})})))
+        self.client_tokens = directory / "client-tokens.json"
+        self.client_tokens.write_text(json.dumps({**TOKENS, **(extra_tokens or {})}))
         self.settings = replace(
             Settings(),
             grpc_host="127.0.0.1",
