@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from authz_server.generated.medwallet.v1 import audit_pb2, audit_pb2_grpc, registry_pb2
 from tests import factories
-from tests.harness import ADMIN, APP, bearer
+from tests.harness import ADMIN, APP, bearer, new_id
 
 
 def stamp(moment: datetime) -> Timestamp:
@@ -92,3 +92,26 @@ def test_only_admin_may_ask(channel: grpc.Channel) -> None:
                 request("someone", now, now + timedelta(hours=1)), metadata=metadata
             )
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_record_sql_refuses_does_not_hold_the_trail_back(harness, channel) -> None:
+    """A batch SQL refuses is written row by row: the good records go in, the bad one is
+    dropped and counted (the fuzz test found ids with NUL bytes that PostgreSQL refuses; those
+    are no longer recorded, but any other refusal must not block the trail for ever)."""
+    from authz_server.observability import metrics
+    from authz_server.service.audit_trail import AuditRecord
+
+    person = new_id("audited")
+    at = datetime.now(UTC)
+
+    def record(kind: object) -> AuditRecord:
+        return AuditRecord(at, person, kind, "", "token:t", "rpc", "", "", "OK")  # type: ignore[arg-type]
+
+    dropped = metrics.audit_dropped._value.get()
+    harness.app.audit.record([record("admin"), record(None), record("admin")])
+    harness.run(harness.app.audit.flush())
+    assert metrics.audit_dropped._value.get() == dropped + 1
+    page = audit_pb2_grpc.AuditServiceStub(channel).ListPersonAccess(
+        request(person, at - timedelta(seconds=1), at + timedelta(seconds=1)), metadata=ADMIN
+    )
+    assert len(page.records) == 2

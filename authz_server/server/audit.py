@@ -12,6 +12,7 @@ buffer; SQL is written off the call's path.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
@@ -26,6 +27,9 @@ from authz_server.service.audit_trail import AuditRecord, AuditTrail
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
+# Ids as the service issues and accepts them; anything else (a refused call's garbage) names
+# no record in SQL, so it is recorded as absent, never stored (PostgreSQL refuses NUL bytes).
+RECORDED_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 PERSON_FIELDS = frozenset({"participant_id", "holder_id", "beneficiary_id", "person_id"})
 # The services whose every call is about a person's data, and the registry's person calls.
 AUDITED_SERVICES = frozenset(
@@ -64,6 +68,8 @@ class _Ids:
                     for child in value if field.is_repeated else [value]:
                         self.collect(child, depth + 1)
             elif field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated:
+                if not RECORDED_ID.fullmatch(value):
+                    continue
                 if field.name in PERSON_FIELDS and value not in self.persons:
                     self.persons.append(value)
                 elif field.name == "relationship_id" and not self.relationship_id:
@@ -93,8 +99,8 @@ def records(
             principal_id=principal_id,
             credential=principal.credential,
             rpc=rpc,
-            relationship_id=ids.relationship_id[:64],
-            authorization_id=ids.authorization_id[:64],
+            relationship_id=ids.relationship_id,
+            authorization_id=ids.authorization_id,
             outcome=outcome,
         )
         for person in _persons(ids)
@@ -102,8 +108,8 @@ def records(
 
 
 def _persons(ids: _Ids) -> list[str | None]:
-    """The persons named (an over-long id, which no person has, is left out); [None] if none."""
-    persons: list[str | None] = [person for person in ids.persons if len(person) <= 64]
+    """The persons named; [None] if none."""
+    persons: list[str | None] = list(ids.persons)
     return persons or [None]
 
 

@@ -21,7 +21,7 @@ from functools import partial
 from sqlalchemy import and_, delete, insert, or_, select
 from sqlalchemy.orm import Session
 
-from authz_server.domain.errors import InvalidArgument
+from authz_server.domain.errors import InvalidArgument, Unavailable
 from authz_server.observability import metrics
 from authz_server.storage.sql.audit_table import AuditRecordRow
 from authz_server.storage.sql.database import Database
@@ -93,12 +93,39 @@ class AuditTrail:
         async with self.flushing:
             while self.buffer:
                 batch = [self.buffer[i] for i in range(min(BATCH_ROWS, len(self.buffer)))]
-                await self.database.run(partial(_insert, [asdict(record) for record in batch]))
+                try:
+                    await self.database.run(partial(_insert, [asdict(r) for r in batch]))
+                    done = len(batch)
+                except Unavailable:
+                    raise  # SQL not answering: the batch stays, tried again
+                except Exception:
+                    # SQL refused the batch itself: row by row, so one bad row cannot hold the
+                    # trail back for ever; a row refused on its own is dropped, counted, logged
+                    written += await self._one_by_one(len(batch))
+                    continue
                 for _ in batch:
                     self.buffer.popleft()
-                written += len(batch)
-                metrics.audit_records.inc(len(batch))
+                written += done
+                metrics.audit_records.inc(done)
         return written
+
+    async def _one_by_one(self, count: int) -> int:
+        """Writes the first `count` buffered records one a transaction, taking each off the
+        buffer once written or refused (so an Unavailable midway leaves only the rest)."""
+        done = 0
+        for _ in range(count):
+            record = self.buffer[0]
+            try:
+                await self.database.run(partial(_insert, [asdict(record)]))
+                done += 1
+                metrics.audit_records.inc()
+            except Unavailable:
+                raise
+            except Exception:
+                metrics.audit_dropped.inc()
+                log.exception("audit record refused by SQL, dropped (rpc %s)", record.rpc)
+            self.buffer.popleft()
+        return done
 
     async def stop(self) -> None:
         """Stops the background task and writes what is left (the clean stop's last flush)."""
