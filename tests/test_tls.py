@@ -244,3 +244,34 @@ def test_a_rotated_server_certificate_is_picked_up_while_calls_go_on(
     assert outcomes and set(outcomes) == {grpc.StatusCode.NOT_FOUND}, set(outcomes)
     assert tls_harness.app.certificates is not None
     assert tls_harness.app.certificates.reloads >= 1
+
+
+def test_the_common_name_can_be_the_stated_field(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MEDWALLET_CLIENT_IDENTITY_FIELD=common_name: the subject CN names the merchant; a URI SAN
+    alone then names none (the certificate is an operator's: a token is needed)."""
+    directory = tmp_path_factory.mktemp("tls-cn")
+    ca = make_ca()
+    (directory / "ca.crt").write_bytes(ca.certificate_pem)
+    issue(ca, "localhost", server_names=("localhost", "127.0.0.1")).write(directory, "server")
+    by_name = issue(ca, f"medwallet:merchant:{MERCHANT_A}")
+    by_uri = issue(ca, "someone", merchant_id=MERCHANT_A)
+    running = Harness(
+        directory,
+        tls_cert_file=str(directory / "server.crt"),
+        tls_key_file=str(directory / "server.key"),
+        tls_client_ca_file=str(directory / "ca.crt"),
+        client_identity_field="common_name",
+    )
+    try:
+        request = authorization_pb2.GetAuthorizationRequest(authorization_id="0" * 32)
+        for client, expected in (
+            (by_name, grpc.StatusCode.NOT_FOUND),  # served as the merchant: no such id
+            (by_uri, grpc.StatusCode.UNAUTHENTICATED),  # no merchant named, no token
+        ):
+            with pki.channel(running.port, client, trust=ca) as channel:
+                engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+                assert code_of(partial(engine.GetAuthorization, request, timeout=10)) == expected
+    finally:
+        running.close()
