@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from authz_server.bulk import command as bulk_command
-from authz_server.runtime import serving
+from authz_server.runtime import security_commands, serving
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     call.add_argument("--host", default="localhost")
     call.add_argument("--port", type=int, default=50051)
+    security_commands.add_arguments(commands)
+    security_commands.add_audit_arguments(commands)
     arguments = parser.parse_args(argv)
 
     settings = Settings.from_environment()
@@ -109,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "purge-idempotency":
         _prepare(settings)
         return asyncio.run(_purge(settings))
+    if arguments.command in ("tokens", "make-certs"):
+        return security_commands.run(arguments, settings)
+    if arguments.command in ("audit", "purge-audit"):
+        _prepare(settings)
+        return security_commands.run_audit(arguments, settings)
     if arguments.command == "load-csv":
         _prepare(settings)
         return bulk_command.run(arguments, settings)

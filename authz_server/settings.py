@@ -20,8 +20,9 @@ def _flag(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    # Address the gRPC server binds.
-    grpc_host: str = "0.0.0.0"
+    # Address the gRPC server binds: loopback by default (plaintext without TLS files); the
+    # deploy files set 0.0.0.0 with TLS.
+    grpc_host: str = "127.0.0.1"
     grpc_port: int = 50051
     # Port of the Prometheus /metrics HTTP endpoint (0 turns it off).
     metrics_port: int = 9464
@@ -66,6 +67,41 @@ class Settings:
     prepaid_safety_percent: int = 120
     # Relation kinds allowed for sharing (comma-separated), default the notice's list.
     allowed_relations: frozenset[Relation] = field(default=DEFAULT_ALLOWED_RELATIONS)
+    # TLS on the gRPC port: PEM certificate (chain) and key files; empty: plaintext. Reloaded
+    # when they change on disk (server/tls.py).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # PEM CA(s) whose client certificates are accepted: set, mutual TLS is required, and a
+    # merchant is identified by its certificate (merchant tokens are refused).
+    tls_client_ca_file: str = ""
+    # Where a client certificate names its merchant as medwallet:merchant:<id>: uri_san or
+    # common_name.
+    client_identity_field: str = "uri_san"
+    # Limits per principal (server/limits.py), shared by all workers and pods through Redis:
+    # off only to measure what they cost.
+    rate_limits: bool = True
+    # Each merchant's and each channel's default: calls per second, burst, calls in flight.
+    merchant_limit: str = "rate=1000,burst=2000,in_flight=500"
+    channel_limit: str = "rate=5000,burst=10000,in_flight=2000"
+    # JSON file of limits of their own: {"merchant:M1": "rate=50,burst=100,in_flight=20"};
+    # empty: every principal has its kind's default.
+    limits_file: str = ""
+    # Audit records older than this are deleted by `medwallet-authz purge-audit`.
+    audit_retention_days: int = 1095
+    # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
+    # fits well inside; a larger body is RESOURCE_EXHAUSTED before it is read into memory.
+    max_request_bytes: int = 4 * 1024 * 1024
+    # Largest request metadata (headers); a bearer token and a trace header need ~1 KiB.
+    max_metadata_bytes: int = 16 * 1024
+    # Calls in flight on one connection (HTTP/2 streams); more wait in the client.
+    max_calls_per_connection: int = 256
+    # A client pinging more often than this without calls gets a strike (keepalive abuse).
+    min_client_ping_interval_ms: int = 10_000
+    # Strikes before the connection is closed (GOAWAY ENHANCE_YOUR_CALM).
+    max_ping_strikes: int = 2
+    # The server pings idle connections this often, and drops them after the timeout unanswered.
+    server_keepalive_ms: int = 60_000
+    server_keepalive_timeout_ms: int = 20_000
 
     @property
     def effective_workers(self) -> int:
@@ -127,5 +163,35 @@ class Settings:
                 frozenset(Relation(r.strip().upper()) for r in relations.split(",") if r.strip())
                 if relations
                 else defaults.allowed_relations
+            ),
+            tls_cert_file=env.get("MEDWALLET_TLS_CERT_FILE", ""),
+            tls_key_file=env.get("MEDWALLET_TLS_KEY_FILE", ""),
+            tls_client_ca_file=env.get("MEDWALLET_TLS_CLIENT_CA_FILE", ""),
+            client_identity_field=get(
+                "MEDWALLET_CLIENT_IDENTITY_FIELD", defaults.client_identity_field
+            ),
+            rate_limits=_flag(get("MEDWALLET_RATE_LIMITS", defaults.rate_limits)),
+            merchant_limit=get("MEDWALLET_MERCHANT_LIMIT", defaults.merchant_limit),
+            channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
+            limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
+            audit_retention_days=int(
+                get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)
+            ),
+            max_request_bytes=int(get("MEDWALLET_MAX_REQUEST_BYTES", defaults.max_request_bytes)),
+            max_metadata_bytes=int(
+                get("MEDWALLET_MAX_METADATA_BYTES", defaults.max_metadata_bytes)
+            ),
+            max_calls_per_connection=int(
+                get("MEDWALLET_MAX_CALLS_PER_CONNECTION", defaults.max_calls_per_connection)
+            ),
+            min_client_ping_interval_ms=int(
+                get("MEDWALLET_MIN_CLIENT_PING_INTERVAL_MS", defaults.min_client_ping_interval_ms)
+            ),
+            max_ping_strikes=int(get("MEDWALLET_MAX_PING_STRIKES", defaults.max_ping_strikes)),
+            server_keepalive_ms=int(
+                get("MEDWALLET_SERVER_KEEPALIVE_MS", defaults.server_keepalive_ms)
+            ),
+            server_keepalive_timeout_ms=int(
+                get("MEDWALLET_SERVER_KEEPALIVE_TIMEOUT_MS", defaults.server_keepalive_timeout_ms)
             ),
         )

@@ -39,6 +39,10 @@ class RetryPolicy:
     backoff_multiplier: float = 2.0
     resends: int = 2
     resend_backoff_s: float = 0.5
+    # RESOURCE_EXHAUSTED with a RetryInfo (the principal's limit): resent after the delay the
+    # server asks for (at most this long), up to this many times, whatever the method.
+    limited_resends: int = 3
+    max_retry_info_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= 5:

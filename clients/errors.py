@@ -27,6 +27,8 @@ class ErrorReason(StrEnum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     UNAVAILABLE = "UNAVAILABLE"
+    RATE_LIMITED = "RATE_LIMITED"
+    TOO_MANY_IN_FLIGHT = "TOO_MANY_IN_FLIGHT"
     IDEMPOTENCY_KEY_REUSED = "IDEMPOTENCY_KEY_REUSED"
     CHANGE_REQUIRES_INSURANCE_EVENT = "CHANGE_REQUIRES_INSURANCE_EVENT"
     NO_PERSONAL_ACCOUNT = "NO_PERSONAL_ACCOUNT"
@@ -189,3 +191,21 @@ EXIT_CODES_HELP = (
 def exit_code(code: grpc.StatusCode) -> int:
     """The exit status for a failed call with this gRPC code (1 for unclassified ones)."""
     return EXIT_CODES.get(code, 1)
+
+
+def retry_delay_s(error: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay of a RESOURCE_EXHAUSTED answer (a per-principal limit: the
+    call was refused before anything was done, so resending it is always safe); else None."""
+    if not isinstance(error, grpc.Call) or error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return float(retry.retry_delay.ToTimedelta().total_seconds())
+    return None

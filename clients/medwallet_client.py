@@ -41,7 +41,7 @@ from authz_server.generated.medwallet.v1 import (
 )
 from clients import convert, tracing
 from clients.channel import Keepalive, RetryPolicy, open_channel
-from clients.errors import error_from_rpc
+from clients.errors import error_from_rpc, retry_delay_s
 from clients.model import (
     Authorization,
     AuthorizationLine,
@@ -200,21 +200,31 @@ class MedWalletClient:
         spent, resends the *same* request message (so the same idempotency key) `resends` times.
         Raises a `clients.errors.MedWalletError`."""
         attempts = 1 + (self._retry.resends if resend else 0)
+        limited_left = self._retry.limited_resends
         delay = self._retry.resend_backoff_s
         with tracing.client_span(method, request) as trace_metadata:  # one span, all resends
             metadata = self._metadata + trace_metadata
-            for attempt in range(1, attempts + 1):
+            attempt = 0
+            while True:
+                attempt += 1
                 try:
                     return method(request, timeout=timeout or self._timeout, metadata=metadata)
                 except grpc.RpcError as error:
+                    # over the principal's limit: refused before anything was done, so resent
+                    # after the delay the server's RetryInfo asks for
+                    asked = retry_delay_s(error)
+                    if asked is not None and limited_left > 0:
+                        limited_left -= 1
+                        attempt -= 1
+                        time.sleep(min(asked, self._retry.max_retry_info_wait_s))
+                        continue
                     unavailable = (
                         isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
                     )
-                    if not unavailable or attempt == attempts:
+                    if not unavailable or attempt >= attempts:
                         raise error_from_rpc(error) from error
                 time.sleep(delay)
                 delay = min(delay * self._retry.backoff_multiplier, self._retry.max_backoff_s)
-        raise AssertionError("unreachable")  # pragma: no cover
 
     # --- AuthorizationService (merchant token) ------------------------------------------------
 

@@ -117,6 +117,8 @@ class Run:
     checks: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     profiles: list[str] = field(default_factory=list)
+    # system -> PEM CA of its TLS certificate (loadtest/security_phases.py)
+    tls_roots: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.data = self.directory / "data"
@@ -244,7 +246,8 @@ def plans(run: Run, system: str, address: str, operation: str, workload: str) ->
     beneficiaries = run.uniform if workload == "uniform" else [run.hot[operation]]
     if workload == EXHAUST:
         total, warmup, beneficiaries = EXHAUST_SENT, 0, [run.hot[EXHAUST]]
-    key = f"{system[:2]}{'c' if capture else 'a'}{workload[0]}-"
+    # the phase's number too: a system measured more than once never reuses a key
+    key = f"{system[:2]}{len(run.phases)}{'c' if capture else 'a'}{workload[0]}-"
     return [
         loadgen.Plan(
             address=address,
@@ -260,6 +263,7 @@ def plans(run: Run, system: str, address: str, operation: str, workload: str) ->
             key_prefix=f"{key}{index}-",
             time_bound=arguments.time_bound,
             seed=arguments.seed * 100 + index,
+            tls_root=run.tls_roots.get(system),
         )
         for index in range(clients)
     ]
@@ -809,8 +813,9 @@ def ratios(run: Run) -> list[dict[str, Any]]:
 
 
 def table(run: Run) -> str:
+    width = max([9, *(len(phase.system) + 1 for phase in run.phases)])
     header = (
-        f"{'system':<9}{'operation':<18}{'workload':<10}{'ops':>8}{'errors':>8}{'ops/s':>9}"
+        f"{'system':<{width}}{'operation':<18}{'workload':<10}{'ops':>8}{'errors':>8}{'ops/s':>9}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'server µs/op':>14}{'store µs/op':>13}{'over-quota':>12}"
     )
     lines = [header, "-" * len(header)]
@@ -819,7 +824,7 @@ def table(run: Run) -> str:
         over = str(phase.over_quota) if phase.over_quota is not None else "-"
         bound = "*" if phase.time_bound_hit else ""
         lines.append(
-            f"{phase.system:<9}{phase.operation:<18}{phase.workload:<10}"
+            f"{phase.system:<{width}}{phase.operation:<18}{phase.workload:<10}"
             f"{phase.operations:>7,}{bound:1}{sum(phase.errors.values()):>8,}"
             f"{phase.throughput:>9,.0f}{phase.p50_ms:>9.2f}{phase.p99_ms:>9.2f}"
             f"{phase.server_cpu_us:>14,.0f}{store:>13}{over:>12}"
@@ -968,7 +973,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help="which to measure, comma-separated (default: floor,service,baseline)",
+        help="which to measure, comma-separated (default: floor,service,baseline; also"
+        " security: Authorize with the limiter off, on, and on with TLS, alternated)",
     )
     arguments = parser.parse_args(argv)
     if any(setting.startswith("MEDWALLET_EVENT_LOOP=") for setting in arguments.service_env):
@@ -991,6 +997,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_data(run)
         systems = set(arguments.systems.split(","))
+        if "security" in systems:  # TLS and the limiter on vs off (loadtest/security_phases.py)
+            from loadtest import security_phases
+
+            redis.start()
+            security_phases.run_security(run, redis)
         if "service" in systems:
             redis.start()
             run_service(run, redis)

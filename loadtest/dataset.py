@@ -122,6 +122,11 @@ class Workload:
 def load_workload(data_dir: Path, tokens_file: Path) -> Workload:
     """Reads the CSV files of `data_dir` and the server's tokens file."""
     tokens = json.loads(tokens_file.read_text())
+    if isinstance(tokens.get("tokens"), list):
+        raise ValueError(
+            f"{tokens_file} holds token digests (the server's file): pass a file of the tokens"
+            " themselves, {token: principal}, as generate_data writes"
+        )
     merchant_tokens: dict[str, str] = {}
     channel_token = admin_token = None
     for token, principal in tokens.items():

@@ -49,6 +49,8 @@ class Plan:
     key_prefix: str
     time_bound: float
     seed: int
+    # PEM CA of the server's TLS certificate; None: plaintext
+    tls_root: bytes | None = None
 
 
 @dataclass
@@ -103,7 +105,10 @@ async def _drive(
     report = Report()
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 1 << 22)]
     channels = [
-        grpc.aio.insecure_channel(plan.address, options=options) for _ in range(plan.channels)
+        grpc.aio.secure_channel(plan.address, grpc.ssl_channel_credentials(plan.tls_root), options)
+        if plan.tls_root is not None
+        else grpc.aio.insecure_channel(plan.address, options=options)
+        for _ in range(plan.channels)
     ]
     authorize: list[Any] = [
         channel.unary_unary(

@@ -59,6 +59,8 @@ class Server:
     ready_marker: str = "serving on port"
     process: subprocess.Popen[bytes] | None = None
     extra_pids: list[int] = field(default_factory=list)
+    # PEM CA the server's TLS certificate is checked against (None: plaintext)
+    tls_root: bytes | None = None
 
     @property
     def address(self) -> str:
@@ -104,7 +106,12 @@ class Server:
 
     def _healthy(self) -> bool:
         try:
-            with grpc.insecure_channel(self.address) as channel:
+            channel = (
+                grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.tls_root))
+                if self.tls_root is not None
+                else grpc.insecure_channel(self.address)
+            )
+            with channel:
                 answer = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=2
                 )

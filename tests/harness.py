@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, text
 from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server.app import Application
+from authz_server.server.tokens import hashed_file
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
@@ -110,7 +111,11 @@ class Harness:
         self.redis_url = external_redis or self.redis.start()
         self.database_url = fresh_database(os.environ.get("TEST_DATABASE_URL"), directory)
         tokens = directory / "tokens.json"
-        tokens.write_text(json.dumps({**TOKENS, **(extra_tokens or {})}))
+        # The server's file holds digests only; the tokens themselves, as a client keeps them
+        # (the load tests read these), beside it.
+        tokens.write_text(json.dumps(hashed_file({**TOKENS, **(extra_tokens or {})})))
+        self.client_tokens = directory / "client-tokens.json"
+        self.client_tokens.write_text(json.dumps({**TOKENS, **(extra_tokens or {})}))
         self.settings = replace(
             Settings(),
             grpc_host="127.0.0.1",
@@ -123,7 +128,12 @@ class Harness:
             # the suite on asyncio's own loop).
             event_loop=os.environ.get("MEDWALLET_EVENT_LOOP", Settings().event_loop),
         )
-        self.settings = replace(self.settings, **settings)  # a test's own (tracing=True, ...)
+        # Limits far above what any test sends (the limiter runs, refusing nothing), unless the
+        # test sets its own.
+        unlimited = "rate=1000000,burst=1000000,in_flight=100000"
+        settings = {"merchant_limit": unlimited, "channel_limit": unlimited, **settings}
+        # a test's own (tracing=True, TLS files, limits, ...)
+        self.settings = replace(self.settings, **settings)
         self.clock = ManualClock()
         self.loop = event_loop.loop_factory(self.settings.event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

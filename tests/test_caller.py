@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOKEN_BY_SERVICE = {
     "RegistryService": "test-admin",
     "SettlementService": "test-admin",
+    "AuditService": "test-admin",
     "RelationshipService": "test-app",
     "AuthorizationService": "test-merchant-a",
 }

@@ -84,7 +84,7 @@ def test_headless_locust_run_has_requests_and_no_failures(
 ) -> None:
     data_dir = tmp_path / "data"
     write_data_set(data_dir, registry, relationships)
-    tokens = harness.directory / "tokens.json"
+    tokens = harness.client_tokens  # the server's own file holds only digests
     workload = dataset.load_workload(data_dir, tokens)
     assert workload.merchants["RETAIL_PHARMACY"] == [(ef.PHARMACY, "test-merchant-b")]
     assert TOKENS["test-merchant-b"]["merchant_id"] == ef.PHARMACY

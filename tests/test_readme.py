@@ -33,8 +33,13 @@ def test_the_readme_reaches_the_service_only_with_tools_one_can_install_here() -
     own programs (medwallet-authz call, medwallet), and it names no grpcurl invocation."""
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.DOTALL)
-    commands = [part.strip() for block in blocks for line in block.splitlines()
-                for part in line.split("&&") if part.strip()]  # fmt: skip
-    programs = {Path(command.split()[0]).name for command in commands}
+    # A line ending in a backslash goes on on the next; leading VAR=value words set the
+    # environment of the program that follows them.
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [part.strip() for line in lines for part in line.split("&&") if part.strip()]
+    programs = {
+        Path(next(word for word in command.split() if "=" not in word)).name
+        for command in commands
+    }
     assert programs <= INSTALLED_HERE, programs
     assert not re.search(r"`grpcurl [^`]*`", readme)

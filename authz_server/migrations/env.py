@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from authz_server.settings import Settings
+from authz_server.storage.sql import audit_table  # noqa: F401  (its table on Base.metadata)
 from authz_server.storage.sql.tables import Base
 
 config = context.config

@@ -127,3 +127,17 @@ build_info.labels(version=authz_server.__version__).set(1)
 def observe_group_commit(size: int, seconds: float) -> None:
     group_commit_batch_size.observe(size)
     sql_commit_seconds.observe(seconds)
+
+
+audit_records = Counter(
+    "medwallet_audit_records_total", "Audit trail records written to SQL (one per call and person)."
+)
+audit_dropped = Counter(
+    "medwallet_audit_dropped_total",
+    "Audit records dropped because the buffer was full (SQL not answering for long).",
+)
+rate_limited = Counter(
+    "medwallet_rate_limited_total",
+    "Calls refused RESOURCE_EXHAUSTED by a per-principal limit (rate or calls in flight).",
+    ["principal_kind"],
+)

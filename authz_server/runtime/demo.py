@@ -16,6 +16,7 @@ from authz_server.domain.types import (
     Relation,
     Scheme,
 )
+from authz_server.server.tokens import hashed_file
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.registry import RegistryService
 from authz_server.service.relationships import RelationshipService
@@ -51,7 +52,7 @@ SPOUSE = "demo-spouse-wang"  # an employee in Chengdu
 def write_tokens(path: Path) -> None:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(DEMO_TOKENS, indent=2) + "\n")
+        path.write_text(json.dumps(hashed_file(DEMO_TOKENS), indent=2) + "\n")  # digests only
 
 
 def _no_encode(_: object) -> bytes:

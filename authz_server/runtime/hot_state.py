@@ -62,18 +62,30 @@ class HotStateGuardian:
         self.on_ready = on_ready
         self.clock = clock
         self.ready = False
+        self.stopping = False
         self.last_rebuild: RebuildReport | None = None
 
     async def run(self) -> None:
-        """Checks until cancelled; a failed check (Redis down) counts as not ready."""
-        while True:
+        """Checks until stopped (or cancelled); a failed check (Redis down) counts as not
+        ready."""
+        while not self.stopping:
             try:
                 await self.check()
             except Exception as error:
                 log.warning("hot state check failed: %s", error)
                 await self._set_ready(False)
+            if self.stopping:
+                return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.generation.wait_lost(), CHECK_SECONDS)
+                async with asyncio.timeout(CHECK_SECONDS):
+                    await self.generation.wait_lost()
+
+    def stop(self) -> None:
+        """Ends run() at once. A flag as well as the task's cancel: a cancel that lands inside
+        the Redis client can be lost (seen here: the stop then waited for a task that went on
+        checking)."""
+        self.stopping = True
+        self.generation.lost.set()
 
     async def check(self) -> bool:
         """Trusts the hot state, or rebuilds it (when this server wins the lock). True when the

@@ -9,6 +9,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +19,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 
 from authz_server.generated.medwallet.v1 import (
+    audit_pb2,
+    audit_pb2_grpc,
     authorization_pb2,
     authorization_pb2_grpc,
     registry_pb2,
@@ -31,11 +34,17 @@ from authz_server.observability import metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.hot_state import HotStateGuardian
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
+from authz_server.server.audit import AuditedServer
+from authz_server.server.audit_handler import AuditHandler
 from authz_server.server.auth import Authenticator
 from authz_server.server.authorization_handler import AuthorizationHandler
+from authz_server.server.edge import EdgeServer, server_options
+from authz_server.server.limits import LimitedServer, Limiter, Limits
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
+from authz_server.server.tls import ClientIdentity, ReloadingCertificates
+from authz_server.service.audit_trail import AuditTrail
 from authz_server.service.authorization import AuthorizationService
 from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.clock import Clock, system_clock
@@ -50,6 +59,7 @@ from authz_server.storage.redis.generation import HotStateGeneration, published_
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.rate_limiter import RedisRateLimiter
 from authz_server.storage.redis.sweeper import HoldSweeper
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -61,9 +71,9 @@ SERVICE_NAMES = [
     authorization_pb2.DESCRIPTOR.services_by_name["AuthorizationService"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
     relationship_pb2.DESCRIPTOR.services_by_name["RelationshipService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
-# Bounds on what one connection may send: a catalog batch of 1000 items fits well inside.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
 # redis-py connections per process, for what does not go through the pipelined connection
@@ -119,7 +129,22 @@ class Application:
         self.generation = HotStateGeneration()
         self.pipelined_redis.generation = self.generation
         self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
-        self.auth = Authenticator.from_file(self.settings.effective_tokens_file)
+        self.certificates = (
+            ReloadingCertificates(
+                Path(self.settings.tls_cert_file),
+                Path(self.settings.tls_key_file),
+                Path(self.settings.tls_client_ca_file)
+                if self.settings.tls_client_ca_file
+                else None,
+            )
+            if self.settings.tls_cert_file
+            else None
+        )
+        mutual_tls = self.certificates is not None and self.certificates.client_ca_file is not None
+        self.auth = Authenticator.from_file(
+            self.settings.effective_tokens_file,
+            ClientIdentity(self.settings.client_identity_field) if mutual_tls else None,
+        )
         self.references = ReferenceCache(self.database)
         self.registry = RegistryService(self.database, self.quotas, self.clock, self.references)
         self.relationships = RelationshipService(
@@ -144,6 +169,20 @@ class Application:
         self.settlement = SettlementService(
             self.database, self.settings.prepaid_safety_percent, self.clock
         )
+        self.audit = AuditTrail(self.database)
+        self.limiter = (
+            Limiter(
+                self.auth,
+                Limits.from_settings(
+                    self.settings.merchant_limit,
+                    self.settings.channel_limit,
+                    self.settings.limits_file,
+                ),
+                RedisRateLimiter(self.pipelined_redis),
+            )
+            if self.settings.rate_limits
+            else None
+        )
         self.health = health_aio.HealthServicer()
         self.background: list[asyncio.Task[None]] = []
         self.stopping = False
@@ -161,19 +200,21 @@ class Application:
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
-        server = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        server = grpc.aio.server(options=server_options(self.settings))
         # Metrics and the access log: every unary handler is wrapped as it is added (cheaper
         # than a grpc.aio interceptor, which costs ~30 µs a call by itself).
         traced = tracing.configure(self.settings.tracing, self.settings.otlp_endpoint)
-        self.server = (
+        observed = (
             ObservedServer(server, self.settings.access_log, traced)
             if self.settings.instrumentation
             else server
+        )
+        # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such, and not
+        # audited: it read nothing). Then the audit trail records calls about persons.
+        audited = AuditedServer(observed, self.audit)
+        # Then the per-principal limits: a refused call reaches neither the trail nor the log.
+        self.server = EdgeServer(
+            LimitedServer(audited, self.limiter) if self.limiter is not None else audited
         )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
@@ -187,6 +228,9 @@ class Application:
         settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
             SettlementHandler(self.settlement, self.auth), self.server
         )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(
+            AuditHandler(self.database, self.auth), self.server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -196,7 +240,15 @@ class Application:
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self.certificates is not None:
+                credentials = self.certificates.server_credentials()
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                if self.settings.grpc_host not in LOOPBACK:
+                    log.warning(
+                        "plaintext gRPC on %s: set MEDWALLET_TLS_CERT_FILE/KEY_FILE", address
+                    )
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError as error:  # gRPC says only "Failed to bind to address ..."
             raise RuntimeError(
                 f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): in use by"
@@ -207,6 +259,7 @@ class Application:
         self.references.start()
         self.group_commit.start()
         self.journal.start()
+        self.audit.start()
         # A Redis that lost its data (or never had any) is rebuilt from SQL first: by this
         # server, or by another that got there first.
         ready = await self.guardian.wait_ready(START_WAIT_SECONDS)
@@ -287,6 +340,7 @@ class Application:
         SERVER_STOP_MARGIN_SECONDS). Returns the steps that overran or failed: empty, a clean
         stop."""
         self.stopping = True
+        self.guardian.stop()
         step = STOP_STEP_SECONDS
         redis_step = max(step, self.settings.redis_timeout_seconds * 4)  # aclose waits 2x
         steps: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
@@ -302,6 +356,8 @@ class Application:
             ("writes_left_running", self._writes_left_running, step),
             ("capture_writer", self.authorizations.captures.written, step),
             ("journal", self.journal.stop, step),
+            ("audit_trail", self.audit.stop, step),
+            ("limiter_releases", self._stop_limiter, step),
             ("group_commit", self.group_commit.stop, step),
             ("reference_cache", self.references.stop, step),
             ("pipelined_redis", self.pipelined_redis.aclose, redis_step),
@@ -314,6 +370,10 @@ class Application:
             if not await bounded_step(name, run, seconds):
                 unfinished.append(name)
         return unfinished
+
+    async def _stop_limiter(self) -> None:
+        if self.limiter is not None:
+            await self.limiter.stop()
 
     async def _writes_left_running(self) -> None:
         await asyncio.gather(

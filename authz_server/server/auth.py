@@ -1,19 +1,21 @@
-"""Bearer tokens -> principals. Identity comes from the token, never from the request body.
-
-The tokens file is JSON: {"<token>": {"kind": "admin"} | {"kind": "channel", "channel": "APP"}
-| {"kind": "merchant", "merchant_id": "M1"}}.
-"""
+"""Principals: from a client certificate (mutual TLS) or a bearer token, never from the request
+body. The tokens file holds SHA-256 digests (server/tokens.py)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 from authz_server.domain.types import Channel
+from authz_server.server.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from authz_server.server.tls import ClientIdentity
 
 
 class PrincipalKind(StrEnum):
@@ -27,6 +29,13 @@ class Principal:
     kind: PrincipalKind
     channel: Channel | None = None
     merchant_id: str | None = None
+    # What proved it, for the audit trail: "token:<token id>" or "cert:<SHA-256 fingerprint>".
+    credential: str = field(default="", compare=False)
+
+
+# The principal the current call proved (None before, or when it proved none): the audit
+# wrapper reads it after the handler (server/audit.py).
+authenticated: ContextVar[Principal | None] = ContextVar("authenticated", default=None)
 
 
 class Unauthenticated(Exception):
@@ -37,37 +46,49 @@ class PermissionDenied(Exception):
     pass
 
 
-def parse_tokens(document: dict[str, dict[str, str]]) -> dict[str, Principal]:
-    principals = {}
-    for token, entry in document.items():
-        kind = PrincipalKind(entry["kind"])
-        principals[token] = Principal(
-            kind=kind,
-            channel=Channel(entry["channel"]) if kind is PrincipalKind.CHANNEL else None,
-            merchant_id=entry["merchant_id"] if kind is PrincipalKind.MERCHANT else None,
-        )
-    return principals
-
-
 class Authenticator:
-    def __init__(self, principals: dict[str, Principal]) -> None:
-        self.principals = principals
+    """Who is calling. With mutual TLS (`client_identity` set), a merchant is the one its client
+    certificate names (a URI SAN or the subject CN `medwallet:merchant:<id>`), and a merchant
+    token is refused; admin and channels present a token over that connection. Without mutual
+    TLS every principal presents a token. Tokens are looked up by SHA-256 (server/tokens.py)."""
+
+    def __init__(self, tokens: TokenStore, client_identity: ClientIdentity | None = None) -> None:
+        self.tokens = tokens
+        self.client_identity = client_identity
 
     @classmethod
-    def from_file(cls, path: Path) -> Authenticator:
-        return cls(parse_tokens(json.loads(path.read_text())))
+    def from_file(cls, path: Path, client_identity: ClientIdentity | None = None) -> Authenticator:
+        return cls(TokenStore.from_file(path), client_identity)
 
     def principal(self, context: grpc.aio.ServicerContext[object, object]) -> Principal:
+        certified = (
+            self.client_identity.merchant(context) if self.client_identity is not None else None
+        )
         header = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 header = value if isinstance(value, str) else value.decode()
+        if certified is not None:
+            if header:
+                raise Unauthenticated("a merchant certificate needs no token: send none")
+            authenticated.set(certified)
+            return certified
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("missing 'authorization: Bearer <token>' metadata")
-        principal = self.principals.get(token.strip())
-        if principal is None:
+        entry = self.tokens.lookup(token.strip())
+        if entry is None:
             raise Unauthenticated("unknown token")
+        kind = PrincipalKind(entry.kind)
+        if kind is PrincipalKind.MERCHANT and self.client_identity is not None:
+            raise Unauthenticated("with mutual TLS a merchant is identified by its certificate")
+        principal = Principal(
+            kind=kind,
+            channel=Channel(entry.channel) if entry.channel is not None else None,
+            merchant_id=entry.merchant_id,
+            credential=f"token:{entry.token_id}",
+        )
+        authenticated.set(principal)
         return principal
 
     def require(

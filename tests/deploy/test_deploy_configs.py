@@ -97,6 +97,9 @@ COUNTERS_AND_GAUGES = {
     "medwallet_hot_state_rebuild_seconds",
     "medwallet_health_serving",
     "medwallet_build_info",
+    "medwallet_rate_limited_total",
+    "medwallet_audit_records_total",
+    "medwallet_audit_dropped_total",
     "up",
 }
 HISTOGRAMS = {
@@ -138,6 +141,7 @@ REQUIRED_ALERTS = {
     "MedWalletRedisShardDown",
     "MedWalletRedisFailover",
     "MedWalletRedisShardWithoutReplica",
+    "MedWalletPrincipalRateLimited",
 }
 
 

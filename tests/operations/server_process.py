@@ -48,6 +48,9 @@ class ServerProcess:
             MEDWALLET_METRICS_PORT=str(self.metrics_port),
             MEDWALLET_TOKENS_FILE=str(tokens),
             MEDWALLET_WORKERS=str(workers),
+            # the limiter runs, refusing nothing, unless a test sets limits of its own
+            MEDWALLET_MERCHANT_LIMIT="rate=1000000,burst=1000000,in_flight=100000",
+            MEDWALLET_CHANNEL_LIMIT="rate=1000000,burst=1000000,in_flight=100000",
             **env,
         )
         if "DATABASE_URL" not in env:  # SQLite in the data directory unless a test says

@@ -18,6 +18,9 @@ ALL_SCRIPTS = (
     "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
     "expire", "quota_credit", "quota_debit", "quota_dissolve", "quota_restore", "hold_restore",
 )  # fmt: skip
+# Scripts whose keys are not the hot state (no money): the per-principal limits' buckets. They
+# skip the generation check; a bucket Redis lost only starts full again.
+NOT_HOT_STATE = frozenset({"rate_limit"})
 # The smallest scripts need none of the shared functions.
 LIBRARY_USERS = frozenset(ALL_SCRIPTS) - {"quota_credit", "quota_debit", "authorize_forget"}
 
@@ -27,6 +30,8 @@ def source(name: str) -> str:
     text = folder.joinpath(f"{name}.lua").read_text()
     if name in LIBRARY_USERS:
         text = folder.joinpath("_lib.lua").read_text() + "\n" + text
+    if name in NOT_HOT_STATE:
+        return text
     return folder.joinpath("_generation.lua").read_text() + "\n" + text
 
 

@@ -1,0 +1,209 @@
+"""Limits per principal: a rate (calls per second with a burst) and a bound on calls in flight
+for each merchant and each channel, shared by every worker and pod through Redis
+(storage/redis/rate_limiter.py). Admin is not limited. Beyond a limit the call is answered
+RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to try again, before the handler
+runs: nothing is read or written for it (no money moves).
+
+The limiter sits outside the audit trail, the metrics and the access log: a principal flooding
+the service costs one Redis round trip per refused call and no SQL row or log line; refusals are
+counted in medwallet_rate_limited_total{principal_kind} (MedWalletPrincipalRateLimited alerts).
+If Redis does not answer the limiter lets the call through (what needs Redis fails on its own,
+UNAVAILABLE) rather than failing calls that only need SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from authz_server.observability import metrics
+from authz_server.server.auth import Authenticator, Principal, PrincipalKind
+from authz_server.server.errors import DOMAIN
+from authz_server.storage.redis.rate_limiter import Limit, RedisRateLimiter, Verdict
+
+log = logging.getLogger(__name__)
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+def parse_limit(text: str) -> Limit:
+    """ "rate=200,burst=400,in_flight=100" -> Limit."""
+    fields = dict(part.strip().split("=", 1) for part in text.split(",") if part.strip())
+    return Limit(float(fields["rate"]), int(fields["burst"]), int(fields.get("in_flight", 0)))
+
+
+@dataclass(frozen=True)
+class Limits:
+    merchant: Limit
+    channel: Limit
+    # "merchant:<id>" or "channel:<name>" -> its own limit
+    principals: Mapping[str, Limit] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, merchant: str, channel: str, file: str) -> Limits:
+        principals: dict[str, Limit] = {}
+        if file:
+            document = json.loads(Path(file).read_text())
+            principals = {key: parse_limit(value) for key, value in document.items()}
+        return cls(parse_limit(merchant), parse_limit(channel), principals)
+
+    def of(self, key: str, principal: Principal) -> Limit:
+        own = self.principals.get(key)
+        if own is not None:
+            return own
+        return self.merchant if principal.kind is PrincipalKind.MERCHANT else self.channel
+
+
+def principal_key(principal: Principal) -> str:
+    if principal.kind is PrincipalKind.MERCHANT:
+        return f"merchant:{principal.merchant_id}"
+    return f"channel:{principal.channel.value if principal.channel else ''}"
+
+
+def exhausted(verdict: Verdict) -> grpc.Status:
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(1, verdict.retry_after_ms))
+    info, retry = any_pb2.Any(), any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=verdict.reason, domain=DOMAIN))
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    message = (
+        "too many calls in flight for this principal"
+        if verdict.reason == "TOO_MANY_IN_FLIGHT"
+        else "over this principal's rate"
+    )
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(
+            code=code_pb2.RESOURCE_EXHAUSTED,
+            message=f"{message}; retry in {verdict.retry_after_ms} ms",
+            details=[info, retry],
+        )
+    )
+    return status
+
+
+class Limiter:
+    def __init__(self, auth: Authenticator, limits: Limits, redis: RedisRateLimiter) -> None:
+        self.auth = auth
+        self.limits = limits
+        self.redis = redis
+        self.releases: set[asyncio.Task[None]] = set()
+        self.refused = {kind: metrics.rate_limited.labels(kind.value) for kind in PrincipalKind}
+
+    def limited(self, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
+            return handler
+        call = handler.unary_unary
+
+        async def limited(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                principal = self.auth.principal(context)
+            except Exception:  # the handler answers it (UNAUTHENTICATED)
+                principal = None
+            if principal is None or principal.kind is PrincipalKind.ADMIN:
+                return await call(request, context)  # type: ignore[arg-type]
+            key = principal_key(principal)
+            limit = self.limits.of(key, principal)
+            call_id = self.redis.call_id()
+            try:
+                verdict = await self.redis.acquire(key, limit, call_id)
+            except Exception as error:  # Redis not answering: let it through
+                log.debug("limiter not answering: %r", error)
+                return await call(request, context)  # type: ignore[arg-type]
+            if not verdict.admitted:
+                self.refused[principal.kind].inc()
+                await context.abort_with_status(exhausted(verdict))
+            try:
+                return await call(request, context)  # type: ignore[arg-type]
+            finally:
+                if limit.max_in_flight:
+                    self._release(key, call_id)
+
+        return grpc.unary_unary_rpc_method_handler(
+            limited,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _release(self, key: str, call_id: str) -> None:
+        """Frees the in-flight slot without making the call wait for it (its TTL frees it if
+        this is lost)."""
+        task = asyncio.get_running_loop().create_task(self._released(key, call_id))
+        self.releases.add(task)
+        task.add_done_callback(self.releases.discard)
+
+    async def _released(self, key: str, call_id: str) -> None:
+        try:
+            await self.redis.release(key, call_id)
+        except Exception as error:
+            log.debug("in-flight slot not freed (it expires): %r", error)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self.releases, return_exceptions=True)
+
+
+LIMITED_SERVICE_PREFIX = "medwallet.v1."
+
+
+class LimitedServer(grpc.aio.Server):
+    """A grpc.aio.Server (or a wrapper) whose medwallet.v1 unary handlers are limited."""
+
+    def __init__(self, server: grpc.aio.Server, limiter: Limiter) -> None:
+        self.server = server
+        self.limiter = limiter
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: Mapping[str, Handler]
+    ) -> None:
+        if service_name.startswith(LIMITED_SERVICE_PREFIX):
+            method_handlers = {
+                name: self.limiter.limited(handler) for name, handler in method_handlers.items()
+            }
+        self.server.add_registered_method_handlers(service_name, method_handlers)
+
+    def add_generic_rpc_handlers(
+        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
+    ) -> None:
+        self.server.add_generic_rpc_handlers(
+            tuple(_LimitedGeneric(self.limiter, handler) for handler in generic_rpc_handlers)
+        )
+
+    def add_insecure_port(self, address: str) -> int:
+        return self.server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
+        return self.server.add_secure_port(address, server_credentials)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
+
+
+class _LimitedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, limiter: Limiter, inner: grpc.GenericRpcHandler) -> None:
+        self.limiter = limiter
+        self.inner = inner
+        self.known: dict[str, tuple[Handler, Handler]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self.inner.service(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.lstrip("/").startswith(LIMITED_SERVICE_PREFIX):
+            return handler
+        known = self.known.get(method)
+        if known is None or known[0] is not handler:
+            known = self.known[method] = (handler, self.limiter.limited(handler))
+        return known[1]

@@ -1,0 +1,40 @@
+-- Admits one call of a principal, or says how long to wait: a token bucket (rate per second,
+-- burst) and a bound on its calls in flight, in one round trip, shared by every worker and pod.
+-- KEYS[1] the bucket (hash: t = tokens, ts = ms), KEYS[2] the calls in flight (sorted set: call
+-- id -> the ms it is forgotten, so a worker that died mid-call frees its slots by itself). Both
+-- carry the principal's hash tag (one Cluster slot).
+-- ARGV: rate per second, burst, max in flight (0: no bound), call id, in-flight TTL ms.
+-- Returns {1, 0, 0} admitted; {0, retry_ms, 1} over the rate; {0, retry_ms, 2} too many in
+-- flight. Time is Redis's (TIME), so pods with skewed clocks share one bucket fairly.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local max_in_flight = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[5])
+
+if max_in_flight > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= max_in_flight then
+    return {0, 20, 2}
+  end
+end
+
+local state = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(state[1])
+local since = tonumber(state[2])
+if tokens == nil or since == nil then
+  tokens = burst
+  since = now
+end
+tokens = math.min(burst, tokens + math.max(0, now - since) * rate / 1000)
+if tokens < 1 then
+  return {0, math.ceil((1 - tokens) * 1000 / rate), 1}
+end
+redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens - 1), 'ts', string.format('%d', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+if max_in_flight > 0 then
+  redis.call('ZADD', KEYS[2], string.format('%d', now + ttl), ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ttl + 1000)
+end
+return {1, 0, 0}

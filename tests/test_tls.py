@@ -1,0 +1,277 @@
+"""TLS and mutual TLS with real certificates made here: a merchant is who its certificate says,
+clients without a good certificate never get a call through, revoked tokens stop working
+within a second, and a rotated server certificate is picked up while calls go on."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authz_server.generated.medwallet.v1 import (
+    authorization_pb2,
+    authorization_pb2_grpc,
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    relationship_pb2_grpc,
+)
+from authz_server.runtime.certificates import Issued, issue, make_ca
+from authz_server.server import tokens
+from tests import engine_factories as ef
+from tests import factories
+from tests.harness import ADMIN, Harness, bearer
+
+MERCHANT_A, MERCHANT_B = "tls-merchant-a", "tls-merchant-b"
+
+
+class Pki:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca = make_ca()
+        self.other_ca = make_ca("another CA")
+        self.server = issue(self.ca, "localhost", server_names=("localhost", "127.0.0.1"))
+        self.operator = issue(self.ca, "operator")
+        self.a = issue(self.ca, "a", merchant_id=MERCHANT_A)
+        self.b = issue(self.ca, "b", merchant_id=MERCHANT_B)
+        self.a_from_other_ca = issue(self.other_ca, "a", merchant_id=MERCHANT_A)
+        past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
+        self.a_expired = issue(self.ca, "a", merchant_id=MERCHANT_A, not_before=past, days=2)
+        (directory / "ca.crt").write_bytes(self.ca.certificate_pem)
+        self.server.write(directory, "server")
+
+    def channel(
+        self, port: int, client: Issued | None, trust: Issued | None = None
+    ) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            (trust or self.ca).certificate_pem,
+            client.key_pem if client else None,
+            client.certificate_pem if client else None,
+        )
+        return grpc.secure_channel(f"localhost:{port}", credentials)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_harness(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    running = Harness(
+        tmp_path_factory.mktemp("tls-service"),
+        extra_tokens={"test-revocable-admin": {"kind": "admin"}},
+        tls_cert_file=str(pki.directory / "server.crt"),
+        tls_key_file=str(pki.directory / "server.key"),
+        tls_client_ca_file=str(pki.directory / "ca.crt"),
+    )
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def operator(pki: Pki, tls_harness: Harness) -> Iterator[grpc.Channel]:
+    with pki.channel(tls_harness.port, pki.operator) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def beneficiary(operator: grpc.Channel) -> str:
+    """A resident with 100.00 yuan of quota; both merchants registered as hospitals."""
+    registry = registry_pb2_grpc.RegistryServiceStub(operator)
+    relationships = relationship_pb2_grpc.RelationshipServiceStub(operator)
+    for merchant_id in (MERCHANT_A, MERCHANT_B):
+        ef.merchant(registry, merchant_id, common_pb2.MERCHANT_KIND_MEDICAL_INSTITUTION)
+    beneficiary_id = factories.resident(registry)
+    holder = factories.employee(registry, balance_fen=50_000)
+    factories.active_relationship(relationships, holder, beneficiary_id, 10_000)
+    return beneficiary_id
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    try:
+        call()  # type: ignore[operator]
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_a_merchant_certificate_is_served_as_its_merchant(
+    pki: Pki, tls_harness: Harness, beneficiary: str
+) -> None:
+    with pki.channel(tls_harness.port, pki.a) as channel:
+        engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+        answer = engine.Authorize(ef.medical(beneficiary, 1_000), timeout=10)
+        assert answer.decision == authorization_pb2.DECISION_APPROVED
+        seen = engine.GetAuthorization(
+            authorization_pb2.GetAuthorizationRequest(authorization_id=answer.authorization_id),
+            timeout=10,
+        )
+        assert seen.authorization.merchant_id == MERCHANT_A
+    # merchant B's certificate cannot see, void or capture A's authorization
+    with pki.channel(tls_harness.port, pki.b) as channel:
+        engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+        request = authorization_pb2.GetAuthorizationRequest(
+            authorization_id=answer.authorization_id
+        )
+        assert code_of(lambda: engine.GetAuthorization(request, timeout=10)) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        void = authorization_pb2.VoidRequest(authorization_id=answer.authorization_id)
+        assert code_of(lambda: engine.Void(void, timeout=10)) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_merchant_certificate_cannot_take_another_merchants_token(
+    pki: Pki, tls_harness: Harness, beneficiary: str
+) -> None:
+    """B's certificate with A's token (or any token) is refused: the certificate is the
+    merchant's identity, and a merchant token alone is refused under mutual TLS."""
+    with pki.channel(tls_harness.port, pki.b) as channel:
+        engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+        request = ef.medical(beneficiary, 100)
+        metadata = bearer("test-merchant-a")
+        assert code_of(lambda: engine.Authorize(request, metadata=metadata, timeout=10)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    with pki.channel(tls_harness.port, pki.operator) as channel:
+        engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+        assert code_of(lambda: engine.Authorize(request, metadata=metadata, timeout=10)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+@pytest.mark.parametrize("client", ["none", "other_ca", "expired"])
+def test_no_call_gets_through_without_a_good_certificate(
+    pki: Pki, tls_harness: Harness, beneficiary: str, client: str
+) -> None:
+    """Refused in the TLS handshake: the client sees UNAVAILABLE (no call was ever made), the
+    service never sees a request. With a certificate, the same call is answered."""
+    certificate = {"none": None, "other_ca": pki.a_from_other_ca, "expired": pki.a_expired}
+    with pki.channel(tls_harness.port, certificate[client]) as channel:
+        engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            engine.Authorize(ef.medical(beneficiary, 100), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_is_not_served(tls_harness: Harness) -> None:
+    with grpc.insecure_channel(tls_harness.address) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+        assert code_of(lambda: registry.GetParticipant(request, metadata=ADMIN, timeout=5)) == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+
+
+def test_a_revoked_token_is_unauthenticated_without_a_restart(
+    operator: grpc.Channel, tls_harness: Harness
+) -> None:
+    registry = registry_pb2_grpc.RegistryServiceStub(operator)
+    request = registry_pb2.GetParticipantRequest(participant_id="nobody-at-all")
+    revocable = bearer("test-revocable-admin")
+    assert code_of(lambda: registry.GetParticipant(request, metadata=revocable, timeout=5)) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    tokens_file = Path(tls_harness.settings.tokens_file)
+    assert b"test-revocable-admin" not in tokens_file.read_bytes()  # stored hashed
+    token_id = next(
+        entry.token_id
+        for hashed, entry in tokens.read(tokens_file).items()
+        if hashed == tokens.digest("test-revocable-admin")
+    )
+    assert tokens.revoke(tokens_file, token_id)
+    deadline = time.monotonic() + 5
+    code = grpc.StatusCode.NOT_FOUND
+    while code != grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline:
+        time.sleep(0.2)
+        code = code_of(lambda: registry.GetParticipant(request, metadata=revocable, timeout=5))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    # the others still work, and a token added now works at once (within the check interval)
+    assert code_of(lambda: registry.GetParticipant(request, metadata=ADMIN, timeout=5)) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+    _, added = tokens.add(tokens_file, "admin", None, None)
+    deadline = time.monotonic() + 5
+    while code != grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline:
+        time.sleep(0.2)
+        code = code_of(lambda: registry.GetParticipant(request, metadata=bearer(added), timeout=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert added not in json.dumps(json.loads(tokens_file.read_text()))
+
+
+def test_a_rotated_server_certificate_is_picked_up_while_calls_go_on(
+    pki: Pki, tls_harness: Harness, operator: grpc.Channel
+) -> None:
+    """The server's certificate is replaced on disk by one from a new CA: an open connection
+    goes on answering throughout, and a new client trusting only the new CA gets through."""
+    registry = registry_pb2_grpc.RegistryServiceStub(operator)
+    request = registry_pb2.GetParticipantRequest(participant_id="nobody-at-all")
+    outcomes: list[grpc.StatusCode] = []
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            outcomes.append(code_of(lambda: registry.GetParticipant(request, metadata=ADMIN)))
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        new_ca = make_ca("rotated CA")
+        rotated = issue(new_ca, "localhost", server_names=("localhost", "127.0.0.1"))
+        # the key first, then the certificate: in between the pair does not match and the old
+        # one stays
+        (pki.directory / "server.key").write_bytes(rotated.key_pem)
+        time.sleep(1.2)
+        (pki.directory / "server.crt").write_bytes(rotated.certificate_pem)
+        deadline = time.monotonic() + 10
+        code = grpc.StatusCode.UNAVAILABLE
+        while code != grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline:
+            time.sleep(0.3)
+            with pki.channel(tls_harness.port, pki.operator, trust=new_ca) as fresh:
+                stub = registry_pb2_grpc.RegistryServiceStub(fresh)
+                code = code_of(partial(stub.GetParticipant, request, metadata=ADMIN, timeout=3))
+        assert code == grpc.StatusCode.NOT_FOUND  # served with the rotated certificate
+    finally:
+        stop.set()
+        caller.join(10)
+    assert outcomes and set(outcomes) == {grpc.StatusCode.NOT_FOUND}, set(outcomes)
+    assert tls_harness.app.certificates is not None
+    assert tls_harness.app.certificates.reloads >= 1
+
+
+def test_the_common_name_can_be_the_stated_field(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MEDWALLET_CLIENT_IDENTITY_FIELD=common_name: the subject CN names the merchant; a URI SAN
+    alone then names none (the certificate is an operator's: a token is needed)."""
+    directory = tmp_path_factory.mktemp("tls-cn")
+    ca = make_ca()
+    (directory / "ca.crt").write_bytes(ca.certificate_pem)
+    issue(ca, "localhost", server_names=("localhost", "127.0.0.1")).write(directory, "server")
+    by_name = issue(ca, f"medwallet:merchant:{MERCHANT_A}")
+    by_uri = issue(ca, "someone", merchant_id=MERCHANT_A)
+    running = Harness(
+        directory,
+        tls_cert_file=str(directory / "server.crt"),
+        tls_key_file=str(directory / "server.key"),
+        tls_client_ca_file=str(directory / "ca.crt"),
+        client_identity_field="common_name",
+    )
+    try:
+        request = authorization_pb2.GetAuthorizationRequest(authorization_id="0" * 32)
+        for client, expected in (
+            (by_name, grpc.StatusCode.NOT_FOUND),  # served as the merchant: no such id
+            (by_uri, grpc.StatusCode.UNAUTHENTICATED),  # no merchant named, no token
+        ):
+            with pki.channel(running.port, client, trust=ca) as channel:
+                engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+                assert code_of(partial(engine.GetAuthorization, request, timeout=10)) == expected
+    finally:
+        running.close()
