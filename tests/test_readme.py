@@ -38,8 +38,7 @@ def test_the_readme_reaches_the_service_only_with_tools_one_can_install_here() -
     lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
     commands = [part.strip() for line in lines for part in line.split("&&") if part.strip()]
     programs = {
-        Path(next(word for word in command.split() if "=" not in word)).name
-        for command in commands
+        Path(next(word for word in command.split() if "=" not in word)).name for command in commands
     }
     assert programs <= INSTALLED_HERE, programs
     assert not re.search(r"`grpcurl [^`]*`", readme)
