@@ -82,10 +82,18 @@ def page_commands(
 
 
 async def delete_hot_state(redis: PipelinedRedis) -> int:
-    """Deletes every key of the hot state but the generation's own. Returns how many."""
+    """Deletes every key of the hot state but the generation's own. Returns how many. The
+    slots' generation marks go first: a script that runs while the rest is being deleted finds
+    its slot unmarked and refuses, rather than deciding on a slot half gone (a quota deleted, its
+    mark not yet: RELATIONSHIP_NOT_FOUND for a funded family)."""
+    marks = await _delete_matching(redis, "mw:{b:*}:g")
+    return marks + await _delete_matching(redis, "mw:*")
+
+
+async def _delete_matching(redis: PipelinedRedis, pattern: str) -> int:
     deleted, cursor = 0, 0
     while True:
-        reply = as_list(await redis.execute("SCAN", cursor, "MATCH", "mw:*", "COUNT", SCAN_COUNT))
+        reply = as_list(await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT))
         names = [
             as_text(name)
             for name in as_list(reply[1])
