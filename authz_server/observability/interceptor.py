@@ -15,19 +15,17 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
 from authz_server.observability import metrics, tracing
+from authz_server.server.wrapped_server import Handler, WrappedServer
 
 log = logging.getLogger("authz_server.access")
 _call_fields: ContextVar[dict[str, str] | None] = ContextVar("call_fields", default=None)
 _perf_counter = time.perf_counter
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def annotate(**fields: str) -> None:
@@ -146,16 +144,14 @@ class _Method:
                 )
 
 
-class ObservedServer(grpc.aio.Server):
-    """A grpc.aio.Server whose unary-unary handlers are registered already wrapped, whichever
-    way they are added (the generated `add_*Servicer_to_server` functions register them by name
-    and through a generic handler). Streaming handlers are registered as they are (not
-    observed). Everything else is the wrapped server's."""
+class ObservedServer(WrappedServer):
+    """A grpc.aio.Server whose unary-unary handlers are registered observed (server/
+    wrapped_server.py). Streaming handlers are registered as they are (not observed)."""
 
     def __init__(
         self, server: grpc.aio.Server, access_log: bool = True, traced: bool = False
     ) -> None:
-        self.server = server
+        super().__init__(server)
         self.access_log = access_log
         self.traced = traced
         # Full method name -> its wrapper.
@@ -170,52 +166,3 @@ class ObservedServer(grpc.aio.Server):
                 full_method, handler, self.access_log, self.traced
             )
         return known.wrapped
-
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, Handler]
-    ) -> None:
-        """What the generated code registers by name (grpc.aio looks these up first)."""
-        self.server.add_registered_method_handlers(
-            service_name,
-            {
-                name: self.wrap(f"/{service_name}/{name}", handler)
-                for name, handler in method_handlers.items()
-            },
-        )
-
-    def add_generic_rpc_handlers(
-        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
-    ) -> None:
-        self.server.add_generic_rpc_handlers(
-            tuple(_ObservedGeneric(self, handler) for handler in generic_rpc_handlers)
-        )
-
-    def add_insecure_port(self, address: str) -> int:
-        return self.server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self.server.add_secure_port(address, server_credentials)
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self.server.wait_for_termination(timeout)
-
-
-class _ObservedGeneric(grpc.GenericRpcHandler):
-    """A generic handler's answers, wrapped (and kept: only methods it has a handler for, so a
-    client sending made-up method names cannot grow the cache)."""
-
-    def __init__(self, observed: ObservedServer, inner: grpc.GenericRpcHandler) -> None:
-        self.observed = observed
-        self.inner = inner
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self.inner.service(handler_call_details)
-        if handler is None:
-            return None
-        return self.observed.wrap(handler_call_details.method, handler)

@@ -13,9 +13,8 @@ buffer; SQL is written off the call's path.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -23,9 +22,8 @@ from google.protobuf.message import Message
 
 from authz_server.observability.interceptor import go_code_name
 from authz_server.server.auth import Principal, authenticated
+from authz_server.server.wrapped_server import Handler, WrappedServer
 from authz_server.service.audit_trail import AuditRecord, AuditTrail
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 # Ids as the service issues and accepts them; anything else (a refused call's garbage) names
 # no record in SQL, so it is recorded as absent, never stored (PostgreSQL refuses NUL bytes).
@@ -152,59 +150,12 @@ def audit(trail: AuditTrail, full_method: str, handler: Handler) -> Handler:
     )
 
 
-class AuditedServer(grpc.aio.Server):
+class AuditedServer(WrappedServer):
     """A grpc.aio.Server (or a wrapper of one) whose audited unary handlers record each call."""
 
     def __init__(self, server: grpc.aio.Server, trail: AuditTrail) -> None:
-        self.server = server
+        super().__init__(server)
         self.trail = trail
 
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, Handler]
-    ) -> None:
-        self.server.add_registered_method_handlers(
-            service_name,
-            {
-                name: audit(self.trail, f"/{service_name}/{name}", handler)
-                for name, handler in method_handlers.items()
-            },
-        )
-
-    def add_generic_rpc_handlers(
-        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
-    ) -> None:
-        self.server.add_generic_rpc_handlers(
-            tuple(_AuditedGeneric(self.trail, handler) for handler in generic_rpc_handlers)
-        )
-
-    def add_insecure_port(self, address: str) -> int:
-        return self.server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self.server.add_secure_port(address, server_credentials)
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self.server.wait_for_termination(timeout)
-
-
-class _AuditedGeneric(grpc.GenericRpcHandler):
-    def __init__(self, trail: AuditTrail, inner: grpc.GenericRpcHandler) -> None:
-        self.trail = trail
-        self.inner = inner
-        self.known: dict[str, tuple[Handler, Handler]] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self.inner.service(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        known = self.known.get(method)
-        if known is None or known[0] is not handler:
-            known = self.known[method] = (handler, audit(self.trail, method, handler))
-        return known[1]
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        return audit(self.trail, full_method, handler)

@@ -13,17 +13,16 @@ channel arguments: `server_options`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
 from authz_server.domain.errors import InvalidArgument
 from authz_server.server.errors import to_status
+from authz_server.server.wrapped_server import Handler, WrappedServer
 from authz_server.settings import Settings
-
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -100,56 +99,8 @@ def guarded(handler: Handler) -> Handler:
     )
 
 
-class EdgeServer(grpc.aio.Server):
+class EdgeServer(WrappedServer):
     """A grpc.aio.Server (or a wrapper of one) whose unary handlers are registered guarded."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self.server = server
-
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, Handler]
-    ) -> None:
-        self.server.add_registered_method_handlers(
-            service_name, {name: guarded(handler) for name, handler in method_handlers.items()}
-        )
-
-    def add_generic_rpc_handlers(
-        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
-    ) -> None:
-        self.server.add_generic_rpc_handlers(
-            tuple(_GuardedGeneric(handler) for handler in generic_rpc_handlers)
-        )
-
-    def add_insecure_port(self, address: str) -> int:
-        return self.server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self.server.add_secure_port(address, server_credentials)
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self.server.wait_for_termination(timeout)
-
-
-class _GuardedGeneric(grpc.GenericRpcHandler):
-    """A generic handler's answers, guarded once per method (only methods it has a handler
-    for, so made-up method names cannot grow the cache)."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
-        self.inner = inner
-        self.known: dict[str, tuple[Handler, Handler]] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self.inner.service(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        known = self.known.get(method)
-        if known is None or known[0] is not handler:
-            known = self.known[method] = (handler, guarded(handler))
-        return known[1]
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        return guarded(handler)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -29,10 +29,10 @@ from grpc_status import rpc_status
 from authz_server.observability import metrics
 from authz_server.server.auth import Authenticator, Principal, PrincipalKind
 from authz_server.server.errors import DOMAIN
+from authz_server.server.wrapped_server import Handler, WrappedServer
 from authz_server.storage.redis.rate_limiter import Limit, RedisRateLimiter, Verdict
 
 log = logging.getLogger(__name__)
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def parse_limit(text: str) -> Limit:
@@ -153,57 +153,14 @@ class Limiter:
 LIMITED_SERVICE_PREFIX = "medwallet.v1."
 
 
-class LimitedServer(grpc.aio.Server):
+class LimitedServer(WrappedServer):
     """A grpc.aio.Server (or a wrapper) whose medwallet.v1 unary handlers are limited."""
 
     def __init__(self, server: grpc.aio.Server, limiter: Limiter) -> None:
-        self.server = server
+        super().__init__(server)
         self.limiter = limiter
 
-    def add_registered_method_handlers(
-        self, service_name: str, method_handlers: Mapping[str, Handler]
-    ) -> None:
-        if service_name.startswith(LIMITED_SERVICE_PREFIX):
-            method_handlers = {
-                name: self.limiter.limited(handler) for name, handler in method_handlers.items()
-            }
-        self.server.add_registered_method_handlers(service_name, method_handlers)
-
-    def add_generic_rpc_handlers(
-        self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
-    ) -> None:
-        self.server.add_generic_rpc_handlers(
-            tuple(_LimitedGeneric(self.limiter, handler) for handler in generic_rpc_handlers)
-        )
-
-    def add_insecure_port(self, address: str) -> int:
-        return self.server.add_insecure_port(address)
-
-    def add_secure_port(self, address: str, server_credentials: grpc.ServerCredentials) -> int:
-        return self.server.add_secure_port(address, server_credentials)
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self.server.wait_for_termination(timeout)
-
-
-class _LimitedGeneric(grpc.GenericRpcHandler):
-    def __init__(self, limiter: Limiter, inner: grpc.GenericRpcHandler) -> None:
-        self.limiter = limiter
-        self.inner = inner
-        self.known: dict[str, tuple[Handler, Handler]] = {}
-
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self.inner.service(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.lstrip("/").startswith(LIMITED_SERVICE_PREFIX):
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        if not full_method.lstrip("/").startswith(LIMITED_SERVICE_PREFIX):
             return handler
-        known = self.known.get(method)
-        if known is None or known[0] is not handler:
-            known = self.known[method] = (handler, self.limiter.limited(handler))
-        return known[1]
+        return self.limiter.limited(handler)

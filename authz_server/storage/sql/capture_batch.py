@@ -166,17 +166,14 @@ def load(
             funding[relationship_id] = FundingRelationship(status, holder_id, region, totals)
     voided: set[str] = set()
     if ids:
-        # The authorizations' rows, locked after the relationships (PostgreSQL; SQLite's BEGIN
-        # IMMEDIATE has locked the whole database): a Void marks voided_at under the same row
-        # lock and then looks for a capture (storage/sql/open_holds.py, mark_voided), so a
-        # hold is never both captured and voided, even one a rebuild put back while its
-        # capture was being written.
-        lock = " FOR UPDATE" if dialect.name == "postgresql" else ""
+        # Read after the relationships' locks: a Void marks voided_at under the same locks
+        # (storage/sql/open_holds.py, void_in_ledger), so it committed before this read, or
+        # waits until this batch has committed; a hold is never both captured and voided, even
+        # one a rebuild put back while its capture was being written.
         rows = fetch_all(
             connection,
             f"SELECT authorization_id, voided_at FROM {quote(authorizations.name)}"
-            f" WHERE authorization_id IN ({placeholders(dialect, len(ids))})"
-            f" ORDER BY authorization_id{lock}",
+            f" WHERE authorization_id IN ({placeholders(dialect, len(ids))})",
             ids,
         )
         voided = {authorization_id for authorization_id, voided_at in rows if voided_at}

@@ -10,7 +10,6 @@ from datetime import datetime
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
-from authz_server.domain.errors import PolicyRefusal
 from authz_server.domain.funding import format_funding, parse_funding
 from authz_server.domain.hot_state import APPROVALS, OpenHold, is_open
 from authz_server.domain.types import RelationshipStatus
@@ -137,10 +136,8 @@ def void_in_ledger(
 
 
 def mark_voided(session: Session, authorization_id: str, now: datetime) -> None:
-    """A hold voided in Redis is voided in SQL too, so a rebuild does not put it back. Under
-    the authorization's row lock, which a capture's write takes too (capture_batch.load): a
-    capture committed first (of a hold a rebuild put back while it was being written) refuses
-    the void, ALREADY_CAPTURED (rolled back); one after it is refused ALREADY_VOIDED."""
+    """A voided hold is voided in SQL too, so a rebuild does not put it back (a Void takes the
+    quotas' locks first: void_in_ledger; a refused capture had nothing written)."""
     session.execute(
         update(AuthorizationRow)
         .where(
@@ -149,5 +146,3 @@ def mark_voided(session: Session, authorization_id: str, now: datetime) -> None:
         )
         .values(voided_at=now)
     )
-    if session.get(CaptureRow, authorization_id) is not None:
-        raise PolicyRefusal("ALREADY_CAPTURED", f"authorization {authorization_id} is captured")
