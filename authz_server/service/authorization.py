@@ -12,7 +12,6 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -90,10 +89,6 @@ class Serializable(Protocol):
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
-# How long an approval committed in SQL waits for a rebuild of the hot state to end before its
-# call answers UNAVAILABLE (a retry then gets the stored answer, its hold put back).
-HOLD_WAIT_SECONDS = 10.0
-HOLD_WAIT_STEP_SECONDS = 0.2
 CAPTURE_REFUSALS = frozenset(
     {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
      "RELATIONSHIP_NOT_ACTIVE", "LEDGER_LIMIT_EXCEEDED"}
@@ -343,19 +338,11 @@ class AuthorizationService:
         before the decision was committed did not put it back. One round trip that changes
         nothing when Redis knows the authorization; while a rebuild runs, it waits for it (the
         approval is in SQL, so it must be capturable after)."""
-        deadline = asyncio.get_running_loop().time() + HOLD_WAIT_SECONDS
-        while True:
-            try:
-                if await self.holds.restore_hold(hold, _ms(self.clock())):
-                    log.warning(
-                        "authorization %s: hold put back from SQL", hold.authorization_id,
-                        extra={"authorization_id": hold.authorization_id},
-                    )  # fmt: skip
-                return
-            except Unavailable:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise
-                await asyncio.sleep(HOLD_WAIT_STEP_SECONDS)
+        if await when_rebuilt(lambda: self.holds.restore_hold(hold, _ms(self.clock()))):
+            log.warning(
+                "authorization %s: hold put back from SQL", hold.authorization_id,
+                extra={"authorization_id": hold.authorization_id},
+            )  # fmt: skip
 
     async def _decide(self, call: AuthorizeCall, now_ms: int) -> HoldDecision:
         """authorize.lua's decision (new, or the key's first). A one-step payment whose first
