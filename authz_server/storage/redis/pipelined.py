@@ -370,10 +370,7 @@ class PipelinedRedis:
         return 0 if connection is None or connection.closed else connection.pending_commands
 
     async def execute(self, *arguments: Argument) -> Reply:
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connected()
-        (reply,) = await connection.send((arguments,))
+        (reply,) = await self.transmit((arguments,))
         if isinstance(reply, ResponseError):
             raise reply
         return reply
@@ -381,23 +378,33 @@ class PipelinedRedis:
     async def execute_many(self, commands: Sequence[Command]) -> list[Reply]:
         if not commands:
             return []
+        if tracing.caller() is None:  # not in a traced call: no span (one context lookup)
+            return await self._send(commands)
+        scripts = _scripts_in(commands)
+        if not scripts:
+            return await self._send(commands)
+        with tracing.redis_span(scripts, len(commands)):
+            return await self._send(commands)
+
+    async def transmit(self, commands: Sequence[Command]) -> list[Reply]:
+        """Sends the commands as they are, in one piece, and returns their replies in order:
+        the one place a command leaves this process (a cluster client routes here by slot)."""
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connected()
-        if tracing.caller() is None:  # not in a traced call: no span (one context lookup)
-            return await self._send(connection, commands)
-        scripts = _scripts_in(commands)
-        if not scripts:
-            return await self._send(connection, commands)
-        with tracing.redis_span(scripts, len(commands)):
-            return await self._send(connection, commands)
+        return await connection.send(commands)
 
-    async def _send(self, connection: _Connection, commands: Sequence[Command]) -> list[Reply]:
+    async def primaries(self) -> list[PipelinedRedis]:
+        """One plain connection (no generation) per Redis primary, for what runs on every
+        node rather than by key: SCAN, DBSIZE, INFO, SCRIPT LOAD. A single node: itself."""
+        return [self]
+
+    async def _send(self, commands: Sequence[Command]) -> list[Reply]:
         """The commands, each script with the hot state's generation after its arguments."""
         generation = self.generation
         if generation is None:
-            return await connection.send(commands)
-        replies = await connection.send(_stamped(commands, generation.value))
+            return await self.transmit(commands)
+        replies = await self.transmit(_stamped(commands, generation.value))
         # Scripts that refused their slots did nothing: sending them again (with the newer
         # generation adopted, then with their unused slots marked) is safe. Twice at most.
         for _ in range(2):
@@ -413,10 +420,7 @@ class PipelinedRedis:
 
     async def execute_many_plain(self, commands: Sequence[Command]) -> list[Reply]:
         """execute_many without the generation: the commands as they are."""
-        connection = self._connection
-        if connection is None or connection.closed:
-            connection = await self._connected()
-        return await connection.send(commands)
+        return await self.transmit(commands)
 
     async def evalsha(
         self, script: Script, keys: Sequence[str], arguments: Sequence[Argument]
