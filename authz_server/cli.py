@@ -128,10 +128,10 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
     from authz_server.domain.settlement import Month
     from authz_server.runtime import settlement_export
     from authz_server.runtime.progress import Progress
+    from authz_server.runtime.wiring import open_database
     from authz_server.service.settlement import SettlementService
-    from authz_server.storage.sql.database import Database
 
-    database = Database(settings.effective_database_url)
+    database = open_database(settings)
     service = SettlementService(database, settings.prepaid_safety_percent)
     try:
         month = Month.parse("month", arguments.month)
@@ -161,13 +161,15 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
 async def _purge(settings: Settings) -> int:
     from redis.asyncio import Redis
 
+    from authz_server.runtime.wiring import open_database
     from authz_server.service.retention import purge_closed_months
-    from authz_server.storage.sql.database import Database
 
     if not settings.redis_url:
         print("purge-idempotency needs REDIS_URL")
         return 2
-    database = Database(settings.effective_database_url)
+    database = open_database(settings)
+    # redis-py until the retention purge's scan moves into storage/redis (issue 13's contract
+    # work); this command runs outside the server.
     client = Redis.from_url(settings.redis_url)
     purged = await purge_closed_months(database, client)
     print(

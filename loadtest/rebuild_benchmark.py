@@ -677,7 +677,7 @@ def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
     flushed_at = time.perf_counter()
 
     async def flushall() -> None:
-        await app.redis.flushall()
+        await app.pipelined_redis.execute("FLUSHALL")
 
     service.run(flushall())
     noticed_at: float | None = None

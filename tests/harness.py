@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from redis.asyncio import Redis
 from sqlalchemy import create_engine, text
 
 from authz_server.runtime import event_loop
@@ -141,6 +142,12 @@ class Harness:
         self.app = self.run(self._make_app())
         self.port = self.run(self.app.start())
         self.address = f"127.0.0.1:{self.port}"
+        # The tests' own client, to look at Redis or break it (the server has only its
+        # pipelined one); on the server's loop: harness.run(harness.client.hget(...)).
+        self.client = self.run(self._make_client())
+
+    async def _make_client(self) -> Redis:
+        return Redis.from_url(self.redis_url)
 
     async def _make_app(self) -> Application:
         return Application(self.settings, self.redis_url, clock=self.clock)
@@ -151,6 +158,7 @@ class Harness:
         return future.result(timeout)
 
     def close(self) -> None:
+        self.run(self.client.aclose())
         self.run(self.app.stop(0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
@@ -170,7 +178,7 @@ def lose_redis(harness: Harness, seconds: float = 30.0) -> None:
 
     app = harness.app
     before = app.guardian.last_rebuild
-    harness.run(app.redis.flushall())
+    harness.run(harness.client.flushall())
     deadline = time.monotonic() + seconds
     while app.guardian.last_rebuild is before or not app.guardian.ready:
         assert time.monotonic() < deadline, "the hot state was not rebuilt in time"

@@ -72,7 +72,7 @@ def refusals(operation: str) -> float:
 def overstate(harness: Harness, beneficiary_id: str, relationship_id: str, fen: int) -> None:
     """Raises the quota's available figure in Redis only: Redis now overstates it."""
     harness.run(
-        harness.app.redis.hincrby(keys.quota(beneficiary_id, relationship_id), "available", fen)
+        harness.client.hincrby(keys.quota(beneficiary_id, relationship_id), "available", fen)
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import redis
+import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -385,21 +386,25 @@ def test_the_service_reloads_its_scripts_after_script_flush(
 ) -> None:
     fam = family(registry, relationships, 50_000)
     [rid] = fam.relationship_ids
-    harness.run(harness.app.redis.script_flush())
+    harness.run(harness.client.script_flush())
     held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 10_000)
     assert held.decision == APPROVED
-    harness.run(harness.app.redis.script_flush())
+    harness.run(harness.client.script_flush())
     assert capture(authorizations, HOSPITAL, held.authorization_id).status == CAPTURED
     assert figures(relationships, rid) == (40_000, 0, 10_000)
 
 
-async def _persist(app: Application) -> None:
-    await app.redis.bgrewriteaof()
-    for _ in range(200):
-        info = await app.redis.info("persistence")
-        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
-            return
-        await asyncio.sleep(0.05)
+async def _persist(redis_url: str) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.bgrewriteaof()
+        for _ in range(200):
+            info = await client.info("persistence")
+            if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
     raise AssertionError("the append-only file was not rewritten within 10 s")
 
 
@@ -415,7 +420,8 @@ def test_the_service_answers_unavailable_while_redis_is_down_and_recovers_by_its
     again; the hold approved before survives and is captured."""
     fam = family(registry, relationships, 50_000)
     server = EmbeddedRedis(tmp_path / "redis", persistent=True)
-    app = harness.run(_application(harness, server.start()))
+    server_url = server.start()
+    app = harness.run(_application(harness, server_url))
     port = harness.run(app.start())  # its start-up reconcile loads the family's quota
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = authorization_pb2_grpc.AuthorizationServiceStub(channel)
@@ -426,7 +432,7 @@ def test_the_service_answers_unavailable_while_redis_is_down_and_recovers_by_its
         assert held.decision == APPROVED
         # appendfsync everysec may hold the hold's write back for a moment (more so on a loaded
         # machine): rewrite the append-only file and wait, so the kill below loses nothing.
-        harness.run(_persist(app))
+        harness.run(_persist(server_url))
         assert server.process is not None
         server.process.kill()
         server.process.wait(5)

@@ -117,8 +117,8 @@ def test_capture_found_in_sql_settles_the_hold_instead_of_releasing_it(
     # An earlier attempt's Redis finish was lost: the hold looks pending again, held again.
     key = keys.authorization(held.authorization_id)
     quota = keys.quota(people.beneficiary_id, people.relationship_ids[0])
-    harness.run(harness.app.redis.hset(key, mapping={"s": "PENDING", "ck": ""}))
-    harness.run(harness.app.redis.hincrby(quota, "held", 8_000))  # available stays 22,000
+    harness.run(harness.client.hset(key, mapping={"s": "PENDING", "ck": ""}))
+    harness.run(harness.client.hincrby(quota, "held", 8_000))  # available stays 22,000
     try:
         authorizations.Capture(
             pb.CaptureRequest(authorization_id=held.authorization_id, idempotency_key="other"),
@@ -134,7 +134,7 @@ def _stall(harness, authorization_id: str, key: str, seconds_ago: int) -> None:
     """Makes a capture look stuck between its phases since `seconds_ago`."""
     started = int(harness.clock().timestamp() * 1000) - seconds_ago * 1000
     prefix = keys.prefix_of_authorization(authorization_id)
-    redis = harness.app.redis
+    redis = harness.client
     harness.run(
         redis.hset(
             keys.authorization(authorization_id),
@@ -180,7 +180,7 @@ def test_the_sweeper_finishes_a_stalled_capture_sql_has(
     )
     # SQL has the capture; Redis lost the finish: still CAPTURING, the money still held.
     quota = keys.quota(people.beneficiary_id, people.relationship_ids[0])
-    harness.run(harness.app.redis.hincrby(quota, "held", 8_000))
+    harness.run(harness.client.hincrby(quota, "held", 8_000))
     _stall(harness, held.authorization_id, "swept", seconds_ago=120)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

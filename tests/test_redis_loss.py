@@ -350,7 +350,7 @@ def test_redis_flushed(lossy: Harness, stubs: Any, families: Any) -> None:
     rebuilt_before = lossy.app.guardian.last_rebuild
 
     def flush() -> None:
-        lossy.run(lossy.app.redis.flushall())
+        lossy.run(lossy.client.flushall())
 
     tally, before, recovery = run_with_fault(lossy, stubs, families, flush)
     check(lossy, stubs, "FLUSHALL", tally, before, recovery)

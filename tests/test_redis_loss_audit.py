@@ -92,10 +92,10 @@ def lose_redis_until_page_written(harness: Harness, beneficiary_id: str) -> Any:
     marked), the rebuild's previous report (see wait_rebuilt)."""
     app = harness.app
     before = app.guardian.last_rebuild
-    harness.run(app.redis.flushall())
+    harness.run(harness.client.flushall())
     marker = keys.generation_marker(keys.prefix(beneficiary_id))
     deadline = time.monotonic() + 20
-    while not harness.run(app.redis.exists(marker)):
+    while not harness.run(harness.client.exists(marker)):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     return before
@@ -407,7 +407,6 @@ def test_a_dissolution_committed_while_the_rebuild_runs_reaches_the_rebuilt_quot
     can take."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
-    app = harness.app
     outcomes: list[Any] = []
 
     def dissolve_it() -> None:
@@ -441,7 +440,7 @@ def test_a_dissolution_committed_while_the_rebuild_runs_reaches_the_rebuilt_quot
         dissolver.join(15)
         wait_rebuilt(harness, before)
     quota = keys.quota(fam.beneficiary_id, relationship_id)
-    status = harness.run(app.redis.hget(quota, "status"))
+    status = harness.run(harness.client.hget(quota, "status"))
     assert status == b"DISSOLVED", outcomes
 
 

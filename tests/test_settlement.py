@@ -277,12 +277,12 @@ def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> 
 
     async def idempotency_keys() -> int:
         """Authorize records (per beneficiary) and their merchant-wide key claims."""
-        records = [key async for key in app.redis.scan_iter(match="mw:{b:*}:i:*")]
-        claims = [key async for key in app.redis.scan_iter(match="mw:{k:*}:k:*")]
+        records = [key async for key in world.harness.client.scan_iter(match="mw:{b:*}:i:*")]
+        claims = [key async for key in world.harness.client.scan_iter(match="mw:{k:*}:k:*")]
         return len(records) + len(claims)
 
     before = world.harness.run(idempotency_keys())
-    purged = world.harness.run(purge_closed_months(app.database, app.redis))
+    purged = world.harness.run(purge_closed_months(app.database, world.harness.client))
     assert purged.through_month == "2025-03"
     assert purged.redis_records == before - 2  # all but April's record and its claim
     assert purged.sql_records > 0

@@ -114,7 +114,7 @@ def run(redis_url: str, body: Callable[[Store], Awaitable[T]]) -> T:
         await admin.set(keys.GENERATION, "test-generation|test-run")
         commands = PipelinedRedis.from_url(redis_url, timeout_seconds=2)
         commands.generation = HotStateGeneration()
-        store = Store(HoldStore(admin, commands), RedisQuotaCache(admin, commands), admin)
+        store = Store(HoldStore(commands), RedisQuotaCache(commands), admin)
         try:
             return await body(store)
         finally:
@@ -328,6 +328,6 @@ def test_the_running_sweeper_expires_a_hold_whose_index_entry_was_lost(
     held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 10_000)
     assert held.decision == APPROVED
     prefix = keys.prefix(fam.beneficiary_id)
-    harness.run(harness.app.redis.zrem(keys.DUE_HOLDS, prefix))
+    harness.run(harness.client.zrem(keys.DUE_HOLDS, prefix))
     harness.clock.advance(86_401)  # past the 24 hours of a medical hold
     wait_for(lambda: figures(relationships, rid) == (50_000, 0, 0), seconds=10)

@@ -3,12 +3,19 @@ may have), has exactly one server rebuild it from SQL (runtime/rebuild.py), and 
 
 Every server runs a guardian. It looks at keys.GENERATION every CHECK_SECONDS, and at once when a
 call found its slot lost (storage/redis/generation.py). The hot state is trusted while that key
-names a complete generation built in the Redis process that answers now (its run id): a Redis
-that restarted (even with its file: the last second of writes may be missing), a replica
-promoted in its place, FLUSHALL, or a rebuild that died half-way all fail that test. Then health
-turns NOT_SERVING and the servers race for a lock in Redis (SET NX with an expiry, renewed while
-the rebuild runs): the winner rebuilds, the others wait for the new generation. If the winner
-dies, its lock expires and another takes over.
+names a complete generation built in the Redis processes that answer now (the run ids of every
+primary, generation.redis_run_ids): a Redis that restarted (even with its file: the last second
+of writes may be missing), a replica promoted in its place, FLUSHALL, or a rebuild that died
+half-way all fail that test. Then health turns NOT_SERVING and the servers race for a lock in
+Redis (SET NX with an expiry, renewed while the rebuild runs): the winner rebuilds, the others
+wait for the new generation. If the winner dies, its lock expires and another takes over.
+
+On a Redis Cluster the test is per shard (a failover of any one primary changes its run id) but
+the answer is a whole rebuild: every shard's hot state is rebuilt from SQL, not only the failed
+one's. A rebuild costs what is open now (runtime/rebuild.py, seconds for 100,000 quotas), a
+failover is rare, and one mechanism for every loss is easier to trust than a per-shard one. The
+generation and the lock share the `{generation}` hash tag, so they live on one shard and are
+read and written through the hot path's client like any key.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from redis.asyncio import Redis
-
 from authz_server.observability import metrics
 from authz_server.runtime.rebuild import RebuildAbandoned, RebuildReport, rebuild_hot_state
 from authz_server.service.clock import Clock, system_clock
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.generation import GlobalMarker, HotStateGeneration
+from authz_server.storage.redis.generation import (
+    GlobalMarker,
+    HotStateGeneration,
+    redis_run_ids,
+)
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.sql.database import Database
 
@@ -49,14 +58,12 @@ class HotStateGuardian:
     def __init__(
         self,
         database: Database,
-        client: Redis,
         commands: PipelinedRedis,
         generation: HotStateGeneration,
         on_ready: Callable[[bool], Awaitable[None]],
         clock: Clock = system_clock,
     ) -> None:
         self.database = database
-        self.client = client
         self.commands = commands
         self.generation = generation
         self.on_ready = on_ready
@@ -90,9 +97,9 @@ class HotStateGuardian:
     async def check(self) -> bool:
         """Trusts the hot state, or rebuilds it (when this server wins the lock). True when the
         hot state is ready now."""
-        marker = GlobalMarker.parse(await self.client.get(keys.GENERATION))
-        run_id = str((await self.client.info("server"))["run_id"])
-        if marker is not None and not marker.rebuilding and marker.run_id == run_id:
+        marker = GlobalMarker.parse(await self.commands.execute("GET", keys.GENERATION))
+        run_ids = await redis_run_ids(self.commands)
+        if marker is not None and not marker.rebuilding and marker.run_ids == run_ids:
             if self.generation.value != marker.generation:
                 log.info("hot state generation %s adopted", marker.generation)
                 self.generation.value = marker.generation
@@ -100,7 +107,10 @@ class HotStateGuardian:
             return True
         await self._set_ready(False)
         token = os.urandom(8).hex()
-        if not await self.client.set(keys.REBUILD_LOCK, token, nx=True, ex=LOCK_SECONDS):
+        taken = await self.commands.execute(
+            "SET", keys.REBUILD_LOCK, token, "NX", "EX", LOCK_SECONDS
+        )
+        if taken is None:
             return False  # another server rebuilds; its generation is adopted when published
         still_owner = asyncio.Event()
         still_owner.set()
@@ -108,7 +118,7 @@ class HotStateGuardian:
         try:
             metrics.hot_state_rebuilds.inc()
             report = await rebuild_hot_state(
-                self.database, self.commands, run_id, still_owner, self.clock
+                self.database, self.commands, run_ids, still_owner, self.clock
             )
         except RebuildAbandoned:
             log.warning("hot state rebuild abandoned: another server took it over")
@@ -117,8 +127,8 @@ class HotStateGuardian:
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
             with contextlib.suppress(Exception):
-                if await self.client.get(keys.REBUILD_LOCK) == token.encode():
-                    await self.client.delete(keys.REBUILD_LOCK)
+                if await self.commands.execute("GET", keys.REBUILD_LOCK) == token.encode():
+                    await self.commands.execute("DEL", keys.REBUILD_LOCK)
         self.last_rebuild = report
         metrics.hot_state_rebuild_seconds.set(report.seconds)
         self.generation.value = report.generation
@@ -144,10 +154,10 @@ class HotStateGuardian:
         while True:
             await asyncio.sleep(RENEW_SECONDS)
             try:
-                if await self.client.get(keys.REBUILD_LOCK) != token.encode():
+                if await self.commands.execute("GET", keys.REBUILD_LOCK) != token.encode():
                     still_owner.clear()
                     return
-                await self.client.expire(keys.REBUILD_LOCK, LOCK_SECONDS)
+                await self.commands.execute("EXPIRE", keys.REBUILD_LOCK, LOCK_SECONDS)
             except Exception as error:  # Redis gone again: the rebuild itself will fail
                 log.warning("rebuild lock not renewed: %s", error)
 
@@ -164,28 +174,13 @@ async def trusted_and_reconciled(settings: Settings, redis_url: str) -> Reconcil
     """For a process that does not serve (the workers' supervisor, the reconcile command): the
     hot state made trustworthy (rebuilt from SQL when it is not), then reconciled with SQL."""
     from authz_server.runtime.reconcile import reconcile
-    from authz_server.storage.redis import scripts
-    from authz_server.storage.redis.hold_store import HoldStore
-    from authz_server.storage.redis.quota_cache import RedisQuotaCache
+    from authz_server.runtime.wiring import close_storage, open_storage
 
-    database = Database(settings.effective_database_url)
-    client = Redis.from_url(redis_url)
-    pipelined = PipelinedRedis.from_url(redis_url, timeout_seconds=settings.redis_timeout_seconds)
-    generation = HotStateGeneration()
-    pipelined.generation = generation
-
-    async def ignore(_ready: bool) -> None:
-        return None
-
+    storage = open_storage(settings, redis_url)
     try:
-        await scripts.preload(client)
-        guardian = HotStateGuardian(database, client, pipelined, generation, ignore)
-        if not await guardian.wait_ready(START_WAIT_SECONDS):
+        await storage.preload_scripts()
+        if not await storage.guardian.wait_ready(START_WAIT_SECONDS):
             raise RuntimeError("the hot state could not be rebuilt from SQL in time")
-        return await reconcile(
-            database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
-        )
+        return await reconcile(storage.database, storage.quotas, storage.holds)
     finally:
-        await pipelined.aclose()
-        await client.aclose()
-        database.close()
+        await close_storage(storage)

@@ -12,8 +12,8 @@ rebuild and makes sure only one server does.
    page is written to Redis before the locks are let go (as reconcile does, service/quota_sync.py
    says why): quotas with the ledger's figures less the open holds, the open holds themselves
    with their expiry (domain/hot_state.py), each slot marked with the new generation.
-4. keys.GENERATION names the new generation and the Redis run it was built in: servers adopt it
-   at their next call and serve again.
+4. keys.GENERATION names the new generation and the Redis runs it was built in (every
+   primary's run id): servers adopt it at their next call and serve again.
 Idempotency records are not copied back: a retry whose record Redis lost gets SQL's stored answer
 (service/journal.py), so the rebuild costs what is open now, not every decision of the month.
 """
@@ -87,12 +87,15 @@ class RebuildReport:
 async def rebuild_hot_state(
     database: Database,
     redis: PipelinedRedis,
-    run_id: str,
+    run_ids: str,
     still_owner: asyncio.Event | None = None,
     clock: Clock = system_clock,
 ) -> RebuildReport:
-    """Rebuilds everything under a new generation and publishes it. `still_owner` (when given)
-    is cleared by the caller if it lost the rebuild lock: the rebuild then stops unpublished."""
+    """Rebuilds everything under a new generation and publishes it with `run_ids` (the
+    primaries' run ids read before the rebuild began, generation.redis_run_ids: a failover
+    meanwhile makes the published marker stale at once, and the hot state is rebuilt again).
+    `still_owner` (when given) is cleared by the caller if it lost the rebuild lock: the
+    rebuild then stops unpublished."""
     started = time.perf_counter()
     generation = new_generation()
     await redis.execute("SET", keys.GENERATION, f"{REBUILDING}|{generation}")
@@ -123,7 +126,7 @@ async def rebuild_hot_state(
     # the rebuild over (this one's lock expired) has marked its own and swept Redis since.
     published = await redis.execute(
         "EVAL", _PUBLISH, 1, keys.GENERATION, f"{REBUILDING}|{generation}",
-        f"{generation}|{run_id}",
+        f"{generation}|{run_ids}",
     )  # fmt: skip
     if published != 1:
         raise RebuildAbandoned(generation)

@@ -77,10 +77,10 @@ def _instant(text: str) -> datetime:
 
 
 def run_audit(arguments: argparse.Namespace, settings: Settings) -> int:
+    from authz_server.runtime.wiring import open_database
     from authz_server.service import audit_trail
-    from authz_server.storage.sql.database import Database
 
-    database = Database(settings.effective_database_url)
+    database = open_database(settings)
     try:
         if arguments.command == "purge-audit":
             days = settings.audit_retention_days

@@ -15,7 +15,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import text
 
 from authz_server.generated.medwallet.v1 import (
@@ -32,8 +31,8 @@ from authz_server.generated.medwallet.v1 import (
 )
 from authz_server.observability import metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
-from authz_server.runtime.hot_state import HotStateGuardian
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
+from authz_server.runtime.wiring import open_storage
 from authz_server.server.audit import AuditedServer
 from authz_server.server.audit_handler import AuditHandler
 from authz_server.server.auth import Authenticator
@@ -54,14 +53,9 @@ from authz_server.service.registry import RegistryService
 from authz_server.service.relationships import RelationshipService
 from authz_server.service.settlement import SettlementService
 from authz_server.settings import Settings
-from authz_server.storage.redis import scripts
-from authz_server.storage.redis.generation import HotStateGeneration, published_generation
-from authz_server.storage.redis.hold_store import HoldStore
-from authz_server.storage.redis.pipelined import PipelinedRedis
-from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.generation import published_generation
 from authz_server.storage.redis.rate_limiter import RedisRateLimiter
 from authz_server.storage.redis.sweeper import HoldSweeper
-from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
@@ -76,9 +70,6 @@ SERVICE_NAMES = [
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 # How often expired holds are swept (scripts also expire due holds of their slot lazily).
 SWEEP_INTERVAL_SECONDS = 1.0
-# redis-py connections per process, for what does not go through the pipelined connection
-# (health, script preload, reconcile); calls beyond it wait for one (see __post_init__).
-REDIS_MAX_CONNECTIONS = 256
 # How often health looks at Redis and SQL.
 HEALTH_INTERVAL_SECONDS = 1.0
 # How long a starting server waits for a trustworthy hot state (its rebuild, or another's)
@@ -107,28 +98,23 @@ class Application:
     port: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
-        self.database = Database(self.settings.effective_database_url)
-        # A blocking pool: a burst of calls beyond the pool's size waits (boundedly) for a free
-        # connection; the default pool failed them at once with MaxConnectionsError (UNAVAILABLE).
-        self.redis = Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                self.redis_url,
-                max_connections=REDIS_MAX_CONNECTIONS,
-                timeout=self.settings.redis_timeout_seconds * 4,
-                socket_timeout=self.settings.redis_timeout_seconds,
-                socket_connect_timeout=self.settings.redis_timeout_seconds,
-            )
+        # SQL, the hot state's Redis client (one node or a cluster, by the URL), its generation,
+        # the quota cache, the hold store and the guardian: wired in one place for every
+        # process (runtime/wiring.py). The attributes below are the same objects, by name.
+        self.storage = open_storage(
+            self.settings,
+            self.redis_url,
+            clock=self.clock,
+            on_ready=lambda _ready: self._refresh_serving(),
         )
-        # The hot path (Authorize, Capture, Void, Get, quota scripts, the sweeper): one
-        # auto-pipelining connection for the whole process (see storage/redis/pipelined.py).
-        self.pipelined_redis = PipelinedRedis.from_url(
-            self.redis_url, timeout_seconds=self.settings.redis_timeout_seconds
-        )
-        # Every script call carries the hot state's generation (storage/redis/generation.py);
-        # the guardian rebuilds Redis from SQL when it lost data (runtime/hot_state.py).
-        self.generation = HotStateGeneration()
-        self.pipelined_redis.generation = self.generation
-        self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
+        self.database = self.storage.database
+        # The hot path (Authorize, Capture, Void, Get, quota scripts, the sweeper, health and
+        # the guardian): one auto-pipelining client for the whole process.
+        self.pipelined_redis = self.storage.redis
+        self.generation = self.storage.generation
+        self.quotas = self.storage.quotas
+        self.holds = self.storage.holds
+        self.guardian = self.storage.guardian
         self.certificates = (
             ReloadingCertificates(
                 Path(self.settings.tls_cert_file),
@@ -150,7 +136,6 @@ class Application:
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
-        self.holds = HoldStore(self.redis, self.pipelined_redis)
         self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
         self.journal = Journal(
             self.database, functools.partial(published_generation, self.pipelined_redis)
@@ -189,14 +174,6 @@ class Application:
         # SERVING while Redis and SQL answer and the hot state is trusted (both known).
         self.dependencies_answer = True
         self.serving = False
-        self.guardian = HotStateGuardian(
-            self.database,
-            self.redis,
-            self.pipelined_redis,
-            self.generation,
-            lambda _ready: self._refresh_serving(),
-            self.clock,
-        )
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
@@ -254,7 +231,7 @@ class Application:
                 f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): in use by"
                 " another process, or not an address of this machine"
             ) from error
-        await scripts.preload(self.redis)
+        await self.storage.preload_scripts()
         await self.references.refresh()
         self.references.start()
         self.group_commit.start()
@@ -294,7 +271,7 @@ class Application:
 
     async def _dependencies_answer(self) -> bool:
         try:
-            await asyncio.wait_for(self.redis.ping(), self.settings.redis_timeout_seconds * 2)
+            await asyncio.wait_for(self._ping_redis(), self.settings.redis_timeout_seconds * 2)
             metrics.redis_up.set(1)
         except Exception:
             metrics.redis_up.set(0)
@@ -306,6 +283,12 @@ class Application:
         except Exception:
             return False
         return True
+
+    async def _ping_redis(self) -> None:
+        """PING on every primary: on a cluster, any shard down is a Redis that does not answer
+        (its beneficiaries could not pay)."""
+        primaries = await self.pipelined_redis.primaries()
+        await asyncio.gather(*(primary.execute("PING") for primary in primaries))
 
     async def _set_serving(self, serving: bool) -> None:
         metrics.health_serving.set(1 if serving else 0)
@@ -361,7 +344,6 @@ class Application:
             ("group_commit", self.group_commit.stop, step),
             ("reference_cache", self.references.stop, step),
             ("pipelined_redis", self.pipelined_redis.aclose, redis_step),
-            ("redis", self.redis.aclose, redis_step),
             # Database.close joins the SQL threads: on a thread of its own, not on the loop.
             ("sql", lambda: in_own_thread(self.database.close, "sql-close"), step),
         ]

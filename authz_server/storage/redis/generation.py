@@ -4,7 +4,8 @@ Redis is a cache that can vanish (a restart without persistence, FLUSHALL, a rep
 with an older copy). Nothing may be decided on what it lost, so:
 - a rebuild from SQL (runtime/rebuild.py) writes the whole hot state under a new random
   generation, marks every slot it writes with it (keys.generation_marker), and only then
-  publishes it in keys.GENERATION together with the Redis process's run id;
+  publishes it in keys.GENERATION together with the run ids of the Redis processes it was
+  built in (every primary's: `redis_run_ids`);
 - every script call carries the generation its process decides in (PipelinedRedis appends it)
   and every script first checks its slot's marker (lua/_generation.lua): a lost slot is refused
   before anything is read or written;
@@ -44,11 +45,11 @@ def new_generation() -> str:
 
 @dataclass(frozen=True)
 class GlobalMarker:
-    """What keys.GENERATION says: a complete generation and the Redis run it was built in, or a
-    rebuild under way."""
+    """What keys.GENERATION says: a complete generation and the Redis runs it was built in
+    (`redis_run_ids`, as `<generation>|<run ids>`), or a rebuild under way."""
 
     generation: str
-    run_id: str
+    run_ids: str
     rebuilding: bool
 
     @classmethod
@@ -58,14 +59,14 @@ class GlobalMarker:
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         first, _, second = text.partition("|")
         if first == REBUILDING:
-            return cls(generation=second, run_id="", rebuilding=True)
-        return cls(generation=first, run_id=second, rebuilding=False)
+            return cls(generation=second, run_ids="", rebuilding=True)
+        return cls(generation=first, run_ids=second, rebuilding=False)
 
     def text(self) -> str:
         return (
             f"{REBUILDING}|{self.generation}"
             if self.rebuilding
-            else (f"{self.generation}|{self.run_id}")
+            else (f"{self.generation}|{self.run_ids}")
         )
 
 
@@ -131,3 +132,23 @@ async def published_generation(redis: PipelinedRedis) -> str | None:
     rebuilt."""
     marker = GlobalMarker.parse(await redis.execute("GET", keys.GENERATION))
     return None if marker is None or marker.rebuilding else marker.generation
+
+
+async def redis_run_ids(redis: PipelinedRedis) -> str:
+    """The run ids of every primary (INFO server), sorted and joined with ','. A run id is new
+    whenever a Redis process starts, so this changes when any primary restarted or a replica
+    (which may have missed the last writes) was promoted in its place: the hot state built
+    before is not trusted any more, on any shard (runtime/hot_state.py). Asked of all
+    primaries at once: the guardian asks twice a second."""
+    primaries = await redis.primaries()
+    return ",".join(sorted(await asyncio.gather(*(_run_id(node) for node in primaries))))
+
+
+async def _run_id(node: PipelinedRedis) -> str:
+    reply = await node.execute("INFO", "server")
+    info = reply.decode() if isinstance(reply, bytes) else str(reply)
+    for line in info.splitlines():
+        name, _, value = line.partition(":")
+        if name == "run_id":
+            return value.strip()
+    raise ResponseError(f"INFO server names no run_id: {info[:200]!r}")

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from authz_server.domain.funding import format_funding
@@ -123,11 +122,10 @@ class IndexStep:
 
 
 class HoldStore:
-    """`client` (redis-py) stays for the rare commands (reconcile); everything else goes through
-    the pipelined connection `commands`."""
+    """Every command goes through the pipelined connection `commands` (a cluster client routes
+    it by slot; the full scans go to every primary)."""
 
-    def __init__(self, client: Redis, commands: PipelinedRedis) -> None:
-        self.client = client
+    def __init__(self, commands: PipelinedRedis) -> None:
         self.commands = commands
         self._authorize = script("authorize")
         self._undo = script("authorize_undo")

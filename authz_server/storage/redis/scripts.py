@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from importlib import resources
 
-from redis.asyncio import Redis
-
-from authz_server.storage.redis.pipelined import Script
+from authz_server.storage.redis.pipelined import Command, PipelinedRedis, Script
 
 ALL_SCRIPTS = (
     "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
@@ -35,10 +33,15 @@ def source(name: str) -> str:
     return folder.joinpath("_generation.lua").read_text() + "\n" + text
 
 
-async def preload(client: Redis) -> None:
-    """SCRIPT LOAD every script, so health turns SERVING only once Redis holds them all."""
-    for name in ALL_SCRIPTS:
-        await client.script_load(source(name))
+async def preload(redis: PipelinedRedis) -> None:
+    """SCRIPT LOAD every script on every primary, so health turns SERVING only once Redis holds
+    them all. SCRIPT LOAD names no key, so a cluster client cannot route it by slot: each
+    primary gets it on its own connection (a single node is its own only primary)."""
+    commands: list[Command] = [("SCRIPT", "LOAD", source(name)) for name in ALL_SCRIPTS]
+    for primary in await redis.primaries():
+        for reply in await primary.execute_many(commands):
+            if isinstance(reply, Exception):
+                raise reply
 
 
 def script(name: str) -> Script:
