@@ -30,7 +30,10 @@ class Settings:
     data_dir: Path = Path("data")
     # SQLAlchemy URL of the system of record; empty means SQLite in data_dir.
     database_url: str = ""
-    # Redis URL of the hot state; empty means start a private redis-server in data_dir.
+    # Redis URL of the hot state: redis://host:port/db or unix:///path for one node,
+    # redis+cluster://host:port,host:port,... for a Redis Cluster (seed nodes: any of its
+    # nodes; the rest are found from them; runtime/wiring.py chooses the client by it); empty
+    # means start a private redis-server in data_dir.
     redis_url: str = ""
     # JSON file mapping bearer token -> principal; empty means data_dir/tokens.json.
     tokens_file: str = ""
