@@ -677,6 +677,36 @@ def test_k8s_redis_cluster_objects() -> None:
     assert "redis-cluster-$1.redis-cluster." in script
 
 
+def test_the_stack_on_the_cluster_gets_a_cluster_url_of_its_nodes() -> None:
+    """deploy/docker-compose.cluster.yml over the stack: it includes the cluster's compose file,
+    the server and migrate get a redis+cluster:// URL whose seeds are nodes of that file, and
+    the server waits for the cluster to be created. The k8s URL (secret.yaml's comment,
+    CLUSTER.md) names the StatefulSet's pods through its headless Service."""
+    override = load_yaml(DEPLOY / "docker-compose.cluster.yml")
+    (included,) = override["include"]
+    assert (DEPLOY / included).resolve() == CLUSTER_COMPOSE.resolve()
+    nodes = set(load_yaml(CLUSTER_COMPOSE)["services"])
+    for name in ("server", "migrate"):
+        url = override["services"][name]["environment"]["REDIS_URL"]
+        scheme, _, seeds = url.partition("://")
+        assert scheme == "redis+cluster", url
+        for seed in seeds.split(","):
+            host, _, port = seed.partition(":")
+            assert host in nodes and port == "6379", seed
+    assert override["services"]["server"]["depends_on"]["redis-cluster-create"] == {
+        "condition": "service_completed_successfully"
+    }
+    statefulset = k8s_object("StatefulSet", "redis-cluster")
+    service, replicas = statefulset["spec"]["serviceName"], statefulset["spec"]["replicas"]
+    k8s_url = re.search(r"redis\+cluster://[^'\s]+", (K8S / "secret.yaml").read_text())
+    assert k8s_url is not None
+    assert k8s_url.group(0) in (DEPLOY / "redis" / "CLUSTER.md").read_text(encoding="utf-8")
+    for seed in k8s_url.group(0).partition("://")[2].split(","):
+        pod, _, rest = seed.partition(".")
+        assert rest == f"{service}:6379", seed
+        assert pod.rsplit("-", 1)[0] == "redis-cluster" and int(pod.rsplit("-", 1)[1]) < replicas
+
+
 # ---------------------------------------------------------------------------------- Grafana
 
 
