@@ -13,12 +13,37 @@ from authz_server.generated.medwallet.v1 import (
     registry_pb2_grpc,
     relationship_pb2_grpc,
 )
-from tests.harness import Harness
+from tests.harness import CLUSTER, Harness
+from tests.redis_cluster import RedisClusterHarness, running_cluster
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """TEST_REDIS_CLUSTER=1: the tests that need the service's single redis-server skip."""
+    if not CLUSTER:
+        return
+    skip = pytest.mark.skip(reason="needs the single redis-server (TEST_REDIS_CLUSTER=1)")
+    for item in items:
+        if item.get_closest_marker("single_redis") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    running = Harness(Path(tmp_path_factory.mktemp("service")))
+def session_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisClusterHarness | None]:
+    """The 3+3 cluster the session's service runs on under TEST_REDIS_CLUSTER=1, else None."""
+    if not CLUSTER:
+        yield None
+        return
+    with running_cluster(Path(tmp_path_factory.mktemp("redis-cluster"))) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def harness(
+    tmp_path_factory: pytest.TempPathFactory, session_cluster: RedisClusterHarness | None
+) -> Iterator[Harness]:
+    running = Harness(Path(tmp_path_factory.mktemp("service")), redis_cluster=session_cluster)
     yield running
     running.close()
 

@@ -1,5 +1,11 @@
 """Starts the real service for tests: a private redis-server, a real SQL database, and the
-gRPC server on a loopback port, on its own event loop in a background thread."""
+gRPC server on a loopback port, on its own event loop in a background thread.
+
+TEST_REDIS_CLUSTER=1: the session's service (tests/conftest.py) runs on a real 3+3 Redis Cluster
+on loopback (tests/redis_cluster.py, started once per session) through a redis+cluster:// URL
+instead of its private redis-server; tests that need the single redis-server itself are marked
+`single_redis` and skip. Other Harnesses (a module's own service) keep a private redis-server:
+two services on one cluster would rebuild each other's hot state away."""
 
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import redis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from sqlalchemy import create_engine, text
 
 from authz_server.runtime import event_loop
@@ -24,6 +32,10 @@ from authz_server.server.app import Application
 from authz_server.server.tokens import hashed_file
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
+from tests.redis_cluster import HOST, RedisClusterHarness
+
+# The switch: the session's service on a real Redis Cluster (see the module's docstring).
+CLUSTER = os.environ.get("TEST_REDIS_CLUSTER", "") not in ("", "0")
 
 T = TypeVar("T")
 
@@ -104,12 +116,17 @@ class Harness:
         self,
         directory: Path,
         extra_tokens: dict[str, dict[str, str]] | None = None,
+        redis_cluster: RedisClusterHarness | None = None,
         **settings: Any,
     ) -> None:
         self.directory = directory
         self.redis = EmbeddedRedis(directory / "redis", persistent=False)
+        self.redis_cluster = redis_cluster
         external_redis = os.environ.get("TEST_REDIS_URL", "")
-        self.redis_url = external_redis or self.redis.start()
+        if redis_cluster is not None:
+            self.redis_url = cluster_url(redis_cluster)
+        else:
+            self.redis_url = external_redis or self.redis.start()
         self.database_url = fresh_database(os.environ.get("TEST_DATABASE_URL"), directory)
         tokens = directory / "tokens.json"
         # The server's file holds digests only; the tokens themselves, as a client keeps them
@@ -146,8 +163,22 @@ class Harness:
         # pipelined one); on the server's loop: harness.run(harness.client.hget(...)).
         self.client = self.run(self._make_client())
 
-    async def _make_client(self) -> Redis:
+    async def _make_client(self) -> Redis | RedisCluster:
+        if self.redis_cluster is not None:
+            return RedisCluster(startup_nodes=self.redis_cluster.startup_nodes())
         return Redis.from_url(self.redis_url)
+
+    def admin(self) -> redis.Redis | redis.RedisCluster:
+        """A blocking client of the service's Redis (one node or the cluster), for a test's
+        own looks and changes off the server's loop; close it after use."""
+        if self.redis_cluster is not None:
+            return redis.RedisCluster(
+                startup_nodes=[
+                    redis.cluster.ClusterNode(HOST, port)
+                    for port in self.redis_cluster.primary_ports()
+                ]
+            )
+        return redis.Redis.from_url(self.redis_url)
 
     async def _make_app(self) -> Application:
         return Application(self.settings, self.redis_url, clock=self.clock)
@@ -164,6 +195,12 @@ class Harness:
         self.thread.join(5)
         self.redis.stop()
         drop_database(self.database_url)
+
+
+def cluster_url(cluster: RedisClusterHarness) -> str:
+    """The service's REDIS_URL for the cluster: its primaries as seed nodes."""
+    seeds = ",".join(f"{HOST}:{port}" for port in cluster.primary_ports())
+    return f"redis+cluster://{seeds}"
 
 
 def new_id(prefix: str) -> str:

@@ -50,7 +50,7 @@ def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
     harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     clean = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert (clean.drifted, clean.overstated) == (0, 0)
-    client = redis.Redis.from_url(harness.redis_url)
+    client = harness.admin()
     try:
         overstate(client, keys.quota(fam.beneficiary_id, relationship_id))
     finally:
