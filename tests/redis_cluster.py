@@ -414,15 +414,20 @@ class RedisClusterHarness:
         self.wait_until_ok()
         return moved
 
-    def reshard_with_redis_cli(self, source_port: int, target_port: int, count: int) -> None:
-        """`redis-cli --cluster reshard`: `count` slots from one primary to another."""
+    def reshard_with_redis_cli(
+        self, source_port: int, target_port: int, count: int, pipeline: int = 10
+    ) -> None:
+        """`redis-cli --cluster reshard`: `count` slots from one primary to another, `pipeline`
+        keys per MIGRATE (redis-cli's default is 10; the service needs each slot's keys to move
+        in one MIGRATE: deploy/redis/CLUSTER.md)."""
         cli = redis_cli_binary()
         assert cli is not None, "no redis-cli found"
         subprocess.run(
             [cli, "--cluster", "reshard", f"{HOST}:{source_port}",
              "--cluster-from", self.node(source_port).node_id,
              "--cluster-to", self.node(target_port).node_id,
-             "--cluster-slots", str(count), "--cluster-yes"],
+             "--cluster-slots", str(count), "--cluster-pipeline", str(pipeline),
+             "--cluster-yes"],
             check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=120,
         )  # fmt: skip
         self.wait_until_ok()

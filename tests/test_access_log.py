@@ -20,6 +20,8 @@ from authz_server.observability import interceptor
 from authz_server.observability.logs import JsonFormatter
 from tests.engine_factories import HOSPITAL, HOSPITAL_TOKEN, medical
 
+pytestmark = pytest.mark.backend_neutral
+
 
 @pytest.fixture
 def access_lines() -> Iterator[io.StringIO]:

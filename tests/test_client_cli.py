@@ -18,6 +18,8 @@ from tests import engine_factories as ef
 from tests import factories
 from tests.harness import Harness, new_id
 
+pytestmark = pytest.mark.backend_neutral
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -14,6 +14,8 @@ from authz_server.domain.types import Decision, DeclineReason, Purpose
 from authz_server.generated.medwallet.v1 import authorization_pb2, common_pb2
 from authz_server.server import convert
 
+pytestmark = pytest.mark.backend_neutral
+
 moments = st.datetimes(
     min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999)
 )

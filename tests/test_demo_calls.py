@@ -20,7 +20,7 @@ from tests.operations.server_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backend_neutral]
 
 
 def readme_calls() -> list[str]:

@@ -25,6 +25,8 @@ from sqlalchemy import create_engine, func, select
 from authz_server.storage.sql.tables import Base
 from tests.harness import ADMIN, APP, Harness, bearer
 
+pytestmark = pytest.mark.backend_neutral
+
 SEED = 14
 CALLS_PER_METHOD = 25
 PRINCIPALS = [ADMIN, APP, bearer("test-merchant-a"), bearer("not-a-token"), ()]

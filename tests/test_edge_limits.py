@@ -12,6 +12,8 @@ from authz_server.generated.medwallet.v1 import registry_pb2
 from authz_server.settings import Settings
 from tests.harness import ADMIN
 
+pytestmark = pytest.mark.backend_neutral
+
 BAD_UTF8_ID = b"\x0a\x03\xff\xfe\xfd"  # field 1 (participant_id), a string, bad UTF-8
 
 

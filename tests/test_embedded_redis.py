@@ -14,6 +14,8 @@ import redis
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.exclusive import ServeRefused
 
+pytestmark = pytest.mark.backend_neutral
+
 
 def test_a_second_private_redis_refuses_a_socket_a_live_redis_answers_on(tmp_path: Path) -> None:
     first = EmbeddedRedis(tmp_path, persistent=False)

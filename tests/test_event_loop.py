@@ -18,6 +18,8 @@ from authz_server.settings import Settings
 from tests.harness import Harness
 from tests.operations.server_process import free_port
 
+pytestmark = pytest.mark.backend_neutral
+
 ROOT = Path(__file__).resolve().parent.parent
 uvloop = pytest.importorskip("uvloop")
 

@@ -18,6 +18,8 @@ from tests import engine_factories as ef
 from tests import factories
 from tests.harness import TOKENS, Harness
 
+pytestmark = pytest.mark.backend_neutral
+
 ROOT = Path(__file__).resolve().parent.parent
 CATEGORIES = {
     "drug": ("DRUG", "true"),

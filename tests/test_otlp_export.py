@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from authz_server.generated.medwallet.v1 import registry_pb2, registry_pb2_grpc
 from tests.harness import ADMIN
 from tests.operations.server_process import ServerProcess, free_port
+
+pytestmark = pytest.mark.backend_neutral
 
 
 def _spans_sent(directory: Path, **env: str) -> int:

@@ -52,6 +52,8 @@ from tests.test_authorization_rules import (
     register_merchants,
 )
 
+pytestmark = pytest.mark.backend_neutral
+
 T = TypeVar("T")
 
 ECHO = Script("return {KEYS[1], ARGV[1]}")

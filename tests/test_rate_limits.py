@@ -32,6 +32,8 @@ from tests import engine_factories as ef
 from tests import factories
 from tests.harness import Harness, bearer, new_id
 
+pytestmark = pytest.mark.backend_neutral
+
 FLOODED, QUIET, SLOW = "limits-flooded", "limits-quiet", "limits-slow"
 FLOOD_PROCESSES = 3
 FLOOD_SECONDS = 3.0

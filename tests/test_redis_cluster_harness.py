@@ -29,6 +29,8 @@ from tests.redis_cluster import (
     slot_of,
 )
 
+pytestmark = pytest.mark.backend_neutral
+
 redis_cluster = cluster_fixture()
 fresh_cluster = cluster_fixture(name="fresh_cluster", scope="function")
 

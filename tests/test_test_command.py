@@ -13,6 +13,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.backend_neutral
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL_TOOLS = ROOT / "deploy" / "install-tools.sh"
 

@@ -29,6 +29,8 @@ from tests import engine_factories as ef
 from tests import factories
 from tests.harness import ADMIN, Harness, bearer
 
+pytestmark = pytest.mark.backend_neutral
+
 MERCHANT_A, MERCHANT_B = "tls-merchant-a", "tls-merchant-b"
 
 

@@ -28,6 +28,8 @@ from tests import engine_factories as ef
 from tests import factories
 from tests.harness import Harness
 
+pytestmark = pytest.mark.backend_neutral
+
 
 @pytest.fixture(scope="module")
 def exporter() -> InMemorySpanExporter:
