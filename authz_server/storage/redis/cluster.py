@@ -46,7 +46,14 @@ from urllib.parse import unquote, urlsplit
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from authz_server.storage.redis.pipelined import (
@@ -252,7 +259,13 @@ class ClusterPipelinedRedis(PipelinedRedis):
         return node
 
     def _owner(self, slot: int) -> str:
-        return str(self.topology.nodes_manager.get_node_from_slot(slot).name)
+        try:
+            return str(self.topology.nodes_manager.get_node_from_slot(slot).name)
+        except SlotNotCoveredError as error:
+            # No primary in the map (a shard lost with its replicas): a RedisError, so the
+            # service answers UNAVAILABLE; nothing was sent. Maybe the map is only old.
+            self.refresh_soon()
+            raise ClusterDownError(f"slot {slot} is served by no known primary") from error
 
     # --- routing ----------------------------------------------------------------------------
 
