@@ -231,6 +231,11 @@ def test_a_slot_mid_migration_is_followed_with_ask(redis_cluster: RedisClusterHa
         assert replies == [b"m", b"s", b"OK", b"n"]
         # ASK does not move the slot in the map (MOVED would).
         assert client._owner(slot) == f"{HOST}:{source_port}"
+        # Keys split between the two nodes: TRYAGAIN, retried a few times, then left in place.
+        started = time.monotonic()
+        (split,) = await client.execute_many([("MGET", stays, moves)])
+        assert isinstance(split, ResponseError) and str(split).startswith("TRYAGAIN")
+        assert time.monotonic() - started >= 0.05
         source.command("MIGRATE", HOST, target_port, "", 0, 5000, "KEYS", stays)
         for node in redis_cluster.nodes:
             if node.alive and redis_cluster.role(node) == "master":
@@ -238,6 +243,77 @@ def test_a_slot_mid_migration_is_followed_with_ask(redis_cluster: RedisClusterHa
         redis_cluster.wait_until_ok()
         assert [target.command("GET", name) for name in (stays, moves, new)] == ["s", "m", "n"]
         assert await client.execute("GET", new) == b"n"
+
+    run(test, redis_cluster)
+
+
+def test_slots_moved_under_traffic_lose_and_repeat_nothing(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """INCRs from 16 callers while 30 slots move (ASK while a slot migrates, MOVED after): every
+    INCR acknowledged ran exactly once, and none failed."""
+    by_primary = prefixes_by_primary(redis_cluster, 1)
+    (source_port, _), (target_port, _), *_ = by_primary.items()
+    first, _ = redis_cluster.slots_of(source_port)[0]
+    names: list[str] = []
+    number = 0
+    while len(names) < 90:  # three keys in each of the 30 slots moved
+        name = f"traffic:{number}"
+        if (
+            first <= slot_of(name) < first + 30
+            and sum(slot_of(other) == slot_of(name) for other in names) < 3
+        ):
+            names.append(name)
+        number += 1
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        await client.execute_many([("DEL", name) for name in names])
+        acknowledged = dict.fromkeys(names, 0)
+        stop = asyncio.Event()
+
+        async def caller(offset: int) -> None:
+            index = offset
+            while not stop.is_set():
+                name = names[index % len(names)]
+                assert await client.execute("INCR", name) == acknowledged[name] + 1
+                acknowledged[name] += 1
+                index += 7
+
+        callers = [asyncio.ensure_future(caller(offset)) for offset in range(16)]
+        await asyncio.to_thread(redis_cluster.move_slots, first, first + 29, target_port, 1)
+        stop.set()
+        await asyncio.gather(*callers)
+        values = await client.execute_many([("GET", name) for name in names])
+        assert values == [str(acknowledged[name]).encode() for name in names]
+        assert sum(acknowledged.values()) > len(names)
+        assert client._owner(first) == f"{HOST}:{target_port}"
+
+    run(test, redis_cluster)
+
+
+def test_a_command_that_timed_out_is_not_sent_again(redis_cluster: RedisClusterHarness) -> None:
+    """Redis may run a command whose reply never came in time: the call fails, and the command
+    runs once (when the node answers again), never twice."""
+    (port, (prefix,)), *_ = prefixes_by_primary(redis_cluster, 1).items()
+    name = f"{prefix}:once"
+
+    # Writes, then keeps Redis busy past the client's timeout: Redis runs it to its end.
+    slow = Script("redis.call('INCR', KEYS[1])\nlocal n = 0\nfor i = 1, 150000000 do n = n + 1 end")
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        await client.execute("DEL", name)
+        await client.load_script(slow)
+        impatient = ClusterPipelinedRedis.from_url(
+            f"redis+cluster://{HOST}:{port}", timeout_seconds=0.2
+        )
+        try:
+            with pytest.raises((TimeoutError, RedisError)):
+                await impatient.evalsha(slow, [name], [])
+        finally:
+            await impatient.aclose()
+        # The node's GET waits for the script to end.
+        assert redis_cluster.node(port).command("GET", name) == "1"
+        assert await client.execute("GET", name) == b"1"
 
     run(test, redis_cluster)
 
