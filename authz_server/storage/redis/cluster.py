@@ -41,9 +41,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
 from redis.exceptions import (
@@ -97,17 +98,19 @@ def _seeds(url: str) -> tuple[list[tuple[str, int]], str, str]:
     """(seed addresses, username, password) of a redis+cluster:// URL."""
     if not is_cluster_url(url):
         raise ValueError(f"not a {CLUSTER_SCHEME}:// URL: {url!r}")
-    # urlsplit refuses several host:port pairs, so the login part is cut off by hand.
+    # urlsplit refuses several host:port pairs: the login part is cut off by hand, then read by
+    # redis-py's own parse_url, so it means what it means in a redis:// URL.
     location = urlsplit(url).netloc
     login, _, hosts = location.rpartition("@")
-    username, _, password = login.partition(":") if ":" in login else ("", "", login)
+    options = parse_url(f"redis://{login}@localhost") if login else {}
+    username, password = str(options.get("username") or ""), str(options.get("password") or "")
     seeds: list[tuple[str, int]] = []
     for address in hosts.split(","):
         host, _, port = address.strip().rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"a {CLUSTER_SCHEME}:// seed must be host:port, got {address!r}")
         seeds.append((host.strip("[]"), int(port)))
-    return seeds, unquote(username), unquote(password)
+    return seeds, username, password
 
 
 def _text(argument: Argument) -> bytes:
