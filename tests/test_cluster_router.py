@@ -77,9 +77,10 @@ def test_url() -> None:
         "10.0.0.1:7000",
         "10.0.0.2:7001",
     ]
-    # As in redis://: a login without a colon is a user name (redis-py's parse_url).
-    alone = ClusterPipelinedRedis.from_url("redis+cluster://:pw@h:1", timeout_seconds=1.0)
-    assert (alone.address.username, alone.address.password) == ("", "pw")
+    # As in redis:// (redis-py's parse_url): ":pw@" a password alone, "me@" a user name alone.
+    for login, expected in [(":pw", ("", "pw")), ("me", ("me", ""))]:
+        alone = ClusterPipelinedRedis.from_url(f"redis+cluster://{login}@h:1", timeout_seconds=1.0)
+        assert (alone.address.username, alone.address.password) == expected
     with pytest.raises(ValueError, match="host:port"):
         ClusterPipelinedRedis.from_url("redis+cluster://10.0.0.1", timeout_seconds=1.0)
 
