@@ -319,7 +319,8 @@ class ClusterPipelinedRedis(PipelinedRedis):
                     moved = MovedError(rest)
                     # This slot now, the whole map in the background (a reshard or a failover
                     # moves many slots at once).
-                    await self.topology.nodes_manager.move_slot(moved)
+                    with contextlib.suppress(KeyError):  # a slot the map lacks: refreshed below
+                        await self.topology.nodes_manager.move_slot(moved)
                     self.refresh_soon()
                     (reply,) = await self._connection_to(_name(moved)).transmit((command,))
                 elif code == "ASK":
