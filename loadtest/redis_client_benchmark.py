@@ -24,7 +24,10 @@ cluster
 - redis-py cluster pipeline: `redis.asyncio.cluster.RedisCluster`'s pipeline (commands grouped
   by node, one round trip per node);
 - coredis cluster pipeline: `coredis.RedisCluster`;
-- glide cluster batch: `GlideClusterClient` with a non-atomic `ClusterBatch`.
+- glide cluster batch: `GlideClusterClient` with a non-atomic `ClusterBatch`;
+- pipelined cluster router: ClusterPipelinedRedis (storage/redis/cluster.py), one PipelinedRedis
+  per primary routed by slot, the slot map from redis-py's RedisCluster (the hot path's
+  cluster client).
 
 coredis and valkey-glide are optional (`pip install -e .[cluster-candidates]`); a missing one
 is skipped. It prints this process's CPU time per operation (user + system of every thread,
@@ -53,6 +56,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from authz_server.runtime.embedded_redis import redis_server_binary
 from authz_server.storage.redis import keys, scripts
+from authz_server.storage.redis.cluster import ClusterPipelinedRedis
 from authz_server.storage.redis.pipelined import Argument, Command, PipelinedRedis
 from tests.redis_cluster import HOST, RedisClusterHarness, free_ports
 
@@ -209,6 +213,13 @@ async def open_redis_py_cluster(target: Target, stack: contextlib.AsyncExitStack
     return operation
 
 
+async def open_cluster_router(target: Target, stack: contextlib.AsyncExitStack) -> Operation:
+    seeds = ",".join(f"{host}:{port}" for host, port in target.addresses)
+    client = ClusterPipelinedRedis.from_url(f"redis+cluster://{seeds}", timeout_seconds=2.0)
+    stack.push_async_callback(client.aclose)
+    return client.execute_many
+
+
 async def open_coredis(target: Target, stack: contextlib.AsyncExitStack) -> Operation:
     import coredis
     from coredis.tokens import PureToken
@@ -272,6 +283,7 @@ CANDIDATES: list[tuple[str, bool, Opener]] = [
     ("redis-py cluster pipeline", True, open_redis_py_cluster),
     ("coredis cluster pipeline", True, open_coredis),
     ("glide cluster batch", True, open_glide),
+    ("pipelined cluster router", True, open_cluster_router),
 ]
 
 

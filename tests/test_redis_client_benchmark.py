@@ -28,5 +28,10 @@ def test_benchmark_runs_every_client_on_one_node_and_on_a_cluster() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(("one node", "cluster"))]
     measured = {line[22:48].strip() for line in rows if "not installed" not in line}
-    assert {"pipelined", "redis-py pipeline", "redis-py cluster pipeline"} <= measured, rows
-    assert len(rows) == 8, rows
+    assert {
+        "pipelined",
+        "redis-py pipeline",
+        "redis-py cluster pipeline",
+        "pipelined cluster router",
+    } <= measured, rows
+    assert len(rows) == 9, rows
