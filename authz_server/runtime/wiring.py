@@ -14,7 +14,6 @@ hot state from SQL), and storage must not depend on it.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,14 +21,12 @@ from authz_server.runtime.hot_state import HotStateGuardian
 from authz_server.service.clock import Clock, system_clock
 from authz_server.settings import Settings
 from authz_server.storage.redis import scripts
+from authz_server.storage.redis.cluster import ClusterPipelinedRedis, is_cluster_url
 from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.sql.database import Database
-
-# The scheme of a Redis Cluster URL: seed nodes, comma-separated (storage/redis/cluster.py).
-CLUSTER_SCHEME = "redis+cluster"
 
 
 @dataclass(frozen=True)
@@ -58,16 +55,8 @@ async def _nobody_listens(_ready: bool) -> None:
 def open_redis(url: str, timeout_seconds: float) -> PipelinedRedis:
     """The hot state's client for `url`: a cluster client for a redis+cluster:// URL, else one
     node's. Connects lazily (on the first command)."""
-    if url.partition("://")[0] == CLUSTER_SCHEME:
-        # Imported only for a cluster: a single-node process never loads the cluster client.
-        # (By name until storage/redis/cluster.py is merged into this branch.)
-        cluster = importlib.import_module("authz_server.storage.redis.cluster")
-        if not cluster.is_cluster_url(url):
-            raise ValueError(f"not a Redis Cluster URL (redis+cluster://host:port,...): {url}")
-        client: PipelinedRedis = cluster.ClusterPipelinedRedis.from_url(
-            url, timeout_seconds=timeout_seconds
-        )
-        return client
+    if is_cluster_url(url):
+        return ClusterPipelinedRedis.from_url(url, timeout_seconds=timeout_seconds)
     return PipelinedRedis.from_url(url, timeout_seconds=timeout_seconds)
 
 
