@@ -188,9 +188,10 @@ def chart(found: list[dict[str, Any]], counts: list[int], title: str, path: Path
             axis.axhline(1.0, color="black", linewidth=0.8, alpha=0.5)
         worker_axis(axis, counts, "server workers")
         axis.set_title(label, fontsize=10)
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
