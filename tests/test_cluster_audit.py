@@ -1,0 +1,116 @@
+"""Audit of the cluster router in the light of how the service uses it (real 3+3 cluster,
+tests/redis_cluster.py): what a slot being resharded does to scripts, and what a redirected
+command does to the order callers rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from authz_server.domain.errors import Unavailable
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.cluster import ClusterPipelinedRedis
+from authz_server.storage.redis.generation import HotStateGeneration
+from authz_server.storage.redis.hold_store import HoldStore
+from tests.redis_cluster import HOST, RedisClusterHarness, cluster_fixture, slot_of
+
+pytestmark = pytest.mark.backend_neutral
+
+redis_cluster = cluster_fixture()
+GENERATION = "gen-audit"
+
+
+def run(
+    test: Callable[[ClusterPipelinedRedis], Awaitable[None]], cluster: RedisClusterHarness
+) -> None:
+    async def body() -> None:
+        seeds = ",".join(f"{HOST}:{port}" for port in cluster.primary_ports()[:2])
+        client = ClusterPipelinedRedis.from_url(f"redis+cluster://{seeds}", timeout_seconds=2.0)
+        generation = HotStateGeneration()
+        generation.value = GENERATION
+        client.generation = generation
+        try:
+            await test(client)
+        finally:
+            await client.aclose()
+
+    asyncio.run(body())
+
+
+def beneficiary_on(cluster: RedisClusterHarness, port: int) -> str:
+    """A fresh beneficiary id whose slot the primary `port` serves."""
+    spans = cluster.slots_of(port)
+    while True:
+        beneficiary = f"ben-{uuid.uuid4().hex[:12]}"
+        slot = slot_of(keys.prefix(beneficiary))
+        if any(a <= slot <= b for a, b in spans):
+            return beneficiary
+
+
+def pending_hold(beneficiary: str, merchant: str, now_ms: int) -> tuple[str, list[tuple[object, ...]]]:
+    """An authorization id and the commands that write its open hold of 500 fen on quota r1
+    (as authorize.lua leaves it), with the slot marked by GENERATION."""
+    prefix = keys.prefix(beneficiary)
+    authorization_id = keys.new_authorization_id(beneficiary)
+    expires = now_ms + 600_000
+    return authorization_id, [
+        ("SET", keys.GENERATION, f"{GENERATION}|run"),
+        ("SET", keys.generation_marker(prefix), GENERATION),
+        ("HSET", f"{prefix}:q:r1", "status", "ACTIVE", "available", 500, "held", 500,
+         "beneficiary", beneficiary, "scheme", "RESIDENT", "order", 1),
+        ("ZADD", keys.quota_index(beneficiary), 1, "r1"),
+        ("SADD", f"{prefix}:qh:r1", authorization_id),
+        ("HSET", keys.authorization(authorization_id), "m", merchant, "b", beneficiary,
+         "p", "MEDICINE", "s", "PENDING", "ap", 500, "cp", 0, "f", "r1=500", "ex", expires,
+         "cr", now_ms, "d", "APPROVED", "r", "", "ck", "", "o", 0),
+        ("ZADD", keys.expiry(prefix), expires, authorization_id),
+    ]  # fmt: skip
+
+
+def test_a_capture_on_a_slot_being_migrated_writes_all_or_nothing(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """Between CLUSTER SETSLOT MIGRATING and the MIGRATE of the slot's keys (every reshard has
+    this window, even when the slot moves in one MIGRATE), every key of the slot is still on
+    the source, so capture_begin.lua runs there. Its slot has no capture in flight, so
+    `prefix:capturing` does not exist: Redis refuses the script's access to that undeclared,
+    missing key in a MIGRATING slot ("Script attempted to access a non local key"), after the
+    script already set the hold CAPTURING and took it out of the expiry index. A refused call
+    must leave the hold as it was (PENDING, in the expiry index), or the hold is lost to the
+    sweeper: never expired, never settled, its money held until a rebuild."""
+    source_port, target_port, *_ = redis_cluster.primary_ports()
+    source, target = redis_cluster.node(source_port), redis_cluster.node(target_port)
+    beneficiary = beneficiary_on(redis_cluster, source_port)
+    prefix = keys.prefix(beneficiary)
+    slot = slot_of(prefix)
+    now_ms = int(time.time() * 1000)
+    authorization_id, writes = pending_hold(beneficiary, "m-1", now_ms)
+    auth = keys.authorization(authorization_id)
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        await client.load_script(holds._capture_begin)
+        for reply in await client.execute_many(writes):  # type: ignore[arg-type]
+            assert not isinstance(reply, Exception), reply
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        try:
+            try:
+                claim = await holds.capture_begin(authorization_id, "m-1", "cap-1", 0, now_ms)
+            except Unavailable:
+                # Refused: nothing of the claim may have been written.
+                assert source.command("HGET", auth, "s") == "PENDING"
+                assert source.command("ZSCORE", keys.expiry(prefix), authorization_id) is not None
+            else:
+                assert claim.outcome == "OK"
+                assert source.command("ZSCORE", f"{prefix}:capturing", authorization_id)
+        finally:
+            for node in (source, target):
+                node.command("CLUSTER", "SETSLOT", slot, "STABLE")
+            await client.execute_many([("DEL", auth), ("DEL", keys.expiry(prefix))])
+
+    run(test, redis_cluster)
