@@ -114,3 +114,56 @@ def test_a_capture_on_a_slot_being_migrated_writes_all_or_nothing(
             await client.execute_many([("DEL", auth), ("DEL", keys.expiry(prefix))])
 
     run(test, redis_cluster)
+
+
+def test_resolve_reads_the_marker_after_its_marks_even_when_a_mark_is_redirected(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """generation.resolve marks an unused slot (SET NX), then reads keys.GENERATION again "after
+    the marks": a rebuild that began before the marks landed must be seen (resolve answers
+    False), or the slot keeps the old generation's mark while the rebuild sweeps Redis, and the
+    refused call is sent again into a slot being rebuilt. Here the mark's slot is mid-migration
+    on the node that also serves keys.GENERATION: the SET NX is answered ASK, and the router
+    follows it only after the GET of the same run has run. A rebuild begins exactly then (the
+    hook stands for another server publishing REBUILDING): the GET must not have run yet."""
+    generation_port = redis_cluster.owner_of_slot(slot_of(keys.GENERATION))
+    target_port = next(p for p in redis_cluster.primary_ports() if p != generation_port)
+    source, target = redis_cluster.node(generation_port), redis_cluster.node(target_port)
+    prefix = keys.prefix(beneficiary_on(redis_cluster, generation_port))
+    marker, slot = keys.generation_marker(prefix), slot_of(prefix)
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        from redis.exceptions import ResponseError
+
+        await client.execute("SET", keys.GENERATION, f"{GENERATION}|run")
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        follow = client._redirected
+        began: list[bool] = []
+
+        async def rebuild_begins_then_follow(command, reply):  # type: ignore[no-untyped-def]
+            if not began:
+                began.append(True)
+                source.command("SET", keys.GENERATION, "REBUILDING|gen-next")
+            return await follow(command, reply)
+
+        client._redirected = rebuild_begins_then_follow  # type: ignore[method-assign]
+        try:
+            assert client.generation is not None
+            again = await client.generation.resolve(
+                client, [ResponseError(f"MWUNMARKED {marker}")]
+            )
+            assert began, "the mark was not redirected: the test did not test anything"
+            assert again is False
+            assert client.generation.lost.is_set()
+        finally:
+            client._redirected = follow  # type: ignore[method-assign]
+            asking = target.client().pipeline(transaction=False)
+            asking.execute_command("ASKING")
+            asking.execute_command("DEL", marker)
+            asking.execute(raise_on_error=False)
+            for node in (source, target):
+                node.command("CLUSTER", "SETSLOT", slot, "STABLE")
+            source.command("DEL", keys.GENERATION)
+
+    run(test, redis_cluster)
