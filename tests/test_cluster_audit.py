@@ -16,6 +16,7 @@ from authz_server.storage.redis import keys
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
 from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.pipelined import Command
 from tests.redis_cluster import HOST, RedisClusterHarness, cluster_fixture, slot_of
 
 pytestmark = pytest.mark.backend_neutral
@@ -51,7 +52,7 @@ def beneficiary_on(cluster: RedisClusterHarness, port: int) -> str:
             return beneficiary
 
 
-def pending_hold(beneficiary: str, merchant: str, now_ms: int) -> tuple[str, list[tuple[object, ...]]]:
+def pending_hold(beneficiary: str, merchant: str, now_ms: int) -> tuple[str, list[Command]]:
     """An authorization id and the commands that write its open hold of 500 fen on quota r1
     (as authorize.lua leaves it), with the slot marked by GENERATION."""
     prefix = keys.prefix(beneficiary)
@@ -94,7 +95,7 @@ def test_a_capture_on_a_slot_being_migrated_writes_all_or_nothing(
     async def test(client: ClusterPipelinedRedis) -> None:
         holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
         await client.load_script(holds._capture_begin)
-        for reply in await client.execute_many(writes):  # type: ignore[arg-type]
+        for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
         target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
         source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
@@ -150,17 +151,15 @@ def test_resolve_reads_the_marker_after_its_marks_even_when_a_mark_is_redirected
         client._redirected = rebuild_begins_then_follow  # type: ignore[method-assign]
         try:
             assert client.generation is not None
-            again = await client.generation.resolve(
-                client, [ResponseError(f"MWUNMARKED {marker}")]
-            )
+            again = await client.generation.resolve(client, [ResponseError(f"MWUNMARKED {marker}")])
             assert began, "the mark was not redirected: the test did not test anything"
             assert again is False
             assert client.generation.lost.is_set()
         finally:
             client._redirected = follow  # type: ignore[method-assign]
             asking = target.client().pipeline(transaction=False)
-            asking.execute_command("ASKING")
-            asking.execute_command("DEL", marker)
+            asking.execute_command("ASKING")  # type: ignore[no-untyped-call]
+            asking.execute_command("DEL", marker)  # type: ignore[no-untyped-call]
             asking.execute(raise_on_error=False)
             for node in (source, target):
                 node.command("CLUSTER", "SETSLOT", slot, "STABLE")
