@@ -166,3 +166,70 @@ def test_resolve_reads_the_marker_after_its_marks_even_when_a_mark_is_redirected
             source.command("DEL", keys.GENERATION)
 
     run(test, redis_cluster)
+
+
+def test_a_restored_hold_is_never_decided_on_a_half_moved_slot(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """`redis-cli --cluster reshard` moves a slot's keys `--cluster-pipeline` (default 10) at a
+    time. Once some have moved, a script whose declared keys are all new on the source
+    (hold_restore.lua: the authorization hash) is answered ASK and, followed with ASKING, runs
+    on the importing node, where Redis lets it read the slot's undeclared keys that have not
+    moved yet as missing. Here the marker has moved and the quota hash has not: hold_restore
+    reads quota r1 as not ACTIVE and answers 0, "nothing to restore", for an approved hold SQL
+    has: the hold is lost from Redis and its money offered again. A script must not be decided
+    on a half-moved slot: refused (UNAVAILABLE, retried later) or placed, never 0."""
+    from datetime import UTC, datetime, timedelta
+
+    from authz_server.domain.hot_state import OpenHold
+
+    source_port, target_port, *_ = redis_cluster.primary_ports()
+    source, target = redis_cluster.node(source_port), redis_cluster.node(target_port)
+    beneficiary = beneficiary_on(redis_cluster, source_port)
+    prefix = keys.prefix(beneficiary)
+    slot = slot_of(prefix)
+    now = datetime.now(UTC)
+    now_ms = int(now.timestamp() * 1000)
+    authorization_id, writes = pending_hold(beneficiary, "m-2", now_ms)
+    hold = OpenHold(
+        authorization_id=authorization_id,
+        merchant_id="m-2",
+        beneficiary_id=beneficiary,
+        purpose="MEDICINE",
+        decision="APPROVED",
+        approved_fen=500,
+        funding=(("r1", 500),),
+        created_at=now,
+        expires_at=now + timedelta(minutes=10),
+    )
+    # Redis lost the hold (what restore_hold is for): the slot has the quota and the marker.
+    writes = [command for command in writes if ":a:" not in str(command[1])]
+    writes = [command for command in writes if not str(command[1]).endswith((":expiry", ":qh:r1"))]
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        await client.load_script(holds._hold_restore)
+        for reply in await client.execute_many(writes):
+            assert not isinstance(reply, Exception), reply
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        # A first MIGRATE batch took the marker; the quota hash waits for the next one.
+        marker = keys.generation_marker(prefix)
+        source.command("MIGRATE", HOST, target_port, "", 0, 5000, "KEYS", marker)
+        try:
+            try:
+                placed = await holds.restore_hold(hold, now_ms)
+            except Unavailable:
+                placed = None
+            assert placed is not False, "an approved hold SQL has was dropped, not restored"
+        finally:
+            rest = source.command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            assert isinstance(rest, list)
+            if rest:
+                source.command("MIGRATE", HOST, target_port, "", 0, 5000, "REPLACE", "KEYS", *rest)
+            for node in redis_cluster.nodes:
+                if node.alive and redis_cluster.role(node) == "master":
+                    node.command("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+            redis_cluster.wait_until_ok()
+
+    run(test, redis_cluster)
