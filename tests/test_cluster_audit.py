@@ -233,3 +233,62 @@ def test_a_restored_hold_is_never_decided_on_a_half_moved_slot(
             redis_cluster.wait_until_ok()
 
     run(test, redis_cluster)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a slot marker says nothing about its shard; needs one marker per Redis slot "
+    "written by every rebuild (or resolve checking the slot's node), see the audit report",
+)
+def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """On one node, losing the data loses keys.GENERATION with it, so generation.resolve sees
+    the hot state lost. On a cluster keys.GENERATION lives on one shard only: another shard
+    that lost its data (FLUSHALL here; a primary restarted empty at its address, or a replica
+    promoted that never had the slot's marker) answers MWUNMARKED, resolve reads a complete
+    generation on the marker's shard and marks the emptied slot as "never used", and the call
+    is decided on nothing: the beneficiary's quota is gone, the payment declined
+    RELATIONSHIP_NOT_FOUND. It must be refused (UNAVAILABLE) until the hot state is rebuilt."""
+    from authz_server.storage.redis.hold_store import AuthorizeCall
+
+    generation_port = redis_cluster.owner_of_slot(slot_of(keys.GENERATION))
+    other_port = next(p for p in redis_cluster.primary_ports() if p != generation_port)
+    other = redis_cluster.node(other_port)
+    beneficiary = beneficiary_on(redis_cluster, other_port)
+    now_ms = int(time.time() * 1000)
+    _, writes = pending_hold(beneficiary, "m-3", now_ms)
+    writes = [command for command in writes if command[0] in ("SET", "ZADD", "HSET")]
+    call = AuthorizeCall(
+        authorization_id=keys.new_authorization_id(beneficiary),
+        merchant_id="m-3",
+        beneficiary_id=beneficiary,
+        idempotency_key=f"k-{uuid.uuid4().hex[:8]}",
+        purpose="MEDICINE",
+        request_digest="d",
+        eligible_fen=100,
+        allow_partial=False,
+        relationship_id="",
+        expires_at_ms=now_ms + 600_000,
+        decided_decline="",
+        capture_at_once=False,
+        requires_resident=False,
+        template="",
+        requested_fen=100,
+    )
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        for reply in await client.execute_many(writes):
+            assert not isinstance(reply, Exception), reply
+        other.command("FLUSHALL")  # the shard's data is gone; keys.GENERATION is elsewhere
+        await client.load_script(holds._authorize)
+        try:
+            decision = await holds.authorize(call, now_ms)
+        except Unavailable:
+            decision = None
+        assert decision is None or decision.decline_reason != "RELATIONSHIP_NOT_FOUND", (
+            "decided on a shard that lost its data"
+        )
+
+    run(test, redis_cluster)
