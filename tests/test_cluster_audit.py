@@ -292,3 +292,64 @@ def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
         )
 
     run(test, redis_cluster)
+
+
+def test_an_undo_on_a_slot_being_migrated_gives_the_money_back_once(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """authorize_undo.lua gives the hold's money back to its quota, then takes the hold out of
+    the slot's `:capturing` zset, which does not exist when no capture is in flight: on a slot
+    being migrated Redis refuses that access after the money went back, the hold stays PENDING
+    and in the expiry index, and its expiry gives the same money back a second time (the quota
+    overstated: over-quota approvals). Refused, an undo must have given nothing back."""
+    source_port, target_port, *_ = redis_cluster.primary_ports()
+    source, target = redis_cluster.node(source_port), redis_cluster.node(target_port)
+    beneficiary = beneficiary_on(redis_cluster, source_port)
+    prefix = keys.prefix(beneficiary)
+    slot = slot_of(prefix)
+    now_ms = int(time.time() * 1000)
+    authorization_id, writes = pending_hold(beneficiary, "m-4", now_ms)
+    from authz_server.storage.redis.hold_store import AuthorizeCall
+
+    call = AuthorizeCall(
+        authorization_id=authorization_id,
+        merchant_id="m-4",
+        beneficiary_id=beneficiary,
+        idempotency_key="k-undo",
+        purpose="MEDICINE",
+        request_digest="d",
+        eligible_fen=500,
+        allow_partial=False,
+        relationship_id="",
+        expires_at_ms=now_ms + 600_000,
+        decided_decline="",
+        capture_at_once=False,
+        requires_resident=False,
+        template="",
+        requested_fen=500,
+    )
+    idempotency = keys.idempotency(beneficiary, "m-4", "k-undo")
+    writes.append(("HSET", idempotency, "a", authorization_id, "digest", "d"))
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        await client.load_script(holds._undo)
+        for reply in await client.execute_many(writes):
+            assert not isinstance(reply, Exception), reply
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        try:
+            try:
+                await holds.undo(call, authorization_id)
+            except Unavailable:
+                # Refused: nothing given back, the hold as it was.
+                assert source.command("HGET", f"{prefix}:q:r1", "available") == "500"
+                assert source.command("HGET", keys.authorization(authorization_id), "s")
+            else:
+                assert source.command("HGET", f"{prefix}:q:r1", "available") == "1000"
+                assert source.command("EXISTS", keys.authorization(authorization_id)) == 0
+        finally:
+            for node in (source, target):
+                node.command("CLUSTER", "SETSLOT", slot, "STABLE")
+
+    run(test, redis_cluster)
