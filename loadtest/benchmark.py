@@ -72,6 +72,7 @@ EXHAUST_SENT = 1_000
 EXHAUST_FITS = 250
 WORKLOADS = ("uniform", "hot spot")
 SYSTEMS = ("floor", "service", "baseline")
+COLORS = {"floor": "#9e9e9e", "service": "#1f77b4", "baseline": "#d62728"}
 # The tracing-cost phases (--tracing-cost) run the service's own server: its quotas, its check.
 LEDGER_OF = {"before": "service", "traced": "service", "spans": "service", "after": "service"}
 
@@ -852,7 +853,6 @@ def chart(run: Run, path: Path) -> None:
 
     groups = [(operation, workload) for operation in OPERATIONS for workload in WORKLOADS]
     systems = [s for s in SYSTEMS if any(p.system == s for p in run.phases)]
-    colors = {"floor": "#9e9e9e", "service": "#1f77b4", "baseline": "#d62728"}
     metrics = (
         ("throughput", "operations per second (higher is better)"),
         ("server_cpu_us", "server CPU µs per operation (lower is better)"),
@@ -867,7 +867,7 @@ def chart(run: Run, path: Path) -> None:
                 phase = find(run, system, operation, workload)
                 values.append(getattr(phase, metric) if phase else 0)
             positions = [i + (offset - (len(systems) - 1) / 2) * width for i in range(len(groups))]
-            bars = axis.bar(positions, values, width, label=system, color=colors[system])
+            bars = axis.bar(positions, values, width, label=system, color=COLORS[system])
             axis.bar_label(bars, fmt="%.0f" if metric != "p99_ms" else "%.1f", fontsize=7)
         axis.set_xticks(range(len(groups)))
         axis.set_xticklabels(
@@ -976,10 +976,24 @@ def main(argv: list[str] | None = None) -> int:
         help="which to measure, comma-separated (default: floor,service,baseline; also"
         " security: Authorize with the limiter off, on, and on with TLS, alternated)",
     )
+    parser.add_argument(
+        "--sweep-workers",
+        metavar="N,N,...",
+        help="a worker sweep (loadtest/sweep.py): each system started with each of these worker"
+        " counts, calls in flight and load processes scaled with it; counts above this"
+        " machine's cores are skipped",
+    )
     arguments = parser.parse_args(argv)
     if any(setting.startswith("MEDWALLET_EVENT_LOOP=") for setting in arguments.service_env):
         parser.error("--event-loop chooses the loop, for the floor and the baseline too")
     arguments.event_loop = event_loop.resolve(arguments.event_loop)
+    command = "python -m loadtest.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
+    if arguments.sweep_workers:
+        if arguments.workers:
+            parser.error("--sweep-workers chooses the worker counts; leave out --workers")
+        from loadtest import sweep
+
+        return sweep.run_sweep(arguments, command.strip())
     # The service's own default for the ledger it gets (one worker on SQLite, one per core on
     # PostgreSQL); the floor and the baseline run as many.
     service_settings = replace(
@@ -987,28 +1001,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     workers = arguments.workers or service_settings.effective_workers
     started_at = datetime.now(UTC)
-    command = "python -m loadtest.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     arguments.out.mkdir(parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="mw-bench-"))
     run = Run(arguments, directory, workers)
-    run.checks["load_average_at_start"] = os.getloadavg()
     started = time.monotonic()
     redis = EmbeddedRedis(directory / "redis", persistent=False)
     try:
         prepare_data(run)
-        systems = set(arguments.systems.split(","))
-        if "security" in systems:  # TLS and the limiter on vs off (loadtest/security_phases.py)
-            from loadtest import security_phases
-
-            redis.start()
-            security_phases.run_security(run, redis)
-        if "service" in systems:
-            redis.start()
-            run_service(run, redis)
-        if "floor" in systems:
-            run_floor(run)
-        if "baseline" in systems and not arguments.no_baseline:
-            run_baseline(run)
+        measure_systems(run, redis)
     finally:
         redis.stop()
         if arguments.keep:
@@ -1016,9 +1016,39 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(directory, ignore_errors=True)
     document = write_results(run, command.strip(), started_at)
+    failed = report(run, document, started_at)
+    print(f"run took {time.monotonic() - started:.0f}s; results in {arguments.out}/benchmark.json"
+          f" and benchmark.png")  # fmt: skip
+    return 1 if failed else 0
+
+
+def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
+    """Measures each system --systems names (the baseline unless --no-baseline), each started
+    with run.workers processes, on run's prepared data."""
+    arguments = run.arguments
+    run.checks["load_average_at_start"] = os.getloadavg()
+    systems = set(arguments.systems.split(","))
+    if "security" in systems:  # TLS and the limiter on vs off (loadtest/security_phases.py)
+        from loadtest import security_phases
+
+        redis.start()
+        security_phases.run_security(run, redis)
+    if "service" in systems:
+        redis.start()
+        run_service(run, redis)
+    if "floor" in systems:
+        run_floor(run)
+    if "baseline" in systems and not arguments.no_baseline:
+        run_baseline(run)
+
+
+def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
+    """Prints the run's table, ratios and checks; True if a check failed (over-quota
+    approvals, an inexact exhaustion, the store disagreeing with the clients)."""
+    arguments = run.arguments
     print()
     print(
-        f"MedWallet AuthZ benchmark {started_at:%Y-%m-%d %H:%M} UTC, {workers} server workers"
+        f"MedWallet AuthZ benchmark {started_at:%Y-%m-%d %H:%M} UTC, {run.workers} server workers"
         f" on {arguments.event_loop},"
         f" {arguments.clients} load processes x {arguments.concurrency // arguments.clients}"
         f" calls in flight, {os.cpu_count()} cores, load average at start"
@@ -1063,8 +1093,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"over-quota approvals: {over} (must be 0)")
     for note in run.notes:
         print(f"note: {note}")
-    print(f"run took {time.monotonic() - started:.0f}s; results in {arguments.out}/benchmark.json"
-          f" and benchmark.png")  # fmt: skip
     inexact = any(
         not check["exact"]
         for name in ("service", "baseline")
@@ -1079,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in ("service", "baseline")
         )
     )
-    return 1 if failed else 0
+    return bool(failed)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import json
 import re
 from pathlib import Path
 
+from loadtest.sweep import worker_axis
+
 WORKERS = (1, 2, 4, 8)
 OPERATIONS = ("Authorize", "Authorize+Capture")
 # Issue 15: PostgreSQL ledger, uniform workload, 73088ae, 16-core machine.
@@ -117,13 +119,9 @@ def main() -> int:
                 color=colour,
                 markerfacecolor=colour if full else "white",
             )
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(WORKERS, [str(workers) for workers in WORKERS])
-    axis.set_xlabel("server workers (PostgreSQL ledger, uniform workload)")
+    worker_axis(axis, WORKERS, "server workers (PostgreSQL ledger, uniform workload)")
     axis.set_ylabel("ops/s")
-    axis.set_ylim(bottom=0)
     axis.set_title("16-core machine, .devbench bundle: before and after issue 12")
-    axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8, loc="upper left")
     figure.text(
         0.99,

@@ -20,6 +20,8 @@ from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.pipelined import Command, Reply, Script, as_integer
 from tests.redis_cluster import HOST, RedisClusterHarness, cluster_fixture, slot_of
 
+pytestmark = pytest.mark.backend_neutral
+
 redis_cluster = cluster_fixture()
 
 

@@ -4,6 +4,7 @@ simulated user works, and the run ends with requests made and zero failures."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from authz_server.generated.medwallet.v1 import common_pb2, registry_pb2_grpc
 from authz_server.generated.medwallet.v1 import relationship_pb2_grpc as relationship_grpc
-from loadtest import dataset
+from loadtest import benchmark, dataset
 from tests import engine_factories as ef
 from tests import factories
 from tests.harness import TOKENS, Harness
@@ -114,3 +115,37 @@ def test_headless_locust_run_has_requests_and_no_failures(
     for name in ("Authorize pharmacy", "Capture pharmacy"):
         assert int(stats[name]["Request Count"]) > 0, f"no {name!r} requests:\n{output}"
     assert result.returncode == 0, output
+
+
+@pytest.mark.timeout(600)
+def test_worker_sweep_writes_every_count_and_its_chart(tmp_path: Path) -> None:
+    """`benchmark --sweep-workers 1,2` at a tiny size, no baseline: sweep.json has every worker
+    count this machine has cores for, with positive figures, and sweep.png is drawn. No timing
+    is asserted."""
+    arguments = [
+        "--sweep-workers", "1,2", "--no-baseline", "--systems", "floor,service",
+        "--relationships", "300", "--authorize-ops", "300", "--capture-ops", "150",
+        "--warmup", "20", "--concurrency", "8", "--time-bound", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    if database_url:
+        arguments += ["--database-url", database_url]
+    assert benchmark.main(arguments) == 0
+    document = json.loads((tmp_path / "sweep.json").read_text())
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    counts = [n for n in (1, 2) if n <= (os.cpu_count() or 1)]
+    assert document["settings"]["worker_counts"] == counts
+    rows = document["rows"]
+    for system in ("floor", "service"):
+        for operation in ("Authorize", "Authorize+Capture"):
+            found = [r for r in rows if (r["system"], r["operation"]) == (system, operation)]
+            assert sorted({r["workers"] for r in found}) == counts, (system, operation)
+            for row in found:
+                for figure in ("throughput", "server_cpu_us", "p50_ms", "p99_ms", "efficiency"):
+                    assert row[figure] > 0, (row, figure)
+                assert row["errors"] == 0, row
+                if system == "service":
+                    assert row["efficiency_vs_floor"] > 0, row
+                    assert row["over_quota"] == 0, row
+    for n in counts:
+        assert (tmp_path / f"w{n}" / "benchmark.json").exists()

@@ -21,6 +21,12 @@ Redirections (Redis did not run the command: resending is safe):
 - MOVED: the slot's owner is updated in redis-py's map (and the whole map refreshed in the
   background), the command is sent again to the node named;
 - ASK: ASKING and the command go together to the node named, adjacent on its connection, once;
+  except a script (EVALSHA/EVAL/FCALL): its ASK stays its reply (UNAVAILABLE; the call is
+  retried). ASK means the slot is being migrated, and with ASKING the importing node runs the
+  script on whatever part of the slot has arrived: it reads the keys the script did not declare
+  (quota hashes, the slot's generation marker...) as missing when they have not moved yet, and
+  decides on that (hold_restore.lua answered "nothing to restore" for an approved hold). The
+  source node is safe: Redis refuses a script's access there to a key that has left;
 - TRYAGAIN (a multi-key command during a migration): a few short retries, then the error stays;
 - CLUSTERDOWN and any other error reply: left in place (the service answers UNAVAILABLE).
 A command is redirected at most MAX_REDIRECTIONS times. A redirected command runs after the
@@ -89,6 +95,9 @@ _KEYLESS = frozenset(
 )  # fmt: skip
 
 
+_SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL", "EVALSHA_RO", "EVAL_RO", "FCALL", "FCALL_RO"})
+
+
 def is_cluster_url(url: str) -> bool:
     """Whether `url` names a Redis Cluster (redis+cluster://host:port[,host:port...])."""
     return url.startswith(f"{CLUSTER_SCHEME}://")
@@ -123,7 +132,7 @@ def slot_of_command(command: Command) -> int:
     """The slot of a command's first key; ValueError for a command that names none."""
     name = str(command[0], "utf-8") if isinstance(command[0], bytes) else str(command[0])
     name = name.upper()
-    if name in ("EVALSHA", "EVAL", "EVALSHA_RO", "EVAL_RO", "FCALL", "FCALL_RO"):
+    if name in _SCRIPT_COMMANDS:
         if len(command) > 3 and int(command[2]) > 0:
             return int(key_slot(_text(command[3])))
     elif name not in _KEYLESS and len(command) > 1:
@@ -323,6 +332,8 @@ class ClusterPipelinedRedis(PipelinedRedis):
                         await self.topology.nodes_manager.move_slot(moved)
                     self.refresh_soon()
                     (reply,) = await self._connection_to(_name(moved)).transmit((command,))
+                elif code == "ASK" and _is_script(command):
+                    return reply  # never run on a half-moved slot (see the module)
                 elif code == "ASK":
                     # ASKING lets the importing node take the next command on that connection:
                     # both in one piece, so nothing of another call comes between them.
@@ -375,6 +386,11 @@ class ClusterPipelinedRedis(PipelinedRedis):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         await self.topology.aclose()
+
+
+def _is_script(command: Command) -> bool:
+    name = str(command[0], "utf-8") if isinstance(command[0], bytes) else str(command[0])
+    return name.upper() in _SCRIPT_COMMANDS
 
 
 def _name(redirection: AskError) -> str:

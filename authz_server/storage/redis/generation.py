@@ -107,16 +107,16 @@ class HotStateGeneration:
                 # earlier rebuild wrote it after that rebuild's sweep. Taken over.
                 log.warning("slot %s marked %s under generation %s", words[1], words[2], self.value)
                 commands.append(("SET", words[1], self.value))
-        # Read again after the marks, on the same connection: a rebuild that began between
-        # the read above and the marks may have swept the slots already, leaving them marked
-        # with this generation in an emptied Redis. Only while it is still the published one
-        # are the marks its (a rebuild that begins later sweeps them).
-        commands.append(("GET", keys.GENERATION))
-        *replies, published = await redis.execute_many(commands)
-        for reply in replies:
+        # Read again once the marks are answered: a rebuild that began between the read above
+        # and the marks may have swept the slots already, leaving them marked with this
+        # generation in an emptied Redis. Only while it is still the published one are the
+        # marks its (a rebuild that begins later sweeps them). A round trip of its own, not
+        # the marks' batch: on a Redis Cluster the router follows a redirected mark (ASK,
+        # MOVED) after the rest of its run, so a GET in the same batch could run before it.
+        for reply in await redis.execute_many(commands):
             if isinstance(reply, ResponseError):
                 raise reply
-        after = GlobalMarker.parse(published)
+        after = GlobalMarker.parse(await redis.execute("GET", keys.GENERATION))
         if after is None or after.rebuilding or after.generation != self.value:
             self.lost.set()
             return False

@@ -4,6 +4,15 @@
 -- PENDING, CAPTURING, CAPTURED, VOIDED, EXPIRED, DECLINED), ap (approved fen), cp (captured fen),
 -- f (funding "rid=fen;rid=fen"), ex (expires at, ms), cr (created at, ms), ck (capture key).
 
+-- Redis Cluster: in a slot being migrated (resharding), Redis refuses a script's access to a
+-- key it did not declare in KEYS and does not hold (it may have moved) with an error, and what
+-- the script wrote before stays written. So a script reads (touches) every undeclared key it
+-- may write before its first write: refused, it has written nothing, and the call can be
+-- answered UNAVAILABLE and retried. Outside a migration EXISTS of a missing key costs nothing.
+local function touch(...)
+  redis.call('EXISTS', ...)
+end
+
 local function parse_funding(text)
   local parts = {}
   for rid, amount in string.gmatch(text or '', '([^=;]+)=(%d+)') do
@@ -15,7 +24,9 @@ end
 -- Gives a hold's money back to its quotas: held -> available (captured part excepted).
 -- Quotas no longer active are left alone: dissolution already returned their money.
 local function release_parts(prefix, auth_id, funding, captured)
-  for _, part in ipairs(parse_funding(funding)) do
+  local parts = parse_funding(funding)
+  for _, part in ipairs(parts) do touch(prefix .. ':q:' .. part[1], prefix .. ':qh:' .. part[1]) end
+  for _, part in ipairs(parts) do
     local quota = prefix .. ':q:' .. part[1]
     local taken = (captured and captured[part[1]]) or 0
     if redis.call('HGET', quota, 'status') == 'ACTIVE' then

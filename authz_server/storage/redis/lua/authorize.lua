@@ -88,6 +88,8 @@ if record.r == '' then
     record.r = 'INSUFFICIENT_QUOTA'
   else
     local pieces = {}
+    touch(prefix .. ':capturing')
+    for _, step in ipairs(plan) do touch(prefix .. ':qh:' .. candidates[step[1]]) end
     for _, step in ipairs(plan) do
       local rid, amount = candidates[step[1]], step[2]
       local quota = prefix .. ':q:' .. rid

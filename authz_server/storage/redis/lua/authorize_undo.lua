@@ -3,6 +3,11 @@
 -- to the quotas and the decision is forgotten, as if the call had been refused at once.
 -- KEYS: 1 authorization hash, 2 idempotency hash. ARGV: 1 prefix, 2 authorization id.
 local prefix, auth, auth_id = ARGV[1], KEYS[1], ARGV[2]
+touch(prefix .. ':expiry', prefix .. ':capturing')
+local funding = redis.call('HGET', auth, 'f')
+for _, part in ipairs(parse_funding(funding)) do
+  touch(prefix .. ':q:' .. part[1], prefix .. ':qh:' .. part[1])
+end
 if redis.call('HGET', KEYS[2], 'a') == auth_id then redis.call('DEL', KEYS[2]) end
 local status = redis.call('HGET', auth, 's')
 if status == 'PENDING' or status == 'CAPTURING' then

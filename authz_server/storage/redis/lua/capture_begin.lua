@@ -48,6 +48,7 @@ end
 local amount = tonumber(ARGV[5])
 if amount == 0 then amount = approved end
 if amount > approved then return reply('CAPTURE_EXCEEDS_APPROVED', 0) end
+touch(prefix .. ':expiry', prefix .. ':capturing')
 -- cs: when this claim began, as sent (a string): the claim's token for capture_finish.lua.
 redis.call('HSET', auth, 's', 'CAPTURING', 'ck', ARGV[4], 'cp', amount, 'cs', ARGV[2])
 redis.call('ZREM', prefix .. ':expiry', auth_id)

@@ -13,12 +13,19 @@
 local prefix, auth = ARGV[1], KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
 local state = redis.call('HMGET', auth, 's', 'cs', 'rs')
+touch(prefix .. ':capturing', prefix .. ':expiry')
 local restored = state[1] == 'PENDING' and state[3] == '1' and ARGV[2] ~= 'PENDING'
 if state[1] ~= 'CAPTURING' and not restored then
   redis.call('ZREM', prefix .. ':capturing', auth_id)
   return 0
 end
 if not restored and ARGV[5] and ARGV[5] ~= '' and state[2] ~= ARGV[5] then return 0 end
+-- The quotas release_parts writes below, touched before this script's first write.
+if ARGV[2] ~= 'PENDING' then
+  for _, part in ipairs(parse_funding(redis.call('HGET', auth, 'f'))) do
+    touch(prefix .. ':q:' .. part[1], prefix .. ':qh:' .. part[1])
+  end
+end
 redis.call('ZREM', prefix .. ':capturing', auth_id)
 redis.call('ZREM', prefix .. ':expiry', auth_id)
 if ARGV[2] == 'PENDING' then

@@ -14,6 +14,7 @@ if status == 'CAPTURED' then return 'ALREADY_CAPTURED' end
 if status == 'CAPTURING' then return 'CAPTURE_IN_PROGRESS' end
 if status == 'EXPIRED' then return 'AUTHORIZATION_EXPIRED' end
 if status ~= 'PENDING' then return 'AUTHORIZATION_DECLINED' end
+touch(prefix .. ':expiry')
 release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
 redis.call('HSET', auth, 's', 'VOIDED')
 redis.call('ZREM', prefix .. ':expiry', auth_id)
