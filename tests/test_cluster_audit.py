@@ -93,7 +93,7 @@ def test_a_capture_on_a_slot_being_migrated_writes_all_or_nothing(
     auth = keys.authorization(authorization_id)
 
     async def test(client: ClusterPipelinedRedis) -> None:
-        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        holds = HoldStore(client)
         await client.load_script(holds._capture_begin)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
@@ -207,7 +207,7 @@ def test_a_restored_hold_is_never_decided_on_a_half_moved_slot(
     writes = [command for command in writes if not str(command[1]).endswith((":expiry", ":qh:r1"))]
 
     async def test(client: ClusterPipelinedRedis) -> None:
-        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        holds = HoldStore(client)
         await client.load_script(holds._hold_restore)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
@@ -278,7 +278,7 @@ def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
     )
 
     async def test(client: ClusterPipelinedRedis) -> None:
-        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        holds = HoldStore(client)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
         other.command("FLUSHALL")  # the shard's data is gone; keys.GENERATION is elsewhere
@@ -332,7 +332,7 @@ def test_an_undo_on_a_slot_being_migrated_gives_the_money_back_once(
     writes.append(("HSET", idempotency, "a", authorization_id, "digest", "d"))
 
     async def test(client: ClusterPipelinedRedis) -> None:
-        holds = HoldStore(None, client)  # type: ignore[arg-type]  # no redis-py calls here
+        holds = HoldStore(client)
         await client.load_script(holds._undo)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
