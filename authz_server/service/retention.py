@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.settlement import Month
+from authz_server.storage.redis import keys
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import IdempotencyRecordRow, SettlementMonthRow
 
@@ -53,14 +54,14 @@ async def purge_closed_months(database: Database, redis: Redis) -> Purged:
     cutoff_ms = int(cutoff.timestamp() * 1000)
     doomed: list[Any] = []
     redis_records = 0
-    async for key in redis.scan_iter(match="mw:{b:*}:i:*", count=1000):
+    async for key in redis.scan_iter(match=keys.IDEMPOTENCY_RECORDS, count=1000):
         created: Any = await redis.hget(key, "cr")
         if created is not None and int(created) < cutoff_ms:
             doomed.append(key)
         if len(doomed) >= REDIS_BATCH:
             redis_records += int(await redis.delete(*doomed))
             doomed = []
-    async for key in redis.scan_iter(match="mw:{k:*}:k:*", count=1000):
+    async for key in redis.scan_iter(match=keys.IDEMPOTENCY_CLAIMS, count=1000):
         claim: Any = await redis.get(key)  # "<digest>|<created ms>"
         if claim is not None and int(claim.rsplit(b"|", 1)[1]) < cutoff_ms:
             doomed.append(key)

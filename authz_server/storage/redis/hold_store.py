@@ -12,7 +12,6 @@ SCAN spread over time) puts such entries back.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -49,11 +48,6 @@ DUE_BATCHES_PER_SWEEP = 20
 SCAN_COUNT = 1000
 # Commands per write of the full scans and the safety net, far below the connection's bound.
 COMMANDS_PER_BATCH = 1000
-# The keys the safety net looks for: a slot's expiry and capturing zsets. SCAN filters by a glob
-# (this one also lets through the rare quota index whose beneficiary id has such a tail), so each
-# key found is checked against SLOT_ZSET.
-SLOT_ZSET_GLOB = "mw:{b:*}:[ec][xa]p[it]*"
-SLOT_ZSET = re.compile(r"(mw:\{b:[0-9a-f]+\}):(expiry|capturing)")
 # A capture still CAPTURING this long after it began lost its process (or its Redis reply):
 # it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
 STALE_CAPTURE_SECONDS = 30
@@ -424,7 +418,7 @@ class HoldStore:
             return []
         commands: list[Command] = [("ZREM", keys.CAPTURES_BEGUN, *due)]
         for prefix in due:
-            capturing = f"{prefix}:capturing"
+            capturing = keys.capturing(prefix)
             commands.append(("ZRANGEBYSCORE", capturing, "-inf", before_ms))
             commands.append(("ZRANGE", capturing, 0, 0, "WITHSCORES"))
         replies = await guarded(partial(self.commands.execute_many, commands))
@@ -450,16 +444,16 @@ class HoldStore:
         reply = as_list(
             await guarded(
                 lambda: self.commands.execute(
-                    "SCAN", cursor, "MATCH", SLOT_ZSET_GLOB, "COUNT", count, "TYPE", "zset"
+                    "SCAN", cursor, "MATCH", keys.SLOT_ZSETS, "COUNT", count, "TYPE", "zset"
                 )
             )
         )
-        found = [SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
+        found = [keys.SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
         slots = [(match.group(1), match.group(2)) for match in found if match]
         commands: list[Command] = []
         for prefix, kind in slots:
-            commands.append(("ZRANGE", f"{prefix}:{kind}", 0, 0, "WITHSCORES"))
-            commands.append(("ZCARD", f"{prefix}:{kind}"))
+            commands.append(("ZRANGE", _slot_zset(prefix, kind), 0, 0, "WITHSCORES"))
+            commands.append(("ZCARD", _slot_zset(prefix, kind)))
         replies = await self._execute_in_batches(commands)
         back: list[Command] = []
         open_holds = 0
@@ -552,7 +546,7 @@ class HoldStore:
         found: list[str] = []
         async for prefixes in self._slots_with("capturing"):
             commands: list[Command] = [
-                ("ZRANGEBYSCORE", f"{prefix}:capturing", "-inf", now_ms - older_than_ms)
+                ("ZRANGEBYSCORE", keys.capturing(prefix), "-inf", now_ms - older_than_ms)
                 for prefix in prefixes
             ]
             for reply in await self._execute_in_batches(commands):
@@ -567,17 +561,22 @@ class HoldStore:
                 await guarded(
                     partial(
                         self.commands.execute,
-                        *("SCAN", cursor, "MATCH", f"mw:{{b:*}}:{kind}", "COUNT", SCAN_COUNT),
+                        *("SCAN", cursor, "MATCH", keys.slot_zsets_of_kind(kind)),
+                        *("COUNT", SCAN_COUNT),
                     )
                 )
             )
-            found = [SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
+            found = [keys.SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
             prefixes = [match.group(1) for match in found if match and match.group(2) == kind]
             if prefixes:
                 yield prefixes
             cursor = as_integer(reply[0])
             if cursor == 0:
                 return
+
+
+def _slot_zset(prefix: str, kind: str) -> str:
+    return keys.expiry(prefix) if kind == "expiry" else keys.capturing(prefix)
 
 
 def _error(reply: Reply) -> ResponseError | None:

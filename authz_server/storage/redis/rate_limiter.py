@@ -12,7 +12,7 @@ import itertools
 import os
 from dataclasses import dataclass
 
-from authz_server.storage.redis import scripts
+from authz_server.storage.redis import keys, scripts
 from authz_server.storage.redis.pipelined import PipelinedRedis, as_integer, as_list
 
 RATE_LIMIT = scripts.script("rate_limit")
@@ -41,11 +41,6 @@ ADMITTED = Verdict(True)
 REASONS = {1: "RATE_LIMITED", 2: "TOO_MANY_IN_FLIGHT"}
 
 
-def _keys(principal_key: str) -> tuple[str, str]:
-    tag = "{rl:" + principal_key + "}"
-    return f"{tag}:rate", f"{tag}:in_flight"
-
-
 class RedisRateLimiter:
     def __init__(self, redis: PipelinedRedis, in_flight_ttl_ms: int = 60_000) -> None:
         self.redis = redis
@@ -61,7 +56,7 @@ class RedisRateLimiter:
         reply = as_list(
             await self.redis.evalsha(
                 RATE_LIMIT,
-                _keys(principal_key),
+                keys.rate_limit(principal_key),
                 (
                     repr(float(limit.rate_per_second)),
                     limit.burst,
@@ -76,4 +71,4 @@ class RedisRateLimiter:
         return Verdict(False, as_integer(reply[1]), REASONS[as_integer(reply[2])])
 
     async def release(self, principal_key: str, call_id: str) -> None:
-        await self.redis.execute("ZREM", _keys(principal_key)[1], call_id)
+        await self.redis.execute("ZREM", keys.rate_limit(principal_key)[1], call_id)

@@ -86,8 +86,8 @@ async def delete_hot_state(redis: PipelinedRedis) -> int:
     slots' generation marks go first: a script that runs while the rest is being deleted finds
     its slot unmarked and refuses, rather than deciding on a slot half gone (a quota deleted, its
     mark not yet: RELATIONSHIP_NOT_FOUND for a funded family)."""
-    marks = await _delete_matching(redis, "mw:{b:*}:g")
-    return marks + await _delete_matching(redis, "mw:*")
+    marks = await _delete_matching(redis, keys.GENERATION_MARKS)
+    return marks + await _delete_matching(redis, keys.ALL_KEYS)
 
 
 async def _delete_matching(redis: PipelinedRedis, pattern: str) -> int:
