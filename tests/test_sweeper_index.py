@@ -17,15 +17,10 @@ import pytest
 from redis.asyncio import Redis
 
 from authz_server.runtime.embedded_redis import EmbeddedRedis
-from authz_server.service.ports import QuotaRestore
+from authz_server.service.ports import AuthorizeCall, Finish, QuotaRestore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import HotStateGeneration
-from authz_server.storage.redis.hold_store import (
-    STALE_CAPTURE_SECONDS,
-    SWEEP_LIMIT,
-    AuthorizeCall,
-    HoldStore,
-)
+from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, SWEEP_LIMIT, HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.redis.sweeper import HoldSweeper
@@ -100,7 +95,9 @@ class Store:
         return found.available_fen, found.held_fen
 
     async def status(self, authorization_id: str) -> str:
-        return (await self.holds.get(authorization_id))["s"]
+        hold = await self.holds.get(authorization_id)
+        assert hold is not None
+        return hold.status
 
     async def due_score(self, index: str, beneficiary_id: str) -> float | None:
         return await self.admin.zscore(index, keys.prefix(beneficiary_id))
@@ -195,7 +192,7 @@ def test_a_hold_put_back_after_a_failed_capture_is_swept_again(redis_url: str) -
         assert claim.outcome == "OK"
         assert await store.holds.sweep_due(expires_ms + 1) == 0  # nothing to expire: claimed
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) is None
-        await store.holds.capture_finish(held, "", "PENDING", "")
+        await store.holds.capture_finish(held, "", Finish.PENDING, "")
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == 0  # look at once
         assert await store.holds.sweep_due(expires_ms + 2) == 1
         assert await store.status(held) == "EXPIRED"
@@ -253,7 +250,7 @@ def test_stalled_captures_are_found_through_the_capture_index(redis_url: str) ->
         assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
         # Still stalled until it is settled: found again.
         assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
-        await store.holds.capture_finish(held, "", "CAPTURED", "")
+        await store.holds.capture_finish(held, "", Finish.CAPTURED, "")
         assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == []
         assert await store.due_score(keys.CAPTURES_BEGUN, beneficiary_id) is None
 
