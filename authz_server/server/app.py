@@ -60,6 +60,7 @@ from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.redis.rate_limiter import RedisRateLimiter
+from authz_server.storage.redis.sweep_store import SweepStore
 from authz_server.storage.redis.sweeper import HoldSweeper
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -320,7 +321,7 @@ class Application:
     async def _sweep(self) -> None:
         """Returns expired holds to their quotas even when nobody touches them, and settles
         captures stalled between their phases as SQL says. Costs what is due (HoldSweeper)."""
-        sweeper = HoldSweeper(self.holds, SWEEP_INTERVAL_SECONDS)
+        sweeper = HoldSweeper(SweepStore(self.pipelined_redis), SWEEP_INTERVAL_SECONDS)
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
             try:

@@ -56,10 +56,8 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
         await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
 
 
-async def settle_stalled(
-    database: Database, holds: HoldStore, now_ms: int, older_than_ms: int
-) -> int:
-    stalled = await holds.stalled_captures(now_ms, older_than_ms)
+async def settle_stalled(database: Database, holds: HoldStore, stalled: list[str]) -> int:
+    """Settles these authorizations (found CAPTURING by a scan) as SQL says."""
     for authorization_id in stalled:
         await settle_capture(database, holds, authorization_id)
     return len(stalled)

@@ -1,10 +1,10 @@
 """The hold sweeper's round, run every second by one process (Application._sweep).
 
 Each round costs what is due, not the size of the keyspace:
-- expired holds: the slots the due index names (HoldStore.sweep_due);
+- expired holds: the slots the due index names (SweepStore.sweep_due);
 - captures stalled between their phases: the slots the capture index names
-  (HoldStore.stalled_captures_due), settled by the caller as SQL says;
-- the safety net: a SCAN of the keyspace spread over the rounds (HoldStore.index_step), which
+  (SweepStore.stalled_captures_due), settled by the caller as SQL says;
+- the safety net: a SCAN of the keyspace spread over the rounds (SweepStore.index_step), which
   puts back index entries lost in a crash and counts the open holds. Each round scans at least
   SAFETY_NET_MINIMUM_KEYS keys, and enough for a whole pass in SAFETY_NET_PASS_SECONDS: a small
   keyspace is covered every round, a large one once a minute, evenly rather than in one burst.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
+from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 
 # A whole pass of the safety net takes at most this long, whatever the keyspace's size.
 SAFETY_NET_PASS_SECONDS = 60.0
@@ -36,7 +36,7 @@ class SweepReport:
 
 
 class HoldSweeper:
-    def __init__(self, holds: HoldStore, interval_seconds: float) -> None:
+    def __init__(self, holds: SweepStore, interval_seconds: float) -> None:
         self.holds = holds
         self.interval_seconds = interval_seconds
         self._cursor = 0
