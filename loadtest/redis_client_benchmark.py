@@ -137,7 +137,8 @@ async def prepare(target: Target) -> str:
         client = Redis(host=host, port=port)
     try:
         restore = await client.script_load(scripts.source("quota_restore"))
-        await scripts.preload(client)  # type: ignore[arg-type]  # SCRIPT LOAD: every primary
+        for name in scripts.ALL_SCRIPTS:  # SCRIPT LOAD: redis-py sends it to every primary
+            await client.script_load(scripts.source(name))
         for number in range(BENEFICIARIES):
             relationship_id, beneficiary_id = f"bench-relationship-{number}", f"bench-{number}"
             prefix = keys.prefix(beneficiary_id)

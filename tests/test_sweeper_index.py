@@ -114,7 +114,7 @@ def run(redis_url: str, body: Callable[[Store], Awaitable[T]]) -> T:
         commands = PipelinedRedis.from_url(redis_url, timeout_seconds=2)
         commands.generation = HotStateGeneration()
         store = Store(
-            HoldStore(admin, commands), RedisQuotaCache(admin, commands), admin,
+            HoldStore(commands), RedisQuotaCache(commands), admin,
             SweepStore(commands),
         )  # fmt: skip
         try:

@@ -129,7 +129,7 @@ class Application:
         # the guardian rebuilds Redis from SQL when it lost data (runtime/hot_state.py).
         self.generation = HotStateGeneration()
         self.pipelined_redis.generation = self.generation
-        self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
+        self.quotas = RedisQuotaCache(self.pipelined_redis)
         self.certificates = (
             ReloadingCertificates(
                 Path(self.settings.tls_cert_file),
@@ -151,7 +151,7 @@ class Application:
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
-        self.holds = HoldStore(self.redis, self.pipelined_redis)
+        self.holds = HoldStore(self.pipelined_redis)
         self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
         self.journal = Journal(
             self.database, functools.partial(published_generation, self.pipelined_redis)
@@ -255,7 +255,7 @@ class Application:
                 f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): in use by"
                 " another process, or not an address of this machine"
             ) from error
-        await scripts.preload(self.redis)
+        await scripts.preload(self.pipelined_redis)
         await self.references.refresh()
         self.references.start()
         self.group_commit.start()

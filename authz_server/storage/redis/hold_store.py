@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from authz_server.domain.hot_state import OpenHold
@@ -53,11 +52,9 @@ T = TypeVar("T")
 
 
 class HoldStore:
-    """`client` (redis-py) stays for the rare commands (reconcile); everything else goes through
-    the pipelined connection `commands`."""
+    """Every call through the pipelined connection `commands`."""
 
-    def __init__(self, client: Redis, commands: PipelinedRedis) -> None:
-        self.client = client
+    def __init__(self, commands: PipelinedRedis) -> None:
         self.commands = commands
 
     def new_authorization_id(self, beneficiary_id: str) -> str:

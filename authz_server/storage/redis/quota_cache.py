@@ -7,7 +7,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from authz_server.domain.errors import Unavailable
@@ -44,11 +43,9 @@ async def guarded(call: Callable[[], Awaitable[T]], script: str = "command") -> 
 
 
 class RedisQuotaCache:
-    """`client` (redis-py) stays for the rare commands; the scripts and reads go through the
-    pipelined connection `commands`."""
+    """The scripts and reads, through the pipelined connection `commands`."""
 
-    def __init__(self, client: Redis, commands: PipelinedRedis) -> None:
-        self.client = client
+    def __init__(self, commands: PipelinedRedis) -> None:
         self.commands = commands
 
     async def _run(self, call: ScriptCall[T]) -> T:

@@ -10,16 +10,10 @@ from datetime import datetime
 from authz_server.domain.funding import format_funding
 from authz_server.domain.hot_state import OpenHold, figures, held_by_quota
 from authz_server.service.ports import QuotaRestore
-from authz_server.storage.redis import keys
-from authz_server.storage.redis.pipelined import (
-    Command,
-    PipelinedRedis,
-    as_integer,
-    as_list,
-    as_text,
-)
+from authz_server.storage.redis import keys, scans
+from authz_server.storage.redis.pipelined import Command, PipelinedRedis
 
-# Keys per SCAN call while Redis is emptied, and per UNLINK.
+# Keys per SCAN call while Redis is emptied (its UNLINKs go in one write, one per hash slot).
 SCAN_COUNT = 1000
 
 
@@ -91,16 +85,9 @@ async def delete_hot_state(redis: PipelinedRedis) -> int:
 
 
 async def _delete_matching(redis: PipelinedRedis, pattern: str) -> int:
-    deleted, cursor = 0, 0
-    while True:
-        reply = as_list(await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT))
-        names = [
-            as_text(name)
-            for name in as_list(reply[1])
-            if not as_text(name).startswith(keys.GENERATION)
-        ]
-        if names:
-            deleted += as_integer(await redis.execute("UNLINK", *names))
-        cursor = as_integer(reply[0])
-        if cursor == 0:
-            return deleted
+    """UNLINK of every key matching `pattern` on every primary (keys.GENERATION kept)."""
+    deleted = 0
+    async for names in scans.scan_pages(redis, pattern, SCAN_COUNT):
+        doomed = [name for name in names if not name.startswith(keys.GENERATION)]
+        deleted += await scans.unlink(redis, doomed)
+    return deleted

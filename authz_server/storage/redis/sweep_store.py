@@ -19,7 +19,7 @@ from functools import partial
 
 from redis.exceptions import NoScriptError, ResponseError
 
-from authz_server.storage.redis import keys
+from authz_server.storage.redis import keys, scans
 from authz_server.storage.redis.pipelined import (
     Command,
     PipelinedRedis,
@@ -133,17 +133,14 @@ class SweepStore:
         return found
 
     async def index_step(self, cursor: int, count: int) -> IndexStep:
-        """The safety net, one SCAN call (`count` keys) at a time: every slot with open holds or
-        captures gets its index entries back (lowered to its earliest time when they are
-        later), whatever happened to them. The sweeper runs it continuously, spread over time."""
-        reply = as_list(
-            await guarded(
-                lambda: self.commands.execute(
-                    "SCAN", cursor, "MATCH", keys.SLOT_ZSETS, "COUNT", count, "TYPE", "zset"
-                )
-            )
+        """The safety net, one SCAN call (`count` keys) at a time over every primary (`cursor`
+        is scans.scan_step's): every slot with open holds or captures gets its index entries
+        back (lowered to its earliest time when they are later), whatever happened to them. The
+        sweeper runs it continuously, spread over time."""
+        next_cursor, names = await guarded(
+            lambda: scans.scan_step(self.commands, cursor, keys.SLOT_ZSETS, count, "zset")
         )
-        found = [keys.SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
+        found = [keys.SLOT_ZSET.fullmatch(name) for name in names]
         slots = [(match.group(1), match.group(2)) for match in found if match]
         commands: list[Command] = []
         for prefix, kind in slots:
@@ -164,10 +161,11 @@ class SweepStore:
             if kind == "expiry":
                 open_holds += as_integer(size)
         await self._write_all(back)
-        return IndexStep(cursor=as_integer(reply[0]), open_holds=open_holds)
+        return IndexStep(cursor=next_cursor, open_holds=open_holds)
 
     async def keys_in_database(self) -> int:
-        return as_integer(await guarded(lambda: self.commands.execute("DBSIZE")))
+        """Keys on every primary."""
+        return await guarded(lambda: scans.keys_in_database(self.commands))
 
     async def _due_slots(self, index: str, before_ms: int) -> list[str]:
         due = await guarded(
@@ -249,25 +247,18 @@ class SweepStore:
         return found
 
     async def _slots_with(self, kind: str) -> AsyncIterator[list[str]]:
-        """The slot prefixes that have a `kind` zset (expiry, capturing), a SCAN page at a time."""
-        cursor = 0
+        """The slot prefixes that have a `kind` zset (expiry, capturing), a SCAN page at a time,
+        over every primary."""
+        pages = scans.scan_pages(self.commands, keys.slot_zsets_of_kind(kind), SCAN_COUNT)
         while True:
-            reply = as_list(
-                await guarded(
-                    partial(
-                        self.commands.execute,
-                        *("SCAN", cursor, "MATCH", keys.slot_zsets_of_kind(kind)),
-                        *("COUNT", SCAN_COUNT),
-                    )
-                )
-            )
-            found = [keys.SLOT_ZSET.fullmatch(as_text(key)) for key in as_list(reply[1])]
+            try:
+                names = await guarded(partial(anext, pages))
+            except StopAsyncIteration:
+                return
+            found = [keys.SLOT_ZSET.fullmatch(name) for name in names]
             prefixes = [match.group(1) for match in found if match and match.group(2) == kind]
             if prefixes:
                 yield prefixes
-            cursor = as_integer(reply[0])
-            if cursor == 0:
-                return
 
 
 def _slot_zset(prefix: str, kind: str) -> str:
