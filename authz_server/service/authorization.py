@@ -57,6 +57,7 @@ from authz_server.service.ports import (
     Finish,
     HoldDecision,
     HoldStatus,
+    HoldStore,
     QuotaCache,
     VoidOutcome,
 )
@@ -64,8 +65,6 @@ from authz_server.service.quota_sync import restore_from_ledger, when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
-from authz_server.storage.redis import keys
-from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.sql import records, settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -204,7 +203,7 @@ class AuthorizationService:
             request.purpose, self.pharmacy_hold_seconds, self.medical_hold_seconds
         )
         call = AuthorizeCall(
-            authorization_id=keys.new_authorization_id(request.beneficiary_id),
+            authorization_id=self.holds.new_authorization_id(request.beneficiary_id),
             merchant_id=request.merchant_id,
             beneficiary_id=request.beneficiary_id,
             idempotency_key=request.idempotency_key,

@@ -15,8 +15,7 @@ from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
-from authz_server.service.ports import NOT_WRITTEN, Finish, HoldStatus
-from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.service.ports import NOT_WRITTEN, Finish, HoldStatus, HoldStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.open_holds import ledger_parts

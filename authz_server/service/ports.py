@@ -7,6 +7,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from authz_server.domain.funding import Funding
+from authz_server.domain.hot_state import OpenHold
 from authz_server.domain.model import QuotaFigures
 from authz_server.domain.types import Decision, DeclineReason
 
@@ -20,6 +21,7 @@ __all__ = [
     "HoldDecision",
     "HoldRecord",
     "HoldStatus",
+    "HoldStore",
     "QuotaCache",
     "QuotaFigures",
     "QuotaRestore",
@@ -221,3 +223,50 @@ class HoldRecord:
     claim_token: str
     one_step: bool  # a one-step payment (voided, not put back, when SQL never had it)
     void_reason: str  # why it was voided ('' when voided by a Void)
+
+
+class HoldStore(Protocol):
+    """Authorizations and their holds in the hot state, one atomic step per call
+    (implemented by storage/redis/hold_store.py)."""
+
+    def new_authorization_id(self, beneficiary_id: str) -> str:
+        """An id for a new authorization of this beneficiary."""
+        ...
+
+    async def authorize(self, call: AuthorizeCall, now_ms: int) -> HoldDecision | None:
+        """Decides an Authorize, or answers its key's first decision (replayed). None when the
+        key was used before with another request."""
+        ...
+
+    async def undo(self, call: AuthorizeCall, authorization_id: str) -> None:
+        """Forgets a decision made for `call`'s key: its hold goes back to the quotas."""
+        ...
+
+    async def restore_hold(self, hold: OpenHold, now_ms: int) -> bool:
+        """Places an approved hold SQL has and the hot state lost. True when placed."""
+        ...
+
+    async def forget_unwritten(self, call: AuthorizeCall, authorization_id: str) -> bool:
+        """Forgets the key's decision if it is a one-step payment voided NOT_WRITTEN. True when
+        the key no longer names that decision: the call must ask again."""
+        ...
+
+    async def capture_begin(
+        self, authorization_id: str, merchant_id: str, key: str, amount_fen: int, now_ms: int
+    ) -> CaptureClaim:
+        """Claims a pending hold for a capture (CAPTURING)."""
+        ...
+
+    async def capture_finish(
+        self, authorization_id: str, claim_token: str, outcome: Finish, parts: str, why: str = ""
+    ) -> bool:
+        """Finishes the claim `claim_token` names ('' any) as SQL answered. True when it did."""
+        ...
+
+    async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> VoidOutcome:
+        """Voids a pending hold: its money returns at once."""
+        ...
+
+    async def get(self, authorization_id: str) -> HoldRecord | None:
+        """The authorization as the hot state has it; None when it does not know it."""
+        ...
