@@ -10,7 +10,7 @@ from importlib import resources
 import pytest
 
 from authz_server.domain.hot_state import OpenHold
-from authz_server.service.ports import AuthorizeCall, Finish, QuotaRestore
+from authz_server.service.ports import AuthorizeCall, Finish, HoldStatus, QuotaRestore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.quota_io import (
     Limit,
@@ -30,6 +30,8 @@ from authz_server.storage.redis.script_io import (
     HoldRestore,
     ScriptCall,
     Void,
+    hold_fields,
+    hold_record,
 )
 from authz_server.storage.redis.scripts import ALL_SCRIPTS, NOT_HOT_STATE, source
 
@@ -80,3 +82,16 @@ def test_a_call_packs_what_its_script_reads(call: ScriptCall[object]) -> None:
     assert command[:3] == ("EVALSHA", call.SCRIPT.sha, len(call.keys()))
     script_keys = call.keys()
     assert len({key.split("}")[0] for key in script_keys}) == 1  # every key in one slot
+
+
+def test_a_hold_put_back_from_sql_reads_back_as_it_was() -> None:
+    hold = OpenHold(AUTHORIZATION, "m", "b", "PHARMACY", "APPROVED", 700, (("r", 700),), NOW, NOW)
+    fields = hold_fields(hold)
+    record = hold_record([str(field).encode() for field in fields])
+    assert record is not None
+    assert (record.merchant_id, record.beneficiary_id, record.purpose, record.status) == (
+        "m", "b", "PHARMACY", HoldStatus.PENDING,
+    )  # fmt: skip
+    assert (record.approved_fen, record.funding, record.one_step) == (700, (("r", 700),), False)
+    assert record.expires_ms == record.created_ms == int(NOW.timestamp() * 1000)
+    assert hold_record([]) is None

@@ -1,17 +1,18 @@
 """The Redis side of a rebuild of the hot state from SQL (runtime/rebuild.py): what one page of
 beneficiaries looks like in Redis, as plain commands, and the sweep that empties Redis first.
-The field names are the scripts' (lua/_lib.lua, lua/quota_restore.lua, lua/hold_restore.lua)."""
+The field names are the scripts' (lua/_lib.lua, lua/quota_restore.lua; an open hold's:
+script_io.hold_fields)."""
 
 from __future__ import annotations
 
 import os
 from datetime import datetime
 
-from authz_server.domain.funding import format_funding
 from authz_server.domain.hot_state import OpenHold, figures, held_by_quota
 from authz_server.service.ports import QuotaRestore
 from authz_server.storage.redis import keys, scans
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
+from authz_server.storage.redis.script_io import hold_fields
 
 # Keys per SCAN call while Redis is emptied (its UNLINKs go in one write, one per hash slot).
 SCAN_COUNT = 1000
@@ -55,13 +56,7 @@ def page_commands(
         prefix = keys.prefix(hold.beneficiary_id)
         prefixes.add(prefix)
         expires_ms = _ms(hold.expires_at)
-        commands.append(
-            ("HSET", keys.authorization(hold.authorization_id), "m", hold.merchant_id,
-             "b", hold.beneficiary_id, "p", hold.purpose, "s", "PENDING",
-             "ap", hold.approved_fen, "cp", 0, "f", format_funding(hold.funding),
-             "ex", expires_ms, "cr", _ms(hold.created_at), "d", hold.decision, "r", "",
-             "ck", "", "o", 0, "rs", 1)
-        )  # fmt: skip
+        commands.append(("HSET", keys.authorization(hold.authorization_id), *hold_fields(hold)))
         commands.append(("ZADD", keys.expiry(prefix), expires_ms, hold.authorization_id))
         commands.append(("ZADD", keys.DUE_HOLDS, "LT", expires_ms, prefix))
         for relationship_id, _ in hold.funding:

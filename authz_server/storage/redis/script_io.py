@@ -367,3 +367,15 @@ def hold_record(raw: Reply) -> HoldRecord | None:
         one_step=fields.get("o") == "1",
         void_reason=fields.get("vr", ""),
     )
+
+
+def hold_fields(hold: OpenHold) -> list[Argument]:
+    """The authorization hash of an open hold put back from SQL (a rebuild), field by field as
+    lua/hold_restore.lua writes it: PENDING, nothing captured, rs = 1 (put back from SQL)."""
+    return [
+        "m", hold.merchant_id, "b", hold.beneficiary_id, "p", hold.purpose,
+        "s", HoldStatus.PENDING.value, "ap", hold.approved_fen, "cp", 0,
+        "f", format_funding(hold.funding), "ex", int(hold.expires_at.timestamp() * 1000),
+        "cr", int(hold.created_at.timestamp() * 1000), "d", hold.decision, "r", "", "ck", "",
+        "o", 0, "rs", 1,
+    ]  # fmt: skip
