@@ -21,6 +21,7 @@ from authz_server.storage.redis.pipelined import (
     as_list,
 )
 from authz_server.storage.redis.quota_io import (
+    QUOTA_FIGURES,
     QuotaCredit,
     QuotaDebit,
     QuotaDissolve,
@@ -81,7 +82,7 @@ class RedisQuotaCache:
         if not relationship_ids:
             return {}
         commands: list[Command] = [
-            ("HMGET", keys.quota(beneficiary_id, relationship_id), "available", "held")
+            ("HMGET", keys.quota(beneficiary_id, relationship_id), *QUOTA_FIGURES)
             for relationship_id in relationship_ids
         ]
         rows = await guarded(lambda: self._all_answered(commands))

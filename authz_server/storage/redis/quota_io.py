@@ -116,6 +116,27 @@ class QuotaRestoreCall(ScriptCall[QuotaFigures | None]):
         return QuotaFigures(available_fen=as_integer(reply[0]), held_fen=as_integer(reply[1]))
 
 
+# A quota hash's figures, as HMGET reads them: (available, held).
+QUOTA_FIGURES = ("available", "held")
+
+
+def quota_fields(quota: QuotaRestore, held: QuotaFigures | None, epoch: str) -> list[Argument]:
+    """A quota's hash as a rebuild from SQL writes it, field by field as quota_restore.lua
+    does: ACTIVE with `held` (the ledger's figures less the open holds), or DISSOLVED (None)."""
+    if held is None:
+        return [
+            "status", "DISSOLVED", "available", 0, "held", 0, "holder", quota.holder_id,
+            "beneficiary", quota.beneficiary_id, "scheme", quota.beneficiary_scheme,
+            "r", quota.ledger_mark, "e", epoch,
+        ]  # fmt: skip
+    return [
+        "status", "ACTIVE", "available", held.available_fen, "held", held.held_fen,
+        "holder", quota.holder_id, "order", quota.funding_order,
+        "beneficiary", quota.beneficiary_id, "scheme", quota.beneficiary_scheme,
+        "r", quota.ledger_mark, "e", epoch,
+    ]  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Limit:
     rate_per_second: float

@@ -1,6 +1,6 @@
 """The Redis side of a rebuild of the hot state from SQL (runtime/rebuild.py): what one page of
 beneficiaries looks like in Redis, as plain commands, and the sweep that empties Redis first.
-The field names are the scripts' (lua/_lib.lua, lua/quota_restore.lua; an open hold's:
+The field names are the scripts' (a quota's: quota_io.quota_fields; an open hold's:
 script_io.hold_fields)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from authz_server.domain.hot_state import OpenHold, figures, held_by_quota
 from authz_server.service.ports import QuotaRestore
 from authz_server.storage.redis import keys, scans
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
+from authz_server.storage.redis.quota_io import quota_fields
 from authz_server.storage.redis.script_io import hold_fields
 
 # Keys per SCAN call while Redis is emptied (its UNLINKs go in one write, one per hash slot).
@@ -36,22 +37,13 @@ def page_commands(
         prefixes.add(keys.prefix(quota.beneficiary_id))
         if quota.active:
             quota_figures = figures(quota.unused_fen, held.get(quota.relationship_id, 0))
-            commands.append(
-                ("HSET", key, "status", "ACTIVE", "available", quota_figures.available_fen,
-                 "held", quota_figures.held_fen, "holder", quota.holder_id,
-                 "order", quota.funding_order, "beneficiary", quota.beneficiary_id,
-                 "scheme", quota.beneficiary_scheme, "r", quota.ledger_mark, "e", epoch)
-            )  # fmt: skip
+            commands.append(("HSET", key, *quota_fields(quota, quota_figures, epoch)))
             commands.append(
                 ("ZADD", keys.quota_index(quota.beneficiary_id), quota.funding_order,
                  quota.relationship_id)
             )  # fmt: skip
         else:
-            commands.append(
-                ("HSET", key, "status", "DISSOLVED", "available", 0, "held", 0,
-                 "holder", quota.holder_id, "beneficiary", quota.beneficiary_id,
-                 "scheme", quota.beneficiary_scheme, "r", quota.ledger_mark, "e", epoch)
-            )  # fmt: skip
+            commands.append(("HSET", key, *quota_fields(quota, None, epoch)))
     for hold in holds:
         prefix = keys.prefix(hold.beneficiary_id)
         prefixes.add(prefix)

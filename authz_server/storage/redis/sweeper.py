@@ -36,16 +36,16 @@ class SweepReport:
 
 
 class HoldSweeper:
-    def __init__(self, holds: SweepStore, interval_seconds: float) -> None:
-        self.holds = holds
+    def __init__(self, sweeps: SweepStore, interval_seconds: float) -> None:
+        self.sweeps = sweeps
         self.interval_seconds = interval_seconds
         self._cursor = 0
         self._keys_per_round = SAFETY_NET_MINIMUM_KEYS
         self._open_holds_in_pass = 0
 
     async def sweep(self, now_ms: int) -> SweepReport:
-        expired = await self.holds.sweep_due(now_ms)
-        stalled = await self.holds.stalled_captures_due(now_ms, STALE_CAPTURE_SECONDS * 1000)
+        expired = await self.sweeps.sweep_due(now_ms)
+        stalled = await self.sweeps.stalled_captures_due(now_ms, STALE_CAPTURE_SECONDS * 1000)
         # The safety net last, so its count of open holds is after this round's expiries; what
         # it puts back in the indexes is taken at the next round.
         open_holds = await self._safety_net_round()
@@ -53,7 +53,7 @@ class HoldSweeper:
 
     async def _safety_net_round(self) -> int | None:
         if self._cursor == 0:  # a pass begins: size it to the keyspace as it is now
-            keys_now = await self.holds.keys_in_database()
+            keys_now = await self.sweeps.keys_in_database()
             rounds_per_pass = SAFETY_NET_PASS_SECONDS / self.interval_seconds
             self._keys_per_round = max(
                 SAFETY_NET_MINIMUM_KEYS, math.ceil(keys_now / rounds_per_pass)
@@ -62,7 +62,7 @@ class HoldSweeper:
         scanned = 0
         while scanned < self._keys_per_round:
             count = min(SAFETY_NET_KEYS_PER_CALL, self._keys_per_round - scanned)
-            step = await self.holds.index_step(self._cursor, count)
+            step = await self.sweeps.index_step(self._cursor, count)
             scanned += count
             self._cursor = step.cursor
             self._open_holds_in_pass += step.open_holds
