@@ -159,16 +159,17 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 async def _purge(settings: Settings) -> int:
-    from redis.asyncio import Redis
-
     from authz_server.service.retention import purge_closed_months
+    from authz_server.storage.redis.pipelined import PipelinedRedis
     from authz_server.storage.sql.database import Database
 
     if not settings.redis_url:
         print("purge-idempotency needs REDIS_URL")
         return 2
     database = Database(settings.effective_database_url)
-    client = Redis.from_url(settings.redis_url)
+    client = PipelinedRedis.from_url(
+        settings.redis_url, timeout_seconds=settings.redis_timeout_seconds
+    )
     purged = await purge_closed_months(database, client)
     print(
         f"through {purged.through_month or 'no closed month'}: dropped "

@@ -141,7 +141,7 @@ class RedisLossBeforeTheGiveBack:
     async def give_back(
         self, beneficiary_id: str, relationship_id: str, fen: int, epoch: str
     ) -> None:
-        await self.harness.app.holds.client.delete(keys.quota(beneficiary_id, relationship_id))
+        await self.harness.app.redis.delete(keys.quota(beneficiary_id, relationship_id))
         await restore_from_ledger(self.harness.app.database, self.real, relationship_id)
         await self.real.give_back(beneficiary_id, relationship_id, fen, epoch)
 

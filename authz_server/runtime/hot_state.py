@@ -178,13 +178,11 @@ async def trusted_and_reconciled(settings: Settings, redis_url: str) -> Reconcil
         return None
 
     try:
-        await scripts.preload(client)
+        await scripts.preload(pipelined)
         guardian = HotStateGuardian(database, client, pipelined, generation, ignore)
         if not await guardian.wait_ready(START_WAIT_SECONDS):
             raise RuntimeError("the hot state could not be rebuilt from SQL in time")
-        return await reconcile(
-            database, RedisQuotaCache(client, pipelined), HoldStore(client, pipelined)
-        )
+        return await reconcile(database, RedisQuotaCache(pipelined), HoldStore(pipelined))
     finally:
         await pipelined.aclose()
         await client.aclose()

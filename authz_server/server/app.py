@@ -60,6 +60,7 @@ from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.redis.rate_limiter import RedisRateLimiter
+from authz_server.storage.redis.sweep_store import SweepStore
 from authz_server.storage.redis.sweeper import HoldSweeper
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -128,7 +129,7 @@ class Application:
         # the guardian rebuilds Redis from SQL when it lost data (runtime/hot_state.py).
         self.generation = HotStateGeneration()
         self.pipelined_redis.generation = self.generation
-        self.quotas = RedisQuotaCache(self.redis, self.pipelined_redis)
+        self.quotas = RedisQuotaCache(self.pipelined_redis)
         self.certificates = (
             ReloadingCertificates(
                 Path(self.settings.tls_cert_file),
@@ -150,7 +151,7 @@ class Application:
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
-        self.holds = HoldStore(self.redis, self.pipelined_redis)
+        self.holds = HoldStore(self.pipelined_redis)
         self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
         self.journal = Journal(
             self.database, functools.partial(published_generation, self.pipelined_redis)
@@ -254,7 +255,7 @@ class Application:
                 f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): in use by"
                 " another process, or not an address of this machine"
             ) from error
-        await scripts.preload(self.redis)
+        await scripts.preload(self.pipelined_redis)
         await self.references.refresh()
         self.references.start()
         self.group_commit.start()
@@ -320,7 +321,7 @@ class Application:
     async def _sweep(self) -> None:
         """Returns expired holds to their quotas even when nobody touches them, and settles
         captures stalled between their phases as SQL says. Costs what is due (HoldSweeper)."""
-        sweeper = HoldSweeper(self.holds, SWEEP_INTERVAL_SECONDS)
+        sweeper = HoldSweeper(SweepStore(self.pipelined_redis), SWEEP_INTERVAL_SECONDS)
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
             try:

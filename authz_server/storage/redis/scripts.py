@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from redis.asyncio import Redis
-
-from authz_server.storage.redis.pipelined import Script
+from authz_server.storage.redis.pipelined import PipelinedRedis, Script
+from authz_server.storage.redis.scans import load_scripts
 
 ALL_SCRIPTS = (
     "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
@@ -35,10 +34,10 @@ def source(name: str) -> str:
     return folder.joinpath("_generation.lua").read_text() + "\n" + text
 
 
-async def preload(client: Redis) -> None:
-    """SCRIPT LOAD every script, so health turns SERVING only once Redis holds them all."""
-    for name in ALL_SCRIPTS:
-        await client.script_load(source(name))
+async def preload(redis: PipelinedRedis) -> None:
+    """SCRIPT LOAD every script on every primary, so health turns SERVING only once Redis holds
+    them all."""
+    await load_scripts(redis, [source(name) for name in ALL_SCRIPTS])
 
 
 def script(name: str) -> Script:
