@@ -159,25 +159,21 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 async def _purge(settings: Settings) -> int:
-    from redis.asyncio import Redis
-
-    from authz_server.runtime.wiring import open_database
+    from authz_server.runtime.wiring import close_storage, open_storage
     from authz_server.service.retention import purge_closed_months
 
     if not settings.redis_url:
         print("purge-idempotency needs REDIS_URL")
         return 2
-    database = open_database(settings)
-    # redis-py until the retention purge's scan moves into storage/redis (issue 13's contract
-    # work); this command runs outside the server.
-    client = Redis.from_url(settings.redis_url)
-    purged = await purge_closed_months(database, client)
+    storage = open_storage(settings, settings.redis_url)  # one node or a cluster, by the URL
+    try:
+        purged = await purge_closed_months(storage.database, storage.redis)
+    finally:
+        await close_storage(storage)
     print(
         f"through {purged.through_month or 'no closed month'}: dropped "
         f"{purged.sql_records} SQL and {purged.redis_records} Redis idempotency records"
     )
-    await client.aclose()
-    database.close()
     return 0
 
 

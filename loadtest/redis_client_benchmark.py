@@ -55,9 +55,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from authz_server.runtime.embedded_redis import redis_server_binary
+from authz_server.service.ports import AuthorizeCall, QuotaRestore
 from authz_server.storage.redis import keys, scripts
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
-from authz_server.storage.redis.pipelined import Argument, Command, PipelinedRedis
+from authz_server.storage.redis.pipelined import Command, PipelinedRedis
+from authz_server.storage.redis.quota_io import QuotaRestoreCall
+from authz_server.storage.redis.script_io import Authorize
 from tests.redis_cluster import HOST, RedisClusterHarness, free_ports
 
 BENEFICIARIES = 1_000
@@ -80,24 +83,21 @@ def authorize_commands(sha: str, number: int, now_ms: int) -> list[Command]:
     beneficiary_id = f"bench-{number % BENEFICIARIES}"
     authorization_id = keys.new_authorization_id(beneficiary_id)
     idempotency_key = uuid.uuid4().hex
-    prefix = keys.prefix(beneficiary_id)
-    script_keys = [
-        keys.authorization(authorization_id),
-        keys.idempotency(beneficiary_id, "bench-merchant", idempotency_key),
-        keys.quota_index(beneficiary_id),
-        keys.expiry(prefix),
-    ]
     digest = uuid.uuid4().hex
-    arguments: list[Argument] = [
-        prefix, now_ms, authorization_id, "bench-merchant", beneficiary_id, "PHARMACY", digest,
-        3_000, 0, "", now_ms + HOLD_MS, "", 0, 0, "drug:2:1500|cream:1:1500", 3_000, GENERATION,
-    ]  # fmt: skip
+    call = Authorize(
+        AuthorizeCall(
+            authorization_id, "bench-merchant", beneficiary_id, idempotency_key, "PHARMACY",
+            digest, 3_000, False, "", now_ms + HOLD_MS, "", False, False,
+            "drug:2:1500|cream:1:1500", 3_000,
+        ),
+        now_ms,
+    )  # fmt: skip
     claim_key = keys.idempotency_claim("bench-merchant", idempotency_key)
     return [
-        ("EVALSHA", sha, len(script_keys), *script_keys, *arguments),
+        (*call.command(), GENERATION),
         ("SET", claim_key, f"{digest}|{now_ms}", "NX"),
         ("GET", claim_key),
-        ("ZADD", keys.DUE_HOLDS, "LT", now_ms + HOLD_MS, prefix),
+        ("ZADD", keys.DUE_HOLDS, "LT", now_ms + HOLD_MS, call.prefix),
     ]
 
 
@@ -141,19 +141,17 @@ async def prepare(target: Target) -> str:
         client = Redis(host=host, port=port)
     try:
         restore = await client.script_load(scripts.source("quota_restore"))
-        for name in scripts.ALL_SCRIPTS:  # redis-py's cluster client loads on every primary
+        for name in scripts.ALL_SCRIPTS:  # SCRIPT LOAD: redis-py sends it to every primary
             await client.script_load(scripts.source(name))
         for number in range(BENEFICIARIES):
             relationship_id, beneficiary_id = f"bench-relationship-{number}", f"bench-{number}"
             prefix = keys.prefix(beneficiary_id)
             await client.set(keys.generation_marker(prefix), GENERATION)
-            quota_keys = [keys.quota(beneficiary_id, relationship_id)]
-            quota_keys.append(keys.quota_index(beneficiary_id))
-            arguments: list[Argument] = [
-                relationship_id, "holder", "ACTIVE", 10**15, 1, beneficiary_id, "EMPLOYEE",
-                prefix, 0, uuid.uuid4().hex[:16], GENERATION,
-            ]  # fmt: skip
-            await client.evalsha(restore, len(quota_keys), *quota_keys, *arguments)
+            quota = QuotaRestore(
+                relationship_id, beneficiary_id, "holder", True, 10**15, 1, "EMPLOYEE", 0
+            )
+            _, _, count, *rest = QuotaRestoreCall(quota, uuid.uuid4().hex[:16]).command()
+            await client.evalsha(restore, int(count), *rest, GENERATION)
         return scripts.script("authorize").sha
     finally:
         await client.aclose()

@@ -49,6 +49,7 @@ from authz_server.generated.medwallet.v1 import (
     registry_pb2,
     relationship_pb2,
 )
+from authz_server.storage.redis.sweep_store import SweepStore
 from tests import engine_factories as ef
 from tests import factories
 from tests.harness import ADMIN, APP, Harness, new_id
@@ -732,7 +733,7 @@ def machine(harness: Harness, registry: Any, relationships: Any, authorizations:
             """The clock moves on; the sweeper returns every hold whose time has come."""
             harness.clock.advance(seconds)
             moment = now_ms()
-            harness.run(harness.app.holds.sweep(now_ms()))
+            harness.run(SweepStore(harness.app.pipelined_redis).sweep(now_ms()))
             for auth in self.auths:
                 if auth.status != PENDING:
                     continue

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from authz_server.domain.errors import Unavailable
-from authz_server.storage.redis import keys
+from authz_server.storage.redis import keys, script_io
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
 from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
@@ -94,7 +94,7 @@ def test_a_capture_on_a_slot_being_migrated_writes_all_or_nothing(
 
     async def test(client: ClusterPipelinedRedis) -> None:
         holds = HoldStore(client)
-        await client.load_script(holds._capture_begin)
+        await client.load_script(script_io.CaptureBegin.SCRIPT)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
         target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
@@ -208,7 +208,7 @@ def test_a_restored_hold_is_never_decided_on_a_half_moved_slot(
 
     async def test(client: ClusterPipelinedRedis) -> None:
         holds = HoldStore(client)
-        await client.load_script(holds._hold_restore)
+        await client.load_script(script_io.HoldRestore.SCRIPT)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
         target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
@@ -250,7 +250,7 @@ def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
     generation on the marker's shard and marks the emptied slot as "never used", and the call
     is decided on nothing: the beneficiary's quota is gone, the payment declined
     RELATIONSHIP_NOT_FOUND. It must be refused (UNAVAILABLE) until the hot state is rebuilt."""
-    from authz_server.storage.redis.hold_store import AuthorizeCall
+    from authz_server.service.ports import AuthorizeCall
 
     generation_port = redis_cluster.owner_of_slot(slot_of(keys.GENERATION))
     other_port = next(p for p in redis_cluster.primary_ports() if p != generation_port)
@@ -282,7 +282,7 @@ def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
         other.command("FLUSHALL")  # the shard's data is gone; keys.GENERATION is elsewhere
-        await client.load_script(holds._authorize)
+        await client.load_script(script_io.Authorize.SCRIPT)
         try:
             decision = await holds.authorize(call, now_ms)
         except Unavailable:
@@ -309,7 +309,7 @@ def test_an_undo_on_a_slot_being_migrated_gives_the_money_back_once(
     slot = slot_of(prefix)
     now_ms = int(time.time() * 1000)
     authorization_id, writes = pending_hold(beneficiary, "m-4", now_ms)
-    from authz_server.storage.redis.hold_store import AuthorizeCall
+    from authz_server.service.ports import AuthorizeCall
 
     call = AuthorizeCall(
         authorization_id=authorization_id,
@@ -333,7 +333,7 @@ def test_an_undo_on_a_slot_being_migrated_gives_the_money_back_once(
 
     async def test(client: ClusterPipelinedRedis) -> None:
         holds = HoldStore(client)
-        await client.load_script(holds._undo)
+        await client.load_script(script_io.AuthorizeUndo.SCRIPT)
         for reply in await client.execute_many(writes):
             assert not isinstance(reply, Exception), reply
         target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)

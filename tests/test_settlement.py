@@ -282,7 +282,7 @@ def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> 
         return len(records) + len(claims)
 
     before = world.harness.run(idempotency_keys())
-    purged = world.harness.run(purge_closed_months(app.database, world.harness.client))
+    purged = world.harness.run(purge_closed_months(app.database, app.pipelined_redis))
     assert purged.through_month == "2025-03"
     assert purged.redis_records == before - 2  # all but April's record and its claim
     assert purged.sql_records > 0

@@ -17,17 +17,13 @@ import pytest
 from redis.asyncio import Redis
 
 from authz_server.runtime.embedded_redis import EmbeddedRedis
-from authz_server.service.ports import QuotaRestore
+from authz_server.service.ports import AuthorizeCall, Finish, QuotaRestore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import HotStateGeneration
-from authz_server.storage.redis.hold_store import (
-    STALE_CAPTURE_SECONDS,
-    SWEEP_LIMIT,
-    AuthorizeCall,
-    HoldStore,
-)
+from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SWEEP_LIMIT, SweepStore
 from authz_server.storage.redis.sweeper import HoldSweeper
 from tests.harness import Harness
 from tests.test_authorization_rules import (
@@ -64,6 +60,7 @@ class Store:
     holds: HoldStore
     quotas: RedisQuotaCache
     admin: Redis
+    sweeps: SweepStore
 
     async def quota(self, fen: int) -> tuple[str, str]:
         """A new beneficiary (in a slot of its own) with one active quota of `fen`."""
@@ -100,7 +97,9 @@ class Store:
         return found.available_fen, found.held_fen
 
     async def status(self, authorization_id: str) -> str:
-        return (await self.holds.get(authorization_id))["s"]
+        hold = await self.holds.get(authorization_id)
+        assert hold is not None
+        return hold.status
 
     async def due_score(self, index: str, beneficiary_id: str) -> float | None:
         return await self.admin.zscore(index, keys.prefix(beneficiary_id))
@@ -114,7 +113,10 @@ def run(redis_url: str, body: Callable[[Store], Awaitable[T]]) -> T:
         await admin.set(keys.GENERATION, "test-generation|test-run")
         commands = PipelinedRedis.from_url(redis_url, timeout_seconds=2)
         commands.generation = HotStateGeneration()
-        store = Store(HoldStore(commands), RedisQuotaCache(commands), admin)
+        store = Store(
+            HoldStore(commands), RedisQuotaCache(commands), admin,
+            SweepStore(commands),
+        )  # fmt: skip
         try:
             return await body(store)
         finally:
@@ -133,9 +135,9 @@ def test_a_hold_nobody_touches_again_expires_through_the_due_index(redis_url: st
         await store.hold(later, 1_000, expires_ms + MINUTE_MS)
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == expires_ms
 
-        assert await store.holds.sweep_due(expires_ms - 1) == 0
+        assert await store.sweeps.sweep_due(expires_ms - 1) == 0
         assert await store.status(held) == "PENDING"
-        assert await store.holds.sweep_due(expires_ms) == 1
+        assert await store.sweeps.sweep_due(expires_ms) == 1
         assert await store.status(held) == "EXPIRED"
         assert await store.figures(beneficiary_id, relationship_id) == (10_000, 0)
         # Nothing left in that slot: its entry is gone; the other slot's stays as it was.
@@ -151,7 +153,7 @@ def test_a_slot_entry_moves_on_to_the_slots_next_expiry(redis_url: str) -> None:
         first = await store.hold(beneficiary_id, 1_000, NOW_MS + MINUTE_MS)
         second = await store.hold(beneficiary_id, 2_000, NOW_MS + 3 * MINUTE_MS)
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == NOW_MS + MINUTE_MS
-        assert await store.holds.sweep_due(NOW_MS + 2 * MINUTE_MS) == 1
+        assert await store.sweeps.sweep_due(NOW_MS + 2 * MINUTE_MS) == 1
         assert (await store.status(first), await store.status(second)) == ("EXPIRED", "PENDING")
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == NOW_MS + 3 * MINUTE_MS
         assert await store.figures(beneficiary_id, relationship_id) == (8_000, 2_000)
@@ -169,9 +171,9 @@ def test_a_hold_whose_index_entry_was_lost_expires_through_the_safety_net(
         # A crash between authorize.lua and its index write.
         await store.admin.zrem(keys.DUE_HOLDS, keys.prefix(beneficiary_id))
 
-        assert await store.holds.sweep_due(expires_ms) == 0  # the due sweep never scans
+        assert await store.sweeps.sweep_due(expires_ms) == 0  # the due sweep never scans
         assert await store.status(held) == "PENDING"
-        sweeper = HoldSweeper(store.holds, 1.0)
+        sweeper = HoldSweeper(store.sweeps, 1.0)
         first = await sweeper.sweep(expires_ms)  # the safety net puts the entry back ...
         assert first.expired == 0 and first.open_holds is not None and first.open_holds >= 1
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == expires_ms
@@ -193,11 +195,11 @@ def test_a_hold_put_back_after_a_failed_capture_is_swept_again(redis_url: str) -
         held = await store.hold(beneficiary_id, 4_000, expires_ms)
         claim = await store.holds.capture_begin(held, "sweeper-merchant", "c1", 0, NOW_MS)
         assert claim.outcome == "OK"
-        assert await store.holds.sweep_due(expires_ms + 1) == 0  # nothing to expire: claimed
+        assert await store.sweeps.sweep_due(expires_ms + 1) == 0  # nothing to expire: claimed
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) is None
-        await store.holds.capture_finish(held, "", "PENDING", "")
+        await store.holds.capture_finish(held, "", Finish.PENDING, "")
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == 0  # look at once
-        assert await store.holds.sweep_due(expires_ms + 2) == 1
+        assert await store.sweeps.sweep_due(expires_ms + 2) == 1
         assert await store.status(held) == "EXPIRED"
         assert await store.figures(beneficiary_id, relationship_id) == (10_000, 0)
 
@@ -212,7 +214,7 @@ def test_more_due_holds_than_one_script_call_expires_go_in_one_sweep(redis_url: 
             *(store.hold(beneficiary_id, 1, NOW_MS + MINUTE_MS) for _ in range(count))
         )
         assert await store.figures(beneficiary_id, relationship_id) == (0, count)
-        assert await store.holds.sweep_due(NOW_MS + MINUTE_MS) == count
+        assert await store.sweeps.sweep_due(NOW_MS + MINUTE_MS) == count
         assert await store.figures(beneficiary_id, relationship_id) == (count, 0)
 
     run(redis_url, body)
@@ -230,7 +232,7 @@ def test_the_full_sweep_expires_everything_due_and_repairs_the_index(redis_url: 
         await store.hold(beneficiary_id, 1_000, NOW_MS + MINUTE_MS)
         await store.hold(beneficiary_id, 1_000, NOW_MS + 3 * MINUTE_MS)
         await store.admin.delete(keys.DUE_HOLDS)
-        expired, still_open = await store.holds.sweep(NOW_MS + 2 * MINUTE_MS)
+        expired, still_open = await store.sweeps.sweep(NOW_MS + 2 * MINUTE_MS)
         assert (expired, still_open) == (SWEEP_LIMIT * 3 + 1, 1)
         assert await store.figures(crowded, crowded_relationship) == (1_000, 0)
         assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == NOW_MS + 3 * MINUTE_MS
@@ -249,20 +251,20 @@ def test_stalled_captures_are_found_through_the_capture_index(redis_url: str) ->
         claim = await store.holds.capture_begin(held, "sweeper-merchant", "c1", 0, begun_ms)
         assert claim.outcome == "OK"
         assert await store.due_score(keys.CAPTURES_BEGUN, beneficiary_id) == begun_ms
-        assert await store.holds.stalled_captures_due(begun_ms + stale_ms - 1, stale_ms) == []
-        assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
+        assert await store.sweeps.stalled_captures_due(begun_ms + stale_ms - 1, stale_ms) == []
+        assert await store.sweeps.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
         # Still stalled until it is settled: found again.
-        assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
-        await store.holds.capture_finish(held, "", "CAPTURED", "")
-        assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == []
+        assert await store.sweeps.stalled_captures_due(begun_ms + stale_ms, stale_ms) == [held]
+        await store.holds.capture_finish(held, "", Finish.CAPTURED, "")
+        assert await store.sweeps.stalled_captures_due(begun_ms + stale_ms, stale_ms) == []
         assert await store.due_score(keys.CAPTURES_BEGUN, beneficiary_id) is None
 
         # A lost index entry: the safety net puts it back.
         other = await store.hold(beneficiary_id, 1_000, NOW_MS + 10 * MINUTE_MS)
         await store.holds.capture_begin(other, "sweeper-merchant", "c2", 0, begun_ms)
         await store.admin.zrem(keys.CAPTURES_BEGUN, keys.prefix(beneficiary_id))
-        assert await store.holds.stalled_captures_due(begun_ms + stale_ms, stale_ms) == []
-        sweeper = HoldSweeper(store.holds, 1.0)
+        assert await store.sweeps.stalled_captures_due(begun_ms + stale_ms, stale_ms) == []
+        sweeper = HoldSweeper(store.sweeps, 1.0)
         await sweeper.sweep(begun_ms + stale_ms)  # the safety net ...
         report = await sweeper.sweep(begun_ms + stale_ms)  # ... then the capture index
         assert other in report.stalled_captures
@@ -292,7 +294,7 @@ def test_no_hold_is_missed_while_sweeps_and_authorizations_interleave(redis_url:
             nonlocal expired
             now_ms = NOW_MS
             while sweeping:
-                expired += await store.holds.sweep_due(now_ms)
+                expired += await store.sweeps.sweep_due(now_ms)
                 # Half way at most: holds still open at the end put the index to the test.
                 now_ms = min(now_ms + 10, NOW_MS + horizon_ms // 2)
                 await asyncio.sleep(0)
@@ -308,7 +310,7 @@ def test_no_hold_is_missed_while_sweeps_and_authorizations_interleave(redis_url:
             if first:
                 score = await store.admin.zscore(keys.DUE_HOLDS, prefix)
                 assert score is not None and score <= first[0][1], (prefix, score, first)
-        expired += await store.holds.sweep_due(NOW_MS + horizon_ms)
+        expired += await store.sweeps.sweep_due(NOW_MS + horizon_ms)
         assert expired == placed == 1_500
         for beneficiary_id, relationship_id in families:
             assert await store.figures(beneficiary_id, relationship_id) == (1_000_000, 0)

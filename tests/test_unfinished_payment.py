@@ -25,7 +25,7 @@ from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.capture_writer import CaptureUnit, CaptureWriter, Outcome
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
+from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 from authz_server.storage.sql.tables import AuthorizationRow
 from tests.harness import Harness, new_id
 from tests.test_authorization_recovery import ledger
@@ -170,7 +170,9 @@ def sweep_stalled_payment(harness: Harness, beneficiary_id: str) -> None:
     holds = harness.app.holds
     stale_ms = STALE_CAPTURE_SECONDS * 1000
     later_ms = int(harness.clock().timestamp() * 1000) + stale_ms + 1_000
-    stalled = harness.run(holds.stalled_captures_due(later_ms, stale_ms))
+    stalled = harness.run(
+        SweepStore(harness.app.pipelined_redis).stalled_captures_due(later_ms, stale_ms)
+    )
     ours = [i for i in stalled if keys.prefix_of_authorization(i) == keys.prefix(beneficiary_id)]
     assert len(ours) == 1, stalled
     harness.run(settle_capture(harness.app.database, holds, ours[0]))
@@ -401,6 +403,7 @@ def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_dec
     key = new_id("premium")
     left_capturing(authorizations, service, writer, fam, key, commits=False)
     real_holds = service.holds
+    sweeps = SweepStore(harness.app.pipelined_redis)
 
     class SweptMeanwhile:
         def __getattr__(self, name: str) -> Any:
@@ -409,7 +412,7 @@ def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_dec
         async def forget_unwritten(self, call: Any, authorization_id: str) -> bool:
             stands = await real_holds.forget_unwritten(call, authorization_id)  # still CAPTURING
             stalled_ms = int(harness.clock().timestamp() * 1000) + 3_600_000
-            for stalled in await real_holds.stalled_captures_due(stalled_ms, 0):
+            for stalled in await sweeps.stalled_captures_due(stalled_ms, 0):
                 await settle_capture(harness.app.database, real_holds, stalled)
             return bool(stands)
 

@@ -17,7 +17,8 @@ from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.ports import QuotaCache, QuotaRestore
 from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
-from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
+from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import (
@@ -62,12 +63,10 @@ async def reconcile(
         # The captures stalled between their phases: only those past STALE_CAPTURE_SECONDS, as
         # the sweeper does. Other servers may be serving (a rolling restart, the reconcile Job):
         # a younger claim may be live, its write still committing after SQL was read here.
-        await settle_stalled(
-            database,
-            holds,
-            now_ms=int(clock().timestamp() * 1000),
-            older_than_ms=STALE_CAPTURE_SECONDS * 1000,
+        stalled = await SweepStore(holds.commands).stalled_captures(
+            now_ms=int(clock().timestamp() * 1000), older_than_ms=STALE_CAPTURE_SECONDS * 1000
         )
+        await settle_stalled(database, holds, stalled)
     after = ""
     count = drifted = drift_fen = busy = overstated = 0
     loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """The one composition root of storage: SQL, the hot state's Redis client and generation, the
-quota cache, the hold store and the hot-state guardian, built the same way for the server
-(server/app.py), the workers' supervisor and the reconcile command (runtime/hot_state.py) and
-the jobs (cli.py).
+quota cache, the hold store, the sweeper's store and the hot-state guardian, built the same way
+for the server (server/app.py), the workers' supervisor and the reconcile command
+(runtime/hot_state.py) and the jobs (cli.py).
 
 The Redis client is chosen by the URL (settings.py, REDIS_URL): `redis+cluster://h:p,h:p` is a
 Redis Cluster (storage/redis/cluster.py routes every command by its key's slot and follows
@@ -26,6 +26,7 @@ from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.sweep_store import SweepStore
 from authz_server.storage.sql.database import Database
 
 
@@ -41,6 +42,8 @@ class Storage:
     generation: HotStateGeneration
     quotas: RedisQuotaCache
     holds: HoldStore
+    # The sweeper's side: expiries and stalled captures through the indexes, the safety net.
+    sweeps: SweepStore
     guardian: HotStateGuardian
 
     async def preload_scripts(self) -> None:
@@ -87,6 +90,7 @@ def open_storage(
         generation=generation,
         quotas=RedisQuotaCache(redis),
         holds=HoldStore(redis),
+        sweeps=SweepStore(redis),
         guardian=HotStateGuardian(database, redis, generation, on_ready, clock),
     )
 

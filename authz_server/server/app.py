@@ -303,7 +303,7 @@ class Application:
     async def _sweep(self) -> None:
         """Returns expired holds to their quotas even when nobody touches them, and settles
         captures stalled between their phases as SQL says. Costs what is due (HoldSweeper)."""
-        sweeper = HoldSweeper(self.holds, SWEEP_INTERVAL_SECONDS)
+        sweeper = HoldSweeper(self.storage.sweeps, SWEEP_INTERVAL_SECONDS)
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
             try:

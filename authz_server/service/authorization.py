@@ -49,19 +49,22 @@ from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, C
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import Journal, StoredDecision
-from authz_server.service.ports import QuotaCache
+from authz_server.service.ports import (
+    NOT_WRITTEN,
+    AuthorizeCall,
+    CaptureClaim,
+    CaptureOutcome,
+    Finish,
+    HoldDecision,
+    HoldStatus,
+    HoldStore,
+    QuotaCache,
+    VoidOutcome,
+)
 from authz_server.service.quota_sync import restore_from_ledger, when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
-from authz_server.storage.redis import keys
-from authz_server.storage.redis.hold_store import (
-    NOT_WRITTEN,
-    AuthorizeCall,
-    CaptureClaim,
-    HoldDecision,
-    HoldStore,
-)
 from authz_server.storage.sql import records, settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -90,8 +93,9 @@ log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
 CAPTURE_REFUSALS = frozenset(
-    {"ALREADY_CAPTURED", "ALREADY_VOIDED", "AUTHORIZATION_EXPIRED", "AUTHORIZATION_DECLINED",
-     "RELATIONSHIP_NOT_ACTIVE", "LEDGER_LIMIT_EXCEEDED"}
+    {CaptureOutcome.ALREADY_CAPTURED, CaptureOutcome.ALREADY_VOIDED,
+     CaptureOutcome.AUTHORIZATION_EXPIRED, CaptureOutcome.AUTHORIZATION_DECLINED,
+     CaptureOutcome.RELATIONSHIP_NOT_ACTIVE, CaptureOutcome.LEDGER_LIMIT_EXCEEDED}
 )  # fmt: skip
 
 
@@ -199,7 +203,7 @@ class AuthorizationService:
             request.purpose, self.pharmacy_hold_seconds, self.medical_hold_seconds
         )
         call = AuthorizeCall(
-            authorization_id=keys.new_authorization_id(request.beneficiary_id),
+            authorization_id=self.holds.new_authorization_id(request.beneficiary_id),
             merchant_id=request.merchant_id,
             beneficiary_id=request.beneficiary_id,
             idempotency_key=request.idempotency_key,
@@ -221,7 +225,7 @@ class AuthorizationService:
             outcome = await self._replayed(decision)
         else:
             outcome = self._outcome(decision)
-            if decision.status == "CAPTURING":
+            if decision.status is HoldStatus.CAPTURING:
                 # The payment and its journal row run to their end together, even when the
                 # call is cancelled (its deadline) meanwhile: a payment SQL made without the
                 # key's journal row would be made again by a retry once Redis lost the key.
@@ -294,11 +298,15 @@ class AuthorizationService:
         if stored is not None:
             # A decision made anew (or a stray record Redis kept) is undone; never a payment
             # already made (a one-step payment's capture).
-            undo = decision.status in ("PENDING", "DECLINED")
+            undo = decision.status in (HoldStatus.PENDING, HoldStatus.DECLINED)
             return await self._stored_answer(
                 call, stored, decision.authorization_id if undo else None
             )
-        if decision.status == "PENDING" and not decision.replayed and not decision.generation:
+        if (
+            decision.status is HoldStatus.PENDING
+            and not decision.replayed
+            and not decision.generation
+        ):
             # Without a generation (a store that has none: tools) the hold is checked here.
             # With one, the journal committed this row only while the generation the hold was
             # placed in was still published, under the fence a rebuild waits on: a rebuild
@@ -354,7 +362,7 @@ class AuthorizationService:
         if (
             decision is not None
             and decision.replayed
-            and decision.status == "CAPTURING"
+            and decision.status is HoldStatus.CAPTURING
             and await self.holds.forget_unwritten(call, decision.authorization_id)
         ):
             decision = await self.holds.authorize(call, now_ms)
@@ -363,12 +371,12 @@ class AuthorizationService:
         return decision
 
     def _outcome(self, decision: HoldDecision) -> AuthorizeOutcome:
-        approved = decision.decision != Decision.DECLINED.value
+        approved = decision.decision is not Decision.DECLINED
         lines = decode_lines(decision.template)
         if approved:
             lines = rules.distribute(lines, decision.approved_fen)
         elif decision.decline_reason:
-            reason = DeclineReason(decision.decline_reason)
+            reason = decision.decline_reason
             lines = tuple(
                 line if not line.approved else rules.LineResult(line.item_code, False, reason, 0)
                 for line in lines
@@ -378,18 +386,16 @@ class AuthorizationService:
         # and there is no AuthorizationStatus "CAPTURING".)
         status = (
             AuthorizationStatus.PENDING
-            if decision.status == "CAPTURING"
-            else AuthorizationStatus(decision.status)
+            if decision.status is HoldStatus.CAPTURING
+            else AuthorizationStatus(decision.status.value)
         )
         return AuthorizeOutcome(
             authorization_id=decision.authorization_id,
-            decision=Decision(decision.decision),
-            decline_reason=DeclineReason(decision.decline_reason)
-            if decision.decline_reason
-            else None,
+            decision=decision.decision,
+            decline_reason=decision.decline_reason,
             approved_fen=decision.approved_fen,
             lines=lines,
-            funding=parse_funding(decision.funding),
+            funding=decision.funding,
             remaining_fen=decision.remaining_fen,
             expires_at=_from_ms(decision.expires_at_ms) if approved else None,
             status=status,
@@ -397,18 +403,18 @@ class AuthorizationService:
 
     async def _replayed(self, decision: HoldDecision) -> AuthorizeOutcome:
         outcome = self._outcome(decision)
-        if decision.status != "CAPTURING":
+        if decision.status is not HoldStatus.CAPTURING:
             return outcome
         # A one-step payment: answer with how its capture ended (or retry while it runs).
         hold = await self.holds.get(decision.authorization_id)
-        current = hold.get("s", "")
-        if current == "CAPTURED":
+        current = hold.status if hold is not None else None
+        if current is HoldStatus.CAPTURED:
             return _with_status(outcome, AuthorizationStatus.CAPTURED)
-        if current == "VOIDED" and hold.get("vr") == NOT_WRITTEN:
+        if hold is not None and current is HoldStatus.VOIDED and hold.void_reason == NOT_WRITTEN:
             # Voided just now, after _decide looked (the sweeper): nothing was paid, and the
             # next retry makes the payment. Not DECLINED: that answer would be journaled.
             raise Unavailable("the payment was not made; retry with the same key to make it")
-        if current == "VOIDED":
+        if current is HoldStatus.VOIDED:
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
         raise Unavailable("the payment is still being written; retry")
 
@@ -457,12 +463,14 @@ class AuthorizationService:
             # Redis approved what the ledger cannot pay; nothing was paid, so NOT_WRITTEN: a
             # retry with this key decides anew (on the healed figure) instead of a replay.
             await self.holds.capture_finish(
-                outcome.authorization_id, claim_token, "VOIDED", "", NOT_WRITTEN
+                outcome.authorization_id, claim_token, Finish.VOIDED, "", NOT_WRITTEN
             )
             await self._heal_overstated_quota(refusal)
             raise
         except PolicyRefusal:  # the relationship was dissolved in between
-            await self.holds.capture_finish(outcome.authorization_id, claim_token, "VOIDED", "")
+            await self.holds.capture_finish(
+                outcome.authorization_id, claim_token, Finish.VOIDED, ""
+            )
             return _declined(outcome, DeclineReason.RELATIONSHIP_NOT_ACTIVE)
         except BaseException:
             settled = await self._settle_unfinished_payment(outcome, claim_token)
@@ -485,7 +493,7 @@ class AuthorizationService:
         rebuild counted its money as unused), the funding quotas are set from the ledger again,
         or Redis would go on offering money SQL counts as spent."""
         if await when_rebuilt(
-            lambda: self.holds.capture_finish(authorization_id, claim_token, "CAPTURED", parts)
+            lambda: self.holds.capture_finish(authorization_id, claim_token, Finish.CAPTURED, parts)
         ):
             return
         for relationship_id, _ in funding:
@@ -506,7 +514,7 @@ class AuthorizationService:
         its key pays anew). CAPTURED when SQL has it; None (the caller raises the failure)
         otherwise."""
         settled = await self._settle_as_sql_says(
-            outcome.authorization_id, claim_token, outcome.funding, "VOIDED", None, NOT_WRITTEN
+            outcome.authorization_id, claim_token, outcome.funding, Finish.VOIDED, None, NOT_WRITTEN
         )
         if settled is None or not settled[0]:
             return None
@@ -527,20 +535,20 @@ class AuthorizationService:
         claim = await self.holds.capture_begin(
             authorization_id, merchant_id, call.key, amount_fen, _ms(now)
         )
-        if claim.outcome == "NOT_FOUND":
+        if claim.outcome is CaptureOutcome.NOT_FOUND:
             if not put_back and await self._put_back_if_open(merchant_id, authorization_id):
                 return await self.capture(
                     merchant_id, authorization_id, amount_fen, call, resumed, put_back=True
                 )
             return await self._capture_without_hold(merchant_id, authorization_id, call)
-        if claim.outcome == "REPLAY":
+        if claim.outcome is CaptureOutcome.REPLAY:
             return await self._capture_replay(call)
-        if claim.outcome == "STALLED" and not resumed:
+        if claim.outcome is CaptureOutcome.STALLED and not resumed:
             # Our own earlier attempt lost its way between SQL and Redis: settle it as SQL
             # says, then answer this retry as if it came first or again.
             await settle_capture(self.database, self.holds, authorization_id)
             return await self.capture(merchant_id, authorization_id, amount_fen, call, True)
-        if claim.outcome == "IN_PROGRESS":
+        if claim.outcome is CaptureOutcome.IN_PROGRESS:
             # The same key's capture is under way, or committed and lost its Redis step (a
             # stall): once SQL has its answer, the hold is finished as SQL says and the retry
             # gets that answer, rather than waiting STALE_CAPTURE_SECONDS for the sweeper.
@@ -548,13 +556,13 @@ class AuthorizationService:
             if replay is not None:
                 await settle_capture(self.database, self.holds, authorization_id)
                 return replay
-        if claim.outcome in ("IN_PROGRESS", "STALLED"):
+        if claim.outcome in (CaptureOutcome.IN_PROGRESS, CaptureOutcome.STALLED):
             raise Unavailable("this capture is still being written; retry with the same key")
         if claim.outcome in CAPTURE_REFUSALS:
             raise PolicyRefusal(claim.outcome, f"authorization {authorization_id}: {claim.outcome}")
-        if claim.outcome == "CAPTURE_EXCEEDS_APPROVED":
+        if claim.outcome is CaptureOutcome.CAPTURE_EXCEEDS_APPROVED:
             raise InvalidArgument("amount_fen", f"must be at most {claim.approved_fen} fen")
-        funding = parse_funding(claim.funding)
+        funding = claim.funding
         parts = split_capture(funding, claim.amount_fen)
         return await self.to_the_end.run(
             self._write_claimed_capture(
@@ -597,7 +605,7 @@ class AuthorizationService:
             # A relationship was dissolved, or the ledger cannot pay: the hold is void, and a
             # retry of this capture is told why.
             await self.holds.capture_finish(
-                authorization_id, claim_token, "VOIDED", "", refusal.reason
+                authorization_id, claim_token, Finish.VOIDED, "", refusal.reason
             )
             voided_at = self.clock()
             await self.database.run(
@@ -609,13 +617,13 @@ class AuthorizationService:
         except BaseException as failure:
             if isinstance(failure, DomainError) and not isinstance(failure, Unavailable):
                 # refused in SQL before anything was written (a reused key): as it was
-                await self.holds.capture_finish(authorization_id, claim_token, "PENDING", "")
+                await self.holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
                 raise
             # A lock, a lost connection, a failed batch: SQL may have the capture even so (a
             # COMMIT whose reply was lost). The hold is settled as SQL says; if SQL cannot say,
             # it stays CAPTURING (neither void nor expiry takes it) for the sweeper.
             settled = await self._settle_as_sql_says(
-                authorization_id, claim_token, parts, "PENDING", call
+                authorization_id, claim_token, parts, Finish.PENDING, call
             )
             if settled is not None and settled[1] is not None:
                 return settled[1]  # SQL has it: its first answer
@@ -643,7 +651,7 @@ class AuthorizationService:
         authorization_id: str,
         claim_token: str,
         funding: Funding,
-        if_absent: str,
+        if_absent: Finish,
         call: Idempotency[AuthorizationView] | None,
         why: str = "",
     ) -> tuple[bool, bytes | None] | None:
@@ -758,21 +766,22 @@ class AuthorizationService:
         if in_ledger is LedgerVoid.CAPTURED:
             # Redis may still hold it (its claim lost with Redis, put back by a rebuild):
             # finished as SQL says, never given back.
-            await self.holds.capture_finish(authorization_id, "", "CAPTURED", parts)
+            await self.holds.capture_finish(authorization_id, "", Finish.CAPTURED, parts)
             raise PolicyRefusal(
                 "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
             )
-        outcome = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
-        if outcome == "NOT_FOUND" and in_ledger is LedgerVoid.EXPIRED:
-            outcome = "AUTHORIZATION_EXPIRED"
-        if outcome == "NOT_FOUND":  # unknown, another merchant's, or lost with Redis
+        voided = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        if voided is VoidOutcome.NOT_FOUND and in_ledger is LedgerVoid.EXPIRED:
+            voided = VoidOutcome.AUTHORIZATION_EXPIRED
+        outcome = voided.value
+        if voided is VoidOutcome.NOT_FOUND:  # unknown, another merchant's, or lost with Redis
             state = await self.database.run(lambda session: _lost_state(session, authorization_id))
             if state is None or state[0] != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
-            outcome = "OK" if state[1] == "ALREADY_VOIDED" else state[1]
-        if outcome == "CAPTURE_IN_PROGRESS":  # its write will find the void and be refused
+            outcome = VoidOutcome.OK.value if state[1] == "ALREADY_VOIDED" else state[1]
+        if voided is VoidOutcome.CAPTURE_IN_PROGRESS:  # its write will find the void: refused
             raise Unavailable("a capture of this authorization is being written; retry")
-        if outcome != "OK":
+        if outcome != VoidOutcome.OK.value:
             raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")
         return await self.get(merchant_id, authorization_id)
 
@@ -891,8 +900,8 @@ class AuthorizationService:
     # --- Get -------------------------------------------------------------------------------
 
     async def get(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
-        fields = await self.holds.get(authorization_id)
-        if fields and fields.get("m") != merchant_id:
+        hold = await self.holds.get(authorization_id)
+        if hold is not None and hold.merchant_id != merchant_id:
             raise NotFound(f"authorization {authorization_id} not found")
 
         def read(session: Session) -> tuple[AuthorizationRow | None, CaptureRow | None, Funding]:
@@ -904,7 +913,7 @@ class AuthorizationService:
 
         journal_row, capture, drawn = await self.database.run(read)
         captured_at = records.utc(capture.captured_at) if capture else None
-        if not fields:
+        if hold is None:
             if journal_row is None or journal_row.merchant_id != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
             # Redis lost it: captured if SQL says so, otherwise its hold counts as voided.
@@ -919,18 +928,16 @@ class AuthorizationService:
                 records.utc(journal_row.expires_at) if journal_row.expires_at else None,
                 drawn, captured_at,
             )  # fmt: skip
-        status_text = fields.get("s", "")
         status = (
             AuthorizationStatus.PENDING
-            if status_text == "CAPTURING"
-            else AuthorizationStatus(status_text)
+            if hold.status is HoldStatus.CAPTURING
+            else AuthorizationStatus(hold.status.value)
         )
         return AuthorizationView(
-            authorization_id, merchant_id, fields.get("b", ""), Purpose(fields["p"]), status,
-            int(fields.get("ap", 0)), capture.amount_fen if capture else 0,
-            capture.refunded_fen if capture else 0, parse_funding(fields.get("f", "")),
-            _from_ms(int(fields.get("cr", 0))), _from_ms(int(fields.get("ex", 0))),
-            drawn, captured_at,
+            authorization_id, merchant_id, hold.beneficiary_id, Purpose(hold.purpose), status,
+            hold.approved_fen, capture.amount_fen if capture else 0,
+            capture.refunded_fen if capture else 0, hold.funding,
+            _from_ms(hold.created_ms), _from_ms(hold.expires_ms), drawn, captured_at,
         )  # fmt: skip
 
 

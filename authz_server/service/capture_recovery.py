@@ -15,8 +15,7 @@ from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
-from authz_server.domain.funding import parse_funding
-from authz_server.storage.redis.hold_store import NOT_WRITTEN, HoldStore
+from authz_server.service.ports import NOT_WRITTEN, Finish, HoldStatus, HoldStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.open_holds import ledger_parts
@@ -39,27 +38,25 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
     nothing, PENDING again, or VOIDED (NOT_WRITTEN) for a one-step payment, which nobody would
     capture later (its caller never got its id), so its money is freed at once."""
     hold = await holds.get(authorization_id)
-    if hold.get("s") != "CAPTURING":
+    if hold is None or hold.status is not HoldStatus.CAPTURING:
         return  # finished meanwhile
-    claim_token = hold.get("cs", "")  # the claim read here is the one finished, or none
-    funding = parse_funding(hold.get("f", ""))
+    claim_token = hold.claim_token  # the claim read here is the one finished, or none
+    funding = hold.funding
     captured = await database.run(
         lambda session: captured_as_sql_says(
             session, authorization_id, (relationship_id for relationship_id, _ in funding)
         )
     )
     if captured is not None:
-        await holds.capture_finish(authorization_id, claim_token, "CAPTURED", captured)
-    elif hold.get("o") == "1":
-        await holds.capture_finish(authorization_id, claim_token, "VOIDED", "", NOT_WRITTEN)
+        await holds.capture_finish(authorization_id, claim_token, Finish.CAPTURED, captured)
+    elif hold.one_step:
+        await holds.capture_finish(authorization_id, claim_token, Finish.VOIDED, "", NOT_WRITTEN)
     else:
-        await holds.capture_finish(authorization_id, claim_token, "PENDING", "")
+        await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
 
 
-async def settle_stalled(
-    database: Database, holds: HoldStore, now_ms: int, older_than_ms: int
-) -> int:
-    stalled = await holds.stalled_captures(now_ms, older_than_ms)
+async def settle_stalled(database: Database, holds: HoldStore, stalled: list[str]) -> int:
+    """Settles these authorizations (found CAPTURING by a scan) as SQL says."""
     for authorization_id in stalled:
         await settle_capture(database, holds, authorization_id)
     return len(stalled)

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
+from authz_server.domain.funding import Funding
+from authz_server.domain.hot_state import OpenHold
 from authz_server.domain.model import QuotaFigures
+from authz_server.domain.types import Decision, DeclineReason
 
-__all__ = ["Debit", "QuotaCache", "QuotaFigures", "QuotaRestore"]
+__all__ = [
+    "NOT_WRITTEN",
+    "AuthorizeCall",
+    "CaptureClaim",
+    "CaptureOutcome",
+    "Debit",
+    "Finish",
+    "HoldDecision",
+    "HoldRecord",
+    "HoldStatus",
+    "HoldStore",
+    "QuotaCache",
+    "QuotaFigures",
+    "QuotaRestore",
+    "VoidOutcome",
+]
 
 
 @dataclass(frozen=True)
@@ -75,4 +94,179 @@ class QuotaCache(Protocol):
         self, beneficiary_id: str, relationship_ids: list[str]
     ) -> dict[str, QuotaFigures]:
         """The live figures of the given quotas; a quota not in the cache is left out."""
+        ...
+
+
+# --- holds (the hot state's authorizations) ------------------------------------------------
+
+
+class HoldStatus(StrEnum):
+    """An authorization's status in the hot state."""
+
+    PENDING = "PENDING"
+    CAPTURING = "CAPTURING"  # a capture between its phases, or a one-step payment being made
+    CAPTURED = "CAPTURED"
+    VOIDED = "VOIDED"
+    EXPIRED = "EXPIRED"
+    DECLINED = "DECLINED"
+
+
+class CaptureOutcome(StrEnum):
+    """What claiming a hold for a capture answered. A voided hold answers why it was voided
+    (ALREADY_VOIDED, RELATIONSHIP_NOT_ACTIVE, LEDGER_LIMIT_EXCEEDED)."""
+
+    OK = "OK"
+    REPLAY = "REPLAY"  # captured already with this capture key
+    IN_PROGRESS = "IN_PROGRESS"  # this key's capture is being written
+    STALLED = "STALLED"  # this key's capture began too long ago: its process lost the thread
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_CAPTURED = "ALREADY_CAPTURED"
+    ALREADY_VOIDED = "ALREADY_VOIDED"
+    AUTHORIZATION_EXPIRED = "AUTHORIZATION_EXPIRED"
+    AUTHORIZATION_DECLINED = "AUTHORIZATION_DECLINED"
+    CAPTURE_EXCEEDS_APPROVED = "CAPTURE_EXCEEDS_APPROVED"
+    RELATIONSHIP_NOT_ACTIVE = "RELATIONSHIP_NOT_ACTIVE"
+    LEDGER_LIMIT_EXCEEDED = "LEDGER_LIMIT_EXCEEDED"
+
+
+class VoidOutcome(StrEnum):
+    OK = "OK"  # voided now, or before
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_CAPTURED = "ALREADY_CAPTURED"
+    CAPTURE_IN_PROGRESS = "CAPTURE_IN_PROGRESS"  # its write may still fail: pending again
+    AUTHORIZATION_EXPIRED = "AUTHORIZATION_EXPIRED"
+    AUTHORIZATION_DECLINED = "AUTHORIZATION_DECLINED"
+
+
+class Finish(StrEnum):
+    """How a capture's claim on a hold ends, as SQL answered."""
+
+    CAPTURED = "CAPTURED"  # the captured parts leave the quotas, the rest returns
+    VOIDED = "VOIDED"  # the whole hold returns
+    PENDING = "PENDING"  # the hold is put back as it was (a retry may capture it)
+
+
+# Why a one-step payment was voided when SQL turned out not to have it: nothing was paid, so a
+# retry with the same key makes the payment (HoldStore.forget_unwritten); a capture of it is
+# refused ALREADY_VOIDED.
+NOT_WRITTEN = "NOT_WRITTEN"
+
+
+@dataclass(frozen=True)
+class AuthorizeCall:
+    """One Authorize, as the hot state decides it."""
+
+    authorization_id: str
+    merchant_id: str
+    beneficiary_id: str
+    idempotency_key: str
+    purpose: str
+    request_digest: str
+    eligible_fen: int  # what may be paid (the precheck's eligible lines)
+    allow_partial: bool
+    relationship_id: str  # '' for any of the beneficiary's quotas
+    expires_at_ms: int
+    decided_decline: str  # a decline reason decided before ('' none)
+    capture_at_once: bool  # a one-step payment
+    requires_resident: bool
+    template: str  # the precheck's lines, kept for replays
+    requested_fen: int
+
+
+@dataclass(frozen=True)
+class HoldDecision:
+    """What the hot state decided for an Authorize (new, or replayed for its key)."""
+
+    replayed: bool
+    authorization_id: str
+    decision: Decision
+    decline_reason: DeclineReason | None
+    approved_fen: int
+    funding: Funding
+    remaining_fen: int
+    status: HoldStatus
+    expires_at_ms: int
+    template: str
+    # The hot state's generation the decision was made in ('' without one: tools, tests); the
+    # journal refuses a decision of a generation no longer published (service/journal.py).
+    generation: str = ""
+
+
+@dataclass(frozen=True)
+class CaptureClaim:
+    """What claiming a hold for a capture answered, with the hold's figures (zero and empty for
+    NOT_FOUND)."""
+
+    outcome: CaptureOutcome
+    approved_fen: int
+    amount_fen: int  # what this capture takes (the approved amount when asked for 0)
+    funding: Funding
+    beneficiary_id: str
+    purpose: str
+    created_ms: int = 0
+    expires_ms: int = 0
+
+
+@dataclass(frozen=True)
+class HoldRecord:
+    """An authorization as the hot state has it."""
+
+    merchant_id: str
+    beneficiary_id: str
+    purpose: str
+    status: HoldStatus
+    approved_fen: int
+    funding: Funding
+    created_ms: int
+    expires_ms: int
+    # The claim a capture holds ('' none): its token for capture_finish.
+    claim_token: str
+    one_step: bool  # a one-step payment (voided, not put back, when SQL never had it)
+    void_reason: str  # why it was voided ('' when voided by a Void)
+
+
+class HoldStore(Protocol):
+    """Authorizations and their holds in the hot state, one atomic step per call
+    (implemented by storage/redis/hold_store.py)."""
+
+    def new_authorization_id(self, beneficiary_id: str) -> str:
+        """An id for a new authorization of this beneficiary."""
+        ...
+
+    async def authorize(self, call: AuthorizeCall, now_ms: int) -> HoldDecision | None:
+        """Decides an Authorize, or answers its key's first decision (replayed). None when the
+        key was used before with another request."""
+        ...
+
+    async def undo(self, call: AuthorizeCall, authorization_id: str) -> None:
+        """Forgets a decision made for `call`'s key: its hold goes back to the quotas."""
+        ...
+
+    async def restore_hold(self, hold: OpenHold, now_ms: int) -> bool:
+        """Places an approved hold SQL has and the hot state lost. True when placed."""
+        ...
+
+    async def forget_unwritten(self, call: AuthorizeCall, authorization_id: str) -> bool:
+        """Forgets the key's decision if it is a one-step payment voided NOT_WRITTEN. True when
+        the key no longer names that decision: the call must ask again."""
+        ...
+
+    async def capture_begin(
+        self, authorization_id: str, merchant_id: str, key: str, amount_fen: int, now_ms: int
+    ) -> CaptureClaim:
+        """Claims a pending hold for a capture (CAPTURING)."""
+        ...
+
+    async def capture_finish(
+        self, authorization_id: str, claim_token: str, outcome: Finish, parts: str, why: str = ""
+    ) -> bool:
+        """Finishes the claim `claim_token` names ('' any) as SQL answered. True when it did."""
+        ...
+
+    async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> VoidOutcome:
+        """Voids a pending hold: its money returns at once."""
+        ...
+
+    async def get(self, authorization_id: str) -> HoldRecord | None:
+        """The authorization as the hot state has it; None when it does not know it."""
         ...

@@ -9,17 +9,15 @@ latest closed month. The decision journal (authorizations) and the ledger are ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from redis.asyncio import Redis
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.settlement import Month
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from authz_server.storage.redis.retention import purge_idempotency_before
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import IdempotencyRecordRow, SettlementMonthRow
-
-REDIS_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -29,7 +27,7 @@ class Purged:
     redis_records: int
 
 
-async def purge_closed_months(database: Database, redis: Redis) -> Purged:
+async def purge_closed_months(database: Database, redis: PipelinedRedis) -> Purged:
     last = await database.run(
         lambda session: session.scalar(select(func.max(SettlementMonthRow.month)))
     )
@@ -51,22 +49,5 @@ async def purge_closed_months(database: Database, redis: Redis) -> Purged:
 
     sql_records = await database.run(purge_sql)
     cutoff_ms = int(cutoff.timestamp() * 1000)
-    doomed: list[Any] = []
-    redis_records = 0
-    async for key in redis.scan_iter(match="mw:{b:*}:i:*", count=1000):
-        created: Any = await redis.hget(key, "cr")
-        if created is not None and int(created) < cutoff_ms:
-            doomed.append(key)
-        if len(doomed) >= REDIS_BATCH:
-            redis_records += int(await redis.delete(*doomed))
-            doomed = []
-    async for key in redis.scan_iter(match="mw:{k:*}:k:*", count=1000):
-        claim: Any = await redis.get(key)  # "<digest>|<created ms>"
-        if claim is not None and int(claim.rsplit(b"|", 1)[1]) < cutoff_ms:
-            doomed.append(key)
-        if len(doomed) >= REDIS_BATCH:
-            redis_records += int(await redis.delete(*doomed))
-            doomed = []
-    if doomed:
-        redis_records += int(await redis.delete(*doomed))
+    redis_records = await purge_idempotency_before(redis, cutoff_ms)
     return Purged(last, sql_records, redis_records)

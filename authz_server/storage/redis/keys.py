@@ -1,14 +1,20 @@
-"""Key names. All keys of one beneficiary share the hash tag {b:<8 hex of sha1(beneficiary)>}.
+"""Every Redis key name and SCAN pattern of the service, in one place.
 
-The tag is derived from the beneficiary, and an authorization id starts with the same 8 hex
-digits, so Capture/Void/Get find the slot from the id alone. Beneficiaries whose digests collide
-merely share a slot. Keys that belong to one beneficiary also carry its id.
+All keys of one beneficiary share the hash tag {b:<8 hex of sha1(beneficiary)>} (its "slot
+prefix" mw:{b:<digest>}). The tag is derived from the beneficiary, and an authorization id starts
+with the same 8 hex digits, so Capture/Void/Get find the slot from the id alone. Beneficiaries
+whose digests collide merely share a slot. Keys that belong to one beneficiary also carry its id.
+
+The Lua scripts build some keys of their slot from data (`prefix .. ':q:' .. rid`): each suffix
+they may use is in SCRIPT_SUFFIXES below, next to the Python builder of the same key
+(tests/test_redis_keys.py fails on a script building a key with any other suffix).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 TAG_LENGTH = 8
 
@@ -61,6 +67,12 @@ def expiry(prefix_text: str) -> str:
     return f"{prefix_text}:expiry"
 
 
+def capturing(prefix_text: str) -> str:
+    """ZSET of this slot's authorizations CAPTURING (between a capture's phases, or a one-step
+    payment not finished), scored by when the claim began in ms."""
+    return f"{prefix_text}:capturing"
+
+
 # The sweeper's indexes, kept by Python beside the scripts (a script only touches the keys of
 # one slot, for Redis Cluster, so these live in a slot of their own). Members are slot prefixes.
 DUE_HOLDS = "mw:{sweep}:due"
@@ -86,6 +98,14 @@ def idempotency_claim(merchant_id: str, key: str) -> str:
     return f"mw:{{k:{digest}}}:k:{merchant_id}:{key}"
 
 
+def rate_limit(principal_key: str) -> tuple[str, str]:
+    """The per-principal limits' keys (lua/rate_limit.lua), not hot state: HASH the token bucket
+    (t tokens, ts ms) and ZSET the calls in flight (call id -> ms it is forgotten), both under
+    the principal's own hash tag {rl:<principal>}."""
+    tag = "{rl:" + principal_key + "}"
+    return f"{tag}:rate", f"{tag}:in_flight"
+
+
 # --- the hot state's generation (storage/redis/generation.py) ------------------------------
 GENERATION = "mw:{generation}"
 """STRING: "<generation>|<run id>" once Redis holds the whole hot state rebuilt from SQL (the
@@ -100,3 +120,39 @@ def generation_marker(prefix_text: str) -> str:
     (lua/_generation.lua), so no decision is made on a slot Redis lost or that a rebuild has
     not finished."""
     return f"{prefix_text}:g"
+
+
+# --- what the Lua scripts build from a slot prefix ------------------------------------------
+SCRIPT_SUFFIXES: dict[str, str] = {
+    ":q:": "quota (prefix .. ':q:' .. relationship id)",
+    ":qh:": "quota_holds (prefix .. ':qh:' .. relationship id)",
+    ":a:": "authorization (prefix .. ':a:' .. authorization id; also parsed back: ':a:(.+)$')",
+    ":expiry": "expiry (prefix .. ':expiry')",
+    ":capturing": "capturing (prefix .. ':capturing')",
+    ":g": "generation_marker (lua/_generation.lua: the prefix matched in KEYS[1] .. ':g')",
+}
+"""Key suffixes a script may append to a slot prefix, and the Python builder of that key."""
+SLOT_PREFIX_LUA_PATTERN = "^(mw:{b:%x+})"
+"""How lua/_generation.lua finds the slot prefix in its first key (a Lua pattern)."""
+
+
+# --- SCAN patterns (every primary: storage/redis/scans.py) ----------------------------------
+ALL_KEYS = "mw:*"
+"""Every key of the service's hot state (and its generation, which a rebuild keeps)."""
+GENERATION_MARKS = "mw:{b:*}:g"
+"""Every slot's generation mark (deleted first by a rebuild)."""
+IDEMPOTENCY_RECORDS = "mw:{b:*}:i:*"
+"""Every Authorize idempotency record (retention purges the closed months')."""
+IDEMPOTENCY_CLAIMS = "mw:{k:*}:k:*"
+"""Every merchant-wide idempotency claim."""
+SLOT_ZSETS = "mw:{b:*}:[ec][xa]p[it]*"
+"""Every slot's expiry and capturing zsets (the sweeper's safety net). The glob also lets
+through the rare quota index whose beneficiary id has such a tail: match each key found with
+SLOT_ZSET."""
+SLOT_ZSET = re.compile(r"(mw:\{b:[0-9a-f]+\}):(expiry|capturing)")
+"""A slot zset's name: group 1 its slot prefix, group 2 its kind (expiry, capturing)."""
+
+
+def slot_zsets_of_kind(kind: str) -> str:
+    """Every slot's `kind` zset (expiry or capturing): a SCAN pattern."""
+    return f"mw:{{b:*}}:{kind}"

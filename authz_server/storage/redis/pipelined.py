@@ -437,7 +437,9 @@ class PipelinedRedis:
         return reply
 
     async def load_script(self, script: Script) -> None:
-        await self.execute("SCRIPT", "LOAD", script.source)
+        """SCRIPT LOAD on every primary (keyless: never routed by key)."""
+        for node in await self.primaries():
+            await node.execute("SCRIPT", "LOAD", script.source)
 
     async def aclose(self) -> None:
         """Answers what is in flight (within the timeout), then closes; later calls fail."""

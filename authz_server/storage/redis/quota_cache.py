@@ -14,15 +14,20 @@ from authz_server.observability import metrics
 from authz_server.service.ports import Debit, QuotaFigures, QuotaRestore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import (
-    Argument,
     Command,
     PipelinedRedis,
     Reply,
     as_integer,
     as_list,
-    as_text,
 )
-from authz_server.storage.redis.scripts import script
+from authz_server.storage.redis.quota_io import (
+    QUOTA_FIGURES,
+    QuotaCredit,
+    QuotaDebit,
+    QuotaDissolve,
+    QuotaRestoreCall,
+)
+from authz_server.storage.redis.script_io import ScriptCall, run
 
 T = TypeVar("T")
 
@@ -39,88 +44,37 @@ async def guarded(call: Callable[[], Awaitable[T]], script: str = "command") -> 
 
 
 class RedisQuotaCache:
-    """The scripts and reads go through the pipelined connection `commands`."""
+    """The scripts and reads, through the pipelined connection `commands`."""
 
     def __init__(self, commands: PipelinedRedis) -> None:
         self.commands = commands
-        self._credit = script("quota_credit")
-        self._debit = script("quota_debit")
-        self._dissolve = script("quota_dissolve")
-        self._restore = script("quota_restore")
+
+    async def _run(self, call: ScriptCall[T]) -> T:
+        return await guarded(lambda: run(self.commands, call), call.SCRIPT.name)
 
     async def credit(
         self, beneficiary_id: str, relationship_id: str, amount_fen: int, entry_id: int
     ) -> bool:
-        return await self._credit_script(beneficiary_id, relationship_id, amount_fen, entry_id, "")
+        return await self._run(
+            QuotaCredit(beneficiary_id, relationship_id, amount_fen, entry_id, "")
+        )
 
     async def give_back(
         self, beneficiary_id: str, relationship_id: str, amount_fen: int, epoch: str
     ) -> None:
-        await self._credit_script(beneficiary_id, relationship_id, amount_fen, "", epoch)
-
-    async def _credit_script(
-        self,
-        beneficiary_id: str,
-        relationship_id: str,
-        amount_fen: int,
-        entry_id: int | str,
-        epoch: str,
-    ) -> bool:
-        key = keys.quota(beneficiary_id, relationship_id)
-        arguments: list[Argument] = [amount_fen, entry_id, epoch]
-        result = await guarded(
-            lambda: self.commands.evalsha(self._credit, [key], arguments), "quota_credit"
-        )
-        return as_integer(result) != -1  # -2: counted already by a restore
+        await self._run(QuotaCredit(beneficiary_id, relationship_id, amount_fen, "", epoch))
 
     async def debit(
         self, beneficiary_id: str, relationship_id: str, amount_fen: int
     ) -> Debit | None:
-        key = keys.quota(beneficiary_id, relationship_id)
-        result = as_list(
-            await guarded(
-                lambda: self.commands.evalsha(self._debit, [key], [amount_fen]), "quota_debit"
-            )
-        )
-        available = as_integer(result[0])
-        return None if available < 0 else Debit(available, as_text(result[1]))
+        return await self._run(QuotaDebit(beneficiary_id, relationship_id, amount_fen))
 
     async def dissolve(self, beneficiary_id: str, relationship_id: str) -> None:
-        quota_keys = [
-            keys.quota(beneficiary_id, relationship_id),
-            keys.quota_index(beneficiary_id),
-        ]
-        arguments = [relationship_id, keys.prefix(beneficiary_id)]
-        await guarded(
-            lambda: self.commands.evalsha(self._dissolve, quota_keys, arguments), "quota_dissolve"
-        )
+        await self._run(QuotaDissolve(beneficiary_id, relationship_id))
 
     async def restore(self, quota: QuotaRestore) -> QuotaFigures | None:
-        quota_keys = [
-            keys.quota(quota.beneficiary_id, quota.relationship_id),
-            keys.quota_index(quota.beneficiary_id),
-        ]
-        arguments: list[Argument] = [
-            quota.relationship_id,
-            quota.holder_id,
-            "ACTIVE" if quota.active else "DISSOLVED",
-            quota.unused_fen,
-            quota.funding_order,
-            quota.beneficiary_id,
-            quota.beneficiary_scheme,
-            keys.prefix(quota.beneficiary_id),
-            quota.ledger_mark,
-            os.urandom(8).hex(),  # the quota's new epoch (quota_restore.lua)
-        ]
-        result = as_list(
-            await guarded(
-                lambda: self.commands.evalsha(self._restore, quota_keys, arguments),
-                "quota_restore",
-            )
-        )
-        if as_integer(result[0]) < 0:
-            return None  # BUSY: a capture of the quota is between its phases
-        return QuotaFigures(available_fen=as_integer(result[0]), held_fen=as_integer(result[1]))
+        # a new epoch: a random token, never one the quota had before (quota_restore.lua)
+        return await self._run(QuotaRestoreCall(quota, os.urandom(8).hex()))
 
     async def figures(
         self, beneficiary_id: str, relationship_ids: list[str]
@@ -128,7 +82,7 @@ class RedisQuotaCache:
         if not relationship_ids:
             return {}
         commands: list[Command] = [
-            ("HMGET", keys.quota(beneficiary_id, relationship_id), "available", "held")
+            ("HMGET", keys.quota(beneficiary_id, relationship_id), *QUOTA_FIGURES)
             for relationship_id in relationship_ids
         ]
         rows = await guarded(lambda: self._all_answered(commands))

@@ -10,40 +10,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass
 
-from authz_server.storage.redis import scripts
-from authz_server.storage.redis.pipelined import PipelinedRedis, as_integer, as_list
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from authz_server.storage.redis.quota_io import ADMITTED, REASONS, Limit, RateLimit, Verdict
+from authz_server.storage.redis.script_io import run
 
-RATE_LIMIT = scripts.script("rate_limit")
-
-
-@dataclass(frozen=True)
-class Limit:
-    rate_per_second: float
-    burst: int
-    max_in_flight: int  # 0: no bound
-
-    def __post_init__(self) -> None:
-        if self.rate_per_second <= 0 or self.burst < 1 or self.max_in_flight < 0:
-            raise ValueError("a limit needs rate > 0, burst >= 1 and in_flight >= 0")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    admitted: bool
-    retry_after_ms: int = 0
-    # "RATE_LIMITED" or "TOO_MANY_IN_FLIGHT" when not admitted
-    reason: str = ""
-
-
-ADMITTED = Verdict(True)
-REASONS = {1: "RATE_LIMITED", 2: "TOO_MANY_IN_FLIGHT"}
-
-
-def _keys(principal_key: str) -> tuple[str, str]:
-    tag = "{rl:" + principal_key + "}"
-    return f"{tag}:rate", f"{tag}:in_flight"
+__all__ = ["ADMITTED", "REASONS", "Limit", "RedisRateLimiter", "Verdict"]
 
 
 class RedisRateLimiter:
@@ -58,22 +31,9 @@ class RedisRateLimiter:
         return f"{self.prefix}{next(self.counter):x}"
 
     async def acquire(self, principal_key: str, limit: Limit, call_id: str) -> Verdict:
-        reply = as_list(
-            await self.redis.evalsha(
-                RATE_LIMIT,
-                _keys(principal_key),
-                (
-                    repr(float(limit.rate_per_second)),
-                    limit.burst,
-                    limit.max_in_flight,
-                    call_id,
-                    self.in_flight_ttl_ms,
-                ),
-            )
+        return await run(
+            self.redis, RateLimit(principal_key, limit, call_id, self.in_flight_ttl_ms)
         )
-        if as_integer(reply[0]) == 1:
-            return ADMITTED
-        return Verdict(False, as_integer(reply[1]), REASONS[as_integer(reply[2])])
 
     async def release(self, principal_key: str, call_id: str) -> None:
-        await self.redis.execute("ZREM", _keys(principal_key)[1], call_id)
+        await self.redis.execute("ZREM", keys.rate_limit(principal_key)[1], call_id)

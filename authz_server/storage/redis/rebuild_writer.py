@@ -1,25 +1,21 @@
 """The Redis side of a rebuild of the hot state from SQL (runtime/rebuild.py): what one page of
 beneficiaries looks like in Redis, as plain commands, and the sweep that empties Redis first.
-The field names are the scripts' (lua/_lib.lua, lua/quota_restore.lua, lua/hold_restore.lua)."""
+The field names are the scripts' (a quota's: quota_io.quota_fields; an open hold's:
+script_io.hold_fields)."""
 
 from __future__ import annotations
 
 import os
 from datetime import datetime
 
-from authz_server.domain.funding import format_funding
 from authz_server.domain.hot_state import OpenHold, figures, held_by_quota
 from authz_server.service.ports import QuotaRestore
-from authz_server.storage.redis import keys
-from authz_server.storage.redis.pipelined import (
-    Command,
-    PipelinedRedis,
-    as_integer,
-    as_list,
-    as_text,
-)
+from authz_server.storage.redis import keys, scans
+from authz_server.storage.redis.pipelined import Command, PipelinedRedis
+from authz_server.storage.redis.quota_io import quota_fields
+from authz_server.storage.redis.script_io import hold_fields
 
-# Keys per SCAN call while Redis is emptied, and per UNLINK.
+# Keys per SCAN call while Redis is emptied (its UNLINKs go in one write, one per hash slot).
 SCAN_COUNT = 1000
 
 
@@ -41,33 +37,18 @@ def page_commands(
         prefixes.add(keys.prefix(quota.beneficiary_id))
         if quota.active:
             quota_figures = figures(quota.unused_fen, held.get(quota.relationship_id, 0))
-            commands.append(
-                ("HSET", key, "status", "ACTIVE", "available", quota_figures.available_fen,
-                 "held", quota_figures.held_fen, "holder", quota.holder_id,
-                 "order", quota.funding_order, "beneficiary", quota.beneficiary_id,
-                 "scheme", quota.beneficiary_scheme, "r", quota.ledger_mark, "e", epoch)
-            )  # fmt: skip
+            commands.append(("HSET", key, *quota_fields(quota, quota_figures, epoch)))
             commands.append(
                 ("ZADD", keys.quota_index(quota.beneficiary_id), quota.funding_order,
                  quota.relationship_id)
             )  # fmt: skip
         else:
-            commands.append(
-                ("HSET", key, "status", "DISSOLVED", "available", 0, "held", 0,
-                 "holder", quota.holder_id, "beneficiary", quota.beneficiary_id,
-                 "scheme", quota.beneficiary_scheme, "r", quota.ledger_mark, "e", epoch)
-            )  # fmt: skip
+            commands.append(("HSET", key, *quota_fields(quota, None, epoch)))
     for hold in holds:
         prefix = keys.prefix(hold.beneficiary_id)
         prefixes.add(prefix)
         expires_ms = _ms(hold.expires_at)
-        commands.append(
-            ("HSET", keys.authorization(hold.authorization_id), "m", hold.merchant_id,
-             "b", hold.beneficiary_id, "p", hold.purpose, "s", "PENDING",
-             "ap", hold.approved_fen, "cp", 0, "f", format_funding(hold.funding),
-             "ex", expires_ms, "cr", _ms(hold.created_at), "d", hold.decision, "r", "",
-             "ck", "", "o", 0, "rs", 1)
-        )  # fmt: skip
+        commands.append(("HSET", keys.authorization(hold.authorization_id), *hold_fields(hold)))
         commands.append(("ZADD", keys.expiry(prefix), expires_ms, hold.authorization_id))
         commands.append(("ZADD", keys.DUE_HOLDS, "LT", expires_ms, prefix))
         for relationship_id, _ in hold.funding:
@@ -86,21 +67,14 @@ async def delete_hot_state(redis: PipelinedRedis) -> int:
     slots' generation marks go first: a script that runs while the rest is being deleted finds
     its slot unmarked and refuses, rather than deciding on a slot half gone (a quota deleted, its
     mark not yet: RELATIONSHIP_NOT_FOUND for a funded family)."""
-    marks = await _delete_matching(redis, "mw:{b:*}:g")
-    return marks + await _delete_matching(redis, "mw:*")
+    marks = await _delete_matching(redis, keys.GENERATION_MARKS)
+    return marks + await _delete_matching(redis, keys.ALL_KEYS)
 
 
 async def _delete_matching(redis: PipelinedRedis, pattern: str) -> int:
-    deleted, cursor = 0, 0
-    while True:
-        reply = as_list(await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT))
-        names = [
-            as_text(name)
-            for name in as_list(reply[1])
-            if not as_text(name).startswith(keys.GENERATION)
-        ]
-        if names:
-            deleted += as_integer(await redis.execute("UNLINK", *names))
-        cursor = as_integer(reply[0])
-        if cursor == 0:
-            return deleted
+    """UNLINK of every key matching `pattern` on every primary (keys.GENERATION kept)."""
+    deleted = 0
+    async for names in scans.scan_pages(redis, pattern, SCAN_COUNT):
+        doomed = [name for name in names if not name.startswith(keys.GENERATION)]
+        deleted += await scans.unlink(redis, doomed)
+    return deleted

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from importlib import resources
 
-from authz_server.storage.redis.pipelined import Command, PipelinedRedis, Script
+from authz_server.storage.redis.pipelined import PipelinedRedis, Script
+from authz_server.storage.redis.scans import load_scripts
 
 ALL_SCRIPTS = (
     "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
@@ -35,13 +36,8 @@ def source(name: str) -> str:
 
 async def preload(redis: PipelinedRedis) -> None:
     """SCRIPT LOAD every script on every primary, so health turns SERVING only once Redis holds
-    them all. SCRIPT LOAD names no key, so a cluster client cannot route it by slot: each
-    primary gets it on its own connection (a single node is its own only primary)."""
-    commands: list[Command] = [("SCRIPT", "LOAD", source(name)) for name in ALL_SCRIPTS]
-    for primary in await redis.primaries():
-        for reply in await primary.execute_many(commands):
-            if isinstance(reply, Exception):
-                raise reply
+    them all."""
+    await load_scripts(redis, [source(name) for name in ALL_SCRIPTS])
 
 
 def script(name: str) -> Script:

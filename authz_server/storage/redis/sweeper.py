@@ -1,10 +1,10 @@
 """The hold sweeper's round, run every second by one process (Application._sweep).
 
 Each round costs what is due, not the size of the keyspace:
-- expired holds: the slots the due index names (HoldStore.sweep_due);
+- expired holds: the slots the due index names (SweepStore.sweep_due);
 - captures stalled between their phases: the slots the capture index names
-  (HoldStore.stalled_captures_due), settled by the caller as SQL says;
-- the safety net: a SCAN of the keyspace spread over the rounds (HoldStore.index_step), which
+  (SweepStore.stalled_captures_due), settled by the caller as SQL says;
+- the safety net: a SCAN of the keyspace spread over the rounds (SweepStore.index_step), which
   puts back index entries lost in a crash and counts the open holds. Each round scans at least
   SAFETY_NET_MINIMUM_KEYS keys, and enough for a whole pass in SAFETY_NET_PASS_SECONDS: a small
   keyspace is covered every round, a large one once a minute, evenly rather than in one burst.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS, HoldStore
+from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 
 # A whole pass of the safety net takes at most this long, whatever the keyspace's size.
 SAFETY_NET_PASS_SECONDS = 60.0
@@ -36,16 +36,16 @@ class SweepReport:
 
 
 class HoldSweeper:
-    def __init__(self, holds: HoldStore, interval_seconds: float) -> None:
-        self.holds = holds
+    def __init__(self, sweeps: SweepStore, interval_seconds: float) -> None:
+        self.sweeps = sweeps
         self.interval_seconds = interval_seconds
         self._cursor = 0
         self._keys_per_round = SAFETY_NET_MINIMUM_KEYS
         self._open_holds_in_pass = 0
 
     async def sweep(self, now_ms: int) -> SweepReport:
-        expired = await self.holds.sweep_due(now_ms)
-        stalled = await self.holds.stalled_captures_due(now_ms, STALE_CAPTURE_SECONDS * 1000)
+        expired = await self.sweeps.sweep_due(now_ms)
+        stalled = await self.sweeps.stalled_captures_due(now_ms, STALE_CAPTURE_SECONDS * 1000)
         # The safety net last, so its count of open holds is after this round's expiries; what
         # it puts back in the indexes is taken at the next round.
         open_holds = await self._safety_net_round()
@@ -53,7 +53,7 @@ class HoldSweeper:
 
     async def _safety_net_round(self) -> int | None:
         if self._cursor == 0:  # a pass begins: size it to the keyspace as it is now
-            keys_now = await self.holds.keys_in_database()
+            keys_now = await self.sweeps.keys_in_database()
             rounds_per_pass = SAFETY_NET_PASS_SECONDS / self.interval_seconds
             self._keys_per_round = max(
                 SAFETY_NET_MINIMUM_KEYS, math.ceil(keys_now / rounds_per_pass)
@@ -62,7 +62,7 @@ class HoldSweeper:
         scanned = 0
         while scanned < self._keys_per_round:
             count = min(SAFETY_NET_KEYS_PER_CALL, self._keys_per_round - scanned)
-            step = await self.holds.index_step(self._cursor, count)
+            step = await self.sweeps.index_step(self._cursor, count)
             scanned += count
             self._cursor = step.cursor
             self._open_holds_in_pass += step.open_holds

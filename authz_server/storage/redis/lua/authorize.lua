@@ -1,14 +1,6 @@
 -- Authorize in one round trip: expire due holds, check idempotency, choose the funding, place
 -- the hold, remember the answer.
--- KEYS: 1 authorization hash, 2 idempotency hash, 3 beneficiary's quota index, 4 expiry zset.
--- ARGV: 1 prefix, 2 now ms, 3 authorization id, 4 merchant, 5 beneficiary, 6 purpose,
---       7 request digest, 8 eligible fen (what may be paid), 9 allow partial (0/1),
---       10 relationship id or '', 11 expires at ms, 12 decline reason decided before ('' none),
---       13 capture at once (0/1), 14 resident scheme required (0/1), 15 opaque line template,
---       16 amount requested fen.
--- Returns {'REUSED'} | {'REPLAY', fields...} | {'NEW', fields...} where fields are
---   authorization id, decision, decline reason, approved fen, funding, remaining fen, status,
---   expires at ms, line template.
+-- KEYS, ARGV (by number) and reply: Authorize in storage/redis/script_io.py.
 local prefix, now = ARGV[1], tonumber(ARGV[2])
 expire_due(prefix, now, 16)
 

@@ -1,7 +1,7 @@
 -- Undoes a decision authorize.lua just made, when its idempotency key turned out to be claimed
 -- already by another request of the same merchant (for another beneficiary): the hold goes back
 -- to the quotas and the decision is forgotten, as if the call had been refused at once.
--- KEYS: 1 authorization hash, 2 idempotency hash. ARGV: 1 prefix, 2 authorization id.
+-- KEYS, ARGV and reply: AuthorizeUndo in storage/redis/script_io.py.
 local prefix, auth, auth_id = ARGV[1], KEYS[1], ARGV[2]
 touch(prefix .. ':expiry', prefix .. ':capturing')
 local funding = redis.call('HGET', auth, 'f')

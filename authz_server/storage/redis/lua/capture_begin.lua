@@ -1,9 +1,6 @@
 -- First phase of a capture: claims a pending hold (status CAPTURING) so that neither expiry nor
 -- a void can take it while the capture is written to SQL.
--- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant, 4 capture idempotency key,
--- 5 amount fen (0 = all), 6 ms after which a capture still CAPTURING counts as stalled.
--- Returns {outcome, approved fen, amount fen, funding, beneficiary, purpose, created ms,
--- expires ms}; outcome is OK,
+-- KEYS, ARGV and reply: CaptureBegin in storage/redis/script_io.py. The outcome is OK,
 -- REPLAY (captured with this key), IN_PROGRESS, NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
 -- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
 -- RELATIONSHIP_NOT_ACTIVE (voided because a relationship funding it was dissolved).

@@ -1,9 +1,7 @@
 -- Second phase, after SQL answered: CAPTURED (the captured parts leave the quotas, the rest of
 -- the hold returns), VOIDED (SQL refused: the whole hold returns), or PENDING (SQL failed for
 -- a passing reason: the hold is put back as it was, so the merchant can retry).
--- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 outcome, 3 captured parts "rid=fen;...",
--- 4 (with VOIDED; may be '') why, answered to a later capture instead of ALREADY_VOIDED,
--- 5 the claim being finished (its cs, when it began; '' for any claim).
+-- KEYS, ARGV and reply: CaptureFinish in storage/redis/script_io.py.
 -- Finishes nothing when the hold is no longer in that claim: a sweeper that read SQL for an
 -- old claim must not finish a newer one (a till's retry that settled and claimed it again),
 -- whose own write SQL may be committing. Returns 1 when it finished the claim, else 0.

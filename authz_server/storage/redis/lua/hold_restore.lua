@@ -5,8 +5,7 @@
 -- longer active (dissolution voided it and returned the money).
 -- The money is taken even where available falls below zero: SQL approved it, and the ledger
 -- guard at capture (LEDGER_LIMIT_EXCEEDED) is what stands behind an overcommitted quota.
--- KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant, 4 beneficiary, 5 purpose,
--- 6 approved fen, 7 funding, 8 expires at ms, 9 created at ms, 10 decision.
+-- KEYS, ARGV and reply: HoldRestore in storage/redis/script_io.py.
 -- rs = 1 marks a hold put back from SQL (capture_finish.lua). Returns 1 when the hold was
 -- placed, 0 otherwise.
 local prefix, now, auth = ARGV[1], tonumber(ARGV[2]), KEYS[1]

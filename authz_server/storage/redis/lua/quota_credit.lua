@@ -1,6 +1,5 @@
--- Adds money to an active quota. KEYS[1] quota hash; ARGV[1] amount_fen; ARGV[2] the ledger
--- entry of a credit SQL committed first ('' none); ARGV[3] the restore epoch a debit being given
--- back was taken in ('' none).
+-- Adds money to an active quota. KEYS, ARGV and reply: QuotaCredit in
+-- storage/redis/quota_io.py.
 -- A restore (quota_restore.lua) sets the quota from SQL's figure, which already counts every
 -- credit entry up to its mark r, and starts a new epoch e: such a credit, or the give-back of a
 -- debit taken before it, was counted by the restore and must not be added again.

@@ -2,7 +2,7 @@
 -- parts on the beneficiary's other quotas go back to those). The ledger (SQL) already returned
 -- this quota's unused money to the holder; here its figures go to zero. A hold voided here
 -- remembers why (vr), so a later capture is refused RELATIONSHIP_NOT_ACTIVE.
--- KEYS: 1 quota hash, 2 beneficiary's quota index. ARGV: 1 relationship id, 2 prefix.
+-- KEYS, ARGV and reply: QuotaDissolve in storage/redis/quota_io.py.
 local prefix = ARGV[2]
 local holds = prefix .. ':qh:' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0)

@@ -1,10 +1,5 @@
 -- Sets a quota from the ledger's unused figure (available + held), keeping its open holds.
--- KEYS: 1 quota hash, 2 beneficiary's quota index.
--- ARGV: 1 relationship id, 2 holder id, 3 'ACTIVE' or 'DISSOLVED', 4 unused fen,
---       5 funding order, 6 beneficiary id, 7 beneficiary's scheme, 8 prefix,
---       9 the relationship's newest ledger entry when SQL was read (r), 10 a new epoch (e): a
---       random token, never one a quota had before (a counter would start again with a quota
---       Redis lost).
+-- KEYS, ARGV and reply: QuotaRestoreCall in storage/redis/quota_io.py.
 -- The caller holds the relationship's row lock from its read of SQL until this has run, so no
 -- money of this quota commits in between. Held is recounted from the open holds themselves.
 -- r and a new epoch e tell later credits and give-backs that the figure counts them already

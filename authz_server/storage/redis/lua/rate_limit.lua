@@ -1,11 +1,8 @@
 -- Admits one call of a principal, or says how long to wait: a token bucket (rate per second,
 -- burst) and a bound on its calls in flight, in one round trip, shared by every worker and pod.
--- KEYS[1] the bucket (hash: t = tokens, ts = ms), KEYS[2] the calls in flight (sorted set: call
--- id -> the ms it is forgotten, so a worker that died mid-call frees its slots by itself). Both
--- carry the principal's hash tag (one Cluster slot).
--- ARGV: rate per second, burst, max in flight (0: no bound), call id, in-flight TTL ms.
--- Returns {1, 0, 0} admitted; {0, retry_ms, 1} over the rate; {0, retry_ms, 2} too many in
--- flight. Time is Redis's (TIME), so pods with skewed clocks share one bucket fairly.
+-- KEYS, ARGV and reply: RateLimit in storage/redis/quota_io.py (the keys: keys.rate_limit).
+-- A call in flight is forgotten after its TTL, so a worker that died mid-call frees its slots by
+-- itself. Time is Redis's (TIME), so pods with skewed clocks share one bucket fairly.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local rate = tonumber(ARGV[1])

@@ -1,5 +1,5 @@
 -- Voids a pending hold: its money returns to the quotas at once. Voiding a voided one is a
--- harmless repeat. KEYS: 1 authorization hash. ARGV: 1 prefix, 2 now ms, 3 merchant.
+-- harmless repeat. KEYS, ARGV and reply: Void in storage/redis/script_io.py.
 -- Returns OK, NOT_FOUND, ALREADY_CAPTURED, CAPTURE_IN_PROGRESS (its capture is being written
 -- and may still fail: the hold would then be pending again), AUTHORIZATION_EXPIRED or
 -- AUTHORIZATION_DECLINED.
