@@ -172,7 +172,7 @@ def test_every_rpc_survives_random_and_garbage_input(
 ) -> None:
     rng = random.Random(SEED)
     engine = create_engine(harness.database_url)
-    redis = Redis.from_url(harness.redis_url)
+    redis = harness.admin()
     codes: dict[grpc.StatusCode, int] = {}
     before = settled(engine, redis)
     try:
