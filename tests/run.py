@@ -11,6 +11,8 @@ otherwise its checks are skipped and the run says so, and how to get them.
 
 Set TEST_DATABASE_URL=postgresql+psycopg://... to run against PostgreSQL instead of SQLite (each
 run uses a private schema), as .ci/run does.
+TEST_REDIS_CLUSTER=1 runs the session's service on a real 3-primary/3-replica Redis Cluster on
+loopback (tests/harness.py); tests marked single_redis skip.
 """
 
 from __future__ import annotations
