@@ -173,7 +173,8 @@ async def _purge(settings: Settings) -> int:
     purged = await purge_closed_months(database, client)
     print(
         f"through {purged.through_month or 'no closed month'}: dropped "
-        f"{purged.sql_records} SQL and {purged.redis_records} Redis idempotency records"
+        f"{purged.sql_records} SQL and {purged.redis_records} Redis idempotency records, "
+        f"{purged.redis_authorizations} settled authorizations from Redis"
     )
     await client.aclose()
     database.close()
