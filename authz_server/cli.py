@@ -172,7 +172,8 @@ async def _purge(settings: Settings) -> int:
         await close_storage(storage)
     print(
         f"through {purged.through_month or 'no closed month'}: dropped "
-        f"{purged.sql_records} SQL and {purged.redis_records} Redis idempotency records"
+        f"{purged.sql_records} SQL and {purged.redis_records} Redis idempotency records, "
+        f"{purged.redis_authorizations} settled authorizations from Redis"
     )
     return 0
 

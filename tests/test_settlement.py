@@ -281,12 +281,49 @@ def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> 
         claims = [key async for key in world.harness.client.scan_iter(match="mw:{k:*}:k:*")]
         return len(records) + len(claims)
 
+    async def authorizations() -> dict[str, tuple[str, int]]:
+        """Every authorization hash in Redis: id -> (status, created ms)."""
+        found = {}
+        async for key in app.redis.scan_iter(match="mw:{b:*}:a:*"):
+            status, created = await app.redis.hmget(key, ["s", "cr"])
+            found[key.decode().rsplit(":", 1)[1]] = (status.decode(), int(created))
+        return found
+
+    april_starts_ms = int(Month.parse("month", "2025-04").starts_at.timestamp() * 1000)
+    held = world.harness.run(authorizations())
+    settled_before_april = {
+        authorization_id
+        for authorization_id, (status, created) in held.items()
+        if created < april_starts_ms and status in ("CAPTURED", "VOIDED", "EXPIRED", "DECLINED")
+    }
+    captured_in_march = next(
+        authorization_id
+        for authorization_id in settled_before_april
+        if held[authorization_id][0] == "CAPTURED"
+    )
+    march_view = world.authorizations.GetAuthorization(
+        authorization_pb2.GetAuthorizationRequest(authorization_id=captured_in_march),
+        metadata=merchant_token(world, captured_in_march),
+    )
     before = world.harness.run(idempotency_keys())
     purged = world.harness.run(purge_closed_months(app.database, app.pipelined_redis))
     assert purged.through_month == "2025-03"
     assert purged.redis_records == before - 2  # all but April's record and its claim
     assert purged.sql_records > 0
     assert world.harness.run(idempotency_keys()) == 2
+    # The closed months' settled authorizations left Redis; everything else stayed.
+    assert settled_before_april and purged.redis_authorizations == len(settled_before_april)
+    left = world.harness.run(authorizations())
+    assert set(left) == set(held) - settled_before_april
+    # ...and are still answered, from SQL's journal, as before.
+    after_view = world.authorizations.GetAuthorization(
+        authorization_pb2.GetAuthorizationRequest(authorization_id=captured_in_march),
+        metadata=merchant_token(world, captured_in_march),
+    )
+    assert after_view.authorization.status == march_view.authorization.status
+    assert (
+        after_view.authorization.captured_amount_fen == march_view.authorization.captured_amount_fen
+    )
     # April is open: its retries still get the original answers.
     again = world.authorizations.Capture(capture, metadata=token)
     assert again.SerializeToString() == first.SerializeToString()
@@ -300,6 +337,18 @@ def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> 
         metadata=token,
     )
     assert replay.authorization_id == april.authorization_id
+
+
+def merchant_token(world: World, authorization_id: str) -> tuple[tuple[str, str], ...]:
+    """The metadata of the merchant that made this authorization (a merchant sees only its own)."""
+    from authz_server.storage.sql.tables import AuthorizationRow
+
+    world.harness.run(world.harness.app.journal.flush())
+    merchant = world.harness.app.database.transaction(
+        lambda s: s.get(AuthorizationRow, authorization_id).merchant_id  # type: ignore[union-attr]
+    )
+    key = next(key for key, hospital in HOSPITALS.items() if hospital == merchant)
+    return bearer(f"token-{key}")
 
 
 def april_key(world: World, authorization_id: str) -> str:

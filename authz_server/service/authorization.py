@@ -916,10 +916,19 @@ class AuthorizationService:
         if hold is None:
             if journal_row is None or journal_row.merchant_id != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
-            # Redis lost it: captured if SQL says so, otherwise its hold counts as voided.
+            # Redis lost it, or retention dropped it once settled: as SQL says (captured,
+            # declined, expired when its time passed with no void), otherwise its hold counts
+            # as voided.
             status = AuthorizationStatus.CAPTURED if capture else AuthorizationStatus.VOIDED
             if journal_row.decision == Decision.DECLINED.value:
                 status = AuthorizationStatus.DECLINED
+            elif (
+                capture is None
+                and journal_row.voided_at is None
+                and journal_row.expires_at is not None
+                and records.utc(journal_row.expires_at) <= self.clock()
+            ):
+                status = AuthorizationStatus.EXPIRED
             return AuthorizationView(
                 authorization_id, merchant_id, journal_row.beneficiary_id,
                 Purpose(journal_row.purpose), status, journal_row.approved_fen,

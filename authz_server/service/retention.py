@@ -1,9 +1,11 @@
-"""Dropping the engine's idempotency records, which is allowed only for closed months.
+"""Dropping the engine's idempotency records (and Redis's settled authorizations), which is
+allowed only for closed months.
 
 A record must answer a retry at least until the month of its operation is settled; after that
 a retry would be a new payment in a closed month, which settlement cannot take anyway. Dropped:
 Authorize records in Redis and Capture/Refund records in SQL created before the end of the
-latest closed month. The decision journal (authorizations) and the ledger are kept.
+latest closed month, and the settled authorizations' hashes in Redis (the journal has them).
+The decision journal (authorizations) and the ledger are kept.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.settlement import Month
 from authz_server.storage.redis.pipelined import PipelinedRedis
-from authz_server.storage.redis.retention import purge_idempotency_before
+from authz_server.storage.redis.retention import (
+    purge_idempotency_before,
+    purge_settled_authorizations_before,
+)
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import IdempotencyRecordRow, SettlementMonthRow
 
@@ -25,6 +30,8 @@ class Purged:
     through_month: str | None
     sql_records: int
     redis_records: int
+    # Settled authorization hashes dropped from Redis (SQL's journal keeps the decisions).
+    redis_authorizations: int = 0
 
 
 async def purge_closed_months(database: Database, redis: PipelinedRedis) -> Purged:
@@ -50,4 +57,5 @@ async def purge_closed_months(database: Database, redis: PipelinedRedis) -> Purg
     sql_records = await database.run(purge_sql)
     cutoff_ms = int(cutoff.timestamp() * 1000)
     redis_records = await purge_idempotency_before(redis, cutoff_ms)
-    return Purged(last, sql_records, redis_records)
+    authorizations = await purge_settled_authorizations_before(redis, cutoff_ms)
+    return Purged(last, sql_records, redis_records, authorizations)

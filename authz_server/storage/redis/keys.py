@@ -145,6 +145,8 @@ IDEMPOTENCY_RECORDS = "mw:{b:*}:i:*"
 """Every Authorize idempotency record (retention purges the closed months')."""
 IDEMPOTENCY_CLAIMS = "mw:{k:*}:k:*"
 """Every merchant-wide idempotency claim."""
+AUTHORIZATIONS = "mw:{b:*}:a:*"
+"""Every authorization hash (retention drops the closed months' settled ones)."""
 SLOT_ZSETS = "mw:{b:*}:[ec][xa]p[it]*"
 """Every slot's expiry and capturing zsets (the sweeper's safety net). The glob also lets
 through the rare quota index whose beneficiary id has such a tail: match each key found with

@@ -1,9 +1,11 @@
-"""The Redis side of dropping idempotency records of closed months (service/retention.py): the
-Authorize records (keys.idempotency, field cr) and the merchant-wide claims
-(keys.idempotency_claim, "<digest>|<created ms>") created before a cutoff, on every primary."""
+"""The Redis side of dropping records of closed months (service/retention.py), on every
+primary: the Authorize idempotency records (keys.idempotency, field cr), the merchant-wide claims
+(keys.idempotency_claim, "<digest>|<created ms>") and the settled authorization hashes
+(keys.authorization, fields s and cr) created before a cutoff."""
 
 from __future__ import annotations
 
+from authz_server.service.ports import HoldStatus
 from authz_server.storage.redis import keys, scans
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis, Reply, as_text
 
@@ -35,6 +37,33 @@ async def purge_idempotency_before(redis: PipelinedRedis, cutoff_ms: int) -> int
                 if claim is not None and _before(as_text(claim).rsplit("|", 1)[1], cutoff_ms)
             ],
         )
+    return deleted
+
+
+# An authorization in one of these states is over: no script reads its hash again (it left the
+# quotas' hold sets, the expiry and capturing zsets when it settled), and a late call about it
+# is answered from SQL, as after a rebuild (which never writes settled authorizations back).
+# Without this purge every decision's hash (~300 B) would stay in Redis for good.
+SETTLED = frozenset(
+    {HoldStatus.CAPTURED, HoldStatus.VOIDED, HoldStatus.EXPIRED, HoldStatus.DECLINED}
+)
+
+
+async def purge_settled_authorizations_before(redis: PipelinedRedis, cutoff_ms: int) -> int:
+    """Deletes the hashes of authorizations created before `cutoff_ms` and settled (captured,
+    voided, expired, declined). Returns how many. A settled state is final, so reading it and
+    then deleting is safe without a script."""
+    deleted = 0
+    async for names in scans.scan_pages(redis, keys.AUTHORIZATIONS, SCAN_COUNT):
+        states = await _each(redis, [("HMGET", name, "s", "cr") for name in names])
+        doomed = []
+        for name, state in zip(names, states, strict=True):
+            status, created = (
+                (_text(part) for part in state) if isinstance(state, list) else (None, None)
+            )
+            if status in SETTLED and _before(created, cutoff_ms):
+                doomed.append(name)
+        deleted += await scans.unlink(redis, doomed)
     return deleted
 
 
