@@ -284,8 +284,8 @@ def test_purge_drops_idempotency_records_of_closed_months_only(world: World) -> 
     async def authorizations() -> dict[str, tuple[str, int]]:
         """Every authorization hash in Redis: id -> (status, created ms)."""
         found = {}
-        async for key in app.redis.scan_iter(match="mw:{b:*}:a:*"):
-            status, created = await app.redis.hmget(key, ["s", "cr"])
+        async for key in world.harness.client.scan_iter(match="mw:{b:*}:a:*"):
+            status, created = await world.harness.client.hmget(key, ["s", "cr"])
             found[key.decode().rsplit(":", 1)[1]] = (status.decode(), int(created))
         return found
 
