@@ -40,8 +40,6 @@ from tests.test_authorization_rules import (
     register_merchants,
 )
 
-# The cluster client (storage/redis/cluster.py) comes from another branch of issue 13.
-pytest.importorskip("authz_server.storage.redis.cluster")
 redis_cluster = cluster_fixture(name="service_cluster")
 # Families until every primary owns at least this many of their slots.
 PER_PRIMARY = 2
