@@ -141,7 +141,9 @@ class HotStateGeneration:
         for beneficiaries whose quotas are in SQL; marked "never used", they would be declined
         RELATIONSHIP_NOT_FOUND on nothing. When a witness is missing or names another
         generation, keys.GENERATION is deleted (if it still names ours) so every server's
-        guardian finds the hot state lost and one rebuilds it; False (UNAVAILABLE)."""
+        guardian finds the hot state lost and one rebuilds it; False (UNAVAILABLE). A hot state
+        rebuilt by a version without witnesses has none: it is rebuilt once more, at the first
+        unmarked slot (during a rolling upgrade, until no server of that version rebuilds)."""
         witnesses = sorted({keys.witness(keys.slot(marker)) for marker in markers})
         replies = await redis.execute_many([("GET", witness) for witness in witnesses])
         lost: list[str] = []
