@@ -44,6 +44,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,8 +72,16 @@ EXHAUST = "exhaust"
 EXHAUST_SENT = 1_000
 EXHAUST_FITS = 250
 WORKLOADS = ("uniform", "hot spot")
-SYSTEMS = ("floor", "service", "baseline")
-COLORS = {"floor": "#9e9e9e", "service": "#1f77b4", "baseline": "#d62728"}
+SYSTEMS = ("floor", "service", "service-cluster", "baseline")
+COLORS = {
+    "floor": "#9e9e9e",
+    "service": "#1f77b4",
+    "service-cluster": "#2ca02c",
+    "baseline": "#d62728",
+}
+# The service, measured twice in one run with --redis-cluster: on one Redis node (`service`) and
+# on a 3-primary + 3-replica Redis Cluster (`service-cluster`, tests/redis_cluster.py).
+SERVICES = ("service", "service-cluster")
 # The tracing-cost phases (--tracing-cost) run the service's own server: its quotas, its check.
 LEDGER_OF = {"before": "service", "traced": "service", "spans": "service", "after": "service"}
 
@@ -435,14 +444,53 @@ def python_command(module: str, *arguments: str) -> list[str]:
     return [sys.executable, "-m", module, *arguments]
 
 
-def run_service(run: Run, redis: EmbeddedRedis) -> None:
+@dataclass(frozen=True)
+class HotState:
+    """The Redis a service run uses: its URL, the processes whose CPU is the store's, and a
+    redis-py client to check the quotas with after the run."""
+
+    url: str
+    pids: list[int]
+    client: Callable[[], Any]
+
+
+def one_node(redis: EmbeddedRedis) -> HotState:
+    import redis as redis_client
+
+    assert redis.process is not None
+    return HotState(
+        redis.url,
+        [redis.process.pid],
+        lambda: redis_client.Redis(unix_socket_path=str(redis.socket)),
+    )
+
+
+def cluster_of(cluster: Any) -> HotState:
+    """A running tests/redis_cluster.py cluster: every node's CPU (replicas replicate the
+    writes) counts as the store's."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    ports = cluster.primary_ports()
+    seeds = ",".join(f"127.0.0.1:{port}" for port in ports)
+    pids = [node.process.pid for node in cluster.nodes if node.process is not None]
+    return HotState(
+        f"redis+cluster://{seeds}",
+        pids,
+        lambda: RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", port) for port in ports]  # type: ignore[no-untyped-call]
+        ),
+    )
+
+
+def run_service(run: Run, redis: HotState, system: str = "service") -> None:
     arguments = run.arguments
-    database_url, schema = sqlite_or_schema(arguments.database_url, run.directory, "bench_service")
+    name = system.replace("-", "_")
+    database_url, schema = sqlite_or_schema(arguments.database_url, run.directory, f"bench_{name}")
     if schema:
-        database_url += "&application_name=mw-bench-service"
+        database_url += f"&application_name=mw-bench-{system}"
     env = dict(
         os.environ,
-        MEDWALLET_DATA_DIR=str(run.directory / "service"),
+        MEDWALLET_DATA_DIR=str(run.directory / system),
         DATABASE_URL=database_url,
         REDIS_URL=redis.url,
         MEDWALLET_TOKENS_FILE=str(run.tokens),
@@ -461,51 +509,50 @@ def run_service(run: Run, redis: EmbeddedRedis) -> None:
     port = free_port()
     env["MEDWALLET_GRPC_PORT"] = str(port)
     server = Server(
-        "service",
+        system,
         python_command("authz_server.cli", "serve"),
         env,
-        run.directory / "service.log",
+        run.directory / f"{system}.log",
         port,
         workers=run.workers,
     )
-    log(f"starting the service ({run.workers} workers; start-up reconciles Redis from SQL)")
+    log(f"starting the {system} ({run.workers} workers; start-up reconciles Redis from SQL)")
     started = time.monotonic()
     server.start()
-    run.checks["service_start_seconds"] = round(time.monotonic() - started, 1)
-    assert redis.process is not None
-    redis_pid = redis.process.pid
+    run.checks[f"{name}_start_seconds"] = round(time.monotonic() - started, 1)
 
     def stores() -> list[int]:
-        pids = [redis_pid]
+        pids = list(redis.pids)
         if schema:
-            pids += backend_pids(arguments.database_url, "mw-bench-service")
+            pids += backend_pids(arguments.database_url, f"mw-bench-{system}")
         return pids
 
     try:
         for operation in OPERATIONS:
             for workload in WORKLOADS:
                 profile = arguments.profile and workload == "uniform"
-                measure(run, "service", server, operation, workload, stores, profile)
-        if arguments.tracing_cost:
+                measure(run, system, server, operation, workload, stores, profile)
+        if arguments.tracing_cost and system == "service":
             server = tracing_cost.measure_tracing_cost(run, server, stores, measure)
-        exhaust(run, "service", server, stores)
-        run.checks["service"] = verify_service(run, redis, database_url)
+        exhaust(run, system, server, stores)
+        run.checks[system] = verify_service(run, redis, database_url, system)
     finally:
         server.stop()
         drop_schema(arguments.database_url or "", schema)
 
 
-def verify_service(run: Run, redis: EmbeddedRedis, database_url: str) -> dict[str, Any]:
+def verify_service(
+    run: Run, redis: HotState, database_url: str, system: str = "service"
+) -> dict[str, Any]:
     """Quota figures after the run: for every family the clients were approved money for,
     held (Redis) + captured (SQL) must equal what the clients saw approved, and allocated =
     available + held + captured; the hot families also through GetRelationship."""
-    import redis as redis_client
     from sqlalchemy import create_engine, text
 
     from authz_server.storage.redis import keys
 
-    approved = run.approved.get("service", {})
-    client = redis_client.Redis(unix_socket_path=str(redis.socket))
+    approved = run.approved.get(system, {})
+    client = redis.client()
     engine = create_engine(database_url)
     with engine.connect() as connection:
         captured = {
@@ -810,6 +857,15 @@ def ratios(run: Run) -> list[dict[str, Any]]:
                 )
                 cpu = ratio(service.server_cpu_us, baseline.server_cpu_us)
                 add(f"{name}: service/baseline server CPU per op", cpu, "", None)
+            clustered = find(run, "service-cluster", operation, workload)
+            if clustered is not None:
+                for figure, label in (
+                    ("throughput", "throughput"),
+                    ("server_cpu_us", "server CPU per op"),
+                    ("p99_ms", "p99 latency"),
+                ):
+                    value = ratio(getattr(clustered, figure), getattr(service, figure))
+                    add(f"{name}: cluster/one node {label}", value, "", None)
     return rows  # fmt: skip
 
 
@@ -972,9 +1028,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
+        default="floor,service,baseline",
         help="which to measure, comma-separated (default: floor,service,baseline; also"
-        " security: Authorize with the limiter off, on, and on with TLS, alternated)",
+        " service-cluster: the service on a 3-primary Redis Cluster; security: Authorize with"
+        " the limiter off, on, and on with TLS, alternated)",
+    )
+    parser.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="also measure the service on a 3-primary + 3-replica Redis Cluster started for the"
+        " run (system service-cluster), beside the service on one Redis node",
     )
     parser.add_argument(
         "--sweep-workers",
@@ -1028,6 +1091,8 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
     arguments = run.arguments
     run.checks["load_average_at_start"] = os.getloadavg()
     systems = set(arguments.systems.split(","))
+    if arguments.redis_cluster:
+        systems |= {"service", "service-cluster"}
     if "security" in systems:  # TLS and the limiter on vs off (loadtest/security_phases.py)
         from loadtest import security_phases
 
@@ -1035,7 +1100,13 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
         security_phases.run_security(run, redis)
     if "service" in systems:
         redis.start()
-        run_service(run, redis)
+        run_service(run, one_node(redis))
+    if "service-cluster" in systems:
+        from tests.redis_cluster import running_cluster
+
+        log("starting a Redis Cluster (3 primaries, 3 replicas) for the service-cluster run")
+        with running_cluster(run.directory / "redis-cluster") as cluster:
+            run_service(run, cluster_of(cluster), "service-cluster")
     if "floor" in systems:
         run_floor(run)
     if "baseline" in systems and not arguments.no_baseline:
@@ -1070,7 +1141,7 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
         if p.operation == "Authorize" and p.workload == "uniform"
     )
     print(f"\nmean response size (Authorize, uniform): {sizes}")
-    for name in ("service", "baseline"):
+    for name in (*SERVICES, "baseline"):
         check = run.checks.get(name)
         if check:
             print(
@@ -1078,7 +1149,7 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
                 f" approved ≠ store: {check['approved_differs_from_store']};"
                 f" conservation broken: {check['conservation_broken']}"
             )
-    for name in ("service", "baseline"):
+    for name in (*SERVICES, "baseline"):
         check = run.checks.get(f"{name}_exhaust")
         if check:
             print(
@@ -1095,7 +1166,7 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
         print(f"note: {note}")
     inexact = any(
         not check["exact"]
-        for name in ("service", "baseline")
+        for name in (*SERVICES, "baseline")
         if (check := run.checks.get(f"{name}_exhaust")) and not check["errors"]
     )
     failed = (
@@ -1104,7 +1175,7 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
         or any(
             (run.checks.get(n) or {}).get("approved_differs_from_store")
             or (run.checks.get(n) or {}).get("conservation_broken")
-            for n in ("service", "baseline")
+            for n in (*SERVICES, "baseline")
         )
     )
     return bool(failed)

@@ -518,6 +518,7 @@ def test_a_slot_marked_lazily_while_a_rebuild_begins_is_not_used_mid_rebuild(
         generation.value = "g1"
         await commands.execute("SET", keys.GENERATION, "g1|run")
         marker = keys.generation_marker(keys.prefix("beneficiary-x"))
+        await commands.execute("SET", keys.witness(keys.slot(marker)), "g1")  # rebuilt: g1
         real = commands.execute_many
 
         async def racing(batch: Any) -> Any:

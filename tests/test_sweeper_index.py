@@ -65,6 +65,10 @@ class Store:
     async def quota(self, fen: int) -> tuple[str, str]:
         """A new beneficiary (in a slot of its own) with one active quota of `fen`."""
         beneficiary_id, relationship_id = f"b-{uuid.uuid4().hex}", f"r-{uuid.uuid4().hex}"
+        # The slot's witness, as a rebuild of the generation leaves it (not all 16384: the
+        # safety net's tests count on a keyspace one round scans whole).
+        witness = keys.witness(keys.slot(keys.prefix(beneficiary_id)))
+        await self.admin.set(witness, "test-generation")
         await self.quotas.restore(
             QuotaRestore(relationship_id, beneficiary_id, "holder", True, fen, 1, "EMPLOYEE", 0)
         )

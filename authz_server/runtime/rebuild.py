@@ -12,6 +12,10 @@ rebuild and makes sure only one server does.
    page is written to Redis before the locks are let go (as reconcile does, service/quota_sync.py
    says why): quotas with the ledger's figures less the open holds, the open holds themselves
    with their expiry (domain/hot_state.py), each slot marked with the new generation.
+   Around the pages, every Redis hash slot's witness (keys.witness) is written: pending once
+   Redis is emptied, the new generation after the last page where still pending; so a node
+   that lost its data since is known lost although keys.GENERATION, on another node of a
+   Redis Cluster, looks complete (storage/redis/generation.py).
 4. keys.GENERATION names the new generation and the Redis runs it was built in (every
    primary's run id): servers adopt it at their next call and serve again.
 Idempotency records are not copied back: a retry whose record Redis lost gets SQL's stored answer
@@ -36,7 +40,11 @@ from authz_server.service.quota_sync import ledger_marks, on_loop, quota_restore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import REBUILDING, new_generation
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
-from authz_server.storage.redis.rebuild_writer import delete_hot_state, page_commands
+from authz_server.storage.redis.rebuild_writer import (
+    delete_hot_state,
+    page_commands,
+    witness_commands,
+)
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.journal_fence import wait_for_journal
 from authz_server.storage.sql.open_holds import open_holds
@@ -103,6 +111,7 @@ async def rebuild_hot_state(
     # (storage/sql/journal_fence.py).
     await database.run(wait_for_journal)
     deleted = await delete_hot_state(redis)
+    await _write(redis, witness_commands(f"{REBUILDING}|{generation}"))
     loop = asyncio.get_running_loop()
     after = ""
     beneficiaries = quotas = holds = 0
@@ -122,6 +131,9 @@ async def rebuild_hot_state(
         holds += page_holds
     if still_owner is not None and not still_owner.is_set():
         raise RebuildAbandoned(generation)
+    # After every page, before publishing: a witness naming the generation is younger than all
+    # the rebuild wrote to its node. XX: a node emptied since the pending witnesses keeps none.
+    await _write(redis, witness_commands(generation, only_existing=True))
     # Published only while keys.GENERATION still names this rebuild: another server that took
     # the rebuild over (this one's lock expired) has marked its own and swept Redis since.
     published = await redis.execute(

@@ -11,8 +11,10 @@ with an older copy). Nothing may be decided on what it lost, so:
   before anything is read or written;
 - a refused call comes here (`resolve`): a newer complete generation is adopted and the call
   sent again; a slot never used in the current generation is marked (nothing can be in it:
-  every write to a slot goes through a script that checks the marker); otherwise the hot state
-  is lost, the guardian (runtime/hot_state.py) is told, and the call answers UNAVAILABLE.
+  every write to a slot goes through a script that checks the marker) once its Redis hash
+  slot's witness (keys.witness) shows that its node has not lost its data since the rebuild;
+  otherwise the hot state is lost, the guardian (runtime/hot_state.py) is told, and the call
+  answers UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ log = logging.getLogger(__name__)
 SLOT_UNMARKED = "MWUNMARKED"
 SLOT_STALE = "MWSTALE"
 REBUILDING = "REBUILDING"
+# Deletes keys.GENERATION (KEYS[1]) if it names the generation ARGV[1] as complete: 1 if it did.
+_FORGET = (
+    "local marker = redis.call('GET', KEYS[1]) "
+    "if marker and string.sub(marker, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then "
+    "return redis.call('DEL', KEYS[1]) end return 0"
+)
 
 
 def new_generation() -> str:
@@ -96,9 +104,12 @@ class HotStateGeneration:
             log.info("hot state generation %s adopted", marker.generation)
             self.value = marker.generation
             return True
+        refused = [str(refusal).split() for refusal in refusals]
+        unmarked = [words[1] for words in refused if words[0] == SLOT_UNMARKED]
+        if unmarked and not await self._witnessed(redis, unmarked):
+            return False
         commands: list[tuple[str | bytes | int, ...]] = []
-        for refusal in refusals:
-            words = str(refusal).split()
+        for words in refused:
             if words[0] == SLOT_UNMARKED:
                 # Never used in this generation: nothing can be in it. NX: a rebuild's mark wins.
                 commands.append(("SET", words[1], self.value, "NX"))
@@ -121,6 +132,38 @@ class HotStateGeneration:
             self.lost.set()
             return False
         return True
+
+    async def _witnessed(self, redis: PipelinedRedis, markers: list[str]) -> bool:
+        """Whether the nodes serving these unmarked slots still hold what the rebuild of our
+        generation wrote there: each slot's witness (keys.witness, on the same node as the slot,
+        one round trip before the marks) names our generation. keys.GENERATION alone cannot
+        say so on a Redis Cluster: it lives on one node, and another node that lost its data
+        (FLUSHALL, restarted empty, a replica promoted without the marks) answers MWUNMARKED
+        for beneficiaries whose quotas are in SQL; marked "never used", they would be declined
+        RELATIONSHIP_NOT_FOUND on nothing. When a witness is missing or names another
+        generation, keys.GENERATION is deleted (if it still names ours) so every server's
+        guardian finds the hot state lost and one rebuilds it; False (UNAVAILABLE). A hot state
+        rebuilt by a version without witnesses has none: it is rebuilt once more, at the first
+        unmarked slot (during a rolling upgrade, until no server of that version rebuilds)."""
+        witnesses = sorted({keys.witness(keys.slot(marker)) for marker in markers})
+        replies = await redis.execute_many([("GET", witness) for witness in witnesses])
+        lost: list[str] = []
+        for witness, reply in zip(witnesses, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                raise reply
+            if (reply.decode() if isinstance(reply, bytes) else reply) != self.value:
+                lost.append(witness)
+        if not lost:
+            return True
+        log.error("hot state generation %s lost on the node(s) of %s: rebuilding", self.value, lost)
+        # Deleting keys.GENERATION is safe: it holds no data, only the claim that Redis holds
+        # the whole hot state, which is false now. Missing, it reads as a Redis that lost
+        # everything (as when its own node loses its data): every guardian stops trusting the
+        # hot state, one rebuilds it from SQL and publishes it again. Only while it names our
+        # generation: a newer one, or a rebuild under way, is left alone.
+        await redis.execute("EVAL", _FORGET, 1, keys.GENERATION, self.value)
+        self.lost.set()
+        return False
 
     async def wait_lost(self) -> None:
         await self.lost.wait()

@@ -62,11 +62,21 @@ def page_commands(
     return commands
 
 
+def witness_commands(value: str, *, only_existing: bool = False) -> list[Command]:
+    """Every hash slot's witness (keys.witness) set to `value`, in slot order (on a Redis
+    Cluster a node serves ranges of slots: few runs, one per node and range). With
+    `only_existing`, only where a witness is still there (SET XX): a node that lost its data
+    since the first write keeps none."""
+    tail: tuple[str, ...] = ("XX",) if only_existing else ()
+    return [("SET", keys.witness(slot), value, *tail) for slot in range(keys.HASH_SLOTS)]
+
+
 async def delete_hot_state(redis: PipelinedRedis) -> int:
     """Deletes every key of the hot state but the generation's own. Returns how many. The
     slots' generation marks go first: a script that runs while the rest is being deleted finds
     its slot unmarked and refuses, rather than deciding on a slot half gone (a quota deleted, its
-    mark not yet: RELATIONSHIP_NOT_FOUND for a funded family)."""
+    mark not yet: RELATIONSHIP_NOT_FOUND for a funded family). The witnesses (keys.witness)
+    go with the rest: "mw:*" but keys.GENERATION's slot."""
     marks = await _delete_matching(redis, keys.GENERATION_MARKS)
     return marks + await _delete_matching(redis, keys.ALL_KEYS)
 
