@@ -43,11 +43,15 @@ def lose_slot(harness: Harness, hash_slot: int) -> list[str]:
     """Deletes every key of one Redis hash slot, as a node that lost it would have none; the
     names deleted."""
     redis = harness.client
-    names = [
-        _text(name)
-        for name in harness.run(redis.keys("mw:*"))
-        if keys.slot(_text(name)) == hash_slot
-    ]
+
+    async def in_slot() -> list[str]:  # SCAN: on a cluster, every primary's keys
+        return [
+            _text(name)
+            async for name in redis.scan_iter(match="mw:*")
+            if keys.slot(_text(name)) == hash_slot
+        ]
+
+    names = harness.run(in_slot())
     assert names
     harness.run(redis.delete(*names))
     return names
