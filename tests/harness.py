@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import redis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster
 from sqlalchemy import create_engine, text
 
@@ -31,6 +32,7 @@ from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.server.app import Application
 from authz_server.server.tokens import hashed_file
 from authz_server.settings import Settings
+from authz_server.storage.redis.cluster import is_cluster_url
 from authz_server.storage.sql.migrate import upgrade_to_head
 from tests.redis_cluster import HOST, RedisClusterHarness
 
@@ -163,20 +165,31 @@ class Harness:
         # pipelined one); on the server's loop: harness.run(harness.client.hget(...)).
         self.client = self.run(self._make_client())
 
-    async def _make_client(self) -> Redis | RedisCluster:
+    def _seeds(self) -> list[tuple[str, int]]:
+        """The cluster's seed nodes: the harness's cluster, or a redis+cluster:// URL given
+        (TEST_REDIS_URL); empty for one node."""
         if self.redis_cluster is not None:
-            return RedisCluster(startup_nodes=self.redis_cluster.startup_nodes())
+            return [(HOST, port) for port in self.redis_cluster.primary_ports()]
+        if not is_cluster_url(self.redis_url):
+            return []
+        seeds = self.redis_url.partition("://")[2].rpartition("@")[2]
+        return [
+            (host, int(port)) for host, _, port in (s.rpartition(":") for s in seeds.split(","))
+        ]
+
+    async def _make_client(self) -> Redis | RedisCluster:
+        seeds = self._seeds()
+        if seeds:
+            return RedisCluster(startup_nodes=[AsyncClusterNode(h, p) for h, p in seeds])
         return Redis.from_url(self.redis_url)
 
     def admin(self) -> redis.Redis | redis.RedisCluster:
         """A blocking client of the service's Redis (one node or the cluster), for a test's
         own looks and changes off the server's loop; close it after use."""
-        if self.redis_cluster is not None:
+        seeds = self._seeds()
+        if seeds:
             return redis.RedisCluster(
-                startup_nodes=[
-                    redis.cluster.ClusterNode(HOST, port)
-                    for port in self.redis_cluster.primary_ports()
-                ]
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in seeds]
             )
         return redis.Redis.from_url(self.redis_url)
 
