@@ -149,3 +149,35 @@ def test_worker_sweep_writes_every_count_and_its_chart(tmp_path: Path) -> None:
                     assert row["over_quota"] == 0, row
     for n in counts:
         assert (tmp_path / f"w{n}" / "benchmark.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_benchmark_measures_the_service_on_one_node_and_on_a_cluster(tmp_path: Path) -> None:
+    """`benchmark --redis-cluster` at a tiny size: the service measured on one Redis node and on
+    a 3-primary Redis Cluster in the same run, both with positive figures, no errors, no
+    over-quota approval, the quotas checked after each, and the cluster/one-node ratios printed
+    into the JSON. No timing is asserted."""
+    arguments = [
+        "--redis-cluster", "--no-baseline", "--systems", "service",
+        "--relationships", "300", "--authorize-ops", "300", "--capture-ops", "150",
+        "--warmup", "20", "--concurrency", "8", "--time-bound", "1", "--workers", "1",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert benchmark.main(arguments) == 0
+    document = json.loads((tmp_path / "benchmark.json").read_text())
+    for system in ("service", "service-cluster"):
+        for operation in ("Authorize", "Authorize+Capture"):
+            found = [
+                phase
+                for phase in document["phases"]
+                if (phase["system"], phase["operation"]) == (system, operation)
+            ]
+            assert found, (system, operation)
+            for phase in found:
+                assert phase["throughput"] > 0 and phase["server_cpu_us"] > 0, phase
+                assert phase["errors"] == 0 and not phase["over_quota"], phase
+        check = document["checks"][system]
+        assert check["families_checked"] > 0, check
+        assert check["approved_differs_from_store"] == 0, check
+        assert check["conservation_broken"] == 0, check
+    assert any(row["ratio"].endswith("cluster/one node throughput") for row in document["ratios"])
