@@ -100,9 +100,7 @@ class HotStateGuardian:
         marker = GlobalMarker.parse(await self.commands.execute("GET", keys.GENERATION))
         run_ids = await redis_run_ids(self.commands)
         if marker is not None and not marker.rebuilding and marker.run_ids == run_ids:
-            if self.generation.value != marker.generation:
-                log.info("hot state generation %s adopted", marker.generation)
-                self.generation.value = marker.generation
+            self.generation.adopt(marker.generation, marker.run_ids)
             await self._set_ready(True)
             return True
         await self._set_ready(False)
@@ -131,7 +129,7 @@ class HotStateGuardian:
                     await self.commands.execute("DEL", keys.REBUILD_LOCK)
         self.last_rebuild = report
         metrics.hot_state_rebuild_seconds.set(report.seconds)
-        self.generation.value = report.generation
+        self.generation.adopt(report.generation, run_ids)
         await self._set_ready(True)
         return True
 

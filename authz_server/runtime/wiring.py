@@ -84,6 +84,9 @@ def open_storage(
     # SQL when it lost data (runtime/hot_state.py).
     generation = HotStateGeneration()
     redis.generation = generation
+    # ...and goes only to the Redis processes that generation was built on: a replica promoted,
+    # or a Redis restarted with its file, is refused before the guardian's next look.
+    redis.run_gate = generation
     return Storage(
         database=database,
         redis=redis,

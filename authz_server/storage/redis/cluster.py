@@ -267,6 +267,9 @@ class ClusterPipelinedRedis(PipelinedRedis):
                 timeout_seconds=self.timeout_seconds,
                 pending_limit=self.pending_limit,
             )
+            # Each primary's scripts pass the router's run gate (pipelined.UntrustedRedis): a
+            # replica promoted is a new node, so it is asked its run id before any script.
+            node.run_gate = self.run_gate
             self._nodes[name] = node
         return node
 

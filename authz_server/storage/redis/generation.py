@@ -91,6 +91,24 @@ class HotStateGeneration:
         self.value = ""
         # Set when a call found the hot state lost or being rebuilt; the guardian waits on it.
         self.lost = asyncio.Event()
+        # The Redis processes (run ids) the adopted generation was built on; None until one is
+        # adopted. A script is only sent to one of them (PipelinedRedis.run_gate): a replica
+        # promoted in a primary's place, or a Redis restarted with its file, may miss the last
+        # writes, and it is refused at once rather than trusted until the guardian's next look.
+        self.trusted_run_ids: frozenset[str] | None = None
+
+    def adopt(self, generation: str, run_ids: str) -> None:
+        """Decides in `generation` from now on, on the Redis processes `run_ids` (comma-joined,
+        as keys.GENERATION holds them)."""
+        if generation != self.value:
+            log.info("hot state generation %s adopted", generation)
+        self.value = generation
+        self.trusted_run_ids = frozenset(run_id for run_id in run_ids.split(",") if run_id)
+
+    def trusts(self, run_id: str) -> bool:
+        """Whether a script may go to the Redis process `run_id` (any, before a generation is
+        adopted: every script refuses then anyway)."""
+        return self.trusted_run_ids is None or run_id in self.trusted_run_ids
 
     async def resolve(self, redis: PipelinedRedis, refusals: list[Reply]) -> bool:
         """Scripts refused their slots. True when they should be sent again (a newer complete
@@ -101,8 +119,7 @@ class HotStateGeneration:
             self.lost.set()
             return False
         if marker.generation != self.value:
-            log.info("hot state generation %s adopted", marker.generation)
-            self.value = marker.generation
+            self.adopt(marker.generation, marker.run_ids)
             return True
         refused = [str(refusal).split() for refusal in refusals]
         unmarked = [words[1] for words in refused if words[0] == SLOT_UNMARKED]

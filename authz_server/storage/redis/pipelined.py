@@ -81,6 +81,12 @@ class TooManyPendingCommands(RedisError):
     """PENDING_COMMANDS_LIMIT commands are already waiting for Redis."""
 
 
+class UntrustedRedis(RedisConnectionError):
+    """A script was about to go to a Redis process the hot state was not built on (a replica
+    promoted, a Redis restarted with its file): not sent; UNAVAILABLE until the guardian has
+    rebuilt the hot state there, or found it is the one."""
+
+
 def _reply_error(message: str) -> ResponseError:
     """hiredis builds error replies with this (and returns them, never raises them)."""
     code = message.split(" ", 1)[0]
@@ -206,6 +212,8 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = self._loop.create_future()
         self.pending_commands = 0
         self.closed = False
+        # The Redis process's run id (INFO server), learned at connect when a run gate is set.
+        self.run_id = ""
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -354,6 +362,9 @@ class PipelinedRedis:
         # The hot state's generation, appended to every EVALSHA (storage/redis/generation.py);
         # None for a plain connection (tools, tests of this class).
         self.generation: HotStateGeneration | None = None
+        # When set, each connection learns its Redis process's run id as it opens, and a
+        # script is sent only to a process this generation trusts (HotStateGeneration.trusts).
+        self.run_gate: HotStateGeneration | None = None
 
     @classmethod
     def from_url(
@@ -392,6 +403,13 @@ class PipelinedRedis:
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connected()
+        gate = self.run_gate
+        if gate is not None and not gate.trusts(connection.run_id) and _has_script(commands):
+            gate.lost.set()  # the guardian looks at once
+            raise UntrustedRedis(
+                f"Redis at {self.address} (run {connection.run_id}) is not one the hot state "
+                "was built on"
+            )
         return await connection.send(commands)
 
     async def primaries(self) -> list[PipelinedRedis]:
@@ -488,6 +506,9 @@ class PipelinedRedis:
                     for command, reply in zip(login, replies, strict=True):
                         if isinstance(reply, ResponseError):
                             raise RedisConnectionError(f"Redis refused {command[0]!r}: {reply}")
+                if self.run_gate is not None:
+                    (info,) = await connection.send([("INFO", "server")])
+                    connection.run_id = run_id_of(info)
         except (OSError, TimeoutError, RedisError) as error:
             if connection is not None:
                 connection.drop(RedisConnectionError("login failed"))
@@ -501,6 +522,21 @@ class PipelinedRedis:
             raise RedisConnectionError("the Redis client is closed")
         self._connection = connection
         return connection
+
+
+def run_id_of(info: Reply) -> str:
+    """The run_id line of an INFO server reply."""
+    if isinstance(info, ResponseError):
+        raise RedisConnectionError(f"Redis refused INFO: {info}")
+    for line in as_text(info).splitlines():
+        name, _, value = line.partition(":")
+        if name == "run_id":
+            return value.strip()
+    raise RedisConnectionError("INFO server names no run_id")
+
+
+def _has_script(commands: Sequence[Command]) -> bool:
+    return any(command[0] == "EVALSHA" for command in commands)
 
 
 def _stamped(commands: Sequence[Command], generation: str) -> list[Command]:
