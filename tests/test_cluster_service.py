@@ -40,6 +40,8 @@ from tests.test_authorization_rules import (
     register_merchants,
 )
 
+pytestmark = pytest.mark.backend_neutral
+
 redis_cluster = cluster_fixture(name="service_cluster")
 # Families until every primary owns at least this many of their slots.
 PER_PRIMARY = 2

@@ -41,7 +41,7 @@ from tests.redis_cluster import HOST, RedisClusterHarness, running_cluster, slot
 from tests.test_authorization_rules import register_merchants
 from tests.test_redis_loss import FAMILIES, QUOTA_FEN, check, run_with_fault
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backend_neutral]
 
 # Keys one MIGRATE may carry when a slot moves: far above what any slot holds in this test.
 MIGRATE_KEYS_PER_SLOT = 100_000

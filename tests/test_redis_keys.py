@@ -7,7 +7,11 @@ import fnmatch
 import re
 from importlib import resources
 
+import pytest
+
 from authz_server.storage.redis import keys
+
+pytestmark = pytest.mark.backend_neutral
 
 # A literal that starts with ':' concatenated to something (`prefix .. ':q:' .. rid`).
 BUILT_SUFFIX = re.compile(r"\.\.\s*'(:[^']*)'")

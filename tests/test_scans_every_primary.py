@@ -26,6 +26,8 @@ from authz_server.storage.redis.rebuild_writer import delete_hot_state
 from authz_server.storage.redis.retention import purge_idempotency_before
 from authz_server.storage.redis.sweep_store import SweepStore
 
+pytestmark = pytest.mark.backend_neutral
+
 T = TypeVar("T")
 
 

@@ -35,6 +35,8 @@ from authz_server.storage.redis.script_io import (
 )
 from authz_server.storage.redis.scripts import ALL_SCRIPTS, NOT_HOT_STATE, source
 
+pytestmark = pytest.mark.backend_neutral
+
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CALL = AuthorizeCall(
     keys.new_authorization_id("b"), "m", "b", "k", "PHARMACY", "digest", 100, False, "",

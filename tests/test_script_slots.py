@@ -33,6 +33,8 @@ from tests.test_authorization_rules import (
     void,
 )
 
+pytestmark = pytest.mark.backend_neutral
+
 
 @pytest.fixture(scope="module", autouse=True)
 def merchants(registry: Any) -> None:
