@@ -1119,3 +1119,41 @@ def test_insurance_event_voids_the_holds_of_every_relationship(
     answer = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 1_000)
     assert_declined(answer, pb.DECLINE_REASON_RELATIONSHIP_NOT_FOUND, 0)
     assert [factories.balance(registry, h) for h in fam.holder_ids] == [10_000, 20_000]
+
+
+def test_an_expired_hold_purged_from_redis_is_still_refused_as_expired(
+    harness: Harness, registry, relationships, authorizations
+) -> None:
+    """purge-idempotency drops the settled authorization hashes of closed months (EXPIRED
+    included, storage/redis/retention.py); a later Capture is answered from SQL's journal
+    (_lost_state), and must still say AUTHORIZATION_EXPIRED, as GetAuthorization and Void do."""
+    from authz_server.storage.redis import keys
+
+    fam = family(registry, relationships, 10_000)
+    codes = ef.items(registry)
+    answer = authorize(
+        authorizations, PHARMACY, fam.beneficiary_id, PHARMACY_PURPOSE, 10_000,
+        lines=[line(codes["device"], 10_000)],
+    )  # fmt: skip
+    harness.clock.advance(901)
+    refused(
+        lambda: capture(authorizations, PHARMACY, answer.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
+    harness.run(harness.app.journal.flush())
+    # What purge_settled_authorizations_before does to it once its month is closed.
+    harness.run(
+        harness.app.pipelined_redis.execute("UNLINK", keys.authorization(answer.authorization_id))
+    )
+    assert get(authorizations, PHARMACY, answer.authorization_id).status == EXPIRED
+    refused(
+        lambda: void(authorizations, PHARMACY, answer.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
+    refused(
+        lambda: capture(authorizations, PHARMACY, answer.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
