@@ -771,7 +771,11 @@ class AuthorizationService:
             raise PolicyRefusal(
                 "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
             )
-        voided = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        # After SQL's commit: while a rebuild runs (one that read SQL before this void put the
+        # hold back), the step waits for it rather than leaving the money held until expiry.
+        voided = await when_rebuilt(
+            lambda: self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        )
         if voided is VoidOutcome.NOT_FOUND and in_ledger is LedgerVoid.EXPIRED:
             voided = VoidOutcome.AUTHORIZATION_EXPIRED
         outcome = voided.value
