@@ -1119,3 +1119,65 @@ def test_insurance_event_voids_the_holds_of_every_relationship(
     answer = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 1_000)
     assert_declined(answer, pb.DECLINE_REASON_RELATIONSHIP_NOT_FOUND, 0)
     assert [factories.balance(registry, h) for h in fam.holder_ids] == [10_000, 20_000]
+
+
+def test_an_expired_hold_purged_from_redis_is_still_refused_as_expired(
+    harness: Harness, registry, relationships, authorizations
+) -> None:
+    """purge-idempotency drops the settled authorization hashes of closed months (EXPIRED
+    included, storage/redis/retention.py); a later Capture is answered from SQL's journal
+    (_lost_state), and must still say AUTHORIZATION_EXPIRED, as GetAuthorization and Void do."""
+    from authz_server.storage.redis import keys
+
+    fam = family(registry, relationships, 10_000)
+    codes = ef.items(registry)
+    answer = authorize(
+        authorizations, PHARMACY, fam.beneficiary_id, PHARMACY_PURPOSE, 10_000,
+        lines=[line(codes["device"], 10_000)],
+    )  # fmt: skip
+    harness.clock.advance(901)
+    refused(
+        lambda: capture(authorizations, PHARMACY, answer.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
+    harness.run(harness.app.journal.flush())
+    # What purge_settled_authorizations_before does to it once its month is closed.
+    harness.run(
+        harness.app.pipelined_redis.execute("UNLINK", keys.authorization(answer.authorization_id))
+    )
+    assert get(authorizations, PHARMACY, answer.authorization_id).status == EXPIRED
+    refused(
+        lambda: void(authorizations, PHARMACY, answer.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
+    refused(
+        lambda: capture(authorizations, PHARMACY, answer.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
+
+
+def test_a_void_refused_by_the_run_gate_after_its_sql_commit_waits_for_the_rebuild(
+    harness: Harness, registry, relationships, authorizations
+) -> None:
+    """Void writes SQL first, then voids the hold in Redis. A Redis process the adopted
+    generation was not built on (a replica promoted, a Redis restarted: the run gate) refuses
+    that step with UntrustedRedis until the guardian adopts the rebuilt generation; a rebuild
+    that read SQL before the void put the hold back. Dropped as UNAVAILABLE, the money stays held
+    in Redis although SQL voided it (a wrong decline until the hold expires, 24 h for a medical
+    hold): the step waits for the rebuild, as a credit and a capture's finish do."""
+    fam = family(registry, relationships, 10_000)
+    [rid] = fam.relationship_ids
+    answer = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 10_000)
+    assert figures(relationships, rid) == (0, 10_000, 0)
+    merchant_id = get(authorizations, HOSPITAL, answer.authorization_id).merchant_id
+    gate = harness.app.pipelined_redis.run_gate
+    assert gate is not None and gate.trusted_run_ids
+    # The failover: the Redis answering now is not the process the generation was built on
+    # (here its content is what a rebuild that read SQL before the void would have written).
+    gate.trusted_run_ids = frozenset({"0" * 40})
+    view = harness.run(harness.app.authorizations.void(merchant_id, answer.authorization_id))
+    assert view.status.name == "VOIDED"
+    assert figures(relationships, rid) == (10_000, 0, 0)

@@ -706,7 +706,8 @@ class AuthorizationService:
     ) -> bytes:
         """Redis knows no such authorization of this merchant. If SQL does (Redis lost it), a
         retry gets its first answer; otherwise it is captured or, a lost hold, voided."""
-        state = await self.database.run(lambda session: _lost_state(session, authorization_id))
+        now = self.clock()
+        state = await self.database.run(lambda session: _lost_state(session, authorization_id, now))
         if state is None or state[0] != merchant_id:
             raise NotFound(f"authorization {authorization_id} not found")
         replay = await self.database.run(lambda session: idempotency.find(session, call))
@@ -770,7 +771,11 @@ class AuthorizationService:
             raise PolicyRefusal(
                 "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
             )
-        voided = await self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        # After SQL's commit: while a rebuild runs (one that read SQL before this void put the
+        # hold back), the step waits for it rather than leaving the money held until expiry.
+        voided = await when_rebuilt(
+            lambda: self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
+        )
         if voided is VoidOutcome.NOT_FOUND and in_ledger is LedgerVoid.EXPIRED:
             voided = VoidOutcome.AUTHORIZATION_EXPIRED
         outcome = voided.value
@@ -950,9 +955,13 @@ class AuthorizationService:
         )  # fmt: skip
 
 
-def _lost_state(session: Session, authorization_id: str) -> tuple[str, str] | None:
+def _lost_state(
+    session: Session, authorization_id: str, now: datetime | None = None
+) -> tuple[str, str] | None:
     """An authorization Redis does not know, as SQL has it: (merchant, what a capture of it is
-    told), None if SQL does not know it either. A hold lost with Redis counts as voided."""
+    told), None if SQL does not know it either. A hold lost with Redis (or dropped by retention
+    once settled) counts as voided, or as expired when its time passed (before `now`) with no
+    void, as GetAuthorization says."""
     journal_row = session.get(AuthorizationRow, authorization_id)
     if journal_row is None:
         return None
@@ -960,6 +969,13 @@ def _lost_state(session: Session, authorization_id: str) -> tuple[str, str] | No
         return journal_row.merchant_id, "ALREADY_CAPTURED"
     if journal_row.decision == Decision.DECLINED.value:
         return journal_row.merchant_id, "AUTHORIZATION_DECLINED"
+    if (
+        now is not None
+        and journal_row.voided_at is None
+        and journal_row.expires_at is not None
+        and records.utc(journal_row.expires_at) <= now
+    ):
+        return journal_row.merchant_id, "AUTHORIZATION_EXPIRED"
     return journal_row.merchant_id, "ALREADY_VOIDED"
 
 

@@ -24,6 +24,7 @@ from authz_server.domain.model import QuotaFigures, QuotaTotals, Relationship
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.ports import QuotaCache, QuotaRestore
 from authz_server.storage.redis.generation import refused_slot
+from authz_server.storage.redis.pipelined import UntrustedRedis
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import LedgerEntryRow
@@ -126,7 +127,13 @@ async def when_rebuilt(step: Callable[[], Awaitable[T]]) -> T:
         try:
             return await step()
         except Unavailable as error:
-            refused = isinstance(error.__cause__, ResponseError) and refused_slot(error.__cause__)
+            cause = error.__cause__
+            # A slot refused by a rebuild under way, or a Redis process the adopted generation
+            # was not built on (the run gate: a failover or a restart, rebuilt by the guardian
+            # now): both end when the guardian adopts the rebuilt generation.
+            refused = isinstance(cause, UntrustedRedis) or (
+                isinstance(cause, ResponseError) and refused_slot(cause)
+            )
             if not refused or loop.time() > deadline:
                 raise
             await asyncio.sleep(REBUILD_WAIT_STEP_SECONDS)
