@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 # How often each server looks at the generation while all is well (a call that finds its slot
 # lost wakes it at once). Bounds how long a promoted replica's older copy can go unnoticed.
 CHECK_SECONDS = 0.5
+# The least time between two looks: under load every refused call wakes the guardian (a slot
+# lost, the run gate), and without a floor it would read the generation and every primary's
+# INFO back to back while another server rebuilds. The calls answer UNAVAILABLE meanwhile.
+MIN_CHECK_SECONDS = 0.05
 # The rebuild lock's expiry, and how often its owner renews it.
 LOCK_SECONDS = 15
 RENEW_SECONDS = 5.0
@@ -83,8 +87,9 @@ class HotStateGuardian:
                 await self._set_ready(False)
             if self.stopping:
                 return
+            await asyncio.sleep(MIN_CHECK_SECONDS)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(CHECK_SECONDS):
+                async with asyncio.timeout(CHECK_SECONDS - MIN_CHECK_SECONDS):
                     await self.generation.wait_lost()
 
     def stop(self) -> None:
