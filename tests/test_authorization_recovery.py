@@ -79,15 +79,19 @@ class Ledger:
 
 
 def ledger(harness: Harness, relationship_id: str) -> Ledger:
-    def read(session: Any) -> dict[str, int]:
+    def read(session: Any) -> tuple[dict[str, int], Any]:
+        # The row first, under a share lock: a transaction moving this quota's money holds the
+        # row's lock until it commits, so the ledger read after it sees all of that
+        # transaction or none of it (two separate reads raced a commit on PostgreSQL).
+        row = session.get(RelationshipRow, relationship_id, with_for_update={"read": True})
         rows = session.execute(
             select(LedgerEntryRow.kind, func.sum(LedgerEntryRow.amount_fen))
             .where(LedgerEntryRow.relationship_id == relationship_id)
             .group_by(LedgerEntryRow.kind)
         )
-        return {kind: int(total) for kind, total in rows}
+        return {kind: int(total) for kind, total in rows}, row
 
-    sums = harness.app.database.transaction(read)
+    sums, row = harness.app.database.transaction(read)
 
     def of(kind: LedgerKind) -> int:
         return sums.get(kind.value, 0)
@@ -103,9 +107,6 @@ def ledger(harness: Harness, relationship_id: str) -> Ledger:
         of(LedgerKind.CAPTURE) - of(LedgerKind.REFUND_TO_QUOTA) - of(LedgerKind.REFUND_TO_ACCOUNT)
     )
     # The relationship row's running totals say the same.
-    row = harness.app.database.transaction(
-        lambda session: session.get(RelationshipRow, relationship_id)
-    )
     assert unused == (
         row.allocated_total_fen
         - row.released_total_fen
