@@ -177,8 +177,7 @@ def prepare_data(run: Run) -> None:
 def sqlite_or_schema(url: str | None, directory: Path, label: str) -> tuple[str, str | None]:
     """The service's database: a SQLite file, or a private schema of the PostgreSQL database."""
     if not url:  # one file per label: each service run starts from the same fresh data
-        name = "service" if label == "bench_service" else label
-        return f"sqlite:///{directory / f'{name}.sqlite3'}", None
+        return f"sqlite:///{directory / f'{label}.sqlite3'}", None
     import psycopg
 
     schema = f"{label}_{uuid.uuid4().hex[:12]}"

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from authz_server.domain.errors import Unavailable
+from authz_server.service.ports import AuthorizeCall
 from authz_server.storage.redis import keys, script_io
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
 from authz_server.storage.redis.generation import HotStateGeneration
@@ -50,6 +51,29 @@ def beneficiary_on(cluster: RedisClusterHarness, port: int) -> str:
         slot = slot_of(keys.prefix(beneficiary))
         if any(a <= slot <= b for a, b in spans):
             return beneficiary
+
+
+def medicine_call(
+    authorization_id: str, merchant: str, beneficiary: str, key: str, fen: int, now_ms: int
+) -> AuthorizeCall:
+    """An Authorize of `fen` for medicine, any of the beneficiary's quotas, held 10 minutes."""
+    return AuthorizeCall(
+        authorization_id=authorization_id,
+        merchant_id=merchant,
+        beneficiary_id=beneficiary,
+        idempotency_key=key,
+        purpose="MEDICINE",
+        request_digest="d",
+        eligible_fen=fen,
+        allow_partial=False,
+        relationship_id="",
+        expires_at_ms=now_ms + 600_000,
+        decided_decline="",
+        capture_at_once=False,
+        requires_resident=False,
+        template="",
+        requested_fen=fen,
+    )
 
 
 def pending_hold(beneficiary: str, merchant: str, now_ms: int) -> tuple[str, list[Command]]:
@@ -251,7 +275,6 @@ def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
     RELATIONSHIP_NOT_FOUND. It must be refused (UNAVAILABLE) until the hot state is rebuilt:
     the slot's witness (keys.witness, written by the rebuild on the slot's node) went with the
     shard's data, so resolve finds the shard lost and takes keys.GENERATION away."""
-    from authz_server.service.ports import AuthorizeCall
 
     generation_port = redis_cluster.owner_of_slot(slot_of(keys.GENERATION))
     other_port = next(p for p in redis_cluster.primary_ports() if p != generation_port)
@@ -262,23 +285,10 @@ def test_a_shard_that_lost_its_data_is_not_taken_for_unused_slots(
     writes = [command for command in writes if command[0] in ("SET", "ZADD", "HSET")]
     # As a rebuild of GENERATION left it: the slot's witness on the same shard.
     writes.append(("SET", keys.witness(slot_of(keys.prefix(beneficiary))), GENERATION))
-    call = AuthorizeCall(
-        authorization_id=keys.new_authorization_id(beneficiary),
-        merchant_id="m-3",
-        beneficiary_id=beneficiary,
-        idempotency_key=f"k-{uuid.uuid4().hex[:8]}",
-        purpose="MEDICINE",
-        request_digest="d",
-        eligible_fen=100,
-        allow_partial=False,
-        relationship_id="",
-        expires_at_ms=now_ms + 600_000,
-        decided_decline="",
-        capture_at_once=False,
-        requires_resident=False,
-        template="",
-        requested_fen=100,
-    )
+    call = medicine_call(
+        keys.new_authorization_id(beneficiary), "m-3", beneficiary, f"k-{uuid.uuid4().hex[:8]}",
+        100, now_ms,
+    )  # fmt: skip
 
     async def test(client: ClusterPipelinedRedis) -> None:
         holds = HoldStore(client)
@@ -316,25 +326,8 @@ def test_an_undo_on_a_slot_being_migrated_gives_the_money_back_once(
     slot = slot_of(prefix)
     now_ms = int(time.time() * 1000)
     authorization_id, writes = pending_hold(beneficiary, "m-4", now_ms)
-    from authz_server.service.ports import AuthorizeCall
 
-    call = AuthorizeCall(
-        authorization_id=authorization_id,
-        merchant_id="m-4",
-        beneficiary_id=beneficiary,
-        idempotency_key="k-undo",
-        purpose="MEDICINE",
-        request_digest="d",
-        eligible_fen=500,
-        allow_partial=False,
-        relationship_id="",
-        expires_at_ms=now_ms + 600_000,
-        decided_decline="",
-        capture_at_once=False,
-        requires_resident=False,
-        template="",
-        requested_fen=500,
-    )
+    call = medicine_call(authorization_id, "m-4", beneficiary, "k-undo", 500, now_ms)
     idempotency = keys.idempotency(beneficiary, "m-4", "k-undo")
     writes.append(("HSET", idempotency, "a", authorization_id, "digest", "d"))
 

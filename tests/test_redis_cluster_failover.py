@@ -25,21 +25,14 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
-from authz_server.generated.medwallet.v1 import (
-    authorization_pb2_grpc,
-    registry_pb2_grpc,
-    relationship_pb2_grpc,
-)
 from authz_server.storage.redis import keys
 from tests import factories
 from tests.harness import Harness
 from tests.redis_cluster import HOST, RedisClusterHarness, running_cluster, slot_of
-from tests.test_authorization_rules import register_merchants
 from tests.test_redis_loss import FAMILIES, QUOTA_FEN, check, run_with_fault
+from tests.test_redis_loss import stubs as stubs  # the same fixture, on this module's `lossy`
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend_neutral]
 
@@ -63,20 +56,6 @@ def lossy(
         harness = Harness(tmp_path_factory.mktemp("cluster-failover"))
     yield harness
     harness.close()
-
-
-@pytest.fixture(scope="module")
-def stubs(lossy: Harness) -> Iterator[Any]:
-    channel = grpc.insecure_channel(lossy.address)
-    registry = registry_pb2_grpc.RegistryServiceStub(channel)
-    register_merchants(registry)
-    yield (
-        registry,
-        relationship_pb2_grpc.RelationshipServiceStub(channel),
-        authorization_pb2_grpc.AuthorizationServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
-    channel.close()
 
 
 @pytest.fixture(scope="module")

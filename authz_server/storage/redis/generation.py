@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from authz_server.storage.redis import keys
@@ -204,11 +205,16 @@ async def redis_run_ids(redis: PipelinedRedis) -> str:
     return ",".join(sorted(await asyncio.gather(*(_run_id(node) for node in primaries))))
 
 
-async def _run_id(node: PipelinedRedis) -> str:
-    reply = await node.execute("INFO", "server")
-    info = reply.decode() if isinstance(reply, bytes) else str(reply)
-    for line in info.splitlines():
+def run_id_of(info: Reply) -> str:
+    """The run_id line of an INFO server reply."""
+    if isinstance(info, ResponseError):
+        raise RedisConnectionError(f"Redis refused INFO: {info}")
+    for line in (info.decode() if isinstance(info, bytes) else str(info)).splitlines():
         name, _, value = line.partition(":")
         if name == "run_id":
             return value.strip()
-    raise ResponseError(f"INFO server names no run_id: {info[:200]!r}")
+    raise RedisConnectionError("INFO server names no run_id")
+
+
+async def _run_id(node: PipelinedRedis) -> str:
+    return run_id_of(await node.execute("INFO", "server"))

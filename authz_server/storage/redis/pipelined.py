@@ -45,7 +45,7 @@ from redis.exceptions import (
 )
 
 from authz_server.observability import tracing
-from authz_server.storage.redis.generation import refused_slot
+from authz_server.storage.redis.generation import refused_slot, run_id_of
 
 Argument: TypeAlias = str | bytes | int
 Command: TypeAlias = tuple[Argument, ...]
@@ -455,9 +455,8 @@ class PipelinedRedis:
         return reply
 
     async def load_script(self, script: Script) -> None:
-        """SCRIPT LOAD on every primary (keyless: never routed by key)."""
-        for node in await self.primaries():
-            await node.execute("SCRIPT", "LOAD", script.source)
+        """SCRIPT LOAD on this node (a cluster client loads it on every primary)."""
+        await self.execute("SCRIPT", "LOAD", script.source)
 
     async def aclose(self) -> None:
         """Answers what is in flight (within the timeout), then closes; later calls fail."""
@@ -522,17 +521,6 @@ class PipelinedRedis:
             raise RedisConnectionError("the Redis client is closed")
         self._connection = connection
         return connection
-
-
-def run_id_of(info: Reply) -> str:
-    """The run_id line of an INFO server reply."""
-    if isinstance(info, ResponseError):
-        raise RedisConnectionError(f"Redis refused INFO: {info}")
-    for line in as_text(info).splitlines():
-        name, _, value = line.partition(":")
-        if name == "run_id":
-            return value.strip()
-    raise RedisConnectionError("INFO server names no run_id")
 
 
 def _has_script(commands: Sequence[Command]) -> bool:
