@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 
@@ -77,9 +78,18 @@ def retry_delay_ms(error: grpc.RpcError) -> int | None:
     return None
 
 
-def flood(address: str, beneficiary: str, seconds: float) -> dict[str, int]:
-    """One flooding process: Authorize 1 fen as fast as it can, ignoring RetryInfo."""
-    tally = {"ok": 0, "approved_fen": 0, "exhausted": 0, "retry_info": 0, "other": 0}
+def flood(address: str, beneficiary: str, seconds: float) -> dict[str, float]:
+    """One flooding process: Authorize 1 fen as fast as it can, ignoring RetryInfo.
+
+    It runs at a low CPU priority: the flood stands for tills on other machines, and on this
+    test's shared cores three processes spinning at full priority would slow the quiet merchant
+    by taking the CPU, not through the service, which is what this test is about. The first and
+    last call's wall times bound the window the rate is checked over."""
+    os.nice(10)
+    tally: dict[str, float] = {
+        "ok": 0, "approved_fen": 0, "exhausted": 0, "retry_info": 0, "other": 0,
+        "first": time.time(), "last": 0.0,
+    }  # fmt: skip
     with grpc.insecure_channel(address) as channel:
         engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
         until = time.monotonic() + seconds
@@ -97,6 +107,7 @@ def flood(address: str, beneficiary: str, seconds: float) -> dict[str, int]:
                     tally["retry_info"] += 1 if delay is not None and 0 < delay <= 1000 else 0
                 else:
                     tally["other"] += 1
+            tally["last"] = time.time()
     return tally
 
 
@@ -163,30 +174,34 @@ def test_a_flooded_merchant_is_limited_and_another_is_served(limited: Harness) -
             relationship_ids.append(
                 factories.active_relationship(relationships, holder, person, 5_000_000)
             )
-    idle = quiet_latencies(limited.address, quiet_person, FLOOD_SECONDS)
-
+    # The quiet merchant's till is a process of its own too (in this one it would share the
+    # GIL with the server's thread, and wait on the flood through the GIL, not the service).
     context = multiprocessing.get_context("spawn")
-    with context.Pool(FLOOD_PROCESSES) as pool:
+    with context.Pool(FLOOD_PROCESSES + 1) as pool:
+        idle = pool.apply(quiet_latencies, (limited.address, quiet_person, FLOOD_SECONDS))
         floods = [
             pool.apply_async(flood, (limited.address, flooded_person, FLOOD_SECONDS + 1.0))
             for _ in range(FLOOD_PROCESSES)
         ]
         time.sleep(1.0)  # the processes are up and flooding
-        busy = quiet_latencies(limited.address, quiet_person, FLOOD_SECONDS)
+        busy = pool.apply(quiet_latencies, (limited.address, quiet_person, FLOOD_SECONDS))
         tallies = [result.get(60) for result in floods]
 
     total = {key: sum(tally[key] for tally in tallies) for key in tallies[0]}
+    counts = {key: int(value) for key, value in total.items() if key not in ("first", "last")}
+    window = max(tally["last"] for tally in tallies) - min(tally["first"] for tally in tallies)
     idle_p99, busy_p99 = p99_ms(idle), p99_ms(busy)
     print(
-        f"\nflood of {FLOOD_PROCESSES} processes: {total}; quiet merchant p99 idle "
-        f"{idle_p99:.1f} ms ({len(idle)} calls), during the flood {busy_p99:.1f} ms "
+        f"\nflood of {FLOOD_PROCESSES} processes over {window:.1f} s: {counts}; "
+        f"quiet merchant p99 idle {idle_p99:.1f} ms ({len(idle)} calls), during the flood {busy_p99:.1f} ms "
         f"({len(busy)} calls): {busy_p99 / idle_p99:.2f}x"
     )
     assert total["other"] == 0
     assert total["exhausted"] > total["ok"] > 0
     assert total["retry_info"] == total["exhausted"]
-    # the rate holds across processes: burst + rate x time (with a second of slack)
-    assert total["ok"] <= 50 + FLOODED_RATE * (FLOOD_SECONDS + 2.0)
+    # the rate holds across processes: the burst, then the rate over the flood's window (the
+    # first call's start to the last call's end; a quarter second of slack for the clocks)
+    assert total["ok"] <= 50 + FLOODED_RATE * (window + 0.25)
     # the quiet merchant was served throughout; its p99 is a measured figure (printed above),
     # bounded here only generously (2 cores shared with the flooding processes)
     assert busy_p99 < max(10 * idle_p99, 250.0)

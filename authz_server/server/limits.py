@@ -5,8 +5,11 @@ RESOURCE_EXHAUSTED with a google.rpc.RetryInfo saying when to try again, before 
 runs: nothing is read or written for it (no money moves).
 
 The limiter sits outside the audit trail, the metrics and the access log: a principal flooding
-the service costs one Redis round trip per refused call and no SQL row or log line; refusals are
-counted in medwallet_rate_limited_total{principal_kind} (MedWalletPrincipalRateLimited alerts).
+the service costs no SQL row or log line, and at most one Redis round trip per refused call: a
+principal refused for its rate is refused by this process, without asking Redis, until the
+RetryInfo delay Redis gave has passed (RefusalMemo: its bucket cannot hold a token before then,
+whatever the other workers do). Refusals are counted in
+medwallet_rate_limited_total{principal_kind} (MedWalletPrincipalRateLimited alerts).
 If Redis does not answer the limiter lets the call through (what needs Redis fails on its own,
 UNAVAILABLE) rather than failing calls that only need SQL.
 """
@@ -16,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,11 +95,47 @@ def exhausted(verdict: Verdict) -> grpc.Status:
     return status
 
 
+class RefusalMemo:
+    """Principals refused for their rate, and until when (monotonic seconds): a bucket that had
+    less than a token when Redis last looked cannot have one before the delay Redis gave, as
+    other workers only take tokens. A refusal for calls in flight is not remembered (a slot may
+    free at any moment)."""
+
+    # a flood of distinct principals cannot grow it past this: expired entries go first, then all
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.until: dict[str, float] = {}
+
+    def remember(self, key: str, verdict: Verdict) -> None:
+        if verdict.reason != "RATE_LIMITED" or verdict.retry_after_ms <= 0:
+            return
+        if len(self.until) >= self.MAX_ENTRIES:
+            now = self.clock()
+            self.until = {k: t for k, t in self.until.items() if t > now}
+            if len(self.until) >= self.MAX_ENTRIES:
+                self.until.clear()
+        self.until[key] = self.clock() + verdict.retry_after_ms / 1000
+
+    def refusal(self, key: str) -> Verdict | None:
+        """The refusal to answer without asking Redis, or None (ask it)."""
+        until = self.until.get(key)
+        if until is None:
+            return None
+        left_ms = math.ceil((until - self.clock()) * 1000)
+        if left_ms <= 0:
+            del self.until[key]
+            return None
+        return Verdict(False, left_ms, "RATE_LIMITED")
+
+
 class Limiter:
     def __init__(self, auth: Authenticator, limits: Limits, redis: RedisRateLimiter) -> None:
         self.auth = auth
         self.limits = limits
         self.redis = redis
+        self.memo = RefusalMemo()
         self.releases: set[asyncio.Task[None]] = set()
         self.refused = {kind: metrics.rate_limited.labels(kind.value) for kind in PrincipalKind}
 
@@ -112,6 +153,10 @@ class Limiter:
                 return await call(request, context)  # type: ignore[arg-type]
             key = principal_key(principal)
             limit = self.limits.of(key, principal)
+            remembered = self.memo.refusal(key)
+            if remembered is not None:
+                self.refused[principal.kind].inc()
+                await context.abort_with_status(exhausted(remembered))
             call_id = self.redis.call_id()
             try:
                 verdict = await self.redis.acquire(key, limit, call_id)
@@ -119,6 +164,7 @@ class Limiter:
                 log.debug("limiter not answering: %r", error)
                 return await call(request, context)  # type: ignore[arg-type]
             if not verdict.admitted:
+                self.memo.remember(key, verdict)
                 self.refused[principal.kind].inc()
                 await context.abort_with_status(exhausted(verdict))
             try:

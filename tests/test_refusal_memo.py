@@ -1,0 +1,48 @@
+"""The limiter's memory of rate refusals (server/limits.py RefusalMemo): a principal refused for
+its rate is refused locally, with the time left, until Redis's delay has passed; refusals for
+calls in flight are never remembered; the memory stays bounded."""
+
+from __future__ import annotations
+
+from authz_server.server.limits import RefusalMemo
+from authz_server.storage.redis.rate_limiter import Verdict
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_rate_refusal_is_remembered_until_its_delay_passes() -> None:
+    clock = Clock()
+    memo = RefusalMemo(clock)
+    assert memo.refusal("merchant:m1") is None
+    memo.remember("merchant:m1", Verdict(False, 250, "RATE_LIMITED"))
+    clock.now += 0.0625  # binary fractions: exact
+    assert memo.refusal("merchant:m1") == Verdict(False, 188, "RATE_LIMITED")
+    assert memo.refusal("merchant:m2") is None  # only that principal
+    clock.now += 0.1875
+    assert memo.refusal("merchant:m1") is None  # the bucket may hold a token again: ask Redis
+    assert "merchant:m1" not in memo.until
+
+
+def test_an_in_flight_refusal_is_not_remembered() -> None:
+    memo = RefusalMemo(Clock())
+    memo.remember("merchant:m1", Verdict(False, 20, "TOO_MANY_IN_FLIGHT"))
+    assert memo.refusal("merchant:m1") is None
+
+
+def test_the_memory_is_bounded() -> None:
+    clock = Clock()
+    memo = RefusalMemo(clock)
+    for number in range(RefusalMemo.MAX_ENTRIES):
+        memo.remember(f"merchant:{number}", Verdict(False, 10, "RATE_LIMITED"))
+    clock.now += 1.0  # all of them expired
+    memo.remember("merchant:new", Verdict(False, 1000, "RATE_LIMITED"))
+    assert list(memo.until) == ["merchant:new"]
+    for number in range(RefusalMemo.MAX_ENTRIES):
+        memo.remember(f"merchant:live-{number}", Verdict(False, 1000, "RATE_LIMITED"))
+    assert len(memo.until) <= RefusalMemo.MAX_ENTRIES
