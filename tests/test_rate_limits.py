@@ -193,8 +193,8 @@ def test_a_flooded_merchant_is_limited_and_another_is_served(limited: Harness) -
     idle_p99, busy_p99 = p99_ms(idle), p99_ms(busy)
     print(
         f"\nflood of {FLOOD_PROCESSES} processes over {window:.1f} s: {counts}; "
-        f"quiet merchant p99 idle {idle_p99:.1f} ms ({len(idle)} calls), during the flood {busy_p99:.1f} ms "
-        f"({len(busy)} calls): {busy_p99 / idle_p99:.2f}x"
+        f"quiet merchant p99 idle {idle_p99:.1f} ms ({len(idle)} calls), "
+        f"during the flood {busy_p99:.1f} ms ({len(busy)} calls): {busy_p99 / idle_p99:.2f}x"
     )
     assert total["other"] == 0
     assert total["exhausted"] > total["ok"] > 0
