@@ -1,6 +1,8 @@
 """TLS and mutual TLS with real certificates made here: a merchant is who its certificate says,
-clients without a good certificate never get a call through, revoked tokens stop working
-within a second, and a rotated server certificate is picked up while calls go on."""
+clients without a good certificate get no call through (UNAUTHENTICATED, saying why, through
+the service's TLS front; UNAVAILABLE, refused in the handshake, with gRPC's own TLS), revoked
+tokens stop working within a second, and a rotated server certificate is picked up while calls
+go on."""
 
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class Pki:
         self.a_from_other_ca = issue(self.other_ca, "a", merchant_id=MERCHANT_A)
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
         self.a_expired = issue(self.ca, "a", merchant_id=MERCHANT_A, not_before=past, days=2)
+        future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=2)
+        self.a_not_yet_valid = issue(self.ca, "a", merchant_id=MERCHANT_A, not_before=future)
         (directory / "ca.crt").write_bytes(self.ca.certificate_pem)
         self.server.write(directory, "server")
 
@@ -149,18 +153,81 @@ def test_a_merchant_certificate_cannot_take_another_merchants_token(
         )
 
 
-@pytest.mark.parametrize("client", ["none", "other_ca", "expired"])
-def test_no_call_gets_through_without_a_good_certificate(
+REFUSALS = {
+    "none": "no client certificate",
+    "other_ca": "not signed by a CA this service trusts",
+    "expired": "has expired",
+    "not_yet_valid": "is not yet valid",
+}
+
+
+@pytest.mark.parametrize("client", sorted(REFUSALS))
+def test_a_call_without_a_good_certificate_is_unauthenticated(
     pki: Pki, tls_harness: Harness, beneficiary: str, client: str
 ) -> None:
-    """Refused in the TLS handshake: the client sees UNAVAILABLE (no call was ever made), the
-    service never sees a request. With a certificate, the same call is answered."""
-    certificate = {"none": None, "other_ca": pki.a_from_other_ca, "expired": pki.a_expired}
+    """The service's TLS front (the default with a client CA) lets the handshake through and
+    answers every call UNAUTHENTICATED, saying why: a client does not retry it as transient. A
+    token does not stand in for the certificate."""
+    certificate = {
+        "none": None,
+        "other_ca": pki.a_from_other_ca,
+        "expired": pki.a_expired,
+        "not_yet_valid": pki.a_not_yet_valid,
+    }
     with pki.channel(tls_harness.port, certificate[client]) as channel:
         engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             engine.Authorize(ef.medical(beneficiary, 100), timeout=5)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert REFUSALS[client] in (refused.value.details() or "")
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+        assert code_of(lambda: registry.GetParticipant(request, metadata=ADMIN, timeout=5)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+def test_the_private_port_behind_the_front_serves_nobody_directly(tls_harness: Harness) -> None:
+    """The gRPC server listens on a loopback port of its own behind the front: a connection made
+    to it directly (not through the front) is not known, so not served, whatever its token."""
+    private = tls_harness.app.private_port
+    assert private and private != tls_harness.port
+    with grpc.insecure_channel(f"127.0.0.1:{private}") as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+        with pytest.raises(grpc.RpcError) as refused:
+            registry.GetParticipant(request, metadata=ADMIN, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "did not come through" in (refused.value.details() or "")
+
+
+def test_the_handshake_check_refuses_in_the_handshake(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK=handshake: gRPC's own TLS. A client without a
+    good certificate is refused in the handshake and sees UNAVAILABLE; one with a merchant's
+    certificate is served as that merchant."""
+    running = Harness(
+        tmp_path_factory.mktemp("tls-handshake"),
+        tls_cert_file=str(pki.directory / "server.crt"),
+        tls_key_file=str(pki.directory / "server.key"),
+        tls_client_ca_file=str(pki.directory / "ca.crt"),
+        tls_client_certificate_check="handshake",
+    )
+    try:
+        assert running.app.front is None
+        request = authorization_pb2.GetAuthorizationRequest(authorization_id="0" * 32)
+        for client, expected in (
+            (None, grpc.StatusCode.UNAVAILABLE),
+            (pki.a_from_other_ca, grpc.StatusCode.UNAVAILABLE),
+            (pki.a_expired, grpc.StatusCode.UNAVAILABLE),
+            (pki.a, grpc.StatusCode.NOT_FOUND),  # served as merchant A: no such id
+        ):
+            with pki.channel(running.port, client) as channel:
+                engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+                assert code_of(partial(engine.GetAuthorization, request, timeout=5)) == expected
+    finally:
+        running.close()
 
 
 def test_plaintext_is_not_served(tls_harness: Harness) -> None:
