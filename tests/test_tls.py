@@ -10,12 +10,14 @@ import datetime
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz_server.generated.medwallet.v1 import (
     authorization_pb2,
@@ -99,6 +101,11 @@ def beneficiary(operator: grpc.Channel) -> str:
     holder = factories.employee(registry, balance_fen=50_000)
     factories.active_relationship(relationships, holder, beneficiary_id, 10_000)
     return beneficiary_id
+
+
+def first(stream: Callable[[], Iterable[object]]) -> object:
+    """The first answer of a streaming call."""
+    return next(iter(stream()))
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -185,6 +192,29 @@ def test_a_call_without_a_good_certificate_is_unauthenticated(
         assert code_of(lambda: registry.GetParticipant(request, metadata=ADMIN, timeout=5)) == (
             grpc.StatusCode.UNAUTHENTICATED
         )
+
+
+def test_health_and_reflection_need_a_good_certificate_too(pki: Pki, tls_harness: Harness) -> None:
+    """They ask for no principal, so the front's gate answers for them: every method of every
+    kind (unary, server streaming, bidirectional) is refused on a refused connection."""
+    check = health_pb2.HealthCheckRequest(service="")
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    for client in (pki.operator, None):
+        with pki.channel(tls_harness.port, client) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            calls = [
+                partial(health.Check, check, timeout=5),
+                partial(first, partial(health.Watch, check, timeout=5)),
+                partial(
+                    first, partial(reflection.ServerReflectionInfo, iter([listing]), timeout=5)
+                ),
+            ]
+            codes = {code_of(call) for call in calls}
+            if client is None:
+                assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+            else:
+                assert codes == {grpc.StatusCode.OK}
 
 
 def test_the_private_port_behind_the_front_serves_nobody_directly(tls_harness: Harness) -> None:

@@ -44,7 +44,7 @@ from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
 from authz_server.server.tls import ClientIdentity as GrpcClientIdentity
 from authz_server.server.tls import ReloadingCertificates
-from authz_server.server.tls_front import PRIVATE_HOST, TlsFront
+from authz_server.server.tls_front import PRIVATE_HOST, FrontGate, TlsFront
 from authz_server.service.audit_trail import AuditTrail
 from authz_server.service.authorization import AuthorizationService
 from authz_server.service.capture_recovery import settle_capture
@@ -202,6 +202,10 @@ class Application:
             if self.settings.instrumentation
             else server
         )
+        # Behind the TLS front, a call on a connection it refused (or does not know) is answered
+        # UNAUTHENTICATED whatever its method, observed as such.
+        if self.front is not None:
+            observed = FrontGate(observed, self.front.peers)
         # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such, and not
         # audited: it read nothing). Then the audit trail records calls about persons.
         audited = AuditedServer(observed, self.audit)

@@ -26,6 +26,7 @@ taken); connections already open keep theirs.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, cast
@@ -37,7 +38,9 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
 from authz_server.server.auth import Principal, Unauthenticated
+from authz_server.server.errors import to_status
 from authz_server.server.tls import Files, ReloadingCertificates, certificate_merchant
+from authz_server.server.wrapped_server import Handler, WrappedServer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ CHUNK = 64 * 1024
 PRIVATE_PEER = "ipv4:127.0.0.1:"
 PRIVATE_HOST = "127.0.0.1"
 
+NOT_THROUGH_THE_FRONT = "the connection did not come through the service's TLS port"
 NO_CERTIFICATE = "no client certificate: under mutual TLS every caller presents one"
 UNKNOWN_CA = "the client certificate is not signed by a CA this service trusts"
 # OpenSSL's X509_V_ERR_* numbers -> the reason a caller is told.
@@ -99,7 +103,7 @@ class FrontIdentity:
     def merchant(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
         peer = self.peers.of(context.peer())
         if peer is None:
-            raise Unauthenticated("the connection did not come through the service's TLS port")
+            raise Unauthenticated(NOT_THROUGH_THE_FRONT)
         if peer.refusal is not None:
             raise Unauthenticated(peer.refusal)
         return peer.merchant
@@ -414,3 +418,60 @@ class _Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.front.peers.by_port.pop(self.port, None)
         self.client.close(notify=True)
+
+
+class FrontGate(WrappedServer):
+    """Every method, of every service (health and reflection too, which ask for no principal),
+    answers a call on a connection the front refused, or does not know, UNAUTHENTICATED before
+    its handler runs: under mutual TLS nothing is served without a good certificate."""
+
+    def __init__(self, server: grpc.aio.Server, peers: Peers) -> None:
+        super().__init__(server)
+        self.peers = peers
+
+    def refusal(self, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.Status | None:
+        peer = self.peers.of(context.peer())
+        reason = NOT_THROUGH_THE_FRONT if peer is None else peer.refusal
+        return None if reason is None else to_status(Unauthenticated(reason))
+
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        refusal = self.refusal
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            single: Any = handler.unary_unary or handler.stream_unary
+
+            async def answer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                status = refusal(context)
+                if status is not None:
+                    await context.abort_with_status(status)
+                return await single(request, context)
+
+            if handler.unary_unary is not None:
+                return grpc.unary_unary_rpc_method_handler(answer, **serializers)
+            return grpc.stream_unary_rpc_method_handler(answer, **serializers)
+        streaming: Any = handler.unary_stream or handler.stream_stream
+        if inspect.isasyncgenfunction(streaming):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                status = refusal(context)
+                if status is not None:
+                    await context.abort_with_status(status)
+                async for response in streaming(request, context):
+                    yield response
+
+            gated: Any = stream
+        else:  # a coroutine writing with context.write
+
+            async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                status = refusal(context)
+                if status is not None:
+                    await context.abort_with_status(status)
+                return await streaming(request, context)
+
+            gated = written
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(gated, **serializers)
+        return grpc.stream_stream_rpc_method_handler(gated, **serializers)
