@@ -7,9 +7,12 @@ keep the certificate they were made with, so calls in flight are never dropped b
 A pair that does not match (the key written before the certificate, a half-copied file) is not
 taken: the old one stays until the files agree, and an ERROR is logged.
 
-With a client CA, the handshake requires a client certificate signed by it and valid now: one
-without a certificate, from another CA or expired never gets a call through (the client sees
-UNAVAILABLE, "handshake failed": gRPC answers no call on a connection that was never made).
+With a client CA and MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK=handshake, the handshake requires a
+client certificate signed by it and valid now: one without a certificate, from another CA or
+expired never gets a call through (the client sees UNAVAILABLE, "handshake failed": gRPC answers
+no call on a connection that was never made). The default with a client CA is the service's own
+TLS front instead (server/tls_front.py: such calls are answered UNAUTHENTICATED); it reloads the
+same files through `ReloadingCertificates` and reads merchants with `certificate_merchant`.
 """
 
 from __future__ import annotations

@@ -180,7 +180,15 @@ class TlsFront:
         self.server = await loop.create_server(
             lambda: _Client(self), host or None, port, reuse_port=True, backlog=1024
         )
-        return int(self.server.sockets[0].getsockname()[1])
+        bound = int(self.server.sockets[0].getsockname()[1])
+        log.info(
+            "TLS front on port %d, the gRPC server behind it on %s:%d; client certificates %s",
+            bound,
+            PRIVATE_HOST,
+            upstream_port,
+            "checked per call" if self.mutual else "not asked for",
+        )
+        return bound
 
     def stop_accepting(self) -> None:
         if self.server is not None:
