@@ -6,8 +6,10 @@ go on."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +30,7 @@ from authz_server.generated.medwallet.v1 import (
     relationship_pb2_grpc,
 )
 from authz_server.runtime.certificates import Issued, issue, make_ca
-from authz_server.server import tokens
+from authz_server.server import tls_front, tokens
 from tests import engine_factories as ef
 from tests import factories
 from tests.harness import ADMIN, Harness, bearer
@@ -215,6 +217,33 @@ def test_health_and_reflection_need_a_good_certificate_too(pki: Pki, tls_harness
                 assert codes == {grpc.StatusCode.UNAUTHENTICATED}
             else:
                 assert codes == {grpc.StatusCode.OK}
+
+
+def test_the_front_carries_large_bodies_and_drops_silent_handshakes(
+    pki: Pki, tls_harness: Harness
+) -> None:
+    """Bodies of megabytes cross the front both ways of its backpressure (a 3 MiB garbage
+    body is the edge's INVALID_ARGUMENT, one over the 4 MiB limit RESOURCE_EXHAUSTED), and a
+    connection that never finishes its handshake is closed after the front's limit."""
+    with pki.channel(tls_harness.port, pki.operator) as channel:
+        method = "/medwallet.v1.RegistryService/GetParticipant"
+        call = channel.unary_unary(method)
+        for size, expected in (
+            (3 * 1024 * 1024, grpc.StatusCode.INVALID_ARGUMENT),
+            (5 * 1024 * 1024, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ):
+            body = b"\xff" * size
+            assert code_of(partial(call, body, metadata=ADMIN, timeout=30)) == expected
+    assert tls_harness.app.front is not None
+    tls_harness.app.front.handshake_seconds = 0.5
+    try:
+        with socket.create_connection(("127.0.0.1", tls_harness.port), timeout=5) as silent:
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):  # closed or reset, nothing sent
+                assert silent.recv(1) == b""
+            assert time.monotonic() - started < 4
+    finally:
+        tls_harness.app.front.handshake_seconds = tls_front.HANDSHAKE_SECONDS
 
 
 def test_the_private_port_behind_the_front_serves_nobody_directly(tls_harness: Harness) -> None:

@@ -165,6 +165,7 @@ class TlsFront:
         self.connections: set[_Client] = set()
         self.server: asyncio.Server | None = None
         self.upstream_port = 0
+        self.handshake_seconds = HANDSHAKE_SECONDS
 
     def current_context(self) -> SSL.Context:
         reloaded = self.certificates.reloaded(server_context)
@@ -244,7 +245,7 @@ class _Client(asyncio.Protocol):
         self.tls = SSL.Connection(self.front.current_context(), None)
         self.tls.set_app_data(self)
         self.tls.set_accept_state()
-        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_SECONDS, self.abort)
+        self.timer = asyncio.get_running_loop().call_later(self.front.handshake_seconds, self.abort)
 
     def data_received(self, data: bytes) -> None:
         tls = self.tls
