@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -244,6 +245,33 @@ def test_the_front_carries_large_bodies_and_drops_silent_handshakes(
             assert time.monotonic() - started < 4
     finally:
         tls_harness.app.front.handshake_seconds = tls_front.HANDSHAKE_SECONDS
+
+
+def test_the_front_resumes_no_tls_session(pki: Pki, tls_harness: Harness) -> None:
+    """A resumed session sends no certificate and runs no verification: were one resumed, a
+    certificate refused in the first handshake (another CA's naming merchant A) would come back
+    unverified on the second. The front resumes none (no tickets, no session cache)."""
+    directory = pki.directory / "resume"
+    directory.mkdir(exist_ok=True)
+    certificate, key = pki.a_from_other_ca.write(directory, "other")
+    context = ssl.create_default_context(cadata=pki.ca.certificate_pem.decode())
+    context.load_cert_chain(certificate, key)
+    context.set_alpn_protocols(["h2"])
+    session = None
+    for attempt in range(2):
+        with (
+            socket.create_connection(("127.0.0.1", tls_harness.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            assert tls.selected_alpn_protocol() == "h2"
+            # the HTTP/2 preface and SETTINGS: the gRPC server answers, and TLS 1.3 tickets (if
+            # any were sent) are read with its answer
+            tls.sendall(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            )
+            assert tls.recv(9)
+            assert not tls.session_reused, attempt
+            session = tls.session
 
 
 def test_the_private_port_behind_the_front_serves_nobody_directly(tls_harness: Harness) -> None:

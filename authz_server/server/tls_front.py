@@ -114,7 +114,11 @@ def server_context(files: Files) -> SSL.Context:
     certificate asked for and verified (the verdict kept on the connection, not enforced)."""
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
-    context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION)
+    context.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_COMPRESSION | SSL.OP_NO_TICKET)
+    # No session is ever resumed: a resumed session brings back its certificate without a new
+    # verification, and the verdict (kept on the connection, not in the session) would be lost:
+    # a certificate refused once would be taken unverified the next time.
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     chain = x509.load_pem_x509_certificates(files.certificate)
     context.use_certificate(chain[0])
     for extra in chain[1:]:
