@@ -168,6 +168,7 @@ REFUSALS = {
     "other_ca": "not signed by a CA this service trusts",
     "expired": "has expired",
     "not_yet_valid": "is not yet valid",
+    "server_certificate": "not for client authentication",
 }
 
 
@@ -183,6 +184,7 @@ def test_a_call_without_a_good_certificate_is_unauthenticated(
         "other_ca": pki.a_from_other_ca,
         "expired": pki.a_expired,
         "not_yet_valid": pki.a_not_yet_valid,
+        "server_certificate": pki.server,  # the CA's, but for servers only (extended key usage)
     }
     with pki.channel(tls_harness.port, certificate[client]) as channel:
         engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
