@@ -170,6 +170,7 @@ class TlsFront:
         self.server: asyncio.Server | None = None
         self.upstream_port = 0
         self.handshake_seconds = HANDSHAKE_SECONDS
+        self.full = False  # MAX_CONNECTIONS reached (logged once until a connection is taken)
 
     def current_context(self) -> SSL.Context:
         reloaded = self.certificates.reloaded(server_context)
@@ -183,7 +184,7 @@ class TlsFront:
         self.upstream_port = upstream_port
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: _Client(self), host or None, port, reuse_port=True, backlog=1024
+            lambda: _Client(self), host.strip("[]") or None, port, reuse_port=True, backlog=1024
         )
         bound = int(self.server.sockets[0].getsockname()[1])
         log.info(
@@ -241,10 +242,13 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         if len(self.front.connections) >= MAX_CONNECTIONS:
-            log.warning("TLS front: %d connections open, one more refused", MAX_CONNECTIONS)
+            if not self.front.full:  # once each time it fills up, not once per connection
+                log.warning("TLS front: %d connections open, refusing more", MAX_CONNECTIONS)
+            self.front.full = True
             self.closed = True
             self.transport.abort()
             return
+        self.front.full = False
         self.front.connections.add(self)
         self.tls = SSL.Connection(self.front.current_context(), None)
         self.tls.set_app_data(self)
