@@ -446,49 +446,46 @@ class FrontGate(WrappedServer):
         super().__init__(server)
         self.peers = peers
 
-    def refusal(self, context: grpc.aio.ServicerContext[Any, Any]) -> grpc.Status | None:
+    async def check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Aborts the call (UNAUTHENTICATED, with the reason) unless the front accepted its
+        connection."""
         peer = self.peers.of(context.peer())
         reason = NOT_THROUGH_THE_FRONT if peer is None else peer.refusal
-        return None if reason is None else to_status(Unauthenticated(reason))
+        if reason is not None:
+            await context.abort_with_status(to_status(Unauthenticated(reason)))
 
     def wrap(self, full_method: str, handler: Handler) -> Handler:
-        refusal = self.refusal
+        check = self.check
         serializers = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
-        if handler.unary_unary is not None or handler.stream_unary is not None:
-            single: Any = handler.unary_unary or handler.stream_unary
+        behaviour: Any = (
+            handler.unary_unary
+            or handler.stream_unary
+            or handler.unary_stream
+            or handler.stream_stream
+        )
 
-            async def answer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                status = refusal(context)
-                if status is not None:
-                    await context.abort_with_status(status)
-                return await single(request, context)
+        async def yielded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            async for response in behaviour(request, context):
+                yield response
 
-            if handler.unary_unary is not None:
-                return grpc.unary_unary_rpc_method_handler(answer, **serializers)
-            return grpc.stream_unary_rpc_method_handler(answer, **serializers)
-        streaming: Any = handler.unary_stream or handler.stream_stream
-        if inspect.isasyncgenfunction(streaming):
+        async def answered(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await check(context)
+            return await behaviour(request, context)
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                status = refusal(context)
-                if status is not None:
-                    await context.abort_with_status(status)
-                async for response in streaming(request, context):
-                    yield response
+        # a stream of answers yielded; or one answer, or a stream written with context.write
+        gated = yielded if inspect.isasyncgenfunction(behaviour) else answered
 
-            gated: Any = stream
-        else:  # a coroutine writing with context.write
-
-            async def written(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                status = refusal(context)
-                if status is not None:
-                    await context.abort_with_status(status)
-                return await streaming(request, context)
-
-            gated = written
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(gated, **serializers)
-        return grpc.stream_stream_rpc_method_handler(gated, **serializers)
+        make = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.stream_unary_rpc_method_handler
+            if handler.stream_unary is not None
+            else grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream is not None
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return make(gated, **serializers)
