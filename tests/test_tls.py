@@ -276,6 +276,51 @@ def test_the_front_resumes_no_tls_session(pki: Pki, tls_harness: Harness) -> Non
             session = tls.session
 
 
+def test_a_port_of_a_closed_connection_is_not_taken_again_at_once() -> None:
+    """A call of a closed connection, still queued, must not be judged as the next connection
+    on the same local port: the port rests for PORT_QUARANTINE_SECONDS (the front then connects
+    again from another)."""
+    peers = tls_front.Peers()
+    refused = tls_front.Peer(refusal="no client certificate")
+    assert peers.take(40_000, refused)
+    assert not peers.take(40_000, tls_front.Peer())  # in use
+    assert peers.of("ipv4:127.0.0.1:40000") is refused
+    peers.release(40_000)
+    assert peers.of("ipv4:127.0.0.1:40000") is None
+    assert not peers.take(40_000, tls_front.Peer())  # resting
+    assert peers.take(40_001, tls_front.Peer())
+    assert peers.of("ipv6:[::1]:40001") is None  # only the private IPv4 listener's peers
+
+
+def test_the_front_connects_from_no_resting_port(
+    pki: Pki, tls_harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With every local port resting the front gives up on the client (after its attempts,
+    each refused before a byte was forwarded); once they rest no more, it serves again."""
+    front = tls_harness.app.front
+    assert front is not None
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+    resting = dict.fromkeys(range(low, high + 1), time.monotonic())
+    tls_harness.run(_set_released(front.peers, resting))
+    try:
+        with pki.channel(tls_harness.port, pki.operator) as channel:
+            registry = registry_pb2_grpc.RegistryServiceStub(channel)
+            call = partial(registry.GetParticipant, request, metadata=ADMIN, timeout=3)
+            assert code_of(call) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "no free local port" in caplog.text
+    finally:
+        tls_harness.run(_set_released(front.peers, {}))
+    with pki.channel(tls_harness.port, pki.operator) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        call = partial(registry.GetParticipant, request, metadata=ADMIN, timeout=5)
+        assert code_of(call) == grpc.StatusCode.NOT_FOUND
+
+
+async def _set_released(peers: tls_front.Peers, released: dict[int, float]) -> None:
+    peers.released = released  # on the server's loop, as the front uses it
+
+
 def test_the_private_port_behind_the_front_serves_nobody_directly(tls_harness: Harness) -> None:
     """The gRPC server listens on a loopback port of its own behind the front: a connection made
     to it directly (not through the front) is not known, so not served, whatever its token."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 10.0
 # Connections one process's front holds at once; more are closed as they arrive.
 MAX_CONNECTIONS = 10_000
+# A local port whose forwarding connection closed is not used for another this long (Peers):
+# longer than TCP's TIME_WAIT (60 s on Linux), which loopback may skip (tcp_tw_reuse=2).
+PORT_QUARANTINE_SECONDS = 120.0
+# Connections to the gRPC server tried for one client before giving up (a quarantined port).
+CONNECT_ATTEMPTS = 5
 # Bytes taken from OpenSSL at a time.
 CHUNK = 64 * 1024
 # gRPC's name for a call's peer on the private listener, before the port.
@@ -81,10 +87,31 @@ class Peer:
 
 
 class Peers:
-    """The front's connections by the local port of their forwarding connection."""
+    """The front's connections by the local port of their forwarding connection. A port whose
+    connection closed is not taken again for PORT_QUARANTINE_SECONDS: a call of the old
+    connection still queued in the gRPC server must never be judged as the new one's."""
 
     def __init__(self) -> None:
         self.by_port: dict[int, Peer] = {}
+        # port -> when its connection closed, oldest first
+        self.released: dict[int, float] = {}
+
+    def take(self, port: int, peer: Peer) -> bool:
+        """Records `peer` under `port`; False: the port is in use or quarantined."""
+        now = time.monotonic()
+        while self.released:
+            oldest, released_at = next(iter(self.released.items()))
+            if now - released_at < PORT_QUARANTINE_SECONDS:
+                break
+            del self.released[oldest]
+        if port in self.by_port or port in self.released:
+            return False
+        self.by_port[port] = peer
+        return True
+
+    def release(self, port: int) -> None:
+        if self.by_port.pop(port, None) is not None:
+            self.released[port] = time.monotonic()
 
     def of(self, peer: str) -> Peer | None:
         if not peer.startswith(PRIVATE_PEER):
@@ -281,12 +308,19 @@ class _Client(asyncio.Protocol):
 
     async def connect(self, peer: Peer) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            await loop.create_connection(
-                lambda: _Upstream(self, peer), PRIVATE_HOST, self.front.upstream_port
-            )
-        except OSError as error:
-            log.warning("TLS front: the gRPC server's port does not answer: %r", error)
+        for _ in range(CONNECT_ATTEMPTS):  # another port when the one given is quarantined
+            try:
+                await loop.create_connection(
+                    lambda: _Upstream(self, peer), PRIVATE_HOST, self.front.upstream_port
+                )
+            except OSError as error:
+                log.warning("TLS front: the gRPC server's port does not answer: %r", error)
+                self.close()
+                return
+            if self.upstream is not None:
+                break
+        else:
+            log.warning("TLS front: no free local port for the gRPC server's connection")
             self.close()
             return
         if self.closed:
@@ -414,8 +448,11 @@ class _Upstream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         # Before any byte goes to the gRPC server: what the call will be asked about.
-        self.port = int(self.transport.get_extra_info("sockname")[1])
-        self.client.front.peers.by_port[self.port] = self.peer
+        port = int(self.transport.get_extra_info("sockname")[1])
+        if not self.client.front.peers.take(port, self.peer):
+            self.transport.abort()  # connection_lost: nothing to release, the client stays
+            return
+        self.port = port
         self.client.upstream = self
 
     def data_received(self, data: bytes) -> None:
@@ -429,12 +466,14 @@ class _Upstream(asyncio.Protocol):
         self.client.resume("upstream full")
 
     def eof_received(self) -> bool:
-        self.client.close(notify=True)
+        if self.port:
+            self.client.close(notify=True)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.client.front.peers.by_port.pop(self.port, None)
-        self.client.close(notify=True)
+        if self.port:
+            self.client.front.peers.release(self.port)
+            self.client.close(notify=True)
 
 
 class FrontGate(WrappedServer):
