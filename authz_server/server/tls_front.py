@@ -49,9 +49,11 @@ log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 10.0
 # Connections one process's front holds at once; more are closed as they arrive.
 MAX_CONNECTIONS = 10_000
-# A local port whose forwarding connection closed is not used for another this long (Peers):
-# longer than TCP's TIME_WAIT (60 s on Linux), which loopback may skip (tcp_tw_reuse=2).
-PORT_QUARANTINE_SECONDS = 120.0
+# A local port whose forwarding connection closed is not used for another this long (Peers).
+# Loopback may reuse a port in TIME_WAIT after 1 s (tcp_tw_reuse=2); a call still queued 10 s
+# after its connection closed is a server past saving. Not longer: every connection closed
+# holds a port this long, and ~28,000 ports / 10 s is more than the front can handshake.
+PORT_QUARANTINE_SECONDS = 10.0
 # Connections to the gRPC server tried for one client before giving up (a quarantined port).
 CONNECT_ATTEMPTS = 5
 # Bytes taken from OpenSSL at a time.
