@@ -13,14 +13,16 @@ So the service terminates TLS itself, in front of its gRPC server:
   a port of its own, per process) and, before forwarding a byte, records what it learnt
   (`Peer`: the merchant the certificate names, or why it is refused) under that connection's
   local port, which gRPC reports as the call's peer (`context.peer()`); the record goes with the
-  connection;
-- `FrontIdentity` reads the record for each call: a refused connection is answered
+  connection, and its port rests PORT_QUARANTINE_SECONDS before another connection takes it;
+- `FrontGate` answers every method UNAUTHENTICATED on a refused connection, and
+  `FrontIdentity` reads the record for each call: a refused connection is answered
   UNAUTHENTICATED with the reason, a connection the front does not know (someone connecting to
   the private port directly) too.
 
 The certificate, key and client CA are reloaded as for gRPC's own TLS (`ReloadingCertificates`:
 looked at before new handshakes, at most once a second; a pair that does not match is not
-taken); connections already open keep theirs.
+taken); connections already open keep theirs. No TLS session is ever resumed (a resumed one
+brings its certificate back without a verification), and renegotiation is off.
 """
 
 from __future__ import annotations
