@@ -225,9 +225,10 @@ def test_health_and_reflection_need_a_good_certificate_too(pki: Pki, tls_harness
 def test_the_front_carries_large_bodies_and_drops_silent_handshakes(
     pki: Pki, tls_harness: Harness
 ) -> None:
-    """Bodies of megabytes cross the front both ways of its backpressure (a 3 MiB garbage
-    body is the edge's INVALID_ARGUMENT, one over the 4 MiB limit RESOURCE_EXHAUSTED), and a
-    connection that never finishes its handshake is closed after the front's limit."""
+    """Request bodies of megabytes cross the front towards the gRPC server (a 3 MiB garbage
+    body is the edge's INVALID_ARGUMENT, one over the 4 MiB limit RESOURCE_EXHAUSTED; answers
+    are small: the other direction's backpressure is not exercised here), and a connection that
+    never finishes its handshake is closed after the front's limit."""
     with pki.channel(tls_harness.port, pki.operator) as channel:
         method = "/medwallet.v1.RegistryService/GetParticipant"
         call = channel.unary_unary(method)
