@@ -77,6 +77,12 @@ class Settings:
     # PEM CA(s) whose client certificates are accepted: set, mutual TLS is required, and a
     # merchant is identified by its certificate (merchant tokens are refused).
     tls_client_ca_file: str = ""
+    # Who terminates TLS and judges client certificates: call (the service's own TLS front,
+    # server/tls_front.py: a missing, unknown-CA or expired client certificate gets every call
+    # answered UNAUTHENTICATED with the reason) or handshake (gRPC's own TLS: such a client is
+    # refused in the handshake and sees UNAVAILABLE; cheaper per byte). Empty: call with a
+    # client CA, handshake without.
+    tls_client_certificate_check: str = ""
     # Where a client certificate names its merchant as medwallet:merchant:<id>: uri_san or
     # common_name.
     client_identity_field: str = "uri_san"
@@ -113,6 +119,15 @@ class Settings:
         if self.effective_database_url.startswith("sqlite"):
             return 1
         return os.cpu_count() or 1
+
+    @property
+    def effective_client_certificate_check(self) -> str:
+        check = self.tls_client_certificate_check or (
+            "call" if self.tls_client_ca_file else "handshake"
+        )
+        if check not in ("call", "handshake"):
+            raise ValueError("MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK must be call or handshake")
+        return check
 
     @property
     def effective_database_url(self) -> str:
@@ -170,6 +185,9 @@ class Settings:
             tls_cert_file=env.get("MEDWALLET_TLS_CERT_FILE", ""),
             tls_key_file=env.get("MEDWALLET_TLS_KEY_FILE", ""),
             tls_client_ca_file=env.get("MEDWALLET_TLS_CLIENT_CA_FILE", ""),
+            tls_client_certificate_check=env.get("MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK", "")
+            .strip()
+            .lower(),
             client_identity_field=get(
                 "MEDWALLET_CLIENT_IDENTITY_FIELD", defaults.client_identity_field
             ),

@@ -10,7 +10,11 @@ alternated REPEATS times so drift of a shared machine falls on all of them:
   limiter-on    the limiter on (limits far above the load, so it refuses nothing: its cost is
                 the Redis round trip per call and the release), plaintext
   tls           the limiter on, and TLS on the port (a certificate from `make-certs`; the load
-                generator's tills still present tokens: no client certificate)
+                generator's tills still present tokens: no client certificate), gRPC's own TLS
+  tls-front     the same, TLS terminated by the service's TLS front (server/tls_front.py,
+                MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK=call) instead of gRPC's: what the front
+                costs per call (with a client CA it also checks the client's certificate, once
+                per connection: the tills keep theirs open)
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ VARIANTS: tuple[tuple[str, dict[str, str], bool], ...] = (
     ("limiter-off", {"MEDWALLET_RATE_LIMITS": "false"}, False),
     ("limiter-on", {"MEDWALLET_RATE_LIMITS": "true"}, False),
     ("tls", {"MEDWALLET_RATE_LIMITS": "true"}, True),
+    (
+        "tls-front",
+        {"MEDWALLET_RATE_LIMITS": "true", "MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK": "call"},
+        True,
+    ),
 )
 
 

@@ -1,19 +1,26 @@
 """TLS and mutual TLS with real certificates made here: a merchant is who its certificate says,
-clients without a good certificate never get a call through, revoked tokens stop working
-within a second, and a rotated server certificate is picked up while calls go on."""
+clients without a good certificate get no call through (UNAUTHENTICATED, saying why, through
+the service's TLS front; UNAVAILABLE, refused in the handshake, with gRPC's own TLS), revoked
+tokens stop working within a second, and a rotated server certificate is picked up while calls
+go on."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz_server.generated.medwallet.v1 import (
     authorization_pb2,
@@ -24,7 +31,7 @@ from authz_server.generated.medwallet.v1 import (
     relationship_pb2_grpc,
 )
 from authz_server.runtime.certificates import Issued, issue, make_ca
-from authz_server.server import tokens
+from authz_server.server import tls_front, tokens
 from tests import engine_factories as ef
 from tests import factories
 from tests.harness import ADMIN, Harness, bearer
@@ -46,6 +53,8 @@ class Pki:
         self.a_from_other_ca = issue(self.other_ca, "a", merchant_id=MERCHANT_A)
         past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)
         self.a_expired = issue(self.ca, "a", merchant_id=MERCHANT_A, not_before=past, days=2)
+        future = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=2)
+        self.a_not_yet_valid = issue(self.ca, "a", merchant_id=MERCHANT_A, not_before=future)
         (directory / "ca.crt").write_bytes(self.ca.certificate_pem)
         self.server.write(directory, "server")
 
@@ -95,6 +104,11 @@ def beneficiary(operator: grpc.Channel) -> str:
     holder = factories.employee(registry, balance_fen=50_000)
     factories.active_relationship(relationships, holder, beneficiary_id, 10_000)
     return beneficiary_id
+
+
+def first(stream: Callable[[], Iterable[object]]) -> object:
+    """The first answer of a streaming call."""
+    return next(iter(stream()))
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -149,18 +163,206 @@ def test_a_merchant_certificate_cannot_take_another_merchants_token(
         )
 
 
-@pytest.mark.parametrize("client", ["none", "other_ca", "expired"])
-def test_no_call_gets_through_without_a_good_certificate(
+REFUSALS = {
+    "none": "no client certificate",
+    "other_ca": "not signed by a CA this service trusts",
+    "expired": "has expired",
+    "not_yet_valid": "is not yet valid",
+    "server_certificate": "not for client authentication",
+}
+
+
+@pytest.mark.parametrize("client", sorted(REFUSALS))
+def test_a_call_without_a_good_certificate_is_unauthenticated(
     pki: Pki, tls_harness: Harness, beneficiary: str, client: str
 ) -> None:
-    """Refused in the TLS handshake: the client sees UNAVAILABLE (no call was ever made), the
-    service never sees a request. With a certificate, the same call is answered."""
-    certificate = {"none": None, "other_ca": pki.a_from_other_ca, "expired": pki.a_expired}
+    """The service's TLS front (the default with a client CA) lets the handshake through and
+    answers every call UNAUTHENTICATED, saying why: a client does not retry it as transient. A
+    token does not stand in for the certificate."""
+    certificate = {
+        "none": None,
+        "other_ca": pki.a_from_other_ca,
+        "expired": pki.a_expired,
+        "not_yet_valid": pki.a_not_yet_valid,
+        "server_certificate": pki.server,  # the CA's, but for servers only (extended key usage)
+    }
     with pki.channel(tls_harness.port, certificate[client]) as channel:
         engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             engine.Authorize(ef.medical(beneficiary, 100), timeout=5)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert REFUSALS[client] in (refused.value.details() or "")
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+        assert code_of(lambda: registry.GetParticipant(request, metadata=ADMIN, timeout=5)) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
+def test_health_and_reflection_need_a_good_certificate_too(pki: Pki, tls_harness: Harness) -> None:
+    """They ask for no principal, so the front's gate answers for them: every method of every
+    kind (unary, server streaming, bidirectional) is refused on a refused connection."""
+    check = health_pb2.HealthCheckRequest(service="")
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    for client in (pki.operator, None):
+        with pki.channel(tls_harness.port, client) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            calls = [
+                partial(health.Check, check, timeout=5),
+                partial(first, partial(health.Watch, check, timeout=5)),
+                partial(
+                    first, partial(reflection.ServerReflectionInfo, iter([listing]), timeout=5)
+                ),
+            ]
+            codes = {code_of(call) for call in calls}
+            if client is None:
+                assert codes == {grpc.StatusCode.UNAUTHENTICATED}
+            else:
+                assert codes == {grpc.StatusCode.OK}
+
+
+def test_the_front_carries_large_bodies_and_drops_silent_handshakes(
+    pki: Pki, tls_harness: Harness
+) -> None:
+    """Request bodies of megabytes cross the front towards the gRPC server (a 3 MiB garbage
+    body is the edge's INVALID_ARGUMENT, one over the 4 MiB limit RESOURCE_EXHAUSTED; answers
+    are small: the other direction's backpressure is not exercised here), and a connection that
+    never finishes its handshake is closed after the front's limit."""
+    with pki.channel(tls_harness.port, pki.operator) as channel:
+        method = "/medwallet.v1.RegistryService/GetParticipant"
+        call = channel.unary_unary(method)
+        for size, expected in (
+            (3 * 1024 * 1024, grpc.StatusCode.INVALID_ARGUMENT),
+            (5 * 1024 * 1024, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ):
+            body = b"\xff" * size
+            assert code_of(partial(call, body, metadata=ADMIN, timeout=30)) == expected
+    assert tls_harness.app.front is not None
+    tls_harness.app.front.handshake_seconds = 0.5
+    try:
+        with socket.create_connection(("127.0.0.1", tls_harness.port), timeout=5) as silent:
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):  # closed or reset, nothing sent
+                assert silent.recv(1) == b""
+            assert time.monotonic() - started < 4
+    finally:
+        tls_harness.app.front.handshake_seconds = tls_front.HANDSHAKE_SECONDS
+
+
+def test_the_front_resumes_no_tls_session(pki: Pki, tls_harness: Harness) -> None:
+    """A resumed session sends no certificate and runs no verification: were one resumed, a
+    certificate refused in the first handshake (another CA's naming merchant A) would come back
+    unverified on the second. The front resumes none (no tickets, no session cache)."""
+    directory = pki.directory / "resume"
+    directory.mkdir(exist_ok=True)
+    certificate, key = pki.a_from_other_ca.write(directory, "other")
+    context = ssl.create_default_context(cadata=pki.ca.certificate_pem.decode())
+    context.load_cert_chain(certificate, key)
+    context.set_alpn_protocols(["h2"])
+    session = None
+    for attempt in range(2):
+        with (
+            socket.create_connection(("127.0.0.1", tls_harness.port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            assert tls.selected_alpn_protocol() == "h2"
+            # the HTTP/2 preface and SETTINGS: the gRPC server answers, and TLS 1.3 tickets (if
+            # any were sent) are read with its answer
+            tls.sendall(
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            )
+            assert tls.recv(9)
+            assert not tls.session_reused, attempt
+            session = tls.session
+
+
+def test_a_port_of_a_closed_connection_is_not_taken_again_at_once() -> None:
+    """A call of a closed connection, still queued, must not be judged as the next connection
+    on the same local port: the port rests for PORT_QUARANTINE_SECONDS (the front then connects
+    again from another)."""
+    peers = tls_front.Peers()
+    refused = tls_front.Peer(refusal="no client certificate")
+    assert peers.take(40_000, refused)
+    assert not peers.take(40_000, tls_front.Peer())  # in use
+    assert peers.of("ipv4:127.0.0.1:40000") is refused
+    peers.release(40_000)
+    assert peers.of("ipv4:127.0.0.1:40000") is None
+    assert not peers.take(40_000, tls_front.Peer())  # resting
+    assert peers.take(40_001, tls_front.Peer())
+    assert peers.of("ipv6:[::1]:40001") is None  # only the private IPv4 listener's peers
+
+
+def test_the_front_connects_from_no_resting_port(
+    pki: Pki, tls_harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With every local port resting the front gives up on the client (after its attempts,
+    each refused before a byte was forwarded); once they rest no more, it serves again."""
+    front = tls_harness.app.front
+    assert front is not None
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+    resting = dict.fromkeys(range(low, high + 1), time.monotonic())
+    tls_harness.run(_set_released(front.peers, resting))
+    try:
+        with pki.channel(tls_harness.port, pki.operator) as channel:
+            registry = registry_pb2_grpc.RegistryServiceStub(channel)
+            call = partial(registry.GetParticipant, request, metadata=ADMIN, timeout=3)
+            assert code_of(call) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert "no free local port" in caplog.text
+    finally:
+        tls_harness.run(_set_released(front.peers, {}))
+    with pki.channel(tls_harness.port, pki.operator) as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        call = partial(registry.GetParticipant, request, metadata=ADMIN, timeout=5)
+        assert code_of(call) == grpc.StatusCode.NOT_FOUND
+
+
+async def _set_released(peers: tls_front.Peers, released: dict[int, float]) -> None:
+    peers.released = released  # on the server's loop, as the front uses it
+
+
+def test_the_private_port_behind_the_front_serves_nobody_directly(tls_harness: Harness) -> None:
+    """The gRPC server listens on a loopback port of its own behind the front: a connection made
+    to it directly (not through the front) is not known, so not served, whatever its token."""
+    private = tls_harness.app.private_port
+    assert private and private != tls_harness.port
+    with grpc.insecure_channel(f"127.0.0.1:{private}") as channel:
+        registry = registry_pb2_grpc.RegistryServiceStub(channel)
+        request = registry_pb2.GetParticipantRequest(participant_id="nobody")
+        with pytest.raises(grpc.RpcError) as refused:
+            registry.GetParticipant(request, metadata=ADMIN, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "did not come through" in (refused.value.details() or "")
+
+
+def test_the_handshake_check_refuses_in_the_handshake(
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK=handshake: gRPC's own TLS. A client without a
+    good certificate is refused in the handshake and sees UNAVAILABLE; one with a merchant's
+    certificate is served as that merchant."""
+    running = Harness(
+        tmp_path_factory.mktemp("tls-handshake"),
+        tls_cert_file=str(pki.directory / "server.crt"),
+        tls_key_file=str(pki.directory / "server.key"),
+        tls_client_ca_file=str(pki.directory / "ca.crt"),
+        tls_client_certificate_check="handshake",
+    )
+    try:
+        assert running.app.front is None
+        request = authorization_pb2.GetAuthorizationRequest(authorization_id="0" * 32)
+        for client, expected in (
+            (None, grpc.StatusCode.UNAVAILABLE),
+            (pki.a_from_other_ca, grpc.StatusCode.UNAVAILABLE),
+            (pki.a_expired, grpc.StatusCode.UNAVAILABLE),
+            (pki.a, grpc.StatusCode.NOT_FOUND),  # served as merchant A: no such id
+        ):
+            with pki.channel(running.port, client) as channel:
+                engine = authorization_pb2_grpc.AuthorizationServiceStub(channel)
+                assert code_of(partial(engine.GetAuthorization, request, timeout=5)) == expected
+    finally:
+        running.close()
 
 
 def test_plaintext_is_not_served(tls_harness: Harness) -> None:

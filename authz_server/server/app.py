@@ -35,14 +35,16 @@ from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.runtime.wiring import open_storage
 from authz_server.server.audit import AuditedServer
 from authz_server.server.audit_handler import AuditHandler
-from authz_server.server.auth import Authenticator
+from authz_server.server.auth import Authenticator, ClientIdentity
 from authz_server.server.authorization_handler import AuthorizationHandler
 from authz_server.server.edge import EdgeServer, server_options
 from authz_server.server.limits import LimitedServer, Limiter, Limits
 from authz_server.server.registry_handler import RegistryHandler
 from authz_server.server.relationship_handler import RelationshipHandler
 from authz_server.server.settlement_handler import SettlementHandler
-from authz_server.server.tls import ClientIdentity, ReloadingCertificates
+from authz_server.server.tls import ClientIdentity as GrpcClientIdentity
+from authz_server.server.tls import ReloadingCertificates
+from authz_server.server.tls_front import PRIVATE_HOST, FrontGate, TlsFront
 from authz_server.service.audit_trail import AuditTrail
 from authz_server.service.authorization import AuthorizationService
 from authz_server.service.capture_recovery import settle_capture
@@ -96,6 +98,8 @@ class Application:
     sweep_holds: bool = True
     server: grpc.aio.Server = field(init=False)
     port: int = field(init=False, default=0)
+    # the gRPC server's loopback port behind the TLS front (0: no front)
+    private_port: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         # SQL, the hot state's Redis client (one node or a cluster, by the URL), its generation,
@@ -127,10 +131,20 @@ class Application:
             else None
         )
         mutual_tls = self.certificates is not None and self.certificates.client_ca_file is not None
-        self.auth = Authenticator.from_file(
-            self.settings.effective_tokens_file,
-            ClientIdentity(self.settings.client_identity_field) if mutual_tls else None,
+        # MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK=call: the service's own TLS front on the port,
+        # the gRPC server on a private loopback port behind it (server/tls_front.py).
+        self.front = (
+            TlsFront(self.certificates, self.settings.client_identity_field)
+            if self.certificates is not None
+            and self.settings.effective_client_certificate_check == "call"
+            else None
         )
+        identity: ClientIdentity | None = None
+        if self.front is not None:
+            identity = self.front.identity
+        elif mutual_tls:
+            identity = GrpcClientIdentity(self.settings.client_identity_field)
+        self.auth = Authenticator.from_file(self.settings.effective_tokens_file, identity)
         self.references = ReferenceCache(self.database)
         self.registry = RegistryService(self.database, self.quotas, self.clock, self.references)
         self.relationships = RelationshipService(
@@ -177,7 +191,9 @@ class Application:
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
-        server = grpc.aio.server(options=server_options(self.settings))
+        server = grpc.aio.server(
+            options=server_options(self.settings, reuse_port=self.front is None)
+        )
         # Metrics and the access log: every unary handler is wrapped as it is added (cheaper
         # than a grpc.aio interceptor, which costs ~30 µs a call by itself).
         traced = tracing.configure(self.settings.tracing, self.settings.otlp_endpoint)
@@ -186,6 +202,10 @@ class Application:
             if self.settings.instrumentation
             else server
         )
+        # Behind the TLS front, a call on a connection it refused (or does not know) is answered
+        # UNAUTHENTICATED whatever its method, observed as such.
+        if self.front is not None:
+            observed = FrontGate(observed, self.front.peers)
         # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such, and not
         # audited: it read nothing). Then the audit trail records calls about persons.
         audited = AuditedServer(observed, self.audit)
@@ -217,7 +237,9 @@ class Application:
         await self._set_serving(False)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         try:
-            if self.certificates is not None:
+            if self.front is not None:  # never another address than loopback, plaintext
+                self.private_port = self.server.add_insecure_port(f"{PRIVATE_HOST}:0")
+            elif self.certificates is not None:
                 credentials = self.certificates.server_credentials()
                 self.port = self.server.add_secure_port(address, credentials)
             else:
@@ -247,6 +269,15 @@ class Application:
         if self.sweep_holds:
             self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
         await self.server.start()
+        if self.front is not None:
+            try:
+                self.port = await self.front.start(
+                    self.settings.grpc_host, self.settings.grpc_port, self.private_port
+                )
+            except OSError as error:
+                raise RuntimeError(
+                    f"cannot listen on gRPC port {self.settings.grpc_port} ({address}): {error}"
+                ) from error
         await self._refresh_serving()
         self.background.append(loop.create_task(self._monitor(), name="health-monitor"))
         self.background.append(loop.create_task(self.guardian.run(), name="hot-state-guardian"))
@@ -328,11 +359,14 @@ class Application:
         redis_step = max(step, self.settings.redis_timeout_seconds * 4)  # aclose waits 2x
         steps: list[tuple[str, Callable[[], Awaitable[object]], float]] = [
             ("health_not_serving", lambda: self._set_serving(False), step),
+            ("tls_front_stop_accepting", self._front_stop_accepting, step),
             (
                 "server_stop",
                 lambda: self.server.stop(grace_seconds),
                 (grace_seconds or 0.0) + SERVER_STOP_MARGIN_SECONDS,
             ),
+            # after the grace: the connections left (the gRPC server closed its side already)
+            ("tls_front_close", self._front_close, step),
             ("background_tasks", self._stop_background, step),
             # captures and releases whose calls were cancelled (a deadline) but which run to
             # their end: before Redis and SQL close
@@ -352,6 +386,14 @@ class Application:
             if not await bounded_step(name, run, seconds):
                 unfinished.append(name)
         return unfinished
+
+    async def _front_stop_accepting(self) -> None:
+        if self.front is not None:
+            self.front.stop_accepting()
+
+    async def _front_close(self) -> None:
+        if self.front is not None:
+            await self.front.close()
 
     async def _stop_limiter(self) -> None:
         if self.limiter is not None:

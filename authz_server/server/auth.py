@@ -7,15 +7,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
 from authz_server.domain.types import Channel
 from authz_server.server.tokens import TokenStore
-
-if TYPE_CHECKING:
-    from authz_server.server.tls import ClientIdentity
 
 
 class PrincipalKind(StrEnum):
@@ -44,6 +41,19 @@ class Unauthenticated(Exception):
 
 class PermissionDenied(Exception):
     pass
+
+
+class ClientIdentity(Protocol):
+    """What a call's client certificate proves (server/tls.py: gRPC's own TLS; server/
+    tls_front.py: the service's TLS front)."""
+
+    # True: mutual TLS, every caller presents a certificate and merchant tokens are refused.
+    mutual: bool
+
+    def merchant(self, context: grpc.aio.ServicerContext[object, object]) -> Principal | None:
+        """The merchant the caller's certificate names; None: it names none (the caller adds
+        a token). Raises Unauthenticated when the caller has no acceptable certificate."""
+        ...
 
 
 class Authenticator:
@@ -80,7 +90,11 @@ class Authenticator:
         if entry is None:
             raise Unauthenticated("unknown token")
         kind = PrincipalKind(entry.kind)
-        if kind is PrincipalKind.MERCHANT and self.client_identity is not None:
+        if (
+            kind is PrincipalKind.MERCHANT
+            and self.client_identity is not None
+            and self.client_identity.mutual
+        ):
             raise Unauthenticated("with mutual TLS a merchant is identified by its certificate")
         principal = Principal(
             kind=kind,

@@ -25,10 +25,11 @@ from authz_server.server.wrapped_server import Handler, WrappedServer
 from authz_server.settings import Settings
 
 
-def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """grpc.aio channel arguments bounding what one client or connection may send."""
+def server_options(settings: Settings, reuse_port: bool = True) -> list[tuple[str, int]]:
+    """grpc.aio channel arguments bounding what one client or connection may send.
+    `reuse_port`: False for a private port of this process alone (the TLS front's)."""
     return [
-        ("grpc.so_reuseport", 1),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
         # A body over this is RESOURCE_EXHAUSTED before it is read into memory.
         ("grpc.max_receive_message_length", settings.max_request_bytes),
         # Request headers (metadata) over this are refused (the call fails, the server stays).
