@@ -74,6 +74,7 @@ NOT_THROUGH_THE_FRONT = "the connection did not come through the service's TLS p
 NO_CERTIFICATE = "no client certificate: under mutual TLS every caller presents one"
 EXPIRED = "the client certificate has expired"
 UNKNOWN_CA = "the client certificate is not signed by a CA this service trusts"
+CA_AS_CLIENT = "the client certificate is a CA's, not a client's"
 # OpenSSL's X509_V_ERR_* numbers -> the reason a caller is told.
 VERIFY_REASONS = {
     2: UNKNOWN_CA,  # unable to get issuer certificate
@@ -188,6 +189,14 @@ def server_context(files: Files) -> SSL.Context:
     return context
 
 
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
+
+
 def _alpn(_connection: SSL.Connection, offered: list[bytes]) -> bytes:
     # gRPC clients insist on h2; anything else ends the handshake
     return b"h2" if b"h2" in offered else b""
@@ -271,6 +280,8 @@ class TlsFront:
                 verify_error, f"the client certificate is not accepted (error {verify_error})"
             )
             return Peer(refusal=reason)
+        if _is_ca(certificate):  # OpenSSL's ssl_client purpose lets a CA's through as a leaf
+            return Peer(refusal=CA_AS_CLIENT)
         chain = connection.get_verified_chain(as_cryptography=True) or [certificate]
         not_after = min(c.not_valid_after_utc for c in chain).timestamp()
         try:
