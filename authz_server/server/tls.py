@@ -30,6 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from authz_server.domain import validation
+from authz_server.domain.errors import InvalidArgument
 from authz_server.runtime.certificates import MERCHANT_URI_PREFIX
 from authz_server.server.auth import Principal, PrincipalKind, Unauthenticated
 
@@ -158,6 +160,10 @@ def merchant_named(values: list[str], fingerprint_hex: str) -> Principal | None:
         return None
     if len(named) > 1:
         raise Unauthenticated("the client certificate names more than one merchant")
+    try:  # what a registered merchant's id can be: never empty, no spaces or other characters
+        validation.identifier("merchant_id", named[0])
+    except InvalidArgument:
+        raise Unauthenticated("the client certificate's merchant id is not a valid id") from None
     return Principal(
         kind=PrincipalKind.MERCHANT, merchant_id=named[0], credential=f"cert:{fingerprint_hex}"
     )

@@ -18,6 +18,9 @@ So the service terminates TLS itself, in front of its gRPC server:
   `FrontIdentity` reads the record for each call: a refused connection is answered
   UNAUTHENTICATED with the reason, a connection the front does not know (someone connecting to
   the private port directly) too.
+- a refused connection is closed REFUSED_SECONDS after its handshake (no slot held for ever
+  without a good certificate); an accepted one whose certificate chain expires while it is open
+  is refused from then on (`Peer.reason`).
 
 The certificate, key and client CA are reloaded as for gRPC's own TLS (`ReloadingCertificates`:
 looked at before new handshakes, at most once a second; a pair that does not match is not
@@ -51,6 +54,9 @@ log = logging.getLogger(__name__)
 HANDSHAKE_SECONDS = 10.0
 # Connections one process's front holds at once; more are closed as they arrive.
 MAX_CONNECTIONS = 10_000
+# A refused connection (no certificate, another CA's, ...) is closed this long after its
+# handshake: its calls are answered UNAUTHENTICATED until then, and it holds no slot for ever.
+REFUSED_SECONDS = 10.0
 # A local port whose forwarding connection closed is not used for another this long (Peers).
 # Loopback may reuse a port in TIME_WAIT after 1 s (tcp_tw_reuse=2); a call still queued 10 s
 # after its connection closed is a server past saving. Not longer: every connection closed
@@ -66,13 +72,15 @@ PRIVATE_HOST = "127.0.0.1"
 
 NOT_THROUGH_THE_FRONT = "the connection did not come through the service's TLS port"
 NO_CERTIFICATE = "no client certificate: under mutual TLS every caller presents one"
+EXPIRED = "the client certificate has expired"
 UNKNOWN_CA = "the client certificate is not signed by a CA this service trusts"
+CA_AS_CLIENT = "the client certificate is a CA's, not a client's"
 # OpenSSL's X509_V_ERR_* numbers -> the reason a caller is told.
 VERIFY_REASONS = {
     2: UNKNOWN_CA,  # unable to get issuer certificate
     7: "the client certificate's signature does not verify",
     9: "the client certificate is not yet valid",
-    10: "the client certificate has expired",
+    10: EXPIRED,
     18: UNKNOWN_CA,  # self-signed
     19: UNKNOWN_CA,  # self-signed certificate in the chain
     20: UNKNOWN_CA,  # unable to get the local issuer certificate
@@ -88,6 +96,18 @@ class Peer:
 
     merchant: Principal | None = None
     refusal: str | None = None
+    # when the verified chain's first certificate expires (time.time()); None: no certificate
+    not_after: float | None = None
+
+    def reason(self) -> str | None:
+        """Why a call on this connection is refused now (None: it is not). A connection
+        outlives its certificate (gRPC keeps channels open for days): an expired one is
+        refused from then on, as a new handshake would be."""
+        if self.refusal is not None:
+            return self.refusal
+        if self.not_after is not None and time.time() >= self.not_after:
+            return EXPIRED
+        return None
 
 
 class Peers:
@@ -135,8 +155,9 @@ class FrontIdentity:
         peer = self.peers.of(context.peer())
         if peer is None:
             raise Unauthenticated(NOT_THROUGH_THE_FRONT)
-        if peer.refusal is not None:
-            raise Unauthenticated(peer.refusal)
+        reason = peer.reason()
+        if reason is not None:
+            raise Unauthenticated(reason)
         return peer.merchant
 
 
@@ -166,6 +187,14 @@ def server_context(files: Files) -> SSL.Context:
             context.add_client_ca(authority)
         context.set_verify(SSL.VERIFY_PEER, _keep_verdict)
     return context
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
 
 
 def _alpn(_connection: SSL.Connection, offered: list[bytes]) -> bytes:
@@ -201,6 +230,7 @@ class TlsFront:
         self.server: asyncio.Server | None = None
         self.upstream_port = 0
         self.handshake_seconds = HANDSHAKE_SECONDS
+        self.refused_seconds = REFUSED_SECONDS
         self.full = False  # MAX_CONNECTIONS reached (logged once until a connection is taken)
 
     def current_context(self) -> SSL.Context:
@@ -250,10 +280,15 @@ class TlsFront:
                 verify_error, f"the client certificate is not accepted (error {verify_error})"
             )
             return Peer(refusal=reason)
+        if _is_ca(certificate):  # OpenSSL's ssl_client purpose lets a CA's through as a leaf
+            return Peer(refusal=CA_AS_CLIENT)
+        chain = connection.get_verified_chain(as_cryptography=True) or [certificate]
+        not_after = min(c.not_valid_after_utc for c in chain).timestamp()
         try:
-            return Peer(merchant=certificate_merchant(certificate, self.identity_field))
+            merchant = certificate_merchant(certificate, self.identity_field)
         except Unauthenticated as refused:
             return Peer(refusal=str(refused))
+        return Peer(merchant=merchant, not_after=not_after)
 
 
 class _Client(asyncio.Protocol):
@@ -268,6 +303,8 @@ class _Client(asyncio.Protocol):
         self.pending: list[bytes] = []  # decrypted before the upstream connection was made
         self.paused_for: set[str] = set()  # why reading from the client is paused
         self.timer: asyncio.TimerHandle | None = None
+        # a refused connection's end (REFUSED_SECONDS after its handshake)
+        self.refused_timer: asyncio.TimerHandle | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -336,6 +373,8 @@ class _Client(asyncio.Protocol):
             self.upstream.transport.write(data)
         self.pending.clear()
         self.resume("connecting")
+        if peer.refusal is not None:  # answered UNAUTHENTICATED a while, then closed
+            self.refused_timer = loop.call_later(self.front.refused_seconds, self.close, True)
 
     def decrypt(self) -> None:
         """Everything OpenSSL has decrypted, to the gRPC server."""
@@ -412,6 +451,8 @@ class _Client(asyncio.Protocol):
         self.front.connections.discard(self)
         if self.timer is not None:
             self.timer.cancel()
+        if self.refused_timer is not None:
+            self.refused_timer.cancel()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.close()
 
@@ -493,7 +534,7 @@ class FrontGate(WrappedServer):
         """Aborts the call (UNAUTHENTICATED, with the reason) unless the front accepted its
         connection."""
         peer = self.peers.of(context.peer())
-        reason = NOT_THROUGH_THE_FRONT if peer is None else peer.refusal
+        reason = NOT_THROUGH_THE_FRONT if peer is None else peer.reason()
         if reason is not None:
             await context.abort_with_status(to_status(Unauthenticated(reason)))
 
