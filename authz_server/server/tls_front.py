@@ -34,18 +34,23 @@ import asyncio
 import inspect
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
-from OpenSSL.crypto import X509
+from OpenSSL.crypto import X509, X509StoreContext, X509StoreContextError
 
 from authz_server.server.auth import Principal, Unauthenticated
 from authz_server.server.errors import to_status
-from authz_server.server.tls import Files, ReloadingCertificates, certificate_merchant
+from authz_server.server.tls import (
+    RELOAD_CHECK_SECONDS,
+    Files,
+    ReloadingCertificates,
+    certificate_merchant,
+)
 from authz_server.server.wrapped_server import Handler, WrappedServer
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ NO_CERTIFICATE = "no client certificate: under mutual TLS every caller presents 
 EXPIRED = "the client certificate has expired"
 UNKNOWN_CA = "the client certificate is not signed by a CA this service trusts"
 CA_AS_CLIENT = "the client certificate is a CA's, not a client's"
+NO_LONGER_TRUSTED = "the client certificate's CA is no longer trusted (the client CA file changed)"
 # OpenSSL's X509_V_ERR_* numbers -> the reason a caller is told.
 VERIFY_REASONS = {
     2: UNKNOWN_CA,  # unable to get issuer certificate
@@ -98,6 +104,8 @@ class Peer:
     refusal: str | None = None
     # when the verified chain's first certificate expires (time.time()); None: no certificate
     not_after: float | None = None
+    # the verified chain, leaf first: judged again when the client CA file changes
+    chain: tuple[x509.Certificate, ...] = field(default=(), compare=False, repr=False)
 
     def reason(self) -> str | None:
         """Why a call on this connection is refused now (None: it is not). A connection
@@ -232,12 +240,23 @@ class TlsFront:
         self.handshake_seconds = HANDSHAKE_SECONDS
         self.refused_seconds = REFUSED_SECONDS
         self.full = False  # MAX_CONNECTIONS reached (logged once until a connection is taken)
+        self.watcher: asyncio.Task[None] | None = None
 
     def current_context(self) -> SSL.Context:
         reloaded = self.certificates.reloaded(server_context)
         if reloaded is not None:
             self.context = reloaded
+            if self.mutual:
+                for client in list(self.connections):
+                    client.judge_again(reloaded)
         return self.context
+
+    async def _watch(self) -> None:
+        """Looks at the files even while no connection arrives: a CA taken out of the client CA
+        file reaches the connections already open within about RELOAD_CHECK_SECONDS."""
+        while True:
+            await asyncio.sleep(RELOAD_CHECK_SECONDS)
+            self.current_context()
 
     async def start(self, host: str, port: int, upstream_port: int) -> int:
         """Listens on host:port (SO_REUSEPORT: every worker's front on the same port); returns
@@ -248,6 +267,7 @@ class TlsFront:
             lambda: _Client(self), host.strip("[]") or None, port, reuse_port=True, backlog=1024
         )
         bound = int(self.server.sockets[0].getsockname()[1])
+        self.watcher = loop.create_task(self._watch(), name="tls-front-reload")
         log.info(
             "TLS front on port %d, the gRPC server behind it on %s:%d; client certificates %s",
             bound,
@@ -264,6 +284,9 @@ class TlsFront:
     async def close(self) -> None:
         """Closes the connections left (after the gRPC server's grace) and the listener."""
         self.stop_accepting()
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
         for client in list(self.connections):
             client.abort()
         if self.server is not None:
@@ -288,7 +311,21 @@ class TlsFront:
             merchant = certificate_merchant(certificate, self.identity_field)
         except Unauthenticated as refused:
             return Peer(refusal=str(refused))
-        return Peer(merchant=merchant, not_after=not_after)
+        return Peer(merchant=merchant, not_after=not_after, chain=tuple(chain))
+
+
+def _trusted(chain: tuple[x509.Certificate, ...], context: SSL.Context) -> bool:
+    """Whether the chain (leaf first, as verified in its handshake) leads to a CA of the
+    context's store now (and is within its dates)."""
+    store = context.get_cert_store()
+    if store is None:
+        return False
+    leaf, *rest = (X509.from_cryptography(certificate) for certificate in chain)
+    try:
+        X509StoreContext(store, leaf, rest).verify_certificate()
+    except X509StoreContextError:
+        return False
+    return True
 
 
 class _Client(asyncio.Protocol):
@@ -305,6 +342,7 @@ class _Client(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         # a refused connection's end (REFUSED_SECONDS after its handshake)
         self.refused_timer: asyncio.TimerHandle | None = None
+        self.context: SSL.Context | None = None  # the one its handshake was made with
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -318,7 +356,8 @@ class _Client(asyncio.Protocol):
             return
         self.front.full = False
         self.front.connections.add(self)
-        self.tls = SSL.Connection(self.front.current_context(), None)
+        self.context = self.front.current_context()
+        self.tls = SSL.Connection(self.context, None)
         self.tls.set_app_data(self)
         self.tls.set_accept_state()
         self.timer = asyncio.get_running_loop().call_later(self.front.handshake_seconds, self.abort)
@@ -373,8 +412,38 @@ class _Client(asyncio.Protocol):
             self.upstream.transport.write(data)
         self.pending.clear()
         self.resume("connecting")
-        if peer.refusal is not None:  # answered UNAUTHENTICATED a while, then closed
+        if self.context is not self.front.context:  # the files changed during its handshake
+            self.judge_again(self.front.context)
+        elif peer.refusal is not None:
+            self.refuse_later()
+
+    def refuse_later(self) -> None:
+        """A refused connection's calls are answered UNAUTHENTICATED for REFUSED_SECONDS, then
+        it is closed (it holds no slot for ever)."""
+        if self.refused_timer is None and not self.closed:
+            loop = asyncio.get_running_loop()
             self.refused_timer = loop.call_later(self.front.refused_seconds, self.close, True)
+
+    def judge_again(self, context: SSL.Context) -> None:
+        """The client CA file changed: a connection whose verified chain no longer leads to a
+        CA of the new file is refused from now on (its calls UNAUTHENTICATED, then closed), as a
+        new handshake would be. Once connected; one still connecting is judged as it connects."""
+        upstream = self.upstream
+        if upstream is None or not upstream.port or self.closed:
+            return  # judged as it connects: its context is not the front's
+        self.context = context
+        peer = upstream.peer
+        if peer.refusal is not None:
+            self.refuse_later()
+            return
+        if not peer.chain:
+            return
+        if not _trusted(peer.chain, context):
+            upstream.peer = replace(peer, refusal=NO_LONGER_TRUSTED)
+            if upstream.port in self.front.peers.by_port:  # not released meanwhile
+                self.front.peers.by_port[upstream.port] = upstream.peer
+            log.info("TLS front: a connection's client certificate is no longer trusted")
+            self.refuse_later()
 
     def decrypt(self) -> None:
         """Everything OpenSSL has decrypted, to the gRPC server."""
