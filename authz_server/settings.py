@@ -95,6 +95,10 @@ class Settings:
     # JSON file of limits of their own: {"merchant:M1": "rate=50,burst=100,in_flight=20"};
     # empty: every principal has its kind's default.
     limits_file: str = ""
+    # A refused call is answered after being held this long at most (within its retry delay
+    # and its deadline; the RetryInfo delay shortened by as much): a till retrying in a tight
+    # loop then sends a few calls a second instead of hundreds. 0: answered at once.
+    limit_hold_ms: int = 100
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
@@ -195,6 +199,7 @@ class Settings:
             merchant_limit=get("MEDWALLET_MERCHANT_LIMIT", defaults.merchant_limit),
             channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
             limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
+            limit_hold_ms=int(get("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms)),
             audit_retention_days=int(
                 get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)
             ),

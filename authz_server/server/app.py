@@ -178,6 +178,7 @@ class Application:
                     self.settings.limits_file,
                 ),
                 RedisRateLimiter(self.pipelined_redis),
+                hold_seconds=self.settings.limit_hold_ms / 1000,
             )
             if self.settings.rate_limits
             else None

@@ -8,7 +8,9 @@ The limiter sits outside the audit trail, the metrics and the access log: a prin
 the service costs no SQL row or log line, and at most one Redis round trip per refused call: a
 principal refused for its rate is refused by this process, without asking Redis, until the
 RetryInfo delay Redis gave has passed (RefusalMemo: its bucket cannot hold a token before then,
-whatever the other workers do). Refusals are counted in
+whatever the other workers do). A refused call is held before its answer for part of its
+retry delay (Limiter._refuse, MEDWALLET_LIMIT_HOLD_MS): a till retrying in a tight loop is slowed
+to a few dozen calls a second. Refusals are counted in
 medwallet_rate_limited_total{principal_kind} (MedWalletPrincipalRateLimited alerts).
 If Redis does not answer the limiter lets the call through (what needs Redis fails on its own,
 UNAVAILABLE) rather than failing calls that only need SQL.
@@ -22,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,12 +132,37 @@ class RefusalMemo:
         return Verdict(False, left_ms, "RATE_LIMITED")
 
 
+# Refused calls held at once by one process at most; beyond, refusals are answered at once.
+MAX_HELD_CALLS = 1000
+# A hold shorter than this is not worth a timer; one is cut this much short of the deadline.
+MIN_HOLD_SECONDS = 0.002
+DEADLINE_MARGIN_SECONDS = 0.01
+
+
+def hold_seconds(verdict: Verdict, most_seconds: float, time_remaining: float | None) -> float:
+    """How long to hold a refused call before answering it: within its retry delay, at most
+    `most_seconds`, ending DEADLINE_MARGIN_SECONDS before its deadline; 0 below
+    MIN_HOLD_SECONDS."""
+    hold = min(most_seconds, verdict.retry_after_ms / 1000)
+    if time_remaining is not None:
+        hold = min(hold, time_remaining - DEADLINE_MARGIN_SECONDS)
+    return hold if hold >= MIN_HOLD_SECONDS else 0.0
+
+
 class Limiter:
-    def __init__(self, auth: Authenticator, limits: Limits, redis: RedisRateLimiter) -> None:
+    def __init__(
+        self,
+        auth: Authenticator,
+        limits: Limits,
+        redis: RedisRateLimiter,
+        hold_seconds: float = 0.1,
+    ) -> None:
         self.auth = auth
         self.limits = limits
         self.redis = redis
         self.memo = RefusalMemo()
+        self.hold_seconds = hold_seconds
+        self.held = 0  # refused calls being held now
         self.releases: set[asyncio.Task[None]] = set()
         self.refused = {kind: metrics.rate_limited.labels(kind.value) for kind in PrincipalKind}
 
@@ -155,8 +182,7 @@ class Limiter:
             limit = self.limits.of(key, principal)
             remembered = self.memo.refusal(key)
             if remembered is not None:
-                self.refused[principal.kind].inc()
-                await context.abort_with_status(exhausted(remembered))
+                await self._refuse(context, principal.kind, remembered)
             call_id = self.redis.call_id()
             try:
                 verdict = await self.redis.acquire(key, limit, call_id)
@@ -165,8 +191,7 @@ class Limiter:
                 return await call(request, context)  # type: ignore[arg-type]
             if not verdict.admitted:
                 self.memo.remember(key, verdict)
-                self.refused[principal.kind].inc()
-                await context.abort_with_status(exhausted(verdict))
+                await self._refuse(context, principal.kind, verdict)
             try:
                 return await call(request, context)  # type: ignore[arg-type]
             finally:
@@ -178,6 +203,26 @@ class Limiter:
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], kind: PrincipalKind, verdict: Verdict
+    ) -> None:
+        """Answers RESOURCE_EXHAUSTED (raises), after holding the call for part of its retry
+        delay: a client that waits as RetryInfo asks loses nothing (the delay it is told is
+        shortened by the hold), one that retries at once is slowed to a few calls a second,
+        and the calls of other principals keep the CPU a flood would take. Bounded: at most
+        hold_seconds, never past the call's deadline, at most MAX_HELD_CALLS at once."""
+        self.refused[kind].inc()
+        hold = hold_seconds(verdict, self.hold_seconds, context.time_remaining())
+        if hold and self.held < MAX_HELD_CALLS:
+            self.held += 1
+            try:
+                await asyncio.sleep(hold)
+            finally:
+                self.held -= 1
+            left_ms = max(1, verdict.retry_after_ms - round(hold * 1000))
+            verdict = replace(verdict, retry_after_ms=left_ms)
+        await context.abort_with_status(exhausted(verdict))
 
     def _release(self, key: str, call_id: str) -> None:
         """Frees the in-flight slot without making the call wait for it (its TTL frees it if

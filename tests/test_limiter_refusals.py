@@ -1,10 +1,16 @@
 """The limiter's memory of rate refusals (server/limits.py RefusalMemo): a principal refused for
 its rate is refused locally, with the time left, until Redis's delay has passed; refusals for
-calls in flight are never remembered; the memory stays bounded."""
+calls in flight are never remembered; the memory stays bounded. And how long a refused call is
+held before its answer (hold_seconds)."""
 
 from __future__ import annotations
 
-from authz_server.server.limits import RefusalMemo
+from authz_server.server.limits import (
+    DEADLINE_MARGIN_SECONDS,
+    MIN_HOLD_SECONDS,
+    RefusalMemo,
+    hold_seconds,
+)
 from authz_server.storage.redis.rate_limiter import Verdict
 
 
@@ -46,3 +52,14 @@ def test_the_memory_is_bounded() -> None:
     for number in range(RefusalMemo.MAX_ENTRIES):
         memo.remember(f"merchant:live-{number}", Verdict(False, 1000, "RATE_LIMITED"))
     assert len(memo.until) <= RefusalMemo.MAX_ENTRIES
+
+
+def test_a_refused_call_is_held_within_its_retry_delay_its_deadline_and_the_setting() -> None:
+    refused = Verdict(False, 250, "RATE_LIMITED")
+    assert hold_seconds(refused, 0.1, None) == 0.1  # the setting
+    assert hold_seconds(Verdict(False, 40, "RATE_LIMITED"), 0.1, None) == 0.04  # the delay
+    assert hold_seconds(refused, 0.1, 0.06) == 0.06 - DEADLINE_MARGIN_SECONDS  # the deadline
+    assert hold_seconds(refused, 0.1, 0.005) == 0.0  # no time left: answered at once
+    assert hold_seconds(Verdict(False, 1, "TOO_MANY_IN_FLIGHT"), 0.1, None) == 0.0
+    assert MIN_HOLD_SECONDS > 0.001
+    assert hold_seconds(refused, 0.0, None) == 0.0  # MEDWALLET_LIMIT_HOLD_MS=0: off
