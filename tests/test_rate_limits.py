@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, func, select
 
 from authz_server.generated.medwallet.v1 import (
@@ -111,6 +112,24 @@ def flood(address: str, beneficiary: str, seconds: float) -> dict[str, float]:
     return tally
 
 
+def limiter_counts() -> tuple[float, float]:
+    """medwallet_rate_limited_total for merchants, and Authorize calls the gRPC metrics saw end
+    RESOURCE_EXHAUSTED (the server runs in this process: its registry is this one)."""
+    refused = REGISTRY.get_sample_value(
+        "medwallet_rate_limited_total", {"principal_kind": "merchant"}
+    )
+    exhausted = REGISTRY.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "unary",
+            "grpc_service": "medwallet.v1.AuthorizationService",
+            "grpc_method": "Authorize",
+            "grpc_code": "ResourceExhausted",
+        },
+    )
+    return refused or 0.0, exhausted or 0.0
+
+
 def p99_ms(samples: list[float]) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
@@ -176,6 +195,7 @@ def test_a_flooded_merchant_is_limited_and_another_is_served(limited: Harness) -
             )
     # The quiet merchant's till is a process of its own too (in this one it would share the
     # GIL with the server's thread, and wait on the flood through the GIL, not the service).
+    refused_before, exhausted_before = limiter_counts()
     context = multiprocessing.get_context("spawn")
     with context.Pool(FLOOD_PROCESSES + 1) as pool:
         idle = pool.apply(quiet_latencies, (limited.address, quiet_person, FLOOD_SECONDS))
@@ -197,6 +217,11 @@ def test_a_flooded_merchant_is_limited_and_another_is_served(limited: Harness) -
         f"during the flood {busy_p99:.1f} ms ({len(busy)} calls): {busy_p99 / idle_p99:.2f}x"
     )
     assert total["other"] == 0
+    # every refusal counted by the limiter's own metric, none in the gRPC metrics (so none in
+    # the access log either, nor in the service's error ratio)
+    refused_after, exhausted_after = limiter_counts()
+    assert refused_after - refused_before == total["exhausted"]
+    assert exhausted_after == exhausted_before
     assert total["exhausted"] > total["ok"] > 0
     assert total["retry_info"] == total["exhausted"]
     # the rate holds across processes: the burst, then the rate over the flood's window (the

@@ -198,22 +198,25 @@ class Application:
         # Metrics and the access log: every unary handler is wrapped as it is added (cheaper
         # than a grpc.aio interceptor, which costs ~30 µs a call by itself).
         traced = tracing.configure(self.settings.tracing, self.settings.otlp_endpoint)
+        # Each layer wraps the server made before it, and a call meets them in the order they
+        # are made here. First the per-principal limits: a refused call reaches neither the
+        # metrics and the access log (medwallet_rate_limited_total counts it) nor the trail,
+        # and does not count in the error ratio (a flooding till is
+        # MedWalletPrincipalRateLimited's, not the service's failure).
+        limited = LimitedServer(server, self.limiter) if self.limiter is not None else server
         observed = (
-            ObservedServer(server, self.settings.access_log, traced)
+            ObservedServer(limited, self.settings.access_log, traced)
             if self.settings.instrumentation
-            else server
+            else limited
         )
         # Behind the TLS front, a call on a connection it refused (or does not know) is answered
         # UNAUTHENTICATED whatever its method, observed as such.
         if self.front is not None:
             observed = FrontGate(observed, self.front.peers)
-        # Outermost: a body that does not parse is INVALID_ARGUMENT (observed as such, and not
-        # audited: it read nothing). Then the audit trail records calls about persons.
+        # Then the audit trail records calls about persons; last, a body that does not parse is
+        # INVALID_ARGUMENT (observed as such, and not audited: it read nothing).
         audited = AuditedServer(observed, self.audit)
-        # Then the per-principal limits: a refused call reaches neither the trail nor the log.
-        self.server = EdgeServer(
-            LimitedServer(audited, self.limiter) if self.limiter is not None else audited
-        )
+        self.server = EdgeServer(audited)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
         )
