@@ -39,7 +39,10 @@ pytestmark = pytest.mark.backend_neutral
 FLOODED, QUIET, SLOW = "limits-flooded", "limits-quiet", "limits-slow"
 FLOOD_PROCESSES = 3
 FLOOD_SECONDS = 3.0
-FLOODED_RATE = 50
+# Low, so that what the flood adds is its refused calls, not the payments its rate admits (at
+# 50 a second those were half again the quiet merchant's load, and slowed it as any load would).
+FLOODED_RATE = 10
+FLOODED_BURST = 10
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     limits.write_text(
         json.dumps(
             {
-                f"merchant:{FLOODED}": f"rate={FLOODED_RATE},burst=50",
+                f"merchant:{FLOODED}": f"rate={FLOODED_RATE},burst={FLOODED_BURST}",
                 f"merchant:{SLOW}": "rate=4,burst=1",
             }
         )
@@ -222,11 +225,11 @@ def test_a_flooded_merchant_is_limited_and_another_is_served(limited: Harness) -
     refused_after, exhausted_after = limiter_counts()
     assert refused_after - refused_before == total["exhausted"]
     assert exhausted_after == exhausted_before
-    assert total["exhausted"] > total["ok"] > 0
+    assert total["exhausted"] > 0 and total["ok"] > 0  # limited, and served at its rate
     assert total["retry_info"] == total["exhausted"]
     # the rate holds across processes: the burst, then the rate over the flood's window (the
     # first call's start to the last call's end; a quarter second of slack for the clocks)
-    assert total["ok"] <= 50 + FLOODED_RATE * (window + 0.25)
+    assert total["ok"] <= FLOODED_BURST + FLOODED_RATE * (window + 0.25)
     # the quiet merchant was served throughout; its p99 is a measured figure (printed above),
     # bounded here only generously (2 cores shared with the flooding processes)
     assert busy_p99 < max(10 * idle_p99, 250.0)
