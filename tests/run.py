@@ -5,9 +5,11 @@
     python3 tests/run.py -m "not slow"   # any pytest arguments pass through
     python3 tests/run.py --install-system-tools   # also apt-get install promtool (root/sudo)
 
-Needs only Python 3.11+. Installs nothing outside .venv unless asked: promtool (for the deploy
-checks) comes from apt only with --install-system-tools or when CI=true (as .ci/run runs);
-otherwise its checks are skipped and the run says so, and how to get them.
+Needs only Python 3.11+. pip installs into .venv when it is new or pyproject.toml has changed
+since the last install that succeeded (a stamp in .venv records it; delete .venv to start
+afresh); a rerun goes straight to pytest. Installs nothing outside .venv unless asked: promtool
+(for the deploy checks) comes from apt only with --install-system-tools or when CI=true (as
+.ci/run runs); otherwise its checks are skipped and the run says so, and how to get them.
 
 Set TEST_DATABASE_URL=postgresql+psycopg://... to run against PostgreSQL instead of SQLite (each
 run uses a private schema), as .ci/run does.
@@ -17,6 +19,7 @@ loopback (tests/harness.py); tests marked single_redis skip.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -26,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
+# Records what the environment's last successful install was made from (install_stamp).
+STAMP_NAME = ".medwallet-installed"
 
 
 def python_of(environment: Path) -> Path:
@@ -52,6 +57,20 @@ def skipped_notice(path: str) -> str | None:
     )
 
 
+def install_stamp(python: Path, pyproject: Path) -> str:
+    """What an install is made from: the interpreter (its path) and pyproject.toml's bytes."""
+    digest = hashlib.sha256(pyproject.read_bytes()).hexdigest()
+    return f"{python}\n{digest}\n"
+
+
+def needs_install(stamp_file: Path, stamp: str) -> bool:
+    """Whether pip must run: no install recorded, or one made from something else."""
+    try:
+        return stamp_file.read_text() != stamp
+    except OSError:
+        return True
+
+
 def main() -> int:
     if sys.version_info < (3, 11):  # noqa: UP036 - this runs on whatever python3 is first
         print("Python 3.11 or newer is needed", file=sys.stderr)
@@ -62,7 +81,13 @@ def main() -> int:
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     quiet = ["--quiet", "--disable-pip-version-check"]
-    subprocess.run([python, "-m", "pip", "install", *quiet, "-e", f"{ROOT}[test]"], check=True)
+    stamp_file = Path(sys.prefix if in_venv else VENV) / STAMP_NAME
+    stamp = install_stamp(python, ROOT / "pyproject.toml")
+    if needs_install(stamp_file, stamp):
+        stamp_file.unlink(missing_ok=True)
+        command = [python, "-m", "pip", "install", *quiet, "-e", f"{ROOT}[test]"]
+        subprocess.run(command, check=True)
+        stamp_file.write_text(stamp)
     arguments = sys.argv[1:]
     system = install_system_tools(arguments, dict(os.environ))
     arguments = [argument for argument in arguments if argument != INSTALL_FLAG]

@@ -117,6 +117,13 @@ def test_headless_locust_run_has_requests_and_no_failures(
     assert result.returncode == 0, output
 
 
+# Seconds a benchmark phase may run (--time-bound). Only a loaded machine reaches it: the tiny
+# phases take well under a second otherwise. The exhaustion check needs its phase to run until
+# the quota is spent: at 1 s a phase on a loaded machine (CI's two pytest workers on two cores)
+# stopped at 237 approvals of the 250 that fit, and the benchmark failed its check.
+TIME_BOUND = "10"
+
+
 @pytest.mark.timeout(600)
 def test_worker_sweep_writes_every_count_and_its_chart(tmp_path: Path) -> None:
     """`benchmark --sweep-workers 1,2` at a tiny size, no baseline: sweep.json has every worker
@@ -125,7 +132,7 @@ def test_worker_sweep_writes_every_count_and_its_chart(tmp_path: Path) -> None:
     arguments = [
         "--sweep-workers", "1,2", "--no-baseline", "--systems", "floor,service",
         "--relationships", "300", "--authorize-ops", "300", "--capture-ops", "150",
-        "--warmup", "20", "--concurrency", "8", "--time-bound", "1", "--out", str(tmp_path),
+        "--warmup", "20", "--concurrency", "8", "--time-bound", TIME_BOUND, "--out", str(tmp_path),
     ]  # fmt: skip
     database_url = os.environ.get("TEST_DATABASE_URL")
     if database_url:
@@ -160,7 +167,7 @@ def test_benchmark_measures_the_service_on_one_node_and_on_a_cluster(tmp_path: P
     arguments = [
         "--redis-cluster", "--no-baseline", "--systems", "service",
         "--relationships", "300", "--authorize-ops", "300", "--capture-ops", "150",
-        "--warmup", "20", "--concurrency", "8", "--time-bound", "1", "--workers", "1",
+        "--warmup", "20", "--concurrency", "8", "--time-bound", TIME_BOUND, "--workers", "1",
         "--out", str(tmp_path),
     ]  # fmt: skip
     assert benchmark.main(arguments) == 0

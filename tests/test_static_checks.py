@@ -45,6 +45,7 @@ def test_buf_lint() -> None:
     run(tool("buf"), "lint", "protos")
 
 
+@pytest.mark.sql_schema  # on PostgreSQL too: .ci/run selects it into its PostgreSQL pass
 def test_alembic_check(tmp_path: Path) -> None:
     """The migrations produce exactly the tables the code declares (SQLite or PostgreSQL)."""
     url = fresh_database(os.environ.get("TEST_DATABASE_URL"), tmp_path)

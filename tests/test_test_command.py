@@ -109,3 +109,21 @@ def test_run_py_names_the_skipped_checks_and_the_tests_skip_them(tmp_path: Path)
     )  # fmt: skip
     assert "1 skipped" in done.stdout, done.stdout
     assert "promtool not installed: python3 tests/run.py --install-system-tools" in done.stdout
+
+
+def test_run_py_installs_again_only_when_pyproject_or_the_interpreter_changed(
+    tmp_path: Path,
+) -> None:
+    run_py = _run_py()
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\n')
+    stamp_file = tmp_path / run_py.STAMP_NAME
+    python = tmp_path / "bin" / "python"
+    stamp = run_py.install_stamp(python, pyproject)
+    assert run_py.needs_install(stamp_file, stamp)  # a new environment: nothing recorded
+    stamp_file.write_text(stamp)
+    assert not run_py.needs_install(stamp_file, run_py.install_stamp(python, pyproject))
+    other = tmp_path / "other" / "python"
+    assert run_py.needs_install(stamp_file, run_py.install_stamp(other, pyproject))
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["y"]\n')
+    assert run_py.needs_install(stamp_file, run_py.install_stamp(python, pyproject))

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authz_server.generated.medwallet.v1 import (
@@ -29,6 +30,11 @@ from tests import factories
 from tests.engine_factories import HOSPITAL, HOSPITAL_TOKEN, medical, merchant
 from tests.harness import ADMIN, APP
 from tests.operations.server_process import ServerProcess
+
+# Its servers are `serve` processes on SQLite in their data directory whatever TEST_DATABASE_URL
+# says (ServerProcess drops DATABASE_URL): the PostgreSQL pass would only run it again on
+# SQLite, so it leaves it out.
+pytestmark = pytest.mark.backend_neutral
 
 CONNECTIONS = 6  # each its own connection: SO_REUSEPORT spreads them over the two workers
 Expected = tuple[str, str, str, str]  # rpc, principal kind, principal id, outcome

@@ -25,6 +25,10 @@ from tests.operations.test_shutdown_and_workers import _register_hospital
 # A refused server exits before it touches SQL or Redis; this bounds a loaded machine's Python
 # start, and a server that was not refused (it serves) fails the test here rather than hang.
 REFUSED_WITHIN_SECONDS = 30
+# The tests marked with it start `serve` processes on SQLite in their data directory whatever
+# TEST_DATABASE_URL says (ServerProcess drops DATABASE_URL): the PostgreSQL pass would only run
+# them again on SQLite, so it leaves them out. The last test gives its servers the run's database.
+ON_SQLITE_ANYWAY = pytest.mark.backend_neutral
 
 
 def _refused(server: ServerProcess) -> tuple[int, str]:
@@ -50,6 +54,7 @@ def _still_serves(server: ServerProcess) -> None:
         assert answer.authorization_id
 
 
+@ON_SQLITE_ANYWAY
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_second_server_on_a_data_directory_in_use_refuses_to_start(
     tmp_path: Path, workers: int
@@ -80,6 +85,7 @@ def test_a_second_server_on_a_data_directory_in_use_refuses_to_start(
             second.stop()
 
 
+@ON_SQLITE_ANYWAY
 def test_a_server_refuses_a_grpc_port_another_server_holds(tmp_path: Path) -> None:
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
@@ -99,6 +105,7 @@ def test_a_server_refuses_a_grpc_port_another_server_holds(tmp_path: Path) -> No
             second.stop()
 
 
+@ON_SQLITE_ANYWAY
 def test_a_server_refuses_a_port_another_program_listens_on_with_so_reuseport(
     tmp_path: Path,
 ) -> None:
@@ -119,6 +126,7 @@ def test_a_server_refuses_a_port_another_program_listens_on_with_so_reuseport(
     assert f"port {port}" in output, output
 
 
+@ON_SQLITE_ANYWAY
 def test_workers_keep_the_data_directory_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     """The supervisor hands its lock to its workers (the same open file): killed outright, it
     leaves workers that still serve, and the directory stays theirs."""

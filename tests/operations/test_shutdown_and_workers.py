@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -25,6 +26,11 @@ from authz_server.runtime.embedded_redis import EmbeddedRedis
 from tests.engine_factories import HOSPITAL, HOSPITAL_TOKEN, medical
 from tests.harness import ADMIN
 from tests.operations.server_process import ServerProcess
+
+# Its servers are `serve` processes on SQLite in their data directory whatever TEST_DATABASE_URL
+# says (ServerProcess drops DATABASE_URL): the PostgreSQL pass would only run them again on
+# SQLite, so it leaves them out.
+pytestmark = pytest.mark.backend_neutral
 
 
 def _register_hospital(channel: grpc.Channel) -> None:

@@ -105,6 +105,7 @@ def test_a_hanging_server_stop_does_not_hold_the_rest_of_the_stop(
         drop_database(harness.database_url)
 
 
+@pytest.mark.backend_neutral  # no server, no database: asyncio alone
 def test_bounded_step_gives_up_on_a_step_that_ignores_cancellation(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -144,6 +145,8 @@ def test_bounded_step_gives_up_on_a_step_that_ignores_cancellation(
     assert [getattr(record, "step", None) for record in errors] == ["failing"]
 
 
+# a `serve` process on SQLite whatever TEST_DATABASE_URL says (ServerProcess drops DATABASE_URL)
+@pytest.mark.backend_neutral
 def test_second_sigterm_while_draining_is_ignored_and_exit_is_0(tmp_path: Path) -> None:
     with serving_hospital(tmp_path) as (server, redis_url, stub):
         # Hold every Redis command for 2 s: the calls below are in flight through both signals.
