@@ -16,20 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import SSL
 
 from authz_server.generated.medwallet.v1 import authorization_pb2, authorization_pb2_grpc
-from authz_server.runtime.certificates import (
-    CA_KEY_USAGE,
-    MERCHANT_URI_PREFIX,
-    Issued,
-    _name,
-    issue,
-)
+from authz_server.runtime.certificates import MERCHANT_URI_PREFIX, Issued, issue
 from authz_server.server import tls_front
 from authz_server.server.auth import Unauthenticated
 from authz_server.server.tls import certificate_merchant
@@ -50,47 +40,11 @@ def _now() -> datetime.datetime:
 
 def sub_ca(ca: Issued, name: str, merchant_id: str | None = None) -> Issued:
     """A CA certificate signed by `ca` (optionally naming a merchant, to be used as a leaf)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - DAY)
-        .not_valid_after(_now() + 30 * DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(CA_KEY_USAGE, critical=True)
-    )
-    if merchant_id is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(MERCHANT_URI_PREFIX + merchant_id)]
-            ),
-            critical=False,
-        )
-    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+    return issue(ca, name, merchant_id=merchant_id, is_ca=True, days=30)
 
 
 def leaf(ca: Issued, uris: list[str], common_name: str = "someone") -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - DAY)
-        .not_valid_after(_now() + 30 * DAY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    )
-    if uris:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]),
-            critical=False,
-        )
-    return Issued(builder.sign(ca.key, hashes.SHA256()), key)
+    return issue(ca, common_name, uris=tuple(uris), days=30)
 
 
 def channel_with_chain(pki: Pki, port: int, issued: Issued, extra: list[Issued]) -> grpc.Channel:

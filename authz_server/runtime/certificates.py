@@ -28,17 +28,6 @@ CA_KEY_USAGE = x509.KeyUsage(
     encipher_only=False,
     decipher_only=False,
 )
-CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
 
 
 @dataclass(frozen=True)
@@ -99,11 +88,14 @@ def issue(
     *,
     server_names: tuple[str, ...] = (),
     merchant_id: str | None = None,
+    uris: tuple[str, ...] = (),
+    is_ca: bool = False,
     not_before: datetime.datetime | None = None,
     days: int = 825,
 ) -> Issued:
     """A leaf certificate: a server's (DNS/IP SANs) or a client's (a merchant's carries the URI
-    SAN `medwallet:merchant:<id>`)."""
+    SAN `medwallet:merchant:<id>`); `uris`, more URI SANs as they are; `is_ca`, an intermediate
+    CA's (the tests' odd chains)."""
     key = ec.generate_private_key(ec.SECP256R1())
     start = not_before or datetime.datetime.now(datetime.UTC) - DAY
     names: list[x509.GeneralName] = []
@@ -114,6 +106,7 @@ def issue(
             names.append(x509.DNSName(name))
     if merchant_id is not None:
         names.append(x509.UniformResourceIdentifier(MERCHANT_URI_PREFIX + merchant_id))
+    names.extend(x509.UniformResourceIdentifier(uri) for uri in uris)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
@@ -123,9 +116,11 @@ def issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + days * DAY)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
+    if is_ca:
+        builder = builder.add_extension(CA_KEY_USAGE, critical=True)
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
