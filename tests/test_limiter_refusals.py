@@ -63,3 +63,71 @@ def test_a_refused_call_is_held_within_its_retry_delay_its_deadline_and_the_sett
     assert hold_seconds(Verdict(False, 1, "TOO_MANY_IN_FLIGHT"), 0.1, None) == 0.0
     assert MIN_HOLD_SECONDS > 0.001
     assert hold_seconds(refused, 0.0, None) == 0.0  # MEDWALLET_LIMIT_HOLD_MS=0: off
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort_with_status(self, status: object) -> None:
+        raise _Aborted(status)
+
+
+def test_a_refusal_is_remembered_from_when_redis_was_asked_not_when_its_answer_came() -> None:
+    """Redis computes its retry delay when it runs the script; the answer reaches the limiter
+    later (the round trip, the pipeline's queue, a busy event loop). The memo must not refuse
+    past Redis's own delay: 20 ms after Redis looked, the bucket may hold a token again, and a
+    reply that took 50 ms to arrive must not make the worker refuse that principal locally."""
+    import asyncio
+
+    import grpc
+
+    from authz_server.server.auth import Principal, PrincipalKind
+    from authz_server.server.limits import Limiter, Limits, parse_limit
+
+    clock = Clock()
+    principal = Principal(PrincipalKind.MERCHANT, merchant_id="m1")
+
+    class Auth:
+        def principal(self, context: object) -> Principal:
+            return principal
+
+    class Redis:
+        asked = 0
+
+        def call_id(self) -> str:
+            return "c"
+
+        async def acquire(self, key: str, limit: object, call_id: str) -> Verdict:
+            self.asked += 1
+            if self.asked == 1:
+                clock.now += 0.05  # Redis answered at once; its answer came 50 ms later
+                return Verdict(False, 20, "RATE_LIMITED")
+            return Verdict(True)
+
+    limit = parse_limit("rate=50,burst=1")
+    redis = Redis()
+    limiter = Limiter(Auth(), Limits(limit, limit), redis, hold_seconds=0.0)  # type: ignore[arg-type]
+    limiter.memo = RefusalMemo(clock)
+
+    async def handler(request: object, context: object) -> str:
+        return "served"
+
+    limited = limiter.limited(grpc.unary_unary_rpc_method_handler(handler)).unary_unary
+    assert limited is not None
+
+    async def calls() -> None:
+        try:
+            await limited(None, _Context())
+        except _Aborted:
+            pass
+        else:
+            raise AssertionError("the first call is refused")
+        assert await limited(None, _Context()) == "served"
+
+    asyncio.run(calls())
+    assert redis.asked == 2  # the second call was Redis's to judge, not the memo's

@@ -110,7 +110,9 @@ class RefusalMemo:
         self.clock = clock
         self.until: dict[str, float] = {}
 
-    def remember(self, key: str, verdict: Verdict) -> None:
+    def remember(self, key: str, verdict: Verdict, asked_at: float | None = None) -> None:
+        """`asked_at`: when Redis was asked (this clock): its delay runs from when it looked,
+        not from when its answer arrived (the round trip, a busy event loop)."""
         if verdict.reason != "RATE_LIMITED" or verdict.retry_after_ms <= 0:
             return
         if len(self.until) >= self.MAX_ENTRIES:
@@ -118,7 +120,8 @@ class RefusalMemo:
             self.until = {k: t for k, t in self.until.items() if t > now}
             if len(self.until) >= self.MAX_ENTRIES:
                 self.until.clear()
-        self.until[key] = self.clock() + verdict.retry_after_ms / 1000
+        since = self.clock() if asked_at is None else asked_at
+        self.until[key] = since + verdict.retry_after_ms / 1000
 
     def refusal(self, key: str) -> Verdict | None:
         """The refusal to answer without asking Redis, or None (ask it)."""
@@ -184,13 +187,14 @@ class Limiter:
             if remembered is not None:
                 await self._refuse(context, principal.kind, remembered)
             call_id = self.redis.call_id()
+            asked_at = self.memo.clock()
             try:
                 verdict = await self.redis.acquire(key, limit, call_id)
             except Exception as error:  # Redis not answering: let it through
                 log.debug("limiter not answering: %r", error)
                 return await call(request, context)  # type: ignore[arg-type]
             if not verdict.admitted:
-                self.memo.remember(key, verdict)
+                self.memo.remember(key, verdict, asked_at)
                 await self._refuse(context, principal.kind, verdict)
             try:
                 return await call(request, context)  # type: ignore[arg-type]
