@@ -104,7 +104,7 @@ class Peer:
     refusal: str | None = None
     # when the verified chain's first certificate expires (time.time()); None: no certificate
     not_after: float | None = None
-    # the verified chain, leaf first: judged again when the client CA file changes
+    # the chain the client presented, leaf first: judged again when the client CA file changes
     chain: tuple[x509.Certificate, ...] = field(default=(), compare=False, repr=False)
 
     def reason(self) -> str | None:
@@ -311,12 +311,16 @@ class TlsFront:
             merchant = certificate_merchant(certificate, self.identity_field)
         except Unauthenticated as refused:
             return Peer(refusal=str(refused))
-        return Peer(merchant=merchant, not_after=not_after, chain=tuple(chain))
+        # judged again with what the client sent, not the verified chain: that one holds the
+        # CAs the old file supplied, which would vouch for the leaf after leaving the file
+        sent = connection.get_peer_cert_chain(as_cryptography=True) or []
+        presented = (certificate, *(c for c in sent if c != certificate))
+        return Peer(merchant=merchant, not_after=not_after, chain=presented)
 
 
 def _trusted(chain: tuple[x509.Certificate, ...], context: SSL.Context) -> bool:
-    """Whether the chain (leaf first, as verified in its handshake) leads to a CA of the
-    context's store now (and is within its dates)."""
+    """Whether the chain (leaf first, as the client presented it in its handshake) leads to a
+    CA of the context's store now (and is within its dates), as a new handshake would find."""
     store = context.get_cert_store()
     if store is None:
         return False
