@@ -197,6 +197,10 @@ def server_context(files: Files) -> SSL.Context:
     return context
 
 
+def _context_and_client_ca(files: Files) -> tuple[SSL.Context, bytes | None]:
+    return server_context(files), files.client_ca
+
+
 def _is_ca(certificate: x509.Certificate) -> bool:
     try:
         constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
@@ -233,7 +237,8 @@ class TlsFront:
         self.mutual = certificates.client_ca_file is not None
         self.peers = Peers()
         self.identity = FrontIdentity(self.peers, self.mutual)
-        self.context = certificates.initial(server_context)
+        # the context, and the client CA file's contents it was made with
+        self.context, self.client_ca = certificates.initial(_context_and_client_ca)
         self.connections: set[_Client] = set()
         self.server: asyncio.Server | None = None
         self.upstream_port = 0
@@ -243,12 +248,15 @@ class TlsFront:
         self.watcher: asyncio.Task[None] | None = None
 
     def current_context(self) -> SSL.Context:
-        reloaded = self.certificates.reloaded(server_context)
+        reloaded = self.certificates.reloaded(_context_and_client_ca)
         if reloaded is not None:
-            self.context = reloaded
-            if self.mutual:
+            self.context, client_ca = reloaded
+            # only another client CA file can change a verdict: a renewed server certificate
+            # does not cost a verification of every open connection on the event loop
+            if self.mutual and client_ca != self.client_ca:
                 for client in list(self.connections):
-                    client.judge_again(reloaded)
+                    client.judge_again(self.context)
+            self.client_ca = client_ca
         return self.context
 
     async def _watch(self) -> None:
