@@ -264,7 +264,10 @@ class TlsFront:
         file reaches the connections already open within about RELOAD_CHECK_SECONDS."""
         while True:
             await asyncio.sleep(RELOAD_CHECK_SECONDS)
-            self.current_context()
+            try:
+                self.current_context()
+            except Exception:  # the watcher goes on: a later change is still taken
+                log.exception("TLS front: judging the open connections again failed")
 
     async def start(self, host: str, port: int, upstream_port: int) -> int:
         """Listens on host:port (SO_REUSEPORT: every worker's front on the same port); returns
