@@ -141,3 +141,10 @@ rate_limited = Counter(
     "Calls refused RESOURCE_EXHAUSTED by a per-principal limit (rate or calls in flight).",
     ["principal_kind"],
 )
+# The limiter runs before the gRPC metrics (a refused call is not in them): the time its Redis
+# round trip adds to every limited call is here, not in grpc_server_handling_seconds.
+rate_limit_check_seconds = Histogram(
+    "medwallet_rate_limit_check_seconds",
+    "Time a limited call spent asking Redis for its per-principal limits (admitted or not).",
+    buckets=FAST_BUCKETS,
+)

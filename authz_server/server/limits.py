@@ -168,6 +168,7 @@ class Limiter:
         self.held = 0  # refused calls being held now
         self.releases: set[asyncio.Task[None]] = set()
         self.refused = {kind: metrics.rate_limited.labels(kind.value) for kind in PrincipalKind}
+        self.checked = metrics.rate_limit_check_seconds
 
     def limited(self, handler: Handler) -> Handler:
         if handler.unary_unary is None:
@@ -193,6 +194,8 @@ class Limiter:
             except Exception as error:  # Redis not answering: let it through
                 log.debug("limiter not answering: %r", error)
                 return await call(request, context)  # type: ignore[arg-type]
+            finally:
+                self.checked.observe(self.memo.clock() - asked_at)
             if not verdict.admitted:
                 self.memo.remember(key, verdict, asked_at)
                 await self._refuse(context, principal.kind, verdict)
