@@ -28,10 +28,9 @@ from typing import Any
 import pytest
 
 from authz_server.storage.redis import keys
-from tests import factories
 from tests.harness import Harness
 from tests.redis_cluster import HOST, RedisClusterHarness, running_cluster, slot_of
-from tests.test_redis_loss import FAMILIES, QUOTA_FEN, check, run_with_fault
+from tests.test_redis_loss import check, make_families, run_with_fault
 from tests.test_redis_loss import stubs as stubs  # the same fixture, on this module's `lossy`
 
 pytestmark = [pytest.mark.slow, pytest.mark.backend_neutral]
@@ -61,17 +60,7 @@ def lossy(
 @pytest.fixture(scope="module")
 def families(stubs: Any, cluster: RedisClusterHarness) -> list[tuple[str, str]]:
     """(beneficiary, relationship) pairs, one quota each, on every primary."""
-    registry, relationships, _, _ = stubs
-    made = []
-    for _ in range(FAMILIES):
-        beneficiary = factories.resident(registry)
-        holder = factories.employee(registry, balance_fen=QUOTA_FEN)
-        made.append(
-            (
-                beneficiary,
-                factories.active_relationship(relationships, holder, beneficiary, QUOTA_FEN),
-            )
-        )
+    made = make_families(stubs)
     shards = Counter(shard_of(cluster, beneficiary) for beneficiary, _ in made)
     assert len(shards) == len(cluster.primary_ports()), shards  # every shard has families
     return made

@@ -84,7 +84,11 @@ def stubs(lossy: Harness) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def families(stubs: Any) -> list[tuple[str, str]]:
-    """(beneficiary, relationship) pairs, one quota each."""
+    return make_families(stubs)
+
+
+def make_families(stubs: Any) -> list[tuple[str, str]]:
+    """FAMILIES (beneficiary, relationship) pairs, one quota of QUOTA_FEN each."""
     registry, relationships, _, _ = stubs
     made = []
     for _ in range(FAMILIES):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -26,46 +27,59 @@ pytestmark = pytest.mark.backend_neutral
 ECHO = Script("return KEYS[1]", "echo")
 
 
-def test_a_restarted_redis_gets_no_script_until_its_run_is_trusted(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "redis", persistent=True)
+def run_gated(
+    server: EmbeddedRedis,
+    body: Callable[[PipelinedRedis, HotStateGeneration], Awaitable[None]],
+) -> None:
+    """Starts `server`, runs `body` with a pipelined client to it behind a run gate of its own,
+    then closes the client and stops the server."""
     url = server.start()
 
-    async def body() -> None:
+    async def gated() -> None:
         gate = HotStateGeneration()
         client = PipelinedRedis.from_url(url, timeout_seconds=2.0)
         client.run_gate = gate
         try:
-            # Nothing adopted yet: nothing to compare with (every script refuses anyway).
-            assert await client.evalsha(ECHO, ["k"], []) == b"k"
-            first = await redis_run_ids(client)
-            gate.adopt("g1", first)
-            assert await client.evalsha(ECHO, ["k"], []) == b"k"
-            # The same Redis restarted with its file: a new process, a new run id.
-            assert server.process is not None
-            os.kill(server.process.pid, signal.SIGKILL)
-            server.process.wait(5)
-            server.start()
-            gate.lost.clear()
-            with pytest.raises(RedisConnectionError) as lost:  # the old connection went
-                await client.evalsha(ECHO, ["k"], [])
-            assert not isinstance(lost.value, UntrustedRedis)
-            with pytest.raises(UntrustedRedis):  # the new one, to the new process
-                await client.evalsha(ECHO, ["k"], [])
-            assert gate.lost.is_set()  # the guardian is woken
-            # Plain commands still pass (the guardian's own reads, a rebuild's writes).
-            assert await client.execute("SET", "k", "v") == b"OK"
-            # The guardian rebuilt (or found it the same): adopted on the new run, scripts flow.
-            second = await redis_run_ids(client)
-            assert second != first
-            gate.adopt("g2", second)
-            assert await client.evalsha(ECHO, ["k"], []) == b"k"
+            await body(client, gate)
         finally:
             await client.aclose()
 
     try:
-        asyncio.run(body())
+        asyncio.run(gated())
     finally:
         server.stop()
+
+
+def test_a_restarted_redis_gets_no_script_until_its_run_is_trusted(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persistent=True)
+
+    async def body(client: PipelinedRedis, gate: HotStateGeneration) -> None:
+        # Nothing adopted yet: nothing to compare with (every script refuses anyway).
+        assert await client.evalsha(ECHO, ["k"], []) == b"k"
+        first = await redis_run_ids(client)
+        gate.adopt("g1", first)
+        assert await client.evalsha(ECHO, ["k"], []) == b"k"
+        # The same Redis restarted with its file: a new process, a new run id.
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGKILL)
+        server.process.wait(5)
+        server.start()
+        gate.lost.clear()
+        with pytest.raises(RedisConnectionError) as lost:  # the old connection went
+            await client.evalsha(ECHO, ["k"], [])
+        assert not isinstance(lost.value, UntrustedRedis)
+        with pytest.raises(UntrustedRedis):  # the new one, to the new process
+            await client.evalsha(ECHO, ["k"], [])
+        assert gate.lost.is_set()  # the guardian is woken
+        # Plain commands still pass (the guardian's own reads, a rebuild's writes).
+        assert await client.execute("SET", "k", "v") == b"OK"
+        # The guardian rebuilt (or found it the same): adopted on the new run, scripts flow.
+        second = await redis_run_ids(client)
+        assert second != first
+        gate.adopt("g2", second)
+        assert await client.evalsha(ECHO, ["k"], []) == b"k"
+
+    run_gated(server, body)
 
 
 def test_a_promoted_replica_gets_no_script_until_its_run_is_trusted(tmp_path: Path) -> None:

@@ -15,45 +15,32 @@ import pytest
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.service.quota_sync import when_rebuilt
 from authz_server.storage.redis.generation import HotStateGeneration, redis_run_ids
-from authz_server.storage.redis.pipelined import PipelinedRedis, Script
+from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import guarded
+from tests.test_run_gate import ECHO, run_gated
 
 pytestmark = pytest.mark.backend_neutral
-
-ECHO = Script("return KEYS[1]", "echo")
 
 
 def test_a_step_after_sql_waits_out_the_run_gate_until_the_rebuild_is_adopted(
     tmp_path: Path,
 ) -> None:
-    server = EmbeddedRedis(tmp_path / "redis")
-    url = server.start()
+    async def body(client: PipelinedRedis, gate: HotStateGeneration) -> None:
+        # The generation was built on a process that is gone (a primary replaced by its
+        # replica, or restarted with its file): the gate refuses this one until the
+        # guardian has rebuilt and adopted.
+        gate.adopt("g1", "0" * 40)
+        current = await redis_run_ids(client)
 
-    async def body() -> None:
-        gate = HotStateGeneration()
-        client = PipelinedRedis.from_url(url, timeout_seconds=2.0)
-        client.run_gate = gate
-        try:
-            # The generation was built on a process that is gone (a primary replaced by its
-            # replica, or restarted with its file): the gate refuses this one until the
-            # guardian has rebuilt and adopted.
-            gate.adopt("g1", "0" * 40)
-            current = await redis_run_ids(client)
+        async def guardian_rebuilds() -> None:
+            await asyncio.sleep(0.6)
+            gate.adopt("g2", current)
 
-            async def guardian_rebuilds() -> None:
-                await asyncio.sleep(0.6)
-                gate.adopt("g2", current)
+        rebuilt = asyncio.get_running_loop().create_task(guardian_rebuilds())
+        step = lambda: guarded(lambda: client.evalsha(ECHO, ["k"], []), "echo")  # noqa: E731
+        # SQL has committed; this step must land once the rebuild is adopted, not be
+        # dropped as UNAVAILABLE (the caller does not try it again: its SQL is done).
+        assert await when_rebuilt(step) == b"k"
+        await rebuilt
 
-            rebuilt = asyncio.get_running_loop().create_task(guardian_rebuilds())
-            step = lambda: guarded(lambda: client.evalsha(ECHO, ["k"], []), "echo")  # noqa: E731
-            # SQL has committed; this step must land once the rebuild is adopted, not be
-            # dropped as UNAVAILABLE (the caller does not try it again: its SQL is done).
-            assert await when_rebuilt(step) == b"k"
-            await rebuilt
-        finally:
-            await client.aclose()
-
-    try:
-        asyncio.run(body())
-    finally:
-        server.stop()
+    run_gated(EmbeddedRedis(tmp_path / "redis"), body)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -69,6 +70,18 @@ class Pki:
         return grpc.secure_channel(f"localhost:{port}", credentials)
 
 
+def mutual_tls_harness(certificates: Path, directory: Path, **settings: Any) -> Harness:
+    """The service on TLS with `certificates`' server.crt/.key, and their ca.crt as the client
+    CA (mutual TLS); `settings` as Harness takes them."""
+    return Harness(
+        directory,
+        tls_cert_file=str(certificates / "server.crt"),
+        tls_key_file=str(certificates / "server.key"),
+        tls_client_ca_file=str(certificates / "ca.crt"),
+        **settings,
+    )
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
@@ -76,12 +89,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_harness(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    running = Harness(
+    running = mutual_tls_harness(
+        pki.directory,
         tmp_path_factory.mktemp("tls-service"),
         extra_tokens={"test-revocable-admin": {"kind": "admin"}},
-        tls_cert_file=str(pki.directory / "server.crt"),
-        tls_key_file=str(pki.directory / "server.key"),
-        tls_client_ca_file=str(pki.directory / "ca.crt"),
     )
     yield running
     running.close()
@@ -342,11 +353,9 @@ def test_the_handshake_check_refuses_in_the_handshake(
     """MEDWALLET_TLS_CLIENT_CERTIFICATE_CHECK=handshake: gRPC's own TLS. A client without a
     good certificate is refused in the handshake and sees UNAVAILABLE; one with a merchant's
     certificate is served as that merchant."""
-    running = Harness(
+    running = mutual_tls_harness(
+        pki.directory,
         tmp_path_factory.mktemp("tls-handshake"),
-        tls_cert_file=str(pki.directory / "server.crt"),
-        tls_key_file=str(pki.directory / "server.key"),
-        tls_client_ca_file=str(pki.directory / "ca.crt"),
         tls_client_certificate_check="handshake",
     )
     try:
@@ -461,11 +470,9 @@ def test_the_common_name_can_be_the_stated_field(
     issue(ca, "localhost", server_names=("localhost", "127.0.0.1")).write(directory, "server")
     by_name = issue(ca, f"medwallet:merchant:{MERCHANT_A}")
     by_uri = issue(ca, "someone", merchant_id=MERCHANT_A)
-    running = Harness(
+    running = mutual_tls_harness(
         directory,
-        tls_cert_file=str(directory / "server.crt"),
-        tls_key_file=str(directory / "server.key"),
-        tls_client_ca_file=str(directory / "ca.crt"),
+        directory,
         client_identity_field="common_name",
     )
     try:

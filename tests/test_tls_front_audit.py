@@ -24,7 +24,7 @@ from authz_server.server import tls_front
 from authz_server.server.auth import Unauthenticated
 from authz_server.server.tls import certificate_merchant
 from tests.harness import Harness
-from tests.test_tls import MERCHANT_A, Pki, code_of
+from tests.test_tls import MERCHANT_A, Pki, code_of, mutual_tls_harness
 
 pytestmark = pytest.mark.backend_neutral
 
@@ -66,11 +66,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def front_harness(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    running = Harness(
+    running = mutual_tls_harness(
+        pki.directory,
         tmp_path_factory.mktemp("audit-tls-service"),
-        tls_cert_file=str(pki.directory / "server.crt"),
-        tls_key_file=str(pki.directory / "server.key"),
-        tls_client_ca_file=str(pki.directory / "ca.crt"),
     )
     yield running
     running.close()

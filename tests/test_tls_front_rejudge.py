@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from authz_server.runtime.certificates import CA_KEY_USAGE, Issued, issue
 from tests.harness import Harness
-from tests.test_tls import MERCHANT_A, Pki
+from tests.test_tls import MERCHANT_A, Pki, mutual_tls_harness
 from tests.test_tls_front_audit import SERVED, get_code
 
 pytestmark = pytest.mark.backend_neutral
@@ -64,11 +64,9 @@ def layered(pki: Pki) -> tuple[Issued, Issued, Issued]:
 def front(
     pki: Pki, layered: tuple[Issued, Issued, Issued], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Harness]:
-    running = Harness(
+    running = mutual_tls_harness(
+        pki.directory,
         tmp_path_factory.mktemp("rejudge-service"),
-        tls_cert_file=str(pki.directory / "server.crt"),
-        tls_key_file=str(pki.directory / "server.key"),
-        tls_client_ca_file=str(pki.directory / "ca.crt"),
     )
     yield running
     running.close()
