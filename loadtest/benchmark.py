@@ -909,6 +909,8 @@ def chart(run: Run, path: Path) -> None:
 
     groups = [(operation, workload) for operation in OPERATIONS for workload in WORKLOADS]
     systems = [s for s in SYSTEMS if any(p.system == s for p in run.phases)]
+    if not systems:  # variants alone: their chart is variants.png (loadtest/variants.py)
+        return
     metrics = (
         ("throughput", "operations per second (higher is better)"),
         ("server_cpu_us", "server CPU µs per operation (lower is better)"),
@@ -1031,7 +1033,21 @@ def main(argv: list[str] | None = None) -> int:
         default="floor,service,baseline",
         help="which to measure, comma-separated (default: floor,service,baseline; also"
         " service-cluster: the service on a 3-primary Redis Cluster; security: Authorize with"
-        " the limiter off, on, and on with TLS, alternated)",
+        " the limiter off, on, and on with TLS, alternated; variants: the --variant ones)",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[@CHECKOUT]:[SETTING=VALUE,...]",
+        help="with --systems variants: the service started this way (settings, and another"
+        " checkout's code with @CHECKOUT); the variants alternated (loadtest/variants.py)",
+    )
+    parser.add_argument(
+        "--variant-repeats",
+        type=int,
+        default=3,
+        help="rounds of the variants (default: 3); the summary is each one's median",
     )
     parser.add_argument(
         "--redis-cluster",
@@ -1047,6 +1063,15 @@ def main(argv: list[str] | None = None) -> int:
         " machine's cores are skipped",
     )
     arguments = parser.parse_args(argv)
+    if ("variants" in arguments.systems.split(",")) != bool(arguments.variant):
+        parser.error("--systems variants and --variant go together")
+    try:
+        from loadtest.variants import parse
+
+        for text in arguments.variant:
+            parse(text)
+    except ValueError as error:
+        parser.error(str(error))
     if any(setting.startswith("MEDWALLET_EVENT_LOOP=") for setting in arguments.service_env):
         parser.error("--event-loop chooses the loop, for the floor and the baseline too")
     arguments.event_loop = event_loop.resolve(arguments.event_loop)
@@ -1098,6 +1123,12 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
 
         redis.start()
         security_phases.run_security(run, redis)
+    if "variants" in systems:  # the --variant ones, alternated (loadtest/variants.py)
+        from loadtest import variants
+
+        redis.start()
+        chosen = [variants.parse(text) for text in arguments.variant]
+        variants.run_variants(run, redis, chosen, arguments.variant_repeats)
     if "service" in systems:
         redis.start()
         run_service(run, one_node(redis))

@@ -188,3 +188,38 @@ def test_benchmark_measures_the_service_on_one_node_and_on_a_cluster(tmp_path: P
         assert check["approved_differs_from_store"] == 0, check
         assert check["conservation_broken"] == 0, check
     assert any(row["ratio"].endswith("cluster/one node throughput") for row in document["ratios"])
+
+
+@pytest.mark.timeout(600)
+def test_variants_alternate_settings_and_checkouts(tmp_path: Path) -> None:
+    """`benchmark --systems variants` at a tiny size: a variant with a setting and one whose code
+    comes from a checkout (this one, as another commit's worktree would be) are each measured in
+    every round; the summary has each one's median and every repeat, and variants.png is
+    drawn. No timing is asserted."""
+    checkout = Path(__file__).resolve().parents[1]
+    arguments = [
+        "--no-baseline", "--systems", "variants", "--variant", "plain:",
+        "--variant", f"checkout@{checkout}:MEDWALLET_RATE_LIMITS=false",
+        "--variant-repeats", "2", "--relationships", "300", "--authorize-ops", "300",
+        "--warmup", "20", "--concurrency", "8", "--time-bound", TIME_BOUND, "--workers", "1",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert benchmark.main(arguments) == 0
+    document = json.loads((tmp_path / "benchmark.json").read_text())
+    figures = document["checks"]["variants"]["Authorize uniform"]
+    assert list(figures) == ["plain", "checkout"]
+    for values in figures.values():
+        assert len(values["runs"]) == 2 and values["errors"] == 0, values
+        assert values["server_cpu_us"] > 0 and values["ops_per_s"] > 0, values
+    assert (tmp_path / "variants.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["no-colon", ":MEDWALLET_X=1", "a:RATE=1", "a:MEDWALLET_X", "a@/nonexistent:"],
+)
+def test_a_malformed_variant_is_refused(text: str) -> None:
+    from loadtest import variants
+
+    with pytest.raises(ValueError, match="--variant"):
+        variants.parse(text)
