@@ -6,7 +6,8 @@ what one setting or one change of code costs, in one run, on a noisy machine.
     python -m loadtest.benchmark --no-baseline --systems variants \\
         --variant before@/work/before: --variant after:
 
-A variant is NAME[@CHECKOUT]:[SETTING=VALUE,...]: its settings on top of the run's, and, with
+A variant is NAME[@CHECKOUT]:[SETTING=VALUE,...]: its settings on top of the run's (the limits
+are far above the load unless a variant sets MEDWALLET_MERCHANT_LIMIT or _CHANNEL_LIMIT), and, with
 @CHECKOUT, the service's code from that directory (a git worktree of another commit: its
 `authz_server` is imported instead of this one's; the schema must be one both can use). The
 variants are started one after another, each measured, and the whole round repeated
@@ -17,6 +18,7 @@ median of each variant's repeats and its ratio to the first variant.
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import sys
 import time
@@ -54,7 +56,9 @@ def parse(text: str) -> Variant:
         raise ValueError(f"--variant {text!r}: expected NAME[@CHECKOUT]:[SETTING=VALUE,...]")
     name, _, checkout = head.partition("@")
     settings: dict[str, str] = {}
-    for item in filter(None, tail.split(",")):
+    # a value may hold commas itself (a limit: rate=10,burst=10): a new setting starts at
+    # ",MEDWALLET_"
+    for item in filter(None, re.split(r",(?=MEDWALLET_)", tail)):
         key, equals, value = item.partition("=")
         if not equals or not key.startswith("MEDWALLET_"):
             raise ValueError(f"--variant {text!r}: {item!r} is not MEDWALLET_SETTING=VALUE")

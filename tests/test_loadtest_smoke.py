@@ -223,3 +223,15 @@ def test_a_malformed_variant_is_refused(text: str) -> None:
 
     with pytest.raises(ValueError, match="--variant"):
         variants.parse(text)
+
+
+def test_a_variant_setting_may_hold_commas() -> None:
+    from loadtest import variants
+
+    variant = variants.parse(
+        "tight:MEDWALLET_MERCHANT_LIMIT=rate=10,burst=10,in_flight=5,MEDWALLET_ACCESS_LOG=false"
+    )
+    assert variant.settings == {
+        "MEDWALLET_MERCHANT_LIMIT": "rate=10,burst=10,in_flight=5",
+        "MEDWALLET_ACCESS_LOG": "false",
+    }
