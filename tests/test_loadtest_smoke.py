@@ -235,3 +235,26 @@ def test_a_variant_setting_may_hold_commas() -> None:
         "MEDWALLET_MERCHANT_LIMIT": "rate=10,burst=10,in_flight=5",
         "MEDWALLET_ACCESS_LOG": "false",
     }
+
+
+def test_the_figures_are_written_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An offline machine without matplotlib still gets benchmark.json (the chart is skipped,
+    not the run failed after its phases)."""
+    import argparse
+    from datetime import UTC, datetime
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    arguments = argparse.Namespace(
+        event_loop="asyncio", clients=1, concurrency=1, channels=1, authorize_ops=1,
+        capture_ops=1, warmup=0, time_bound=1.0, relationships=1, database_url=None,
+        baseline_database_url=None, out=tmp_path / "out",
+    )  # fmt: skip
+    run = benchmark.Run(arguments, tmp_path, 1)
+    run.phases.append(benchmark.Phase("service", "Authorize", "uniform", operations=1))
+    document = benchmark.write_results(run, "benchmark", datetime.now(UTC))
+    assert json.loads((tmp_path / "out" / "benchmark.json").read_text()) == json.loads(
+        json.dumps(document)
+    )
+    assert not (tmp_path / "out" / "benchmark.png").exists()
