@@ -22,10 +22,28 @@ So the service terminates TLS itself, in front of its gRPC server:
   without a good certificate); an accepted one whose certificate chain expires while it is open
   is refused from then on (`Peer.reason`).
 
+Open files: a connection holds FDS_PER_CONNECTION (3) of them in this process (the client's
+socket, the forwarding one, the gRPC server's side of it). At start the front raises the soft
+RLIMIT_NOFILE toward the hard limit as far as MAX_CONNECTIONS and FD_HEADROOM (SQL, Redis,
+metrics, ...) need (`fit_open_file_limit`); where the hard limit is lower, its cap is lowered to
+what fits (`connection_cap`) and a warning, once, says how to raise it. A connection beyond the
+cap is closed as it arrives, never an EMFILE elsewhere.
+
 The certificate, key and client CA are reloaded as for gRPC's own TLS (`ReloadingCertificates`:
-looked at before new handshakes, at most once a second; a pair that does not match is not
-taken); connections already open keep theirs. No TLS session is ever resumed (a resumed one
-brings its certificate back without a verification), and renegotiation is off.
+looked at before new handshakes, at most once a second, and by a watcher every
+RELOAD_CHECK_SECONDS; a pair that does not match is not taken); connections already open keep
+their server certificate. A new client CA file takes effect for new handshakes at once, and
+judges the open connections again: a chain that no longer leads to one of its CAs is refused
+from then on (NO_LONGER_TRUSTED), then closed, as a new handshake would be. The rule: once the
+front has taken the new file, no call is served on a verdict the old one made. Taking it bumps
+`Peers.generation` (every verdict out of date at once, O(1)), and a verdict out of date is
+judged again before it is given out (`Peers.current`, so FrontGate judges a call's connection
+before the call is served, ~0.14 ms, once per connection); a pass (`TlsFront.rejudge_pass`)
+judges the rest REJUDGE_CHUNK connections at a time, letting the event loop go between (all of
+MAX_CONNECTIONS at once held it ~1.4 s), and closes the refused ones that make no call. A change
+during a pass makes that pass start over with the newest CAs; there is never a second one. No TLS
+session is ever resumed (a resumed one brings its certificate back without a verification), and
+renegotiation is off.
 """
 
 from __future__ import annotations
