@@ -22,10 +22,28 @@ So the service terminates TLS itself, in front of its gRPC server:
   without a good certificate); an accepted one whose certificate chain expires while it is open
   is refused from then on (`Peer.reason`).
 
+Open files: a connection holds FDS_PER_CONNECTION (3) of them in this process (the client's
+socket, the forwarding one, the gRPC server's side of it). At start the front raises the soft
+RLIMIT_NOFILE toward the hard limit as far as MAX_CONNECTIONS and FD_HEADROOM (SQL, Redis,
+metrics, ...) need (`fit_open_file_limit`); where the hard limit is lower, its cap is lowered to
+what fits (`connection_cap`) and a warning, once, says how to raise it. A connection beyond the
+cap is closed as it arrives, never an EMFILE elsewhere.
+
 The certificate, key and client CA are reloaded as for gRPC's own TLS (`ReloadingCertificates`:
-looked at before new handshakes, at most once a second; a pair that does not match is not
-taken); connections already open keep theirs. No TLS session is ever resumed (a resumed one
-brings its certificate back without a verification), and renegotiation is off.
+looked at before new handshakes, at most once a second, and by a watcher every
+RELOAD_CHECK_SECONDS; a pair that does not match is not taken); connections already open keep
+their server certificate. A new client CA file takes effect for new handshakes at once, and
+judges the open connections again: a chain that no longer leads to one of its CAs is refused
+from then on (NO_LONGER_TRUSTED), then closed, as a new handshake would be. The rule: once the
+front has taken the new file, no call is served on a verdict the old one made. Taking it bumps
+`Peers.generation` (every verdict out of date at once, O(1)), and a verdict out of date is
+judged again before it is given out (`Peers.current`, so FrontGate judges a call's connection
+before the call is served, ~0.14 ms, once per connection); a pass (`TlsFront.rejudge_pass`)
+judges the rest REJUDGE_CHUNK connections at a time, letting the event loop go between (all of
+MAX_CONNECTIONS at once held it ~1.4 s), and closes the refused ones that make no call. A change
+during a pass makes that pass start over with the newest CAs; there is never a second one. No TLS
+session is ever resumed (a resumed one brings its certificate back without a verification), and
+renegotiation is off.
 """
 
 from __future__ import annotations
@@ -33,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import resource
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -57,8 +76,19 @@ log = logging.getLogger(__name__)
 
 # A TLS handshake not finished within this is dropped (slow or idle clients hold no slot).
 HANDSHAKE_SECONDS = 10.0
-# Connections one process's front holds at once; more are closed as they arrive.
+# Connections one process's front holds at once; more are closed as they arrive. Fewer when the
+# process's open-file limit cannot be raised far enough (fit_open_file_limit).
 MAX_CONNECTIONS = 10_000
+# File descriptors one front connection holds: the client's socket, the forwarding connection's,
+# and the gRPC server's side of it (in the same process).
+FDS_PER_CONNECTION = 3
+# File descriptors kept for the rest of the process beside the front's connections: SQL and
+# Redis pools, the metrics server, logs, gRPC's own (epoll, wakeup fds, its listener), the
+# front's listener, and the socket of a connection accepted only to be refused at the cap.
+FD_HEADROOM = 512
+# Open connections judged again in one go when the client CA file changes, before the event
+# loop is let go (~0.14 ms each: 200 hold the loop ~30 ms).
+REJUDGE_CHUNK = 200
 # A refused connection (no certificate, another CA's, ...) is closed this long after its
 # handshake: its calls are answered UNAUTHENTICATED until then, and it holds no slot for ever.
 REFUSED_SECONDS = 10.0
@@ -106,6 +136,8 @@ class Peer:
     not_after: float | None = None
     # the chain the client presented, leaf first: judged again when the client CA file changes
     chain: tuple[x509.Certificate, ...] = field(default=(), compare=False, repr=False)
+    # the client CA file's generation (Peers.generation) this verdict was reached under
+    generation: int = field(default=0, compare=False)
 
     def reason(self) -> str | None:
         """Why a call on this connection is refused now (None: it is not). A connection
@@ -121,12 +153,42 @@ class Peer:
 class Peers:
     """The front's connections by the local port of their forwarding connection. A port whose
     connection closed is not taken again for PORT_QUARANTINE_SECONDS: a call of the old
-    connection still queued in the gRPC server must never be judged as the new one's."""
+    connection still queued in the gRPC server must never be judged as the new one's.
+
+    When the client CA file changes (`trust`), every verdict reached under the old file is out
+    of date at once (its `generation` behind): one is judged again against the new CAs before
+    it is given out (`current`, `of`), so a call is never served on a verdict the old file made,
+    whether or not the front's pass over the open connections has reached it yet."""
 
     def __init__(self) -> None:
         self.by_port: dict[int, Peer] = {}
         # port -> when its connection closed, oldest first
         self.released: dict[int, float] = {}
+        # bumped at each change of the client CA file; `context` holds the CAs of the newest
+        self.generation = 0
+        self.context: SSL.Context | None = None
+
+    def trust(self, context: SSL.Context) -> None:
+        """The client CA file changed: `context`'s CAs judge every verdict from now on."""
+        self.context = context
+        self.generation += 1
+
+    def current(self, port: int) -> Peer | None:
+        """The verdict on the connection under `port`, judged again first if the client CA file
+        changed since it was reached."""
+        peer = self.by_port.get(port)
+        if peer is None or peer.generation == self.generation:
+            return peer
+        judged = replace(peer, generation=self.generation)
+        if (
+            peer.refusal is None
+            and peer.chain
+            and (self.context is None or not _trusted(peer.chain, self.context))
+        ):
+            judged = replace(judged, refusal=NO_LONGER_TRUSTED)
+            log.info("TLS front: a connection's client certificate is no longer trusted")
+        self.by_port[port] = judged
+        return judged
 
     def take(self, port: int, peer: Peer) -> bool:
         """Records `peer` under `port`; False: the port is in use or quarantined."""
@@ -149,7 +211,7 @@ class Peers:
         if not peer.startswith(PRIVATE_PEER):
             return None
         port = peer[len(PRIVATE_PEER) :]
-        return self.by_port.get(int(port)) if port.isdigit() else None
+        return self.current(int(port)) if port.isdigit() else None
 
 
 class FrontIdentity:
@@ -226,6 +288,28 @@ def _keep_verdict(
     return True
 
 
+def fit_open_file_limit(connections: int) -> int:
+    """Raises the process's soft open-file limit (RLIMIT_NOFILE) toward its hard limit, as far as
+    `connections` front connections and FD_HEADROOM need (never lowers it; Go's runtime raises
+    it likewise). Returns how many connections fit: `connections`, or fewer when even the hard
+    limit is too low."""
+    needed = FDS_PER_CONNECTION * connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (ValueError, OSError) as error:  # e.g. above fs.nr_open
+                log.warning("TLS front: the open-file limit not raised to %d: %r", target, error)
+            else:
+                log.info("TLS front: the open-file limit raised from %d to %d", soft, target)
+                soft = target
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return connections
+    return max(1, (soft - FD_HEADROOM) // FDS_PER_CONNECTION)
+
+
 class TlsFront:
     """The public TLS port of one process, forwarding to its gRPC server's private port."""
 
@@ -244,20 +328,63 @@ class TlsFront:
         self.upstream_port = 0
         self.handshake_seconds = HANDSHAKE_SECONDS
         self.refused_seconds = REFUSED_SECONDS
-        self.full = False  # MAX_CONNECTIONS reached (logged once until a connection is taken)
+        self.full = False  # the cap reached (logged once until a connection is taken)
+        # connections the process's open-file limit fits (start: fit_open_file_limit); None:
+        # not looked at yet, MAX_CONNECTIONS alone caps them
+        self.fd_connections: int | None = None
         self.watcher: asyncio.Task[None] | None = None
+        # the pass judging the open connections again after a client CA change (one at a time)
+        self.rejudging: asyncio.Task[None] | None = None
+        self.rejudge_chunk = REJUDGE_CHUNK
+
+    def connection_cap(self) -> int:
+        """Connections this front holds at once: MAX_CONNECTIONS, or fewer if the open-file
+        limit fits fewer."""
+        if self.fd_connections is None:
+            return MAX_CONNECTIONS
+        return min(MAX_CONNECTIONS, self.fd_connections)
 
     def current_context(self) -> SSL.Context:
         reloaded = self.certificates.reloaded(_context_and_client_ca)
         if reloaded is not None:
             self.context, client_ca = reloaded
             # only another client CA file can change a verdict: a renewed server certificate
-            # does not cost a verification of every open connection on the event loop
+            # does not cost a verification of every open connection
             if self.mutual and client_ca != self.client_ca:
-                for client in list(self.connections):
-                    client.judge_again(self.context)
+                # every open connection's verdict out of date at once (judged again before its
+                # next call is served), new handshakes on the new CAs; the pass catches up
+                self.peers.trust(self.context)
+                self._rejudge_open_connections()
             self.client_ca = client_ca
         return self.context
+
+    def _rejudge_open_connections(self) -> None:
+        """Starts the pass over the open connections, unless one runs: that one starts over
+        with the newest CAs when it sees the change (never two passes at once)."""
+        if self.rejudging is None or self.rejudging.done():
+            loop = asyncio.get_running_loop()
+            self.rejudging = loop.create_task(self.rejudge_pass(), name="tls-front-rejudge")
+
+    async def rejudge_pass(self) -> None:
+        """Judges every open connection again against the newest client CAs, `rejudge_chunk` at
+        a time with the event loop let go between (at MAX_CONNECTIONS one pass would hold it
+        ~1.4 s): a refused one is answered UNAUTHENTICATED, then closed, as a new handshake
+        would be. A connection the pass has not reached yet is judged by its next call first
+        (Peers.current); the pass brings the ones that make no call their closing. Another
+        change during the pass starts it over."""
+        generation = -1
+        while generation != self.peers.generation:
+            generation = self.peers.generation
+            clients = list(self.connections)
+            for start in range(0, len(clients), self.rejudge_chunk):
+                for client in clients[start : start + self.rejudge_chunk]:
+                    try:
+                        client.judge_again()
+                    except Exception:  # the others are still judged (and this one per call)
+                        log.exception("TLS front: judging a connection again failed")
+                await asyncio.sleep(0)
+                if generation != self.peers.generation:
+                    break  # the file changed again: over, with the newest CAs
 
     async def _watch(self) -> None:
         """Looks at the files even while no connection arrives: a CA taken out of the client CA
@@ -271,7 +398,25 @@ class TlsFront:
 
     async def start(self, host: str, port: int, upstream_port: int) -> int:
         """Listens on host:port (SO_REUSEPORT: every worker's front on the same port); returns
-        the port."""
+        the port. First the process's open-file limit is raised as far as the front needs, or
+        its cap lowered to what the limit fits (a warning says how to raise it)."""
+        self.fd_connections = fit_open_file_limit(MAX_CONNECTIONS)
+        if self.fd_connections < MAX_CONNECTIONS:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            log.warning(
+                "TLS front: the open-file limit (RLIMIT_NOFILE soft %d, hard %d) fits %d "
+                "connections, not %d (MAX_CONNECTIONS; %d files each, %d kept for the rest): "
+                "more are refused. Raise the hard limit to at least %d (systemd LimitNOFILE=, "
+                "docker run --ulimit nofile=, compose ulimits:, on Kubernetes the container "
+                "runtime's default; see deploy/RUNBOOK.md)",
+                soft,
+                hard,
+                self.fd_connections,
+                MAX_CONNECTIONS,
+                FDS_PER_CONNECTION,
+                FD_HEADROOM,
+                FDS_PER_CONNECTION * MAX_CONNECTIONS + FD_HEADROOM,
+            )
         self.upstream_port = upstream_port
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
@@ -295,9 +440,10 @@ class TlsFront:
     async def close(self) -> None:
         """Closes the connections left (after the gRPC server's grace) and the listener."""
         self.stop_accepting()
-        if self.watcher is not None:
-            self.watcher.cancel()
-            await asyncio.gather(self.watcher, return_exceptions=True)
+        for task in (self.watcher, self.rejudging):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for client in list(self.connections):
             client.abort()
         if self.server is not None:
@@ -358,13 +504,15 @@ class _Client(asyncio.Protocol):
         # a refused connection's end (REFUSED_SECONDS after its handshake)
         self.refused_timer: asyncio.TimerHandle | None = None
         self.context: SSL.Context | None = None  # the one its handshake was made with
+        self.generation = 0  # the client CA file's generation that context holds
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
-        if len(self.front.connections) >= MAX_CONNECTIONS:
+        cap = self.front.connection_cap()
+        if len(self.front.connections) >= cap:
             if not self.front.full:  # once each time it fills up, not once per connection
-                log.warning("TLS front: %d connections open, refusing more", MAX_CONNECTIONS)
+                log.warning("TLS front: %d connections open, refusing more", cap)
             self.front.full = True
             self.closed = True
             self.transport.abort()
@@ -372,6 +520,7 @@ class _Client(asyncio.Protocol):
         self.front.full = False
         self.front.connections.add(self)
         self.context = self.front.current_context()
+        self.generation = self.front.peers.generation
         self.tls = SSL.Connection(self.context, None)
         self.tls.set_app_data(self)
         self.tls.set_accept_state()
@@ -397,7 +546,7 @@ class _Client(asyncio.Protocol):
             self.timer = None
             self.flush()
             self.pause("connecting")
-            peer = self.front.peer(tls, self.verify_error)
+            peer = replace(self.front.peer(tls, self.verify_error), generation=self.generation)
             asyncio.get_running_loop().create_task(self.connect(peer))
         self.decrypt()
 
@@ -427,10 +576,8 @@ class _Client(asyncio.Protocol):
             self.upstream.transport.write(data)
         self.pending.clear()
         self.resume("connecting")
-        if self.context is not self.front.context:  # the files changed during its handshake
-            self.judge_again(self.front.context)
-        elif peer.refusal is not None:
-            self.refuse_later()
+        # judged again now if the client CA file changed during its handshake
+        self.judge_again()
 
     def refuse_later(self) -> None:
         """A refused connection's calls are answered UNAUTHENTICATED for REFUSED_SECONDS, then
@@ -439,25 +586,16 @@ class _Client(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self.refused_timer = loop.call_later(self.front.refused_seconds, self.close, True)
 
-    def judge_again(self, context: SSL.Context) -> None:
-        """The client CA file changed: a connection whose verified chain no longer leads to a
-        CA of the new file is refused from now on (its calls UNAUTHENTICATED, then closed), as a
-        new handshake would be. Once connected; one still connecting is judged as it connects."""
+    def judge_again(self) -> None:
+        """Its verdict, judged again if the client CA file changed since it was reached
+        (Peers.current: a chain that no longer leads to a CA of the file is refused, as a new
+        handshake would be); a refused connection is closed REFUSED_SECONDS later. Once
+        connected; one still connecting is judged as it connects."""
         upstream = self.upstream
         if upstream is None or not upstream.port or self.closed:
-            return  # judged as it connects: its context is not the front's
-        self.context = context
-        peer = upstream.peer
-        if peer.refusal is not None:
-            self.refuse_later()
-            return
-        if not peer.chain:
-            return
-        if not _trusted(peer.chain, context):
-            upstream.peer = replace(peer, refusal=NO_LONGER_TRUSTED)
-            if upstream.port in self.front.peers.by_port:  # not released meanwhile
-                self.front.peers.by_port[upstream.port] = upstream.peer
-            log.info("TLS front: a connection's client certificate is no longer trusted")
+            return  # judged as it connects
+        peer = self.front.peers.current(upstream.port)
+        if peer is not None and peer.refusal is not None:
             self.refuse_later()
 
     def decrypt(self) -> None:
