@@ -144,27 +144,39 @@ def test_many_open_connections_are_judged_again_in_chunks_the_loop_going_on(
         assert _codes(channels) == [SERVED] * CONNECTIONS
         assert len(front.connections) >= CONNECTIONS
 
-        async def change() -> tuple[int, int, int]:
+        def judged_now() -> int:
+            generation = front.peers.generation
+            return sum(peer.generation == generation for peer in front.peers.by_port.values())
+
+        async def change() -> tuple[int, int, int, int]:
             """The other CA out of the file, and the pass watched from the loop: a task that
-            only yields counts how often it ran while the pass did."""
+            only yields counts how often it ran while the pass did, and the most connections
+            judged between two of its turns (one chunk at most: the loop let go after each)."""
             (pki.directory / "ca.crt").write_bytes(pki.ca.certificate_pem)
             front.certificates.checked = 0.0
             front.current_context()
             task = front.rejudging
             assert task is not None and not task.done()
             ticks = 0
+            most = 0
+            before = judged_now()
             while not task.done():
                 ticks += 1
                 await asyncio.sleep(0)
+                after = judged_now()
+                most = max(most, after - before)
+                before = after
             await task
             # all judged by the pass itself (not yet by a call)
             peers = list(front.peers.by_port.values())
             behind = sum(peer.generation != front.peers.generation for peer in peers)
             refused = sum(peer.refusal == NO_LONGER_TRUSTED for peer in peers)
-            return ticks, behind, refused
+            return ticks, most, behind, refused
 
-        ticks, behind, refused = service.run(change())
-        assert ticks > 0  # the loop went on during the pass
+        ticks, most, behind, refused = service.run(change())
+        # the loop went on between chunks, not once around a pass that judged all at once
+        assert ticks >= CONNECTIONS // CHUNK
+        assert 0 < most <= CHUNK
         assert behind == 0
         assert refused == CONNECTIONS // 2
         expected = [

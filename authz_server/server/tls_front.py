@@ -180,13 +180,14 @@ class Peers:
         if peer is None or peer.generation == self.generation:
             return peer
         judged = replace(peer, generation=self.generation)
-        if (
-            peer.refusal is None
-            and peer.chain
-            and (self.context is None or not _trusted(peer.chain, self.context))
-        ):
-            judged = replace(judged, refusal=NO_LONGER_TRUSTED)
-            log.info("TLS front: a connection's client certificate is no longer trusted")
+        if peer.refusal is None and peer.chain:
+            # the new chain's end of validity, not the old one's (a CA re-issued shorter)
+            not_after = None if self.context is None else _trusted(peer.chain, self.context)
+            if not_after is None:
+                judged = replace(judged, refusal=NO_LONGER_TRUSTED)
+                log.info("TLS front: a connection's client certificate is no longer trusted")
+            else:
+                judged = replace(judged, not_after=not_after)
         self.by_port[port] = judged
         return judged
 
@@ -475,18 +476,19 @@ class TlsFront:
         return Peer(merchant=merchant, not_after=not_after, chain=presented)
 
 
-def _trusted(chain: tuple[x509.Certificate, ...], context: SSL.Context) -> bool:
-    """Whether the chain (leaf first, as the client presented it in its handshake) leads to a
-    CA of the context's store now (and is within its dates), as a new handshake would find."""
+def _trusted(chain: tuple[x509.Certificate, ...], context: SSL.Context) -> float | None:
+    """When the chain (leaf first, as the client presented it in its handshake) verified up to
+    a CA of the context's store now ends its validity (time.time()), as a new handshake would
+    find; None: it leads to none of them (or is out of its dates)."""
     store = context.get_cert_store()
     if store is None:
-        return False
+        return None
     leaf, *rest = (X509.from_cryptography(certificate) for certificate in chain)
     try:
-        X509StoreContext(store, leaf, rest).verify_certificate()
+        verified = X509StoreContext(store, leaf, rest).get_verified_chain()
     except X509StoreContextError:
-        return False
-    return True
+        return None
+    return min(c.to_cryptography().not_valid_after_utc for c in verified).timestamp()
 
 
 class _Client(asyncio.Protocol):
