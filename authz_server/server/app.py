@@ -150,7 +150,7 @@ class Application:
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
-        self.group_commit = GroupCommit(self.database, metrics.observe_group_commit)
+        self.group_commit = GroupCommit(self.database, metrics.BatchObserver("refunds"))
         self.journal = Journal(
             self.database, functools.partial(published_generation, self.pipelined_redis)
         )

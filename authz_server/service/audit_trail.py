@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
@@ -70,6 +71,7 @@ class AuditTrail:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.flushing = asyncio.Lock()
+        self.observe = metrics.BatchObserver("audit")
         # the DBAPI's executemany, as the journal writes: the ORM's bulk insert was a seventh
         # of the SQL thread's samples in an Authorize profile (loadtest/RESULTS.md)
         self._insert = BulkInsert.of(
@@ -109,9 +111,11 @@ class AuditTrail:
         async with self.flushing:
             while self.buffer:
                 batch = [self.buffer[i] for i in range(min(BATCH_ROWS, len(self.buffer)))]
+                started = time.perf_counter()
                 try:
                     await self.database.run(partial(self._write, batch))
                     done = len(batch)
+                    self.observe(done, time.perf_counter() - started)
                 except Unavailable:
                     raise  # SQL not answering: the batch stays, tried again
                 except Exception:

@@ -175,7 +175,7 @@ class AuthorizationService:
         self.holds = holds
         self.quotas = quotas
         self.group_commit = group_commit
-        self.captures = CaptureWriter(database, metrics.observe_group_commit, clock)
+        self.captures = CaptureWriter(database, metrics.BatchObserver("captures"), clock)
         self.journal = journal
         self.references = references
         self.pharmacy_hold_seconds = pharmacy_hold_seconds

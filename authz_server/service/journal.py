@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -102,6 +103,7 @@ class Journal:
         self.queue: list[tuple[dict[str, Any], asyncio.Future[Written]]] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.observe = metrics.BatchObserver("journal")
         # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key answered before
         # under another authorization id is kept out by the unique (merchant, key) index and
         # found afterwards (_conflicts).
@@ -134,8 +136,10 @@ class Journal:
             rows = [row for row, _ in batch]
             futures = [future for _, future in batch]
             outcomes: Sequence[Written | BaseException]
+            started = time.perf_counter()
             try:
                 outcomes = await self.database.run(partial(self._write, rows=rows))
+                self.observe(len(rows), time.perf_counter() - started)
             except Unavailable as failure:  # SQL down or locked: every caller answers so
                 log.warning("journal write of %d decisions failed: %s", len(batch), failure)
                 _answer(futures, [failure] * len(batch))
