@@ -72,6 +72,10 @@ EXHAUST = "exhaust"
 EXHAUST_SENT = 1_000
 EXHAUST_FITS = 250
 WORKLOADS = ("uniform", "hot spot")
+# Authorize on the uniform workload, paced at --paced-fraction of the service's own closed-loop
+# throughput (an open loop: loadgen.py): the issue's "p99 at 80% of peak" (≤ 50 ms)
+PACED = "paced"
+P99_AT_PACE_TARGET_MS = 50.0
 SYSTEMS = ("floor", "service", "service-cluster", "baseline")
 COLORS = {
     "floor": "#9e9e9e",
@@ -106,6 +110,8 @@ class Phase:
     response_bytes: float = 0.0
     over_quota: int | None = None
     time_bound_hit: bool = False
+    # a paced phase: the operations a second it was sent at (None: closed loop)
+    pace_ops_per_s: float | None = None
 
 
 @dataclass
@@ -247,15 +253,24 @@ def backend_pids(url: str, application_name: str) -> list[int]:
 # --- phases -----------------------------------------------------------------------------------
 
 
-def plans(run: Run, system: str, address: str, operation: str, workload: str) -> list[loadgen.Plan]:
+def plans(
+    run: Run,
+    system: str,
+    address: str,
+    operation: str,
+    workload: str,
+    pace_per_second: float = 0.0,
+) -> list[loadgen.Plan]:
     arguments = run.arguments
     capture = operation == "Authorize+Capture"
     total = arguments.capture_ops if capture else arguments.authorize_ops
     warmup = arguments.warmup
     clients = arguments.clients
-    beneficiaries = run.uniform if workload == "uniform" else [run.hot[operation]]
+    beneficiaries = run.uniform if workload in ("uniform", PACED) else [run.hot[operation]]
     if workload == EXHAUST:
         total, warmup, beneficiaries = EXHAUST_SENT, 0, [run.hot[EXHAUST]]
+    if pace_per_second:  # the time bound ends it, or the phase's count at that pace
+        total = max(clients, min(total, math.ceil(pace_per_second * arguments.time_bound * 1.2)))
     # the phase's number too: a system measured more than once never reuses a key
     key = f"{system[:2]}{len(run.phases)}{'c' if capture else 'a'}{workload[0]}-"
     return [
@@ -274,6 +289,7 @@ def plans(run: Run, system: str, address: str, operation: str, workload: str) ->
             time_bound=arguments.time_bound,
             seed=arguments.seed * 100 + index,
             tls_root=run.tls_roots.get(system),
+            pace_per_second=pace_per_second / clients,
         )
         for index in range(clients)
     ]
@@ -287,9 +303,10 @@ def measure(
     workload: str,
     store_pids: Any,
     profile: bool = False,
+    pace_per_second: float = 0.0,
 ) -> Phase:
     context = multiprocessing.get_context("spawn")
-    worker_plans = plans(run, system, server.address, operation, workload)
+    worker_plans = plans(run, system, server.address, operation, workload, pace_per_second)
     start = context.Event()
     ready = context.Semaphore(0)
     results = context.Queue()
@@ -358,7 +375,9 @@ def measure(
     started = min(report.started for report in reports)
     ended = max(report.ended for report in reports)
     phase.seconds = ended - started
-    phase.time_bound_hit = phase.seconds >= run.arguments.time_bound * 0.99
+    # a paced phase runs for the time bound by design
+    phase.time_bound_hit = not pace_per_second and phase.seconds >= run.arguments.time_bound * 0.99
+    phase.pace_ops_per_s = pace_per_second or None
     completed = sum(report.operations for report in reports)
     phase.throughput = len(latencies) / phase.seconds if phase.seconds > 0 else 0.0
     if latencies:
@@ -389,6 +408,17 @@ def measure(
         phase.over_quota -= previous
     run.phases.append(phase)
     return phase
+
+
+def paced(run: Run, system: str, server: Server, store_pids: Any) -> None:
+    """Authorize (uniform) sent at --paced-fraction of the closed-loop throughput just measured:
+    the latency at a load the system keeps up with, not at saturation."""
+    fraction = run.arguments.paced_fraction
+    peak = find(run, system, "Authorize", "uniform")
+    if fraction <= 0 or peak is None or peak.throughput <= 0:
+        return
+    measure(run, system, server, "Authorize", PACED, store_pids,
+            pace_per_second=fraction * peak.throughput)  # fmt: skip
 
 
 def exhaust(run: Run, system: str, server: Server, store_pids: Any) -> None:
@@ -532,6 +562,7 @@ def run_service(run: Run, redis: HotState, system: str = "service") -> None:
             for workload in WORKLOADS:
                 profile = arguments.profile and workload == "uniform"
                 measure(run, system, server, operation, workload, stores, profile)
+        paced(run, system, server, stores)
         if arguments.tracing_cost and system == "service":
             server = tracing_cost.measure_tracing_cost(run, server, stores, measure)
         exhaust(run, system, server, stores)
@@ -858,6 +889,18 @@ def ratios(run: Run) -> list[dict[str, Any]]:
                 cpu = ratio(service.server_cpu_us, baseline.server_cpu_us)
                 add(f"{name}: service/baseline server CPU per op", cpu, "", None)
             clustered = find(run, "service-cluster", operation, workload)
+            if operation == "Authorize" and workload == "uniform":
+                at_pace = find(run, "service", operation, PACED)
+                if at_pace is not None and at_pace.pace_ops_per_s:
+                    share = at_pace.pace_ops_per_s / service.throughput
+                    p99 = at_pace.p99_ms / P99_AT_PACE_TARGET_MS
+                    add(
+                        f"Authorize paced at {share:.0%} of peak: service p99 / "
+                        f"{P99_AT_PACE_TARGET_MS:g} ms",
+                        p99,
+                        "≤ 1",
+                        p99 <= 1,
+                    )
             if clustered is not None:
                 for figure, label in (
                     ("throughput", "throughput"),
@@ -1037,6 +1080,13 @@ def main(argv: list[str] | None = None) -> int:
         help="which to measure, comma-separated (default: floor,service,baseline; also"
         " service-cluster: the service on a 3-primary Redis Cluster; security: Authorize with"
         " the limiter off, on, and on with TLS, alternated; variants: the --variant ones)",
+    )
+    parser.add_argument(
+        "--paced-fraction",
+        type=float,
+        default=0.8,
+        help="after its closed-loop phases, the service's Authorize (uniform) again, paced at"
+        " this fraction of the throughput just measured, for its p99 at that load (0: not)",
     )
     parser.add_argument(
         "--variant",

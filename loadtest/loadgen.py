@@ -1,4 +1,4 @@
-"""The benchmark's load generator: closed loop, several processes, grpc.aio, fixed counts.
+"""The benchmark's load generator: closed loop (or paced), several processes, grpc.aio.
 
 Every system (the echo floor, the service, the PostgreSQL baseline) is driven by exactly this
 code with exactly the same request bytes: pharmacy baskets of two eligible lines, serialized
@@ -7,6 +7,11 @@ SO_REUSEPORT spreads them over the server's worker processes), warms up, waits f
 signal, then keeps `concurrency` calls in flight until its share of the operations is done or
 the time bound passes. An operation is Authorize, or Authorize then Capture of what was
 approved (declined authorizations have nothing to capture).
+
+Paced (`Plan.pace_per_second`): an open loop instead, for a latency at a given load rather than
+at saturation. Operation i is sent at start + i / pace whatever the earlier ones are doing (up
+to MAX_PACED_IN_FLIGHT at once), and its latency runs from when it was due, not from when it
+left: a server that falls behind shows its queue in the latencies (no coordinated omission).
 
 Each worker reports per-operation latencies, decisions, errors by status code, and the amount
 approved per beneficiary (warm-up included) for the over-quota check.
@@ -30,6 +35,9 @@ AUTHORIZE = "/medwallet.v1.AuthorizationService/Authorize"
 CAPTURE = "/medwallet.v1.AuthorizationService/Capture"
 APPROVED = (authorization_pb2.DECISION_APPROVED, authorization_pb2.DECISION_PARTIALLY_APPROVED)
 DEADLINE_SECONDS = 30.0
+# Paced calls in flight at once in one process, at most: a server far behind the pace gets a
+# queue this deep from each load process, not an unbounded one.
+MAX_PACED_IN_FLIGHT = 2_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class Plan:
     seed: int
     # PEM CA of the server's TLS certificate; None: plaintext
     tls_root: bytes | None = None
+    # operations a second this process sends, paced (0: closed loop, `concurrency` in flight)
+    pace_per_second: float = 0.0
 
 
 @dataclass
@@ -128,11 +138,13 @@ async def _drive(
     warm = requests(plan, plan.warmup, 0)
     work = requests(plan, plan.operations, plan.warmup)
 
-    async def one(index: int, item: tuple[str, bytes], measure: bool) -> None:
+    async def one(
+        index: int, item: tuple[str, bytes], measure: bool, due: float | None = None
+    ) -> None:
         beneficiary, body = item
         lane = index % len(channels)
         token = metadata[index % len(metadata)]
-        began = time.perf_counter()
+        began = time.perf_counter() if due is None else due
         try:
             answer = await authorize[lane](body, metadata=token, timeout=DEADLINE_SECONDS)
             size = answer.ByteSize()
@@ -186,11 +198,42 @@ async def _drive(
 
         await asyncio.gather(*(lane() for _ in range(plan.concurrency)))
 
+    async def paced(items: list[tuple[str, bytes]], deadline: float) -> None:
+        interval = 1.0 / plan.pace_per_second
+        slots = asyncio.Semaphore(MAX_PACED_IN_FLIGHT)
+        sent: set[asyncio.Task[None]] = set()
+        origin = time.perf_counter()
+
+        async def timed(index: int, item: tuple[str, bytes], due: float) -> None:
+            try:
+                await one(index + plan.warmup, item, True, due)
+                report.operations += 1
+                if report.operations % 50 == 0:
+                    counter.value += 50
+            finally:
+                slots.release()
+
+        for index, item in enumerate(items):
+            due = origin + index * interval
+            wait = due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if time.monotonic() >= deadline:
+                break
+            await slots.acquire()
+            task = asyncio.get_running_loop().create_task(timed(index, item, due))
+            sent.add(task)
+            task.add_done_callback(sent.discard)
+        await asyncio.gather(*sent)
+
     await lanes(warm, False, time.monotonic() + plan.time_bound)
     ready.release()
     await asyncio.get_running_loop().run_in_executor(None, start.wait)
     report.started = time.monotonic()
-    await lanes(work, True, report.started + plan.time_bound)
+    if plan.pace_per_second > 0:
+        await paced(work, report.started + plan.time_bound)
+    else:
+        await lanes(work, True, report.started + plan.time_bound)
     report.ended = time.monotonic()
     counter.value += report.operations % 50
     for channel in channels:

@@ -37,7 +37,7 @@ from typing import Any
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from loadtest import benchmark
-from loadtest.benchmark import COLORS, OPERATIONS, SYSTEMS, WORKLOADS, Run, log
+from loadtest.benchmark import COLORS, OPERATIONS, PACED, SYSTEMS, WORKLOADS, Run, log
 
 FIGURES = ("throughput", "server_cpu_us", "p50_ms", "p99_ms")
 
@@ -85,7 +85,7 @@ def rows(runs: dict[int, Run]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for system in SYSTEMS:
         for operation in OPERATIONS:
-            for workload in WORKLOADS:
+            for workload in (*WORKLOADS, PACED):
                 for workers, run in runs.items():
                     phase = benchmark.find(run, system, operation, workload)
                     if phase is None:
@@ -100,9 +100,13 @@ def rows(runs: dict[int, Run]) -> list[dict[str, Any]]:
                             "errors": sum(phase.errors.values()),
                             "over_quota": phase.over_quota,
                             "time_bound_hit": phase.time_bound_hit,
+                            "pace_ops_per_s": phase.pace_ops_per_s,
                         }
                     )
     for row in found:
+        if row["workload"] == PACED:  # its throughput is the pace it was sent at: no scaling
+            row["efficiency"] = None
+            continue
         first = min((r for r in found if same_series(r, row)), key=lambda r: int(r["workers"]))
         per_worker = row["throughput"] / row["workers"]
         base = first["throughput"] / first["workers"]
@@ -150,7 +154,8 @@ def summary(found: list[dict[str, Any]]) -> str:
         )
     lines.append(
         "efficiency: ops/s at N workers / (N x ops/s at the smallest count); vs floor: that"
-        " efficiency / the floor's at the same N and phase"
+        " efficiency / the floor's at the same N and phase; paced: Authorize sent at"
+        " --paced-fraction of that N's closed-loop throughput (target p99 ≤ 50 ms at 8 workers)"
     )
     if any(row["time_bound_hit"] for row in found):
         lines.append("* stopped by the time bound before all operations were done")
@@ -170,7 +175,7 @@ def chart(found: list[dict[str, Any]], counts: list[int], title: str, path: Path
         ("p99_ms", "p99 latency, ms"),
     )
     markers = {"Authorize": "o", "Authorize+Capture": "s"}
-    styles = {"uniform": "-", "hot spot": ":"}
+    styles = {"uniform": "-", "hot spot": ":", PACED: "--"}
     figure, axes = plt.subplots(2, 2, figsize=(12, 8))
     for axis, (metric, label) in zip(axes.flat, panels, strict=True):
         series: dict[tuple[str, str, str], list[dict[str, Any]]] = {}

@@ -143,6 +143,13 @@ def test_worker_sweep_writes_every_count_and_its_chart(tmp_path: Path) -> None:
     counts = [n for n in (1, 2) if n <= (os.cpu_count() or 1)]
     assert document["settings"]["worker_counts"] == counts
     rows = document["rows"]
+    paced = [r for r in rows if r["workload"] == "paced"]
+    assert sorted(r["workers"] for r in paced if r["system"] == "service") == counts
+    for row in paced:  # the service's Authorize again, at 80% of the pace it just reached
+        assert row["system"] == "service" and row["operation"] == "Authorize", row
+        assert row["pace_ops_per_s"] > 0 and row["p99_ms"] > 0 and row["errors"] == 0, row
+        assert row["efficiency"] is None, row
+    rows = [r for r in rows if r["workload"] != "paced"]
     for system in ("floor", "service"):
         for operation in ("Authorize", "Authorize+Capture"):
             found = [r for r in rows if (r["system"], r["operation"]) == (system, operation)]
