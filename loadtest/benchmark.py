@@ -512,26 +512,36 @@ def cluster_of(cluster: Any) -> HotState:
     )
 
 
+def service_environment(
+    run: Run, label: str, database_url: str, redis_url: str, **settings: str
+) -> dict[str, str]:
+    """The service's environment in a run: its data folder, ledger and Redis, the run's tokens,
+    `settings`, then the run's --service-env, and the run's event loop."""
+    env = dict(
+        os.environ,
+        MEDWALLET_DATA_DIR=str(run.directory / label),
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        MEDWALLET_TOKENS_FILE=str(run.tokens),
+        MEDWALLET_GRPC_HOST="127.0.0.1",
+        MEDWALLET_METRICS_PORT="0",
+        MEDWALLET_WORKERS=str(run.workers),
+        MEDWALLET_PHARMACY_HOLD_SECONDS="7200",
+        **settings,
+    )
+    env.update(setting.split("=", 1) for setting in run.arguments.service_env)
+    env["MEDWALLET_EVENT_LOOP"] = run.arguments.event_loop  # the floor's and the baseline's too
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
 def run_service(run: Run, redis: HotState, system: str = "service") -> None:
     arguments = run.arguments
     name = system.replace("-", "_")
     database_url, schema = sqlite_or_schema(arguments.database_url, run.directory, f"bench_{name}")
     if schema:
         database_url += f"&application_name=mw-bench-{system}"
-    env = dict(
-        os.environ,
-        MEDWALLET_DATA_DIR=str(run.directory / system),
-        DATABASE_URL=database_url,
-        REDIS_URL=redis.url,
-        MEDWALLET_TOKENS_FILE=str(run.tokens),
-        MEDWALLET_GRPC_HOST="127.0.0.1",
-        MEDWALLET_METRICS_PORT="0",
-        MEDWALLET_WORKERS=str(run.workers),
-        MEDWALLET_PHARMACY_HOLD_SECONDS="7200",
-    )
-    env.update(setting.split("=", 1) for setting in arguments.service_env)
-    env["MEDWALLET_EVENT_LOOP"] = arguments.event_loop  # the floor's and the baseline's too
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env = service_environment(run, system, database_url, redis.url)
     log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
     started = time.monotonic()
     generate_data.load(run.data, env=dict(env, REDIS_URL=""), batch_size=5000, stdout=sys.stderr)

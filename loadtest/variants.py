@@ -17,7 +17,6 @@ median of each variant's repeats and its ratio to the first variant.
 
 from __future__ import annotations
 
-import os
 import re
 import statistics
 import sys
@@ -29,7 +28,14 @@ from typing import Any
 
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from loadtest import generate_data
-from loadtest.benchmark import Run, log, measure, python_command, sqlite_or_schema
+from loadtest.benchmark import (
+    Run,
+    log,
+    measure,
+    python_command,
+    service_environment,
+    sqlite_or_schema,
+)
 from loadtest.processes import Server, free_port
 
 # Far above any load the benchmark makes: the limiter refuses nothing, so its cost is what it
@@ -87,22 +93,10 @@ def run_variants(
         raise ValueError(f"variant names must differ: {names}")
     arguments = run.arguments
     database_url, _ = sqlite_or_schema(None, run.directory, f"bench_{label}")
-    env = dict(
-        os.environ,
-        MEDWALLET_DATA_DIR=str(run.directory / label),
-        DATABASE_URL=database_url,
-        REDIS_URL=redis.url,
-        MEDWALLET_TOKENS_FILE=str(run.tokens),
-        MEDWALLET_GRPC_HOST="127.0.0.1",
-        MEDWALLET_METRICS_PORT="0",
-        MEDWALLET_WORKERS=str(run.workers),
-        MEDWALLET_PHARMACY_HOLD_SECONDS="7200",
-        MEDWALLET_MERCHANT_LIMIT=UNLIMITED,
-        MEDWALLET_CHANNEL_LIMIT=UNLIMITED,
-        MEDWALLET_EVENT_LOOP=arguments.event_loop,
-    )
-    env.update(setting.split("=", 1) for setting in arguments.service_env)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env = service_environment(
+        run, label, database_url, redis.url,
+        MEDWALLET_MERCHANT_LIMIT=UNLIMITED, MEDWALLET_CHANNEL_LIMIT=UNLIMITED,
+    )  # fmt: skip
     if prepare is not None:
         variants = prepare(run.directory, env)
     log(f"loading the data set into {database_url} with the bulk loader")

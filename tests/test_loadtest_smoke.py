@@ -122,6 +122,11 @@ def test_headless_locust_run_has_requests_and_no_failures(
 # the quota is spent: at 1 s a phase on a loaded machine (CI's two pytest workers on two cores)
 # stopped at 237 approvals of the 250 that fit, and the benchmark failed its check.
 TIME_BOUND = "10"
+# A tiny run: few relationships and operations, few calls in flight.
+TINY = [
+    "--relationships", "300", "--authorize-ops", "300", "--warmup", "20", "--concurrency", "8",
+    "--time-bound", TIME_BOUND,
+]  # fmt: skip
 
 
 @pytest.mark.timeout(600)
@@ -130,9 +135,8 @@ def test_worker_sweep_writes_every_count_and_its_chart(tmp_path: Path) -> None:
     count this machine has cores for, with positive figures, and sweep.png is drawn. No timing
     is asserted."""
     arguments = [
-        "--sweep-workers", "1,2", "--no-baseline", "--systems", "floor,service",
-        "--relationships", "300", "--authorize-ops", "300", "--capture-ops", "150",
-        "--warmup", "20", "--concurrency", "8", "--time-bound", TIME_BOUND, "--out", str(tmp_path),
+        "--sweep-workers", "1,2", "--no-baseline", "--systems", "floor,service", *TINY,
+        "--capture-ops", "150", "--out", str(tmp_path),
     ]  # fmt: skip
     database_url = os.environ.get("TEST_DATABASE_URL")
     if database_url:
@@ -172,10 +176,8 @@ def test_benchmark_measures_the_service_on_one_node_and_on_a_cluster(tmp_path: P
     over-quota approval, the quotas checked after each, and the cluster/one-node ratios printed
     into the JSON. No timing is asserted."""
     arguments = [
-        "--redis-cluster", "--no-baseline", "--systems", "service",
-        "--relationships", "300", "--authorize-ops", "300", "--capture-ops", "150",
-        "--warmup", "20", "--concurrency", "8", "--time-bound", TIME_BOUND, "--workers", "1",
-        "--out", str(tmp_path),
+        "--redis-cluster", "--no-baseline", "--systems", "service", *TINY,
+        "--capture-ops", "150", "--workers", "1", "--out", str(tmp_path),
     ]  # fmt: skip
     assert benchmark.main(arguments) == 0
     document = json.loads((tmp_path / "benchmark.json").read_text())
@@ -207,9 +209,7 @@ def test_variants_alternate_settings_and_checkouts(tmp_path: Path) -> None:
     arguments = [
         "--no-baseline", "--systems", "variants", "--variant", "plain:",
         "--variant", f"checkout@{checkout}:MEDWALLET_RATE_LIMITS=false",
-        "--variant-repeats", "2", "--relationships", "300", "--authorize-ops", "300",
-        "--warmup", "20", "--concurrency", "8", "--time-bound", TIME_BOUND, "--workers", "1",
-        "--out", str(tmp_path),
+        "--variant-repeats", "2", *TINY, "--workers", "1", "--out", str(tmp_path),
     ]  # fmt: skip
     assert benchmark.main(arguments) == 0
     document = json.loads((tmp_path / "benchmark.json").read_text())

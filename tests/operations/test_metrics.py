@@ -100,7 +100,9 @@ def test_calls_move_the_series(scrape_url, registry, relationships, authorizatio
     assert moved("medwallet_approved_amount_fen_total", purpose="MEDICAL_OUT_OF_POCKET") == 6_000
     assert moved("medwallet_captured_amount_fen_total", purpose="MEDICAL_OUT_OF_POCKET") == 4_000
     assert moved("medwallet_redis_script_seconds_count", script="authorize") == 2
-    assert moved("medwallet_group_commit_batch_size_count") >= 1
+    for writer in ("journal", "captures"):  # each SQL writer's batches under its own name
+        assert moved("medwallet_group_commit_batch_size_count", writer=writer) >= 1, writer
+        assert moved("medwallet_sql_commit_seconds_count", writer=writer) >= 1, writer
     assert 'le="0.05"' in after  # the latency objective is a bucket boundary
 
 
