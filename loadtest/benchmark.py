@@ -56,7 +56,7 @@ from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from authz_server.settings import Settings
-from loadtest import dataset, generate_data, loadgen, tracing_cost
+from loadtest import dataset, generate_data, loadgen, sql_batches, tracing_cost
 from loadtest.processes import Server, cpu_seconds, free_port
 
 RESULTS = dataset.ROOT / "loadtest" / "results"
@@ -112,6 +112,8 @@ class Phase:
     time_bound_hit: bool = False
     # a paced phase: the operations a second it was sent at (None: closed loop)
     pace_ops_per_s: float | None = None
+    # the service's SQL batches during the phase, per writer (loadtest/sql_batches.py)
+    sql_batches: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -322,6 +324,7 @@ def measure(
             raise RuntimeError("the load generator did not finish its warm-up")
     profilers = start_profilers(run, system, server, operation, workload) if profile else []
     stores = store_pids()
+    batches_before = sql_batches.scrape(server.metrics_port)
     cpu_before = server.cpu()
     store_before = cpu_seconds(stores, tree=False) if stores else None
     start.set()
@@ -345,6 +348,7 @@ def measure(
             if item is None and not alive and results.empty():
                 raise RuntimeError("a load-generator process died")
     cpu_after = server.cpu()
+    batches_after = sql_batches.scrape(server.metrics_port)
     stores_after = store_pids()
     store_after = cpu_seconds(stores_after, tree=False) if stores_after else None
     for profiler in profilers:
@@ -378,6 +382,7 @@ def measure(
     # a paced phase runs for the time bound by design
     phase.time_bound_hit = not pace_per_second and phase.seconds >= run.arguments.time_bound * 0.99
     phase.pace_ops_per_s = pace_per_second or None
+    phase.sql_batches = sql_batches.during(batches_before, batches_after)
     completed = sum(report.operations for report in reports)
     phase.throughput = len(latencies) / phase.seconds if phase.seconds > 0 else 0.0
     if latencies:
@@ -542,12 +547,14 @@ def run_service(run: Run, redis: HotState, system: str = "service") -> None:
     if schema:
         database_url += f"&application_name=mw-bench-{system}"
     env = service_environment(run, system, database_url, redis.url)
+    metrics_port = free_port()  # scraped around each phase for its SQL batches
     log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
     started = time.monotonic()
     generate_data.load(run.data, env=dict(env, REDIS_URL=""), batch_size=5000, stdout=sys.stderr)
     run.checks["bulk_load_seconds"] = round(time.monotonic() - started, 1)
     port = free_port()
     env["MEDWALLET_GRPC_PORT"] = str(port)
+    env["MEDWALLET_METRICS_PORT"] = str(metrics_port)
     server = Server(
         system,
         python_command("authz_server.cli", "serve"),
@@ -555,6 +562,7 @@ def run_service(run: Run, redis: HotState, system: str = "service") -> None:
         run.directory / f"{system}.log",
         port,
         workers=run.workers,
+        metrics_port=metrics_port,
     )
     log(f"starting the {system} ({run.workers} workers; start-up reconciles Redis from SQL)")
     started = time.monotonic()
@@ -1063,7 +1071,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=400)
     parser.add_argument("--time-bound", type=float, default=15.0, help="seconds per phase")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--profile", action="store_true", help="py-spy the service's phases")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        # from the environment too: the offline device bundle's run.sh passes fixed arguments
+        default=os.environ.get("MEDWALLET_BENCH_PROFILE") == "1",
+        help="py-spy one service worker during the uniform phases (also: environment"
+        " MEDWALLET_BENCH_PROFILE=1)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the run's directory")
     parser.add_argument(
@@ -1227,6 +1242,11 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
     ]
     if captures:
         print("the Capture call alone, within Authorize+Capture: " + "; ".join(captures))
+    batched = [p for p in run.phases if p.sql_batches]
+    if batched:
+        print("SQL batches during each phase, rows per batch x batches, by writer:")
+        for p in batched:
+            print(f"  {p.system} {p.operation} {p.workload}: {sql_batches.line(p.sql_batches)}")
     print("\nratios:")
     print(ratio_lines(document["ratios"]))
     sizes = ", ".join(

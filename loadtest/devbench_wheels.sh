@@ -2,7 +2,7 @@
 # Adds to a copy of the offline benchmark bundle (../shared/devbench, read-only) the wheels of
 # the runtime dependencies it predates: cryptography and pyOpenSSL (issue 14's TLS and its
 # front), OpenTelemetry (issue 16's tracing). Without them the service fails at import on the
-# offline machine. Run here, where the package registry is reachable:
+# offline machine. Also py-spy, for profiles per worker count (MEDWALLET_BENCH_PROFILE=1). Run here, where the package registry is reachable:
 #
 #   cp -a ../shared/devbench .devbench && echo '/.devbench/' >> .git/info/exclude
 #   bash loadtest/devbench_wheels.sh .devbench      # then: OUT=... bash .devbench/run.sh
@@ -17,6 +17,7 @@ wheels=(
   opentelemetry-exporter-otlp-proto-grpc==1.45.2 opentelemetry-exporter-otlp-proto-common==1.45.2
   opentelemetry-exporter-otlp-common==0.66b2 opentelemetry-proto==1.45.2
   opentelemetry-semantic-conventions==0.66b2
+  py-spy==0.4.3
 )
 echo "adding ${#wheels[@]} wheels to $bundle/whl"
 "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

@@ -61,6 +61,8 @@ class Server:
     extra_pids: list[int] = field(default_factory=list)
     # PEM CA the server's TLS certificate is checked against (None: plaintext)
     tls_root: bytes | None = None
+    # the port of its Prometheus metrics (0: none; loadtest/sql_batches.py reads them)
+    metrics_port: int = 0
 
     @property
     def address(self) -> str:

@@ -192,6 +192,11 @@ def test_benchmark_measures_the_service_on_one_node_and_on_a_cluster(tmp_path: P
             for phase in found:
                 assert phase["throughput"] > 0 and phase["server_cpu_us"] > 0, phase
                 assert not phase["errors"] and not phase["over_quota"], phase
+                # its SQL batches, read from the service's metrics around the phase
+                batches = phase["sql_batches"]
+                assert batches["journal"]["rows"] >= batches["journal"]["batches"] > 0, batches
+                if operation == "Authorize+Capture":
+                    assert batches["captures"]["rows"] > 0, batches
         check = document["checks"][system]
         assert check["families_checked"] > 0, check
         assert check["approved_differs_from_store"] == 0, check
