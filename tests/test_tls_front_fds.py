@@ -42,10 +42,9 @@ def front_process(
     """A front in a process whose open-file limits start at soft/hard; yields it and what it
     printed once listening."""
 
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    arguments = [sys.executable, "-m", "tests.tls_front_fd_child", str(pki.directory)]
+    arguments = [
+        sys.executable, "-m", "tests.tls_front_fd_child", str(pki.directory), str(soft), str(hard)
+    ]  # fmt: skip
     if max_connections is not None:
         arguments.append(str(max_connections))
     process = subprocess.Popen(
@@ -55,7 +54,6 @@ def front_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=limit,
     )
     try:
         assert process.stdout is not None

@@ -1,10 +1,12 @@
-"""A TLS front alone in a process of its own, for tests/test_tls_front_fds.py (which sets this
-process's open-file limits before it starts): `python -m tests.tls_front_fd_child DIRECTORY
-[MAX_CONNECTIONS]`, DIRECTORY holding server.crt, server.key and ca.crt. Behind the front a
-plain listener stands for the gRPC server: it holds every forwarding connection (3 files per
-front connection in this process, as in the service). Prints one JSON line once listening
-(port, the open-file limits now, the front's cap), then, after a line on stdin, one with the
-connections the front holds and those the listener holds."""
+"""A TLS front alone in a process of its own, for tests/test_tls_front_fds.py: `python -m
+tests.tls_front_fd_child DIRECTORY SOFT HARD [MAX_CONNECTIONS]`, DIRECTORY holding server.crt,
+server.key and ca.crt. The process first sets its own open-file limits to SOFT/HARD, as a
+container's would be when it starts (set here, not by the parent between fork and exec: that
+is unsafe in a parent running gRPC's threads, and a child so started failed in gRPC's poller on
+CI). Behind the front a plain listener stands for the gRPC server: it holds every forwarding
+connection (3 files per front connection in this process, as in the service). Prints one JSON
+line once listening (port, the open-file limits now, the front's cap), then, after a line on
+stdin, one with the connections the front holds and those the listener holds."""
 
 from __future__ import annotations
 
@@ -49,4 +51,5 @@ async def main(directory: Path, max_connections: int | None) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else None))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[4]) if len(sys.argv) > 4 else None))
