@@ -451,10 +451,23 @@ def over_quota(run: Run, totals: dict[str, list[int]]) -> int:
     return over
 
 
+def find_py_spy() -> str | None:
+    """py-spy beside this Python, on PATH, or in a bin/ folder of a sys.path entry (where
+    `pip install --target` puts a wheel's programs: the offline bundle's install)."""
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if found:
+        return found
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "bin" / "py-spy"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
 def start_profilers(
     run: Run, system: str, server: Server, operation: str, workload: str
 ) -> list[subprocess.Popen[bytes]]:
-    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    spy = find_py_spy()
     if not spy:
         run.notes.append("--profile: py-spy is not installed (pip install py-spy)")
         return []

@@ -270,3 +270,18 @@ def test_the_figures_are_written_without_matplotlib(
         json.dumps(document)
     )
     assert not (tmp_path / "out" / "benchmark.png").exists()
+
+
+def test_py_spy_is_found_where_an_offline_install_puts_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pip install --target SITE` (the offline bundle) puts py-spy in SITE/bin, on no PATH."""
+    program = tmp_path / "site" / "bin" / "py-spy"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    monkeypatch.setattr(benchmark.shutil, "which", lambda *_args, **_kw: None)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "elsewhere"), str(tmp_path / "site")])
+    assert benchmark.find_py_spy() == str(program)
+    program.chmod(0o644)  # not a program
+    assert benchmark.find_py_spy() is None
