@@ -115,7 +115,6 @@ class AuditTrail:
                 try:
                     await self.database.run(partial(self._write, batch))
                     done = len(batch)
-                    self.observe(done, time.perf_counter() - started)
                 except Unavailable:
                     raise  # SQL not answering: the batch stays, tried again
                 except Exception:
@@ -123,6 +122,7 @@ class AuditTrail:
                     # trail back for ever; a row refused on its own is dropped, counted, logged
                     written += await self._one_by_one(len(batch))
                     continue
+                self.observe(done, time.perf_counter() - started)
                 for _ in batch:
                     self.buffer.popleft()
                 written += done

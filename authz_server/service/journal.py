@@ -139,7 +139,6 @@ class Journal:
             started = time.perf_counter()
             try:
                 outcomes = await self.database.run(partial(self._write, rows=rows))
-                self.observe(len(rows), time.perf_counter() - started)
             except Unavailable as failure:  # SQL down or locked: every caller answers so
                 log.warning("journal write of %d decisions failed: %s", len(batch), failure)
                 _answer(futures, [failure] * len(batch))
@@ -147,6 +146,8 @@ class Journal:
             except Exception:  # a row SQL refuses: find it, so it cannot fail the others
                 log.exception("journal batch of %d refused; writing it row by row", len(batch))
                 outcomes = await self._write_each(rows)
+            else:
+                self.observe(len(rows), time.perf_counter() - started)
             _answer(futures, outcomes)
 
     async def _write_each(self, rows: list[dict[str, Any]]) -> list[Written | BaseException]:
