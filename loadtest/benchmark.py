@@ -1063,6 +1063,17 @@ def write_results(run: Run, command: str, started: datetime) -> dict[str, Any]:
     return document
 
 
+def _variant(text: str) -> Any:
+    """--variant's value parsed once, as argparse reads it (loadtest/variants.py imports this
+    module, so it is imported here, not at the top)."""
+    from loadtest.variants import parse
+
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.benchmark",
@@ -1130,6 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         default=[],
+        type=_variant,
         metavar="NAME[@CHECKOUT]:[SETTING=VALUE,...]",
         help="with --systems variants: the service started this way (settings, and another"
         " checkout's code with @CHECKOUT); the variants alternated (loadtest/variants.py)",
@@ -1156,13 +1168,6 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if ("variants" in arguments.systems.split(",")) != bool(arguments.variant):
         parser.error("--systems variants and --variant go together")
-    try:
-        from loadtest.variants import parse
-
-        for text in arguments.variant:
-            parse(text)
-    except ValueError as error:
-        parser.error(str(error))
     if any(setting.startswith("MEDWALLET_EVENT_LOOP=") for setting in arguments.service_env):
         parser.error("--event-loop chooses the loop, for the floor and the baseline too")
     arguments.event_loop = event_loop.resolve(arguments.event_loop)
@@ -1218,8 +1223,7 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
         from loadtest import variants
 
         redis.start()
-        chosen = [variants.parse(text) for text in arguments.variant]
-        variants.run_variants(run, redis, chosen, arguments.variant_repeats)
+        variants.run_variants(run, redis, arguments.variant, arguments.variant_repeats)
     if "service" in systems:
         redis.start()
         run_service(run, one_node(redis))
