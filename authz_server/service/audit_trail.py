@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import Connection, and_, delete, or_, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import InvalidArgument, Unavailable
@@ -113,7 +113,7 @@ class AuditTrail:
                 batch = [self.buffer[i] for i in range(min(BATCH_ROWS, len(self.buffer)))]
                 started = time.perf_counter()
                 try:
-                    await self.database.run(partial(self._write, batch))
+                    await self.database.run_core(partial(self._write, batch))
                     done = len(batch)
                 except Unavailable:
                     raise  # SQL not answering: the batch stays, tried again
@@ -136,7 +136,7 @@ class AuditTrail:
         for _ in range(count):
             record = self.buffer[0]
             try:
-                await self.database.run(partial(self._write, [record]))
+                await self.database.run_core(partial(self._write, [record]))
                 done += 1
                 metrics.audit_records.inc()
             except Unavailable:
@@ -147,8 +147,8 @@ class AuditTrail:
             self.buffer.popleft()
         return done
 
-    def _write(self, records: list[AuditRecord], session: Session) -> None:
-        self._insert.run(session.connection(), [record.values() for record in records])
+    def _write(self, records: list[AuditRecord], connection: Connection) -> None:
+        self._insert.run(connection, [record.values() for record in records])
 
     async def stop(self) -> None:
         """Stops the background task and writes what is left (the clean stop's last flush)."""

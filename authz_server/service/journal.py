@@ -27,8 +27,7 @@ from functools import partial
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Table, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Table, select
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
@@ -138,7 +137,7 @@ class Journal:
             outcomes: Sequence[Written | BaseException]
             started = time.perf_counter()
             try:
-                outcomes = await self.database.run(partial(self._write, rows=rows))
+                outcomes = await self.database.run_core(partial(self._write, rows=rows))
             except Unavailable as failure:  # SQL down or locked: every caller answers so
                 log.warning("journal write of %d decisions failed: %s", len(batch), failure)
                 _answer(futures, [failure] * len(batch))
@@ -154,7 +153,7 @@ class Journal:
         outcomes: list[Written | BaseException] = []
         for row in rows:
             try:
-                outcomes.extend(await self.database.run(partial(self._write, rows=[row])))
+                outcomes.extend(await self.database.run_core(partial(self._write, rows=[row])))
             except Exception as error:
                 metrics.journal_rejected.inc()
                 log.exception("journal: decision %s refused by SQL", row["authorization_id"])
@@ -162,16 +161,17 @@ class Journal:
         return outcomes
 
     def _write(
-        self, session: Session, *, rows: list[dict[str, Any]]
+        self, connection: Connection, *, rows: list[dict[str, Any]]
     ) -> list[Written | BaseException]:
-        # The session's connection, so the transaction is Database.run's (SQLite: BEGIN
-        # IMMEDIATE), committed or rolled back with it.
-        stale = self._of_a_past_generation(session, rows)
+        # One transaction of Database.run_core (SQLite: BEGIN IMMEDIATE), committed or rolled
+        # back as a whole.
+        stale = self._of_a_past_generation(connection, rows)
         kept = [row for row, refused in zip(rows, stale, strict=True) if not refused]
-        inserted = self._insert.run(session.connection(), _tuples(kept)) if kept else 0
+        inserted = self._insert.run(connection, _tuples(kept)) if kept else 0
         # Every row inserted (the usual case): none was a replay or a key answered before, and
         # the look-up of conflicts is skipped.
-        written = iter([None] * len(kept) if inserted == len(kept) else _conflicts(session, kept))
+        all_new = inserted == len(kept)
+        written = iter([None] * len(kept) if all_new else _conflicts(connection, kept))
         return [
             GenerationChanged("the hot state was lost or is being rebuilt; retry")
             if refused
@@ -179,12 +179,14 @@ class Journal:
             for refused in stale
         ]
 
-    def _of_a_past_generation(self, session: Session, rows: list[dict[str, Any]]) -> list[bool]:
+    def _of_a_past_generation(
+        self, connection: Connection, rows: list[dict[str, Any]]
+    ) -> list[bool]:
         """Which rows were decided in a generation no longer published (read under the
         journal's fence, in this transaction)."""
         if self.published_generation is None or not any(row.get("generation") for row in rows):
             return [False] * len(rows)
-        for_journaling(session)
+        for_journaling(connection)
         assert self.loop is not None
         try:
             published: str | None = asyncio.run_coroutine_threadsafe(
@@ -214,12 +216,12 @@ class Journal:
             log.exception("journal: %d decisions not written at shutdown", len(self.queue))
 
 
-def _conflicts(session: Session, rows: list[dict[str, Any]]) -> list[Written]:
+def _conflicts(connection: Connection, rows: list[dict[str, Any]]) -> list[Written]:
     """Which rows' keys SQL holds under another authorization id (read in the same
     transaction, after the insert: a row not there was kept out by the key's index)."""
     ids = [row["authorization_id"] for row in rows]
     present = set(
-        session.scalars(
+        connection.scalars(
             select(AuthorizationRow.authorization_id).where(
                 AuthorizationRow.authorization_id.in_(ids)
             )
@@ -230,7 +232,7 @@ def _conflicts(session: Session, rows: list[dict[str, Any]]) -> list[Written]:
         if row["authorization_id"] in present:
             outcomes.append(None)
             continue
-        stored = session.execute(
+        stored = connection.execute(
             select(
                 AuthorizationRow.authorization_id,
                 AuthorizationRow.request_digest,

@@ -16,17 +16,17 @@ write lock already, so the rebuild's own transaction waits for the journal's, as
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
 # A fixed 64-bit number, the same in every process of the service.
 JOURNAL_LOCK = 0x6D77_6A6F_7572_6E6C  # "mwjournl"
 
 
-def for_journaling(session: Session) -> None:
+def for_journaling(connection: Connection) -> None:
     """Taken by a journal transaction before it reads the published generation."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": JOURNAL_LOCK})
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": JOURNAL_LOCK})
 
 
 def wait_for_journal(session: Session) -> None:
