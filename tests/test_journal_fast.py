@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -167,7 +167,7 @@ def test_a_batch_sql_cannot_take_answers_unavailable_and_the_next_one_is_written
     rows = [decision() for _ in range(3)]
     real_write = Journal._write
 
-    def failing(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> None:
+    def failing(self: Journal, connection: Connection, *, rows: list[dict[str, Any]]) -> None:
         # what SQLAlchemy raises when the database is locked or the connection is lost
         raise OperationalError("INSERT", None, Exception("the database is away"))
 
@@ -202,9 +202,9 @@ def test_batches_are_bounded(harness: Harness, monkeypatch: pytest.MonkeyPatch) 
     batches: list[int] = []
     real_write = Journal._write
 
-    def counting(self: Journal, session: Session, *, rows: list[dict[str, Any]]) -> Any:
+    def counting(self: Journal, connection: Connection, *, rows: list[dict[str, Any]]) -> Any:
         batches.append(len(rows))
-        return real_write(self, session, rows=rows)
+        return real_write(self, connection, rows=rows)
 
     monkeypatch.setattr(Journal, "_write", counting)
     merchant = new_id("journal-batches")
