@@ -19,6 +19,8 @@ import threading
 from collections import deque
 from typing import TextIO
 
+from authz_server.observability.thread_names import name_this_thread
+
 # How long an INFO line may wait to be written (and how often the writer thread wakes up).
 FLUSH_INTERVAL_SECONDS = 0.2
 
@@ -95,6 +97,7 @@ class BatchingStreamHandler(logging.Handler):
                 self.handleError(records[-1])
 
     def _write_every_interval(self) -> None:
+        name_this_thread("log")
         while not self.closed.wait(self.interval):
             self.flush()
 

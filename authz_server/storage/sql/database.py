@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from authz_server.domain.errors import Unavailable
+from authz_server.observability.thread_names import name_this_thread
 from authz_server.storage.sql.writer_lock import WriterLock, lock_path
 
 T = TypeVar("T")
@@ -66,7 +67,10 @@ class Database:
         lock_file = lock_path(url)  # None but for a SQLite file
         self.writer_lock = WriterLock(lock_file) if lock_file else None
         self.executor = ThreadPoolExecutor(
-            max_workers=1 if self.is_sqlite else threads, thread_name_prefix="sql"
+            max_workers=1 if self.is_sqlite else threads,
+            thread_name_prefix="sql",
+            initializer=name_this_thread,
+            initargs=("sql",),
         )
 
     def writing(self) -> AbstractContextManager[object]:
