@@ -56,7 +56,7 @@ from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from authz_server.settings import Settings
-from loadtest import dataset, generate_data, loadgen, sql_batches, tracing_cost
+from loadtest import dataset, generate_data, loadgen, sql_batches, thread_cpu, tracing_cost
 from loadtest.processes import Server, cpu_seconds, free_port
 
 RESULTS = dataset.ROOT / "loadtest" / "results"
@@ -114,6 +114,8 @@ class Phase:
     pace_ops_per_s: float | None = None
     # the service's SQL batches during the phase, per writer (loadtest/sql_batches.py)
     sql_batches: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the server's CPU by thread, µs/op and system shares (loadtest/thread_cpu.py)
+    thread_cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -325,6 +327,7 @@ def measure(
     profilers = start_profilers(run, system, server, operation, workload) if profile else []
     stores = store_pids()
     batches_before = sql_batches.scrape(server.metrics_port)
+    threads_before = thread_cpu.snapshot(server.pid)
     cpu_before = server.cpu()
     store_before = cpu_seconds(stores, tree=False) if stores else None
     start.set()
@@ -348,6 +351,7 @@ def measure(
             if item is None and not alive and results.empty():
                 raise RuntimeError("a load-generator process died")
     cpu_after = server.cpu()
+    threads_after = thread_cpu.snapshot(server.pid)
     batches_after = sql_batches.scrape(server.metrics_port)
     stores_after = store_pids()
     store_after = cpu_seconds(stores_after, tree=False) if stores_after else None
@@ -394,6 +398,7 @@ def measure(
         phase.capture_p50_ms = captures[len(captures) // 2] * 1000
         phase.capture_p99_ms = captures[min(len(captures) - 1, int(len(captures) * 0.99))] * 1000
     phase.server_cpu_us = (cpu_after - cpu_before) / max(1, completed) * 1e6
+    phase.thread_cpu = thread_cpu.during(threads_before, threads_after, completed)
     if store_before is not None and store_after is not None:
         phase.store_cpu_us = max(0.0, store_after - store_before) / max(1, completed) * 1e6
     responses = sum(report.responses for report in reports)
@@ -1264,6 +1269,11 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
         print("SQL batches during each phase, rows per batch x batches, by writer:")
         for p in batched:
             print(f"  {p.system} {p.operation} {p.workload}: {sql_batches.line(p.sql_batches)}")
+    threaded = [p for p in run.phases if p.thread_cpu]
+    if threaded:
+        print("server CPU per operation by thread (loadtest/thread_cpu.py):")
+        for p in threaded:
+            print(f"  {p.system} {p.operation} {p.workload}: {thread_cpu.line(p.thread_cpu)}")
     print("\nratios:")
     print(ratio_lines(document["ratios"]))
     sizes = ", ".join(

@@ -101,6 +101,9 @@ def rows(runs: dict[int, Run]) -> list[dict[str, Any]]:
                             "over_quota": phase.over_quota,
                             "time_bound_hit": phase.time_bound_hit,
                             "pace_ops_per_s": phase.pace_ops_per_s,
+                            # the busiest worker's event loop, share of a core
+                            "event_loop_busy": phase.thread_cpu.get("busiest event loop"),
+                            "thread_cpu": phase.thread_cpu,
                         }
                     )
     for row in found:
@@ -138,10 +141,15 @@ def two(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def summary(found: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<9}{'operation':<18}{'workload':<10}{'workers':>8}{'ops/s':>9}"
         f"{'server µs/op':>14}{'p50 ms':>9}{'p99 ms':>9}{'efficiency':>12}{'vs floor':>10}"
+        f"{'loop busy':>11}"
     )
     lines = [header, "-" * len(header)]
     for row in found:
@@ -150,12 +158,14 @@ def summary(found: list[dict[str, Any]]) -> str:
             f"{row['system']:<9}{row['operation']:<18}{row['workload']:<10}{row['workers']:>8}"
             f"{row['throughput']:>8,.0f}{bound}{row['server_cpu_us']:>14,.0f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{two(row['efficiency']):>12}"
-            f"{two(row['efficiency_vs_floor']):>10}"
+            f"{two(row['efficiency_vs_floor']):>10}{percent(row.get('event_loop_busy')):>11}"
         )
     lines.append(
         "efficiency: ops/s at N workers / (N x ops/s at the smallest count); vs floor: that"
         " efficiency / the floor's at the same N and phase; paced: Authorize sent at"
-        " --paced-fraction of that N's closed-loop throughput (target p99 ≤ 50 ms at 8 workers)"
+        " --paced-fraction of that N's closed-loop throughput (target p99 ≤ 50 ms at 8 workers);"
+        " loop busy: the busiest worker's event-loop thread, share of one core (near 100%: that"
+        " process can do no more)"
     )
     if any(row["time_bound_hit"] for row in found):
         lines.append("* stopped by the time bound before all operations were done")
