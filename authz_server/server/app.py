@@ -217,14 +217,16 @@ class Application:
         # INVALID_ARGUMENT (observed as such, and not audited: it read nothing).
         audited = AuditedServer(observed, self.audit)
         self.server = EdgeServer(audited)
+        # First: a call's method is looked up in the services in the order they are added
+        # (server/wrapped_server.py), and the tills' payments are most of the calls.
+        authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
+            AuthorizationHandler(self.authorizations, self.auth), self.server
+        )
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryHandler(self.registry, self.auth), self.server
         )
         relationship_pb2_grpc.add_RelationshipServiceServicer_to_server(
             RelationshipHandler(self.relationships, self.auth), self.server
-        )
-        authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
-            AuthorizationHandler(self.authorizations, self.auth), self.server
         )
         settlement_pb2_grpc.add_SettlementServiceServicer_to_server(
             SettlementHandler(self.settlement, self.auth), self.server

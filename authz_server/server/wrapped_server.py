@@ -1,6 +1,7 @@
 """A grpc.aio.Server (or a wrapper of one) whose handlers are registered already wrapped,
 whichever way they are added: the generated `add_*Servicer_to_server` functions register them by
-name and through a generic handler. Subclasses say how one handler is wrapped (`wrap`); the
+name and through a generic handler (both end as generic handlers: see
+add_registered_method_handlers). Subclasses say how one handler is wrapped (`wrap`); the
 layers of the server (observed, audited, limited, guarded at the edge) stack as such wrappers.
 Everything else is the wrapped server's."""
 
@@ -25,13 +26,14 @@ class WrappedServer(grpc.aio.Server):
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, Handler]
     ) -> None:
-        """What the generated code registers by name (grpc.aio looks these up first)."""
-        self.server.add_registered_method_handlers(
-            service_name,
-            {
-                name: self.wrap(f"/{service_name}/{name}", handler)
-                for name, handler in method_handlers.items()
-            },
+        """What the generated code registers by name is served through a generic handler
+        instead. grpc.aio's server keeps one pending "next call" future per registered method
+        and, for every call it accepts, waits on all of them again (asyncio.wait): with this
+        service's ~26 methods that was ~8% of an Authorize's CPU (loadtest/RESULTS.md). Generic
+        handlers share one such future; a call's method is then found by asking them in turn,
+        the order they were added (app.py adds AuthorizationService first)."""
+        self.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service_name, dict(method_handlers)),)
         )
 
     def add_generic_rpc_handlers(
