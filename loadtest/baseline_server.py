@@ -45,6 +45,7 @@ from authz_server.runtime import event_loop
 from authz_server.server import convert
 from authz_server.server.auth import Authenticator, PrincipalKind
 from loadtest import dataset
+from loadtest.generic_only import GenericOnly
 from loadtest.processes import run_workers
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -387,9 +388,9 @@ async def serve(arguments: argparse.Namespace, index: int) -> None:
         Baseline(  # type: ignore[abstract]
             engine, Authenticator.from_file(arguments.tokens), merchants, catalog
         ),
-        server,
+        GenericOnly(server),  # type: ignore[arg-type]  # as the service adds them
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), GenericOnly(server))
     server.add_insecure_port(f"127.0.0.1:{arguments.port}")
     async with engine.connect() as connection:  # fail early if the database is not there
         await connection.execute(text("SELECT count(*) FROM quotas"))

@@ -23,6 +23,7 @@ import grpc
 
 from authz_server.generated.medwallet.v1 import authorization_pb2, authorization_pb2_grpc
 from authz_server.runtime import event_loop
+from loadtest.generic_only import GenericOnly
 from loadtest.processes import run_workers
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -56,9 +57,9 @@ async def serve(port: int, index: int, authorize: bytes, capture: bytes) -> None
     )
     authorization_pb2_grpc.add_AuthorizationServiceServicer_to_server(
         Echo(authorize, capture),  # type: ignore[abstract]  # only Authorize and Capture
-        server,
+        GenericOnly(server),  # type: ignore[arg-type]  # as the service adds them
     )
-    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), GenericOnly(server))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
