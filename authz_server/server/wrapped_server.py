@@ -1,6 +1,6 @@
 """A grpc.aio.Server (or a wrapper of one) whose handlers are registered already wrapped,
 whichever way they are added: the generated `add_*Servicer_to_server` functions register them by
-name and through a generic handler (both end as generic handlers: see
+name and through a generic handler (the grpc.aio server gets both as generic handlers: see
 add_registered_method_handlers). Subclasses say how one handler is wrapped (`wrap`); the
 layers of the server (observed, audited, limited, guarded at the edge) stack as such wrappers.
 Everything else is the wrapped server's."""
@@ -26,15 +26,23 @@ class WrappedServer(grpc.aio.Server):
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: Mapping[str, Handler]
     ) -> None:
-        """What the generated code registers by name is served through a generic handler
-        instead. grpc.aio's server keeps one pending "next call" future per registered method
-        and, for every call it accepts, waits on all of them again (asyncio.wait): with this
-        service's ~26 methods that was ~8% of an Authorize's CPU (loadtest/RESULTS.md). Generic
-        handlers share one such future; a call's method is then found by asking them in turn,
-        the order they were added (app.py adds AuthorizationService first)."""
-        self.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service_name, dict(method_handlers)),)
-        )
+        """What the generated code registers by name, wrapped now by this layer and passed on
+        by name to the next; the grpc.aio server itself gets it as a generic handler instead.
+        grpc.aio keeps one pending "next call" future per method registered by name and, for
+        every call it accepts, waits on all of them again (asyncio.wait): with this service's
+        ~26 methods that was ~8% of an Authorize's CPU (loadtest/RESULTS.md). Generic handlers
+        share one such future; a call's method is then found by asking them in turn, in the
+        order they were added (app.py adds AuthorizationService first)."""
+        wrapped = {
+            name: self.wrap(f"/{service_name}/{name}", handler)
+            for name, handler in method_handlers.items()
+        }
+        if isinstance(self.server, WrappedServer):
+            self.server.add_registered_method_handlers(service_name, wrapped)
+        else:
+            self.server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service_name, wrapped),)
+            )
 
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Iterable[grpc.GenericRpcHandler]
