@@ -33,6 +33,19 @@ class Principal:
 # The principal the current call proved (None before, or when it proved none): the audit
 # wrapper reads it after the handler (server/audit.py).
 authenticated: ContextVar[Principal | None] = ContextVar("authenticated", default=None)
+# The principal the current call resolved: the limiter asks first (server/limits.py), then the
+# handler (require), and the second gets the first answer instead of reading the metadata and
+# digesting the token again. So a call is authenticated once, at its start, as a check at
+# the start of a call is: a token revoked while the call waits on the limiter's Redis check
+# is refused from the next call on (the tokens file is read again at most once a second anyway).
+# Matched by the Authenticator and by the call's context object, by id: the context is alive
+# for as long as its call runs, so no other live object has its id, and no reference to it
+# (nor to its metadata, the bearer token among them) is kept in the tasks a call starts, which
+# inherit this variable. A call's task starts without a value: grpc.aio copies it from its
+# server task, where no principal is ever resolved.
+_resolved: ContextVar[tuple[object, int, Principal] | None] = ContextVar(
+    "resolved_principal", default=None
+)
 
 
 class Unauthenticated(Exception):
@@ -71,6 +84,19 @@ class Authenticator:
         return cls(TokenStore.from_file(path), client_identity)
 
     def principal(self, context: grpc.aio.ServicerContext[object, object]) -> Principal:
+        """The call's principal (resolved once per call; a refusal is raised every time)."""
+        resolved = _resolved.get()
+        if resolved is not None and resolved[0] is self and resolved[1] == id(context):
+            principal = resolved[2]
+        else:
+            principal = self._resolve(context)
+            _resolved.set((self, id(context), principal))
+        # Set on every answer, not only the first: the audit wrapper clears it before the
+        # handler runs and records the principal the handler was given (server/audit.py).
+        authenticated.set(principal)
+        return principal
+
+    def _resolve(self, context: grpc.aio.ServicerContext[object, object]) -> Principal:
         certified = (
             self.client_identity.merchant(context) if self.client_identity is not None else None
         )
@@ -81,7 +107,6 @@ class Authenticator:
         if certified is not None:
             if header:
                 raise Unauthenticated("a merchant certificate needs no token: send none")
-            authenticated.set(certified)
             return certified
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -96,14 +121,12 @@ class Authenticator:
             and self.client_identity.mutual
         ):
             raise Unauthenticated("with mutual TLS a merchant is identified by its certificate")
-        principal = Principal(
+        return Principal(
             kind=kind,
             channel=Channel(entry.channel) if entry.channel is not None else None,
             merchant_id=entry.merchant_id,
             credential=f"token:{entry.token_id}",
         )
-        authenticated.set(principal)
-        return principal
 
     def require(
         self, context: grpc.aio.ServicerContext[object, object], kind: PrincipalKind

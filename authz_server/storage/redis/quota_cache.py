@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -32,6 +32,11 @@ from authz_server.storage.redis.script_io import ScriptCall, run
 T = TypeVar("T")
 
 
+# The histogram's child per script name, looked up once (labels() takes a lock and builds a
+# key on every call); the names are the scripts' and the callers' fixed labels, a few dozen.
+_SCRIPT_SECONDS: dict[str, Any] = {}
+
+
 async def guarded(call: Callable[[], Awaitable[T]], script: str = "command") -> T:
     """Runs a Redis call; a timeout or connection error is UNAVAILABLE, never a hang."""
     begin = time.perf_counter()
@@ -40,7 +45,10 @@ async def guarded(call: Callable[[], Awaitable[T]], script: str = "command") -> 
     except (RedisError, OSError, TimeoutError) as error:
         raise Unavailable(f"the quota store did not answer: {type(error).__name__}") from error
     finally:
-        metrics.redis_script_seconds.labels(script).observe(time.perf_counter() - begin)
+        seconds = _SCRIPT_SECONDS.get(script)
+        if seconds is None:
+            seconds = _SCRIPT_SECONDS[script] = metrics.redis_script_seconds.labels(script)
+        seconds.observe(time.perf_counter() - begin)
 
 
 class RedisQuotaCache:
