@@ -17,9 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from opentelemetry.trace import SpanContext
+from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
 from authz_server.domain import relationships as relationship_rules
@@ -290,16 +292,18 @@ class CaptureWriter:
             answer([future for _, future in batch], outcomes)
 
     def _commit(self, units: list[CaptureUnit]) -> list[Outcome]:
-        with self.database.writing(), self.database.engine.begin() as connection:
-            settlement_lock.for_writing(connection)  # before the time is read (decide's now)
-            state = capture_batch.load(
-                connection,
-                keys=[(unit.call.scope, unit.call.key) for unit in units if unit.call],
-                authorization_ids=[unit.authorization_id for unit in units],
-                relationship_ids=[rid for unit in units for rid, fen in unit.parts if fen],
-            )
-            outcomes, accepted = decide(units, state, self.clock())
-            capture_batch.write(connection, accepted)
+        return self.database.core_transaction(partial(self._decide_and_write, units))
+
+    def _decide_and_write(self, units: list[CaptureUnit], connection: Connection) -> list[Outcome]:
+        settlement_lock.for_writing(connection)  # before the time is read (decide's now)
+        state = capture_batch.load(
+            connection,
+            keys=[(unit.call.scope, unit.call.key) for unit in units if unit.call],
+            authorization_ids=[unit.authorization_id for unit in units],
+            relationship_ids=[rid for unit in units for rid, fen in unit.parts if fen],
+        )
+        outcomes, accepted = decide(units, state, self.clock())
+        capture_batch.write(connection, accepted)
         return outcomes
 
     def _commit_each(self, units: list[CaptureUnit]) -> list[Outcome]:
