@@ -170,7 +170,7 @@ def test_limiter_bucket_and_in_flight_bound(limited: Harness) -> None:
         assert (await limiter.acquire(bounded, in_flight, first)).admitted
         refused = await limiter.acquire(bounded, in_flight, second)
         verdicts.append((refused.admitted, refused.retry_after_ms, refused.reason))
-        await limiter.release(bounded, first)
+        limiter.release(bounded, first)
         assert (await limiter.acquire(bounded, in_flight, second)).admitted
         await redis.aclose()
         return verdicts

@@ -166,7 +166,6 @@ class Limiter:
         self.memo = RefusalMemo()
         self.hold_seconds = hold_seconds
         self.held = 0  # refused calls being held now
-        self.releases: set[asyncio.Task[None]] = set()
         self.refused = {kind: metrics.rate_limited.labels(kind.value) for kind in PrincipalKind}
         self.checked = metrics.rate_limit_check_seconds
 
@@ -203,7 +202,9 @@ class Limiter:
                 return await call(request, context)  # type: ignore[arg-type]
             finally:
                 if limit.max_in_flight:
-                    self._release(key, call_id)
+                    # Not waited for: the slot is freed by the principal's next admission (or
+                    # within storage/redis/rate_limiter.RELEASE_FLUSH_SECONDS).
+                    self.redis.release(key, call_id)
 
         return grpc.unary_unary_rpc_method_handler(
             limited,
@@ -231,21 +232,8 @@ class Limiter:
             verdict = replace(verdict, retry_after_ms=left_ms)
         await context.abort_with_status(exhausted(verdict))
 
-    def _release(self, key: str, call_id: str) -> None:
-        """Frees the in-flight slot without making the call wait for it (its TTL frees it if
-        this is lost)."""
-        task = asyncio.get_running_loop().create_task(self._released(key, call_id))
-        self.releases.add(task)
-        task.add_done_callback(self.releases.discard)
-
-    async def _released(self, key: str, call_id: str) -> None:
-        try:
-            await self.redis.release(key, call_id)
-        except Exception as error:
-            log.debug("in-flight slot not freed (it expires): %r", error)
-
     async def stop(self) -> None:
-        await asyncio.gather(*self.releases, return_exceptions=True)
+        await self.redis.stop()
 
 
 LIMITED_SERVICE_PREFIX = "medwallet.v1."

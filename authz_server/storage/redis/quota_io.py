@@ -169,6 +169,8 @@ class RateLimit(ScriptCall[Verdict]):
     limit: Limit
     call_id: str
     in_flight_ttl_ms: int
+    # ids of the principal's calls ended since its last admission: their slots are freed first
+    ended_call_ids: tuple[str, ...] = ()
 
     def keys(self) -> list[str]:
         return list(keys.rate_limit(self.principal_key))  # the bucket, the calls in flight
@@ -181,6 +183,8 @@ class RateLimit(ScriptCall[Verdict]):
             limit.max_in_flight,
             self.call_id,
             self.in_flight_ttl_ms,
+            len(self.ended_call_ids),
+            *self.ended_call_ids,
         ]
 
     def unpack(self, raw: Reply) -> Verdict:

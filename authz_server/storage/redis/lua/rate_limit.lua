@@ -3,12 +3,19 @@
 -- KEYS, ARGV and reply: RateLimit in storage/redis/quota_io.py (the keys: keys.rate_limit).
 -- A call in flight is forgotten after its TTL, so a worker that died mid-call frees its slots by
 -- itself. Time is Redis's (TIME), so pods with skewed clocks share one bucket fairly.
+-- The calls of the principal that ended since its last admission are forgotten first (ARGV[6]
+-- says how many ids follow it): freeing a slot costs no command of its own.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local max_in_flight = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[5])
+local ended = tonumber(ARGV[6] or '0')
+
+if ended > 0 then
+  redis.call('ZREM', KEYS[2], unpack(ARGV, 7, 6 + ended))
+end
 
 if max_in_flight > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
