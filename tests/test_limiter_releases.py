@@ -50,7 +50,21 @@ def run(url: str, body: Callable[[RedisRateLimiter], Awaitable[T]]) -> T:
 
 
 def in_flight(url: str, principal_key: str) -> set[bytes]:
-    return set(redis.Redis.from_url(url).zrange(keys.rate_limit(principal_key)[1], 0, -1))
+    members: list[bytes] = redis.Redis.from_url(url).zrange(  # type: ignore[assignment]
+        keys.rate_limit(principal_key)[1], 0, -1
+    )
+    return set(members)
+
+
+# Keeps Redis busy for ARGV[1] ms (a script runs alone): commands sent meanwhile wait in its socket.
+BUSY = """
+local started = redis.call('TIME')
+local until_us = started[1] * 1000000 + started[2] + tonumber(ARGV[1]) * 1000
+repeat
+  local now = redis.call('TIME')
+until now[1] * 1000000 + now[2] >= until_us
+return 1
+"""
 
 
 def test_a_slot_freed_rides_on_the_next_admission(redis_server: EmbeddedRedis) -> None:
@@ -199,9 +213,11 @@ def test_a_failed_admission_keeps_the_slots_it_carried(tmp_path: Path) -> None:
         await asyncio.to_thread(server.stop)
         limiter.release("merchant:kept", first)
         hold_the_timer(limiter)  # the next admission is to carry it
+        failed = limiter.call_id()
         with pytest.raises(RedisConnectionError):
-            await limiter.acquire("merchant:kept", ONE_IN_FLIGHT, limiter.call_id())
-        assert limiter.releasing == {"merchant:kept": [first]}
+            await limiter.acquire("merchant:kept", ONE_IN_FLIGHT, failed)
+        # its own id too: the script may have run and given it a slot
+        assert limiter.releasing == {"merchant:kept": [first, failed]}
         hold_the_timer(limiter)  # put back, and a flush is due for it
         # Redis restarted empty would forget the slot anyway: it is put back as it was.
         await asyncio.to_thread(server.start)
@@ -214,3 +230,85 @@ def test_a_failed_admission_keeps_the_slots_it_carried(tmp_path: Path) -> None:
         run(url, body)
     finally:
         server.stop()
+
+
+def test_an_admission_cancelled_after_its_script_ran_frees_its_slot(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The call gives up (its deadline) while its admission waits on a busy Redis; the script runs
+    afterwards and gives it a slot nobody would free: the limiter frees it."""
+    url = redis_server.url
+
+    async def body(limiter: RedisRateLimiter) -> None:
+        busy = asyncio.create_task(asyncio.to_thread(redis.Redis.from_url(url).eval, BUSY, 0, 300))
+        await asyncio.sleep(0.05)
+        call_id = limiter.call_id()
+        admission = asyncio.create_task(limiter.acquire("merchant:gave-up", ONE_IN_FLIGHT, call_id))
+        await asyncio.sleep(0.05)
+        admission.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admission
+        await busy
+        # The script ran once Redis was free, and the flush after it freed the slot again.
+        deadline = asyncio.get_running_loop().time() + 1
+        while in_flight(url, "merchant:gave-up") and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        assert in_flight(url, "merchant:gave-up") == set()
+        assert (
+            await limiter.acquire("merchant:gave-up", ONE_IN_FLIGHT, limiter.call_id())
+        ).admitted
+        await limiter.stop()
+
+    run(url, body)
+
+
+def test_a_release_on_a_later_event_loop_is_flushed(redis_server: EmbeddedRedis) -> None:
+    """A limiter whose first loop ended with a flush still due (no stop) frees slots on the next."""
+    url = redis_server.url
+    client = PipelinedRedis.from_url(url, timeout_seconds=1)
+    limiter = RedisRateLimiter(client)
+
+    async def first() -> None:
+        call_id = limiter.call_id()
+        assert (await limiter.acquire("merchant:loops-1", ONE_IN_FLIGHT, call_id)).admitted
+        limiter.release("merchant:loops-1", call_id)  # its timer dies with this loop
+        await client.aclose()
+
+    async def second() -> None:
+        limiter.redis = PipelinedRedis.from_url(url, timeout_seconds=1)
+        call_id = limiter.call_id()
+        assert (await limiter.acquire("merchant:loops-2", ONE_IN_FLIGHT, call_id)).admitted
+        limiter.release("merchant:loops-2", call_id)
+        await asyncio.sleep(RELEASE_FLUSH_SECONDS * 5)
+        assert in_flight(url, "merchant:loops-2") == set()
+        assert in_flight(url, "merchant:loops-1") == set()
+        await limiter.redis.aclose()
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_one_failed_zrem_costs_the_other_principals_nothing(redis_server: EmbeddedRedis) -> None:
+    """A connection that takes one command at a time: of three principals' ZREMs one is sent, and
+    the two refused (too many commands in flight) do not take it down with them."""
+    url = redis_server.url
+
+    async def body() -> None:
+        setup = RedisRateLimiter(PipelinedRedis.from_url(url, timeout_seconds=1))
+        narrow = RedisRateLimiter(PipelinedRedis.from_url(url, timeout_seconds=1, pending_limit=1))
+        principals = [f"merchant:narrow-{n}" for n in range(3)]
+        for key in principals:
+            call_id = setup.call_id()
+            assert (await setup.acquire(key, ONE_IN_FLIGHT, call_id)).admitted
+            narrow.releasing[key] = [call_id]
+        await narrow.flush()
+        left = [key for key in principals if in_flight(url, key)]
+        assert len(left) == 2
+        for key in left:
+            narrow.release(key, next(iter(in_flight(url, key))).decode())
+            await narrow.flush()
+        assert [in_flight(url, key) for key in principals] == [set()] * 3
+        await setup.redis.aclose()
+        await narrow.redis.aclose()
+
+    asyncio.run(body())

@@ -47,6 +47,7 @@ class RedisRateLimiter:
         # the calls in flight: an id is added once, when its call ends.
         self.releasing: dict[str, list[str]] = {}
         self.flush_timer: asyncio.TimerHandle | None = None
+        self.flush_loop: asyncio.AbstractEventLoop | None = None  # the timer's
         self.flushes: set[asyncio.Task[None]] = set()
 
     def call_id(self) -> str:
@@ -61,9 +62,10 @@ class RedisRateLimiter:
                 RateLimit(principal_key, limit, call_id, self.in_flight_ttl_ms, releases),
             )
         except BaseException:
-            # The script may or may not have run: freeing again is harmless (ZREM).
-            if releases:
-                self.release_all(principal_key, releases)
+            # The script may have run (its reply lost, or this call cancelled while it waited):
+            # the slots it carried are freed again, and the one it may have given this call,
+            # which the caller will not free (ZREM of an id never added does nothing).
+            self.release_all(principal_key, (*releases, call_id))
             raise
 
     def release(self, principal_key: str, call_id: str) -> None:
@@ -71,10 +73,15 @@ class RedisRateLimiter:
         RELEASE_FLUSH_SECONDS. Never waits."""
         self.release_all(principal_key, (call_id,))
 
-    def release_all(self, principal_key: str, call_ids: tuple[str, ...] | list[str]) -> None:
+    def release_all(self, principal_key: str, call_ids: tuple[str, ...]) -> None:
         self.releasing.setdefault(principal_key, []).extend(call_ids)
-        if self.flush_timer is None:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        timer = self.flush_timer
+        # A timer of another loop (one that ended, in tests and tools) would never fire here.
+        if timer is None or self.flush_loop is not loop:
+            if timer is not None:
+                timer.cancel()
+            self.flush_loop = loop
             self.flush_timer = loop.call_later(RELEASE_FLUSH_SECONDS, self._flush_later)
 
     def _take(self, principal_key: str) -> tuple[str, ...]:
@@ -95,18 +102,23 @@ class RedisRateLimiter:
         task.add_done_callback(self.flushes.discard)
 
     async def flush(self) -> None:
-        """Sends every freed slot no admission has carried: one ZREM per principal."""
+        """Sends every freed slot no admission has carried: a ZREM per principal, each on its
+        own, so one that fails (its Redis node down, the connection's command limit reached)
+        costs the others nothing, and on a Cluster they go to their nodes at once. On one
+        connection they still leave in one write."""
         commands = []
         while self.releasing:
             principal_key = next(iter(self.releasing))
             call_ids = self._take(principal_key)
             commands.append(("ZREM", keys.rate_limit(principal_key)[1], *call_ids))
-        if not commands:
-            return
-        try:
-            await self.redis.execute_many(commands)
-        except Exception as error:
-            log.debug("in-flight slots not freed (their TTL frees them): %r", error)
+        results = await asyncio.gather(
+            *(self.redis.execute_many((command,)) for command in commands),
+            return_exceptions=True,
+        )
+        failed = sum(1 for result in results if isinstance(result, BaseException))
+        if failed:
+            log.debug("%d of %d ZREMs of ended calls failed (their TTL frees them)", failed,
+                      len(commands))  # fmt: skip
 
     async def stop(self) -> None:
         """Sends what is left to free (shutdown)."""
