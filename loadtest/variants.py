@@ -30,6 +30,7 @@ from authz_server.runtime.embedded_redis import EmbeddedRedis
 from loadtest import generate_data
 from loadtest.benchmark import (
     Run,
+    drop_schema,
     log,
     measure,
     python_command,
@@ -92,14 +93,35 @@ def run_variants(
     if len(set(names)) != len(names):
         raise ValueError(f"variant names must differ: {names}")
     arguments = run.arguments
-    database_url, _ = sqlite_or_schema(None, run.directory, f"bench_{label}")
+    # One database for all variants (they alternate on the same data): a SQLite file, or with
+    # --database-url a private schema of that PostgreSQL database, dropped at the end.
+    database_url, schema = sqlite_or_schema(arguments.database_url, run.directory, f"bench_{label}")
+    try:
+        return _measure_variants(
+            run, redis, variants, repeats, label, phases, prepare, database_url
+        )
+    finally:
+        drop_schema(arguments.database_url or "", schema)
+
+
+def _measure_variants(
+    run: Run,
+    redis: EmbeddedRedis,
+    variants: Sequence[Variant],
+    repeats: int,
+    label: str,
+    phases: Sequence[tuple[str, str]],
+    prepare: Callable[[Path, dict[str, str]], Sequence[Variant]] | None,
+    database_url: str,
+) -> dict[str, Any]:
+    arguments = run.arguments
     env = service_environment(
         run, label, database_url, redis.url,
         MEDWALLET_MERCHANT_LIMIT=UNLIMITED, MEDWALLET_CHANNEL_LIMIT=UNLIMITED,
     )  # fmt: skip
     if prepare is not None:
         variants = prepare(run.directory, env)
-    log(f"loading the data set into {database_url} with the bulk loader")
+    log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
     generate_data.load(run.data, env=dict(env, REDIS_URL=""), batch_size=5000, stdout=sys.stderr)
     assert redis.process is not None
     redis_pid = redis.process.pid
