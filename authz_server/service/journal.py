@@ -123,7 +123,7 @@ class Journal:
         if len(self.queue) >= MAX_QUEUED:
             metrics.journal_rejected.inc()
             raise Unavailable("the decision journal is too far behind; retry")
-        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Written] = self.loop.create_future()
         self.queue.append((row, future))
         self.wakeup.set()
         return await future
