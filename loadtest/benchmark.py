@@ -1161,7 +1161,8 @@ def main(argv: list[str] | None = None) -> int:
         "--redis-cluster",
         action="store_true",
         help="also measure the service on a 3-primary + 3-replica Redis Cluster started for the"
-        " run (system service-cluster), beside the service on one Redis node",
+        " run (system service-cluster), beside the service on one Redis node; with --systems"
+        " variants, the variants on that cluster instead of one node",
     )
     parser.add_argument(
         "--sweep-workers",
@@ -1217,7 +1218,7 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
     arguments = run.arguments
     run.checks["load_average_at_start"] = os.getloadavg()
     systems = set(arguments.systems.split(","))
-    if arguments.redis_cluster:
+    if arguments.redis_cluster and "variants" not in systems:
         systems |= {"service", "service-cluster"}
     if "security" in systems:  # TLS and the limiter on vs off (loadtest/security_phases.py)
         from loadtest import security_phases
@@ -1227,8 +1228,17 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
     if "variants" in systems:  # the --variant ones, alternated (loadtest/variants.py)
         from loadtest import variants
 
-        redis.start()
-        variants.run_variants(run, redis, arguments.variant, arguments.variant_repeats)
+        if arguments.redis_cluster:  # the variants on the cluster only
+            from tests.redis_cluster import running_cluster
+
+            log("starting a Redis Cluster (3 primaries, 3 replicas) for the variants")
+            with running_cluster(run.directory / "redis-cluster") as cluster:
+                variants.run_variants(
+                    run, cluster_of(cluster), arguments.variant, arguments.variant_repeats
+                )
+        else:
+            redis.start()
+            variants.run_variants(run, redis, arguments.variant, arguments.variant_repeats)
     if "service" in systems:
         redis.start()
         run_service(run, one_node(redis))
