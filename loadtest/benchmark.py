@@ -56,7 +56,15 @@ from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from authz_server.settings import Settings
-from loadtest import dataset, generate_data, loadgen, sql_batches, thread_cpu, tracing_cost
+from loadtest import (
+    dataset,
+    generate_data,
+    loadgen,
+    sql_batches,
+    stage_times,
+    thread_cpu,
+    tracing_cost,
+)
 from loadtest.processes import Server, cpu_seconds, free_port
 
 RESULTS = dataset.ROOT / "loadtest" / "results"
@@ -116,6 +124,8 @@ class Phase:
     sql_batches: dict[str, dict[str, float]] = field(default_factory=dict)
     # the server's CPU by thread, µs/op and system shares (loadtest/thread_cpu.py)
     thread_cpu: dict[str, float] = field(default_factory=dict)
+    # where a call's time went, from the service's histograms (loadtest/stage_times.py)
+    stage_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -326,7 +336,7 @@ def measure(
             raise RuntimeError("the load generator did not finish its warm-up")
     profilers = start_profilers(run, system, server, operation, workload) if profile else []
     stores = store_pids()
-    batches_before = sql_batches.scrape(server.metrics_port)
+    metrics_before = sql_batches.fetch(server.metrics_port)
     threads_before = thread_cpu.snapshot(server.pid)
     cpu_before = server.cpu()
     store_before = cpu_seconds(stores, tree=False) if stores else None
@@ -352,7 +362,7 @@ def measure(
                 raise RuntimeError("a load-generator process died")
     cpu_after = server.cpu()
     threads_after = thread_cpu.snapshot(server.pid)
-    batches_after = sql_batches.scrape(server.metrics_port)
+    metrics_after = sql_batches.fetch(server.metrics_port)
     stores_after = store_pids()
     store_after = cpu_seconds(stores_after, tree=False) if stores_after else None
     for profiler in profilers:
@@ -386,7 +396,12 @@ def measure(
     # a paced phase runs for the time bound by design
     phase.time_bound_hit = not pace_per_second and phase.seconds >= run.arguments.time_bound * 0.99
     phase.pace_ops_per_s = pace_per_second or None
-    phase.sql_batches = sql_batches.during(batches_before, batches_after)
+    phase.sql_batches = sql_batches.during(
+        sql_batches.parse(metrics_before), sql_batches.parse(metrics_after)
+    )
+    phase.stage_ms = stage_times.during(
+        stage_times.parse(metrics_before), stage_times.parse(metrics_after)
+    )
     completed = sum(report.operations for report in reports)
     phase.throughput = len(latencies) / phase.seconds if phase.seconds > 0 else 0.0
     if latencies:
@@ -1279,6 +1294,14 @@ def report(run: Run, document: dict[str, Any], started_at: datetime) -> bool:
         print("SQL batches during each phase, rows per batch x batches, by writer:")
         for p in batched:
             print(f"  {p.system} {p.operation} {p.workload}: {sql_batches.line(p.sql_batches)}")
+    staged = [p for p in run.phases if p.stage_ms]
+    if staged:
+        print(
+            "where a call's time went, from the service's histograms (loadtest/stage_times.py;"
+            " mean ms per call, per SQL batch, per loop probe):"
+        )
+        for p in staged:
+            print(f"  {p.system} {p.operation} {p.workload}: {stage_times.line(p.stage_ms)}")
     threaded = [p for p in run.phases if p.thread_cpu]
     if threaded:
         print("server CPU per operation by thread (loadtest/thread_cpu.py):")

@@ -21,19 +21,23 @@ SCRAPE_TIMEOUT_SECONDS = 5.0
 Counts = dict[str, tuple[float, float]]
 
 
-def scrape(port: int) -> Counts:
-    """The batch counts so far of the service whose metrics are on `port` ({} if it does not
-    answer: the figures are left out, the phase is not failed)."""
+def fetch(port: int) -> str:
+    """The /metrics page of the service whose metrics are on `port` ("" if it does not answer:
+    the figures are left out, the phase is not failed)."""
     if not port:
-        return {}
+        return ""
     try:
         with urllib.request.urlopen(
             f"http://127.0.0.1:{port}/metrics", timeout=SCRAPE_TIMEOUT_SECONDS
         ) as answer:
-            text = answer.read().decode()
+            return str(answer.read().decode())
     except OSError:
-        return {}
-    return parse(text)
+        return ""
+
+
+def scrape(port: int) -> Counts:
+    """The batch counts so far of the service whose metrics are on `port`."""
+    return parse(fetch(port))
 
 
 def parse(text: str) -> Counts:

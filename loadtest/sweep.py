@@ -104,6 +104,7 @@ def rows(runs: dict[int, Run]) -> list[dict[str, Any]]:
                             # the busiest worker's event loop, share of a core
                             "event_loop_busy": phase.thread_cpu.get("busiest event loop"),
                             "thread_cpu": phase.thread_cpu,
+                            "stage_ms": phase.stage_ms,
                         }
                     )
     for row in found:
@@ -149,7 +150,7 @@ def summary(found: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<9}{'operation':<18}{'workload':<10}{'workers':>8}{'ops/s':>9}"
         f"{'server µs/op':>14}{'p50 ms':>9}{'p99 ms':>9}{'efficiency':>12}{'vs floor':>10}"
-        f"{'loop busy':>11}"
+        f"{'loop busy':>11}{'loop lag ms':>13}{'journal ms':>12}"
     )
     lines = [header, "-" * len(header)]
     for row in found:
@@ -159,17 +160,25 @@ def summary(found: list[dict[str, Any]]) -> str:
             f"{row['throughput']:>8,.0f}{bound}{row['server_cpu_us']:>14,.0f}"
             f"{row['p50_ms']:>9.2f}{row['p99_ms']:>9.2f}{two(row['efficiency']):>12}"
             f"{two(row['efficiency_vs_floor']):>10}{percent(row.get('event_loop_busy')):>11}"
+            f"{stage(row, 'loop lag'):>13}{stage(row, 'journal wait'):>12}"
         )
     lines.append(
         "efficiency: ops/s at N workers / (N x ops/s at the smallest count); vs floor: that"
         " efficiency / the floor's at the same N and phase; paced: Authorize sent at"
         " --paced-fraction of that N's closed-loop throughput (target p99 ≤ 50 ms at 8 workers);"
         " loop busy: the busiest worker's event-loop thread, share of one core (near 100%: that"
-        " process can do no more)"
+        " process can do no more); loop lag: how late the event loops ran a timer, mean;"
+        " journal: an Authorize's wait for its decision's commit, mean (loadtest/stage_times.py)"
     )
     if any(row["time_bound_hit"] for row in found):
         lines.append("* stopped by the time bound before all operations were done")
     return "\n".join(lines)
+
+
+def stage(row: dict[str, Any], part: str) -> str:
+    """A part's mean ms from the service's histograms, or '-' where it was not observed."""
+    figures = (row.get("stage_ms") or {}).get(part)
+    return "-" if not figures else f"{figures['mean_ms']:.2f}"
 
 
 def chart(found: list[dict[str, Any]], counts: list[int], title: str, path: Path) -> None:

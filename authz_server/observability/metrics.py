@@ -67,6 +67,22 @@ redis_script_seconds = Histogram(
     ["script"],
     buckets=FAST_BUCKETS,
 )
+# From the decision made to it committed (its batch gathering, then committing): the part of an
+# Authorize's latency that is SQL's. Beside sql_commit_seconds (per batch), it says whether a
+# slow Authorize waited for its batch to start or for the commit itself.
+journal_wait_seconds = Histogram(
+    "medwallet_journal_wait_seconds",
+    "Time an Authorize waited for its decision to be committed to SQL (batch gathering + commit).",
+    buckets=FAST_BUCKETS,
+)
+# How late the event loop ran a timer (probed every LOOP_LAG_PROBE_SECONDS by each worker,
+# observability/loop_lag.py): how long any ready callback (a call's next step, a Redis reply)
+# waits behind the others. High while CPU per call is flat: the worker is saturated.
+event_loop_lag_seconds = Histogram(
+    "medwallet_event_loop_lag_seconds",
+    "How late the event loop ran a timer: the wait of a ready callback behind the others.",
+    buckets=FAST_BUCKETS,
+)
 # writer: journal (Authorize decisions), captures, refunds (the group commit of refunds and
 # other ledger writes), audit. Per writer, so a worker sweep shows which one's batches shrink
 # as the load is shared by more processes (a smaller batch costs more CPU per row).

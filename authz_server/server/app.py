@@ -29,7 +29,7 @@ from authz_server.generated.medwallet.v1 import (
     settlement_pb2,
     settlement_pb2_grpc,
 )
-from authz_server.observability import metrics, tracing
+from authz_server.observability import loop_lag, metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.runtime.wiring import open_storage
@@ -286,6 +286,7 @@ class Application:
                 ) from error
         await self._refresh_serving()
         self.background.append(loop.create_task(self._monitor(), name="health-monitor"))
+        self.background.append(loop.create_task(loop_lag.watch(), name="event-loop-lag"))
         self.background.append(loop.create_task(self.guardian.run(), name="hot-state-guardian"))
         return self.port
 

@@ -103,6 +103,7 @@ class Journal:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.observe = metrics.BatchObserver("journal")
+        self.waited = metrics.journal_wait_seconds.observe
         # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key answered before
         # under another authorization id is kept out by the unique (merchant, key) index and
         # found afterwards (_conflicts).
@@ -126,7 +127,11 @@ class Journal:
         future: asyncio.Future[Written] = self.loop.create_future()
         self.queue.append((row, future))
         self.wakeup.set()
-        return await future
+        queued = time.perf_counter()
+        try:
+            return await future
+        finally:
+            self.waited(time.perf_counter() - queued)
 
     async def flush(self) -> None:
         """Writes every queued decision (each caller gets its outcome)."""

@@ -107,6 +107,8 @@ HISTOGRAMS = {
     "medwallet_redis_script_seconds",
     "medwallet_sql_commit_seconds",
     "medwallet_group_commit_batch_size",
+    "medwallet_journal_wait_seconds",
+    "medwallet_event_loop_lag_seconds",
 }
 # From redis_exporter (oliver006/redis_exporter), the sidecar of every Redis Cluster node in
 # deploy/k8s/redis-cluster/: `up` of its scrape, INFO's role as a label, INFO's connected_slaves.
