@@ -192,6 +192,7 @@ class Application:
 
     async def start(self) -> int:
         """Binds, reconciles Redis from SQL, then reports SERVING. Returns the bound port."""
+        self.database.start_checkpoints()
         server = grpc.aio.server(
             options=server_options(self.settings, reuse_port=self.front is None)
         )

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability.thread_names import name_this_thread
-from authz_server.storage.sql.writer_lock import WriterLock, lock_path
+from authz_server.storage.sql.wal_checkpointer import WalCheckpointer
+from authz_server.storage.sql.writer_lock import WriterLock, lock_path, sqlite_file
 
 T = TypeVar("T")
 
@@ -66,6 +67,8 @@ class Database:
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         lock_file = lock_path(url)  # None but for a SQLite file
         self.writer_lock = WriterLock(lock_file) if lock_file else None
+        file = sqlite_file(url)
+        self.checkpointer = WalCheckpointer(file) if file is not None else None
         self.executor = ThreadPoolExecutor(
             max_workers=1 if self.is_sqlite else threads,
             thread_name_prefix="sql",
@@ -106,7 +109,15 @@ class Database:
         except OperationalError as error:
             raise Unavailable(f"the database did not answer: {error.orig}") from error
 
+    def start_checkpoints(self) -> None:
+        """A SQLite file's log copied back by a thread of its own (storage/sql/wal_checkpointer.py),
+        not by the commit that crosses the threshold; nothing for another database."""
+        if self.checkpointer is not None:
+            self.checkpointer.start()
+
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.executor.shutdown(wait=True)
         self.engine.dispose()
         if self.writer_lock is not None:

@@ -69,13 +69,19 @@ class WriterLock:
         self._descriptor = None
 
 
-def lock_path(database_url: str) -> Path | None:
-    """Where the writer lock of a SQLite file lives (beside it); None for an in-memory
-    database or another database."""
+def sqlite_file(database_url: str) -> Path | None:
+    """The file of a SQLite database URL; None for an in-memory database or another database."""
     prefix = "sqlite:///"
     if not database_url.startswith(prefix):
         return None
     file = database_url[len(prefix) :].split("?", 1)[0]
     if not file or file == ":memory:":
         return None
-    return Path(file + ".writer-lock")
+    return Path(file)
+
+
+def lock_path(database_url: str) -> Path | None:
+    """Where the writer lock of a SQLite file lives (beside it); None for an in-memory
+    database or another database."""
+    file = sqlite_file(database_url)
+    return None if file is None else Path(f"{file}.writer-lock")
