@@ -83,6 +83,13 @@ event_loop_lag_seconds = Histogram(
     "How late the event loop ran a timer: the wait of a ready callback behind the others.",
     buckets=FAST_BUCKETS,
 )
+# SQLite only (storage/sql/wal_checkpointer.py): copied, busy (another checkpoint ran), not_wal
+# (the file was not in WAL mode yet), failed. Steady "failed" means commits copy the log again.
+sqlite_checkpoints = Counter(
+    "medwallet_sqlite_checkpoints_total",
+    "Checkpoints of the SQLite write-ahead log by the background thread, by result.",
+    ["result"],
+)
 # writer: journal (Authorize decisions), captures, refunds (the group commit of refunds and
 # other ledger writes), audit. Per writer, so a worker sweep shows which one's batches shrink
 # as the load is shared by more processes (a smaller batch costs more CPU per row).
