@@ -25,11 +25,19 @@ SERVICE_NAME = "medwallet-authz"
 tracer: Tracer = trace.get_tracer("authz_server")
 
 
+# False until configure() turns tracing on in this process: until then no span records, and the
+# per-call look-ups below (the current span in the context) are skipped. Never set back: another
+# server of the same process may still trace.
+_recording = False
+
+
 def configure(enabled: bool, otlp_endpoint: str) -> bool:
     """Installs an SDK tracer provider (exporting to otlp_endpoint when set) unless the process
     has one already (a test's in-memory exporter, an embedding program's). Returns enabled."""
+    global _recording
     if not enabled:
         return False
+    _recording = True
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
@@ -75,6 +83,8 @@ def current_trace_id() -> str | None:
 
 def caller() -> SpanContext | None:
     """The current call's span context if it is traced (kept to link a batch to it)."""
+    if not _recording:
+        return None
     span = trace.get_current_span()
     return span.get_span_context() if span.is_recording() else None
 
@@ -100,6 +110,8 @@ def redis_span(scripts: Sequence[str], commands: int) -> Iterator[None]:
 
 def remember_caller(callers: dict[Any, SpanContext], key: Any) -> None:
     """Keeps the current call's span context under key (its place in a batch), if traced."""
+    if not _recording:
+        return
     span = trace.get_current_span()
     if span.is_recording():
         callers[key] = span.get_span_context()

@@ -8,7 +8,6 @@ it (keys.DUE_HOLDS, keys.CAPTURES_BEGUN): sweep_store.py reads those indexes.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -74,7 +73,8 @@ class HoldStore:
             ),
             "authorize",
         )
-        reply = script_call.unpack(raw)
+        generation = self.commands.generation  # read once the reply is in, as it always was
+        reply = script_call.unpack(raw, generation.value if generation else "")
         if reply.decision is None:
             return None
         if as_text(claimed_by).split("|")[0] != call.request_digest:
@@ -83,8 +83,7 @@ class HoldStore:
             if reply.kind is AuthorizeKind.NEW:
                 await self.undo(call, call.authorization_id)
             return None
-        generation = self.commands.generation
-        return replace(reply.decision, generation=generation.value if generation else "")
+        return reply.decision
 
     async def undo(self, call: AuthorizeCall, authorization_id: str) -> None:
         """Forgets a decision made for `call`'s key (authorize_undo.lua): its hold goes back to

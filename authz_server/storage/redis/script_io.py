@@ -131,9 +131,10 @@ class Authorize(ScriptCall[AuthorizeReply]):
             call.requested_fen,  # 16
         ]
 
-    def unpack(self, raw: Reply) -> AuthorizeReply:
+    def unpack(self, raw: Reply, generation: str = "") -> AuthorizeReply:
         """{'REUSED'} | {'REPLAY' or 'NEW', authorization id, decision, decline reason,
-        approved fen, funding, remaining fen, status, expires at ms, line template}."""
+        approved fen, funding, remaining fen, status, expires at ms, line template}.
+        `generation`: the hot state's generation the decision was made in (HoldDecision)."""
         reply = _texts(raw)
         kind = AuthorizeKind(reply[0])
         if kind is AuthorizeKind.REUSED:
@@ -149,6 +150,7 @@ class Authorize(ScriptCall[AuthorizeReply]):
             status=HoldStatus(reply[7]),
             expires_at_ms=int(reply[8]),
             template=reply[9],
+            generation=generation,
         )
         return AuthorizeReply(kind, decision)
 
