@@ -64,7 +64,7 @@ class HoldStore:
         """None when the idempotency key was used before with another request."""
         script_call = Authorize(call, now_ms)
         claim_key = keys.idempotency_claim(call.merchant_id, call.idempotency_key)
-        raw, claimed_by = await guarded(
+        raw, claimed_by, generation = await guarded(
             lambda: self._decide_and_claim(
                 script_call,
                 claim_key,
@@ -73,8 +73,10 @@ class HoldStore:
             ),
             "authorize",
         )
-        generation = self.commands.generation  # read once the reply is in, as it always was
-        reply = script_call.unpack(raw, generation.value if generation else "")
+        # The generation the script ran under, not the one in use once its reply is read:
+        # another call may have adopted a newer one meanwhile (a rebuild that read SQL before
+        # this decision's journal row), and the journal must refuse this decision then.
+        reply = script_call.unpack(raw, generation)
         if reply.decision is None:
             return None
         if as_text(claimed_by).split("|")[0] != call.request_digest:
@@ -113,7 +115,7 @@ class HoldStore:
 
     async def _decide_and_claim(
         self, call: Authorize, claim_key: str, claim: str, capture_begun_ms: int | None
-    ) -> tuple[Reply, Reply]:
+    ) -> tuple[Reply, Reply, str]:
         """authorize.lua, the merchant-wide key claim and the due index, pipelined: one round
         trip. The index entry is written whatever the script decides (a call that opened no
         hold costs the sweeper one empty visit; deciding it here would repeat authorize.lua's
@@ -129,7 +131,8 @@ class HoldStore:
         if capture_begun_ms is not None:
             commands.append(("ZADD", keys.CAPTURES_BEGUN, "LT", capture_begun_ms, call.prefix))
         for attempt in (1, 2):
-            raw, _, claimed_by, *_ = await self.commands.execute_many(commands)
+            stamps: list[str] = []
+            raw, _, claimed_by, *_ = await self.commands.execute_many(commands, stamps)
             # The index write's own error is left alone: the safety net repairs the index.
             if isinstance(raw, NoScriptError) and attempt == 1:
                 await self.commands.load_script(call.SCRIPT)  # Redis was restarted
@@ -138,7 +141,7 @@ class HoldStore:
                 raise raw
             if isinstance(claimed_by, ResponseError):
                 raise claimed_by
-            return raw, claimed_by
+            return raw, claimed_by, stamps[0]
         raise NoScriptError("authorize.lua could not be loaded")
 
     async def capture_begin(

@@ -386,16 +386,21 @@ class PipelinedRedis:
             raise reply
         return reply
 
-    async def execute_many(self, commands: Sequence[Command]) -> list[Reply]:
+    async def execute_many(
+        self, commands: Sequence[Command], stamps: list[str] | None = None
+    ) -> list[Reply]:
+        """`stamps`, when given: filled with the generation each command was last sent with
+        (scripts carry it; '' without a generation): the one a script that succeeded ran under,
+        which the generation in use may no longer be by the time its reply is read."""
         if not commands:
             return []
         if tracing.caller() is None:  # not in a traced call: no span (one context lookup)
-            return await self._send(commands)
+            return await self._send(commands, stamps)
         scripts = _scripts_in(commands)
         if not scripts:
-            return await self._send(commands)
+            return await self._send(commands, stamps)
         with tracing.redis_span(scripts, len(commands)):
-            return await self._send(commands)
+            return await self._send(commands, stamps)
 
     async def transmit(self, commands: Sequence[Command]) -> list[Reply]:
         """Sends the commands as they are, in one piece, and returns their replies in order:
@@ -417,12 +422,19 @@ class PipelinedRedis:
         node rather than by key: SCAN, DBSIZE, INFO, SCRIPT LOAD. A single node: itself."""
         return [self]
 
-    async def _send(self, commands: Sequence[Command]) -> list[Reply]:
+    async def _send(
+        self, commands: Sequence[Command], stamps: list[str] | None = None
+    ) -> list[Reply]:
         """The commands, each script with the hot state's generation after its arguments."""
         generation = self.generation
         if generation is None:
+            if stamps is not None:
+                stamps[:] = [""] * len(commands)
             return await self.transmit(commands)
-        replies = await self.transmit(_stamped(commands, generation.value))
+        value = generation.value
+        if stamps is not None:
+            stamps[:] = [value] * len(commands)
+        replies = await self.transmit(_stamped(commands, value))
         # Scripts that refused their slots did nothing: sending them again (with the newer
         # generation adopted, then with their unused slots marked) is safe. Twice at most.
         for _ in range(2):
@@ -431,9 +443,12 @@ class PipelinedRedis:
                 self, [replies[number] for number in refused]
             ):
                 break
-            again = _stamped([commands[number] for number in refused], generation.value)
+            value = generation.value
+            again = _stamped([commands[number] for number in refused], value)
             for number, reply in zip(refused, await self.execute_many_plain(again), strict=True):
                 replies[number] = reply
+                if stamps is not None:
+                    stamps[number] = value
         return replies
 
     async def execute_many_plain(self, commands: Sequence[Command]) -> list[Reply]:
