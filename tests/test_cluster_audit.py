@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -17,7 +17,7 @@ from authz_server.storage.redis import keys, script_io
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
 from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
-from authz_server.storage.redis.pipelined import Command
+from authz_server.storage.redis.pipelined import Command, Reply
 from tests.redis_cluster import HOST, RedisClusterHarness, cluster_fixture, slot_of
 
 pytestmark = pytest.mark.backend_neutral
@@ -351,5 +351,48 @@ def test_an_undo_on_a_slot_being_migrated_gives_the_money_back_once(
         finally:
             for node in (source, target):
                 node.command("CLUSTER", "SETSLOT", slot, "STABLE")
+
+    run(test, redis_cluster)
+
+
+def test_a_decision_keeps_its_scripts_generation_when_a_newer_one_is_adopted_meanwhile(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """On a cluster an Authorize's batch goes in runs, one node after another: the script on the
+    beneficiary's node, then the key claim on another. Another call of this process adopting a
+    newer generation while the later runs are pending (a rebuild published it) must not relabel
+    the decision: it was made under the script's generation, and the journal refuses it under
+    the newer one (storage/redis/pipelined.py `stamps`)."""
+    first, second, *_ = redis_cluster.primary_ports()
+    beneficiary = beneficiary_on(redis_cluster, first)
+    spans = redis_cluster.slots_of(second)
+    while True:  # a key whose merchant-wide claim lives on the other node
+        key = f"key-{uuid.uuid4().hex[:12]}"
+        claim_slot = slot_of(keys.idempotency_claim("m-gen", key))
+        if any(a <= claim_slot <= b for a, b in spans):
+            break
+    now_ms = int(time.time() * 1000)
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        await client.load_script(script_io.Authorize.SCRIPT)
+        await client.execute_many(
+            [("SET", keys.generation_marker(keys.prefix(beneficiary)), GENERATION)]
+        )
+        original = client._run
+
+        async def then_adopt(name: str, commands: Sequence[Command]) -> list[Reply]:
+            replies = await original(name, commands)
+            if any(command[0] == "EVALSHA" for command in commands):
+                assert client.generation is not None
+                client.generation.adopt("gen-newer", "")  # another call, meanwhile
+            return replies
+
+        client._run = then_adopt  # type: ignore[method-assign]
+        call = medicine_call(
+            keys.new_authorization_id(beneficiary), "m-gen", beneficiary, key, 100, now_ms
+        )
+        decision = await HoldStore(client).authorize(call, now_ms)
+        assert decision is not None and decision.generation == GENERATION
+        assert client.generation is not None and client.generation.value == "gen-newer"
 
     run(test, redis_cluster)
