@@ -1253,7 +1253,9 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
                 )
         else:
             redis.start()
-            variants.run_variants(run, redis, arguments.variant, arguments.variant_repeats)
+            variants.run_variants(
+                run, one_node(redis), arguments.variant, arguments.variant_repeats
+            )
     if "service" in systems:
         redis.start()
         run_service(run, one_node(redis))

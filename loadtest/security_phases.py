@@ -25,7 +25,7 @@ from typing import Any
 
 from authz_server.runtime.certificates import make_local_set
 from authz_server.runtime.embedded_redis import EmbeddedRedis
-from loadtest.benchmark import Run
+from loadtest.benchmark import Run, one_node
 from loadtest.variants import Variant, run_variants
 
 REPEATS = 3
@@ -58,4 +58,6 @@ def run_security(run: Run, redis: EmbeddedRedis) -> dict[str, Any]:
         ]
 
     variants = [Variant(name, settings) for name, settings, _ in VARIANTS]
-    return run_variants(run, redis, variants, REPEATS, label="security", prepare=with_certificates)
+    return run_variants(
+        run, one_node(redis), variants, REPEATS, label="security", prepare=with_certificates
+    )

@@ -35,11 +35,6 @@ def fetch(port: int) -> str:
         return ""
 
 
-def scrape(port: int) -> Counts:
-    """The batch counts so far of the service whose metrics are on `port`."""
-    return parse(fetch(port))
-
-
 def parse(text: str) -> Counts:
     counts: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from authz_server.runtime.embedded_redis import EmbeddedRedis
 from loadtest import generate_data
 from loadtest.benchmark import (
     HotState,
@@ -79,7 +78,7 @@ def parse(text: str) -> Variant:
 
 def run_variants(
     run: Run,
-    redis: EmbeddedRedis | HotState,
+    redis: HotState,
     variants: Sequence[Variant],
     repeats: int,
     *,
@@ -107,7 +106,7 @@ def run_variants(
 
 def _measure_variants(
     run: Run,
-    redis: EmbeddedRedis | HotState,
+    redis: HotState,
     variants: Sequence[Variant],
     repeats: int,
     label: str,
@@ -125,9 +124,7 @@ def _measure_variants(
     log(f"loading the data set into {database_url.split('?')[0]} with the bulk loader")
     generate_data.load(run.data, env=dict(env, REDIS_URL=""), batch_size=5000, stdout=sys.stderr)
     # The store's CPU: the one redis-server, or every node of a cluster (--redis-cluster).
-    # (Duck-typed: run as `python -m loadtest.benchmark`, its HotState is __main__'s class.)
-    pids = getattr(redis, "pids", None)
-    store_pids = list(pids) if pids is not None else [_pid(redis)]
+    store_pids = list(redis.pids)
     for round_number in range(repeats):
         for variant in variants:
             log(f"round {round_number + 1} of {repeats}: starting the service: {variant.name}")
@@ -149,11 +146,6 @@ def _measure_variants(
     except ImportError as error:  # the figures count more than their picture
         log(f"no chart drawn ({error}); the figures are in benchmark.json")
     return figures
-
-
-def _pid(redis: EmbeddedRedis | HotState) -> int:
-    assert isinstance(redis, EmbeddedRedis) and redis.process is not None
-    return redis.process.pid
 
 
 def _server(run: Run, variant: Variant, env: dict[str, str]) -> Server:

@@ -75,14 +75,15 @@ class RedisRateLimiter:
 
     def release_all(self, principal_key: str, call_ids: tuple[str, ...]) -> None:
         self.releasing.setdefault(principal_key, []).extend(call_ids)
-        loop = asyncio.get_running_loop()
-        timer = self.flush_timer
-        # A timer of another loop (one that ended, in tests and tools) would never fire here.
-        if timer is None or self.flush_loop is not loop:
-            if timer is not None:
-                timer.cancel()
-            self.flush_loop = loop
-            self.flush_timer = loop.call_later(RELEASE_FLUSH_SECONDS, self._flush_later)
+        flush_loop = self.flush_loop
+        # A flush is due on a live loop: it takes these too (no loop look-up per call). A timer
+        # of a loop that has ended (in tests and tools) would never fire: one is set here.
+        if self.flush_timer is not None and flush_loop is not None and not flush_loop.is_closed():
+            return
+        if self.flush_timer is not None:
+            self.flush_timer.cancel()
+        loop = self.flush_loop = asyncio.get_running_loop()
+        self.flush_timer = loop.call_later(RELEASE_FLUSH_SECONDS, self._flush_later)
 
     def _take(self, principal_key: str) -> tuple[str, ...]:
         pending = self.releasing.get(principal_key)
