@@ -71,3 +71,40 @@ def test_scan_patterns_match_their_keys() -> None:
     assert fnmatch.fnmatchcase(keys.idempotency("b", "m", "k"), keys.IDEMPOTENCY_RECORDS)
     assert fnmatch.fnmatchcase(keys.idempotency_claim("m", "k"), keys.IDEMPOTENCY_CLAIMS)
     assert fnmatch.fnmatchcase(keys.quota("b", "r"), keys.ALL_KEYS)
+
+
+def test_authorization_ids_are_unique_across_draws_and_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    count = keys.AUTHORIZATION_IDS_PER_DRAW * 3 + 7  # several draws of the pool, one partial
+
+    def many(_: int) -> list[str]:
+        return [keys.new_authorization_id("beneficiary") for _ in range(count)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        ids = [one for batch in pool.map(many, range(4)) for one in batch]
+    assert len(set(ids)) == len(ids) == 4 * count
+    prefix_digits = keys.tag_digest("beneficiary")
+    assert all(re.fullmatch(prefix_digits + "[0-9a-f]{24}", one) for one in ids)
+
+
+def test_a_forked_child_draws_its_own_authorization_ids() -> None:
+    """Workers are processes: a child must not hand out the ids left in its parent's pool."""
+    import os
+
+    keys.new_authorization_id("beneficiary")  # the pool now holds ids the parent will use
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(writing, keys.new_authorization_id("beneficiary").encode())
+        os._exit(0)
+    os.close(writing)
+    _, status = os.waitpid(child, 0)
+    from_child = os.read(reading, 64).decode()
+    os.close(reading)
+    assert status == 0
+    assert len(from_child) == 32
+    parents_next = [
+        keys.new_authorization_id("beneficiary") for _ in range(keys.AUTHORIZATION_IDS_PER_DRAW)
+    ]
+    assert from_child not in parents_next
