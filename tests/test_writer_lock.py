@@ -114,3 +114,36 @@ def test_threads_of_one_process_take_turns(tmp_path: Path) -> None:
         thread.join(timeout=30)
     lock.close()
     assert most == 1
+
+
+def test_a_begin_refused_by_sqlite_is_unavailable(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE runs on the driver's cursor (database._sqlite_begin): SQLite's 'database is
+    locked' still reaches the caller as SQLAlchemy's OperationalError, which run_core answers
+    Unavailable (the till retries), and the next transaction goes through."""
+    import asyncio
+    import sqlite3
+
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from authz_server.domain.errors import Unavailable
+
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    database = Database(url)
+    event.listen(database.engine, "connect", _no_busy_wait)
+    database.writer_lock = None  # another program holds SQLite's own lock, not the service's
+    database.transaction(lambda session: session.execute(text("CREATE TABLE t (n INTEGER)")))
+    other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(OperationalError, match="locked"):
+            database.core_transaction(lambda connection: None)
+        with pytest.raises(Unavailable, match="locked"):
+            asyncio.run(database.run_core(lambda connection: None))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    database.core_transaction(
+        lambda connection: connection.execute(text("INSERT INTO t VALUES (1)"))
+    )
+    database.close()

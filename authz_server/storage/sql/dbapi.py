@@ -55,6 +55,12 @@ def _cursor(connection: Connection, sql: str) -> Iterator[Any]:
         cursor.close()
 
 
+def execute(connection: Connection, sql: str) -> None:
+    """One statement without parameters or rows (BEGIN IMMEDIATE)."""
+    with _cursor(connection, sql) as cursor:
+        cursor.execute(sql)
+
+
 def fetch_all(connection: Connection, sql: str, parameters: Sequence[Any]) -> list[Any]:
     """The rows of one query, as tuples."""
     with _cursor(connection, sql) as cursor:
