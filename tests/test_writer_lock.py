@@ -147,3 +147,33 @@ def test_a_begin_refused_by_sqlite_is_unavailable(tmp_path: Path) -> None:
         lambda connection: connection.execute(text("INSERT INTO t VALUES (1)"))
     )
     database.close()
+
+
+def test_the_rebuilds_fence_waits_for_a_journal_write_on_sqlite(tmp_path: Path) -> None:
+    """wait_for_journal (storage/sql/journal_fence.py) returns only once a write transaction in
+    progress has ended, from SQLite's own lock alone (the writer lock left out): a rebuild
+    that read SQL before a journal row committed would not put its hold back."""
+    import sqlite3
+
+    from authz_server.storage.sql.journal_fence import wait_for_journal
+
+    url = f"sqlite:///{tmp_path / 'fence.db'}"
+    database = Database(url)
+    database.writer_lock = None
+    database.transaction(lambda session: session.execute(text("CREATE TABLE t (n INTEGER)")))
+    journal = sqlite3.connect(tmp_path / "fence.db", isolation_level=None)
+    journal.execute("BEGIN IMMEDIATE")
+    journal.execute("INSERT INTO t VALUES (1)")
+    returned = threading.Event()
+    fence = threading.Thread(
+        target=lambda: (database.transaction(wait_for_journal), returned.set())
+    )
+    fence.start()
+    try:
+        assert not returned.wait(0.5), "the fence passed a write transaction still in progress"
+    finally:
+        journal.execute("COMMIT")
+        journal.close()
+    assert returned.wait(10)
+    fence.join()
+    database.close()

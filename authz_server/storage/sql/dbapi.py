@@ -46,13 +46,15 @@ def _cursor(connection: Connection, sql: str) -> Iterator[Any]:
     dialect = connection.dialect
     dbapi_connection = connection.connection.dbapi_connection
     assert dbapi_connection is not None
-    cursor = dbapi_connection.cursor()
+    cursor = None
     try:
+        cursor = dbapi_connection.cursor()  # fails too on a closed connection
         yield cursor
     except dialect.loaded_dbapi.Error as error:
         raise _wrapped(dialect, sql, error) from error
     finally:
-        cursor.close()
+        if cursor is not None:
+            cursor.close()
 
 
 def execute(connection: Connection, sql: str) -> None:

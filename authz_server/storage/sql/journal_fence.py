@@ -11,7 +11,11 @@ the rebuild), and every later one reads REBUILDING and refuses its decisions (UN
 till retries, and the retry is decided in the rebuilt Redis).
 
 On PostgreSQL these are advisory locks. On SQLite every write transaction holds the database's
-write lock already, so the rebuild's own transaction waits for the journal's, as it needs.
+write lock already (BEGIN IMMEDIATE, storage/sql/database.py), so the rebuild's own transaction
+waits for the journal's once it has begun: `wait_for_journal` runs a statement for that, since a
+session that runs none never begins one. (Processes sharing the file also take turns through
+the writer lock, storage/sql/writer_lock.py, which orders them the same way; the fence does not
+depend on it.)
 """
 
 from __future__ import annotations
@@ -34,3 +38,5 @@ def wait_for_journal(session: Session) -> None:
     journal write that read the generation before the mark has committed."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOURNAL_LOCK})
+    else:  # SQLite: begin (BEGIN IMMEDIATE waits for the journal's write transaction)
+        session.execute(text("SELECT 1"))
