@@ -4,6 +4,7 @@ to the SQL thread and back, BEGIN IMMEDIATE, COMMIT, the hot-state generation re
 event loop) can be told from the cost of a row.
 
     python -m loadtest.journal_batch_cost [--sizes 1,9,50] [--rows 2000] [--out DIR]
+                                          [--database-url postgresql+psycopg://...]
 
 For each batch size it writes --rows decisions in batches of that size (all awaited together,
 so each batch is one transaction) and prints the process's CPU per row and the wall time per
@@ -53,8 +54,14 @@ def decision(now: datetime) -> dict[str, Any]:
     }
 
 
-async def measure(directory: Path, batch: int, rows: int, progress: Progress) -> dict[str, float]:
-    database = Database(f"sqlite:///{directory / f'journal-{batch}.db'}")
+async def measure(
+    directory: Path, batch: int, rows: int, progress: Progress, database_url: str | None = None
+) -> dict[str, float]:
+    from loadtest.benchmark import drop_schema, sqlite_or_schema
+
+    # a SQLite file of its own, or a private schema of the PostgreSQL database (dropped after)
+    url, schema = sqlite_or_schema(database_url, directory, f"journal_{batch}")
+    database = Database(url)
     Base.metadata.create_all(database.engine)
 
     async def published() -> str:  # as the hot state answers while Redis holds its generation
@@ -76,6 +83,7 @@ async def measure(directory: Path, batch: int, rows: int, progress: Progress) ->
     finally:
         await journal.stop()
         database.close()
+        drop_schema(database_url or "", schema)
     written = batches * batch
     return {
         "batch_rows": batch,
@@ -86,7 +94,7 @@ async def measure(directory: Path, batch: int, rows: int, progress: Progress) ->
     }
 
 
-def chart(results: list[dict[str, float]], path: Path) -> None:
+def chart(results: list[dict[str, float]], path: Path, database: str = "SQLite") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +105,7 @@ def chart(results: list[dict[str, float]], path: Path) -> None:
     axis.bar(labels, [r["cpu_us_per_row"] for r in results], color="#4878a8")
     axis.set_xlabel("rows per journal batch (one transaction)")
     axis.set_ylabel("CPU µs per row")
-    axis.set_title("Journal: CPU per decision by batch size (SQLite)")
+    axis.set_title(f"Journal: CPU per decision by batch size ({database})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="1,9,50", help="batch sizes, comma-separated")
     parser.add_argument("--rows", type=int, default=2000, help="decisions per batch size")
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
+    parser.add_argument("--database-url", help="PostgreSQL (a private schema); default SQLite")
     arguments = parser.parse_args(argv)
     sizes = [int(size) for size in arguments.sizes.split(",") if size.strip()]
     if not sizes or min(sizes) < 1 or arguments.rows < 1:
@@ -121,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         Progress(total, "journal") as progress,
     ):
         for size in sizes:
-            results.append(asyncio.run(measure(Path(scratch), size, arguments.rows, progress)))
+            results.append(
+                asyncio.run(
+                    measure(Path(scratch), size, arguments.rows, progress, arguments.database_url)
+                )
+            )
     print(f"{'rows/batch':>10} {'CPU µs/row':>11} {'CPU µs/batch':>13} {'wall ms/batch':>14}")
     for r in results:
         print(
@@ -131,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments.out.mkdir(parents=True, exist_ok=True)
     (arguments.out / "journal-batch-cost.json").write_text(json.dumps(results, indent=1) + "\n")
     try:
-        chart(results, arguments.out / "journal-batch-cost.png")
+        chart(
+            results,
+            arguments.out / "journal-batch-cost.png",
+            "PostgreSQL" if arguments.database_url else "SQLite",
+        )
         print(f"figures and chart in {arguments.out}/journal-batch-cost.json and .png")
     except ImportError as error:
         print(
