@@ -1094,6 +1094,22 @@ def _variant(text: str) -> Any:
         raise argparse.ArgumentTypeError(str(error)) from error
 
 
+def _phases(text: str) -> list[tuple[str, str]]:
+    """--variant-phases' value: 'Authorize/uniform,Authorize+Capture/hot spot' -> pairs."""
+    phases = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        operation, _, workload = item.partition("/")
+        if operation not in OPERATIONS or workload not in WORKLOADS:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected OPERATION/WORKLOAD, OPERATION one of {OPERATIONS},"
+                f" WORKLOAD one of {WORKLOADS}"
+            )
+        phases.append((operation, workload))
+    if not phases:
+        raise argparse.ArgumentTypeError("no phase named")
+    return phases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.benchmark",
@@ -1165,6 +1181,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[@CHECKOUT]:[SETTING=VALUE,...]",
         help="with --systems variants: the service started this way (settings, and another"
         " checkout's code with @CHECKOUT); the variants alternated (loadtest/variants.py)",
+    )
+    parser.add_argument(
+        "--variant-phases",
+        default="Authorize/uniform",
+        type=_phases,
+        metavar="OPERATION/WORKLOAD,...",
+        help="with --systems variants: the phases each variant runs, each round (default:"
+        " Authorize/uniform; e.g. Authorize/uniform,Authorize+Capture/uniform)",
     )
     parser.add_argument(
         "--variant-repeats",
@@ -1249,12 +1273,20 @@ def measure_systems(run: Run, redis: EmbeddedRedis) -> None:
             log("starting a Redis Cluster (3 primaries, 3 replicas) for the variants")
             with running_cluster(run.directory / "redis-cluster") as cluster:
                 variants.run_variants(
-                    run, cluster_of(cluster), arguments.variant, arguments.variant_repeats
+                    run,
+                    cluster_of(cluster),
+                    arguments.variant,
+                    arguments.variant_repeats,
+                    phases=arguments.variant_phases,
                 )
         else:
             redis.start()
             variants.run_variants(
-                run, one_node(redis), arguments.variant, arguments.variant_repeats
+                run,
+                one_node(redis),
+                arguments.variant,
+                arguments.variant_repeats,
+                phases=arguments.variant_phases,
             )
     if "service" in systems:
         redis.start()

@@ -3,6 +3,7 @@ simulated user works, and the run ends with requests made and zero failures."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -215,15 +216,23 @@ def test_variants_alternate_settings_and_checkouts(tmp_path: Path) -> None:
         "--no-baseline", "--systems", "variants", "--variant", "plain:",
         "--variant", f"checkout@{checkout}:MEDWALLET_RATE_LIMITS=false",
         "--variant-repeats", "2", *TINY, "--workers", "1", "--out", str(tmp_path),
+        "--variant-phases", "Authorize/uniform,Authorize+Capture/uniform",
     ]  # fmt: skip
     assert benchmark.main(arguments) == 0
     document = json.loads((tmp_path / "benchmark.json").read_text())
-    figures = document["checks"]["variants"]["Authorize uniform"]
-    assert list(figures) == ["plain", "checkout"]
-    for values in figures.values():
-        assert len(values["runs"]) == 2 and values["errors"] == 0, values
-        assert values["server_cpu_us"] > 0 and values["ops_per_s"] > 0, values
+    for phase in ("Authorize uniform", "Authorize+Capture uniform"):
+        figures = document["checks"]["variants"][phase]
+        assert list(figures) == ["plain", "checkout"]
+        for values in figures.values():
+            assert len(values["runs"]) == 2 and values["errors"] == 0, values
+            assert values["server_cpu_us"] > 0 and values["ops_per_s"] > 0, values
     assert (tmp_path / "variants.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("text", ["Authorize", "Capture/uniform", "Authorize/hot", " , "])
+def test_a_malformed_variant_phase_is_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        benchmark._phases(text)
 
 
 @pytest.mark.parametrize(
