@@ -1,12 +1,16 @@
-"""The journal's fence against a rebuild (storage/sql/journal_fence.py) on the harness's
-database: a rebuild's wait_for_journal returns only once a journal transaction that took the
-fence has ended. On PostgreSQL the fence is an advisory lock taken on the driver's cursor; on
-SQLite the database's write lock (tests/test_writer_lock.py checks it without the writer lock)."""
+"""The fences of storage/sql/journal_fence.py and settlement_lock.py, on the harness's database:
+a rebuild's wait_for_journal returns only once a journal transaction that took the fence has
+ended, a month's close (wait_for_writers) only once a capture batch or a refund that took the
+writers' lock has. On PostgreSQL these are advisory locks (the journal's and a capture batch's
+taken on the driver's cursor); on SQLite the database's write lock (tests/test_writer_lock.py
+checks it without the writer lock)."""
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
+import pytest
 from sqlalchemy import Connection
 
 from authz_server.storage.sql.journal_fence import for_journaling, wait_for_journal
@@ -38,3 +42,46 @@ def test_a_rebuild_waits_for_a_journal_transaction_that_took_the_fence(harness: 
         journaling.join(10)
     assert returned.wait(10)
     rebuild.join(10)
+
+
+@pytest.mark.parametrize("writer", ["capture batch", "refund"])
+def test_a_months_close_waits_for_a_write_that_took_the_writers_lock(
+    harness: Harness, writer: str
+) -> None:
+    """settlement_lock: a capture batch (a Core connection) or a refund (an ORM session) takes
+    the writers' lock; a close's wait_for_writers returns only once it has committed."""
+    from authz_server.storage.sql.settlement_lock import for_writing, wait_for_writers
+
+    database = harness.app.database
+    holding = threading.Event()
+    release = threading.Event()
+
+    def write(connection: Any) -> None:
+        for_writing(connection)
+        holding.set()
+        assert release.wait(10)
+
+    writing = threading.Thread(
+        target=lambda: (
+            database.core_transaction(write)
+            if writer == "capture batch"
+            else database.transaction(write)
+        )
+    )
+    writing.start()
+    assert holding.wait(10)
+    returned = threading.Event()
+    close = threading.Thread(
+        target=lambda: (database.transaction(wait_for_writers), returned.set())
+    )
+    close.start()
+    try:
+        # On SQLite wait_for_writers takes nothing (settlement_lock.py): SQLite's write lock and
+        # the writer lock order a close's own transaction after every write.
+        if not database.is_sqlite:
+            assert not returned.wait(0.5), "the close passed a write in progress"
+    finally:
+        release.set()
+        writing.join(10)
+    assert returned.wait(10)
+    close.join(10)
