@@ -7,6 +7,7 @@ checks it without the writer lock)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -83,5 +84,50 @@ def test_a_months_close_waits_for_a_write_that_took_the_writers_lock(
     finally:
         release.set()
         writing.join(10)
+    assert returned.wait(10)
+    close.join(10)
+
+
+def test_a_months_close_waits_for_a_real_capture_batch(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through CaptureWriter itself: a batch paused after it took the writers' lock
+    (in its ledger read) holds a close back until it ends (fails if _decide_and_write no
+    longer takes the lock first)."""
+    from authz_server.service.capture_writer import CaptureWriter
+    from authz_server.storage.sql import capture_batch
+    from authz_server.storage.sql.settlement_lock import wait_for_writers
+
+    database = harness.app.database
+    if database.is_sqlite:
+        pytest.skip("on SQLite the write lock orders every transaction (the test above)")
+    paused = threading.Event()
+    release = threading.Event()
+
+    def load(*_: Any, **__: Any) -> Any:
+        paused.set()
+        assert release.wait(10)
+        raise RuntimeError("the batch ends here")  # rolled back
+
+    monkeypatch.setattr(capture_batch, "load", load)
+    writer = CaptureWriter(database)
+
+    def batch() -> None:
+        with contextlib.suppress(RuntimeError):
+            database.core_transaction(lambda connection: writer._decide_and_write([], connection))
+
+    batching = threading.Thread(target=batch)
+    batching.start()
+    assert paused.wait(10)
+    returned = threading.Event()
+    close = threading.Thread(
+        target=lambda: (database.transaction(wait_for_writers), returned.set())
+    )
+    close.start()
+    try:
+        assert not returned.wait(0.5), "the close passed a capture batch in progress"
+    finally:
+        release.set()
+        batching.join(10)
     assert returned.wait(10)
     close.join(10)
