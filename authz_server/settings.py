@@ -45,6 +45,10 @@ class Settings:
     # The servers' asyncio event loop: auto (uvloop when installed, else asyncio), asyncio
     # or uvloop (runtime/event_loop.py). uvloop spends less CPU per callback and socket event.
     event_loop: str = "auto"
+    # Where each worker writes its decision journal and audit trail to SQL: thread (a SQL
+    # thread of the worker) or process (a ledger writer process of its own, authz_server/
+    # ledger/: the worker's GIL is then spent on calls; measured in loadtest/RESULTS.md).
+    ledger_writer: str = "thread"
     # One JSON log line per call (request id, RPC, merchant, decision, latency).
     access_log: bool = True
     # gRPC metrics and access logs (off only to measure what they cost).
@@ -134,6 +138,13 @@ class Settings:
         return check
 
     @property
+    def ledger_in_process(self) -> bool:
+        """True: the ledger writer process (MEDWALLET_LEDGER_WRITER=process)."""
+        if self.ledger_writer not in ("thread", "process"):
+            raise ValueError("MEDWALLET_LEDGER_WRITER must be thread or process")
+        return self.ledger_writer == "process"
+
+    @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'medwallet.sqlite3'}"
 
@@ -160,6 +171,7 @@ class Settings:
             tokens_file=env.get("MEDWALLET_TOKENS_FILE", ""),
             workers=int(get("MEDWALLET_WORKERS", defaults.workers)),
             event_loop=get("MEDWALLET_EVENT_LOOP", defaults.event_loop).strip().lower(),
+            ledger_writer=get("MEDWALLET_LEDGER_WRITER", defaults.ledger_writer).strip().lower(),
             shutdown_grace_seconds=float(
                 get("MEDWALLET_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds)
             ),

@@ -29,6 +29,13 @@ from authz_server.generated.medwallet.v1 import (
     settlement_pb2,
     settlement_pb2_grpc,
 )
+from authz_server.ledger.client import (
+    LedgerClient,
+    RemoteAudit,
+    RemoteJournal,
+    WriterCommand,
+    socket_path,
+)
 from authz_server.observability import loop_lag, metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
@@ -151,9 +158,26 @@ class Application:
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
         self.group_commit = GroupCommit(self.database, metrics.BatchObserver("refunds"))
-        self.journal = Journal(
-            self.database, functools.partial(published_generation, self.pipelined_redis)
-        )
+        self.ledger: LedgerClient | None = None
+        self.journal: Journal | RemoteJournal
+        self.audit: AuditTrail | RemoteAudit
+        if self.settings.ledger_in_process:
+            self.ledger = LedgerClient(
+                WriterCommand(
+                    socket=socket_path(self.settings.data_dir),
+                    database_url=self.settings.effective_database_url,
+                    redis_url=self.redis_url,
+                    redis_timeout_seconds=self.settings.redis_timeout_seconds,
+                    log_level=self.settings.log_level,
+                    event_loop=self.settings.event_loop,
+                )
+            )
+            self.journal, self.audit = self.ledger.journal, self.ledger.audit
+        else:
+            self.journal = Journal(
+                self.database, functools.partial(published_generation, self.pipelined_redis)
+            )
+            self.audit = AuditTrail(self.database)
         self.authorizations = AuthorizationService(
             self.database,
             self.holds,
@@ -168,7 +192,6 @@ class Application:
         self.settlement = SettlementService(
             self.database, self.settings.prepaid_safety_percent, self.clock
         )
-        self.audit = AuditTrail(self.database)
         self.limiter = (
             Limiter(
                 self.auth,

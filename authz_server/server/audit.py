@@ -7,7 +7,7 @@ The persons and ids come from the request and the response: fields named partici
 holder_id, beneficiary_id, person_id (persons), relationship_id and authorization_id, at any
 depth (a listed page of relationships names all their parties). One record per person; a call
 naming none (an unknown id) gets one record without a person. Records go to the AuditTrail's
-buffer; SQL is written off the call's path.
+buffer (or the ledger writer's); SQL is written off the call's path.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 from authz_server.observability.interceptor import go_code_name
 from authz_server.server.auth import Principal, authenticated
 from authz_server.server.wrapped_server import Handler, WrappedServer
-from authz_server.service.audit_trail import AuditRecord, AuditTrail
+from authz_server.service.audit_trail import AuditRecord, AuditSink
 
 # Ids as the service issues and accepts them; anything else (a refused call's garbage) names
 # no record in SQL, so it is recorded as absent, never stored (PostgreSQL refuses NUL bytes).
@@ -151,7 +151,7 @@ def _outcome(code: grpc.StatusCode | None, response: Message | None) -> str:
     return outcome
 
 
-def audit(trail: AuditTrail, full_method: str, handler: Handler) -> Handler:
+def audit(trail: AuditSink, full_method: str, handler: Handler) -> Handler:
     if handler.unary_unary is None or not audited(full_method):
         return handler
     call = handler.unary_unary
@@ -183,7 +183,7 @@ def audit(trail: AuditTrail, full_method: str, handler: Handler) -> Handler:
 class AuditedServer(WrappedServer):
     """A grpc.aio.Server (or a wrapper of one) whose audited unary handlers record each call."""
 
-    def __init__(self, server: grpc.aio.Server, trail: AuditTrail) -> None:
+    def __init__(self, server: grpc.aio.Server, trail: AuditSink) -> None:
         super().__init__(server)
         self.trail = trail
 

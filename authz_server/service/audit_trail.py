@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Protocol
 
 from sqlalchemy import Connection, and_, delete, or_, select
 from sqlalchemy.orm import Session
@@ -62,6 +63,13 @@ COLUMNS = tuple(f.name for f in fields(AuditRecord))
 class StoredRecord:
     record_id: int
     record: AuditRecord
+
+
+class AuditSink(Protocol):
+    """Where the audit wrapper (server/audit.py) hands its records: an AuditTrail, or a ledger
+    writer process's (authz_server/ledger/client.py)."""
+
+    def record(self, records: list[AuditRecord]) -> None: ...
 
 
 class AuditTrail:

@@ -48,7 +48,7 @@ from authz_server.service.capture_recovery import captured_as_sql_says, settle_c
 from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
-from authz_server.service.journal import Journal, StoredDecision
+from authz_server.service.journal import DecisionJournal, StoredDecision
 from authz_server.service.ports import (
     NOT_WRITTEN,
     AuthorizeCall,
@@ -165,7 +165,7 @@ class AuthorizationService:
         holds: HoldStore,
         quotas: QuotaCache,
         group_commit: GroupCommit,
-        journal: Journal,
+        journal: DecisionJournal,
         references: ReferenceCache,
         pharmacy_hold_seconds: int,
         medical_hold_seconds: int,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import itemgetter
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Table, select
 
@@ -83,6 +83,13 @@ def _tuples(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
 
 # The hot state's generation published now (None while it is missing or being rebuilt).
 PublishedGeneration = Callable[[], Coroutine[Any, Any, str | None]]
+
+
+class DecisionJournal(Protocol):
+    """What the authorization service writes its decisions to: a Journal, or a ledger writer
+    process's (authz_server/ledger/client.py)."""
+
+    async def write(self, row: dict[str, Any]) -> Written: ...
 
 
 class GenerationChanged(Unavailable):

@@ -1,0 +1,301 @@
+"""A worker's side of its ledger writer (writer.py): starts the process, sends it the journal's
+rows and the audit trail's records, and restarts it when it is gone.
+
+`RemoteJournal.write` is Journal.write's contract: returns once the row is committed (None, or
+the decision SQL holds for the key), raises Unavailable when it is not known to be. Rows of all
+the calls of one event-loop turn go as one frame. A writer that dies, or a connection that
+drops, fails its rows in flight with Unavailable (some may have committed: the till's retry
+finds them, as after a SQL connection lost in a commit); the next write starts it again.
+`RemoteAudit.record` sends records on (fire and forget), keeping up to the audit trail's own
+bound while the writer is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from authz_server.domain.errors import Unavailable
+from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, read_frame
+from authz_server.observability import metrics
+from authz_server.service.audit_trail import MAX_BUFFERED_ROWS, AuditRecord
+from authz_server.service.journal import MAX_QUEUED, Written
+
+log = logging.getLogger(__name__)
+
+# How long a write waits for the writer to (re)start before it is answered UNAVAILABLE.
+START_SECONDS = 15.0
+# How long a stop waits for the writer to write what it holds and exit before it is killed.
+STOP_SECONDS = 10.0
+
+
+# A unix socket's path is at most 107 bytes on Linux.
+MAX_SOCKET_PATH_BYTES = 100
+
+
+def socket_path(data_dir: Path) -> Path:
+    """Where a worker's writer listens: in the data directory, or, when that path would be
+    too long for a unix socket, in a private temporary directory (mode 0700)."""
+    path = data_dir / f"ledger-{os.getpid()}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
+        return path
+    return Path(tempfile.mkdtemp(prefix="medwallet-ledger-")) / "writer.sock"
+
+
+@dataclass(frozen=True)
+class WriterCommand:
+    """What the writer process is started with (the worker's own settings)."""
+
+    socket: Path
+    database_url: str
+    redis_url: str
+    redis_timeout_seconds: float
+    log_level: str
+    event_loop: str
+
+    def arguments(self) -> list[str]:
+        return [
+            sys.executable, "-m", "authz_server.ledger.writer",
+            "--socket", str(self.socket), "--database-url", self.database_url,
+            "--redis-url", self.redis_url,
+            "--redis-timeout-seconds", str(self.redis_timeout_seconds),
+            "--log-level", self.log_level, "--event-loop", self.event_loop,
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+
+
+class LedgerClient:
+    def __init__(self, command: WriterCommand) -> None:
+        self.command = command
+        self.process: asyncio.subprocess.Process | None = None
+        self.stream: asyncio.StreamWriter | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.batch_ids = itertools.count(1)
+        # batch id -> the futures of its rows, in order
+        self.in_flight: dict[int, list[asyncio.Future[Written]]] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.futures: list[asyncio.Future[Written]] = []
+        self.records: deque[AuditRecord] = deque()
+        self.flush_scheduled = False
+        self.waiting_for_writer = False
+        self.closed = False
+        self.journal = RemoteJournal(self)
+        self.audit = RemoteAudit(self)
+
+    # --- the process and its connection -----------------------------------------------------
+
+    async def ready(self) -> asyncio.StreamWriter:
+        """The connection to a running writer, started (again) if need be."""
+        if self.stream is not None and not self.stream.is_closing():
+            return self.stream
+        if self.closed:
+            raise Unavailable("the ledger writer is stopped")
+        if self.connecting is None or self.connecting.done():
+            self.connecting = asyncio.get_running_loop().create_task(self._connect())
+        try:
+            await asyncio.wait_for(asyncio.shield(self.connecting), START_SECONDS)
+        except Exception as error:
+            raise Unavailable(f"the ledger writer is not answering: {error!r}") from error
+        assert self.stream is not None
+        return self.stream
+
+    async def _connect(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            if self.process is not None:
+                log.warning("ledger writer exited (%s): starting it again", self.process.returncode)
+            with contextlib.suppress(FileNotFoundError):
+                self.command.socket.unlink()
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command.arguments(), env=os.environ.copy()
+            )
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            if self.process.returncode is not None:
+                raise Unavailable(f"the ledger writer exited ({self.process.returncode})")
+            try:
+                reader, stream = await asyncio.open_unix_connection(str(self.command.socket))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+        self.stream = stream
+        self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        error: BaseException = Unavailable("the ledger writer's connection was lost")
+        try:
+            while True:
+                batch_id, outcomes = await read_frame(reader)
+                futures = self.in_flight.pop(batch_id, None)
+                if futures is None:  # never: the writer answers what it was sent
+                    raise ConnectionError(f"an answer to batch {batch_id}, never sent")
+                for future, outcome in zip(futures, outcomes, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+                if self.rows:
+                    self._schedule_flush()
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as lost:
+            error = Unavailable(f"the ledger writer's connection was lost: {lost!r}")
+        finally:
+            self._lost(error)
+
+    def _lost(self, error: BaseException) -> None:
+        """Every row in flight fails: its commit is not known."""
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = None
+        in_flight, self.in_flight = self.in_flight, {}
+        for futures in in_flight.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self.flush_scheduled = False
+        if self.stream is None or self.stream.is_closing():
+            if not self.waiting_for_writer:
+                self.waiting_for_writer = True
+                asyncio.get_running_loop().create_task(self._flush_when_ready())
+            return
+        # One journal frame in flight, as the journal keeps one batch in its transaction: the
+        # rows of the calls that come meanwhile go together when its answer is back (one frame
+        # per loop turn was ~1 row a frame, and cost the worker what the writer saved it).
+        if self.rows and not self.in_flight:
+            rows, self.rows = self.rows[:MAX_ROWS_PER_FRAME], self.rows[MAX_ROWS_PER_FRAME:]
+            futures = self.futures[: len(rows)]
+            del self.futures[: len(rows)]
+            batch_id = next(self.batch_ids)
+            self.in_flight[batch_id] = futures
+            self.stream.write(frame(("journal", batch_id, rows)))
+        if self.records:
+            records = list(self.records)
+            self.records.clear()
+            self.stream.write(frame(("audit", records)))
+
+    async def _flush_when_ready(self) -> None:
+        try:
+            await self.ready()
+        except Unavailable as error:
+            # the rows fail (the till retries); audit records stay, within their bound
+            self.rows = []
+            futures, self.futures = self.futures, []
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        finally:
+            self.waiting_for_writer = False
+        self._schedule_flush()
+
+    async def close(self) -> None:
+        """Sends what is left, then stops the writer (it writes what it holds, then exits)."""
+        if self.rows or self.records:
+            with contextlib.suppress(Unavailable):
+                await self.ready()
+                self._flush()
+        self.closed = True
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                await self.stream.drain()
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_SECONDS)
+            except TimeoutError:
+                log.error("ledger writer did not stop within %s s: killed", STOP_SECONDS)
+                process.kill()
+                await process.wait()
+        if self.reader_task is not None:
+            self.reader_task.cancel()
+            await asyncio.gather(self.reader_task, return_exceptions=True)
+        self._lost(Unavailable("the ledger writer is stopped"))
+
+
+class RemoteJournal:
+    """Journal's contract (service/journal.py), written by the ledger writer."""
+
+    def __init__(self, client: LedgerClient) -> None:
+        self.client = client
+        self.waited = metrics.journal_wait_seconds.observe
+
+    def start(self) -> None:
+        asyncio.get_running_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        with contextlib.suppress(Unavailable):  # the first write tries again
+            await self.client.ready()
+
+    async def write(self, row: dict[str, Any]) -> Written:
+        client = self.client
+        if len(client.rows) + sum(map(len, client.in_flight.values())) >= MAX_QUEUED:
+            metrics.journal_rejected.inc()
+            raise Unavailable("the decision journal is too far behind; retry")
+        response = row.get("response")
+        if response is not None and not isinstance(response, bytes):
+            row = {**row, "response": response.SerializeToString()}
+        future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
+        client.rows.append(row)
+        client.futures.append(future)
+        client._schedule_flush()
+        queued = time.perf_counter()
+        try:
+            return await future
+        finally:
+            self.waited(time.perf_counter() - queued)
+
+    async def stop(self) -> None:
+        """Waits (bounded) for the rows in flight."""
+        futures = [f for batch in self.client.in_flight.values() for f in batch]
+        futures += self.client.futures
+        if futures:
+            await asyncio.wait(futures, timeout=STOP_SECONDS)
+
+
+class RemoteAudit:
+    """AuditTrail's `record` (service/audit_trail.py), written by the ledger writer."""
+
+    def __init__(self, client: LedgerClient) -> None:
+        self.client = client
+
+    def start(self) -> None:
+        pass  # the journal starts the writer
+
+    def record(self, records: list[AuditRecord]) -> None:
+        buffered = self.client.records
+        buffered.extend(records)
+        overflow = len(buffered) - MAX_BUFFERED_ROWS
+        if overflow > 0:
+            for _ in range(overflow):
+                buffered.popleft()
+            metrics.audit_dropped.inc(overflow)
+            log.error(
+                "audit buffer full (ledger writer away?): %d oldest records dropped", overflow
+            )
+        self.client._schedule_flush()
+
+    async def stop(self) -> None:
+        await self.client.close()

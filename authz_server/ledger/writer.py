@@ -1,0 +1,156 @@
+"""The ledger writer process: the decision journal (service/journal.py) and the audit trail
+(service/audit_trail.py) of one worker, on a unix socket (protocol.py). Started by the worker
+(client.py) with MEDWALLET_LEDGER_WRITER=process:
+
+    python -m authz_server.ledger.writer --socket PATH --database-url URL --redis-url URL
+
+The journal's rules are unchanged: its transactions take the rebuild's fence and read the
+published generation from Redis themselves (storage/sql/journal_fence.py), so a rebuild started
+by any worker waits for them as before. SIGTERM: stops taking frames, writes what it holds,
+exits. Its metrics are not exported (the worker counts the journal's wait itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+from pathlib import Path
+
+from authz_server.domain.errors import Unavailable
+from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, portable, read_frame
+from authz_server.observability import logs
+from authz_server.runtime import event_loop
+from authz_server.service.audit_trail import AuditTrail
+from authz_server.service.journal import Journal
+from authz_server.storage.redis.generation import published_generation
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from authz_server.storage.sql.database import Database
+
+log = logging.getLogger(__name__)
+
+
+class LedgerWriter:
+    def __init__(self, database: Database, redis: PipelinedRedis) -> None:
+        self.database = database
+        self.redis = redis
+        self.journal = Journal(database, functools.partial(published_generation, redis))
+        self.audit = AuditTrail(database)
+        self.batches: set[asyncio.Task[None]] = set()
+        self.streams: set[asyncio.StreamWriter] = set()
+
+    async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One worker's frames, until it goes away. A journal batch runs on by itself: its rows
+        may commit after the worker stopped waiting (it answered them UNAVAILABLE; the till's
+        retry finds the row, as after a lost SQL connection)."""
+        self.streams.add(writer)
+        try:
+            while True:
+                message = await read_frame(reader)
+                if message[0] == "journal":
+                    _, batch_id, rows = message
+                    if len(rows) > MAX_ROWS_PER_FRAME:  # the client never sends more
+                        raise ConnectionError(f"a journal frame of {len(rows)} rows")
+                    task = asyncio.create_task(self._journal(batch_id, rows, writer))
+                    self.batches.add(task)
+                    task.add_done_callback(self.batches.discard)
+                elif message[0] == "audit":
+                    self.audit.record(message[1])
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the worker went away, or the writer is stopping
+        finally:
+            self.streams.discard(writer)
+            writer.close()
+
+    async def _journal(
+        self, batch_id: int, rows: list[dict[str, object]], writer: asyncio.StreamWriter
+    ) -> None:
+        outcomes = await asyncio.gather(
+            *(self.journal.write(row) for row in rows), return_exceptions=True
+        )
+        if not writer.is_closing():
+            writer.write(frame((batch_id, [portable(outcome) for outcome in outcomes])))
+
+    async def stop(self) -> None:
+        """Takes no more frames, answers the batches it has, writes what it holds."""
+        for stream in list(self.streams):
+            stream.close()
+        await asyncio.gather(*self.batches, return_exceptions=True)
+        await self.journal.stop()
+        await self.audit.stop()
+        await self.redis.aclose()
+        self.database.close()
+
+
+# How often the writer checks that the worker that started it is still there.
+PARENT_CHECK_SECONDS = 1.0
+
+
+async def _while_alive(parent_pid: int, stopping: asyncio.Event) -> None:
+    """Stops the writer when its worker is gone (killed with -9, say): it would otherwise
+    hold its SQL connections for ever."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(PARENT_CHECK_SECONDS)
+    log.warning("ledger writer: worker %d gone, stopping", parent_pid)
+    stopping.set()
+
+
+async def serve(
+    socket: Path,
+    database_url: str,
+    redis_url: str,
+    redis_timeout_seconds: float,
+    parent_pid: int = 0,
+) -> None:
+    from authz_server.runtime.wiring import open_redis
+
+    ledger = LedgerWriter(Database(database_url), open_redis(redis_url, redis_timeout_seconds))
+    ledger.journal.start()
+    ledger.audit.start()
+    with contextlib.suppress(FileNotFoundError):
+        socket.unlink()
+    server = await asyncio.start_unix_server(ledger.connection, path=str(socket))
+    os.chmod(socket, 0o600)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stopping.set)
+    watch = loop.create_task(_while_alive(parent_pid, stopping)) if parent_pid else None
+    log.info("ledger writer serving on %s", socket)
+    await stopping.wait()
+    if watch is not None:
+        watch.cancel()
+    server.close()
+    await ledger.stop()
+    log.info("ledger writer stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m authz_server.ledger.writer")
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--redis-timeout-seconds", type=float, default=0.5)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--event-loop", default="auto", help="as MEDWALLET_EVENT_LOOP")
+    parser.add_argument("--parent-pid", type=int, default=0, help="stop when it is gone")
+    arguments = parser.parse_args(argv)
+    logs.configure(arguments.log_level)
+    try:
+        event_loop.run(
+            serve(arguments.socket, arguments.database_url, arguments.redis_url,
+                  arguments.redis_timeout_seconds, arguments.parent_pid),
+            event_loop.resolve(arguments.event_loop),
+        )  # fmt: skip
+    except Unavailable as error:
+        log.error("ledger writer stopped: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The ledger writer process (MEDWALLET_LEDGER_WRITER=process, authz_server/ledger/): a worker's
+decision journal and audit trail written by a process of its own.
+
+- payments go through it: each approval's journal row and each call's audit record in SQL;
+- killed with -9 under load (16 callers authorizing, capturing, retrying), the worker starts it
+  again, and the money checks of the Redis loss test hold (tests/test_redis_loss.py: no
+  decline, no approval lost, no new decision for a retried key, SQL within the allocation,
+  Redis = SQL);
+- a writer whose worker is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2_grpc
+from sqlalchemy import func, select
+
+from authz_server.generated.medwallet.v1 import (
+    authorization_pb2 as pb,
+)
+from authz_server.generated.medwallet.v1 import (
+    authorization_pb2_grpc,
+    registry_pb2_grpc,
+    relationship_pb2_grpc,
+)
+from authz_server.storage.sql.audit_table import AuditRecordRow
+from authz_server.storage.sql.tables import AuthorizationRow
+from tests.harness import Harness, new_id
+from tests.test_authorization_rules import MEDICAL, register_merchants
+from tests.test_redis_loss import HOSPITAL, check, make_families, run_with_fault
+
+
+@pytest.fixture(scope="module")
+def lossy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    harness = Harness(tmp_path_factory.mktemp("ledger-writer"), ledger_writer="process")
+    yield harness
+    harness.close()
+
+
+@pytest.fixture(scope="module")
+def stubs(lossy: Harness) -> Iterator[Any]:
+    channel = grpc.insecure_channel(lossy.address)
+    registry = registry_pb2_grpc.RegistryServiceStub(channel)
+    register_merchants(registry)
+    yield (
+        registry,
+        relationship_pb2_grpc.RelationshipServiceStub(channel),
+        authorization_pb2_grpc.AuthorizationServiceStub(channel),
+        health_pb2_grpc.HealthStub(channel),
+    )
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def families(stubs: Any) -> list[tuple[str, str]]:
+    return make_families(stubs)
+
+
+def writer_pid(lossy: Harness) -> int:
+    ledger = lossy.app.ledger
+    assert ledger is not None and ledger.process is not None
+    return ledger.process.pid
+
+
+def test_payments_go_through_the_ledger_writer(
+    lossy: Harness, stubs: Any, families: list[tuple[str, str]]
+) -> None:
+    _, _, authorizations, _ = stubs
+    beneficiary, _ = families[0]
+    answer = authorizations.Authorize(
+        pb.AuthorizeRequest(
+            idempotency_key=new_id("ledger"),
+            beneficiary_id=beneficiary,
+            purpose=MEDICAL,  # type: ignore[arg-type]
+            amount_fen=1_000,
+        ),
+        metadata=HOSPITAL,
+        timeout=10,
+    )
+    assert answer.decision == pb.DECISION_APPROVED
+    assert writer_pid(lossy) != os.getpid()
+    database = lossy.app.database
+    # The journal's row is committed before the answer; the audit record follows shortly.
+    journaled = database.transaction(
+        lambda session: session.get(AuthorizationRow, answer.authorization_id)
+    )
+    assert journaled is not None and journaled.approved_fen == 1_000
+    deadline = time.monotonic() + 10
+    while True:
+        audited = database.transaction(
+            lambda session: session.scalar(
+                select(func.count()).where(
+                    AuditRecordRow.authorization_id == answer.authorization_id
+                )
+            )
+        )
+        if audited or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert audited
+
+
+def test_the_writer_killed_under_load(
+    lossy: Harness, stubs: Any, families: list[tuple[str, str]]
+) -> None:
+    killed: list[int] = []
+
+    def kill_the_writer() -> None:
+        pid = writer_pid(lossy)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    tally, before, recovery = run_with_fault(lossy, stubs, families, kill_the_writer)
+    check(lossy, stubs, "ledger writer killed", tally, before, recovery)
+    assert writer_pid(lossy) != killed[0]  # started again
+
+
+STAND_IN_WORKER = """
+import os, subprocess, sys, time
+writer = subprocess.Popen(
+    [sys.executable, "-m", "authz_server.ledger.writer", *sys.argv[1:],
+     "--parent-pid", str(os.getpid())]
+)
+print(writer.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_writer_stops_when_its_worker_is_gone(tmp_path: Path, lossy: Harness) -> None:
+    """A worker killed with -9 cannot stop its writer: the writer notices and stops."""
+    import psutil
+
+    socket = tmp_path / "orphan.sock"
+    worker = subprocess.Popen(
+        [
+            sys.executable, "-c", STAND_IN_WORKER, "--socket", str(socket),
+            "--database-url", lossy.database_url, "--redis-url", lossy.redis_url,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert worker.stdout is not None
+    writer = int(worker.stdout.readline())
+    deadline = time.monotonic() + 30
+    while not socket.exists():
+        assert time.monotonic() < deadline, "the writer did not start"
+        time.sleep(0.05)
+    worker.kill()
+    worker.wait()
+
+    def running() -> bool:
+        try:
+            return psutil.Process(writer).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 15
+    while running():
+        if time.monotonic() > deadline:
+            os.kill(writer, signal.SIGKILL)
+            raise AssertionError("the writer outlived its worker")
+        time.sleep(0.1)
