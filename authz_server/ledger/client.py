@@ -99,6 +99,12 @@ class LedgerClient:
         """The connection to a running writer, started (again) if need be."""
         if self.stream is not None and not self.stream.is_closing():
             return self.stream
+        if self.reader_task is not None and not self.reader_task.done():
+            # A connection ending: its reader fails its rows in flight (_lost) before another
+            # connection is made, so every row in flight belongs to the connection there is.
+            if self.stream is not None:
+                self.stream.close()
+            await asyncio.gather(self.reader_task, return_exceptions=True)
         if self.closed:
             raise Unavailable("the ledger writer is stopped")
         if self.connecting is None or self.connecting.done():
@@ -156,7 +162,8 @@ class LedgerClient:
             self._lost(error)
 
     def _lost(self, error: BaseException) -> None:
-        """Every row in flight fails: its commit is not known."""
+        """The connection's end (only its reader calls this, and close()): every row in flight
+        on it fails, its commit not known."""
         if self.stream is not None:
             self.stream.close()
         self.stream = None
