@@ -161,7 +161,10 @@ class AuditTrail:
     async def stop(self) -> None:
         """Stops the background task and writes what is left (the clean stop's last flush)."""
         if self.task is not None:
-            self.task.cancel()
+            # Not cancelled inside a flush: the batch it was committing would commit on in the
+            # SQL thread while the buffer still held it, and the last flush would write it twice.
+            async with self.flushing:
+                self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         await self.flush()
 

@@ -1,0 +1,54 @@
+"""The audit trail's clean stop writes every record once: stopped while a batch is being
+committed (its commit goes on in the SQL thread), it neither loses nor repeats that batch.
+On the harness's database kind (SQLite, or PostgreSQL with TEST_DATABASE_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from authz_server.service.audit_trail import AuditRecord, AuditTrail
+from authz_server.storage.sql.audit_table import AuditRecordRow
+from authz_server.storage.sql.database import Database
+from tests.harness import drop_database, fresh_database
+
+RECORDS = 20_000
+
+
+def test_a_stop_during_a_flush_writes_each_record_once(tmp_path: Path) -> None:
+    url = fresh_database(os.environ.get("TEST_DATABASE_URL"), tmp_path)
+    database = Database(url)
+    try:
+
+        async def record_then_stop() -> None:
+            trail = AuditTrail(database)
+            trail.start()
+            now = datetime.now(UTC)
+            trail.record(
+                [
+                    AuditRecord(
+                        now, None, "merchant", "m-1", "token:t", "Authorize", "", f"a{n}", "OK"
+                    )
+                    for n in range(RECORDS)
+                ]
+            )
+            await asyncio.sleep(0.01)  # its first batch is being committed now
+            await trail.stop()
+
+        asyncio.run(record_then_stop())
+        rows, distinct = database.transaction(
+            lambda session: session.execute(
+                select(
+                    func.count(),
+                    func.count(AuditRecordRow.authorization_id.distinct()),
+                )
+            ).one()
+        )
+        assert (rows, distinct) == (RECORDS, RECORDS)
+    finally:
+        database.close()
+        drop_database(url)
