@@ -11,12 +11,14 @@ decision journal and audit trail written by a process of its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +172,83 @@ def test_a_writer_stops_when_its_worker_is_gone(tmp_path: Path, lossy: Harness) 
             os.kill(writer, signal.SIGKILL)
             raise AssertionError("the writer outlived its worker")
         time.sleep(0.1)
+
+
+def _row() -> dict[str, Any]:
+    from loadtest.journal_batch_cost import decision
+
+    row = decision(datetime.now(UTC))
+    row["generation"] = ""  # not a hold of a generation: written whatever Redis publishes
+    return row
+
+
+def _client(tmp_path: Path, lossy: Harness) -> Any:
+    from authz_server.ledger.client import LedgerClient, WriterCommand
+
+    return LedgerClient(
+        WriterCommand(
+            socket=tmp_path / "w.sock",
+            database_url=lossy.database_url,
+            redis_url=lossy.redis_url,
+            redis_timeout_seconds=0.5,
+            log_level="WARNING",
+            event_loop="auto",
+        )
+    )
+
+
+def test_rows_queued_behind_a_frame_are_answered_when_the_writer_dies(
+    tmp_path: Path, lossy: Harness
+) -> None:
+    """A frame in flight and rows queued behind it when the writer is killed: the frame's rows
+    fail UNAVAILABLE, the queued ones are written by a writer started again; none hangs."""
+    from authz_server.domain.errors import Unavailable
+
+    async def scenario() -> tuple[Any, Any]:
+        client = _client(tmp_path, lossy)
+        try:
+            await client.journal.write(_row())  # started, and answering
+            assert client.process is not None
+            os.kill(client.process.pid, signal.SIGSTOP)  # the next frame stays unanswered
+            first = asyncio.ensure_future(client.journal.write(_row()))
+            await asyncio.sleep(0.2)
+            second = asyncio.ensure_future(client.journal.write(_row()))  # queued behind it
+            await asyncio.sleep(0.2)
+            os.kill(client.process.pid, signal.SIGKILL)
+            done = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 20)
+            return done[0], done[1]
+        finally:
+            await client.close()
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, Unavailable)
+    assert second is None  # written by the writer started again
+
+
+def test_a_hung_writer_is_killed_and_started_again(
+    tmp_path: Path, lossy: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from authz_server.domain.errors import Unavailable
+    from authz_server.ledger import client as ledger_client
+
+    monkeypatch.setattr(ledger_client, "FRAME_DEADLINE_SECONDS", 1.0)
+
+    async def scenario() -> tuple[Any, Any, int, int]:
+        client = _client(tmp_path, lossy)
+        try:
+            await client.journal.write(_row())
+            assert client.process is not None
+            hung = client.process.pid
+            os.kill(hung, signal.SIGSTOP)
+            try:
+                outcome = await asyncio.wait_for(client.journal.write(_row()), 20)
+            except Unavailable as error:
+                outcome = error
+            after = await asyncio.wait_for(client.journal.write(_row()), 20)
+            return outcome, after, hung, client.process.pid
+        finally:
+            await client.close()
+
+    outcome, after, hung, started = asyncio.run(scenario())
+    assert isinstance(outcome, Unavailable)
+    assert after is None and started != hung

@@ -7,7 +7,8 @@ the calls of one event-loop turn go as one frame. A writer that dies, or a conne
 drops, fails its rows in flight with Unavailable (some may have committed: the till's retry
 finds them, as after a SQL connection lost in a commit); the next write starts it again.
 `RemoteAudit.record` sends records on (fire and forget), keeping up to the audit trail's own
-bound while the writer is away.
+bound while the writer is away or not reading. Records a writer holds when it crashes are lost
+(as a worker's own are when it crashes; a clean stop writes them).
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ log = logging.getLogger(__name__)
 START_SECONDS = 15.0
 # How long a stop waits for the writer to write what it holds and exit before it is killed.
 STOP_SECONDS = 10.0
+# A journal frame unanswered this long: the writer is taken for hung, killed and started again
+# (its rows fail UNAVAILABLE). Far above a commit's worst seen (~0.1 s).
+FRAME_DEADLINE_SECONDS = 30.0
+# Audit records wait in the client's bounded buffer while this much is unsent on the socket
+# (a writer alive but not reading must not grow the worker's memory without end).
+MAX_UNSENT_BYTES = 16 * 1024 * 1024
 
 
 # A unix socket's path is at most 107 bytes on Linux.
 MAX_SOCKET_PATH_BYTES = 100
+PRIVATE_DIRECTORY_PREFIX = "medwallet-ledger-"
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -49,7 +57,7 @@ def socket_path(data_dir: Path) -> Path:
     path = data_dir / f"ledger-{os.getpid()}.sock"
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
         return path
-    return Path(tempfile.mkdtemp(prefix="medwallet-ledger-")) / "writer.sock"
+    return Path(tempfile.mkdtemp(prefix=PRIVATE_DIRECTORY_PREFIX)) / "writer.sock"
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,8 @@ class LedgerClient:
         self.records: deque[AuditRecord] = deque()
         self.flush_scheduled = False
         self.waiting_for_writer = False
+        self.frame_timer: asyncio.TimerHandle | None = None
+        self.killed = False  # the writer was killed here and may not be reaped yet
         self.closed = False
         self.journal = RemoteJournal(self)
         self.audit = RemoteAudit(self)
@@ -116,25 +126,34 @@ class LedgerClient:
         assert self.stream is not None
         return self.stream
 
+    async def _start_process(self) -> asyncio.subprocess.Process:
+        if self.process is not None:
+            log.warning("ledger writer exited (%s): starting it again", self.process.returncode)
+        with contextlib.suppress(FileNotFoundError):
+            self.command.socket.unlink()
+        # Its own session: a Ctrl-C or a unit's stop signal goes to the workers, which stop
+        # their writers once their calls are done. Its metrics stay its own (not the workers'
+        # multiprocess files: the journal's wait is counted by the worker, RemoteJournal).
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        return await asyncio.create_subprocess_exec(
+            *self.command.arguments(), env=env, start_new_session=True
+        )
+
     async def _connect(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            if self.process is not None:
-                log.warning("ledger writer exited (%s): starting it again", self.process.returncode)
-            with contextlib.suppress(FileNotFoundError):
-                self.command.socket.unlink()
-            self.process = await asyncio.create_subprocess_exec(
-                *self.command.arguments(), env=os.environ.copy()
-            )
+        if self.killed and self.process is not None:  # not its dying socket: its successor's
+            await asyncio.wait_for(self.process.wait(), START_SECONDS)
+            self.killed = False
         deadline = time.monotonic() + START_SECONDS
         while True:
-            if self.process.returncode is not None:
-                raise Unavailable(f"the ledger writer exited ({self.process.returncode})")
+            if self.process is None or self.process.returncode is not None:
+                self.process = await self._start_process()
             try:
                 reader, stream = await asyncio.open_unix_connection(str(self.command.socket))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
                     raise
+                # (a writer killed a moment ago is started again once it is reaped, above)
                 await asyncio.sleep(0.02)
         self.stream = stream
         self.reader_task = asyncio.get_running_loop().create_task(self._read(reader))
@@ -145,6 +164,7 @@ class LedgerClient:
             while True:
                 batch_id, outcomes = await read_frame(reader)
                 futures = self.in_flight.pop(batch_id, None)
+                self._stop_frame_timer()
                 if futures is None:  # never: the writer answers what it was sent
                     raise ConnectionError(f"an answer to batch {batch_id}, never sent")
                 for future, outcome in zip(futures, outcomes, strict=True):
@@ -156,7 +176,9 @@ class LedgerClient:
                         future.set_result(outcome)
                 if self.rows:
                     self._schedule_flush()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError) as lost:
+        except asyncio.CancelledError:
+            raise
+        except Exception as lost:  # the end of the stream, or a frame that does not parse
             error = Unavailable(f"the ledger writer's connection was lost: {lost!r}")
         finally:
             self._lost(error)
@@ -167,11 +189,30 @@ class LedgerClient:
         if self.stream is not None:
             self.stream.close()
         self.stream = None
+        self._stop_frame_timer()
         in_flight, self.in_flight = self.in_flight, {}
         for futures in in_flight.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(error)
+        if self.rows:  # queued behind the frame lost: sent on the next connection, or failed
+            self._schedule_flush()
+
+    def _stop_frame_timer(self) -> None:
+        if self.frame_timer is not None:
+            self.frame_timer.cancel()
+            self.frame_timer = None
+
+    def _frame_overdue(self) -> None:
+        """No answer within FRAME_DEADLINE_SECONDS: the writer is hung. Killed; its reader then
+        fails the frame's rows and the next write starts another."""
+        self.frame_timer = None
+        log.error("ledger writer answered no frame in %s s: killed", FRAME_DEADLINE_SECONDS)
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            self.killed = True
+        if self.stream is not None:
+            self.stream.close()
 
     # --- sending ----------------------------------------------------------------------------
 
@@ -197,7 +238,11 @@ class LedgerClient:
             batch_id = next(self.batch_ids)
             self.in_flight[batch_id] = futures
             self.stream.write(frame(("journal", batch_id, rows)))
-        if self.records:
+            self.frame_timer = asyncio.get_running_loop().call_later(
+                FRAME_DEADLINE_SECONDS, self._frame_overdue
+            )
+        unsent = self.stream.transport.get_write_buffer_size()
+        if self.records and unsent < MAX_UNSENT_BYTES:
             records = list(self.records)
             self.records.clear()
             self.stream.write(frame(("audit", records)))
@@ -239,7 +284,18 @@ class LedgerClient:
         if self.reader_task is not None:
             self.reader_task.cancel()
             await asyncio.gather(self.reader_task, return_exceptions=True)
-        self._lost(Unavailable("the ledger writer is stopped"))
+        stopped = Unavailable("the ledger writer is stopped")
+        self._lost(stopped)
+        self.rows = []
+        futures, self.futures = self.futures, []
+        for future in futures:
+            if not future.done():
+                future.set_exception(stopped)
+        with contextlib.suppress(FileNotFoundError):
+            self.command.socket.unlink()
+        if self.command.socket.parent.name.startswith(PRIVATE_DIRECTORY_PREFIX):
+            with contextlib.suppress(OSError):
+                self.command.socket.parent.rmdir()
 
 
 class RemoteJournal:

@@ -125,6 +125,8 @@ async def serve(
     if watch is not None:
         watch.cancel()
     server.close()
+    with contextlib.suppress(FileNotFoundError):
+        socket.unlink()
     await ledger.stop()
     log.info("ledger writer stopped")
 
