@@ -22,24 +22,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 from sqlalchemy import func, select
 
 from authz_server.generated.medwallet.v1 import (
     authorization_pb2 as pb,
 )
-from authz_server.generated.medwallet.v1 import (
-    authorization_pb2_grpc,
-    registry_pb2_grpc,
-    relationship_pb2_grpc,
-)
 from authz_server.storage.sql.audit_table import AuditRecordRow
 from authz_server.storage.sql.tables import AuthorizationRow
 from tests.harness import Harness, new_id
-from tests.test_authorization_rules import MEDICAL, register_merchants
-from tests.test_redis_loss import HOSPITAL, check, make_families, run_with_fault
+from tests.test_authorization_rules import MEDICAL
+from tests.test_redis_loss import HOSPITAL, check, make_families, run_with_fault, served_stubs
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +44,7 @@ def lossy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 
 @pytest.fixture(scope="module")
 def stubs(lossy: Harness) -> Iterator[Any]:
-    channel = grpc.insecure_channel(lossy.address)
-    registry = registry_pb2_grpc.RegistryServiceStub(channel)
-    register_merchants(registry)
-    yield (
-        registry,
-        relationship_pb2_grpc.RelationshipServiceStub(channel),
-        authorization_pb2_grpc.AuthorizationServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
-    channel.close()
+    yield from served_stubs(lossy)
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
-from grpc_health.v1 import health_pb2_grpc
 
-from authz_server.generated.medwallet.v1 import (
-    authorization_pb2_grpc,
-    registry_pb2_grpc,
-    relationship_pb2_grpc,
-)
 from loadtest.benchmark import conninfo
 from tests.harness import Harness
-from tests.test_authorization_rules import register_merchants
-from tests.test_redis_loss import check, make_families, run_with_fault
+from tests.test_redis_loss import check, make_families, run_with_fault, served_stubs
 
 URL = os.environ.get("TEST_DATABASE_URL", "")
 pytestmark = pytest.mark.skipif(
@@ -56,16 +48,7 @@ def lossy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
 
 @pytest.fixture(scope="module")
 def stubs(lossy: Harness) -> Iterator[Any]:
-    channel = grpc.insecure_channel(lossy.address)
-    registry = registry_pb2_grpc.RegistryServiceStub(channel)
-    register_merchants(registry)
-    yield (
-        registry,
-        relationship_pb2_grpc.RelationshipServiceStub(channel),
-        authorization_pb2_grpc.AuthorizationServiceStub(channel),
-        health_pb2_grpc.HealthStub(channel),
-    )
-    channel.close()
+    yield from served_stubs(lossy)
 
 
 @pytest.fixture(scope="module")

@@ -68,9 +68,10 @@ def lossy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     harness.close()
 
 
-@pytest.fixture(scope="module")
-def stubs(lossy: Harness) -> Iterator[Any]:
-    channel = grpc.insecure_channel(lossy.address)
+def served_stubs(harness: Harness) -> Iterator[Any]:
+    """(registry, relationships, authorizations, health) stubs on one channel to `harness`, the
+    rules' merchants registered (shared by the other fault tests' fixtures)."""
+    channel = grpc.insecure_channel(harness.address)
     registry = registry_pb2_grpc.RegistryServiceStub(channel)
     register_merchants(registry)
     yield (
@@ -80,6 +81,11 @@ def stubs(lossy: Harness) -> Iterator[Any]:
         health_pb2_grpc.HealthStub(channel),
     )
     channel.close()
+
+
+@pytest.fixture(scope="module")
+def stubs(lossy: Harness) -> Iterator[Any]:
+    yield from served_stubs(lossy)
 
 
 @pytest.fixture(scope="module")
