@@ -147,6 +147,9 @@ class Harness:
             # The server's loop as `serve` would choose it (MEDWALLET_EVENT_LOOP=asyncio runs
             # the suite on asyncio's own loop).
             event_loop=os.environ.get("MEDWALLET_EVENT_LOOP", Settings().event_loop),
+            # MEDWALLET_LEDGER_WRITER=process runs the suite with a ledger writer process per
+            # service (authz_server/ledger/).
+            ledger_writer=os.environ.get("MEDWALLET_LEDGER_WRITER", Settings().ledger_writer),
         )
         # Limits far above what any test sends (the limiter runs, refusing nothing), unless the
         # test sets its own.
