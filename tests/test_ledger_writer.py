@@ -237,3 +237,25 @@ def test_a_hung_writer_is_killed_and_started_again(
     outcome, after, hung, started = asyncio.run(scenario())
     assert isinstance(outcome, Unavailable)
     assert after is None and started != hung
+
+
+def test_records_handed_in_from_another_thread_do_not_stop_the_journal(
+    tmp_path: Path, lossy: Harness
+) -> None:
+    """The audit trail may be given records off the event loop (tools, tests): they are sent
+    from the loop, and the journal's writes go on (a flush once scheduled from the wrong thread
+    left every later write waiting for ever)."""
+    from authz_server.service.audit_trail import AuditRecord
+
+    async def scenario() -> Any:
+        client = _client(tmp_path, lossy)
+        try:
+            await client.journal.write(_row())
+            now = datetime.now(UTC)
+            record = AuditRecord(now, None, "merchant", "m-1", "token:t", "rpc", "", "", "OK")
+            await asyncio.to_thread(client.audit.record, [record])
+            return await asyncio.wait_for(client.journal.write(_row()), 10)
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) is None

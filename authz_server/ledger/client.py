@@ -98,6 +98,9 @@ class LedgerClient:
         self.flush_scheduled = False
         self.waiting_for_writer = False
         self.frame_timer: asyncio.TimerHandle | None = None
+        # The worker's event loop (set by the first write or start): records may be handed in
+        # from another thread, and their flush is then scheduled onto it.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.killed = False  # the writer was killed here and may not be reaped yet
         self.closed = False
         self.journal = RemoteJournal(self)
@@ -217,9 +220,20 @@ class LedgerClient:
     # --- sending ----------------------------------------------------------------------------
 
     def _schedule_flush(self) -> None:
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if self.flush_scheduled:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # another thread (a tool, a test): onto the worker's loop
+            running = None
+        loop = self.loop = self.loop or running
+        if loop is None:
+            return  # not started: sent with the first write
+        self.flush_scheduled = True
+        if running is loop:
+            loop.call_soon(self._flush)
+        else:
+            loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         self.flush_scheduled = False
@@ -306,7 +320,8 @@ class RemoteJournal:
         self.waited = metrics.journal_wait_seconds.observe
 
     def start(self) -> None:
-        asyncio.get_running_loop().create_task(self._start())
+        self.client.loop = asyncio.get_running_loop()
+        self.client.loop.create_task(self._start())
 
     async def _start(self) -> None:
         with contextlib.suppress(Unavailable):  # the first write tries again
