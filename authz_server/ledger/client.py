@@ -345,12 +345,17 @@ class RemoteJournal:
         finally:
             self.waited(time.perf_counter() - queued)
 
-    async def stop(self) -> None:
-        """Waits (bounded) for the rows in flight."""
+    async def flush(self) -> None:
+        """Returns once every row handed in so far is answered (written, or failed)."""
         futures = [f for batch in self.client.in_flight.values() for f in batch]
         futures += self.client.futures
         if futures:
-            await asyncio.wait(futures, timeout=STOP_SECONDS)
+            await asyncio.wait(futures)
+
+    async def stop(self) -> None:
+        """Waits (bounded) for the rows in flight."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), STOP_SECONDS)
 
 
 class RemoteAudit:

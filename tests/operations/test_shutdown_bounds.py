@@ -39,7 +39,7 @@ def test_a_hanging_server_stop_does_not_hold_the_rest_of_the_stop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger=app_module.__name__)
-    harness = Harness(tmp_path)
+    harness = Harness(tmp_path, ledger_writer="thread")  # the in-process journal's stop
     app = harness.app
     real_stop = app.server.stop
     released = asyncio.Event()
