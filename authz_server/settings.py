@@ -138,7 +138,7 @@ class Settings:
         return check
 
     @property
-    def ledger_in_process(self) -> bool:
+    def ledger_writer_is_process(self) -> bool:
         """True: the ledger writer process (MEDWALLET_LEDGER_WRITER=process)."""
         if self.ledger_writer not in ("thread", "process"):
             raise ValueError("MEDWALLET_LEDGER_WRITER must be thread or process")

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 from authz_server.domain.errors import Unavailable
 from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, read_frame
 from authz_server.observability import metrics
-from authz_server.service.audit_trail import MAX_BUFFERED_ROWS, AuditRecord
+from authz_server.service.audit_trail import AuditRecord, buffer_within_bound
 from authz_server.service.journal import MAX_QUEUED, Written
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,16 @@ class LedgerClient:
         # The worker's event loop (set by the first write or start): records may be handed in
         # from another thread, and their flush is then scheduled onto it.
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.tasks: set[asyncio.Task[None]] = set()  # referenced until done
         self.killed = False  # the writer was killed here and may not be reaped yet
         self.closed = False
         self.journal = RemoteJournal(self)
         self.audit = RemoteAudit(self)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     # --- the process and its connection -----------------------------------------------------
 
@@ -240,7 +247,7 @@ class LedgerClient:
         if self.stream is None or self.stream.is_closing():
             if not self.waiting_for_writer:
                 self.waiting_for_writer = True
-                asyncio.get_running_loop().create_task(self._flush_when_ready())
+                self.spawn(self._flush_when_ready())
             return
         # One journal frame in flight, as the journal keeps one batch in its transaction: the
         # rows of the calls that come meanwhile go together when its answer is back (one frame
@@ -321,7 +328,7 @@ class RemoteJournal:
 
     def start(self) -> None:
         self.client.loop = asyncio.get_running_loop()
-        self.client.loop.create_task(self._start())
+        self.client.spawn(self._start())
 
     async def _start(self) -> None:
         with contextlib.suppress(Unavailable):  # the first write tries again
@@ -368,16 +375,7 @@ class RemoteAudit:
         pass  # the journal starts the writer
 
     def record(self, records: list[AuditRecord]) -> None:
-        buffered = self.client.records
-        buffered.extend(records)
-        overflow = len(buffered) - MAX_BUFFERED_ROWS
-        if overflow > 0:
-            for _ in range(overflow):
-                buffered.popleft()
-            metrics.audit_dropped.inc(overflow)
-            log.error(
-                "audit buffer full (ledger writer away?): %d oldest records dropped", overflow
-            )
+        buffer_within_bound(self.client.records, records, "ledger writer away?")
         self.client._schedule_flush()
 
     async def stop(self) -> None:

@@ -41,7 +41,9 @@ def portable(outcome: Any) -> Any:
     """An outcome that unpickles in the worker as the caller expects it: the journal's own
     refusals (Unavailable and its kinds) as they are, any other error as Unavailable with its
     text (a driver's exception may not unpickle, and the caller answers it as one)."""
-    if isinstance(outcome, Unavailable) or not isinstance(outcome, BaseException):
+    if not isinstance(outcome, BaseException):
+        return outcome  # None or a StoredDecision
+    if isinstance(outcome, Unavailable):
         try:
             pickle.dumps(outcome)
             return outcome

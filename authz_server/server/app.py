@@ -161,7 +161,7 @@ class Application:
         self.ledger: LedgerClient | None = None
         self.journal: Journal | RemoteJournal
         self.audit: AuditTrail | RemoteAudit
-        if self.settings.ledger_in_process:
+        if self.settings.ledger_writer_is_process:
             self.ledger = LedgerClient(
                 WriterCommand(
                     socket=socket_path(self.settings.data_dir),

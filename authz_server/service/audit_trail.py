@@ -65,6 +65,17 @@ class StoredRecord:
     record: AuditRecord
 
 
+def buffer_within_bound(buffer: deque[AuditRecord], records: list[AuditRecord], why: str) -> None:
+    """Appends the records, dropping the oldest past MAX_BUFFERED_ROWS (counted and logged)."""
+    buffer.extend(records)
+    overflow = len(buffer) - MAX_BUFFERED_ROWS
+    if overflow > 0:
+        for _ in range(overflow):
+            buffer.popleft()
+        metrics.audit_dropped.inc(overflow)
+        log.error("audit buffer full (%s): %d oldest records dropped", why, overflow)
+
+
 class AuditSink(Protocol):
     """Where the audit wrapper (server/audit.py) hands its records: an AuditTrail, or a ledger
     writer process's (authz_server/ledger/client.py)."""
@@ -89,13 +100,7 @@ class AuditTrail:
         )
 
     def record(self, records: list[AuditRecord]) -> None:
-        self.buffer.extend(records)
-        overflow = len(self.buffer) - MAX_BUFFERED_ROWS
-        if overflow > 0:
-            for _ in range(overflow):
-                self.buffer.popleft()
-            metrics.audit_dropped.inc(overflow)
-            log.error("audit buffer full (SQL not answering?): %d oldest records dropped", overflow)
+        buffer_within_bound(self.buffer, records, "SQL not answering?")
         if len(self.buffer) >= BATCH_ROWS:
             self.wake.set()
 
