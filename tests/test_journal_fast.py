@@ -7,6 +7,8 @@ TEST_DATABASE_URL, PostgreSQL (the harness's database)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -216,3 +218,39 @@ def test_batches_are_bounded(harness: Harness, monkeypatch: pytest.MonkeyPatch) 
         return int(session.scalar(query) or 0)
 
     assert harness.app.database.transaction(count) == 20
+
+
+def test_a_stop_during_a_commit_answers_that_batch(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while a batch commits in the SQL thread, the journal waits for that commit and
+    answers its callers; cancelled inside it, it would drop their futures (each caller left
+    waiting though its row is written) and go on to the next batch beside the commit."""
+    monkeypatch.setattr(journal_module, "MAX_BATCH", 5)
+    journal = Journal(harness.app.database)
+    real_write = Journal._write
+    committing = threading.Event()
+
+    def slow(self: Journal, connection: Connection, *, rows: list[dict[str, Any]]) -> Any:
+        committing.set()
+        time.sleep(0.3)  # the stop comes while this transaction is open
+        return real_write(self, connection, rows=rows)
+
+    monkeypatch.setattr(Journal, "_write", slow)
+    rows = [decision() for _ in range(12)]
+
+    async def write_then_stop() -> tuple[int, list[Any]]:
+        journal.start()
+        calls = [asyncio.ensure_future(journal.write(dict(row))) for row in rows]
+        while not committing.is_set():
+            await asyncio.sleep(0.005)
+        await journal.stop()
+        _, pending = await asyncio.wait(calls, timeout=5)
+        for call in pending:
+            call.cancel()
+        return len(pending), [call.result() for call in calls if call not in pending]
+
+    unanswered, outcomes = harness.run(write_then_stop())
+    assert unanswered == 0
+    assert outcomes == [None] * len(rows)
+    assert len(stored(harness, *(row["authorization_id"] for row in rows))) == len(rows)

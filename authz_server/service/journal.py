@@ -109,6 +109,9 @@ class Journal:
         self.queue: list[tuple[dict[str, Any], asyncio.Future[Written]]] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        # Held by the background task while it flushes, so stop() never cancels it inside a
+        # commit (that batch's callers would be left unanswered).
+        self.flushing = asyncio.Lock()
         self.observe = metrics.BatchObserver("journal")
         self.waited = metrics.journal_wait_seconds.observe
         # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key answered before
@@ -213,14 +216,18 @@ class Journal:
             await self.wakeup.wait()
             self.wakeup.clear()
             try:
-                await self.flush()
+                async with self.flushing:
+                    await self.flush()
             except Exception:
                 log.exception("journal flush failed")
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
+        """Stops the background task after the batch it is committing is answered, then
+        writes what is left (Application.stop bounds the wait)."""
         if self.task is not None:
-            self.task.cancel()
+            async with self.flushing:
+                self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         try:
             await self.flush()
