@@ -259,3 +259,46 @@ def test_records_handed_in_from_another_thread_do_not_stop_the_journal(
             await client.close()
 
     assert asyncio.run(scenario()) is None
+
+
+def test_an_audit_flush_returns_once_the_writer_committed_the_records(
+    tmp_path: Path, lossy: Harness
+) -> None:
+    """RemoteAudit.flush is AuditTrail.flush's contract: the records recorded before it are in
+    SQL when it returns (sent ahead of the flush frame, which the writer answers after its
+    audit trail's flush); and it fails UNAVAILABLE, not hangs, when the writer dies under it."""
+    from authz_server.domain.errors import Unavailable
+    from authz_server.service.audit_trail import AuditRecord
+
+    person = new_id("flushed")
+
+    async def scenario() -> tuple[int, Any]:
+        client = _client(tmp_path, lossy)
+        try:
+            now = datetime.now(UTC)
+            client.audit.record(
+                [
+                    AuditRecord(now, person, "admin", "a-1", "token:t", "rpc", "", f"x{n}", "OK")
+                    for n in range(50)
+                ]
+            )
+            written = await asyncio.wait_for(client.audit.flush(), 20)
+            assert client.process is not None
+            os.kill(client.process.pid, signal.SIGSTOP)
+            hung = asyncio.ensure_future(client.audit.flush())
+            await asyncio.sleep(0.2)
+            os.kill(client.process.pid, signal.SIGKILL)
+            failed = await asyncio.wait_for(asyncio.gather(hung, return_exceptions=True), 20)
+            return written, failed[0]
+        finally:
+            await client.close()
+
+    written, failed = asyncio.run(scenario())
+    assert written == 50
+    assert isinstance(failed, Unavailable), failed
+    count = lossy.app.database.transaction(
+        lambda session: session.scalar(
+            select(func.count()).where(AuditRecordRow.person_id == person)
+        )
+    )
+    assert count == 50

@@ -93,6 +93,8 @@ class LedgerClient:
         self.batch_ids = itertools.count(1)
         # batch id -> the futures of its rows, in order
         self.in_flight: dict[int, list[asyncio.Future[Written]]] = {}
+        # batch id -> the future of an audit flush (RemoteAudit.flush)
+        self.audit_flushes: dict[int, asyncio.Future[Any]] = {}
         self.rows: list[dict[str, Any]] = []
         self.futures: list[asyncio.Future[Written]] = []
         self.records: deque[AuditRecord] = deque()
@@ -173,17 +175,16 @@ class LedgerClient:
         try:
             while True:
                 batch_id, outcomes = await read_frame(reader)
+                audit_flush = self.audit_flushes.pop(batch_id, None)
+                if audit_flush is not None:
+                    _settle(audit_flush, outcomes[0])
+                    continue
                 futures = self.in_flight.pop(batch_id, None)
                 self._stop_frame_timer()
                 if futures is None:  # never: the writer answers what it was sent
                     raise ConnectionError(f"an answer to batch {batch_id}, never sent")
                 for future, outcome in zip(futures, outcomes, strict=True):
-                    if future.done():
-                        continue
-                    if isinstance(outcome, BaseException):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                    _settle(future, outcome)
                 if self.rows:
                     self._schedule_flush()
         except asyncio.CancelledError:
@@ -201,10 +202,10 @@ class LedgerClient:
         self.stream = None
         self._stop_frame_timer()
         in_flight, self.in_flight = self.in_flight, {}
-        for futures in in_flight.values():
+        audit_flushes, self.audit_flushes = self.audit_flushes, {}
+        for futures in [*in_flight.values(), list(audit_flushes.values())]:
             for future in futures:
-                if not future.done():
-                    future.set_exception(error)
+                _settle(future, error)
         if self.rows:  # queued behind the frame lost: sent on the next connection, or failed
             self._schedule_flush()
 
@@ -319,6 +320,16 @@ class LedgerClient:
                 self.command.socket.parent.rmdir()
 
 
+def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    """An answer from the writer (or the connection's loss) to a caller still waiting."""
+    if future.done():  # the caller stopped waiting (its deadline)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class RemoteJournal:
     """Journal's contract (service/journal.py), written by the ledger writer."""
 
@@ -377,6 +388,28 @@ class RemoteAudit:
     def record(self, records: list[AuditRecord]) -> None:
         buffer_within_bound(self.client.records, records, "ledger writer away?")
         self.client._schedule_flush()
+
+    async def flush(self) -> int:
+        """AuditTrail.flush's contract: returns once the records recorded so far are committed
+        (the writer's count of records written); raises Unavailable when the writer cannot say
+        within FRAME_DEADLINE_SECONDS."""
+        client = self.client
+        client.loop = client.loop or asyncio.get_running_loop()
+        stream = await client.ready()
+        while client.records:  # sent ahead of the flush frame, which the writer reads after
+            records = list(client.records)
+            client.records.clear()
+            stream.write(frame(("audit", records)))
+        batch_id = next(client.batch_ids)
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        client.audit_flushes[batch_id] = answer
+        stream.write(frame(("audit_flush", batch_id)))
+        try:
+            return int(await asyncio.wait_for(answer, FRAME_DEADLINE_SECONDS))
+        except TimeoutError as error:
+            raise Unavailable("the ledger writer did not answer an audit flush") from error
+        finally:
+            client.audit_flushes.pop(batch_id, None)
 
     async def stop(self) -> None:
         await self.client.close()

@@ -5,7 +5,9 @@ trust in itself.
 
 Worker -> writer:  ("journal", batch id, [row, ...])   each row as Journal.write takes it
                    ("audit", [AuditRecord, ...])        fire and forget
+                   ("audit_flush", batch id)            the records sent so far, committed
 Writer -> worker:  (batch id, [outcome, ...])           None, a StoredDecision, or an error
+                                                        (an audit flush: [records written])
 """
 
 from __future__ import annotations

@@ -60,6 +60,10 @@ class LedgerWriter:
                     task.add_done_callback(self.batches.discard)
                 elif message[0] == "audit":
                     self.audit.record(message[1])
+                elif message[0] == "audit_flush":
+                    task = asyncio.create_task(self._audit_flush(message[1], writer))
+                    self.batches.add(task)
+                    task.add_done_callback(self.batches.discard)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass  # the worker went away, or the writer is stopping
         finally:
@@ -74,6 +78,17 @@ class LedgerWriter:
         )
         if not writer.is_closing():
             writer.write(frame((batch_id, [portable(outcome) for outcome in outcomes])))
+
+    async def _audit_flush(self, batch_id: int, writer: asyncio.StreamWriter) -> None:
+        """The records received before this frame (record() took them as they came), and any
+        others held, committed; answered with the count written or the error."""
+        outcome: object
+        try:
+            outcome = await self.audit.flush()
+        except Exception as error:
+            outcome = portable(error)
+        if not writer.is_closing():
+            writer.write(frame((batch_id, [outcome])))
 
     async def stop(self) -> None:
         """Takes no more frames, answers the batches it has, writes what it holds."""

@@ -82,6 +82,10 @@ class AuditSink(Protocol):
 
     def record(self, records: list[AuditRecord]) -> None: ...
 
+    async def flush(self) -> int:
+        """Returns once the records recorded so far are committed; the count written."""
+        ...
+
 
 class AuditTrail:
     def __init__(self, database: Database) -> None:
