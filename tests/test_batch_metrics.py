@@ -9,7 +9,6 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
-from authz_server.settings import Settings
 from tests.test_authorization_rules import (
     HOSPITAL,
     MEDICAL,
@@ -22,9 +21,8 @@ from tests.test_authorization_rules import (
 )
 
 # With MEDWALLET_LEDGER_WRITER=process the journal's and the audit trail's batches are the ledger
-# writer process's (its own metrics), not this process's.
-IN_PROCESS = Settings.from_environment().ledger_writer == "thread"
-WRITERS = ("journal", "captures", "refunds", "audit") if IN_PROCESS else ("captures", "refunds")
+# writer process's, forwarded to this one (authz_server/ledger/forwarded_metrics.py).
+WRITERS = ("journal", "captures", "refunds", "audit")
 
 
 def _batches(writer: str) -> tuple[float, float, float]:

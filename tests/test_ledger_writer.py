@@ -302,3 +302,50 @@ def test_an_audit_flush_returns_once_the_writer_committed_the_records(
         )
     )
     assert count == 50
+
+
+def test_the_writers_metrics_are_counted_by_its_worker(
+    lossy: Harness, stubs: Any, families: list[tuple[str, str]]
+) -> None:
+    """The writer's journal and audit batches, and its audit records, appear in the worker's
+    series within a few seconds (forwarded_metrics.py): an SRE sees the same series in either
+    mode."""
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    def now() -> tuple[float, ...]:
+        return (
+            sample("medwallet_group_commit_batch_size_count", writer="journal"),
+            sample("medwallet_group_commit_batch_size_sum", writer="journal"),
+            sample("medwallet_sql_commit_seconds_count", writer="audit"),
+            sample("medwallet_audit_records_total"),
+        )
+
+    before = now()
+    _, _, authorizations, _ = stubs
+    beneficiary, _ = families[1]
+    for _ in range(3):
+        answer = authorizations.Authorize(
+            pb.AuthorizeRequest(
+                idempotency_key=new_id("metrics"),
+                beneficiary_id=beneficiary,
+                purpose=MEDICAL,  # type: ignore[arg-type]
+                amount_fen=100,
+            ),
+            metadata=HOSPITAL,
+            timeout=10,
+        )
+        assert answer.decision == pb.DECISION_APPROVED
+    deadline = time.monotonic() + 15
+    while True:
+        after = now()
+        journal_batches, journal_rows, audit_batches, audit_records = (
+            a - b for a, b in zip(after, before, strict=True)
+        )
+        if (journal_rows >= 3 and audit_records >= 3) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert journal_rows >= 3 and journal_batches >= 1, after
+    assert audit_records >= 3 and audit_batches >= 1, after

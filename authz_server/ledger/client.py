@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from authz_server.domain.errors import Unavailable
+from authz_server.ledger.forwarded_metrics import WorkerMetrics
 from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, read_frame
 from authz_server.observability import metrics
 from authz_server.service.audit_trail import AuditRecord, buffer_within_bound
@@ -106,6 +107,7 @@ class LedgerClient:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # referenced until done
         self.killed = False  # the writer was killed here and may not be reaped yet
+        self.metrics = WorkerMetrics()  # the writer's, added to this worker's series
         self.closed = False
         self.journal = RemoteJournal(self)
         self.audit = RemoteAudit(self)
@@ -144,8 +146,9 @@ class LedgerClient:
         with contextlib.suppress(FileNotFoundError):
             self.command.socket.unlink()
         # Its own session: a Ctrl-C or a unit's stop signal goes to the workers, which stop
-        # their writers once their calls are done. Its metrics stay its own (not the workers'
-        # multiprocess files: the journal's wait is counted by the worker, RemoteJournal).
+        # their writers once their calls are done. Its metrics are not written to the workers'
+        # multiprocess files (each update through a memory-mapped file): it sends them to its
+        # worker (forwarded_metrics.py).
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         return await asyncio.create_subprocess_exec(
             *self.command.arguments(), env=env, start_new_session=True
@@ -175,6 +178,9 @@ class LedgerClient:
         try:
             while True:
                 batch_id, outcomes = await read_frame(reader)
+                if batch_id == "metrics":
+                    self.metrics.add(outcomes)
+                    continue
                 audit_flush = self.audit_flushes.pop(batch_id, None)
                 if audit_flush is not None:
                     _settle(audit_flush, outcomes[0])

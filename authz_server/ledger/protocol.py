@@ -8,6 +8,7 @@ Worker -> writer:  ("journal", batch id, [row, ...])   each row as Journal.write
                    ("audit_flush", batch id)            the records sent so far, committed
 Writer -> worker:  (batch id, [outcome, ...])           None, a StoredDecision, or an error
                                                         (an audit flush: [records written])
+                   ("metrics", Changes)                 every second (forwarded_metrics.py)
 """
 
 from __future__ import annotations

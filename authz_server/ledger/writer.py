@@ -7,7 +7,8 @@
 The journal's rules are unchanged: its transactions take the rebuild's fence and read the
 published generation from Redis themselves (storage/sql/journal_fence.py), so a rebuild started
 by any worker waits for them as before. SIGTERM: stops taking frames, writes what it holds,
-exits. Its metrics are not exported (the worker counts the journal's wait itself).
+exits. Its metrics are sent to its worker, which exports them (forwarded_metrics.py); the
+journal's wait is the worker's own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 from pathlib import Path
 
 from authz_server.domain.errors import Unavailable
+from authz_server.ledger.forwarded_metrics import FORWARD_SECONDS, WriterMetrics
 from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, portable, read_frame
 from authz_server.observability import logs
 from authz_server.runtime import event_loop
@@ -40,6 +42,9 @@ class LedgerWriter:
         self.redis = redis
         self.journal = Journal(database, functools.partial(published_generation, redis))
         self.audit = AuditTrail(database)
+        self.metrics = WriterMetrics()
+        self.journal.observe = self.metrics.observer("journal")
+        self.audit.observe = self.metrics.observer("audit")
         self.batches: set[asyncio.Task[None]] = set()
         self.streams: set[asyncio.StreamWriter] = set()
 
@@ -90,6 +95,17 @@ class LedgerWriter:
         if not writer.is_closing():
             writer.write(frame((batch_id, [outcome])))
 
+    async def forward_metrics(self) -> None:
+        """Every FORWARD_SECONDS, what its metrics did, to its worker (one connection at a time:
+        a worker's reconnect closes the last)."""
+        while True:
+            await asyncio.sleep(FORWARD_SECONDS)
+            streams = [stream for stream in self.streams if not stream.is_closing()]
+            if streams:
+                changes = self.metrics.take()
+                if changes:
+                    streams[-1].write(frame(("metrics", changes)))
+
     async def stop(self) -> None:
         """Takes no more frames, answers the batches it has, writes what it holds."""
         for stream in list(self.streams):
@@ -135,10 +151,12 @@ async def serve(
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stopping.set)
     watch = loop.create_task(_while_alive(parent_pid, stopping)) if parent_pid else None
+    forwarding = loop.create_task(ledger.forward_metrics())
     log.info("ledger writer serving on %s", socket)
     await stopping.wait()
     if watch is not None:
         watch.cancel()
+    forwarding.cancel()
     server.close()
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -94,7 +95,8 @@ class AuditTrail:
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.flushing = asyncio.Lock()
-        self.observe = metrics.BatchObserver("audit")
+        # (size, seconds) of each batch; a ledger writer process forwards them to its worker
+        self.observe: Callable[[int, float], None] = metrics.BatchObserver("audit")
         # the DBAPI's executemany, as the journal writes: the ORM's bulk insert was a seventh
         # of the SQL thread's samples in an Authorize profile (loadtest/RESULTS.md)
         self._insert = BulkInsert.of(

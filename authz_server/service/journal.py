@@ -112,7 +112,8 @@ class Journal:
         # Held by the background task while it flushes, so stop() never cancels it inside a
         # commit (that batch's callers would be left unanswered).
         self.flushing = asyncio.Lock()
-        self.observe = metrics.BatchObserver("journal")
+        # (size, seconds) of each batch; a ledger writer process forwards them to its worker
+        self.observe: Callable[[int, float], None] = metrics.BatchObserver("journal")
         self.waited = metrics.journal_wait_seconds.observe
         # ON CONFLICT DO NOTHING: a replayed decision is journaled once; a key answered before
         # under another authorization id is kept out by the unique (merchant, key) index and
