@@ -6,7 +6,9 @@ or system share is work the event loop waits on or hands over.
 Read from /proc (Linux): each thread's user and system time and its name. The service names its
 own threads for the kernel (authz_server/observability/thread_names.py: "mw-sql", "mw-log");
 gRPC's EventEngine threads are "event_engine"; the rest (gRPC's poller, the metrics server) keep
-the process's name. Elsewhere the figures are left out.
+the process's name. A ledger writer process (MEDWALLET_LEDGER_WRITER=process) names its main
+thread "mw-ledger": all its threads count as "ledger writer", apart from the workers' (and its
+event loop is not one of the "busiest event loop" candidates). Elsewhere the figures are left out.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ SQL = "SQL"
 GRPC_ENGINE = "gRPC engine"
 LOG_WRITER = "log writer"
 OTHER = "gRPC poller, other"
-CLASSES = (EVENT_LOOP, SQL, GRPC_ENGINE, OTHER, LOG_WRITER)
+LEDGER_WRITER = "ledger writer"
+CLASSES = (EVENT_LOOP, SQL, GRPC_ENGINE, OTHER, LOG_WRITER, LEDGER_WRITER)
+# the main thread's name in a ledger writer process (authz_server/ledger/writer.py)
+LEDGER_WRITER_THREAD = "mw-ledger"
 
 
 def kind(pid: int, tid: int, name: str) -> str:
@@ -74,7 +79,8 @@ def python_processes(root_pid: int) -> list[int]:
     found = []
     for process in processes:
         try:
-            if "python" in process.name().lower() or "medwallet" in process.name().lower():
+            name = process.name().lower()
+            if "python" in name or "medwallet" in name or name == LEDGER_WRITER_THREAD:
                 found.append(process.pid)
         except psutil.NoSuchProcess:
             continue
@@ -91,12 +97,14 @@ def snapshot(root_pid: int) -> Snapshot:
             tids = [int(entry) for entry in os.listdir(PROC / str(pid) / "task")]
         except OSError:
             continue
+        main = _thread_times(pid, pid)
+        writer = main is not None and main[0] == LEDGER_WRITER_THREAD
         for tid in tids:
             times = _thread_times(pid, tid)
             if times is None:
                 continue
             name, user, system = times
-            thread_kind = kind(pid, tid, name)
+            thread_kind = LEDGER_WRITER if writer else kind(pid, tid, name)
             was_user, was_system = taken.seconds.get(thread_kind, (0.0, 0.0))
             taken.seconds[thread_kind] = (was_user + user, was_system + system)
             if thread_kind == EVENT_LOOP:

@@ -77,3 +77,43 @@ def test_no_figures_without_operations() -> None:
     taken = thread_cpu.snapshot(os.getpid())
     assert thread_cpu.during(taken, taken, operations=0) == {}
     assert os_name("a-very-long-purpose-name") == b"mw-a-very-long-"
+
+
+def test_a_ledger_writer_process_is_charged_apart_from_the_workers() -> None:
+    """A child process whose main thread is "mw-ledger" (authz_server/ledger/writer.py): its
+    CPU goes to "ledger writer", not to "event loop", and it is no "busiest event loop"."""
+    import subprocess
+
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from authz_server.observability.thread_names import name_this_thread\n"
+            "name_this_thread('ledger')\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "end = time.thread_time() + 0.4\n"
+            "while time.thread_time() < end: pass\n"
+            "print('spun', flush=True)\n"
+            "sys.stdin.readline()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready"
+        before = thread_cpu.snapshot(os.getpid())
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "spun"
+        after = thread_cpu.snapshot(os.getpid())  # alive still: its times are readable
+        child.stdin.write("leave\n")
+        child.stdin.flush()
+    finally:
+        child.wait(10)
+    figures = thread_cpu.during(before, after, operations=1000)
+    assert 300 <= figures[thread_cpu.LEDGER_WRITER] <= 600
+    assert child.pid not in after.event_loops

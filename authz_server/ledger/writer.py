@@ -25,7 +25,7 @@ from pathlib import Path
 from authz_server.domain.errors import Unavailable
 from authz_server.ledger.forwarded_metrics import FORWARD_SECONDS, WriterMetrics
 from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, portable, read_frame
-from authz_server.observability import logs
+from authz_server.observability import logs, thread_names
 from authz_server.runtime import event_loop
 from authz_server.service.audit_trail import AuditTrail
 from authz_server.service.journal import Journal
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=0, help="stop when it is gone")
     arguments = parser.parse_args(argv)
     logs.configure(arguments.log_level)
+    # "mw-ledger" for top -H, ps -L and the benchmark's CPU by thread (loadtest/thread_cpu.py)
+    thread_names.name_this_thread("ledger")
     try:
         event_loop.run(
             serve(arguments.socket, arguments.database_url, arguments.redis_url,
