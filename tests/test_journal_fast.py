@@ -254,3 +254,47 @@ def test_a_stop_during_a_commit_answers_that_batch(
     assert unanswered == 0
     assert outcomes == [None] * len(rows)
     assert len(stored(harness, *(row["authorization_id"] for row in rows))) == len(rows)
+
+
+def test_a_stop_while_decisions_keep_coming_ends(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows still arriving as fast as batches commit (calls a stop step that overran left
+    running) do not hold the stop: after stop() begins a write is refused UNAVAILABLE, what was
+    queued is written, and the background task ends."""
+    journal = Journal(harness.app.database)
+    real_write = Journal._write
+
+    def slow(self: Journal, connection: Connection, *, rows: list[dict[str, Any]]) -> Any:
+        time.sleep(0.05)  # a 50 ms commit
+        return real_write(self, connection, rows=rows)
+
+    monkeypatch.setattr(Journal, "_write", slow)
+
+    async def scenario() -> tuple[bool, bool, list[Any]]:
+        journal.start()
+        calls: list[asyncio.Future[Any]] = []
+
+        async def producer() -> None:  # a decision every 10 ms
+            while True:
+                calls.append(asyncio.ensure_future(journal.write(decision())))
+                await asyncio.sleep(0.01)
+
+        feeding = asyncio.ensure_future(producer())
+        await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(journal.stop(), 3)
+            stopped = True
+        except TimeoutError:
+            stopped = False
+        assert journal.task is not None
+        ended = journal.task.done()
+        feeding.cancel()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        return stopped, ended, outcomes
+
+    stopped, ended, outcomes = harness.run(scenario())
+    assert stopped and ended
+    assert all(outcome is None or isinstance(outcome, Unavailable) for outcome in outcomes)
+    assert any(outcome is None for outcome in outcomes)
+    assert isinstance(outcomes[-1], Unavailable)  # asked after the stop began

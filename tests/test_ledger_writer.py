@@ -349,3 +349,40 @@ def test_the_writers_metrics_are_counted_by_its_worker(
         time.sleep(0.2)
     assert journal_rows >= 3 and journal_batches >= 1, after
     assert audit_records >= 3 and audit_batches >= 1, after
+
+
+def test_an_audit_flush_answered_after_its_caller_gave_up_fails_nothing(
+    tmp_path: Path, lossy: Harness
+) -> None:
+    """A slow writer answers an audit flush its caller stopped waiting for: the answer is
+    dropped, not taken for a broken connection (which would fail the journal rows in flight on
+    it, answered UNAVAILABLE though committed)."""
+    from authz_server.domain.errors import Unavailable
+    from authz_server.service.audit_trail import AuditRecord
+
+    row = _row()
+
+    async def scenario() -> Any:
+        client = _client(tmp_path, lossy)
+        try:
+            await client.journal.write(_row())  # started, answering
+            now = datetime.now(UTC)
+            client.audit.record(
+                [AuditRecord(now, "p", "admin", "a", "token:t", "rpc", "", "x", "OK")]
+            )
+            assert client.process is not None
+            os.kill(client.process.pid, signal.SIGSTOP)  # slow (SQL slow, say)
+            with pytest.raises((TimeoutError, Unavailable)):
+                await asyncio.wait_for(client.audit.flush(), 0.3)  # the caller gives up
+            write = asyncio.ensure_future(client.journal.write(dict(row)))
+            await asyncio.sleep(0.2)  # its frame sent, behind the audit flush's
+            os.kill(client.process.pid, signal.SIGCONT)
+            return (await asyncio.wait_for(asyncio.gather(write, return_exceptions=True), 20))[0]
+        finally:
+            await client.close()
+
+    assert asyncio.run(scenario()) is None
+    stored = lossy.app.database.transaction(
+        lambda session: session.get(AuthorizationRow, row["authorization_id"])
+    )
+    assert stored is not None

@@ -96,6 +96,8 @@ class LedgerClient:
         self.in_flight: dict[int, list[asyncio.Future[Written]]] = {}
         # batch id -> the future of an audit flush (RemoteAudit.flush)
         self.audit_flushes: dict[int, asyncio.Future[Any]] = {}
+        # audit flushes whose caller stopped waiting: their answers, when they come, are dropped
+        self.abandoned_audit_flushes: set[int] = set()
         self.rows: list[dict[str, Any]] = []
         self.futures: list[asyncio.Future[Written]] = []
         self.records: deque[AuditRecord] = deque()
@@ -179,11 +181,14 @@ class LedgerClient:
             while True:
                 batch_id, outcomes = await read_frame(reader)
                 if batch_id == "metrics":
-                    self.metrics.add(outcomes)
+                    self._add_metrics(outcomes)
                     continue
                 audit_flush = self.audit_flushes.pop(batch_id, None)
                 if audit_flush is not None:
                     _settle(audit_flush, outcomes[0])
+                    continue
+                if batch_id in self.abandoned_audit_flushes:
+                    self.abandoned_audit_flushes.discard(batch_id)
                     continue
                 futures = self.in_flight.pop(batch_id, None)
                 self._stop_frame_timer()
@@ -200,6 +205,13 @@ class LedgerClient:
         finally:
             self._lost(error)
 
+    def _add_metrics(self, changes: Any) -> None:
+        """The writer's metrics, added here; never a reason to drop the connection."""
+        try:
+            self.metrics.add(changes)
+        except Exception:
+            log.exception("ledger writer's metrics not counted")
+
     def _lost(self, error: BaseException) -> None:
         """The connection's end (only its reader calls this, and close()): every row in flight
         on it fails, its commit not known."""
@@ -209,6 +221,7 @@ class LedgerClient:
         self._stop_frame_timer()
         in_flight, self.in_flight = self.in_flight, {}
         audit_flushes, self.audit_flushes = self.audit_flushes, {}
+        self.abandoned_audit_flushes.clear()  # never answered on another connection
         for futures in [*in_flight.values(), list(audit_flushes.values())]:
             for future in futures:
                 _settle(future, error)
@@ -415,7 +428,9 @@ class RemoteAudit:
         except TimeoutError as error:
             raise Unavailable("the ledger writer did not answer an audit flush") from error
         finally:
-            client.audit_flushes.pop(batch_id, None)
+            if client.audit_flushes.pop(batch_id, None) is not None:
+                # given up on (its deadline, a cancelled caller): its late answer is dropped
+                client.abandoned_audit_flushes.add(batch_id)
 
     async def stop(self) -> None:
         await self.client.close()

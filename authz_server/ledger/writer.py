@@ -47,12 +47,15 @@ class LedgerWriter:
         self.audit.observe = self.metrics.observer("audit")
         self.batches: set[asyncio.Task[None]] = set()
         self.streams: set[asyncio.StreamWriter] = set()
+        # the worker's latest connection: where its metrics go (an older one may be closing)
+        self.newest: asyncio.StreamWriter | None = None
 
     async def connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One worker's frames, until it goes away. A journal batch runs on by itself: its rows
         may commit after the worker stopped waiting (it answered them UNAVAILABLE; the till's
         retry finds the row, as after a lost SQL connection)."""
         self.streams.add(writer)
+        self.newest = writer
         try:
             while True:
                 message = await read_frame(reader)
@@ -96,15 +99,18 @@ class LedgerWriter:
             writer.write(frame((batch_id, [outcome])))
 
     async def forward_metrics(self) -> None:
-        """Every FORWARD_SECONDS, what its metrics did, to its worker (one connection at a time:
-        a worker's reconnect closes the last)."""
+        """Every FORWARD_SECONDS, what its metrics did, to its worker's latest connection."""
         while True:
             await asyncio.sleep(FORWARD_SECONDS)
-            streams = [stream for stream in self.streams if not stream.is_closing()]
-            if streams:
+            stream = self.newest
+            if stream is None or stream.is_closing():
+                continue  # kept until the worker is connected again
+            try:
                 changes = self.metrics.take()
                 if changes:
-                    streams[-1].write(frame(("metrics", changes)))
+                    stream.write(frame(("metrics", changes)))
+            except Exception:
+                log.exception("ledger writer: metrics not sent")
 
     async def stop(self) -> None:
         """Takes no more frames, answers the batches it has, writes what it holds."""

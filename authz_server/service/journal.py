@@ -112,6 +112,8 @@ class Journal:
         # Held by the background task while it flushes, so stop() never cancels it inside a
         # commit (that batch's callers would be left unanswered).
         self.flushing = asyncio.Lock()
+        # Set by stop(): no row is taken after it, so what is queued is finite and is written.
+        self.stopping = False
         # (size, seconds) of each batch; a ledger writer process forwards them to its worker
         self.observe: Callable[[int, float], None] = metrics.BatchObserver("journal")
         self.waited = metrics.journal_wait_seconds.observe
@@ -123,6 +125,7 @@ class Journal:
         )
 
     def start(self) -> None:
+        self.stopping = False
         self.loop = asyncio.get_running_loop()
         self.task = self.loop.create_task(self._run(), name="journal")
 
@@ -132,6 +135,8 @@ class Journal:
         Raises Unavailable when SQL does not take it."""
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+        if self.stopping:
+            raise Unavailable("the decision journal is stopping; retry")
         if len(self.queue) >= MAX_QUEUED:
             metrics.journal_rejected.inc()
             raise Unavailable("the decision journal is too far behind; retry")
@@ -224,10 +229,16 @@ class Journal:
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> None:
-        """Stops the background task after the batch it is committing is answered, then
-        writes what is left (Application.stop bounds the wait)."""
+        """Takes no more rows (a write answers UNAVAILABLE), lets the background task answer
+        the batches it is committing (at most what was queued: MAX_QUEUED), stops it, then
+        writes what is left. Application.stop bounds the wait; given up, the task is cancelled
+        all the same."""
+        self.stopping = True
         if self.task is not None:
-            async with self.flushing:
+            try:
+                async with self.flushing:
+                    self.task.cancel()
+            finally:
                 self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         try:
