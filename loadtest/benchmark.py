@@ -149,6 +149,8 @@ class Run:
     profiles: list[str] = field(default_factory=list)
     # system -> PEM CA of its TLS certificate (loadtest/security_phases.py)
     tls_roots: dict[str, bytes] = field(default_factory=dict)
+    # the charts this run drew in --out (benchmark.png, variants.png, security.png)
+    charts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data = self.directory / "data"
@@ -1039,6 +1041,7 @@ def chart(run: Run, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    run.charts.append(path.name)
 
 
 def write_results(run: Run, command: str, started: datetime) -> dict[str, Any]:
@@ -1246,8 +1249,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(directory, ignore_errors=True)
     document = write_results(run, command.strip(), started_at)
     failed = report(run, document, started_at)
+    charts = " and ".join(run.charts) or "no chart"
     print(f"run took {time.monotonic() - started:.0f}s; results in {arguments.out}/benchmark.json"
-          f" and benchmark.png")  # fmt: skip
+          f" and {charts}")  # fmt: skip
     return 1 if failed else 0
 
 

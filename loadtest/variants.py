@@ -143,6 +143,7 @@ def _measure_variants(
     arguments.out.mkdir(parents=True, exist_ok=True)
     try:
         chart(figures, arguments.out / f"{label}.png", run.workers)
+        run.charts.append(f"{label}.png")
     except ImportError as error:  # the figures count more than their picture
         log(f"no chart drawn ({error}); the figures are in benchmark.json")
     return figures

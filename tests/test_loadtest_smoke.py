@@ -207,7 +207,9 @@ def test_benchmark_measures_the_service_on_one_node_and_on_a_cluster(tmp_path: P
 
 
 @pytest.mark.timeout(600)
-def test_variants_alternate_settings_and_checkouts(tmp_path: Path) -> None:
+def test_variants_alternate_settings_and_checkouts(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """`benchmark --systems variants` at a tiny size: a variant with a setting and one whose code
     comes from a checkout (this one, as another commit's worktree would be) are each measured in
     every round; the summary has each one's median and every repeat, and variants.png is
@@ -220,6 +222,8 @@ def test_variants_alternate_settings_and_checkouts(tmp_path: Path) -> None:
         "--variant-phases", "Authorize/uniform,Authorize+Capture/uniform",
     ]  # fmt: skip
     assert benchmark.main(arguments) == 0
+    closing = capfd.readouterr().out.strip().splitlines()[-1]
+    assert closing.endswith("benchmark.json and variants.png"), closing  # the chart it drew
     document = json.loads((tmp_path / "benchmark.json").read_text())
     for phase in ("Authorize uniform", "Authorize+Capture uniform"):
         figures = document["checks"]["variants"][phase]
@@ -280,6 +284,7 @@ def test_the_figures_are_written_without_matplotlib(
         json.dumps(document)
     )
     assert not (tmp_path / "out" / "benchmark.png").exists()
+    assert run.charts == []  # the closing line says "no chart", not a file that is not there
 
 
 def test_py_spy_is_found_where_an_offline_install_puts_it(
