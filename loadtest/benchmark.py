@@ -52,6 +52,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from authz_server.ledger.forwarded_metrics import SEND_AFTER_BATCH_SECONDS
 from authz_server.runtime import event_loop
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
@@ -364,6 +365,9 @@ def measure(
                 raise RuntimeError("a load-generator process died")
     cpu_after = server.cpu()
     threads_after = thread_cpu.snapshot(server.pid)
+    # A ledger writer process (MEDWALLET_LEDGER_WRITER=process) sends its batches' figures to
+    # its worker within SEND_AFTER_BATCH_SECONDS: the phase's last ones are waited for.
+    time.sleep(2 * SEND_AFTER_BATCH_SECONDS)
     metrics_after = sql_batches.fetch(server.metrics_port)
     stores_after = store_pids()
     store_after = cpu_seconds(stores_after, tree=False) if stores_after else None

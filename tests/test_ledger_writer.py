@@ -58,22 +58,27 @@ def writer_pid(lossy: Harness) -> int:
     return ledger.process.pid
 
 
-def test_payments_go_through_the_ledger_writer(
-    lossy: Harness, stubs: Any, families: list[tuple[str, str]]
-) -> None:
+def _authorize(stubs: Any, beneficiary: str, amount_fen: int) -> Any:
+    """An approved Authorize through the served stubs."""
     _, _, authorizations, _ = stubs
-    beneficiary, _ = families[0]
     answer = authorizations.Authorize(
         pb.AuthorizeRequest(
             idempotency_key=new_id("ledger"),
             beneficiary_id=beneficiary,
             purpose=MEDICAL,  # type: ignore[arg-type]
-            amount_fen=1_000,
+            amount_fen=amount_fen,
         ),
         metadata=HOSPITAL,
         timeout=10,
     )
     assert answer.decision == pb.DECISION_APPROVED
+    return answer
+
+
+def test_payments_go_through_the_ledger_writer(
+    lossy: Harness, stubs: Any, families: list[tuple[str, str]]
+) -> None:
+    answer = _authorize(stubs, families[0][0], 1_000)
     assert writer_pid(lossy) != os.getpid()
     database = lossy.app.database
     # The journal's row is committed before the answer; the audit record follows shortly.
@@ -324,20 +329,8 @@ def test_the_writers_metrics_are_counted_by_its_worker(
         )
 
     before = now()
-    _, _, authorizations, _ = stubs
-    beneficiary, _ = families[1]
     for _ in range(3):
-        answer = authorizations.Authorize(
-            pb.AuthorizeRequest(
-                idempotency_key=new_id("metrics"),
-                beneficiary_id=beneficiary,
-                purpose=MEDICAL,  # type: ignore[arg-type]
-                amount_fen=100,
-            ),
-            metadata=HOSPITAL,
-            timeout=10,
-        )
-        assert answer.decision == pb.DECISION_APPROVED
+        _authorize(stubs, families[1][0], 100)
     deadline = time.monotonic() + 15
     while True:
         after = now()

@@ -32,7 +32,7 @@ from authz_server.ledger.forwarded_metrics import WorkerMetrics
 from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, read_frame
 from authz_server.observability import metrics
 from authz_server.service.audit_trail import AuditRecord, buffer_within_bound
-from authz_server.service.journal import MAX_QUEUED, Written
+from authz_server.service.journal import MAX_QUEUED, Written, settle
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class LedgerClient:
                     continue
                 audit_flush = self.audit_flushes.pop(batch_id, None)
                 if audit_flush is not None:
-                    _settle(audit_flush, outcomes[0])
+                    settle(audit_flush, outcomes[0])
                     continue
                 if batch_id in self.abandoned_audit_flushes:
                     self.abandoned_audit_flushes.discard(batch_id)
@@ -195,7 +195,7 @@ class LedgerClient:
                 if futures is None:  # never: the writer answers what it was sent
                     raise ConnectionError(f"an answer to batch {batch_id}, never sent")
                 for future, outcome in zip(futures, outcomes, strict=True):
-                    _settle(future, outcome)
+                    settle(future, outcome)
                 if self.rows:
                     self._schedule_flush()
         except asyncio.CancelledError:
@@ -224,7 +224,7 @@ class LedgerClient:
         self.abandoned_audit_flushes.clear()  # never answered on another connection
         for futures in [*in_flight.values(), list(audit_flushes.values())]:
             for future in futures:
-                _settle(future, error)
+                settle(future, error)
         if self.rows:  # queued behind the frame lost: sent on the next connection, or failed
             self._schedule_flush()
 
@@ -337,16 +337,6 @@ class LedgerClient:
         if self.command.socket.parent.name.startswith(PRIVATE_DIRECTORY_PREFIX):
             with contextlib.suppress(OSError):
                 self.command.socket.parent.rmdir()
-
-
-def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
-    """An answer from the writer (or the connection's loss) to a caller still waiting."""
-    if future.done():  # the caller stopped waiting (its deadline)
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
 
 
 class RemoteJournal:

@@ -23,7 +23,11 @@ import signal
 from pathlib import Path
 
 from authz_server.domain.errors import Unavailable
-from authz_server.ledger.forwarded_metrics import FORWARD_SECONDS, WriterMetrics
+from authz_server.ledger.forwarded_metrics import (
+    FORWARD_SECONDS,
+    SEND_AFTER_BATCH_SECONDS,
+    WriterMetrics,
+)
 from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, portable, read_frame
 from authz_server.observability import logs, thread_names
 from authz_server.runtime import event_loop
@@ -42,7 +46,8 @@ class LedgerWriter:
         self.redis = redis
         self.journal = Journal(database, functools.partial(published_generation, redis))
         self.audit = AuditTrail(database)
-        self.metrics = WriterMetrics()
+        self.metrics = WriterMetrics(on_batch=self._send_metrics_soon)
+        self.metrics_send: asyncio.TimerHandle | None = None
         self.journal.observe = self.metrics.observer("journal")
         self.audit.observe = self.metrics.observer("audit")
         self.batches: set[asyncio.Task[None]] = set()
@@ -98,19 +103,33 @@ class LedgerWriter:
         if not writer.is_closing():
             writer.write(frame((batch_id, [outcome])))
 
+    def _send_metrics_soon(self) -> None:
+        """After a batch (on the event loop): its figures go within SEND_AFTER_BATCH_SECONDS."""
+        if self.metrics_send is None:
+            self.metrics_send = asyncio.get_running_loop().call_later(
+                SEND_AFTER_BATCH_SECONDS, self._send_metrics
+            )
+
+    def _send_metrics(self) -> None:
+        """What its metrics did since the last send, to its worker's latest connection."""
+        if self.metrics_send is not None:
+            self.metrics_send.cancel()  # (a no-op when that timer is what runs this)
+            self.metrics_send = None
+        stream = self.newest
+        if stream is None or stream.is_closing():
+            return  # kept until the worker is connected again
+        try:
+            changes = self.metrics.take()
+            if changes:
+                stream.write(frame(("metrics", changes)))
+        except Exception:
+            log.exception("ledger writer: metrics not sent")
+
     async def forward_metrics(self) -> None:
-        """Every FORWARD_SECONDS, what its metrics did, to its worker's latest connection."""
+        """Every FORWARD_SECONDS, whatever changed (batches are sent sooner)."""
         while True:
             await asyncio.sleep(FORWARD_SECONDS)
-            stream = self.newest
-            if stream is None or stream.is_closing():
-                continue  # kept until the worker is connected again
-            try:
-                changes = self.metrics.take()
-                if changes:
-                    stream.write(frame(("metrics", changes)))
-            except Exception:
-                log.exception("ledger writer: metrics not sent")
+            self._send_metrics()
 
     async def stop(self) -> None:
         """Takes no more frames, answers the batches it has, writes what it holds."""

@@ -281,9 +281,14 @@ def _answer(
     futures: list[asyncio.Future[Written]], outcomes: Sequence[Written | BaseException]
 ) -> None:
     for future, outcome in zip(futures, outcomes, strict=True):
-        if future.done():  # the caller stopped waiting (its deadline)
-            continue
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
+        settle(future, outcome)
+
+
+def settle(future: asyncio.Future[Any], outcome: Any) -> None:
+    """An outcome (an error: raised to the caller) to a caller still waiting."""
+    if future.done():  # the caller stopped waiting (its deadline)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
