@@ -6,6 +6,9 @@ overstate on purpose, straight through a Redis client, as that server did."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -86,3 +89,74 @@ def test_a_ledger_that_paid_out_more_than_was_allocated_is_overstated_drift() ->
     overdrawn = QuotaFigures(available_fen=0, held_fen=-7_400)
     assert drift_of(overdrawn, overdrawn) == Drift(fen=7_400, overstated=True)
     assert drift_of(None, overdrawn) == Drift(fen=7_400, overstated=True)
+
+
+def test_a_restore_whose_reply_was_lost_is_tried_again_and_its_drift_still_counted(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis applied a quota's restore but its reply was lost (a timeout, as on a loaded machine
+    during a server's start): reconcile tries it once more instead of failing the start, and the
+    overstatement it repaired is still reported (measured from the figures read before)."""
+    from authz_server.domain.errors import Unavailable
+
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)
+    app = harness.app
+    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # others' repaired
+    client = harness.admin()
+    try:
+        _raised_available(client, keys.quota(fam.beneficiary_id, relationship_id))
+    finally:
+        client.close()
+    real_restore = app.quotas.restore
+    lost: list[str] = []
+
+    async def reply_lost_once(quota: Any) -> Any:
+        after = await real_restore(quota)
+        if quota.relationship_id == relationship_id and not lost:
+            lost.append(quota.relationship_id)  # applied in Redis; the caller hears nothing
+            raise Unavailable("the quota store did not answer: TimeoutError")
+        return after
+
+    monkeypatch.setattr(app.quotas, "restore", reply_lost_once)
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert lost == [relationship_id]
+    assert (report.drifted, report.drift_fen, report.overstated) == (1, 7_400, 1)
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (15_000, 5_000)
+
+
+@pytest.mark.single_redis  # stops the one redis-server
+def test_reconcile_rides_out_a_redis_stall_shorter_than_a_try_and_its_retry(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """The real redis-server stopped for 0.7 s as reconcile begins (its 0.5 s command timeout
+    passes once): the quotas are tried again and set from the ledger; the start that runs this
+    is not failed by one slow spell."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)
+    app = harness.app
+    client = harness.admin()
+    try:
+        _raised_available(client, keys.quota(fam.beneficiary_id, relationship_id))
+    finally:
+        client.close()
+    process = harness.redis.process
+    assert process is not None
+    os.kill(process.pid, signal.SIGSTOP)
+    resume = threading.Timer(0.7, os.kill, (process.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        report = harness.run(reconcile(app.database, app.quotas, None, harness.clock))
+    finally:
+        resume.join()
+        os.kill(process.pid, signal.SIGCONT)
+    assert report.overstated >= 1
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (15_000, 5_000)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -197,11 +197,30 @@ async def _restore_page(
     return drifts
 
 
+# How long a quota's Redis call waits before its one more try (a dropped connection reconnects).
+RETRY_AFTER_SECONDS = 0.1
+
+
+async def _tried_again(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, once more after RETRY_AFTER_SECONDS when Redis did not answer (Unavailable)."""
+    try:
+        return await call()
+    except Unavailable:
+        await asyncio.sleep(RETRY_AFTER_SECONDS)
+        return await call()
+
+
 async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> Drift | None:
     """Sets one quota to the ledger's figure; returns how it was off (None: it was not;
     _BUSY: left as it was)."""
-    before = await quotas.figures(quota.beneficiary_id, [quota.relationship_id])
-    after = await quotas.restore(quota)
+    before = await _tried_again(
+        lambda: quotas.figures(quota.beneficiary_id, [quota.relationship_id])
+    )
+    # Setting a quota from the ledger again is safe (the same figures, under the same locks):
+    # a reply lost to a timeout (which drops the connection's other commands with it) is tried
+    # once more, not the start failed on one slow reply; the drift is still measured from the
+    # figures read before the first try.
+    after = await _tried_again(lambda: quotas.restore(quota))
     if after is None:
         return _BUSY
     return drift_of(before.get(quota.relationship_id), after)
