@@ -187,13 +187,17 @@ async def _restore_page(
     """QUOTAS_IN_FLIGHT at once: the pipelined connection sends their commands in a few writes
     instead of two round trips per quota (each quota is its own keys, so order is free). Not
     the whole page at once: 2,000 commands queued behind each other could outlast the
-    per-command Redis timeout on a loaded machine."""
+    per-command Redis timeout on a loaded machine. A group with a quota that failed even when
+    tried again ends the page (the caller raises it): the page's row locks are not held through
+    the rest of a Redis outage."""
     drifts: list[Drift | BaseException | None] = []
     for start in range(0, len(page), QUOTAS_IN_FLIGHT):
         drifts += await asyncio.gather(
             *(_reconcile_quota(quotas, quota) for quota in page[start : start + QUOTAS_IN_FLIGHT]),
             return_exceptions=True,
         )
+        if any(isinstance(drift, BaseException) for drift in drifts):
+            break
     return drifts
 
 
@@ -216,10 +220,14 @@ async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> Drift | N
     before = await _tried_again(
         lambda: quotas.figures(quota.beneficiary_id, [quota.relationship_id])
     )
-    # Setting a quota from the ledger again is safe (the same figures, under the same locks):
-    # a reply lost to a timeout (which drops the connection's other commands with it) is tried
-    # once more, not the start failed on one slow reply; the drift is still measured from the
-    # figures read before the first try.
+    # Setting a quota from the ledger again is safe (quota_restore.lua recounts held from the
+    # open holds and sets available from the ledger's figure, under the same row locks): a
+    # reply lost to a timeout (which drops the connection's other commands with it) is tried
+    # once more, not the start failed on one slow reply. The drift is measured from the figures
+    # read before the first try, so it can be misreported when the first try was applied and
+    # a capture moved between the two (an overstatement then reported as busy, or a capture's
+    # finish as drift): rare (a lost reply and a capture of that quota within ~0.6 s), and
+    # before, the start failed and the next one found nothing to report either.
     after = await _tried_again(lambda: quotas.restore(quota))
     if after is None:
         return _BUSY
