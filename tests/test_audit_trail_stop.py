@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 from authz_server.service.audit_trail import AuditRecord, AuditTrail
@@ -49,6 +52,44 @@ def test_a_stop_during_a_flush_writes_each_record_once(tmp_path: Path) -> None:
             ).one()
         )
         assert (rows, distinct) == (RECORDS, RECORDS)
+    finally:
+        database.close()
+        drop_database(url)
+
+
+def test_a_stop_given_up_while_a_flush_runs_still_ends_the_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Application.stop bounds each step: a stop cancelled while it waits for the flush in
+    progress cancels the background task all the same (it would go on flushing after the
+    stop, into a database being closed)."""
+    url = fresh_database(os.environ.get("TEST_DATABASE_URL"), tmp_path)
+    database = Database(url)
+    real_write = AuditTrail._write
+
+    def slow(self: AuditTrail, records: list[AuditRecord], connection: Any) -> None:
+        time.sleep(0.5)  # a commit that outlasts the stop's bound below
+        real_write(self, records, connection)
+
+    monkeypatch.setattr(AuditTrail, "_write", slow)
+    try:
+
+        async def record_then_stop_in_time() -> bool:
+            trail = AuditTrail(database)
+            trail.start()
+            now = datetime.now(UTC)
+            trail.record(
+                [AuditRecord(now, None, "merchant", "m-1", "token:t", "rpc", "", "a1", "OK")]
+            )
+            trail.wake.set()  # flushed now, not in FLUSH_SECONDS
+            await asyncio.sleep(0.1)  # its commit is under way in the SQL thread
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(trail.stop(), 0.1)
+            assert trail.task is not None
+            await asyncio.wait([trail.task], timeout=5)
+            return trail.task.cancelled() or trail.task.done()
+
+        assert asyncio.run(record_then_stop_in_time())
     finally:
         database.close()
         drop_database(url)

@@ -174,7 +174,11 @@ class AuditTrail:
         if self.task is not None:
             # Not cancelled inside a flush: the batch it was committing would commit on in the
             # SQL thread while the buffer still held it, and the last flush would write it twice.
-            async with self.flushing:
+            # (A stop given up while it waits, Application.stop's bound, cancels it all the same.)
+            try:
+                async with self.flushing:
+                    self.task.cancel()
+            finally:
                 self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         await self.flush()
