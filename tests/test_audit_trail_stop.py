@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,49 +23,50 @@ from tests.harness import drop_database, fresh_database
 RECORDS = 20_000
 
 
-def test_a_stop_during_a_flush_writes_each_record_once(tmp_path: Path) -> None:
+@pytest.fixture()
+def database(tmp_path: Path) -> Iterator[Database]:
+    """A database of its own, of the harness's kind, dropped afterwards."""
     url = fresh_database(os.environ.get("TEST_DATABASE_URL"), tmp_path)
-    database = Database(url)
+    opened = Database(url)
     try:
-
-        async def record_then_stop() -> None:
-            trail = AuditTrail(database)
-            trail.start()
-            now = datetime.now(UTC)
-            trail.record(
-                [
-                    AuditRecord(
-                        now, None, "merchant", "m-1", "token:t", "Authorize", "", f"a{n}", "OK"
-                    )
-                    for n in range(RECORDS)
-                ]
-            )
-            await asyncio.sleep(0.01)  # its first batch is being committed now
-            await trail.stop()
-
-        asyncio.run(record_then_stop())
-        rows, distinct = database.transaction(
-            lambda session: session.execute(
-                select(
-                    func.count(),
-                    func.count(AuditRecordRow.authorization_id.distinct()),
-                )
-            ).one()
-        )
-        assert (rows, distinct) == (RECORDS, RECORDS)
+        yield opened
     finally:
-        database.close()
+        opened.close()
         drop_database(url)
 
 
+def test_a_stop_during_a_flush_writes_each_record_once(database: Database) -> None:
+    async def record_then_stop() -> None:
+        trail = AuditTrail(database)
+        trail.start()
+        now = datetime.now(UTC)
+        trail.record(
+            [
+                AuditRecord(now, None, "merchant", "m-1", "token:t", "Authorize", "", f"a{n}", "OK")
+                for n in range(RECORDS)
+            ]
+        )
+        await asyncio.sleep(0.01)  # its first batch is being committed now
+        await trail.stop()
+
+    asyncio.run(record_then_stop())
+    rows, distinct = database.transaction(
+        lambda session: session.execute(
+            select(
+                func.count(),
+                func.count(AuditRecordRow.authorization_id.distinct()),
+            )
+        ).one()
+    )
+    assert (rows, distinct) == (RECORDS, RECORDS)
+
+
 def test_a_stop_given_up_while_a_flush_runs_still_ends_the_task(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    database: Database, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Application.stop bounds each step: a stop cancelled while it waits for the flush in
     progress cancels the background task all the same (it would go on flushing after the
     stop, into a database being closed)."""
-    url = fresh_database(os.environ.get("TEST_DATABASE_URL"), tmp_path)
-    database = Database(url)
     real_write = AuditTrail._write
 
     def slow(self: AuditTrail, records: list[AuditRecord], connection: Any) -> None:
@@ -72,24 +74,18 @@ def test_a_stop_given_up_while_a_flush_runs_still_ends_the_task(
         real_write(self, records, connection)
 
     monkeypatch.setattr(AuditTrail, "_write", slow)
-    try:
 
-        async def record_then_stop_in_time() -> bool:
-            trail = AuditTrail(database)
-            trail.start()
-            now = datetime.now(UTC)
-            trail.record(
-                [AuditRecord(now, None, "merchant", "m-1", "token:t", "rpc", "", "a1", "OK")]
-            )
-            trail.wake.set()  # flushed now, not in FLUSH_SECONDS
-            await asyncio.sleep(0.1)  # its commit is under way in the SQL thread
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(trail.stop(), 0.1)
-            assert trail.task is not None
-            await asyncio.wait([trail.task], timeout=5)
-            return trail.task.cancelled() or trail.task.done()
+    async def record_then_stop_in_time() -> bool:
+        trail = AuditTrail(database)
+        trail.start()
+        now = datetime.now(UTC)
+        trail.record([AuditRecord(now, None, "merchant", "m-1", "token:t", "rpc", "", "a1", "OK")])
+        trail.wake.set()  # flushed now, not in FLUSH_SECONDS
+        await asyncio.sleep(0.1)  # its commit is under way in the SQL thread
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(trail.stop(), 0.1)
+        assert trail.task is not None
+        await asyncio.wait([trail.task], timeout=5)
+        return trail.task.cancelled() or trail.task.done()
 
-        assert asyncio.run(record_then_stop_in_time())
-    finally:
-        database.close()
-        drop_database(url)
+    assert asyncio.run(record_then_stop_in_time())

@@ -35,6 +35,29 @@ def _raised_available(client: redis.Redis, quota: str) -> None:
     client.hincrby(quota, "available", 7_400)
 
 
+def _family_with_a_hold(registry: Any, relationships: Any, authorizations: Any) -> tuple[str, str]:
+    """A family of one 20,000 fen quota with an open hold of 5,000: (beneficiary, relationship)."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)
+    return fam.beneficiary_id, relationship_id
+
+
+def _overstated(
+    harness: Harness,
+    beneficiary_id: str,
+    relationship_id: str,
+    overstate: Callable[[redis.Redis, str], None] = _raised_available,
+) -> None:
+    """Redis made to overstate the quota, straight through a Redis client."""
+    client = harness.admin()
+    try:
+        overstate(client, keys.quota(beneficiary_id, relationship_id))
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("overstate", [_negative_held, _raised_available])
 def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
     harness: Harness,
@@ -43,21 +66,14 @@ def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
     authorizations: Any,
     overstate: Callable[[redis.Redis, str], None],
 ) -> None:
-    register_merchants(registry)
-    fam = family(registry, relationships, 20_000)
-    (relationship_id,) = fam.relationship_ids
-    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)  # an open hold
+    beneficiary_id, relationship_id = _family_with_a_hold(registry, relationships, authorizations)
     app = harness.app
     # Other tests share this database and may leave a quota overstated on purpose (the ledger
     # limit's tests): a first run repairs theirs, a second one must find nothing.
     harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     clean = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert (clean.drifted, clean.overstated) == (0, 0)
-    client = harness.admin()
-    try:
-        overstate(client, keys.quota(fam.beneficiary_id, relationship_id))
-    finally:
-        client.close()
+    _overstated(harness, beneficiary_id, relationship_id, overstate)
     counted_before = REGISTRY.get_sample_value("medwallet_reconcile_drift_total") or 0.0
     fen_before = REGISTRY.get_sample_value("medwallet_reconcile_drift_fen_total") or 0.0
 
@@ -68,7 +84,7 @@ def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
     assert REGISTRY.get_sample_value("medwallet_reconcile_drift_total") == counted_before + 1
     assert REGISTRY.get_sample_value("medwallet_reconcile_drift_fen_total") == fen_before + 7_400
     # Repaired from the ledger, the open hold kept.
-    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (15_000, 5_000)
+    assert hot_figures(harness, beneficiary_id, relationship_id) == (15_000, 5_000)
     again = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert (again.drifted, again.overstated) == (0, 0)
 
@@ -103,17 +119,10 @@ def test_a_restore_whose_reply_was_lost_is_tried_again_and_its_drift_still_count
     overstatement it repaired is still reported (measured from the figures read before)."""
     from authz_server.domain.errors import Unavailable
 
-    register_merchants(registry)
-    fam = family(registry, relationships, 20_000)
-    (relationship_id,) = fam.relationship_ids
-    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)
+    beneficiary_id, relationship_id = _family_with_a_hold(registry, relationships, authorizations)
     app = harness.app
     harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # others' repaired
-    client = harness.admin()
-    try:
-        _raised_available(client, keys.quota(fam.beneficiary_id, relationship_id))
-    finally:
-        client.close()
+    _overstated(harness, beneficiary_id, relationship_id)
     real_restore = app.quotas.restore
     lost: list[str] = []
 
@@ -128,7 +137,7 @@ def test_a_restore_whose_reply_was_lost_is_tried_again_and_its_drift_still_count
     report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert lost == [relationship_id]
     assert (report.drifted, report.drift_fen, report.overstated) == (1, 7_400, 1)
-    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (15_000, 5_000)
+    assert hot_figures(harness, beneficiary_id, relationship_id) == (15_000, 5_000)
 
 
 @pytest.mark.single_redis  # stops the one redis-server
@@ -138,16 +147,9 @@ def test_reconcile_rides_out_a_redis_stall_shorter_than_a_try_and_its_retry(
     """The real redis-server stopped for 0.7 s as reconcile begins (its 0.5 s command timeout
     passes once): the quotas are tried again and set from the ledger; the start that runs this
     is not failed by one slow spell."""
-    register_merchants(registry)
-    fam = family(registry, relationships, 20_000)
-    (relationship_id,) = fam.relationship_ids
-    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 5_000)
+    beneficiary_id, relationship_id = _family_with_a_hold(registry, relationships, authorizations)
     app = harness.app
-    client = harness.admin()
-    try:
-        _raised_available(client, keys.quota(fam.beneficiary_id, relationship_id))
-    finally:
-        client.close()
+    _overstated(harness, beneficiary_id, relationship_id)
     process = harness.redis.process
     assert process is not None
     os.kill(process.pid, signal.SIGSTOP)
@@ -159,4 +161,4 @@ def test_reconcile_rides_out_a_redis_stall_shorter_than_a_try_and_its_retry(
         resume.join()
         os.kill(process.pid, signal.SIGCONT)
     assert report.overstated >= 1
-    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (15_000, 5_000)
+    assert hot_figures(harness, beneficiary_id, relationship_id) == (15_000, 5_000)

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import InvalidArgument, Unavailable
 from authz_server.observability import metrics
+from authz_server.service.journal import stop_between_flushes
 from authz_server.storage.sql.audit_table import AuditRecordRow
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.dbapi import BulkInsert
@@ -174,13 +175,7 @@ class AuditTrail:
         if self.task is not None:
             # Not cancelled inside a flush: the batch it was committing would commit on in the
             # SQL thread while the buffer still held it, and the last flush would write it twice.
-            # (A stop given up while it waits, Application.stop's bound, cancels it all the same.)
-            try:
-                async with self.flushing:
-                    self.task.cancel()
-            finally:
-                self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await stop_between_flushes(self.task, self.flushing)
         await self.flush()
 
 

@@ -235,12 +235,7 @@ class Journal:
         all the same."""
         self.stopping = True
         if self.task is not None:
-            try:
-                async with self.flushing:
-                    self.task.cancel()
-            finally:
-                self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await stop_between_flushes(self.task, self.flushing)
         try:
             await self.flush()
         except Exception:
@@ -282,6 +277,19 @@ def _answer(
 ) -> None:
     for future, outcome in zip(futures, outcomes, strict=True):
         settle(future, outcome)
+
+
+async def stop_between_flushes(task: asyncio.Task[None], flushing: asyncio.Lock) -> None:
+    """Cancels a writer's background task once it is between flushes (`flushing`, held by the
+    task while it flushes, is free), never inside a commit, whose batch would otherwise commit
+    on in the SQL thread unanswered or be written again by the last flush. A stop given up
+    while it waits (Application.stop's bound) cancels the task all the same."""
+    try:
+        async with flushing:
+            task.cancel()
+    finally:
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def settle(future: asyncio.Future[Any], outcome: Any) -> None:
