@@ -150,7 +150,7 @@ async def prepare(target: Target) -> str:
             quota = QuotaRestore(
                 relationship_id, beneficiary_id, "holder", True, 10**15, 1, "EMPLOYEE", 0
             )
-            _, _, count, *rest = QuotaRestoreCall(quota, uuid.uuid4().hex[:16]).command()
+            _, _, count, *rest = QuotaRestoreCall(quota, uuid.uuid4().hex[:16], 0).command()
             await client.evalsha(restore, int(count), *rest, GENERATION)
         return scripts.script("authorize").sha
     finally:

@@ -55,7 +55,7 @@ CALLS: list[ScriptCall[object]] = [
     QuotaCredit("b", "r", 1, "", ""),
     QuotaDebit("b", "r", 1),
     QuotaDissolve("b", "r"),
-    QuotaRestoreCall(QuotaRestore("r", "b", "h", True, 1, 1, "EMPLOYEE", 0), "epoch"),
+    QuotaRestoreCall(QuotaRestore("r", "b", "h", True, 1, 1, "EMPLOYEE", 0), "epoch", 0),
     RateLimit("principal", Limit(1.0, 1, 0), "call", 1000),
 ]
 

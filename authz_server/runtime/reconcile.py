@@ -40,7 +40,8 @@ class ReconcileReport:
     # quotas whose Redis figures disagreed with the ledger, either way, and by how much
     drifted: int
     drift_fen: int
-    # left as they were: a capture of theirs was between its phases (the next run sets them)
+    # left as they were: a capture of theirs was between its phases, or their money moved
+    # between the restore's read and its write (the next run sets them)
     busy: int = 0
     # of the drifted: those where Redis let (or would let) out more than the ledger has
     overstated: int = 0
@@ -221,7 +222,8 @@ async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> Drift | N
         lambda: quotas.figures(quota.beneficiary_id, [quota.relationship_id])
     )
     # Setting a quota from the ledger again is safe (quota_restore.lua recounts held from the
-    # open holds and sets available from the ledger's figure, under the same row locks): a
+    # open holds and sets available from the ledger's figure, under the same row locks; the
+    # try reads the quota's money version again, which a first try that was applied moved): a
     # reply lost to a timeout (which drops the connection's other commands with it) is tried
     # once more, not the start failed on one slow reply. The drift is measured from the figures
     # read before the first try, so it can be misreported when the first try was applied and

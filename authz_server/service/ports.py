@@ -87,7 +87,9 @@ class QuotaCache(Protocol):
     async def restore(self, quota: QuotaRestore) -> QuotaFigures | None:
         """Sets a quota from the ledger's figure, keeping its open holds; the caller holds the
         relationship's row lock since it read the figure. None (nothing done) while a capture
-        of the quota is between its phases."""
+        of the quota is between its phases, or when its money moved between the restore's own
+        read of the quota and its write (a restore that reached Redis late: it must not count
+        back what moved after the lock was let go)."""
         ...
 
     async def figures(

@@ -5,7 +5,10 @@ lock is let go: every money movement of a quota takes that lock before it commit
 refunds, allocations, releases, dissolution), and a release takes its money from Redis under
 it. So nothing moves between the read and the restore; a credit committed before the read whose
 Redis step comes after the restore is recognised by its ledger entry and not added twice
-(quota_credit.lua). A restore may run while servers serve.
+(quota_credit.lua). A restore whose command reaches Redis only after the lock was let go (its
+reply timed out and the caller gave up, but the command was only late) changes nothing once the
+quota's money moved since it read the quota's money version (quota_restore.lua). A restore may
+run while servers serve.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ async def restore_from_ledger(
 ) -> QuotaFigures:
     """Sets the relationship's hot quota from its latest figures (when Redis lacked a quota
     that SQL has, e.g. after Redis lost its data, or a new one). Unavailable while a capture
-    of the quota is between its phases (retry)."""
+    of the quota is between its phases, or when its money moved during the restore (retry)."""
     loop = asyncio.get_running_loop()
 
     def work(session: Session) -> QuotaFigures | None:
@@ -111,7 +114,7 @@ async def restore_from_ledger(
 
     figures = await database.run(work)
     if figures is None:
-        raise Unavailable("a capture of this quota is being written; retry")
+        raise Unavailable("a payment of this quota is being written; retry")
     return figures
 
 

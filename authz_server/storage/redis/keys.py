@@ -78,7 +78,9 @@ def new_authorization_id(beneficiary_id: str) -> str:
 
 
 def quota(beneficiary_id: str, relationship_id: str) -> str:
-    """HASH status, available, held, holder, beneficiary, scheme, order."""
+    """HASH status, available, held, holder, beneficiary, scheme, order; r (the newest ledger
+    entry the last restore counted), e (that restore's epoch) and v (the money version: one more
+    each time a script changes available + held, or restores it; lua/quota_restore.lua)."""
     return f"{prefix(beneficiary_id)}:q:{relationship_id}"
 
 

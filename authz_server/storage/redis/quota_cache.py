@@ -81,8 +81,18 @@ class RedisQuotaCache:
         await self._run(QuotaDissolve(beneficiary_id, relationship_id))
 
     async def restore(self, quota: QuotaRestore) -> QuotaFigures | None:
+        # The money version first, read under the caller's row lock as the ledger was: should
+        # the restore itself reach Redis only after that lock is let go, it changes nothing if
+        # the quota's money moved meanwhile (quota_restore.lua). One more round trip, on
+        # start-up, reconcile and repair paths only.
+        key = keys.quota(quota.beneficiary_id, quota.relationship_id)
+        version = await guarded(lambda: self.commands.execute("HGET", key, "v"))
         # a new epoch: a random token, never one the quota had before (quota_restore.lua)
-        return await self._run(QuotaRestoreCall(quota, os.urandom(8).hex()))
+        return await self._run(
+            QuotaRestoreCall(
+                quota, os.urandom(8).hex(), 0 if version is None else as_integer(version)
+            )
+        )
 
     async def figures(
         self, beneficiary_id: str, relationship_ids: list[str]

@@ -82,11 +82,13 @@ class QuotaDissolve(ScriptCall[None]):
 @dataclass(frozen=True)
 class QuotaRestoreCall(ScriptCall[QuotaFigures | None]):
     """lua/quota_restore.lua: sets a quota from the ledger's unused figure, keeping its open
-    holds. None (nothing done) while a capture of the quota is between its phases (BUSY)."""
+    holds. None (nothing done) while a capture of the quota is between its phases (BUSY), or
+    when its money moved since `version` was read (MOVED: a restore that arrived late)."""
 
     SCRIPT = script("quota_restore")
     quota: QuotaRestore
     epoch: str  # the quota's new epoch: a random token, never one it had before
+    version: int  # the quota's money version v, read under the same row lock (0: none)
 
     def keys(self) -> list[str]:
         return [
@@ -107,10 +109,11 @@ class QuotaRestoreCall(ScriptCall[QuotaFigures | None]):
             keys.prefix(quota.beneficiary_id),  # 8
             quota.ledger_mark,  # 9: the newest ledger entry SQL's figure counts (r)
             self.epoch,  # 10 (e)
+            self.version,  # 11 (v as read)
         ]
 
     def unpack(self, raw: Reply) -> QuotaFigures | None:
-        reply = as_list(raw)  # {available, held}, or {-1, -1} when BUSY
+        reply = as_list(raw)  # {available, held}; {-1, -1} BUSY; {-2, -2} MOVED
         if as_integer(reply[0]) < 0:
             return None
         return QuotaFigures(available_fen=as_integer(reply[0]), held_fen=as_integer(reply[1]))

@@ -21,7 +21,8 @@ local function parse_funding(text)
   return parts
 end
 
--- Gives a hold's money back to its quotas: held -> available (captured part excepted).
+-- Gives a hold's money back to its quotas: held -> available (captured part excepted: it
+-- leaves the quota, so the quota's money version v moves on, see quota_restore.lua).
 -- Quotas no longer active are left alone: dissolution already returned their money.
 local function release_parts(prefix, auth_id, funding, captured)
   local parts = parse_funding(funding)
@@ -32,6 +33,7 @@ local function release_parts(prefix, auth_id, funding, captured)
     if redis.call('HGET', quota, 'status') == 'ACTIVE' then
       redis.call('HINCRBY', quota, 'held', -part[2])
       redis.call('HINCRBY', quota, 'available', part[2] - taken)
+      if taken > 0 then redis.call('HINCRBY', quota, 'v', 1) end
     end
     redis.call('SREM', prefix .. ':qh:' .. part[1], auth_id)
   end

@@ -14,4 +14,5 @@ end
 if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'e') or 'none') ~= ARGV[3] then
   return -2
 end
+redis.call('HINCRBY', KEYS[1], 'v', 1)  -- the money changed (quota_restore.lua)
 return redis.call('HINCRBY', KEYS[1], 'available', ARGV[1])

@@ -9,4 +9,5 @@ local amount = tonumber(ARGV[1])
 if available < amount then
   return {-1, epoch}
 end
+redis.call('HINCRBY', KEYS[1], 'v', 1)  -- the money changed (quota_restore.lua)
 return {redis.call('HINCRBY', KEYS[1], 'available', -amount), epoch}

@@ -6,6 +6,7 @@
 local prefix = ARGV[2]
 local holds = prefix .. ':qh:' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0)
+redis.call('HINCRBY', KEYS[1], 'v', 1)  -- the money changed (quota_restore.lua)
 redis.call('ZREM', KEYS[2], ARGV[1])
 for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
   local auth = prefix .. ':a:' .. auth_id

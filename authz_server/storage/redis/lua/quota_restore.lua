@@ -6,11 +6,21 @@
 -- (quota_credit.lua). A quota with a capture between its phases is left as it is (BUSY): its
 -- SQL write may have committed, and the figure would count the capture twice once its hold is
 -- finished. Returns {available, held}, or {-1, -1} when BUSY.
+-- The caller read the quota's money version v (ARGV[11]) under the same row lock. A restore
+-- that reaches Redis after the lock was let go (its reply timed out, the caller gave up; the
+-- command itself was only late) must change nothing once any money of the quota moved since:
+-- a capture finished since would be counted back, a dissolved quota made active again. Every
+-- script that changes available + held moves v on (and so does this one), so such a late
+-- restore finds another v and does nothing: {-2, -2} (MOVED). A late one that finds v as it
+-- read it is as right as it was under the lock (credits and captures committed since carry
+-- their own marks: r, BUSY).
 local unused, prefix = tonumber(ARGV[4]), ARGV[8]
+local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if version ~= tonumber(ARGV[11]) then return {-2, -2} end
 if ARGV[3] ~= 'ACTIVE' then
   redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0,
     'holder', ARGV[2], 'beneficiary', ARGV[6], 'scheme', ARGV[7], 'r', ARGV[9])
-  redis.call('HSET', KEYS[1], 'e', ARGV[10])
+  redis.call('HSET', KEYS[1], 'e', ARGV[10], 'v', version + 1)
   redis.call('ZREM', KEYS[2], ARGV[1])
   return {0, 0}
 end
@@ -34,6 +44,6 @@ if held > unused then held = unused end
 redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'available', unused - held, 'held', held,
   'holder', ARGV[2], 'order', ARGV[5], 'beneficiary', ARGV[6], 'scheme', ARGV[7],
   'r', ARGV[9])
-redis.call('HSET', KEYS[1], 'e', ARGV[10])
+redis.call('HSET', KEYS[1], 'e', ARGV[10], 'v', version + 1)
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
 return {unused - held, held}

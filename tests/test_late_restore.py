@@ -1,0 +1,230 @@
+"""A restore of a quota from the ledger that reaches Redis late: read under the relationship's row
+lock, sent, its reply timed out, the caller gave up and let the lock go, and only then did the
+command itself run (a stalled network path, a Redis busy past the timeout). Before, it set the
+quota from a ledger figure that no longer held: a capture finished meanwhile was counted back
+(Redis let the family spend it again), a dissolved quota was made active again, a credit whose
+Redis step had run was lost. Now each restore carries the quota's money version, read under the
+same lock, and changes nothing once the quota's money moved (lua/quota_restore.lua). Found by a
+helper's audit of reconcile's retries; each test here fails without the version."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from authz_server.domain.errors import Unavailable
+from authz_server.domain.types import Scheme
+from authz_server.generated.medwallet.v1 import relationship_pb2
+from authz_server.runtime.reconcile import reconcile
+from authz_server.service.ports import QuotaRestore
+from authz_server.service.quota_sync import ledger_marks, restore_of
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.pipelined import PipelinedRedis, as_integer
+from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from authz_server.storage.redis.quota_io import QuotaRestoreCall
+from authz_server.storage.redis.script_io import run
+from authz_server.storage.redis.scripts import script
+from authz_server.storage.sql import records
+from authz_server.storage.sql.database import Database
+from tests.harness import APP, Harness, new_id
+from tests.held_proxy import HeldProxy
+from tests.test_authorization_recovery import hot_figures, ledger
+from tests.test_authorization_rules import (
+    APPROVED,
+    CAPTURED,
+    DECLINED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    capture,
+    dissolve,
+    family,
+    register_merchants,
+)
+from tests.test_redis_loss import served_stubs
+
+
+def restore_read_now(harness: Harness, relationship_id: str) -> QuotaRestoreCall:
+    """The restore a reconcile page prepares under the relationship's row lock: the ledger's
+    figure and mark, and the quota's money version, read now (to be sent late)."""
+
+    def read(session: Session) -> QuotaRestore:
+        row = records.relationship_row(session, relationship_id, lock=True)
+        scheme = Scheme(records.participant_row(session, row.beneficiary_id).scheme)
+        mark = ledger_marks(session, [relationship_id]).get(relationship_id, 0)
+        return restore_of(records.relationship(row), scheme, mark)
+
+    quota = harness.app.database.transaction(read)
+    version = harness.run(
+        harness.app.quotas.commands.execute(
+            "HGET", keys.quota(quota.beneficiary_id, quota.relationship_id), "v"
+        )
+    )
+    return QuotaRestoreCall(
+        quota, os.urandom(8).hex(), 0 if version is None else as_integer(version)
+    )
+
+
+def arrives_now(harness: Harness, late: QuotaRestoreCall) -> Any:
+    return harness.run(run(harness.app.quotas.commands, late))
+
+
+def redis_agrees_with_sql(harness: Harness, beneficiary_id: str, relationship_id: str) -> None:
+    unused = ledger(harness, relationship_id).unused_fen
+    assert sum(hot_figures(harness, beneficiary_id, relationship_id)) == unused
+
+
+def test_a_late_restore_does_not_count_back_a_capture_finished_since(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    late = restore_read_now(harness, relationship_id)  # unused 20,000, held 12,000
+    answer = capture(authorizations, HOSPITAL, held.authorization_id, 12_000)
+    assert answer.status == CAPTURED
+
+    assert arrives_now(harness, late) is None  # MOVED: nothing done
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+    more = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    assert more.decision == DECLINED  # not the 12,000 counted back
+
+
+def test_a_late_restore_does_not_make_a_dissolved_quota_active_again(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    late = restore_read_now(harness, relationship_id)
+    assert dissolve(relationships, relationship_id) == 20_000
+
+    assert arrives_now(harness, late) is None
+    quota = keys.quota(fam.beneficiary_id, relationship_id)
+    status = harness.run(harness.app.quotas.commands.execute("HGET", quota, "status"))
+    assert status == b"DISSOLVED"
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (0, 0)
+    assert authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 100).decision == (
+        DECLINED
+    )
+
+
+def test_a_late_restore_does_not_lose_a_credit_whose_redis_step_ran(
+    harness: Harness, registry: Any, relationships: Any
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    late = restore_read_now(harness, relationship_id)
+    relationships.AllocateQuota(
+        relationship_pb2.AllocateQuotaRequest(
+            relationship_id=relationship_id, amount_fen=5_000, idempotency_key=new_id("allocate")
+        ),
+        metadata=APP,
+    )
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (25_000, 0)
+
+    assert arrives_now(harness, late) is None  # it would set 20,000 and mark the credit counted
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (25_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+def test_a_late_restore_is_applied_when_no_money_moved_only_holds(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """Holds placed or voided move money between available and held, never in or out: the
+    restore recounts held from the open holds, so it is still right, and it still repairs."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    late = restore_read_now(harness, relationship_id)
+    authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 3_000)
+    client = harness.admin()
+    try:  # and Redis wrong meanwhile, as the reconcile found it
+        client.hincrby(keys.quota(fam.beneficiary_id, relationship_id), "available", 7_400)
+    finally:
+        client.close()
+
+    after = arrives_now(harness, late)
+    assert (after.available_fen, after.held_fen) == (17_000, 3_000)
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (17_000, 3_000)
+
+
+# --- the same end to end: a reconcile whose restores are held on the wire -------------------
+
+FAMILIES = 12
+QUOTA_FEN, HOLD_FEN = 20_000, 12_000
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A server of its own: its database holds only this test's quotas, so the reconcile's
+    first page is theirs."""
+    harness = Harness(tmp_path_factory.mktemp("late-restore"))
+    yield harness
+    harness.close()
+
+
+@pytest.mark.single_redis  # the proxy stands in front of the one redis-server
+def test_restores_held_on_the_wire_past_a_failed_reconcile_change_nothing_once_captured(
+    own_server: Harness,
+) -> None:
+    """A reconcile (the operator's Job, on its own connections) whose quota restores the
+    network holds back: each times out, is tried again, the page is tried again, the reconcile
+    fails and lets its row locks go. The tills then capture every hold, concurrently. Then the
+    held restores reach Redis. Each must change nothing: Redis still equals SQL, and no family
+    can spend its captured money twice."""
+    held = own_server
+    stubs = served_stubs(held)
+    registry, relationships, authorizations, _ = next(stubs)
+    families = [family(registry, relationships, QUOTA_FEN) for _ in range(FAMILIES)]
+    holds = [
+        authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, HOLD_FEN)
+        for fam in families
+    ]
+    assert {answer.decision for answer in holds} == {APPROVED}
+    proxy = HeldProxy(held.redis_url, script("quota_restore").sha.encode())
+    commands = PipelinedRedis.from_url(proxy.url, timeout_seconds=0.3)
+    commands.generation = held.app.quotas.commands.generation
+    other = Database(held.database_url)
+    try:
+        first = held.run(reconcile(other, RedisQuotaCache(commands), None, held.clock))
+        assert (first.quotas, first.drifted) == (FAMILIES, 0)  # through the proxy, unheld
+        proxy.holding = True
+        with pytest.raises(Unavailable):
+            held.run(reconcile(other, RedisQuotaCache(commands), None, held.clock))
+        assert proxy.chunks_held > 0
+
+        answers: list[Any] = []
+        tills = [
+            threading.Thread(
+                target=lambda hold=hold: answers.append(
+                    capture(authorizations, HOSPITAL, hold.authorization_id, HOLD_FEN)
+                )
+            )
+            for hold in holds
+        ]
+        for till in tills:
+            till.start()
+        for till in tills:
+            till.join(30)
+        assert [answer.status for answer in answers] == [CAPTURED] * FAMILIES
+
+        proxy.release()  # the held restores run in Redis now
+    finally:
+        held.run(commands.aclose())
+        proxy.close()
+        other.close()
+    for fam in families:
+        (relationship_id,) = fam.relationship_ids
+        assert hot_figures(held, fam.beneficiary_id, relationship_id) == (QUOTA_FEN - HOLD_FEN, 0)
+        redis_agrees_with_sql(held, fam.beneficiary_id, relationship_id)
+        again = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, HOLD_FEN)
+        assert again.decision == DECLINED
+    stubs.close()
