@@ -188,7 +188,7 @@ async def _reconcile(settings: Settings) -> int:
     print(
         f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen"
         f" ({report.overstated} overstated by Redis); {report.busy} left as they were (a capture"
-        " between its phases; run it again)"
+        " between its phases, or money moving as they were set; run it again)"
     )
     return 0
 

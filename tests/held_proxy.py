@@ -55,7 +55,10 @@ class HeldProxy:
 
     def close(self) -> None:
         self._released.set()
+        with contextlib.suppress(OSError):  # wakes the thread blocked in accept()
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
+        self._acceptor.join(5)
         with self._lock:
             links = list(self._links)
         for link in links:
@@ -88,9 +91,12 @@ class HeldProxy:
 
     def _forward(self, link: _Link) -> None:
         """Client to Redis; once a chunk is held, the rest of the link is held behind it."""
+        seen = b""  # the end of the previous chunk: a marker may straddle two
         try:
             while chunk := link.client.recv(CHUNK_BYTES):
-                if link.held or (self.holding and self.marker in chunk):
+                marked = self.marker in seen + chunk
+                seen = chunk[-len(self.marker) :]
+                if link.held or (self.holding and marked):
                     link.held.append(chunk)
                     self.chunks_held += 1
                     continue

@@ -22,11 +22,11 @@ from authz_server.domain.types import Scheme
 from authz_server.generated.medwallet.v1 import relationship_pb2
 from authz_server.runtime.reconcile import reconcile
 from authz_server.service.ports import QuotaRestore
-from authz_server.service.quota_sync import ledger_marks, restore_of
+from authz_server.service.quota_sync import ledger_marks, restore_from_ledger, restore_of
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import PipelinedRedis, as_integer
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
-from authz_server.storage.redis.quota_io import QuotaRestoreCall
+from authz_server.storage.redis.quota_io import QuotaRestoreCall, RestoreRefused
 from authz_server.storage.redis.script_io import run
 from authz_server.storage.redis.scripts import script
 from authz_server.storage.sql import records
@@ -46,7 +46,10 @@ from tests.test_authorization_rules import (
     family,
     register_merchants,
 )
+from tests.test_reconcile_drift import family_with_a_hold, overstated
 from tests.test_redis_loss import served_stubs
+
+MOVED = RestoreRefused.MOVED
 
 
 def restore_read_now(harness: Harness, relationship_id: str) -> QuotaRestoreCall:
@@ -90,7 +93,7 @@ def test_a_late_restore_does_not_count_back_a_capture_finished_since(
     answer = capture(authorizations, HOSPITAL, held.authorization_id, 12_000)
     assert answer.status == CAPTURED
 
-    assert arrives_now(harness, late) is None  # MOVED: nothing done
+    assert arrives_now(harness, late) is MOVED  # nothing done
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
     redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
     more = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
@@ -106,7 +109,7 @@ def test_a_late_restore_does_not_make_a_dissolved_quota_active_again(
     late = restore_read_now(harness, relationship_id)
     assert dissolve(relationships, relationship_id) == 20_000
 
-    assert arrives_now(harness, late) is None
+    assert arrives_now(harness, late) is MOVED
     quota = keys.quota(fam.beneficiary_id, relationship_id)
     status = harness.run(harness.app.quotas.commands.execute("HGET", quota, "status"))
     assert status == b"DISSOLVED"
@@ -130,8 +133,29 @@ def test_a_late_restore_does_not_lose_a_credit_whose_redis_step_ran(
     )
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (25_000, 0)
 
-    assert arrives_now(harness, late) is None  # it would set 20,000 and mark the credit counted
+    assert arrives_now(harness, late) is MOVED  # not 20,000, the credit marked counted
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (25_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+def test_a_late_restore_does_not_give_back_a_release(
+    harness: Harness, registry: Any, relationships: Any
+) -> None:
+    """The release's Redis debit moved the version: the 8,000 fen released to the holder's
+    account are not put back in the quota (they would be spent twice)."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    late = restore_read_now(harness, relationship_id)
+    relationships.ReleaseQuota(
+        relationship_pb2.ReleaseQuotaRequest(
+            relationship_id=relationship_id, amount_fen=8_000, idempotency_key=new_id("release")
+        ),
+        metadata=APP,
+    )
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (12_000, 0)
+
+    assert arrives_now(harness, late) is MOVED
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (12_000, 0)
     redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
 
 
@@ -154,6 +178,94 @@ def test_a_late_restore_is_applied_when_no_money_moved_only_holds(
     after = arrives_now(harness, late)
     assert (after.available_fen, after.held_fen) == (17_000, 3_000)
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (17_000, 3_000)
+
+
+# --- a restore refused while its caller still holds the lock is set again ------------------
+
+
+def test_a_restore_is_set_when_a_step_of_an_earlier_commit_moves_the_money_under_the_lock(
+    harness: Harness, registry: Any, relationships: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An allocation committed in SQL; its Redis credit lands between the restore's read of
+    the version and its write (both under the row lock the restore holds, which the credit does
+    not need). The ledger counts the allocation: the restore reads the version again and sets
+    the quota, rather than failing a repair (found by the audit)."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    quotas = harness.app.quotas
+    real_credit = quotas.credit
+    deferred: list[tuple[Any, ...]] = []
+
+    async def credit_later(*arguments: Any) -> bool:
+        deferred.append(arguments)
+        return True
+
+    monkeypatch.setattr(quotas, "credit", credit_later)
+    relationships.AllocateQuota(
+        relationship_pb2.AllocateQuotaRequest(
+            relationship_id=relationship_id, amount_fen=5_000, idempotency_key=new_id("allocate")
+        ),
+        metadata=APP,
+    )
+    monkeypatch.setattr(quotas, "credit", real_credit)
+    assert len(deferred) == 1 and hot_figures(harness, fam.beneficiary_id, relationship_id) == (
+        20_000,
+        0,
+    )
+    real_execute = quotas.commands.execute
+
+    async def execute(*command: Any) -> Any:
+        reply = await real_execute(*command)
+        if command[0] == "HGET" and command[2] == "v" and deferred:
+            await real_credit(*deferred.pop())  # the credit's Redis step lands now
+        return reply
+
+    monkeypatch.setattr(quotas.commands, "execute", execute)
+    figures = harness.run(restore_from_ledger(harness.app.database, quotas, relationship_id))
+    assert (figures.available_fen, figures.held_fen) == (25_000, 0)
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (25_000, 0)
+
+
+def test_a_retry_refused_by_its_own_first_try_landing_late_still_counts_the_drift(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reconcile's first try at a quota lost its reply and is still on its way; its retry reads
+    the version, then the first try lands (repairing the overstatement): the retry sets the
+    quota again instead of being left "busy", and the drift the first try repaired is counted
+    (found by the audit: it was reported 0 drifted, 1 busy)."""
+    beneficiary_id, relationship_id = family_with_a_hold(registry, relationships, authorizations)
+    app = harness.app
+    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # others' repaired
+    overstated(harness, beneficiary_id, relationship_id)
+    quotas = app.quotas
+    real_run, real_execute = quotas._run, quotas.commands.execute
+    on_the_wire: list[Any] = []
+    key = keys.quota(beneficiary_id, relationship_id)
+
+    async def first_reply_lost(call: Any) -> Any:
+        ours = isinstance(call, QuotaRestoreCall) and call.quota.relationship_id == relationship_id
+        if ours and not on_the_wire:
+            on_the_wire.append(call)  # sent; its reply will be lost
+            raise Unavailable("the quota store did not answer: TimeoutError")
+        return await real_run(call)
+
+    async def execute(*command: Any) -> Any:
+        reply = await real_execute(*command)
+        if command[:3] == ("HGET", key, "v") and on_the_wire and on_the_wire[-1] is not None:
+            await run(quotas.commands, on_the_wire[-1])  # the first try lands now
+            on_the_wire.append(None)
+        return reply
+
+    monkeypatch.setattr(quotas, "_run", first_reply_lost)
+    monkeypatch.setattr(quotas.commands, "execute", execute)
+    report = harness.run(reconcile(app.database, quotas, app.holds, harness.clock))
+    assert len(on_the_wire) == 2  # the first try was sent, and landed after the retry's read
+    assert (report.drifted, report.drift_fen, report.overstated) == (1, 7_400, 1)
+    assert hot_figures(harness, beneficiary_id, relationship_id) == (15_000, 5_000)
 
 
 # --- the same end to end: a reconcile whose restores are held on the wire -------------------

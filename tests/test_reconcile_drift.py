@@ -35,7 +35,7 @@ def _raised_available(client: redis.Redis, quota: str) -> None:
     client.hincrby(quota, "available", 7_400)
 
 
-def _family_with_a_hold(registry: Any, relationships: Any, authorizations: Any) -> tuple[str, str]:
+def family_with_a_hold(registry: Any, relationships: Any, authorizations: Any) -> tuple[str, str]:
     """A family of one 20,000 fen quota with an open hold of 5,000: (beneficiary, relationship)."""
     register_merchants(registry)
     fam = family(registry, relationships, 20_000)
@@ -44,7 +44,7 @@ def _family_with_a_hold(registry: Any, relationships: Any, authorizations: Any) 
     return fam.beneficiary_id, relationship_id
 
 
-def _overstated(
+def overstated(
     harness: Harness,
     beneficiary_id: str,
     relationship_id: str,
@@ -66,14 +66,14 @@ def test_reconcile_counts_a_quota_redis_overstates_in_its_report_and_metric(
     authorizations: Any,
     overstate: Callable[[redis.Redis, str], None],
 ) -> None:
-    beneficiary_id, relationship_id = _family_with_a_hold(registry, relationships, authorizations)
+    beneficiary_id, relationship_id = family_with_a_hold(registry, relationships, authorizations)
     app = harness.app
     # Other tests share this database and may leave a quota overstated on purpose (the ledger
     # limit's tests): a first run repairs theirs, a second one must find nothing.
     harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     clean = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert (clean.drifted, clean.overstated) == (0, 0)
-    _overstated(harness, beneficiary_id, relationship_id, overstate)
+    overstated(harness, beneficiary_id, relationship_id, overstate)
     counted_before = REGISTRY.get_sample_value("medwallet_reconcile_drift_total") or 0.0
     fen_before = REGISTRY.get_sample_value("medwallet_reconcile_drift_fen_total") or 0.0
 
@@ -119,10 +119,10 @@ def test_a_restore_whose_reply_was_lost_is_tried_again_and_its_drift_still_count
     overstatement it repaired is still reported (measured from the figures read before)."""
     from authz_server.domain.errors import Unavailable
 
-    beneficiary_id, relationship_id = _family_with_a_hold(registry, relationships, authorizations)
+    beneficiary_id, relationship_id = family_with_a_hold(registry, relationships, authorizations)
     app = harness.app
     harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # others' repaired
-    _overstated(harness, beneficiary_id, relationship_id)
+    overstated(harness, beneficiary_id, relationship_id)
     real_restore = app.quotas.restore
     lost: list[str] = []
 
@@ -147,9 +147,9 @@ def test_reconcile_rides_out_a_redis_stall_shorter_than_a_try_and_its_retry(
     """The real redis-server stopped for 0.7 s as reconcile begins (its 0.5 s command timeout
     passes once): the quotas are tried again and set from the ledger; the start that runs this
     is not failed by one slow spell."""
-    beneficiary_id, relationship_id = _family_with_a_hold(registry, relationships, authorizations)
+    beneficiary_id, relationship_id = family_with_a_hold(registry, relationships, authorizations)
     app = harness.app
-    _overstated(harness, beneficiary_id, relationship_id)
+    overstated(harness, beneficiary_id, relationship_id)
     process = harness.redis.process
     assert process is not None
     os.kill(process.pid, signal.SIGSTOP)

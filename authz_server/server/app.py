@@ -519,7 +519,7 @@ def record_reconcile(report: ReconcileReport) -> None:
     log.log(
         logging.WARNING if report.drifted else logging.INFO,
         "reconciled %d quotas, %d drifted by %d fen (%d overstated by Redis), %d left as they"
-        " were (a capture between its phases)",
+        " were (a capture between its phases, or money moving as they were set)",
         report.quotas,
         report.drifted,
         report.drift_fen,

@@ -26,10 +26,13 @@ from authz_server.storage.redis.quota_io import (
     QuotaDebit,
     QuotaDissolve,
     QuotaRestoreCall,
+    RestoreRefused,
 )
 from authz_server.storage.redis.script_io import ScriptCall, run
 
 T = TypeVar("T")
+# Tries of a restore that found the quota's money moved between its read and its write.
+RESTORE_TRIES = 3
 
 
 # The histogram's child per script name, looked up once (labels() takes a lock and builds a
@@ -86,13 +89,22 @@ class RedisQuotaCache:
         # the quota's money moved meanwhile (quota_restore.lua). One more round trip, on
         # start-up, reconcile and repair paths only.
         key = keys.quota(quota.beneficiary_id, quota.relationship_id)
-        version = await guarded(lambda: self.commands.execute("HGET", key, "v"))
-        # a new epoch: a random token, never one the quota had before (quota_restore.lua)
-        return await self._run(
-            QuotaRestoreCall(
-                quota, os.urandom(8).hex(), 0 if version is None else as_integer(version)
+        for _ in range(RESTORE_TRIES):
+            version = await guarded(lambda: self.commands.execute("HGET", key, "v"))
+            # a new epoch: a random token, never one the quota had before
+            outcome = await self._run(
+                QuotaRestoreCall(
+                    quota, os.urandom(8).hex(), 0 if version is None else as_integer(version)
+                )
             )
-        )
+            if outcome is not RestoreRefused.MOVED:
+                return None if outcome is RestoreRefused.BUSY else outcome
+            # Refused while the caller still holds the lock (it is waiting for this answer):
+            # what moved the money since the read was not a commit made after the ledger was
+            # read, but the Redis step of one made before (a credit, a capture's finish) or an
+            # earlier try of this restore whose reply was lost. The ledger's figure counts it:
+            # read the version again and set the quota.
+        return None
 
     async def figures(
         self, beneficiary_id: str, relationship_ids: list[str]

@@ -5,6 +5,7 @@ and their reply read."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from authz_server.service.ports import Debit, QuotaFigures, QuotaRestore
 from authz_server.storage.redis import keys
@@ -79,10 +80,17 @@ class QuotaDissolve(ScriptCall[None]):
         return None
 
 
+class RestoreRefused(Enum):
+    """Why quota_restore.lua did nothing."""
+
+    BUSY = "BUSY"  # a capture of the quota is between its phases
+    MOVED = "MOVED"  # its money moved since `version` was read
+
+
 @dataclass(frozen=True)
-class QuotaRestoreCall(ScriptCall[QuotaFigures | None]):
+class QuotaRestoreCall(ScriptCall[QuotaFigures | RestoreRefused]):
     """lua/quota_restore.lua: sets a quota from the ledger's unused figure, keeping its open
-    holds. None (nothing done) while a capture of the quota is between its phases (BUSY), or
+    holds. Refused (nothing done) while a capture of the quota is between its phases (BUSY), or
     when its money moved since `version` was read (MOVED: a restore that arrived late)."""
 
     SCRIPT = script("quota_restore")
@@ -112,10 +120,11 @@ class QuotaRestoreCall(ScriptCall[QuotaFigures | None]):
             self.version,  # 11 (v as read)
         ]
 
-    def unpack(self, raw: Reply) -> QuotaFigures | None:
+    def unpack(self, raw: Reply) -> QuotaFigures | RestoreRefused:
         reply = as_list(raw)  # {available, held}; {-1, -1} BUSY; {-2, -2} MOVED
-        if as_integer(reply[0]) < 0:
-            return None
+        status = as_integer(reply[0])
+        if status < 0:
+            return RestoreRefused.BUSY if status == -1 else RestoreRefused.MOVED
         return QuotaFigures(available_fen=as_integer(reply[0]), held_fen=as_integer(reply[1]))
 
 
