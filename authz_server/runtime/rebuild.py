@@ -11,7 +11,11 @@ rebuild and makes sure only one server does.
 3. SQL is read a page of beneficiaries at a time, under their relationships' row locks, and the
    page is written to Redis before the locks are let go (as reconcile does, service/quota_sync.py
    says why): quotas with the ledger's figures less the open holds, the open holds themselves
-   with their expiry (domain/hot_state.py), each slot marked with the new generation.
+   with their expiry (domain/hot_state.py), each slot marked with the new generation first.
+   A slot found marked already is an earlier rebuild's page that reached Redis late (its write
+   timed out, the commands were only delayed): this rebuild fails, and the next one sweeps it
+   (storage/redis/rebuild_writer.py page_commands; a late page that lands after this rebuild
+   wrote the slot is found by the scripts: MWSTALE, storage/redis/generation.py).
    Around the pages, every Redis hash slot's witness (keys.witness) is written: pending once
    Redis is emptied, the new generation after the last page where still pending; so a node
    that lost its data since is known lost although keys.GENERATION, on another node of a
@@ -42,6 +46,7 @@ from authz_server.storage.redis.generation import REBUILDING, new_generation
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
 from authz_server.storage.redis.rebuild_writer import (
     delete_hot_state,
+    late_page_marks,
     page_commands,
     witness_commands,
 )
@@ -76,6 +81,12 @@ _PUBLISH = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
     "return 1 end return 0"
 )
+
+
+class LatePageFound(Exception):
+    """A slot already marked when this rebuild's page marked it: a page of an earlier rebuild
+    reached Redis after this one's sweep. The rebuild fails; the guardian's next look starts a
+    new one, which sweeps it."""
 
 
 class RebuildAbandoned(Exception):
@@ -209,12 +220,20 @@ def _page(
         for row in rows
     ]
     holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
-    on_loop(loop, _write(redis, page_commands(generation, quotas, holds)))
+    commands = page_commands(generation, quotas, holds)
+    late = late_page_marks(commands, on_loop(loop, _write(redis, commands)))
+    if late:
+        # Written over: the page is right now, but what else that late page left (a hold
+        # closed since, in a slot's sets) is not. Swept again by the next rebuild.
+        raise LatePageFound(f"{len(late)} slot(s) marked since the sweep, e.g. {late[0]}")
     return beneficiary_ids[-1], len(beneficiary_ids), len(quotas), len(holds)
 
 
-async def _write(redis: PipelinedRedis, commands: list[Command]) -> None:
+async def _write(redis: PipelinedRedis, commands: list[Command]) -> list[object]:
+    replies: list[object] = []
     for start in range(0, len(commands), COMMANDS_PER_WRITE):
         for reply in await redis.execute_many(commands[start : start + COMMANDS_PER_WRITE]):
             if isinstance(reply, Exception):
                 raise reply
+            replies.append(reply)
+    return replies

@@ -123,19 +123,27 @@ class HotStateGeneration:
             self.adopt(marker.generation, marker.run_ids)
             return True
         refused = [str(refusal).split() for refusal in refusals]
+        stale = [words for words in refused if words[0] == SLOT_STALE]
+        if stale:
+            # Marked by another generation although ours is complete: an earlier rebuild's page
+            # reached Redis after this generation's sweep (its write timed out, the rebuild was
+            # given up or taken over, but the commands were only late). Its figures were read
+            # from SQL before this rebuild's, and money may have moved since (a capture counted
+            # back): taken over, they would be decided on. The hot state is rebuilt instead.
+            log.error(
+                "slot %s marked by generation %s under generation %s: an earlier rebuild's "
+                "write arrived late; rebuilding",
+                stale[0][1], stale[0][2], self.value,
+            )  # fmt: skip
+            await self._forget(redis)
+            return False
         unmarked = [words[1] for words in refused if words[0] == SLOT_UNMARKED]
         if unmarked and not await self._witnessed(redis, unmarked):
             return False
-        commands: list[tuple[str | bytes | int, ...]] = []
-        for words in refused:
-            if words[0] == SLOT_UNMARKED:
-                # Never used in this generation: nothing can be in it. NX: a rebuild's mark wins.
-                commands.append(("SET", words[1], self.value, "NX"))
-            else:
-                # Marked by another generation although ours is complete: a straggler of an
-                # earlier rebuild wrote it after that rebuild's sweep. Taken over.
-                log.warning("slot %s marked %s under generation %s", words[1], words[2], self.value)
-                commands.append(("SET", words[1], self.value))
+        # Never used in this generation: nothing can be in them. NX: a rebuild's mark wins.
+        commands: list[tuple[str | bytes | int, ...]] = [
+            ("SET", marker, self.value, "NX") for marker in unmarked
+        ]
         # Read again once the marks are answered: a rebuild that began between the read above
         # and the marks may have swept the slots already, leaving them marked with this
         # generation in an emptied Redis. Only while it is still the published one are the
@@ -174,14 +182,17 @@ class HotStateGeneration:
         if not lost:
             return True
         log.error("hot state generation %s lost on the node(s) of %s: rebuilding", self.value, lost)
-        # Deleting keys.GENERATION is safe: it holds no data, only the claim that Redis holds
-        # the whole hot state, which is false now. Missing, it reads as a Redis that lost
-        # everything (as when its own node loses its data): every guardian stops trusting the
-        # hot state, one rebuilds it from SQL and publishes it again. Only while it names our
-        # generation: a newer one, or a rebuild under way, is left alone.
+        await self._forget(redis)
+        return False
+
+    async def _forget(self, redis: PipelinedRedis) -> None:
+        """Deletes keys.GENERATION while it names our generation, and tells the guardian.
+        Safe: it holds no data, only the claim that Redis holds the whole hot state, which is
+        false now. Missing, it reads as a Redis that lost everything (as when its own node
+        loses its data): every guardian stops trusting the hot state, one rebuilds it from SQL
+        and publishes it again. A newer generation, or a rebuild under way, is left alone."""
         await redis.execute("EVAL", _FORGET, 1, keys.GENERATION, self.value)
         self.lost.set()
-        return False
 
     async def wait_lost(self) -> None:
         await self.lost.wait()

@@ -26,8 +26,15 @@ def _ms(moment: datetime) -> int:
 def page_commands(
     generation: str, quotas: list[QuotaRestore], holds: list[OpenHold]
 ) -> list[Command]:
-    """Every key of these beneficiaries: quotas (figures from the ledger less the open holds),
-    the open holds themselves (rs = 1: put back from SQL), and each slot's generation mark."""
+    """Every key of these beneficiaries: each slot's generation mark first (SET ... GET, see
+    late_page_marks), then the quotas (figures from the ledger less the open holds) and the
+    open holds themselves (rs = 1: put back from SQL).
+
+    The marks lead: a page whose write timed out may still reach Redis late, and only a prefix
+    of it may (a write cut by the dropped connection): any of its keys that lands has its mark
+    with it, so the slot is known to hold an earlier generation's figures (MWSTALE: the hot state
+    is rebuilt; storage/redis/generation.py). Nothing decides on the marks before the data is
+    written: the generation is published after the last page."""
     commands: list[Command] = []
     held = held_by_quota(holds)
     epoch = os.urandom(8).hex()
@@ -56,10 +63,22 @@ def page_commands(
                 ("SADD", keys.quota_holds(hold.beneficiary_id, relationship_id),
                  hold.authorization_id)
             )  # fmt: skip
-    commands.extend(
-        ("SET", keys.generation_marker(prefix), generation) for prefix in sorted(prefixes)
-    )
-    return commands
+    marks: list[Command] = [
+        ("SET", keys.generation_marker(prefix), generation, "GET") for prefix in sorted(prefixes)
+    ]
+    return [*marks, *commands]
+
+
+def late_page_marks(commands: list[Command], replies: list[object]) -> list[str]:
+    """The slots of a page written by page_commands that already had a mark: the rebuild swept
+    every mark before its first page and marks each slot once, so such a mark is an earlier
+    rebuild's page that reached Redis late (or a server's lazy mark of an unused slot racing
+    the sweep), and that slot may hold figures read from SQL before money moved."""
+    return [
+        str(command[1])
+        for command, reply in zip(commands, replies, strict=True)
+        if command[0] == "SET" and command[-1] == "GET" and reply is not None
+    ]
 
 
 def witness_commands(value: str, *, only_existing: bool = False) -> list[Command]:

@@ -1,0 +1,146 @@
+"""A page of an earlier rebuild that reaches Redis after a later rebuild's sweep (its write timed
+out and that rebuild was given up, or its lock expired and another server took it over, but the
+commands were only late): its slot's mark names the earlier generation, its figures were read
+from SQL before money moved.
+
+- Landing after the later rebuild wrote that slot: the first script on it is refused (MWSTALE).
+  The slot was taken over with the late figures, and a family could spend a capture's money
+  again. Now the hot state is rebuilt from SQL instead.
+- Landing between the later rebuild's sweep and its page for that slot: the page overwrote the
+  mark, and what else the late page left (a hold closed since) went unseen. Now each page marks
+  its slots first with SET ... GET: a mark already there fails the rebuild, and the next one
+  sweeps it. A late page's marks lead it, so any part of it that lands carries them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.runtime.rebuild import LatePageFound, rebuild_hot_state
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from authz_server.storage.redis.quota_cache import RedisQuotaCache
+from tests.harness import Harness
+from tests.test_authorization_recovery import hot_figures
+from tests.test_authorization_rules import (
+    APPROVED,
+    CAPTURED,
+    DECLINED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    capture,
+    family,
+)
+from tests.test_redis_loss import served_stubs
+
+EARLIER_GENERATION = "0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """A server of its own: the test makes its hot state be rebuilt."""
+    harness = Harness(tmp_path_factory.mktemp("rebuild-straggler"))
+    yield harness
+    harness.close()
+
+
+def until_served(call: Any, seconds: float = 30.0) -> Any:
+    """The till's way: UNAVAILABLE is retried (the hot state is being rebuilt)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_late_page_of_an_earlier_rebuild_is_not_decided_on(own_server: Harness) -> None:
+    harness = own_server
+    stubs = served_stubs(harness)
+    registry, relationships, authorizations, _ = next(stubs)
+    try:
+        fam = family(registry, relationships, 20_000)
+        (relationship_id,) = fam.relationship_ids
+        held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+        assert held.decision == APPROVED
+        assert capture(authorizations, HOSPITAL, held.authorization_id).status == CAPTURED
+        assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+        rebuilt_before = harness.app.guardian.last_rebuild
+
+        # The earlier rebuild's page lands: the quota as SQL had it before the capture, and the
+        # slot's mark of that rebuild's generation.
+        client = harness.admin()
+        try:
+            client.hset(keys.quota(fam.beneficiary_id, relationship_id), "available", 20_000)
+            client.set(keys.generation_marker(keys.prefix(fam.beneficiary_id)), EARLIER_GENERATION)
+        finally:
+            client.close()
+
+        again = until_served(
+            lambda: authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+        )
+        assert again.decision == DECLINED  # 8,000 left, not the 20,000 of the late page
+        assert harness.app.guardian.last_rebuild is not rebuilt_before  # rebuilt from SQL
+        assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+    finally:
+        stubs.close()
+
+
+def test_a_rebuild_that_finds_a_late_page_in_a_swept_slot_starts_again(
+    own_server: Harness, tmp_path: Path
+) -> None:
+    """The rebuild runs against a Redis of its own (the server's guardian stays out of it), from
+    the server's SQL: the late page lands just before this rebuild's page marks its slot."""
+    harness = own_server
+    stubs = served_stubs(harness)
+    registry, relationships, _, _ = next(stubs)
+    fam = family(registry, relationships, 20_000)
+    stubs.close()
+    (relationship_id,) = fam.relationship_ids
+    quota = keys.quota(fam.beneficiary_id, relationship_id)
+    marker = keys.generation_marker(keys.prefix(fam.beneficiary_id))
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+
+    async def scenario() -> Any:
+        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0)
+        real = commands.execute_many
+        landed: list[str] = []
+
+        async def late_page_lands(batch: Any, *arguments: Any) -> Any:
+            if not landed and any(tuple(command[:2]) == ("SET", marker) for command in batch):
+                landed.append(marker)
+                await real([("SET", marker, EARLIER_GENERATION), ("HSET", quota, "held", 0)])
+            return await real(batch, *arguments)
+
+        commands.execute_many = late_page_lands  # type: ignore[method-assign]
+        try:
+            with pytest.raises(LatePageFound):
+                await rebuild_hot_state(harness.app.database, commands, "run", None, harness.clock)
+            assert landed == [marker]
+            # the guardian's next look: a new rebuild, whose sweep takes the late page away
+            report = await rebuild_hot_state(
+                harness.app.database, commands, "run", None, harness.clock
+            )
+            figures = await RedisQuotaCache(commands).figures(fam.beneficiary_id, [relationship_id])
+            mark = await real([("GET", marker)])
+            return report, figures[relationship_id], mark[0]
+        finally:
+            await commands.aclose()
+
+    try:
+        report, figures, mark = asyncio.run(scenario())
+    finally:
+        redis.stop()
+    assert (figures.available_fen, figures.held_fen) == (20_000, 0)
+    assert mark == report.generation.encode()
