@@ -144,3 +144,54 @@ def test_a_rebuild_that_finds_a_late_page_in_a_swept_slot_starts_again(
         redis.stop()
     assert (figures.available_fen, figures.held_fen) == (20_000, 0)
     assert mark == report.generation.encode()
+
+
+# Two beneficiary ids whose slot tags are the same 32-bit digest (keys.tag_digest): found by a
+# birthday search over "res-tag-<n>"; at 100,000 beneficiaries some pairs always share one.
+SHARING_A_TAG = ("res-tag-31409", "res-tag-98338")
+
+
+def test_beneficiaries_sharing_a_tag_in_two_pages_are_no_late_page(
+    own_server: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second page finds the slot marked by the first page of the same rebuild: that is
+    no late page (else every rebuild of a province's data would fail, and start again, forever)."""
+    from authz_server.generated.medwallet.v1 import common_pb2, registry_pb2
+    from authz_server.runtime import rebuild
+    from tests import factories
+    from tests.harness import ADMIN
+
+    harness = own_server
+    assert len({keys.prefix(beneficiary_id) for beneficiary_id in SHARING_A_TAG}) == 1
+    stubs = served_stubs(harness)
+    registry, relationships, _, _ = next(stubs)
+    for beneficiary_id in SHARING_A_TAG:
+        registry.UpsertParticipant(
+            registry_pb2.UpsertParticipantRequest(
+                participant_id=beneficiary_id,
+                scheme=common_pb2.SCHEME_RESIDENT,
+                pooling_region="440300",
+            ),
+            metadata=ADMIN,
+        )
+        holder = factories.employee(registry, balance_fen=30_000)
+        factories.active_relationship(relationships, holder, beneficiary_id, 10_000)
+    stubs.close()
+    monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 1)  # each in a page of its own
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+
+    async def scenario() -> Any:
+        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0)
+        try:
+            return await rebuild_hot_state(
+                harness.app.database, commands, "run", None, harness.clock
+            )
+        finally:
+            await commands.aclose()
+
+    try:
+        report = asyncio.run(scenario())
+    finally:
+        redis.stop()
+    assert report.beneficiaries >= 2

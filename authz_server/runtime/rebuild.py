@@ -221,7 +221,7 @@ def _page(
     ]
     holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
     commands = page_commands(generation, quotas, holds)
-    late = late_page_marks(commands, on_loop(loop, _write(redis, commands)))
+    late = late_page_marks(generation, commands, on_loop(loop, _write(redis, commands)))
     if late:
         # Written over: the page is right now, but what else that late page left (a hold
         # closed since, in a slot's sets) is not. Swept again by the next rebuild.

@@ -69,15 +69,18 @@ def page_commands(
     return [*marks, *commands]
 
 
-def late_page_marks(commands: list[Command], replies: list[object]) -> list[str]:
-    """The slots of a page written by page_commands that already had a mark: the rebuild swept
-    every mark before its first page and marks each slot once, so such a mark is an earlier
-    rebuild's page that reached Redis late (or a server's lazy mark of an unused slot racing
-    the sweep), and that slot may hold figures read from SQL before money moved."""
+def late_page_marks(generation: str, commands: list[Command], replies: list[object]) -> list[str]:
+    """The slots of a page written by page_commands that had another generation's mark: the
+    rebuild swept every mark before its first page, so such a mark is an earlier rebuild's page
+    that reached Redis late (or a server's lazy mark of an unused slot racing the sweep), and
+    that slot may hold figures read from SQL before money moved. Its own mark is no sign: two
+    beneficiaries in different pages may share a slot's tag (a 32-bit digest: at 100,000
+    beneficiaries some pairs do)."""
+    ours = generation.encode()
     return [
         str(command[1])
         for command, reply in zip(commands, replies, strict=True)
-        if command[0] == "SET" and command[-1] == "GET" and reply is not None
+        if command[0] == "SET" and command[-1] == "GET" and reply not in (None, ours)
     ]
 
 
