@@ -225,6 +225,11 @@ def _page(
     if late:
         # Written over: the page is right now, but what else that late page left (a hold
         # closed since, in a slot's sets) is not. Swept again by the next rebuild.
+        log.error(
+            "hot state rebuild %s: %d slot(s) marked by another generation since its sweep "
+            "(an earlier rebuild's page arrived late), e.g. %s: starting again",
+            generation, len(late), late[0],
+        )  # fmt: skip
         raise LatePageFound(f"{len(late)} slot(s) marked since the sweep, e.g. {late[0]}")
     return beneficiary_ids[-1], len(beneficiary_ids), len(quotas), len(holds)
 

@@ -45,6 +45,11 @@ _FORGET = (
     "return redis.call('DEL', KEYS[1]) end return 0"
 )
 
+# Deletes a slot's mark (KEYS[1]) if it is still ARGV[1]: 1 if it did.
+_UNMARK = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
+
 
 def new_generation() -> str:
     """A random token, never one Redis had before (a counter would start again with a Redis
@@ -155,6 +160,11 @@ class HotStateGeneration:
                 raise reply
         after = GlobalMarker.parse(await redis.execute("GET", keys.GENERATION))
         if after is None or after.rebuilding or after.generation != self.value:
+            # Taken back where still ours: left, a rebuild whose sweep they followed would find
+            # them as another generation's (a late page: it fails and starts again) and, in a
+            # slot it does not write, MWSTALE would forget the rebuilt generation.
+            for slot_mark in unmarked:
+                await redis.execute("EVAL", _UNMARK, 1, slot_mark, self.value)
             self.lost.set()
             return False
         return True
