@@ -20,13 +20,14 @@ with an older copy). Nothing may be decided on what it lost, so:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from authz_server.storage.redis import keys
 
@@ -163,9 +164,12 @@ class HotStateGeneration:
             # Taken back where still ours: left, a rebuild whose sweep they followed would find
             # them as another generation's (a late page: it fails and starts again) and, in a
             # slot it does not write, MWSTALE would forget the rebuilt generation.
-            for slot_mark in unmarked:
-                await redis.execute("EVAL", _UNMARK, 1, slot_mark, self.value)
+            # At best: one that fails (its slot being moved: ASK) costs a rebuild at most.
             self.lost.set()
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await redis.execute_many(
+                    [("EVAL", _UNMARK, 1, slot_mark, self.value) for slot_mark in unmarked]
+                )
             return False
         return True
 
