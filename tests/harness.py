@@ -14,7 +14,7 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -236,3 +236,13 @@ def lose_redis(harness: Harness, seconds: float = 30.0) -> None:
     while app.guardian.last_rebuild is before or not app.guardian.ready:
         assert time.monotonic() < deadline, "the hot state was not rebuilt in time"
         time.sleep(0.05)
+
+
+def own_harness(directory: Path, **settings: Any) -> Iterator[Harness]:
+    """A server of a test module's own (the session's is shared), closed after: for a module
+    fixture, `yield from own_harness(tmp_path_factory.mktemp(name))`."""
+    harness = Harness(directory, **settings)
+    try:
+        yield harness
+    finally:
+        harness.close()

@@ -15,25 +15,21 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
-from authz_server.domain.types import Scheme
 from authz_server.generated.medwallet.v1 import relationship_pb2
 from authz_server.runtime.reconcile import reconcile
-from authz_server.service.ports import QuotaRestore
-from authz_server.service.quota_sync import ledger_marks, restore_from_ledger, restore_of
+from authz_server.service.quota_sync import locked_restore_of, restore_from_ledger
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import PipelinedRedis, as_integer
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from authz_server.storage.redis.quota_io import QuotaRestoreCall, RestoreRefused
 from authz_server.storage.redis.script_io import run
 from authz_server.storage.redis.scripts import script
-from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from tests.harness import APP, Harness, new_id
+from tests.harness import APP, Harness, new_id, own_harness
 from tests.held_proxy import HeldProxy
-from tests.test_authorization_recovery import hot_figures, ledger
+from tests.test_authorization_recovery import hot_figures
 from tests.test_authorization_rules import (
     APPROVED,
     CAPTURED,
@@ -46,6 +42,8 @@ from tests.test_authorization_rules import (
     family,
     register_merchants,
 )
+from tests.test_insurance_events import allocate
+from tests.test_live_reconcile import redis_agrees_with_sql
 from tests.test_reconcile_drift import family_with_a_hold, overstated
 from tests.test_redis_loss import served_stubs
 
@@ -56,13 +54,9 @@ def restore_read_now(harness: Harness, relationship_id: str) -> QuotaRestoreCall
     """The restore a reconcile page prepares under the relationship's row lock: the ledger's
     figure and mark, and the quota's money version, read now (to be sent late)."""
 
-    def read(session: Session) -> QuotaRestore:
-        row = records.relationship_row(session, relationship_id, lock=True)
-        scheme = Scheme(records.participant_row(session, row.beneficiary_id).scheme)
-        mark = ledger_marks(session, [relationship_id]).get(relationship_id, 0)
-        return restore_of(records.relationship(row), scheme, mark)
-
-    quota = harness.app.database.transaction(read)
+    quota = harness.app.database.transaction(
+        lambda session: locked_restore_of(session, relationship_id)
+    )
     version = harness.run(
         harness.app.quotas.commands.execute(
             "HGET", keys.quota(quota.beneficiary_id, quota.relationship_id), "v"
@@ -75,11 +69,6 @@ def restore_read_now(harness: Harness, relationship_id: str) -> QuotaRestoreCall
 
 def arrives_now(harness: Harness, late: QuotaRestoreCall) -> Any:
     return harness.run(run(harness.app.quotas.commands, late))
-
-
-def redis_agrees_with_sql(harness: Harness, beneficiary_id: str, relationship_id: str) -> None:
-    unused = ledger(harness, relationship_id).unused_fen
-    assert sum(hot_figures(harness, beneficiary_id, relationship_id)) == unused
 
 
 def test_a_late_restore_does_not_count_back_a_capture_finished_since(
@@ -125,12 +114,7 @@ def test_a_late_restore_does_not_lose_a_credit_whose_redis_step_ran(
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
     late = restore_read_now(harness, relationship_id)
-    relationships.AllocateQuota(
-        relationship_pb2.AllocateQuotaRequest(
-            relationship_id=relationship_id, amount_fen=5_000, idempotency_key=new_id("allocate")
-        ),
-        metadata=APP,
-    )
+    allocate(relationships, relationship_id, 5_000)
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (25_000, 0)
 
     assert arrives_now(harness, late) is MOVED  # not 20,000, the credit marked counted
@@ -201,12 +185,7 @@ def test_a_restore_is_set_when_a_step_of_an_earlier_commit_moves_the_money_under
         return True
 
     monkeypatch.setattr(quotas, "credit", credit_later)
-    relationships.AllocateQuota(
-        relationship_pb2.AllocateQuotaRequest(
-            relationship_id=relationship_id, amount_fen=5_000, idempotency_key=new_id("allocate")
-        ),
-        metadata=APP,
-    )
+    allocate(relationships, relationship_id, 5_000)
     monkeypatch.setattr(quotas, "credit", real_credit)
     assert len(deferred) == 1 and hot_figures(harness, fam.beneficiary_id, relationship_id) == (
         20_000,
@@ -278,9 +257,7 @@ QUOTA_FEN, HOLD_FEN = 20_000, 12_000
 def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     """A server of its own: its database holds only this test's quotas, so the reconcile's
     first page is theirs."""
-    harness = Harness(tmp_path_factory.mktemp("late-restore"))
-    yield harness
-    harness.close()
+    yield from own_harness(tmp_path_factory.mktemp("late-restore"))
 
 
 @pytest.mark.single_redis  # the proxy stands in front of the one redis-server

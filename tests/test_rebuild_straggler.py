@@ -27,7 +27,7 @@ from authz_server.runtime.rebuild import LatePageFound, rebuild_hot_state
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import RedisQuotaCache
-from tests.harness import Harness
+from tests.harness import Harness, own_harness
 from tests.test_authorization_recovery import hot_figures
 from tests.test_authorization_rules import (
     APPROVED,
@@ -47,9 +47,7 @@ EARLIER_GENERATION = "0123456789abcdef"
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     """A server of its own: the test makes its hot state be rebuilt."""
-    harness = Harness(tmp_path_factory.mktemp("rebuild-straggler"))
-    yield harness
-    harness.close()
+    yield from own_harness(tmp_path_factory.mktemp("rebuild-straggler"))
 
 
 def until_served(call: Any, seconds: float = 30.0) -> Any:

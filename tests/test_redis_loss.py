@@ -43,7 +43,7 @@ from authz_server.storage.sql.open_holds import open_holds
 from authz_server.storage.sql.records import totals
 from authz_server.storage.sql.tables import RelationshipRow
 from tests import factories
-from tests.harness import APP, Harness, bearer, new_id
+from tests.harness import APP, Harness, bearer, new_id, own_harness
 from tests.test_authorization_rules import MEDICAL, register_merchants
 
 HOSPITAL = bearer("test-rules-hospital")
@@ -63,9 +63,7 @@ PAUSE_SECONDS = 0.05
 @pytest.fixture(scope="module")
 def lossy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     """A server with a Redis of its own, to kill (the session's harness is shared)."""
-    harness = Harness(tmp_path_factory.mktemp("redis-loss"))
-    yield harness
-    harness.close()
+    yield from own_harness(tmp_path_factory.mktemp("redis-loss"))
 
 
 def served_stubs(harness: Harness) -> Iterator[Any]:

@@ -97,6 +97,15 @@ def on_loop(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) 
     return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
 
+def locked_restore_of(session: Session, relationship_id: str) -> QuotaRestore:
+    """What the ledger says the relationship's hot quota should be, its row locked (until the
+    session's transaction ends: the restore must run before)."""
+    row = records.relationship_row(session, relationship_id, lock=True)
+    beneficiary = records.participant_row(session, row.beneficiary_id)
+    mark = ledger_marks(session, [relationship_id]).get(relationship_id, 0)
+    return restore_of(records.relationship(row), Scheme(beneficiary.scheme), mark)
+
+
 async def restore_from_ledger(
     database: Database, quotas: QuotaCache, relationship_id: str
 ) -> QuotaFigures:
@@ -106,11 +115,7 @@ async def restore_from_ledger(
     loop = asyncio.get_running_loop()
 
     def work(session: Session) -> QuotaFigures | None:
-        row = records.relationship_row(session, relationship_id, lock=True)
-        beneficiary = records.participant_row(session, row.beneficiary_id)
-        mark = ledger_marks(session, [relationship_id]).get(relationship_id, 0)
-        quota = restore_of(records.relationship(row), Scheme(beneficiary.scheme), mark)
-        return on_loop(loop, quotas.restore(quota))
+        return on_loop(loop, quotas.restore(locked_restore_of(session, relationship_id)))
 
     figures = await database.run(work)
     if figures is None:
