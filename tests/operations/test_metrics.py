@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from authz_server.generated.medwallet.v1 import authorization_pb2, common_pb2
 from tests import engine_factories as ef
 from tests import factories
 from tests.operations.server_process import free_port
+from tests.tools import tool
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +121,10 @@ def test_calls_move_the_series(scrape_url, registry, relationships, authorizatio
 
 
 def test_promtool_accepts_a_real_scrape(scrape_url) -> None:
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool missing: run deploy/install-tools.sh"
     result = subprocess.run(
-        [promtool, "check", "metrics"], input=scrape(scrape_url), capture_output=True, text=True
+        [tool("promtool"), "check", "metrics"],
+        input=scrape(scrape_url),
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
