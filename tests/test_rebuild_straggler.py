@@ -193,3 +193,53 @@ def test_beneficiaries_sharing_a_tag_in_two_pages_are_no_late_page(
     finally:
         redis.stop()
     assert report.beneficiaries >= 2
+
+
+def test_a_rebuild_taken_over_writes_no_page_more(
+    own_server: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another server takes the rebuild over (this one's lock expired, unnoticed until its next
+    renewal): this rebuild stops before its next page. Each page it wrote after the other's
+    sweep would be a late page there, and cost that rebuild a start more."""
+    from authz_server.runtime import rebuild
+    from authz_server.runtime.rebuild import RebuildAbandoned
+    from authz_server.storage.redis.generation import REBUILDING
+
+    harness = own_server
+    stubs = served_stubs(harness)
+    registry, relationships, _, _ = next(stubs)
+    for amount_fen in (10_000, 20_000, 30_000):  # three beneficiaries at least
+        family(registry, relationships, amount_fen)
+    stubs.close()
+    monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 1)
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+    taken_over = f"{REBUILDING}|{EARLIER_GENERATION}"
+
+    async def scenario() -> int:
+        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0)
+        real = commands.execute_many
+        pages: list[object] = []
+
+        async def first_page_then_taken_over(batch: Any, *arguments: Any) -> Any:
+            replies = await real(batch, *arguments)
+            if any(command[0] == "SET" and command[-1] == "GET" for command in batch):
+                pages.append(batch)  # a page: its slot marks go first, SET ... GET
+                if len(pages) == 1:  # the other server marks its own rebuild
+                    await real([("SET", keys.GENERATION, taken_over)])
+            return replies
+
+        commands.execute_many = first_page_then_taken_over  # type: ignore[method-assign]
+        try:
+            with pytest.raises(RebuildAbandoned):
+                await rebuild_hot_state(harness.app.database, commands, "run", None, harness.clock)
+            assert await commands.execute("GET", keys.GENERATION) == taken_over.encode()
+            return len(pages)
+        finally:
+            await commands.aclose()
+
+    try:
+        pages_written = asyncio.run(scenario())
+    finally:
+        redis.stop()
+    assert pages_written == 1

@@ -122,8 +122,8 @@ hot_state_ready = Gauge(
 )
 hot_state_rebuilds = Counter(
     "medwallet_hot_state_rebuilds_total",
-    "Rebuilds of the hot state from SQL this server ran (Redis lost data, restarted or failed "
-    "over).",
+    "Rebuilds of the hot state from SQL this server began (Redis lost data, restarted or "
+    "failed over), those abandoned or failed included (a late page, another server's takeover).",
 )
 hot_state_rebuild_seconds = Gauge(
     "medwallet_hot_state_rebuild_seconds",

@@ -15,7 +15,9 @@ rebuild and makes sure only one server does.
    A slot found marked already is an earlier rebuild's page that reached Redis late (its write
    timed out, the commands were only delayed): this rebuild fails, and the next one sweeps it
    (storage/redis/rebuild_writer.py page_commands; a late page that lands after this rebuild
-   wrote the slot is found by the scripts: MWSTALE, storage/redis/generation.py).
+   wrote the slot is found by the scripts: MWSTALE, storage/redis/generation.py). Before
+   each page's write the rebuild checks keys.GENERATION still names it: taken over by another
+   server, it stops, rather than leave that rebuild late pages until its lock's next renewal.
    Around the pages, every Redis hash slot's witness (keys.witness) is written: pending once
    Redis is emptied, the new generation after the last page where still pending; so a node
    that lost its data since is known lost although keys.GENERATION, on another node of a
@@ -221,6 +223,12 @@ def _page(
     ]
     holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
     commands = page_commands(generation, quotas, holds)
+    # Another server that took the rebuild over (this one's lock expired unnoticed: it is
+    # renewed every few seconds) has swept Redis since: a page written now would be a late
+    # page for it, and cost it a rebuild more (LatePageFound). Asked once a page, right
+    # before its write: at most the page in flight while the lock changes hands lands.
+    if not on_loop(loop, _still_rebuilding(redis, generation)):
+        raise RebuildAbandoned(generation)
     late = late_page_marks(generation, commands, on_loop(loop, _write(redis, commands)))
     if late:
         # Written over: the page is right now, but what else that late page left (a hold
@@ -232,6 +240,12 @@ def _page(
         )  # fmt: skip
         raise LatePageFound(f"{len(late)} slot(s) marked since the sweep, e.g. {late[0]}")
     return beneficiary_ids[-1], len(beneficiary_ids), len(quotas), len(holds)
+
+
+async def _still_rebuilding(redis: PipelinedRedis, generation: str) -> bool:
+    """Whether keys.GENERATION still names this rebuild."""
+    marker = await redis.execute("GET", keys.GENERATION)
+    return isinstance(marker, bytes) and marker.decode() == f"{REBUILDING}|{generation}"
 
 
 async def _write(redis: PipelinedRedis, commands: list[Command]) -> list[object]:
