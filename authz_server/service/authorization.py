@@ -44,7 +44,11 @@ from authz_server.domain.types import (
 )
 from authz_server.observability import metrics
 from authz_server.service import idempotency, ledger
-from authz_server.service.capture_recovery import captured_as_sql_says, settle_capture
+from authz_server.service.capture_recovery import (
+    captured_as_sql_says,
+    finish_captured,
+    settle_capture,
+)
 from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
@@ -55,6 +59,7 @@ from authz_server.service.ports import (
     CaptureClaim,
     CaptureOutcome,
     Finish,
+    FinishReply,
     HoldDecision,
     HoldStatus,
     HoldStore,
@@ -488,14 +493,17 @@ class AuthorizationService:
     async def _finish_captured(
         self, authorization_id: str, claim_token: str, parts: str, funding: Funding
     ) -> None:
-        """Finishes the hold of a capture SQL has, as CAPTURED. When Redis no longer has that
-        claim (Redis was lost and rebuilt from SQL read before this capture committed: the
-        rebuild counted its money as unused), the funding quotas are set from the ledger again,
-        or Redis would go on offering money SQL counts as spent."""
-        if await when_rebuilt(
-            lambda: self.holds.capture_finish(authorization_id, claim_token, Finish.CAPTURED, parts)
-        ):
+        """Finishes the hold of a capture SQL has, as CAPTURED (a hold a rebuild put back as
+        well: finish_captured). When Redis no longer has that claim (Redis was lost and rebuilt
+        from SQL read before this capture committed: the rebuild counted its money as unused),
+        the funding quotas are set from the ledger again, or Redis would go on offering money
+        SQL counts as spent."""
+        finished = await when_rebuilt(
+            lambda: finish_captured(self.database, self.holds, authorization_id, claim_token, parts)
+        )
+        if finished is FinishReply.FINISHED:
             return
+        # NOT_IN_CLAIM, or FINISHED_UNDERSTATED (a quota with too many holds to recount)
         for relationship_id, _ in funding:
             try:
                 await restore_from_ledger(self.database, self.quotas, relationship_id)
@@ -767,7 +775,7 @@ class AuthorizationService:
         if in_ledger is LedgerVoid.CAPTURED:
             # Redis may still hold it (its claim lost with Redis, put back by a rebuild):
             # finished as SQL says, never given back.
-            await self.holds.capture_finish(authorization_id, "", Finish.CAPTURED, parts)
+            await finish_captured(self.database, self.holds, authorization_id, "", parts)
             raise PolicyRefusal(
                 "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
             )

@@ -11,14 +11,17 @@ and by a same-key retry that finds its own capture stalled.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
-from authz_server.service.ports import NOT_WRITTEN, Finish, HoldStatus, HoldStore
+from authz_server.service.ports import NOT_WRITTEN, Finish, FinishReply, HoldStatus, HoldStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.open_holds import ledger_parts
+
+log = logging.getLogger(__name__)
 
 
 def captured_as_sql_says(
@@ -31,6 +34,34 @@ def captured_as_sql_says(
     for relationship_id in sorted(set(relationship_ids)):
         records.relationship_row(session, relationship_id, lock=True)
     return ledger_parts(session, authorization_id)
+
+
+async def finish_captured(
+    database: Database, holds: HoldStore, authorization_id: str, claim_token: str, parts: str
+) -> FinishReply:
+    """Finishes the claim `claim_token` names ('' any) as CAPTURED with SQL's `parts`. A hold a
+    rebuild put back (its claim lost with Redis) asks for the capture's ledger entries first:
+    only they tell, against each quota's restore mark, whether a quota restore since the
+    capture committed counted it as spent already (lua/capture_finish.lua). So SQL is read once
+    more on that rare path only, never for a hold finished in its own claim. Never answers
+    ENTRIES_NEEDED; FINISHED_UNDERSTATED is logged here (the caller may set the quotas from the
+    ledger; reconcile does otherwise)."""
+    finished = await holds.capture_finish(authorization_id, claim_token, Finish.CAPTURED, parts)
+    if finished is FinishReply.ENTRIES_NEEDED:
+        entries = await database.run(
+            lambda session: records.capture_entries(session, authorization_id)
+        )
+        finished = await holds.capture_finish(
+            authorization_id, claim_token, Finish.CAPTURED, parts, capture_entries=entries
+        )
+    if finished is FinishReply.FINISHED_UNDERSTATED:
+        log.warning(
+            "capture %s: a funding quota with too many holds to recount was left understated; "
+            "it is set from the ledger by the capture or the next reconcile",
+            authorization_id,
+            extra={"authorization_id": authorization_id},
+        )
+    return finished
 
 
 async def settle_capture(database: Database, holds: HoldStore, authorization_id: str) -> None:
@@ -48,7 +79,7 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
         )
     )
     if captured is not None:
-        await holds.capture_finish(authorization_id, claim_token, Finish.CAPTURED, captured)
+        await finish_captured(database, holds, authorization_id, claim_token, captured)
     elif hold.one_step:
         await holds.capture_finish(authorization_id, claim_token, Finish.VOIDED, "", NOT_WRITTEN)
     else:

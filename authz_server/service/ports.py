@@ -15,9 +15,11 @@ __all__ = [
     "NOT_WRITTEN",
     "AuthorizeCall",
     "CaptureClaim",
+    "CaptureEntries",
     "CaptureOutcome",
     "Debit",
     "Finish",
+    "FinishReply",
     "HoldDecision",
     "HoldRecord",
     "HoldStatus",
@@ -148,10 +150,30 @@ class Finish(StrEnum):
     PENDING = "PENDING"  # the hold is put back as it was (a retry may capture it)
 
 
+class FinishReply(StrEnum):
+    """What finishing a capture's claim on a hold answered."""
+
+    FINISHED = "FINISHED"
+    NOT_IN_CLAIM = "NOT_IN_CLAIM"  # the hold is in another claim by then, or gone: nothing done
+    # A hold a rebuild put back (its claim lost with Redis), finished as CAPTURED without the
+    # capture's ledger entries: nothing done. Only they tell whether a quota restore since
+    # counted the capture as spent already (HoldStore.capture_finish); call again with them.
+    ENTRIES_NEEDED = "ENTRIES_NEEDED"
+    # Finished, but a quota with too many holds to recount (HOLDS_PER_RECOUNT) had the part
+    # released as taken: it may be understated (never overstated) until set from the ledger.
+    FINISHED_UNDERSTATED = "FINISHED_UNDERSTATED"
+
+
 # Why a one-step payment was voided when SQL turned out not to have it: nothing was paid, so a
 # retry with the same key makes the payment (HoldStore.forget_unwritten); a capture of it is
 # refused ALREADY_VOIDED.
 NOT_WRITTEN = "NOT_WRITTEN"
+
+
+# A capture's CAPTURE ledger entries: (relationship id, ledger_entries.entry_id), one per quota
+# it drew from. A quota whose restore mark (QuotaRestore.ledger_mark) is at least its entry was
+# set from SQL after the capture committed: its figure counts the capture as spent already.
+CaptureEntries = tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -260,9 +282,17 @@ class HoldStore(Protocol):
         ...
 
     async def capture_finish(
-        self, authorization_id: str, claim_token: str, outcome: Finish, parts: str, why: str = ""
-    ) -> bool:
-        """Finishes the claim `claim_token` names ('' any) as SQL answered. True when it did."""
+        self,
+        authorization_id: str,
+        claim_token: str,
+        outcome: Finish,
+        parts: str,
+        why: str = "",
+        capture_entries: CaptureEntries | None = None,
+    ) -> FinishReply:
+        """Finishes the claim `claim_token` names ('' any) as SQL answered. A hold a rebuild put
+        back answers ENTRIES_NEEDED to CAPTURED until `capture_entries` (the capture's ledger
+        entries, read from SQL) come with it."""
         ...
 
     async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> VoidOutcome:

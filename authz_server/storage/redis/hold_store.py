@@ -17,7 +17,9 @@ from authz_server.service.ports import (
     NOT_WRITTEN,
     AuthorizeCall,
     CaptureClaim,
+    CaptureEntries,
     Finish,
+    FinishReply,
     HoldDecision,
     HoldRecord,
     VoidOutcome,
@@ -160,13 +162,22 @@ class HoldStore:
         return script_call.unpack(raw)
 
     async def capture_finish(
-        self, authorization_id: str, claim_token: str, outcome: Finish, parts: str, why: str = ""
-    ) -> bool:
+        self,
+        authorization_id: str,
+        claim_token: str,
+        outcome: Finish,
+        parts: str,
+        why: str = "",
+        capture_entries: CaptureEntries | None = None,
+    ) -> FinishReply:
         """Finishes the claim `claim_token` names (its cs: when it began, in ms as sent to
         capture_begin or authorize; '' for whichever claim there is): nothing when the hold is
         in another claim by then, or gone (Redis lost it). `why` (with VOIDED): what a later
-        capture is told instead of ALREADY_VOIDED. True when it finished the claim."""
-        script_call = CaptureFinish(authorization_id, claim_token, Finish(outcome), parts, why)
+        capture is told instead of ALREADY_VOIDED. `capture_entries` (with CAPTURED): the
+        capture's ledger entries, which a hold a rebuild put back asks for (ENTRIES_NEEDED)."""
+        script_call = CaptureFinish(
+            authorization_id, claim_token, Finish(outcome), parts, why, capture_entries
+        )
         if script_call.outcome is Finish.PENDING:
             # The hold is open again (with its own expiry, which may have passed meanwhile):
             # the sweeper looks at the slot at its next round (score 0) and takes it from there.

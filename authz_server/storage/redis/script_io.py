@@ -20,8 +20,10 @@ from authz_server.domain.types import Decision, DeclineReason
 from authz_server.service.ports import (
     AuthorizeCall,
     CaptureClaim,
+    CaptureEntries,
     CaptureOutcome,
     Finish,
+    FinishReply,
     HoldDecision,
     HoldRecord,
     HoldStatus,
@@ -45,6 +47,11 @@ R = TypeVar("R")
 # A capture still CAPTURING this long after it began lost its process (or its Redis reply):
 # it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
 STALE_CAPTURE_SECONDS = 30
+# The most other holds of one quota lua/capture_finish.lua recounts (a hold a rebuild put back,
+# whose capture a quota restore counted already); past it the part is released as taken, the
+# quota understated until set from the ledger (FINISHED_UNDERSTATED). A family's open holds on
+# one quota are a handful: the bound keeps one script's work bounded, not the common case.
+HOLDS_PER_RECOUNT = 1_000
 
 
 class ScriptCall(Generic[R]):
@@ -283,11 +290,18 @@ class CaptureBegin(ScriptCall[CaptureClaim]):
         )  # fmt: skip
 
 
+# What lua/capture_finish.lua answers, as a FinishReply.
+FINISH_REPLIES = {1: FinishReply.FINISHED, 0: FinishReply.NOT_IN_CLAIM,
+                  -1: FinishReply.ENTRIES_NEEDED,
+                  2: FinishReply.FINISHED_UNDERSTATED}  # fmt: skip
+
+
 @dataclass(frozen=True)
-class CaptureFinish(ScriptCall[bool]):
+class CaptureFinish(ScriptCall[FinishReply]):
     """lua/capture_finish.lua: finishes the claim `claim_token` names (when it began, in ms as
-    sent to capture_begin or authorize; '' for whichever claim there is). True when it did;
-    False when the hold is in another claim by then, or gone."""
+    sent to capture_begin or authorize; '' for whichever claim there is). FINISHED when it did;
+    NOT_IN_CLAIM when the hold is in another claim by then, or gone; ENTRIES_NEEDED for a hold a
+    rebuild put back, finished CAPTURED without `capture_entries` (nothing done)."""
 
     SCRIPT = script("capture_finish")
     authorization_id: str
@@ -295,6 +309,8 @@ class CaptureFinish(ScriptCall[bool]):
     outcome: Finish
     parts: str  # with CAPTURED: the captured parts, "rid=fen;..." (domain/funding.py)
     why: str = ""  # with VOIDED: what a later capture is told instead of ALREADY_VOIDED
+    # with CAPTURED: the capture's ledger entries, once read from SQL (None: not read)
+    capture_entries: CaptureEntries | None = None
 
     @property
     def prefix(self) -> str:
@@ -304,10 +320,20 @@ class CaptureFinish(ScriptCall[bool]):
         return [keys.authorization(self.authorization_id)]
 
     def arguments(self) -> list[Argument]:
-        return [self.prefix, self.outcome.value, self.parts, self.why, self.claim_token]
+        entries = self.capture_entries
+        return [
+            self.prefix,  # 1
+            self.outcome.value,  # 2
+            self.parts,  # 3
+            self.why,  # 4
+            self.claim_token,  # 5
+            "" if entries is None else "1",  # 6: the capture's ledger entries were read
+            "" if entries is None else format_funding(entries),  # 7: "rid=entry;..."
+            HOLDS_PER_RECOUNT,  # 8
+        ]
 
-    def unpack(self, raw: Reply) -> bool:
-        return as_integer(raw) == 1
+    def unpack(self, raw: Reply) -> FinishReply:
+        return FINISH_REPLIES[as_integer(raw)]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import NotFound
@@ -12,12 +12,18 @@ from authz_server.domain.model import Participant, QuotaTotals, Relationship
 from authz_server.domain.types import (
     Channel,
     DissolutionReason,
+    LedgerKind,
     ParticipantStatus,
     Relation,
     RelationshipStatus,
     Scheme,
 )
-from authz_server.storage.sql.tables import CapturePartRow, ParticipantRow, RelationshipRow
+from authz_server.storage.sql.tables import (
+    CapturePartRow,
+    LedgerEntryRow,
+    ParticipantRow,
+    RelationshipRow,
+)
 
 
 def utc(moment: datetime) -> datetime:
@@ -91,3 +97,23 @@ def captured_parts(session: Session, authorization_id: str) -> tuple[tuple[str, 
         .order_by(CapturePartRow.position)
     )
     return tuple((row.relationship_id, row.amount_fen) for row in rows)
+
+
+def capture_entries(session: Session, authorization_id: str) -> tuple[tuple[str, int], ...]:
+    """A capture's CAPTURE ledger entries, (relationship, entry id), one per quota it drew from
+    (storage/sql/capture_batch.py writes them with the capture): at most as many rows as the
+    capture has parts, found by the entries' authorization index. () when not captured."""
+    rows = session.execute(
+        select(LedgerEntryRow.relationship_id, func.max(LedgerEntryRow.entry_id))
+        .where(
+            LedgerEntryRow.authorization_id == authorization_id,
+            LedgerEntryRow.kind == LedgerKind.CAPTURE.value,
+        )
+        .group_by(LedgerEntryRow.relationship_id)
+        .order_by(LedgerEntryRow.relationship_id)
+    )
+    return tuple(
+        (str(relationship_id), int(entry_id))
+        for relationship_id, entry_id in rows
+        if relationship_id is not None
+    )
