@@ -103,6 +103,11 @@ class Settings:
     # and its deadline; the RetryInfo delay shortened by as much): a till retrying in a tight
     # loop then sends a few calls a second instead of hundreds. 0: answered at once.
     limit_hold_ms: int = 100
+    # Every this often one server of the deployment (whichever takes the turn in Redis) sets
+    # every quota in Redis from SQL while serving, as the reconcile at start-up does, and counts
+    # what differed as drift (runtime/periodic_reconcile.py). Its cost per quota: loadtest/
+    # RESULTS.md ("A reconcile on a timer"). 0: only at start-up and by command.
+    reconcile_interval_seconds: float = 3600.0
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
@@ -212,6 +217,9 @@ class Settings:
             channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
             limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
             limit_hold_ms=int(get("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms)),
+            reconcile_interval_seconds=float(
+                get("MEDWALLET_RECONCILE_INTERVAL_SECONDS", defaults.reconcile_interval_seconds)
+            ),
             audit_retention_days=int(
                 get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)
             ),

@@ -19,7 +19,9 @@ noticed, rebuilt the hot state from SQL (runtime/rebuild.py) and serves again (i
    into its phases (deleting what Redis had, SQL reads, Redis writes). A sample of quotas is then
    read from Redis and compared with what SQL says (ledger less open holds): any difference
    fails the run.
-4. A summary; loadtest/results/rebuild/rebuild-<database>-<relationships>.json and .png (--out).
+4. --reconciles times: a reconcile of every quota while serving (what the periodic one costs a
+   server), which must find nothing to set right.
+5. A summary; loadtest/results/rebuild/rebuild-<database>-<relationships>.json and .png (--out).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from authz_server.runtime import event_loop
 from authz_server.runtime import rebuild as rebuild_module
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
+from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.server.app import Application
 from authz_server.settings import Settings
 from authz_server.storage.redis import keys
@@ -765,6 +768,22 @@ def check_sample(service: Service, sample: int, seed: int) -> int:
 # --- the report ------------------------------------------------------------------------------
 
 
+def time_reconciles(service: Service, count: int) -> list[tuple[float, ReconcileReport]]:
+    """Reconciles every quota `count` times, timed, as the periodic reconcile does while the
+    server serves. Right after a rebuild there must be no drift: SystemExit otherwise."""
+    app = service.app
+    timed: list[tuple[float, ReconcileReport]] = []
+    with Progress(count, "reconciles", unit="runs") as progress:
+        for _ in range(count):
+            began = time.perf_counter()
+            report = service.run(reconcile(app.database, app.quotas, app.holds), timeout=3600)
+            timed.append((time.perf_counter() - began, report))
+            if report.drifted:
+                raise SystemExit(f"reconcile found {report.drifted} quotas drifted: {report}")
+            progress.advance(1)
+    return timed
+
+
 def breakdown(run: RunResult) -> dict[str, float]:
     """Where one run's time went, in seconds (the parts add up to total_seconds)."""
     delete = run.phases.get("delete_hot_state", 0.0)
@@ -865,6 +884,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decisions", type=int, default=1_000_000)
     parser.add_argument("--open-holds", type=int, default=20_000, help="part of --decisions")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--reconciles",
+        type=int,
+        default=1,
+        help="then times this many reconciles of every quota while serving, as the periodic "
+        "one (MEDWALLET_RECONCILE_INTERVAL_SECONDS) runs; each must find no drift",
+    )
     parser.add_argument("--check", type=int, default=2_000, help="quotas compared per run")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run at most")
@@ -909,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         runs.append(result)
                         progress.advance(1)
+                reconciles = time_reconciles(service, arguments.reconciles)
             finally:
                 service.close()
                 phases.restore()
@@ -923,6 +950,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"expected {arguments.relationships} and {expected_holds}"
             )
     print(summary(runs))
+    for number, (seconds, report) in enumerate(reconciles, 1):
+        print(
+            f"reconcile {number} while serving: {seconds:.2f} s for {report.quotas:,} quotas "
+            f"({seconds / max(1, report.quotas) * 1e6:.0f} µs a quota), {report.drifted} drifted"
+        )
     print(
         f"each run: {runs[0].checked_quotas:,} sampled quotas in Redis equal SQL's "
         f"(ledger less open holds); rebuild pages: {int(runs[0].phases.get('pages', 0))}"
@@ -951,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         "service_start_seconds": start_seconds,
         "runs": [{**asdict(run), "breakdown": breakdown(run)} for run in runs],
         "median_total_seconds": statistics.median(run.total_seconds for run in runs),
+        "reconciles": [{"seconds": seconds, **asdict(report)} for seconds, report in reconciles],
     }
     (arguments.out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
     title = (

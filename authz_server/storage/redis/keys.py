@@ -151,6 +151,9 @@ generation a random token, the run id that of the Redis process it was rebuilt i
 "REBUILDING|<generation>" while a rebuild runs; missing when Redis lost everything."""
 REBUILD_LOCK = "mw:{generation}:rebuild"
 """STRING with an expiry: the token of the one server rebuilding the hot state."""
+RECONCILE_TURN = "mw:{reconcile}:turn"
+"""STRING with an expiry (most of MEDWALLET_RECONCILE_INTERVAL_SECONDS): the token of the server
+whose turn it is to reconcile (runtime/periodic_reconcile.py); not hot state."""
 
 
 def generation_marker(prefix_text: str) -> str:
