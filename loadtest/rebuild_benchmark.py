@@ -837,7 +837,12 @@ def summary(runs: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def chart(runs: list[RunResult], title: str, path: Path) -> None:
+def chart(
+    runs: list[RunResult],
+    title: str,
+    path: Path,
+    reconciles: Sequence[tuple[float, ReconcileReport]] = (),
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -859,10 +864,25 @@ def chart(runs: list[RunResult], title: str, path: Path) -> None:
             va="bottom",
             fontsize=9,
         )
+    # Beside the losses: each reconcile of every quota while serving (--reconciles).
+    reconcile_positions = [len(runs) + 1.5 + number for number in range(len(reconciles))]
+    for number, (spot, (seconds, _)) in enumerate(
+        zip(reconcile_positions, reconciles, strict=True)
+    ):
+        axis.bar(
+            spot,
+            seconds,
+            0.6,
+            color="#2ca02c",
+            label="reconcile while serving" if not number else None,
+        )
+        axis.annotate(f"{seconds:.1f} s", (spot, seconds), ha="center", va="bottom", fontsize=9)
     axis.axhline(30, color="black", linestyle="--", linewidth=0.8, label="aim: 30 s")
-    axis.set_xticks(positions)
-    axis.set_xticklabels([f"run {p}" for p in positions])
-    axis.set_ylabel("seconds from FLUSHALL to serving again")
+    axis.set_xticks(positions + reconcile_positions)
+    axis.set_xticklabels(
+        [f"run {p}" for p in positions] + [f"reconcile {n}" for n in range(1, len(reconciles) + 1)]
+    )
+    axis.set_ylabel("seconds (FLUSHALL to serving again; a reconcile of every quota)")
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -987,11 +1007,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     (arguments.out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
     title = (
-        f"FLUSHALL to serving again: {kind}, {arguments.relationships:,} relationships,\n"
+        f"FLUSHALL to serving again{', and a reconcile while serving' if reconciles else ''}: "
+        f"{kind}, {arguments.relationships:,} relationships,\n"
         f"{arguments.decisions:,} decisions ({arguments.open_holds:,} open), "
         f"{os.cpu_count()} cores, {started_at:%Y-%m-%d %H:%M} UTC"
     )
-    chart(runs, title, arguments.out / f"{stem}.png")
+    chart(runs, title, arguments.out / f"{stem}.png", reconciles)
     print(f"results in {arguments.out}/{stem}.json and .png")
     return 0
 
