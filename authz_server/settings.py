@@ -103,11 +103,13 @@ class Settings:
     # and its deadline; the RetryInfo delay shortened by as much): a till retrying in a tight
     # loop then sends a few calls a second instead of hundreds. 0: answered at once.
     limit_hold_ms: int = 100
-    # Every this often one server of the deployment (whichever takes the turn in Redis) sets
-    # every quota in Redis from SQL while serving, as the reconcile at start-up does, and counts
-    # what differed as drift (runtime/periodic_reconcile.py). Its cost per quota: loadtest/
-    # RESULTS.md ("A reconcile on a timer"). 0: only at start-up and by command.
-    reconcile_interval_seconds: float = 3600.0
+    # The rolling reconcile's pace: while serving, the servers take turns at setting the next
+    # page of 500 quotas in Redis from SQL, as the reconcile at start-up does, counting what
+    # differed as drift (runtime/rolling_reconcile.py): a full pass over Q quotas takes
+    # Q / this seconds (1,000,000 quotas: ~83 min at 200), one page every 500 / this seconds,
+    # ~170 µs a quota of one server (loadtest/RESULTS.md, "A rolling reconcile"). 0: only at
+    # start-up and by command.
+    reconcile_quotas_per_second: float = 200.0
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
@@ -217,8 +219,8 @@ class Settings:
             channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
             limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
             limit_hold_ms=int(get("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms)),
-            reconcile_interval_seconds=float(
-                get("MEDWALLET_RECONCILE_INTERVAL_SECONDS", defaults.reconcile_interval_seconds)
+            reconcile_quotas_per_second=float(
+                get("MEDWALLET_RECONCILE_QUOTAS_PER_SECOND", defaults.reconcile_quotas_per_second)
             ),
             audit_retention_days=int(
                 get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)

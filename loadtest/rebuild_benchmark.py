@@ -635,6 +635,8 @@ class Service:
             database_url=database_url,
             tokens_file=str(tokens),
             event_loop=event_loop_choice,
+            # Its reconciles are timed alone (--reconciles), not beside the rolling one's pages.
+            reconcile_quotas_per_second=0,
         )
         self.loop = event_loop.loop_factory(settings.event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -769,8 +771,9 @@ def check_sample(service: Service, sample: int, seed: int) -> int:
 
 
 def time_reconciles(service: Service, count: int) -> list[tuple[float, ReconcileReport]]:
-    """Reconciles every quota `count` times, timed, as the periodic reconcile does while the
-    server serves. Right after a rebuild there must be no drift: SystemExit otherwise."""
+    """Reconciles every quota `count` times, timed, while the server serves (what the rolling
+    reconcile does a page at a time). Right after a rebuild there must be no drift: SystemExit
+    otherwise."""
     app = service.app
     timed: list[tuple[float, ReconcileReport]] = []
     with Progress(count, "reconciles", unit="runs") as progress:

@@ -154,7 +154,14 @@ class Harness:
         # Limits far above what any test sends (the limiter runs, refusing nothing), unless the
         # test sets its own.
         unlimited = "rate=1000000,burst=1000000,in_flight=100000"
-        settings = {"merchant_limit": unlimited, "channel_limit": unlimited, **settings}
+        # No rolling reconcile unless the test asks for one: it would set right, at any moment,
+        # the Redis figures a test makes wrong on purpose to see what notices them.
+        settings = {
+            "merchant_limit": unlimited,
+            "channel_limit": unlimited,
+            "reconcile_quotas_per_second": 0,
+            **settings,
+        }
         # a test's own (tracing=True, TLS files, limits, ...)
         self.settings = replace(self.settings, **settings)
         self.clock = ManualClock()

@@ -115,6 +115,11 @@ reconcile_drift = Counter(
 reconcile_drift_fen = Counter(
     "medwallet_reconcile_drift_fen_total", "Absolute difference reconcile corrected, in fen."
 )
+reconcile_quotas = Counter(
+    "medwallet_reconcile_quotas_total",
+    "Quotas the rolling reconcile set from the ledger (runtime/rolling_reconcile.py): it moves "
+    "at MEDWALLET_RECONCILE_QUOTAS_PER_SECOND while the deployment serves.",
+)
 hot_state_ready = Gauge(
     "medwallet_hot_state_ready",
     "1 while Redis holds a complete hot state this server trusts, else 0 (runtime/hot_state.py).",

@@ -46,6 +46,15 @@ class ReconcileReport:
     # of the drifted: those where Redis let (or would let) out more than the ledger has
     overstated: int = 0
 
+    def plus(self, other: ReconcileReport) -> ReconcileReport:
+        return ReconcileReport(
+            quotas=self.quotas + other.quotas,
+            drifted=self.drifted + other.drifted,
+            drift_fen=self.drift_fen + other.drift_fen,
+            busy=self.busy + other.busy,
+            overstated=self.overstated + other.overstated,
+        )
+
 
 async def reconcile(
     database: Database,
@@ -69,59 +78,61 @@ async def reconcile(
         )
         await settle_stalled(database, holds, stalled)
     after = ""
-    count = drifted = drift_fen = busy = overstated = 0
-    loop = asyncio.get_running_loop()
+    total = ReconcileReport(quotas=0, drifted=0, drift_fen=0)
     while True:
-        cursor = after
+        after, report = await reconcile_page(database, quotas, after)
+        total = total.plus(report)
+        if not after:
+            return total
 
-        def page(
-            session: Session, cursor: str = cursor
-        ) -> tuple[str, list[Drift | BaseException | None]]:
-            """A page of quotas, read under their row locks and restored before those are let
-            go (service/quota_sync.py says why): (the last relationship id, each one's drift)."""
-            rows = session.execute(
-                select(RelationshipRow, ParticipantRow.scheme)
-                .join(
-                    ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id
-                )
-                .where(
-                    RelationshipRow.relationship_id > cursor,
-                    RelationshipRow.status == RelationshipStatus.ACTIVE.value,
-                )
-                .order_by(RelationshipRow.relationship_id)
-                .limit(BATCH_SIZE)
-                .with_for_update(of=RelationshipRow)
-            )
-            batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
-            if not batch:
-                return "", []
-            marks = ledger_marks(
-                session, [relationship.relationship_id for relationship, _ in batch]
-            )
-            quotas_of_page = [
-                restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
-                for relationship, scheme in batch
-            ]
-            return batch[-1][0].relationship_id, on_loop(
-                loop, _restore_page(quotas, quotas_of_page)
-            )
 
-        after, drifts = await _locked_page(database, page)
-        if not drifts:
-            break
-        for drift in drifts:
-            if isinstance(drift, BaseException):
-                raise drift
-            if drift == _BUSY:
-                busy += 1
-            elif drift is not None:
-                drifted += 1
-                drift_fen += drift.fen
-                overstated += drift.overstated
-            count += 1
-    return ReconcileReport(
-        quotas=count, drifted=drifted, drift_fen=drift_fen, busy=busy, overstated=overstated
+async def reconcile_page(
+    database: Database, quotas: QuotaCache, after: str
+) -> tuple[str, ReconcileReport]:
+    """One page of reconcile(): up to BATCH_SIZE active quotas whose relationship ids come after
+    `after`, read under their row locks and restored before those are let go (service/
+    quota_sync.py says why). Returns (the page's last relationship id, or "" when no quota came
+    after `after`: the pass is complete; what it found). The rolling reconcile runs it a page at
+    a time (runtime/rolling_reconcile.py)."""
+    loop = asyncio.get_running_loop()
+
+    def page(session: Session) -> tuple[str, list[Drift | BaseException | None]]:
+        rows = session.execute(
+            select(RelationshipRow, ParticipantRow.scheme)
+            .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
+            .where(
+                RelationshipRow.relationship_id > after,
+                RelationshipRow.status == RelationshipStatus.ACTIVE.value,
+            )
+            .order_by(RelationshipRow.relationship_id)
+            .limit(BATCH_SIZE)
+            .with_for_update(of=RelationshipRow)
+        )
+        batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
+        if not batch:
+            return "", []
+        marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
+        quotas_of_page = [
+            restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
+            for relationship, scheme in batch
+        ]
+        return batch[-1][0].relationship_id, on_loop(loop, _restore_page(quotas, quotas_of_page))
+
+    last, drifts = await _locked_page(database, page)
+    drifted = drift_fen = busy = overstated = 0
+    for drift in drifts:
+        if isinstance(drift, BaseException):
+            raise drift
+        if drift == _BUSY:
+            busy += 1
+        elif drift is not None:
+            drifted += 1
+            drift_fen += drift.fen
+            overstated += drift.overstated
+    report = ReconcileReport(
+        quotas=len(drifts), drifted=drifted, drift_fen=drift_fen, busy=busy, overstated=overstated
     )
+    return last, report
 
 
 @dataclass(frozen=True)

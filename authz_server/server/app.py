@@ -38,8 +38,8 @@ from authz_server.ledger.client import (
 )
 from authz_server.observability import loop_lag, metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
-from authz_server.runtime.periodic_reconcile import reconcile_periodically
-from authz_server.runtime.reconcile import ReconcileReport, reconcile
+from authz_server.runtime.reconcile import ReconcileReport, reconcile, reconcile_page
+from authz_server.runtime.rolling_reconcile import reconcile_rolling
 from authz_server.runtime.wiring import open_storage
 from authz_server.server.audit import AuditedServer
 from authz_server.server.audit_handler import AuditHandler
@@ -299,14 +299,14 @@ class Application:
         loop = asyncio.get_running_loop()
         if self.sweep_holds:
             self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
-        if self.sweep_holds and self.settings.reconcile_interval_seconds > 0:
-            periodically = reconcile_periodically(
-                self.settings.reconcile_interval_seconds,
+        if self.sweep_holds and self.settings.reconcile_quotas_per_second > 0:
+            rolling = reconcile_rolling(
+                self.settings.reconcile_quotas_per_second,
                 self.pipelined_redis,
                 lambda: self.guardian.ready and not self.stopping,
-                self._reconcile_now,
+                lambda after: reconcile_page(self.database, self.quotas, after),
             )
-            self.background.append(loop.create_task(periodically, name="periodic-reconcile"))
+            self.background.append(loop.create_task(rolling, name="rolling-reconcile"))
         await self.server.start()
         if self.front is not None:
             try:
@@ -322,9 +322,6 @@ class Application:
         self.background.append(loop.create_task(loop_lag.watch(), name="event-loop-lag"))
         self.background.append(loop.create_task(self.guardian.run(), name="hot-state-guardian"))
         return self.port
-
-    async def _reconcile_now(self) -> None:
-        record_reconcile(await reconcile(self.database, self.quotas, self.holds, self.clock))
 
     async def _monitor(self) -> None:
         """NOT_SERVING while Redis or SQL does not answer, SERVING again once both do."""

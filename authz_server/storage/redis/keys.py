@@ -152,8 +152,11 @@ generation a random token, the run id that of the Redis process it was rebuilt i
 REBUILD_LOCK = "mw:{generation}:rebuild"
 """STRING with an expiry: the token of the one server rebuilding the hot state."""
 RECONCILE_TURN = "mw:{reconcile}:turn"
-"""STRING with an expiry (most of MEDWALLET_RECONCILE_INTERVAL_SECONDS): the token of the server
-whose turn it is to reconcile (runtime/periodic_reconcile.py); not hot state."""
+"""STRING with an expiry (the rolling reconcile's page interval): the token of the server whose
+turn it is to reconcile a page (runtime/rolling_reconcile.py); not hot state."""
+RECONCILE_CURSOR = "mw:{reconcile}:cursor"
+"""STRING: the relationship id after which the rolling reconcile's next page begins ("" or
+missing: from the first); not hot state (lost with Redis, the next pass starts over)."""
 
 
 def generation_marker(prefix_text: str) -> str:
