@@ -104,11 +104,11 @@ class Settings:
     # loop then sends a few calls a second instead of hundreds. 0: answered at once.
     limit_hold_ms: int = 100
     # The rolling reconcile's pace: while serving, the servers take turns at setting the next
-    # page of 500 quotas in Redis from SQL, as the reconcile at start-up does, counting what
+    # page of 50 quotas in Redis from SQL, as the reconcile at start-up does, counting what
     # differed as drift (runtime/rolling_reconcile.py): a full pass over Q quotas takes
-    # Q / this seconds (1,000,000 quotas: ~83 min at 200), one page every 500 / this seconds,
-    # ~170 µs a quota of one server (loadtest/RESULTS.md, "A rolling reconcile"). 0: only at
-    # start-up and by command.
+    # Q / this seconds (1,000,000 quotas: ~83 min at 200), one page every 50 / this seconds,
+    # ~170 µs a quota of one server (loadtest/RESULTS.md, "A rolling reconcile"). Up to 5,000;
+    # 0: only at start-up and by command.
     reconcile_quotas_per_second: float = 200.0
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095

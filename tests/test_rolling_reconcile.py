@@ -44,6 +44,16 @@ def counted(name: str) -> float:
     return REGISTRY.get_sample_value(name) or 0.0
 
 
+def rolling_page(harness: Harness) -> rolling_reconcile.ReconcilePage:
+    """A page as the server's rolling reconcile runs it."""
+    app = harness.app
+
+    async def page(after: str, page_size: int) -> tuple[str, ReconcileReport]:
+        return await reconcile_page(app.database, app.quotas, after, page_size, rolling=True)
+
+    return page
+
+
 def test_a_quota_changed_behind_the_service_is_set_from_the_ledger_within_a_pass(
     rolling_server: Harness,
 ) -> None:
@@ -90,10 +100,8 @@ def test_pages_follow_the_shared_cursor_one_turn_at_a_time_and_a_pass_starts_ove
     app = harness.app
     active = harness.run(reconcile.reconcile(app.database, app.quotas)).quotas
     assert active >= 3
-    monkeypatch.setattr(reconcile, "BATCH_SIZE", 2)
-
-    async def page(after: str) -> tuple[str, ReconcileReport]:
-        return await reconcile_page(app.database, app.quotas, after)
+    monkeypatch.setattr(rolling_reconcile, "PAGE_SIZE", 2)
+    page = rolling_page(harness)
 
     def look(interval_ms: int) -> ReconcileReport | None:
         return harness.run(
@@ -125,3 +133,56 @@ def test_pages_follow_the_shared_cursor_one_turn_at_a_time_and_a_pass_starts_ove
         assert again is not None and again.quotas == 2  # from the first quota again
     finally:
         client.close()
+
+
+def test_a_quota_redis_fails_on_is_counted_and_the_pass_goes_on_past_it(
+    quiet_server: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One quota whose Redis call fails every time (its key overwritten with another type by
+    hand) must not stop every pass at its page: its page's quotas are counted as failed, the
+    cursor moves on, and the quotas after it are set."""
+    harness = quiet_server
+    stubs = served_stubs(harness)
+    registry, relationships, authorizations, _ = next(stubs)
+    try:
+        families = [family_with_a_hold(registry, relationships, authorizations) for _ in range(3)]
+    finally:
+        stubs.close()
+    (bad_beneficiary, bad), (_, middle), (last_beneficiary, last) = sorted(
+        families, key=lambda found: found[1]
+    )
+    assert bad < middle < last
+    monkeypatch.setattr(rolling_reconcile, "PAGE_SIZE", 1)
+    client = harness.admin()
+    try:
+        client.delete(keys.RECONCILE_TURN)
+        client.set(keys.RECONCILE_CURSOR, bad[:-1])  # the next page begins with the bad quota
+        client.delete(keys.quota(bad_beneficiary, bad))
+        client.set(keys.quota(bad_beneficiary, bad), "not a hash")
+        overstated(harness, last_beneficiary, last)
+        failures_before = counted("medwallet_reconcile_failures_total")
+        page = rolling_page(harness)
+        reports = []
+        while client.get(keys.RECONCILE_CURSOR) not in (b"", last.encode()):
+            assert len(reports) < 100  # every page moves the cursor on
+            client.delete(keys.RECONCILE_TURN)
+            report = harness.run(
+                rolling_reconcile.take_turn_and_reconcile(harness.app.pipelined_redis, 1, page)
+            )
+            assert report is not None
+            reports.append(report)
+        assert reports[0].failed == 1 and reports[0].quotas == 0
+        assert counted("medwallet_reconcile_failures_total") == failures_before + 1
+        redis_agrees_with_sql(harness, last_beneficiary, last)  # past the bad one: set
+    finally:
+        client.delete(keys.quota(bad_beneficiary, bad))
+        client.close()
+    harness.run(reconcile.reconcile(harness.app.database, harness.app.quotas))  # the bad one back
+
+
+@pytest.mark.parametrize("pace", [-1.0, float("inf"), float("nan"), 1e9])
+def test_a_pace_out_of_bounds_is_refused_naming_the_setting(pace: float) -> None:
+    with pytest.raises(ValueError, match="MEDWALLET_RECONCILE_QUOTAS_PER_SECOND"):
+        rolling_reconcile.checked_pace(pace)
+    assert rolling_reconcile.checked_pace(0) == 0
+    assert rolling_reconcile.checked_pace(200) == 200

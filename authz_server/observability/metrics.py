@@ -120,6 +120,11 @@ reconcile_quotas = Counter(
     "Quotas the rolling reconcile set from the ledger (runtime/rolling_reconcile.py): it moves "
     "at MEDWALLET_RECONCILE_QUOTAS_PER_SECOND while the deployment serves.",
 )
+reconcile_failures = Counter(
+    "medwallet_reconcile_failures_total",
+    "Quotas a page of the rolling reconcile could not set (a Redis call failed even when tried "
+    "again): the next pass tries them.",
+)
 hot_state_ready = Gauge(
     "medwallet_hot_state_ready",
     "1 while Redis holds a complete hot state this server trusts, else 0 (runtime/hot_state.py).",

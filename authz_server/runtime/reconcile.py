@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -26,6 +27,7 @@ from authz_server.storage.sql.tables import (
     RelationshipRow,
 )
 
+log = logging.getLogger(__name__)
 # Quotas per page: read under their row locks and restored before they are let go, so a page
 # holds them (on SQLite the database's write lock) for one round of Redis restores, ~10-50 ms.
 BATCH_SIZE = 500
@@ -45,6 +47,9 @@ class ReconcileReport:
     busy: int = 0
     # of the drifted: those where Redis let (or would let) out more than the ledger has
     overstated: int = 0
+    # a rolling page's quotas not set (a Redis call failed even when tried again, or a quota
+    # after it in the page): the next pass tries them (reconcile_page with rolling=True)
+    failed: int = 0
 
     def plus(self, other: ReconcileReport) -> ReconcileReport:
         return ReconcileReport(
@@ -53,6 +58,7 @@ class ReconcileReport:
             drift_fen=self.drift_fen + other.drift_fen,
             busy=self.busy + other.busy,
             overstated=self.overstated + other.overstated,
+            failed=self.failed + other.failed,
         )
 
 
@@ -87,16 +93,25 @@ async def reconcile(
 
 
 async def reconcile_page(
-    database: Database, quotas: QuotaCache, after: str
+    database: Database,
+    quotas: QuotaCache,
+    after: str,
+    page_size: int = BATCH_SIZE,
+    rolling: bool = False,
 ) -> tuple[str, ReconcileReport]:
-    """One page of reconcile(): up to BATCH_SIZE active quotas whose relationship ids come after
-    `after`, read under their row locks and restored before those are let go (service/
+    """One page of reconcile(): up to `page_size` active quotas whose relationship ids come
+    after `after`, read under their row locks and restored before those are let go (service/
     quota_sync.py says why). Returns (the page's last relationship id, or "" when no quota came
-    after `after`: the pass is complete; what it found). The rolling reconcile runs it a page at
-    a time (runtime/rolling_reconcile.py)."""
+    after `after`: the pass is complete; what it found). A quota whose Redis call failed raises.
+
+    `rolling` (runtime/rolling_reconcile.py: a page at a time while payments go on): rows
+    another transaction has locked are skipped, not waited for (PostgreSQL's SKIP LOCKED: a
+    page waiting on one busy row would hold the rows before it, and the payments waiting on
+    those); they wait for the next pass, as do the quotas a failed Redis call left (counted in
+    `failed`, not raised: one bad quota must not stop every pass at its page)."""
     loop = asyncio.get_running_loop()
 
-    def page(session: Session) -> tuple[str, list[Drift | BaseException | None]]:
+    def page(session: Session) -> tuple[str, list[Drift | BaseException | None], int]:
         rows = session.execute(
             select(RelationshipRow, ParticipantRow.scheme)
             .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
@@ -105,21 +120,30 @@ async def reconcile_page(
                 RelationshipRow.status == RelationshipStatus.ACTIVE.value,
             )
             .order_by(RelationshipRow.relationship_id)
-            .limit(BATCH_SIZE)
-            .with_for_update(of=RelationshipRow)
+            .limit(page_size)
+            .with_for_update(of=RelationshipRow, skip_locked=rolling)
         )
         batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
         if not batch:
-            return "", []
+            return "", [], 0
         marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
         quotas_of_page = [
             restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
             for relationship, scheme in batch
         ]
-        return batch[-1][0].relationship_id, on_loop(loop, _restore_page(quotas, quotas_of_page))
+        drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
+        return batch[-1][0].relationship_id, drifts, len(batch)
 
-    last, drifts = await _locked_page(database, page)
+    last, drifts, read = await _locked_page(database, page)
     drifted = drift_fen = busy = overstated = 0
+    errors = [drift for drift in drifts if isinstance(drift, BaseException)]
+    if rolling and errors:
+        # _restore_page ends a page at its first failed group: the rest was not tried either.
+        log.warning(
+            "rolling reconcile: a quota of the page after %r not set (%s); the next pass tries "
+            "it and the page's untried rest", after, errors[0],
+        )  # fmt: skip
+        drifts = [drift for drift in drifts if not isinstance(drift, BaseException)]
     for drift in drifts:
         if isinstance(drift, BaseException):
             raise drift
@@ -130,7 +154,12 @@ async def reconcile_page(
             drift_fen += drift.fen
             overstated += drift.overstated
     report = ReconcileReport(
-        quotas=len(drifts), drifted=drifted, drift_fen=drift_fen, busy=busy, overstated=overstated
+        quotas=len(drifts),
+        drifted=drifted,
+        drift_fen=drift_fen,
+        busy=busy,
+        overstated=overstated,
+        failed=read - len(drifts),
     )
     return last, report
 

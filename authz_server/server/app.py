@@ -39,7 +39,7 @@ from authz_server.ledger.client import (
 from authz_server.observability import loop_lag, metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile, reconcile_page
-from authz_server.runtime.rolling_reconcile import reconcile_rolling
+from authz_server.runtime.rolling_reconcile import checked_pace, reconcile_rolling
 from authz_server.runtime.wiring import open_storage
 from authz_server.server.audit import AuditedServer
 from authz_server.server.audit_handler import AuditHandler
@@ -299,12 +299,15 @@ class Application:
         loop = asyncio.get_running_loop()
         if self.sweep_holds:
             self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
-        if self.sweep_holds and self.settings.reconcile_quotas_per_second > 0:
+        pace = checked_pace(self.settings.reconcile_quotas_per_second)  # a bad one: no start
+        if self.sweep_holds and pace > 0:
             rolling = reconcile_rolling(
-                self.settings.reconcile_quotas_per_second,
+                pace,
                 self.pipelined_redis,
                 lambda: self.guardian.ready and not self.stopping,
-                lambda after: reconcile_page(self.database, self.quotas, after),
+                lambda after, page_size: reconcile_page(
+                    self.database, self.quotas, after, page_size, rolling=True
+                ),
             )
             self.background.append(loop.create_task(rolling, name="rolling-reconcile"))
         await self.server.start()
