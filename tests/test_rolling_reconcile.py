@@ -5,11 +5,14 @@ drift (the alert's metric); pages follow a cursor the servers share, and a pass 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import create_engine, text
 
 from authz_server.runtime import reconcile, rolling_reconcile
 from authz_server.runtime.reconcile import ReconcileReport, reconcile_page
@@ -186,3 +189,62 @@ def test_a_pace_out_of_bounds_is_refused_naming_the_setting(pace: float) -> None
         rolling_reconcile.checked_pace(pace)
     assert rolling_reconcile.checked_pace(0) == 0
     assert rolling_reconcile.checked_pace(200) == 200
+
+
+def test_a_rolling_page_on_postgresql_skips_a_row_held_elsewhere_and_holds_up_nobody(
+    quiet_server: Harness,
+) -> None:
+    """A slow writer holds one relationship row (a bulk load batch, a slow capture batch). A
+    page that waited for it would hold the rows before it meanwhile, and a capture of one of
+    those would wait for the slow writer too (2.7 s in the audit's reproduction); the rolling
+    page skips the held row instead (it waits for the next pass)."""
+    harness = quiet_server
+    if not harness.database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's row locks (SQLite locks the whole database for a page)")
+    stubs = served_stubs(harness)
+    registry, relationships, authorizations, _ = next(stubs)
+    try:
+        for _ in range(3):
+            family_with_a_hold(registry, relationships, authorizations)
+    finally:
+        stubs.close()
+    engine = create_engine(harness.database_url)
+    lock = text("SELECT 1 FROM relationships WHERE relationship_id = :id FOR UPDATE")
+    try:
+        with engine.connect() as connection:
+            ids = list(
+                connection.scalars(
+                    text(
+                        "SELECT relationship_id FROM relationships WHERE status = 'ACTIVE' "
+                        "ORDER BY relationship_id"
+                    )
+                )
+            )
+        first, held_elsewhere = ids[0], ids[-1]
+        holding, let_go = threading.Event(), threading.Event()
+
+        def slow_writer() -> None:
+            with engine.begin() as connection:
+                connection.execute(lock, {"id": held_elsewhere})
+                holding.set()
+                let_go.wait(10)
+
+        writer = threading.Thread(target=slow_writer)
+        writer.start()
+        try:
+            assert holding.wait(10)
+            app = harness.app
+            page = asyncio.run_coroutine_threadsafe(
+                reconcile_page(app.database, app.quotas, "", len(ids), rolling=True), harness.loop
+            )
+            last, report = page.result(5)  # not waiting for the held row
+            started = time.monotonic()
+            with engine.begin() as connection:  # a capture's lock on the page's first row
+                connection.execute(lock, {"id": first})
+            assert time.monotonic() - started < 1.0
+        finally:
+            let_go.set()
+            writer.join(10)
+        assert report.quotas == len(ids) - 1 and last != held_elsewhere
+    finally:
+        engine.dispose()
