@@ -25,6 +25,7 @@ from authz_server.storage.redis.script_io import (
     AuthorizeForget,
     AuthorizeUndo,
     CaptureBegin,
+    CaptureClear,
     CaptureFinish,
     Expire,
     HoldRestore,
@@ -50,6 +51,7 @@ CALLS: list[ScriptCall[object]] = [
     HoldRestore(OpenHold(AUTHORIZATION, "m", "b", "PHARMACY", "APPROVED", 1, (), NOW, NOW), 1),
     CaptureBegin(AUTHORIZATION, "m", "c", 0, 1),
     CaptureFinish(AUTHORIZATION, "", Finish.CAPTURED, ""),
+    CaptureClear(AUTHORIZATION),
     Void(AUTHORIZATION, "m", 1),
     Expire(keys.prefix("b"), 1, 50),
     QuotaCredit("b", "r", 1, "", ""),
@@ -88,12 +90,13 @@ def test_a_call_packs_what_its_script_reads(call: ScriptCall[object]) -> None:
 
 def test_a_hold_put_back_from_sql_reads_back_as_it_was() -> None:
     hold = OpenHold(AUTHORIZATION, "m", "b", "PHARMACY", "APPROVED", 700, (("r", 700),), NOW, NOW)
-    fields = hold_fields(hold)
+    fields = hold_fields(hold, 1)
     record = hold_record([str(field).encode() for field in fields])
     assert record is not None
     assert (record.merchant_id, record.beneficiary_id, record.purpose, record.status) == (
         "m", "b", "PHARMACY", HoldStatus.PENDING,
     )  # fmt: skip
     assert (record.approved_fen, record.funding, record.one_step) == (700, (("r", 700),), False)
+    assert record.put_back
     assert record.expires_ms == record.created_ms == int(NOW.timestamp() * 1000)
     assert hold_record([]) is None

@@ -12,6 +12,9 @@ rebuild and makes sure only one server does.
    page is written to Redis before the locks are let go (as reconcile does, service/quota_sync.py
    says why): quotas with the ledger's figures less the open holds, the open holds themselves
    with their expiry (domain/hot_state.py), each slot marked with the new generation first.
+   Each hold put back is listed for the sweeper to settle as SQL says: a capture claimed in the
+   Redis that was lost may commit after this read, its process gone before it finished the hold
+   (storage/redis/rebuild_writer.py page_commands, service/capture_recovery.py).
    A slot found marked already is an earlier rebuild's page that reached Redis late (its write
    timed out, the commands were only delayed): this rebuild fails, and the next one sweeps it
    (storage/redis/rebuild_writer.py page_commands; a late page that lands after this rebuild
@@ -222,7 +225,7 @@ def _page(
         for row in rows
     ]
     holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
-    commands = page_commands(generation, quotas, holds)
+    commands = page_commands(generation, quotas, holds, int(now.timestamp() * 1000))
     # Another server that took the rebuild over (this one's lock expired unnoticed: it is
     # renewed every few seconds) has swept Redis since: a page written now would be a late
     # page for it, and cost it a rebuild more (LatePageFound). Asked once a page, right

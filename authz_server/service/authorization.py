@@ -552,9 +552,15 @@ class AuthorizationService:
         if claim.outcome is CaptureOutcome.REPLAY:
             return await self._capture_replay(call)
         if claim.outcome is CaptureOutcome.STALLED and not resumed:
-            # Our own earlier attempt lost its way between SQL and Redis: settle it as SQL
-            # says, then answer this retry as if it came first or again.
+            # Our own earlier attempt lost its way between SQL and Redis, or the hold, put back
+            # by a rebuild and past its expiry, awaits its settlement (a capture claimed before
+            # the loss may have committed): settle it as SQL says, then answer this retry as if
+            # it came first or again. Its key's answer first: a hold put back and settled
+            # CAPTURED does not know the key its capture had.
             await settle_capture(self.database, self.holds, authorization_id)
+            replay = await self.database.run(lambda session: idempotency.find(session, call))
+            if replay is not None:
+                return replay
             return await self.capture(merchant_id, authorization_id, amount_fen, call, True)
         if claim.outcome is CaptureOutcome.IN_PROGRESS:
             # The same key's capture is under way, or committed and lost its Redis step (a

@@ -7,6 +7,15 @@ CAPTURED with the parts SQL has, or back to PENDING when SQL has nothing (the me
 a one-step payment is voided instead, and a retry with its key pays anew).
 Called at start-up (reconcile), by the sweeper for captures stalled past STALE_CAPTURE_SECONDS,
 and by a same-key retry that finds its own capture stalled.
+
+A hold a rebuild put back (PENDING, rs = 1) lost its claim with Redis: a capture claimed before
+the loss may commit after the rebuild read SQL, and its process die before finishing the hold.
+The rebuild lists every hold it puts back with the stalled captures (no trace of a claim is in
+SQL, so it cannot tell which), and expiry does not release one while it is listed (up to its
+bound; lua/_lib.lua awaiting_settlement). Here it is settled as SQL says too: CAPTURED as
+above, or, when SQL has no capture, simply no longer listed (an ordinary open hold, expiring at
+its time; a capture that commits even later finds it PENDING and finishes it, or, expired,
+sets the quotas from the ledger: AuthorizationService._finish_captured).
 """
 
 from __future__ import annotations
@@ -67,10 +76,16 @@ async def finish_captured(
 async def settle_capture(database: Database, holds: HoldStore, authorization_id: str) -> None:
     """Finishes a hold still CAPTURING as SQL says: CAPTURED with SQL's parts; when SQL has
     nothing, PENDING again, or VOIDED (NOT_WRITTEN) for a one-step payment, which nobody would
-    capture later (its caller never got its id), so its money is freed at once."""
+    capture later (its caller never got its id), so its money is freed at once. A hold a
+    rebuild put back, still PENDING: settle_put_back. Any other (finished meanwhile) only
+    leaves the sweeper's list, if a rebuild left it there (voided or dissolved since)."""
     hold = await holds.get(authorization_id)
+    if hold is not None and hold.status is HoldStatus.PENDING and hold.put_back:
+        await settle_put_back(database, holds, authorization_id, hold.funding, hold.expires_ms)
+        return
     if hold is None or hold.status is not HoldStatus.CAPTURING:
-        return  # finished meanwhile
+        await holds.clear_capture(authorization_id, hold.expires_ms if hold else 0)
+        return
     claim_token = hold.claim_token  # the claim read here is the one finished, or none
     funding = hold.funding
     captured = await database.run(
@@ -86,8 +101,34 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
         await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
 
 
+async def settle_put_back(
+    database: Database,
+    holds: HoldStore,
+    authorization_id: str,
+    funding: Iterable[tuple[str, int]],
+    expires_ms: int,
+) -> None:
+    """Settles a hold a rebuild put back (PENDING, rs = 1) as SQL says, read after every
+    capture of its quotas still committing has ended (captured_as_sql_says): CAPTURED with
+    SQL's parts (finish_captured, which compares each quota's restore mark with the capture's
+    ledger entries), else an ordinary open hold from now on (clear_capture), expiring at
+    `expires_ms`. A capture that claimed it meanwhile (CAPTURING) is left to its own finish,
+    or to the sweeper's settlement of that claim."""
+    relationship_ids = [relationship_id for relationship_id, _ in funding]
+    captured = await database.run(
+        lambda session: captured_as_sql_says(session, authorization_id, relationship_ids)
+    )
+    if captured is not None:
+        # '' finishes whichever claim there is: SQL has the capture, so a claim made meanwhile
+        # is refused in SQL (or replayed) and finds the hold finished.
+        await finish_captured(database, holds, authorization_id, "", captured)
+    else:
+        await holds.clear_capture(authorization_id, expires_ms)
+
+
 async def settle_stalled(database: Database, holds: HoldStore, stalled: list[str]) -> int:
-    """Settles these authorizations (found CAPTURING by a scan) as SQL says."""
+    """Settles these authorizations (found CAPTURING, or put back by a rebuild, by a scan) as
+    SQL says."""
     for authorization_id in stalled:
         await settle_capture(database, holds, authorization_id)
     return len(stalled)

@@ -122,7 +122,9 @@ class CaptureOutcome(StrEnum):
     OK = "OK"
     REPLAY = "REPLAY"  # captured already with this capture key
     IN_PROGRESS = "IN_PROGRESS"  # this key's capture is being written
-    STALLED = "STALLED"  # this key's capture began too long ago: its process lost the thread
+    # this key's capture began too long ago: its process lost the thread; or the hold, put back
+    # by a rebuild and past its expiry, awaits its settlement as SQL says (it may be captured)
+    STALLED = "STALLED"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_CAPTURED = "ALREADY_CAPTURED"
     ALREADY_VOIDED = "ALREADY_VOIDED"
@@ -247,6 +249,10 @@ class HoldRecord:
     claim_token: str
     one_step: bool  # a one-step payment (voided, not put back, when SQL never had it)
     void_reason: str  # why it was voided ('' when voided by a Void)
+    # Put back from SQL by a rebuild (or hold_restore): a capture claimed in the Redis that was
+    # lost may have committed since. Such a hold, still PENDING, is settled as SQL says by the
+    # sweeper (capture_recovery.settle_capture) before its expiry may release it.
+    put_back: bool
 
 
 class HoldStore(Protocol):
@@ -293,6 +299,12 @@ class HoldStore(Protocol):
         """Finishes the claim `claim_token` names ('' any) as SQL answered. A hold a rebuild put
         back answers ENTRIES_NEEDED to CAPTURED until `capture_entries` (the capture's ledger
         entries, read from SQL) come with it."""
+        ...
+
+    async def clear_capture(self, authorization_id: str, expires_ms: int) -> bool:
+        """Takes the authorization out of the holds the sweeper settles as SQL says, unless a
+        capture holds it (CAPTURING: False). For a hold a rebuild put back that SQL says has no
+        capture: an ordinary open hold from then on, expiring at `expires_ms` (its own)."""
         ...
 
     async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> VoidOutcome:

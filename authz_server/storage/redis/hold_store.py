@@ -39,6 +39,7 @@ from authz_server.storage.redis.script_io import (
     AuthorizeKind,
     AuthorizeUndo,
     CaptureBegin,
+    CaptureClear,
     CaptureFinish,
     HoldRestore,
     ScriptCall,
@@ -201,6 +202,19 @@ class HoldStore:
         if isinstance(raw, ResponseError):
             raise raw
         return raw
+
+    async def clear_capture(self, authorization_id: str, expires_ms: int) -> bool:
+        """capture_clear.lua: out of the slot's capturing zset unless CAPTURING. A PENDING hold
+        gets its own expiry back (expire_due may have moved it to its bound), so the slot's due
+        index entry is lowered to `expires_ms` in the same write (LT: never later)."""
+        script_call = CaptureClear(authorization_id)
+        raw = await guarded(
+            lambda: self._script_and_index(
+                script_call, keys.DUE_HOLDS, script_call.prefix, expires_ms
+            ),
+            "capture_clear",
+        )
+        return script_call.unpack(raw)
 
     async def void(self, authorization_id: str, merchant_id: str, now_ms: int) -> VoidOutcome:
         return await self._run(Void(authorization_id, merchant_id, now_ms))

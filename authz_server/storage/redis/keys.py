@@ -107,7 +107,9 @@ def expiry(prefix_text: str) -> str:
 
 def capturing(prefix_text: str) -> str:
     """ZSET of this slot's authorizations CAPTURING (between a capture's phases, or a one-step
-    payment not finished), scored by when the claim began in ms."""
+    payment not finished), scored by when the claim began in ms; and of the holds a rebuild put
+    back (PENDING, rs = 1), scored by the rebuild's time in ms, until the sweeper settled each
+    as SQL says (a capture claimed in the Redis that was lost may have committed since)."""
     return f"{prefix_text}:capturing"
 
 
@@ -118,7 +120,8 @@ DUE_HOLDS = "mw:{sweep}:due"
 never later than the slot's earliest open hold."""
 CAPTURES_BEGUN = "mw:{sweep}:capturing"
 """ZSET: slot prefix -> the earliest time (ms) a capture of the slot may have begun and not
-finished; the sweeper looks at the slot once that is STALE_CAPTURE_SECONDS ago."""
+finished (or a rebuild put a hold of it back); the sweeper looks at the slot once that is
+STALE_CAPTURE_SECONDS ago."""
 
 
 def idempotency(beneficiary_id: str, merchant_id: str, key: str) -> str:

@@ -11,9 +11,9 @@ from datetime import datetime
 from authz_server.domain.hot_state import OpenHold, figures, held_by_quota
 from authz_server.service.ports import QuotaRestore
 from authz_server.storage.redis import keys, scans
-from authz_server.storage.redis.pipelined import Command, PipelinedRedis
+from authz_server.storage.redis.pipelined import Argument, Command, PipelinedRedis
 from authz_server.storage.redis.quota_io import quota_fields
-from authz_server.storage.redis.script_io import hold_fields
+from authz_server.storage.redis.script_io import PUT_BACK_SETTLEMENT_BOUND_SECONDS, hold_fields
 
 # Keys per SCAN call while Redis is emptied (its UNLINKs go in one write, one per hash slot).
 SCAN_COUNT = 1000
@@ -24,11 +24,20 @@ def _ms(moment: datetime) -> int:
 
 
 def page_commands(
-    generation: str, quotas: list[QuotaRestore], holds: list[OpenHold]
+    generation: str, quotas: list[QuotaRestore], holds: list[OpenHold], rebuilt_ms: int
 ) -> list[Command]:
     """Every key of these beneficiaries: each slot's generation mark first (SET ... GET, see
     late_page_marks), then the quotas (figures from the ledger less the open holds) and the
     open holds themselves (rs = 1: put back from SQL).
+
+    Every hold put back is also listed in its slot's capturing zset, scored `rebuilt_ms` (the
+    rebuild's time), and its slot in the capture index: a capture claimed in the Redis that was
+    lost may commit after SQL was read here, and its process die before finishing the hold.
+    Nothing in SQL tells such a hold from the others (a claim lives in Redis only), so all are
+    listed; the sweeper settles each as SQL says once STALE_CAPTURE_SECONDS have passed
+    (service/capture_recovery.settle_capture), and until then, or its bound sb
+    (PUT_BACK_SETTLEMENT_BOUND_SECONDS), expiry does not release it (lua/_lib.lua
+    awaiting_settlement). It costs one ZADD per slot with holds, and one per page.
 
     The marks lead: a page whose write timed out may still reach Redis late, and only a prefix
     of it may (a write cut by the dropped connection): any of its keys that lands has its mark
@@ -51,11 +60,15 @@ def page_commands(
             )  # fmt: skip
         else:
             commands.append(("HSET", key, *quota_fields(quota, None, epoch)))
+    settle_by_ms = rebuilt_ms + PUT_BACK_SETTLEMENT_BOUND_SECONDS * 1000
+    awaiting: dict[str, list[Argument]] = {}  # slot prefix -> its capturing zset's ZADD pairs
     for hold in holds:
         prefix = keys.prefix(hold.beneficiary_id)
         prefixes.add(prefix)
         expires_ms = _ms(hold.expires_at)
-        commands.append(("HSET", keys.authorization(hold.authorization_id), *hold_fields(hold)))
+        commands.append(
+            ("HSET", keys.authorization(hold.authorization_id), *hold_fields(hold, settle_by_ms))
+        )
         commands.append(("ZADD", keys.expiry(prefix), expires_ms, hold.authorization_id))
         commands.append(("ZADD", keys.DUE_HOLDS, "LT", expires_ms, prefix))
         for relationship_id, _ in hold.funding:
@@ -63,6 +76,14 @@ def page_commands(
                 ("SADD", keys.quota_holds(hold.beneficiary_id, relationship_id),
                  hold.authorization_id)
             )  # fmt: skip
+        awaiting.setdefault(prefix, []).extend((rebuilt_ms, hold.authorization_id))
+    for prefix, pairs in awaiting.items():
+        commands.append(("ZADD", keys.capturing(prefix), *pairs))
+    if awaiting:
+        # After the zsets (the router keeps a call's order): a sweeper that reads the index
+        # finds the holds listed. LT: never later than an entry already there.
+        pairs = [argument for prefix in awaiting for argument in (rebuilt_ms, prefix)]
+        commands.append(("ZADD", keys.CAPTURES_BEGUN, "LT", *pairs))
     marks: list[Command] = [
         ("SET", keys.generation_marker(prefix), generation, "GET") for prefix in sorted(prefixes)
     ]

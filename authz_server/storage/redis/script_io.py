@@ -47,6 +47,16 @@ R = TypeVar("R")
 # A capture still CAPTURING this long after it began lost its process (or its Redis reply):
 # it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
 STALE_CAPTURE_SECONDS = 30
+# How long at most a hold a rebuild put back waits for the sweeper to settle it as SQL says
+# before its expiry may release it (its bound sb, from the rebuild's time; lua/_lib.lua
+# awaiting_settlement). The sweeper settles such holds from STALE_CAPTURE_SECONDS after the
+# rebuild on, the slots of one capture index batch a round (about a second each, ~1 ms of SQL
+# a hold): the 20,000 open holds of issue 12's size took 4-8 minutes on 2 shared cores. Past
+# the bound only a sweeper that could not settle one (SQL down for hours, or failing on that
+# hold) leaves it: it is then released as before, at worst overstating the quota until a
+# reconcile, rather than held forever. Hours, so an outage of SQL is outlasted (nothing is
+# approved while the journal cannot be written, and the sweeper settles once it is back).
+PUT_BACK_SETTLEMENT_BOUND_SECONDS = 6 * 3_600
 # The most other holds of one quota lua/capture_finish.lua recounts (a hold a rebuild put back,
 # whose capture a quota restore counted already); past it the part is released as taken, the
 # quota understated until set from the ledger (FINISHED_UNDERSTATED). A family's open holds on
@@ -357,8 +367,16 @@ class Void(ScriptCall[VoidOutcome]):
 
 
 @dataclass(frozen=True)
-class Expire(ScriptCall[int]):
-    """lua/expire.lua: expires up to `limit` due holds of one slot. Answers how many."""
+class ExpireReply:
+    expired: int  # holds released as expired
+    # due holds taken from the slot's expiry zset: expired, gone already, or a put-back hold
+    # awaiting its settlement moved to its bound (lua/_lib.lua); `limit` when more may be due
+    taken: int
+
+
+@dataclass(frozen=True)
+class Expire(ScriptCall[ExpireReply]):
+    """lua/expire.lua: expires up to `limit` due holds of one slot."""
 
     SCRIPT = script("expire")
     prefix: str
@@ -371,8 +389,33 @@ class Expire(ScriptCall[int]):
     def arguments(self) -> list[Argument]:
         return [self.prefix, self.now_ms, self.limit]
 
-    def unpack(self, raw: Reply) -> int:
-        return as_integer(raw)
+    def unpack(self, raw: Reply) -> ExpireReply:
+        """{how many expired, how many were taken from the expiry zset}."""
+        expired, taken = as_list(raw)
+        return ExpireReply(as_integer(expired), as_integer(taken))
+
+
+@dataclass(frozen=True)
+class CaptureClear(ScriptCall[bool]):
+    """lua/capture_clear.lua: the authorization leaves its slot's capturing zset unless a
+    capture holds it (CAPTURING); a PENDING hold gets its own expiry back. True when it is out
+    of the zset (or was not in it)."""
+
+    SCRIPT = script("capture_clear")
+    authorization_id: str
+
+    @property
+    def prefix(self) -> str:
+        return keys.prefix_of_authorization(self.authorization_id)
+
+    def keys(self) -> list[str]:
+        return [keys.authorization(self.authorization_id)]
+
+    def arguments(self) -> list[Argument]:
+        return [self.prefix]
+
+    def unpack(self, raw: Reply) -> bool:
+        return as_integer(raw) == 1
 
 
 def hold_record(raw: Reply) -> HoldRecord | None:
@@ -394,16 +437,19 @@ def hold_record(raw: Reply) -> HoldRecord | None:
         claim_token=fields.get("cs", ""),
         one_step=fields.get("o") == "1",
         void_reason=fields.get("vr", ""),
+        put_back=fields.get("rs") == "1",
     )
 
 
-def hold_fields(hold: OpenHold) -> list[Argument]:
+def hold_fields(hold: OpenHold, settle_by_ms: int) -> list[Argument]:
     """The authorization hash of an open hold put back from SQL (a rebuild), field by field as
-    lua/hold_restore.lua writes it: PENDING, nothing captured, rs = 1 (put back from SQL)."""
+    lua/hold_restore.lua writes it: PENDING, nothing captured, rs = 1 (put back from SQL); and
+    sb, until when its expiry waits for the sweeper to settle it (lua/_lib.lua
+    awaiting_settlement: the rebuild lists it in the slot's capturing zset)."""
     return [
         "m", hold.merchant_id, "b", hold.beneficiary_id, "p", hold.purpose,
         "s", HoldStatus.PENDING.value, "ap", hold.approved_fen, "cp", 0,
         "f", format_funding(hold.funding), "ex", int(hold.expires_at.timestamp() * 1000),
         "cr", int(hold.created_at.timestamp() * 1000), "d", hold.decision, "r", "", "ck", "",
-        "o", 0, "rs", 1,
+        "o", 0, "rs", 1, "sb", settle_by_ms,
     ]  # fmt: skip

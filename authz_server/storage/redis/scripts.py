@@ -16,6 +16,7 @@ from authz_server.storage.redis.scans import load_scripts
 ALL_SCRIPTS = (
     "authorize", "authorize_undo", "authorize_forget", "capture_begin", "capture_finish", "void",
     "expire", "quota_credit", "quota_debit", "quota_dissolve", "quota_restore", "hold_restore",
+    "capture_clear",
 )  # fmt: skip
 # Scripts whose keys are not the hot state (no money): the per-principal limits' buckets. They
 # skip the generation check; a bucket Redis lost only starts full again.

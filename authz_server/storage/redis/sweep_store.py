@@ -1,6 +1,7 @@
 """The sweeper's side of the hot state (storage/redis/sweeper.py runs it): expired holds and
-captures stalled between their phases, found through the indexes (O(what is due)), and the full
-SCAN passes (the safety net that repairs the indexes, tests, reconcile).
+captures stalled between their phases (and holds a rebuild put back, whose capture may have
+committed while Redis was lost), found through the indexes (O(what is due)), and the full SCAN
+passes (the safety net that repairs the indexes, tests, reconcile).
 
 The sweeper finds its work through two indexes Python keeps beside the scripts (keys.DUE_HOLDS,
 keys.CAPTURES_BEGUN), written by hold_store.py in the same pipelined write as the script call
@@ -8,7 +9,8 @@ that creates the work, so a sweep costs what is due, not a SCAN of every key. An
 a slot prefix scored with a time by which the sweeper must look at that slot; it may be early (a
 visit finds nothing due and moves the entry on), never late, except after a crash between a
 script and its index write, or a Redis restart that kept one and not the other: the safety net
-(index_step, a SCAN spread over time) puts such entries back.
+(index_step, a SCAN spread over time) puts such entries back. A rebuild writes the capture
+index itself, with the page that lists its put-back holds (storage/redis/rebuild_writer.py).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ class SweepStore:
                     failure = failure or _error(result) or _error(earliest)
                     back.append(("ZADD", keys.DUE_HOLDS, "LT", now_ms, prefix))  # again
                     continue
-                expired += Expire(prefix, now_ms, SWEEP_LIMIT).unpack(result)
+                expired += Expire(prefix, now_ms, SWEEP_LIMIT).unpack(result).expired
                 first = as_list(earliest)
                 if first:  # [member, score]: the slot's next expiry (still due if over limit)
                     back.append(("ZADD", keys.DUE_HOLDS, "LT", _score(first[1]), prefix))
@@ -104,9 +106,10 @@ class SweepStore:
         return expired
 
     async def stalled_captures_due(self, now_ms: int, older_than_ms: int) -> list[str]:
-        """Authorizations CAPTURING since before now - older_than_ms, in the slots the capture
-        index says may have them. An entry stays while its slot has captures not finished (a
-        stalled one is back at once, until it is settled)."""
+        """Authorizations CAPTURING since before now - older_than_ms, or put back by a rebuild
+        that long ago and not settled yet, in the slots the capture index says may have them.
+        An entry stays while its slot has captures not finished (a stalled one is back at
+        once, until it is settled)."""
         before_ms = now_ms - older_than_ms
         due = await self._due_slots(keys.CAPTURES_BEGUN, before_ms)
         if not due:
@@ -222,14 +225,16 @@ class SweepStore:
             if any(isinstance(reply, NoScriptError) for reply in replies):
                 await guarded(lambda: self.commands.load_script(Expire.SCRIPT), "expire")
                 replies = await guarded(partial(self.commands.execute_many, commands), "expire")
-            counts = [
+            results = [
                 call.unpack(_raise_error(reply)) for call, reply in zip(calls, replies, strict=True)
             ]
-            expired += sum(counts)
+            expired += sum(result.expired for result in results)
+            # A put-back hold awaiting its settlement is taken but not expired: it moved to its
+            # bound, past now, so a slot's due holds run out even when all of them wait.
             prefixes = [
                 prefix
-                for prefix, count in zip(prefixes, counts, strict=True)
-                if count == SWEEP_LIMIT
+                for prefix, result in zip(prefixes, results, strict=True)
+                if result.taken == SWEEP_LIMIT
             ]
         return expired
 

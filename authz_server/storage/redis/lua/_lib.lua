@@ -2,7 +2,9 @@
 -- Conventions: `prefix` is the slot's key prefix mw:{b:<digest>}; money is integer fen;
 -- an authorization hash has fields m (merchant), b (beneficiary), p (purpose), s (status:
 -- PENDING, CAPTURING, CAPTURED, VOIDED, EXPIRED, DECLINED), ap (approved fen), cp (captured fen),
--- f (funding "rid=fen;rid=fen"), ex (expires at, ms), cr (created at, ms), ck (capture key).
+-- f (funding "rid=fen;rid=fen"), ex (expires at, ms), cr (created at, ms), ck (capture key);
+-- a hold a rebuild put back also rs = 1 and sb (until when its expiry waits for the sweeper's
+-- settlement, ms: awaiting_settlement).
 
 -- Redis Cluster: in a slot being migrated (resharding), Redis refuses a script's access to a
 -- key it did not declare in KEYS and does not hold (it may have moved) with an error, and what
@@ -39,17 +41,41 @@ local function release_parts(prefix, auth_id, funding, captured)
   end
 end
 
--- Expires up to `limit` holds of this slot whose time has come; returns how many.
+-- Whether a hold a rebuild put back still waits for the sweeper to settle it as SQL says
+-- (`hold`: its fields s, rs, sb as HMGET reads them). Its capture may have been claimed in the
+-- Redis that was lost and have committed in SQL since, its process dead before finishing the
+-- hold: released at its expiry, the captured money would go back to the quota (Redis
+-- overstating it). The rebuild lists such a hold in the slot's capturing zset; the sweeper
+-- takes it out once settled (service/capture_recovery.settle_capture: CAPTURED, or
+-- lua/capture_clear.lua when SQL has no capture). It waits at most until its bound sb (ms): a
+-- hold the sweeper could not settle by then is released as before, rather than held forever.
+local function awaiting_settlement(prefix, auth_id, hold, now)
+  return hold[1] == 'PENDING' and hold[2] == '1' and hold[3] ~= false
+    and now < tonumber(hold[3])
+    and redis.call('ZSCORE', prefix .. ':capturing', auth_id) ~= false
+end
+
+-- Expires up to `limit` holds of this slot whose time has come. Returns how many expired, and
+-- how many it took from the expiry zset (a slot with more due holds has this at `limit`). A
+-- put-back hold awaiting its settlement (awaiting_settlement) is not released: it is due again
+-- at its bound sb, unless the settlement gives it its own expiry back first (capture_clear).
 local function expire_due(prefix, now, limit)
   local expiry = prefix .. ':expiry'
   local due = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, limit)
+  local expired = 0
   for _, auth_id in ipairs(due) do
     local auth = prefix .. ':a:' .. auth_id
-    if redis.call('HGET', auth, 's') == 'PENDING' then
-      release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
-      redis.call('HSET', auth, 's', 'EXPIRED')
+    local hold = redis.call('HMGET', auth, 's', 'rs', 'sb', 'f')
+    if awaiting_settlement(prefix, auth_id, hold, now) then
+      redis.call('ZADD', expiry, hold[3], auth_id)
+    else
+      if hold[1] == 'PENDING' then
+        release_parts(prefix, auth_id, hold[4], nil)
+        redis.call('HSET', auth, 's', 'EXPIRED')
+        expired = expired + 1
+      end
+      redis.call('ZREM', expiry, auth_id)
     end
-    redis.call('ZREM', expiry, auth_id)
   end
-  return #due
+  return expired, #due
 end

@@ -1,8 +1,9 @@
 -- First phase of a capture: claims a pending hold (status CAPTURING) so that neither expiry nor
 -- a void can take it while the capture is written to SQL.
 -- KEYS, ARGV and reply: CaptureBegin in storage/redis/script_io.py. The outcome is OK,
--- REPLAY (captured with this key), IN_PROGRESS, NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
--- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
+-- REPLAY (captured with this key), IN_PROGRESS, STALLED (this key's claim too old, or a
+-- put-back hold past its expiry still awaiting its settlement), NOT_FOUND, ALREADY_CAPTURED,
+-- ALREADY_VOIDED, AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
 -- RELATIONSHIP_NOT_ACTIVE (voided because a relationship funding it was dissolved).
 local prefix, now = ARGV[1], tonumber(ARGV[2])
 expire_due(prefix, now, 16)
@@ -37,6 +38,10 @@ end
 if status == 'EXPIRED' then return reply('AUTHORIZATION_EXPIRED', 0) end
 if status ~= 'PENDING' then return reply('AUTHORIZATION_DECLINED', 0) end
 if now >= expires then
+  -- A hold a rebuild put back whose capture may have committed (awaiting_settlement): not
+  -- released here either. STALLED: the caller settles it as SQL says, then asks again.
+  local put_back = redis.call('HMGET', auth, 's', 'rs', 'sb')
+  if awaiting_settlement(prefix, auth_id, put_back, now) then return reply('STALLED', 0) end
   release_parts(prefix, auth_id, f[5], nil)
   redis.call('HSET', auth, 's', 'EXPIRED')
   redis.call('ZREM', prefix .. ':expiry', auth_id)

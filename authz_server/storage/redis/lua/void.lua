@@ -14,6 +14,12 @@ if status == 'CAPTURED' then return 'ALREADY_CAPTURED' end
 if status == 'CAPTURING' then return 'CAPTURE_IN_PROGRESS' end
 if status == 'EXPIRED' then return 'AUTHORIZATION_EXPIRED' end
 if status ~= 'PENDING' then return 'AUTHORIZATION_DECLINED' end
+-- A hold a rebuild put back, past its expiry while it awaits its settlement (expire_due left
+-- it): expired, as SQL said to the caller; its money waits for that settlement, then expiry.
+local put_back = redis.call('HMGET', auth, 's', 'rs', 'sb', 'ex')
+if now >= tonumber(put_back[4]) and awaiting_settlement(prefix, auth_id, put_back, now) then
+  return 'AUTHORIZATION_EXPIRED'
+end
 touch(prefix .. ':expiry')
 release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
 redis.call('HSET', auth, 's', 'VOIDED')

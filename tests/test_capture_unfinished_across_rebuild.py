@@ -1,0 +1,445 @@
+"""A capture claimed in Redis when Redis lost its data, whose SQL write committed after the
+rebuild put its hold back (PENDING, rs = 1) and whose process then died before finishing that
+hold, is settled as SQL says by the sweeper before the hold's expiry can give the captured money
+back. Before, nothing ever finished such a hold: the sweeper settled only holds CAPTURING, and
+at its expiry the hold was released as if never captured, Redis overstating the quota by the
+captured amount until a reconcile (an approval the ledger then refuses at capture). Now the
+rebuild lists every hold it puts back in its slot's capturing zset (keys.capturing) and the
+capture index; the sweeper settles each as SQL says once STALE_CAPTURE_SECONDS have passed
+(service/capture_recovery.settle_capture), and expiry waits for that settlement (lua/_lib.lua
+expire_due, up to the hold's bound sb). Found by an audit; every test here fails without the
+change (the first with Redis at (20,000, 0) against SQL's 8,000 unused)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from authz_server.domain.errors import Unavailable
+from authz_server.domain.hot_state import OpenHold
+from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.service.capture_writer import CaptureUnit
+from authz_server.service.ports import CaptureOutcome, HoldStatus, QuotaRestore, VoidOutcome
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.rebuild_writer import page_commands
+from authz_server.storage.redis.script_io import (
+    PUT_BACK_SETTLEMENT_BOUND_SECONDS,
+    STALE_CAPTURE_SECONDS,
+)
+from authz_server.storage.redis.sweep_store import SWEEP_LIMIT
+from tests.harness import Harness, lose_redis
+from tests.test_authorization_recovery import hot_figures
+from tests.test_authorization_rules import (
+    APPROVED,
+    CAPTURED,
+    DECLINED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    capture,
+    family,
+    refused,
+    register_merchants,
+    void,
+    wait_for,
+)
+from tests.test_capture_across_restore import PausedCapture
+from tests.test_live_reconcile import redis_agrees_with_sql
+from tests.test_redis_loss_audit import unused_in_sql
+from tests.test_sweeper_index import MINUTE_MS, NOW_MS, Store, run
+
+# How long a "dead" step waits before the test lets it go: longer than any test here runs.
+DEAD_SECONDS = 300.0
+# Past a medical hold's 24 hours (and so past STALE_CAPTURE_SECONDS as well).
+PAST_EXPIRY_SECONDS = 86_401
+# How long before its expiry the hold's capture is claimed in the test that captures it late.
+EXPIRY_MARGIN_SECONDS = 15
+# A few rounds of the running sweeper (one a second).
+SWEEP_ROUNDS_SECONDS = 2.5
+# How long the running sweeper (a round a second) may take to settle and expire.
+SWEEP_WAIT_SECONDS = 20.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def merchants(registry: Any) -> None:
+    register_merchants(registry)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for the tests of the scripts themselves (at the end)."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("put_back") / "redis", persistent=False)
+    yield server.start()
+    server.stop()
+
+
+class DeadCapture(PausedCapture):
+    """A PausedCapture whose process "died": its paused steps wait until the test ends, and a
+    write never let go before then never reaches SQL (it fails as a lost connection would,
+    and is settled as SQL says)."""
+
+    never_written = False  # set: the process dies before the SQL write, not after it
+    key = ""  # the capture's idempotency key, as its till sent it (its retry sends it again)
+
+    async def _wait(self, event: threading.Event) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEAD_SECONDS
+        while not event.is_set() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def submit(self, unit: CaptureUnit) -> Any:
+        if unit.authorization_id != self.authorization_id:
+            return await self.real_submit(unit)
+        assert unit.call is not None
+        self.key = unit.call.key
+        self.claimed.set()
+        await self._wait(self.write)
+        if self.never_written:
+            raise Unavailable("the capture's process died before its SQL write")
+        return await self.real_submit(unit)
+
+
+@pytest.fixture()
+def dead(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], DeadCapture]]:
+    started: list[DeadCapture] = []
+
+    def start(authorization_id: str) -> DeadCapture:
+        started.append(DeadCapture(harness, authorizations, authorization_id))
+        return started[-1]
+
+    yield start
+    for step in reversed(started):
+        step.release()
+
+
+def status(harness: Harness, authorization_id: str) -> HoldStatus | None:
+    hold = harness.run(harness.app.holds.get(authorization_id))
+    return None if hold is None else hold.status
+
+
+def awaiting_settlement(harness: Harness, authorization_id: str) -> bool:
+    """Whether the hold is in its slot's capturing zset (the sweeper will settle it)."""
+    prefix = keys.prefix_of_authorization(authorization_id)
+    score = harness.run(harness.client.zscore(keys.capturing(prefix), authorization_id))
+    return score is not None
+
+
+def near_expiry_across_a_rebuild(
+    harness: Harness, authorizations: Any, dead: Callable[[str], DeadCapture], fam: Any
+) -> tuple[str, DeadCapture]:
+    """A hold of 12,000 whose capture is claimed shortly before its expiry, Redis lost and
+    rebuilt (the hold put back PENDING, rs = 1), the capture's SQL write committed and its
+    finish never coming (its process "died"); then the clock just past the hold's expiry, but
+    less than STALE_CAPTURE_SECONDS after the rebuild: the running sweeper cannot settle it yet.
+    Returns the authorization id and its dead capture."""
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    assert held.decision == APPROVED
+    harness.clock.advance(PAST_EXPIRY_SECONDS - 1 - EXPIRY_MARGIN_SECONDS)
+    step = dead(held.authorization_id)
+    rebuilt_after_ms = now_ms_of(harness)
+    step.commit_across_redis_loss(harness, 12_000)  # committed; its finish never comes
+    assert unused_in_sql(harness, relationship_id) == 8_000
+    assert status(harness, held.authorization_id) is HoldStatus.PENDING  # put back
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 12_000)
+    past_expiry(harness, held.authorization_id, rebuilt_after_ms)
+    return held.authorization_id, step
+
+
+def now_ms_of(harness: Harness) -> int:
+    return int(harness.clock().timestamp() * 1000)
+
+
+def past_expiry(harness: Harness, authorization_id: str, rebuilt_after_ms: int) -> None:
+    """The clock just past the hold's expiry, which the test checks is less than
+    STALE_CAPTURE_SECONDS after the rebuild (done after `rebuilt_after_ms`)."""
+    hold = harness.run(harness.app.holds.get(authorization_id))
+    assert hold is not None
+    harness.clock.advance((hold.expires_ms - now_ms_of(harness)) / 1000 + 1)
+    elapsed_ms = now_ms_of(harness) - rebuilt_after_ms
+    assert elapsed_ms < STALE_CAPTURE_SECONDS * 1000 - 5_000, "the test ran too slow"
+
+
+def test_a_capture_committed_across_a_rebuild_whose_finish_never_comes_is_settled_captured(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    dead: Callable[[str], DeadCapture],
+) -> None:
+    """Fails without the change: at the hold's expiry the sweeper gave the 12,000 back (Redis
+    (20,000, 0) against SQL's 8,000 unused: an Authorize of 20,000 would be approved)."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    authorization_id, step = near_expiry_across_a_rebuild(harness, authorizations, dead, fam)
+
+    time.sleep(SWEEP_ROUNDS_SECONDS)  # the running sweeper's rounds pass its expiry by
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 12_000)
+    assert status(harness, authorization_id) is HoldStatus.PENDING
+    assert awaiting_settlement(harness, authorization_id)
+
+    harness.clock.advance(STALE_CAPTURE_SECONDS)  # the sweeper settles it as SQL says
+    wait_for(
+        lambda: status(harness, authorization_id) is not HoldStatus.PENDING,
+        seconds=SWEEP_WAIT_SECONDS,
+    )
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+    assert status(harness, authorization_id) is HoldStatus.CAPTURED
+    assert not awaiting_settlement(harness, authorization_id)
+    # No money offered twice: what is left, and not a fen more.
+    assert authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_001).decision == (
+        DECLINED
+    )
+    assert authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 8_000).decision == (
+        APPROVED
+    )
+
+    step.release()  # the "dead" finish after all: the hold is finished, nothing moves
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (0, 8_000)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+def test_a_put_back_hold_whose_capture_never_committed_is_settled_open_then_expires(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    dead: Callable[[str], DeadCapture],
+) -> None:
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    step = dead(held.authorization_id)
+    step.never_written = True
+    step.start(12_000)  # claimed; its process dies before its SQL write
+    lose_redis(harness)
+    assert status(harness, held.authorization_id) is HoldStatus.PENDING
+    assert awaiting_settlement(harness, held.authorization_id)  # fails without the change
+
+    harness.clock.advance(STALE_CAPTURE_SECONDS + 5)  # settled as SQL says: open
+    wait_for(
+        lambda: not awaiting_settlement(harness, held.authorization_id),
+        seconds=SWEEP_WAIT_SECONDS,
+    )
+    assert status(harness, held.authorization_id) is HoldStatus.PENDING
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 12_000)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+    harness.clock.advance(PAST_EXPIRY_SECONDS)  # then it expires as any hold: money back
+    wait_for(
+        lambda: status(harness, held.authorization_id) is HoldStatus.EXPIRED,
+        seconds=SWEEP_WAIT_SECONDS,
+    )
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (20_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+    step.release()  # its write fails; settled as SQL says (nothing): nothing moves
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (20_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+@pytest.mark.parametrize("same_key", [False, True], ids=["another-till", "its-till-retrying"])
+def test_a_capture_of_the_expired_put_back_hold_is_answered_as_sql_says(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    dead: Callable[[str], DeadCapture],
+    same_key: bool,
+) -> None:
+    """A capture reaches the hold after its expiry, before the sweeper settled it:
+    capture_begin's own expiry must not give the captured money back either (fails without the
+    change: AUTHORIZATION_EXPIRED, the 12,000 back in Redis). It is settled first (STALLED):
+    another till is answered ALREADY_CAPTURED; the dead capture's till, retrying with its key,
+    gets its capture's answer."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    authorization_id, step = near_expiry_across_a_rebuild(harness, authorizations, dead, fam)
+    if same_key:
+        answer = capture(authorizations, HOSPITAL, authorization_id, 12_000, key=step.key)
+        assert (answer.status, answer.captured_amount_fen) == (CAPTURED, 12_000)
+    else:
+        refused(
+            lambda: capture(authorizations, HOSPITAL, authorization_id, 12_000),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ALREADY_CAPTURED",
+        )
+    assert status(harness, authorization_id) is HoldStatus.CAPTURED
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+def test_a_void_of_the_expired_put_back_hold_is_answered_expired_and_gives_nothing_back(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    dead: Callable[[str], DeadCapture],
+) -> None:
+    """A Void after the expiry, before the settlement, of a hold whose capture SQL does not
+    have (its write never came; one SQL has is answered ALREADY_CAPTURED and finished as SQL
+    says, as before: tests/test_capture_across_restore.py). SQL answers EXPIRED; void.lua must
+    neither void the hold (answering OK for an expired one) nor release it before its
+    settlement. Once settled open it expires."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    harness.clock.advance(PAST_EXPIRY_SECONDS - 1 - EXPIRY_MARGIN_SECONDS)
+    step = dead(held.authorization_id)
+    step.never_written = True
+    rebuilt_after_ms = now_ms_of(harness)
+    step.start(12_000)
+    lose_redis(harness)
+    past_expiry(harness, held.authorization_id, rebuilt_after_ms)
+    refused(
+        lambda: void(authorizations, HOSPITAL, held.authorization_id),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "AUTHORIZATION_EXPIRED",
+    )
+    assert status(harness, held.authorization_id) is HoldStatus.PENDING
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 12_000)
+
+    harness.clock.advance(STALE_CAPTURE_SECONDS)  # settled open, then expired
+    wait_for(
+        lambda: status(harness, held.authorization_id) is HoldStatus.EXPIRED,
+        seconds=SWEEP_WAIT_SECONDS,
+    )
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (20_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+# --- the scripts themselves, on a private redis-server (tests/test_sweeper_index.py's Store) ---
+
+
+async def put_back(store: Store, fen: int, *, holds: int = 1) -> tuple[str, str, list[str]]:
+    """A beneficiary with a quota of `fen` and `holds` holds of 1,000 fen each, written as a
+    rebuild's page writes them at NOW_MS (page_commands): put back, listed for the sweeper.
+    Returns (beneficiary, relationship, authorization ids)."""
+    beneficiary_id, relationship_id = await store.quota(fen)
+    created = datetime.fromtimestamp(NOW_MS / 1000, UTC)
+    expires = created + timedelta(minutes=1)
+    open_holds = [
+        OpenHold(
+            authorization_id=keys.new_authorization_id(beneficiary_id),
+            merchant_id="sweeper-merchant",
+            beneficiary_id=beneficiary_id,
+            purpose="MEDICAL_OUT_OF_POCKET",
+            decision="APPROVED",
+            approved_fen=1_000,
+            funding=((relationship_id, 1_000),),
+            created_at=created,
+            expires_at=expires,
+        )
+        for _ in range(holds)
+    ]
+    quota = QuotaRestore(relationship_id, beneficiary_id, "holder", True, fen, 1, "EMPLOYEE", 0)
+    commands = page_commands("test-generation", [quota], open_holds, NOW_MS)
+    for reply in await store.holds.commands.execute_many(commands):
+        assert not isinstance(reply, Exception), reply
+    return beneficiary_id, relationship_id, [hold.authorization_id for hold in open_holds]
+
+
+EXPIRES_MS = NOW_MS + MINUTE_MS
+SETTLE_BY_MS = NOW_MS + PUT_BACK_SETTLEMENT_BOUND_SECONDS * 1000
+STALE_MS = STALE_CAPTURE_SECONDS * 1000
+
+
+def test_a_rebuild_lists_every_hold_it_puts_back_for_the_sweeper(redis_url: str) -> None:
+    async def body(store: Store) -> None:
+        beneficiary_id, _, held = await put_back(store, 10_000, holds=2)
+        capturing = keys.capturing(keys.prefix(beneficiary_id))
+        listed = await store.admin.zrange(capturing, 0, -1)
+        assert sorted(member.decode() for member in listed) == sorted(held)
+        assert await store.admin.zscore(capturing, held[0]) == NOW_MS
+        assert await store.due_score(keys.CAPTURES_BEGUN, beneficiary_id) == NOW_MS
+        assert await store.sweeps.stalled_captures_due(NOW_MS + STALE_MS - 1, STALE_MS) == []
+        found = await store.sweeps.stalled_captures_due(NOW_MS + STALE_MS, STALE_MS)
+        assert sorted(found) == sorted(held)
+        record = await store.holds.get(held[0])
+        assert record is not None and record.put_back
+
+    run(redis_url, body)
+
+
+def test_expiry_waits_for_the_settlement_up_to_the_holds_bound(redis_url: str) -> None:
+    async def body(store: Store) -> None:
+        beneficiary_id, relationship_id, (held,) = await put_back(store, 10_000)
+        expiry = keys.expiry(keys.prefix(beneficiary_id))
+        assert await store.sweeps.sweep_due(EXPIRES_MS) == 0  # due, but awaiting: not released
+        assert await store.status(held) == "PENDING"
+        assert await store.figures(beneficiary_id, relationship_id) == (9_000, 1_000)
+        assert await store.admin.zscore(expiry, held) == SETTLE_BY_MS  # due again at its bound
+        assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == SETTLE_BY_MS
+        assert await store.sweeps.sweep(EXPIRES_MS) == (0, 1)  # the full sweep ends too
+        # Never settled (the sweeper could not): released at its bound, as before the change.
+        assert await store.sweeps.sweep_due(SETTLE_BY_MS) == 1
+        assert await store.status(held) == "EXPIRED"
+        assert await store.figures(beneficiary_id, relationship_id) == (10_000, 0)
+
+    run(redis_url, body)
+
+
+def test_a_hold_settled_open_gets_its_own_expiry_back(redis_url: str) -> None:
+    async def body(store: Store) -> None:
+        beneficiary_id, relationship_id, (held,) = await put_back(store, 10_000)
+        assert await store.sweeps.sweep_due(EXPIRES_MS) == 0  # moved to its bound
+        assert await store.holds.clear_capture(held, EXPIRES_MS)  # SQL has no capture
+        capturing = keys.capturing(keys.prefix(beneficiary_id))
+        assert await store.admin.zscore(capturing, held) is None
+        assert await store.admin.zscore(keys.expiry(keys.prefix(beneficiary_id)), held) == (
+            EXPIRES_MS
+        )
+        assert await store.due_score(keys.DUE_HOLDS, beneficiary_id) == EXPIRES_MS
+        assert await store.sweeps.sweep_due(EXPIRES_MS) == 1
+        assert await store.status(held) == "EXPIRED"
+        assert await store.figures(beneficiary_id, relationship_id) == (10_000, 0)
+
+    run(redis_url, body)
+
+
+def test_holds_awaiting_settlement_do_not_keep_other_due_holds_from_expiring(
+    redis_url: str,
+) -> None:
+    """More awaiting holds than one expire call takes (SWEEP_LIMIT), and an ordinary hold due
+    at the same time behind them: each call moves the awaiting ones out of the way."""
+
+    async def body(store: Store) -> None:
+        beneficiary_id, relationship_id, _ = await put_back(store, 1_000_000, holds=SWEEP_LIMIT + 5)
+        ordinary = await store.hold(beneficiary_id, 7_000, EXPIRES_MS + 1)
+        assert await store.sweeps.sweep_due(EXPIRES_MS + 1) == 1
+        assert await store.status(ordinary) == "EXPIRED"
+        assert await store.figures(beneficiary_id, relationship_id) == (
+            1_000_000 - (SWEEP_LIMIT + 5) * 1_000,
+            (SWEEP_LIMIT + 5) * 1_000,
+        )
+
+    run(redis_url, body)
+
+
+def test_a_capture_or_void_after_the_expiry_leaves_an_awaiting_hold_for_its_settlement(
+    redis_url: str,
+) -> None:
+    async def body(store: Store) -> None:
+        beneficiary_id, relationship_id, (late, early) = await put_back(store, 10_000, holds=2)
+        claim = await store.holds.capture_begin(late, "sweeper-merchant", "c1", 0, EXPIRES_MS)
+        assert claim.outcome == CaptureOutcome.STALLED  # settle it as SQL says first
+        void = await store.holds.void(late, "sweeper-merchant", EXPIRES_MS)
+        assert void == VoidOutcome.AUTHORIZATION_EXPIRED
+        assert await store.status(late) == "PENDING"
+        # Before its expiry a capture claims it as any hold: its own claim from then on.
+        claim = await store.holds.capture_begin(early, "sweeper-merchant", "c2", 0, NOW_MS + 1)
+        assert claim.outcome == CaptureOutcome.OK
+        capturing = keys.capturing(keys.prefix(beneficiary_id))
+        assert await store.admin.zscore(capturing, early) == NOW_MS + 1
+        assert not await store.holds.clear_capture(early, EXPIRES_MS)  # the claim's: left
+        assert await store.admin.zscore(capturing, early) == NOW_MS + 1
+        assert await store.figures(beneficiary_id, relationship_id) == (8_000, 2_000)
+
+    run(redis_url, body)
