@@ -53,6 +53,7 @@ from tests.test_authorization_rules import (
 from tests.test_capture_across_restore import PausedCapture
 from tests.test_live_reconcile import redis_agrees_with_sql
 from tests.test_redis_loss_audit import unused_in_sql
+from tests.test_relationship_rules import dissolve
 from tests.test_sweeper_index import MINUTE_MS, NOW_MS, Store, run
 
 # How long a "dead" step waits before the test lets it go: longer than any test here runs.
@@ -443,3 +444,71 @@ def test_a_capture_or_void_after_the_expiry_leaves_an_awaiting_hold_for_its_sett
         assert await store.figures(beneficiary_id, relationship_id) == (8_000, 2_000)
 
     run(redis_url, body)
+
+
+def test_a_quota_dissolved_while_its_put_back_hold_waits_leaves_the_captured_part_spent(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    dead: Callable[[str], DeadCapture],
+) -> None:
+    """A hold funded by two quotas, put back by a rebuild, its capture committed and its finish
+    never coming; the first quota's relationship is dissolved. Voiding the hold there (as the
+    dissolution does an open hold) gave its captured part on the second quota back: Redis
+    (10,000, 0) against SQL's 5,000 (found by the audit). The hold waits for its settlement,
+    which finishes it captured."""
+    fam = family(registry, relationships, 10_000, 10_000)
+    first, second = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 15_000)
+    assert [(part.relationship_id, part.amount_fen) for part in held.funding] == [
+        (first, 10_000),
+        (second, 5_000),
+    ]
+    step = dead(held.authorization_id)
+    step.commit_across_redis_loss(harness, 0)  # all of it; its finish never comes
+    assert unused_in_sql(harness, second) == 5_000
+    dissolve(relationships, first)
+
+    available, _ = hot_figures(harness, fam.beneficiary_id, second)
+    assert available <= 5_000, "the captured part is offered again"
+    assert status(harness, held.authorization_id) is HoldStatus.PENDING
+    harness.clock.advance(STALE_CAPTURE_SECONDS)  # the sweeper settles it as SQL says
+    wait_for(
+        lambda: status(harness, held.authorization_id) is not HoldStatus.PENDING,
+        seconds=SWEEP_WAIT_SECONDS,
+    )
+    assert status(harness, held.authorization_id) is HoldStatus.CAPTURED
+    assert hot_figures(harness, fam.beneficiary_id, second) == (5_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, second)
+
+
+def test_a_put_back_hold_not_captured_whose_quota_was_dissolved_is_voided_at_settlement(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    dead: Callable[[str], DeadCapture],
+) -> None:
+    """The same, its capture never written: the settlement voids it as the dissolution would
+    have (its part on the second quota back at once, a later capture refused), rather than
+    leaving the second quota's money held until the hold's expiry."""
+    fam = family(registry, relationships, 10_000, 10_000)
+    first, second = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 15_000)
+    step = dead(held.authorization_id)
+    step.never_written = True
+    step.start(0)
+    lose_redis(harness)
+    dissolve(relationships, first)
+    step.write.set()  # the write fails: nothing in SQL
+    harness.clock.advance(STALE_CAPTURE_SECONDS)
+    wait_for(
+        lambda: status(harness, held.authorization_id) is HoldStatus.VOIDED,
+        seconds=SWEEP_WAIT_SECONDS,
+    )
+    assert hot_figures(harness, fam.beneficiary_id, second) == (10_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, second)
+    with pytest.raises(grpc.RpcError) as refusal:
+        capture(authorizations, HOSPITAL, held.authorization_id)
+    assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -29,8 +29,15 @@ local auth_id = string.match(auth, ':a:(.+)$')
 local state = redis.call('HMGET', auth, 's', 'cs', 'rs', 'f')
 touch(prefix .. ':capturing', prefix .. ':expiry')
 local restored = state[1] == 'PENDING' and state[3] == '1' and ARGV[2] ~= 'PENDING'
+-- A hold a rebuild put back stays on the sweeper's list (the capturing zset, lua/_lib.lua
+-- awaiting_settlement) until the sweeper settled it as SQL says: a finish that does not finish
+-- it (a failed capture putting it back PENDING) does not take it off, nor does one that puts a
+-- new claim of it back PENDING (it goes back on the list, scored by that claim): a capture
+-- claimed in the Redis that was lost may still commit, its process gone.
 if state[1] ~= 'CAPTURING' and not restored then
-  redis.call('ZREM', prefix .. ':capturing', auth_id)
+  if not (state[1] == 'PENDING' and state[3] == '1') then
+    redis.call('ZREM', prefix .. ':capturing', auth_id)
+  end
   return 0
 end
 if not restored and ARGV[5] and ARGV[5] ~= '' and state[2] ~= ARGV[5] then return 0 end
@@ -100,6 +107,7 @@ redis.call('ZREM', prefix .. ':expiry', auth_id)
 if ARGV[2] == 'PENDING' then
   redis.call('HSET', auth, 's', 'PENDING', 'ck', '', 'cp', 0)
   redis.call('ZADD', prefix .. ':expiry', redis.call('HGET', auth, 'ex'), auth_id)
+  if state[3] == '1' then redis.call('ZADD', prefix .. ':capturing', state[2], auth_id) end
   return 1
 end
 local captured = {}

@@ -3,6 +3,11 @@
 -- this quota's unused money to the holder; here its figures go to zero. A hold voided here
 -- remembers why (vr), so a later capture is refused RELATIONSHIP_NOT_ACTIVE.
 -- KEYS, ARGV and reply: QuotaDissolve in storage/redis/quota_io.py.
+-- A hold a rebuild put back that still waits for the sweeper's settlement (rs = 1 and listed
+-- in the slot's capturing zset: lua/_lib.lua awaiting_settlement) is left PENDING: its capture
+-- may have committed in SQL, and voided here its parts on the other quotas would go back to
+-- them though spent. The settlement finishes it as SQL says (captured; or, a funding quota
+-- dissolved, voided as here: lua/capture_clear.lua); this quota's part is gone with its figures.
 local prefix = ARGV[2]
 local holds = prefix .. ':qh:' .. ARGV[1]
 redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0)
@@ -10,7 +15,10 @@ redis.call('HINCRBY', KEYS[1], 'v', 1)  -- the money changed (quota_restore.lua)
 redis.call('ZREM', KEYS[2], ARGV[1])
 for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
   local auth = prefix .. ':a:' .. auth_id
-  if redis.call('HGET', auth, 's') == 'PENDING' then
+  local hold = redis.call('HMGET', auth, 's', 'rs')
+  local waiting = hold[2] == '1'
+    and redis.call('ZSCORE', prefix .. ':capturing', auth_id) ~= false
+  if hold[1] == 'PENDING' and not waiting then
     release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
     redis.call('HSET', auth, 's', 'VOIDED', 'vr', 'RELATIONSHIP_NOT_ACTIVE')
     redis.call('ZREM', prefix .. ':expiry', auth_id)
