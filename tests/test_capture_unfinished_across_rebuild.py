@@ -512,3 +512,32 @@ def test_a_put_back_hold_not_captured_whose_quota_was_dissolved_is_voided_at_set
     with pytest.raises(grpc.RpcError) as refusal:
         capture(authorizations, HOSPITAL, held.authorization_id)
     assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_waiting_hold_one_of_whose_quotas_was_dissolved_is_refused_even_for_the_other_part(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+) -> None:
+    """A dissolution voids the relationship's open holds, whole; a put-back hold awaiting its
+    settlement is left pending in Redis (lua/quota_dissolve.lua), so the ledger refuses its
+    capture, also one that takes nothing from the dissolved quota (found by the audit: such a
+    capture of the other quota's part was accepted)."""
+    fam = family(registry, relationships, 10_000, 10_000)
+    first, second = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 15_000)
+    assert [(part.relationship_id, part.amount_fen) for part in held.funding] == [
+        (first, 10_000),
+        (second, 5_000),
+    ]
+    lose_redis(harness)  # every open hold put back, and listed for the sweeper
+    assert awaiting_settlement(harness, held.authorization_id)
+    dissolve(relationships, second)
+    assert status(harness, held.authorization_id) is HoldStatus.PENDING  # left to settlement
+
+    with pytest.raises(grpc.RpcError) as refusal:
+        capture(authorizations, HOSPITAL, held.authorization_id, 10_000)  # the first's part only
+    assert refusal.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refusal.value.details()
+    assert hot_figures(harness, fam.beneficiary_id, first) == (10_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, first)

@@ -180,12 +180,13 @@ def decide(
 
 def _refusal(unit: CaptureUnit, state: BatchState) -> Exception | None:
     """A capture draws only from active relationships (a dissolved one voided its holds), and
-    never of an authorization a Void marked in SQL first."""
+    never of an authorization a Void marked in SQL first. Every relationship of the hold's
+    funding counts, also one the capture takes nothing from: the dissolution voided the whole
+    hold (Redis may not have yet: a hold a rebuild put back waits for its settlement there,
+    lua/quota_dissolve.lua)."""
     if unit.authorization_id in state.voided:
         return PolicyRefusal("ALREADY_VOIDED", f"authorization {unit.authorization_id} is voided")
-    for relationship_id, fen in unit.parts:
-        if fen == 0:
-            continue
+    for relationship_id, _ in unit.parts:
         found = state.relationships.get(relationship_id)
         if found is None:
             return NotFound(f"relationship {relationship_id} not found")
@@ -300,7 +301,7 @@ class CaptureWriter:
             connection,
             keys=[(unit.call.scope, unit.call.key) for unit in units if unit.call],
             authorization_ids=[unit.authorization_id for unit in units],
-            relationship_ids=[rid for unit in units for rid, fen in unit.parts if fen],
+            relationship_ids=[rid for unit in units for rid, _ in unit.parts],
         )
         outcomes, accepted = decide(units, state, self.clock())
         capture_batch.write(connection, accepted)

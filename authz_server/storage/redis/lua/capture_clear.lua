@@ -21,6 +21,7 @@ if hold[1] == 'PENDING' then
     if redis.call('HGET', prefix .. ':q:' .. part[1], 'status') == 'DISSOLVED' then
       dissolved = true
     end
+    touch(prefix .. ':qh:' .. part[1])  -- release_parts may write it: before the first write
   end
 end
 touch(prefix .. ':capturing', prefix .. ':expiry')
