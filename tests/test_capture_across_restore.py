@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -132,18 +132,28 @@ class PausedCapture:
         return self.outcomes[0]
 
 
-@pytest.fixture()
-def paused(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], PausedCapture]]:
-    """Starts a PausedCapture of an authorization; every one is let go after the test."""
-    started: list[PausedCapture] = []
+Paused = TypeVar("Paused", bound=PausedCapture)
 
-    def pause(authorization_id: str) -> PausedCapture:
-        started.append(PausedCapture(harness, authorizations, authorization_id))
+
+def let_go_after(
+    kind: type[Paused], harness: Harness, authorizations: Any
+) -> Iterator[Callable[[str], Paused]]:
+    """For a fixture: starts a capture of `kind` (a PausedCapture) of an authorization; every
+    one is let go after the test."""
+    started: list[Paused] = []
+
+    def pause(authorization_id: str) -> Paused:
+        started.append(kind(harness, authorizations, authorization_id))
         return started[-1]
 
     yield pause
     for capture_under_way in reversed(started):
         capture_under_way.release()
+
+
+@pytest.fixture()
+def paused(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], PausedCapture]]:
+    yield from let_go_after(PausedCapture, harness, authorizations)
 
 
 def restore(harness: Harness, relationship_ids: list[str]) -> None:

@@ -50,7 +50,7 @@ from tests.test_authorization_rules import (
     void,
     wait_for,
 )
-from tests.test_capture_across_restore import PausedCapture
+from tests.test_capture_across_restore import PausedCapture, let_go_after
 from tests.test_live_reconcile import redis_agrees_with_sql
 from tests.test_redis_loss_audit import unused_in_sql
 from tests.test_relationship_rules import dissolve
@@ -109,15 +109,7 @@ class DeadCapture(PausedCapture):
 
 @pytest.fixture()
 def dead(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], DeadCapture]]:
-    started: list[DeadCapture] = []
-
-    def start(authorization_id: str) -> DeadCapture:
-        started.append(DeadCapture(harness, authorizations, authorization_id))
-        return started[-1]
-
-    yield start
-    for step in reversed(started):
-        step.release()
+    yield from let_go_after(DeadCapture, harness, authorizations)
 
 
 def status(harness: Harness, authorization_id: str) -> HoldStatus | None:
