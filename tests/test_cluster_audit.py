@@ -13,11 +13,12 @@ import pytest
 
 from authz_server.domain.errors import Unavailable
 from authz_server.service.ports import AuthorizeCall
-from authz_server.storage.redis import keys, script_io
+from authz_server.storage.redis import keys, quota_io, script_io
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
 from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.pipelined import Command, Reply
+from authz_server.storage.redis.quota_cache import RedisQuotaCache
 from tests.redis_cluster import HOST, RedisClusterHarness, cluster_fixture, slot_of
 
 pytestmark = pytest.mark.backend_neutral
@@ -394,5 +395,48 @@ def test_a_decision_keeps_its_scripts_generation_when_a_newer_one_is_adopted_mea
         decision = await HoldStore(client).authorize(call, now_ms)
         assert decision is not None and decision.generation == GENERATION
         assert client.generation is not None and client.generation.value == "gen-newer"
+
+    run(test, redis_cluster)
+
+
+def test_a_dissolution_on_a_slot_being_migrated_writes_all_or_nothing(
+    redis_cluster: RedisClusterHarness,
+) -> None:
+    """quota_dissolve.lua reads whether a hold put back from SQL (rs = 1) waits for the
+    sweeper's settlement (`prefix:capturing`, missing when nothing is listed): in a MIGRATING
+    slot Redis refuses access to that missing key. Read after the script's first write, the
+    refusal left the quota dissolved, its hold neither voided nor out of the hold set; every key
+    is read first now, so a refused call writes nothing."""
+    source_port, target_port, *_ = redis_cluster.primary_ports()
+    source, target = redis_cluster.node(source_port), redis_cluster.node(target_port)
+    beneficiary = beneficiary_on(redis_cluster, source_port)
+    prefix = keys.prefix(beneficiary)
+    slot = slot_of(prefix)
+    now_ms = int(time.time() * 1000)
+    authorization_id, writes = pending_hold(beneficiary, "m-1", now_ms)
+    auth = keys.authorization(authorization_id)
+    quota = f"{prefix}:q:r1"
+    writes.append(("HSET", auth, "rs", 1))  # put back by hold_restore.lua: not listed
+
+    async def test(client: ClusterPipelinedRedis) -> None:
+        quotas = RedisQuotaCache(client)
+        await client.load_script(quota_io.QuotaDissolve.SCRIPT)
+        for reply in await client.execute_many(writes):
+            assert not isinstance(reply, Exception), reply
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        try:
+            try:
+                await quotas.dissolve(beneficiary, "r1")
+            except Unavailable:  # refused: nothing written
+                assert source.command("HGET", quota, "status") == "ACTIVE"
+                assert source.command("HGET", auth, "s") == "PENDING"
+            else:  # all of it
+                assert source.command("HGET", quota, "status") == "DISSOLVED"
+                assert source.command("HGET", auth, "s") == "VOIDED"
+        finally:
+            for node in (source, target):
+                node.command("CLUSTER", "SETSLOT", slot, "STABLE")
+            await client.execute_many([("DEL", auth), ("DEL", keys.expiry(prefix)), ("DEL", quota)])
 
     run(test, redis_cluster)

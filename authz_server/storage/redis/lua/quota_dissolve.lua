@@ -8,21 +8,31 @@
 -- may have committed in SQL, and voided here its parts on the other quotas would go back to
 -- them though spent. The settlement finishes it as SQL says (captured; or, a funding quota
 -- dissolved, voided as here: lua/capture_clear.lua); this quota's part is gone with its figures.
+-- Every key it reads or writes is read before its first write (lua/_lib.lua touch): in a slot
+-- being migrated a script is refused on a key missing there, and refused half-way it would
+-- leave the quota dissolved with its holds neither voided nor released.
 local prefix = ARGV[2]
 local holds = prefix .. ':qh:' .. ARGV[1]
-redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0)
-redis.call('HINCRBY', KEYS[1], 'v', 1)  -- the money changed (quota_restore.lua)
-redis.call('ZREM', KEYS[2], ARGV[1])
+touch(prefix .. ':capturing', prefix .. ':expiry', holds)
+local voiding = {}
 for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
-  local auth = prefix .. ':a:' .. auth_id
-  local hold = redis.call('HMGET', auth, 's', 'rs')
+  local hold = redis.call('HMGET', prefix .. ':a:' .. auth_id, 's', 'rs', 'f')
   local waiting = hold[2] == '1'
     and redis.call('ZSCORE', prefix .. ':capturing', auth_id) ~= false
   if hold[1] == 'PENDING' and not waiting then
-    release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
-    redis.call('HSET', auth, 's', 'VOIDED', 'vr', 'RELATIONSHIP_NOT_ACTIVE')
-    redis.call('ZREM', prefix .. ':expiry', auth_id)
+    voiding[#voiding + 1] = {auth_id, hold[3]}
+    for _, part in ipairs(parse_funding(hold[3])) do
+      touch(prefix .. ':q:' .. part[1], prefix .. ':qh:' .. part[1])
+    end
   end
+end
+redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0)
+redis.call('HINCRBY', KEYS[1], 'v', 1)  -- the money changed (quota_restore.lua)
+redis.call('ZREM', KEYS[2], ARGV[1])
+for _, hold in ipairs(voiding) do  -- this quota is DISSOLVED now: release_parts skips it
+  release_parts(prefix, hold[1], hold[2], nil)
+  redis.call('HSET', prefix .. ':a:' .. hold[1], 's', 'VOIDED', 'vr', 'RELATIONSHIP_NOT_ACTIVE')
+  redis.call('ZREM', prefix .. ':expiry', hold[1])
 end
 redis.call('DEL', holds)
 return 1
