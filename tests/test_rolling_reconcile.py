@@ -18,6 +18,7 @@ from authz_server.runtime import reconcile, rolling_reconcile
 from authz_server.runtime.reconcile import ReconcileReport, reconcile_page
 from authz_server.storage.redis import keys
 from tests.harness import Harness, own_harness
+from tests.test_authorization_rules import wait_for
 from tests.test_live_reconcile import redis_agrees_with_sql
 from tests.test_reconcile_drift import family_with_a_hold, overstated
 from tests.test_redis_loss import served_stubs
@@ -85,6 +86,10 @@ def test_a_quota_changed_behind_the_service_is_set_from_the_ledger_within_a_pass
         # Found by a page of the rolling reconcile (the suite's other servers run none).
         assert counted("medwallet_reconcile_drift_total") > drift_before
         assert counted("medwallet_reconcile_quotas_total") > quotas_before
+        # What MedWalletRollingReconcileStalled reads: the pace, and pages moving.
+        assert counted("medwallet_reconcile_quotas_per_second") == QUOTAS_PER_SECOND
+        pages = counted("medwallet_reconcile_pages_total")
+        wait_for(lambda: counted("medwallet_reconcile_pages_total") > pages, seconds=10)
     finally:
         stubs.close()
 

@@ -120,6 +120,17 @@ reconcile_quotas = Counter(
     "Quotas the rolling reconcile set from the ledger (runtime/rolling_reconcile.py): it moves "
     "at MEDWALLET_RECONCILE_QUOTAS_PER_SECOND while the deployment serves.",
 )
+reconcile_pages = Counter(
+    "medwallet_reconcile_pages_total",
+    "Pages the rolling reconcile ran on this server (empty ones too): with the pace above 0, "
+    "one every 50 / pace seconds across the deployment (MedWalletRollingReconcileStalled).",
+)
+reconcile_pace = Gauge(
+    "medwallet_reconcile_quotas_per_second",
+    "The rolling reconcile's pace on this server (MEDWALLET_RECONCILE_QUOTAS_PER_SECOND on the "
+    "worker that runs it; 0: off).",
+    multiprocess_mode="max",
+)
 reconcile_failures = Counter(
     "medwallet_reconcile_failures_total",
     "Quotas a page of the rolling reconcile could not set (a Redis call failed even when tried "

@@ -112,6 +112,7 @@ async def take_turn_and_reconcile(
     after = cursor.decode() if isinstance(cursor, bytes) else ""
     last, report = await reconcile_page(after, PAGE_SIZE)
     # Counted first: the page set these quotas whatever happens to the bookkeeping below.
+    metrics.reconcile_pages.inc()
     metrics.reconcile_quotas.inc(report.quotas)
     metrics.reconcile_failures.inc(report.failed)
     metrics.reconcile_drift.inc(report.drifted)

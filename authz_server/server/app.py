@@ -301,6 +301,7 @@ class Application:
             self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
         pace = checked_pace(self.settings.reconcile_quotas_per_second)  # a bad one: no start
         if self.sweep_holds and pace > 0:
+            metrics.reconcile_pace.set(pace)
             rolling = reconcile_rolling(
                 pace,
                 self.pipelined_redis,

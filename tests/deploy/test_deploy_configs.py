@@ -87,6 +87,8 @@ COUNTERS_AND_GAUGES = {
     "medwallet_idempotent_replays_total",
     "medwallet_reconcile_drift_total",
     "medwallet_reconcile_drift_fen_total",
+    "medwallet_reconcile_pages_total",
+    "medwallet_reconcile_quotas_per_second",
     "medwallet_ledger_limit_refusals_total",
     "medwallet_redis_up",
     "medwallet_hot_state_ready",
