@@ -7,8 +7,10 @@ local prefix, now = ARGV[1], tonumber(ARGV[2])
 expire_due(prefix, now, 16)
 local auth = KEYS[1]
 local auth_id = string.match(auth, ':a:(.+)$')
-if redis.call('HGET', auth, 'm') ~= ARGV[3] then return 'NOT_FOUND' end
-local status = redis.call('HGET', auth, 's')
+-- One read of the hold: its merchant, status, put-back marks (rs, sb), expiry and funding.
+local hold = redis.call('HMGET', auth, 'm', 's', 'rs', 'sb', 'ex', 'f')
+if hold[1] ~= ARGV[3] then return 'NOT_FOUND' end
+local status = hold[2]
 if status == 'VOIDED' then return 'OK' end
 if status == 'CAPTURED' then return 'ALREADY_CAPTURED' end
 if status == 'CAPTURING' then return 'CAPTURE_IN_PROGRESS' end
@@ -16,12 +18,12 @@ if status == 'EXPIRED' then return 'AUTHORIZATION_EXPIRED' end
 if status ~= 'PENDING' then return 'AUTHORIZATION_DECLINED' end
 -- A hold a rebuild put back, past its expiry while it awaits its settlement (expire_due left
 -- it): expired, as SQL said to the caller; its money waits for that settlement, then expiry.
-local put_back = redis.call('HMGET', auth, 's', 'rs', 'sb', 'ex')
-if now >= tonumber(put_back[4]) and awaiting_settlement(prefix, auth_id, put_back, now) then
+local put_back = {hold[2], hold[3], hold[4]}  -- awaiting_settlement's s, rs, sb
+if now >= tonumber(hold[5]) and awaiting_settlement(prefix, auth_id, put_back, now) then
   return 'AUTHORIZATION_EXPIRED'
 end
 touch(prefix .. ':expiry')
-release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
+release_parts(prefix, auth_id, hold[6], nil)
 redis.call('HSET', auth, 's', 'VOIDED')
 redis.call('ZREM', prefix .. ':expiry', auth_id)
 return 'OK'
