@@ -70,8 +70,9 @@ async def reconcile(
 ) -> ReconcileReport:
     """Sets every active quota to the ledger's unused figure (keeping open holds). Counts quotas
     whose figure was different. Quotas of relationships no longer active are not visited: a
-    dissolution whose Redis step was lost leaves its quota active in Redis until a rebuild
-    (Authorize may approve on it; the ledger refuses its capture, RELATIONSHIP_NOT_ACTIVE).
+    dissolution whose Redis step was lost leaves its quota active in Redis (Authorize may
+    approve on it; the ledger refuses its capture, RELATIONSHIP_NOT_ACTIVE) until the rolling
+    reconcile's dissolutions cursor passes it (runtime/reconcile_dissolved.py) or a rebuild.
 
     It may run while servers serve (a new server's start, the reconcile Job, after a bulk
     load): each page of quotas is read under its row locks and restored before they are let go,

@@ -12,6 +12,10 @@ starts over. A full pass over Q quotas takes Q / the pace: the pace, not the siz
 province, bounds what it costs (one page of PAGE_SIZE quotas every PAGE_SIZE / pace seconds,
 on one server at a time). A page skips rows other transactions hold and counts quotas Redis
 failed on (medwallet_reconcile_failures_total): both wait for the next pass.
+
+The same turn then follows a second cursor (keys.RECONCILE_DISSOLVED_CURSOR) through the
+relationships dissolved since, a page at most, dissolving in Redis any quota still active there
+(runtime/reconcile_dissolved.py says why): the quota pages visit active relationships only.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ async def reconcile_rolling(
     commands: PipelinedRedis,
     ready: Callable[[], bool],
     reconcile_page: ReconcilePage,
+    reconcile_dissolved: ReconcilePage | None = None,
 ) -> None:
     """Every page interval (JITTER), while the hot state is trusted (`ready`): takes the turn,
     and reconciles the page after the shared cursor when this server got it. A failure is
@@ -91,7 +96,9 @@ async def reconcile_rolling(
         if not ready():  # a rebuild is under way, or Redis does not answer: it sets Redis
             continue
         try:
-            await take_turn_and_reconcile(commands, turn_after_ms, reconcile_page)
+            await take_turn_and_reconcile(
+                commands, turn_after_ms, reconcile_page, reconcile_dissolved
+            )
         except Exception:
             log.exception("rolling reconcile: a page failed; a later turn tries it again")
 
@@ -100,10 +107,15 @@ _last_pass_logged = [float("-inf")]
 
 
 async def take_turn_and_reconcile(
-    commands: PipelinedRedis, turn_after_ms: int, reconcile_page: ReconcilePage
+    commands: PipelinedRedis,
+    turn_after_ms: int,
+    reconcile_page: ReconcilePage,
+    reconcile_dissolved: ReconcilePage | None = None,
 ) -> ReconcileReport | None:
-    """One look: the page after the cursor, when the turn was free (None: it was not). The turn
-    then ends `turn_after_ms` after the page did."""
+    """One look: the page after the cursor, when the turn was free (None: it was not), then the
+    dissolutions' page after theirs (`reconcile_dissolved`: (cursor, page size) -> (the cursor
+    to store, what it found)). The turn then ends `turn_after_ms` after the pages did. Returns
+    the quota page's report."""
     token = os.urandom(8).hex()
     running_ms = int(TURN_WHILE_RUNNING_SECONDS * 1000)
     if await commands.execute("SET", keys.RECONCILE_TURN, token, "NX", "PX", running_ms) is None:
@@ -119,6 +131,15 @@ async def take_turn_and_reconcile(
     metrics.reconcile_drift_fen.inc(report.drift_fen)
     # "" at the end of the quotas: the next page starts the next pass.
     await commands.execute("SET", keys.RECONCILE_CURSOR, last)
+    if reconcile_dissolved is not None:
+        stored = await commands.execute("GET", keys.RECONCILE_DISSOLVED_CURSOR)
+        since = stored.decode() if isinstance(stored, bytes) else ""
+        moved_to, dissolved = await reconcile_dissolved(since, PAGE_SIZE)
+        metrics.reconcile_failures.inc(dissolved.failed)
+        metrics.reconcile_drift.inc(dissolved.drifted)
+        metrics.reconcile_drift_fen.inc(dissolved.drift_fen)
+        if moved_to != since:
+            await commands.execute("SET", keys.RECONCILE_DISSOLVED_CURSOR, moved_to)
     await commands.execute("EVAL", _TURN_ENDS_IN, 1, keys.RECONCILE_TURN, token, turn_after_ms)
     if report.drifted:
         log.warning(

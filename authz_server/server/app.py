@@ -39,6 +39,7 @@ from authz_server.ledger.client import (
 from authz_server.observability import loop_lag, metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile, reconcile_page
+from authz_server.runtime.reconcile_dissolved import reconcile_dissolved_page
 from authz_server.runtime.rolling_reconcile import checked_pace, reconcile_rolling
 from authz_server.runtime.wiring import open_storage
 from authz_server.server.audit import AuditedServer
@@ -308,6 +309,9 @@ class Application:
                 lambda: self.guardian.ready and not self.stopping,
                 lambda after, page_size: reconcile_page(
                     self.database, self.quotas, after, page_size, rolling=True
+                ),
+                lambda after, page_size: reconcile_dissolved_page(
+                    self.database, self.quotas, after, page_size, self.clock
                 ),
             )
             self.background.append(loop.create_task(rolling, name="rolling-reconcile"))

@@ -100,6 +100,13 @@ class QuotaCache(Protocol):
         """The live figures of the given quotas; a quota not in the cache is left out."""
         ...
 
+    async def still_active(
+        self, beneficiary_id: str, relationship_ids: list[str]
+    ) -> dict[str, QuotaFigures]:
+        """The figures of those of the given quotas the cache has as active (holds may be
+        placed on them); the others (dissolved, or not in the cache) are left out."""
+        ...
+
 
 # --- holds (the hot state's authorizations) ------------------------------------------------
 

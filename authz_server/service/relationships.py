@@ -13,7 +13,9 @@ CHECK constraints on the totals): a release Redis allowed but the ledger has not
 is refused INSUFFICIENT_QUOTA, and Redis, which overstated the quota, is set from the ledger.
 Dissolving returns exactly the unused money and a refund only adds to a quota, so neither can
 break the limit; the constraints are their backstop.
-A Redis failure after a SQL commit leaves Redis short until `reconcile` restores it from SQL.
+A Redis failure after a SQL commit leaves Redis short until `reconcile` restores it from SQL;
+a dissolve's lost Redis step (the quota left active there) is found by the rolling reconcile's
+dissolutions cursor (runtime/reconcile_dissolved.py).
 """
 
 from __future__ import annotations

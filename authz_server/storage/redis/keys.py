@@ -160,6 +160,10 @@ turn it is to reconcile a page (runtime/rolling_reconcile.py); not hot state."""
 RECONCILE_CURSOR = "mw:{reconcile}:cursor"
 """STRING: the relationship id after which the rolling reconcile's next page begins ("" or
 missing: from the first); not hot state (lost with Redis, the next pass starts over)."""
+RECONCILE_DISSOLVED_CURSOR = "mw:{reconcile}:dissolved"
+"""STRING: "<dissolved_at ISO 8601>|<relationship id>" of the last dissolution the rolling
+reconcile made sure Redis has (runtime/reconcile_dissolved.py); missing: from the first one.
+Not hot state (lost with Redis, which a rebuild then refills with active quotas only)."""
 
 
 def generation_marker(prefix_text: str) -> str:

@@ -21,7 +21,9 @@ from authz_server.storage.redis.pipelined import (
     as_list,
 )
 from authz_server.storage.redis.quota_io import (
+    QUOTA_ACTIVE,
     QUOTA_FIGURES,
+    QUOTA_STATUS,
     QuotaCredit,
     QuotaDebit,
     QuotaDissolve,
@@ -120,6 +122,22 @@ class RedisQuotaCache:
             relationship_id: QuotaFigures(as_integer(row[0]), as_integer(row[1]))
             for relationship_id, row in zip(relationship_ids, map(as_list, rows), strict=True)
             if row[0] is not None
+        }
+
+    async def still_active(
+        self, beneficiary_id: str, relationship_ids: list[str]
+    ) -> dict[str, QuotaFigures]:
+        if not relationship_ids:
+            return {}
+        commands: list[Command] = [
+            ("HMGET", keys.quota(beneficiary_id, relationship_id), QUOTA_STATUS, *QUOTA_FIGURES)
+            for relationship_id in relationship_ids
+        ]
+        rows = await guarded(lambda: self._all_answered(commands))
+        return {
+            relationship_id: QuotaFigures(as_integer(row[1] or 0), as_integer(row[2] or 0))
+            for relationship_id, row in zip(relationship_ids, map(as_list, rows), strict=True)
+            if row[0] == QUOTA_ACTIVE.encode()
         }
 
     async def _all_answered(self, commands: list[Command]) -> list[Reply]:

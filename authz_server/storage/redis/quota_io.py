@@ -109,7 +109,7 @@ class QuotaRestoreCall(ScriptCall[QuotaFigures | RestoreRefused]):
         return [
             quota.relationship_id,  # 1
             quota.holder_id,  # 2
-            "ACTIVE" if quota.active else "DISSOLVED",  # 3
+            QUOTA_ACTIVE if quota.active else "DISSOLVED",  # 3
             quota.unused_fen,  # 4
             quota.funding_order,  # 5
             quota.beneficiary_id,  # 6
@@ -130,6 +130,9 @@ class QuotaRestoreCall(ScriptCall[QuotaFigures | RestoreRefused]):
 
 # A quota hash's figures, as HMGET reads them: (available, held).
 QUOTA_FIGURES = ("available", "held")
+# A quota hash's status field, and its value while Authorize may place holds on it.
+QUOTA_STATUS = "status"
+QUOTA_ACTIVE = "ACTIVE"
 
 
 def quota_fields(quota: QuotaRestore, held: QuotaFigures | None, epoch: str) -> list[Argument]:

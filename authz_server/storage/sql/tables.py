@@ -104,6 +104,8 @@ class RelationshipRow(Base):
             postgresql_where=text("status IN ('PENDING_CONSENT', 'ACTIVE')"),
         ),
         *(CheckConstraint(condition, name=name) for name, condition in LEDGER_LIMIT_CHECKS.items()),
+        # The rolling reconcile follows the dissolutions in this order (reconcile_dissolved.py).
+        Index("ix_relationships_dissolved_at", "dissolved_at", "relationship_id"),
     )
 
     relationship_id: Mapped[str] = mapped_column(Id, primary_key=True)
