@@ -6,7 +6,9 @@ holds placed on it meanwhile), counted as drift."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from authz_server.domain.types import Channel, InsuranceEventType, Party, TerminationReason
 from authz_server.generated.medwallet.v1 import authorization_pb2 as pb
 from authz_server.runtime import reconcile_dissolved, rolling_reconcile
 from authz_server.runtime.reconcile import ReconcileReport
@@ -24,8 +27,10 @@ from authz_server.runtime.reconcile_dissolved import (
     parse_cursor,
     reconcile_dissolved_page,
 )
+from authz_server.service import ledger as ledger_module
+from authz_server.service.registry import InsuranceEvent
 from authz_server.storage.redis import keys
-from tests.harness import Harness, own_harness
+from tests.harness import Harness, lose_redis, own_harness
 from tests.test_authorization_recovery import ledger
 from tests.test_authorization_rules import (
     APPROVED,
@@ -35,8 +40,12 @@ from tests.test_authorization_rules import (
     authorize,
     capture,
     dissolve,
+    family,
     get,
     refused,
+    register_merchants,
+    void,
+    wait_for,
 )
 from tests.test_reconcile_drift import family_with_a_hold
 from tests.test_redis_loss import served_stubs
@@ -307,3 +316,123 @@ def test_a_cursor_reads_back_as_it_was_written() -> None:
     moment = datetime(2026, 12, 5, 12, 0, 0, 123456, tzinfo=UTC)
     dissolution = reconcile_dissolved.Dissolution("rel-1", "ben-1", moment)
     assert parse_cursor(dissolution.cursor) == (moment, "rel-1")
+
+
+def test_a_stale_quota_sharing_holds_with_another_quota_gives_the_other_its_part_back_once(
+    server: Harness, stubs: Any
+) -> None:
+    """Holds funded from the stale quota and another: dissolving the stale one in Redis voids
+    them and gives the other quota its part back, once."""
+    registry, relationships, authorizations, _ = stubs
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000, 20_000)
+    stale_id, other_id = fam.relationship_ids
+    beneficiary_id = fam.beneficiary_id
+    first = authorize(authorizations, HOSPITAL, beneficiary_id, MEDICAL, 10_000)
+    both = authorize(authorizations, HOSPITAL, beneficiary_id, MEDICAL, 15_000)
+    assert first.decision == APPROVED and both.decision == APPROVED
+    dissolved_with_its_redis_step_lost(server, relationships, beneficiary_id, stale_id)
+    void(authorizations, HOSPITAL, both.authorization_id)
+    # The stale window: 20,000 from the dissolved quota and 5,000 from the other.
+    spanning = authorize(authorizations, HOSPITAL, beneficiary_id, MEDICAL, 25_000)
+    assert spanning.decision == APPROVED
+
+    pages_until_past(server, stale_id)
+    hot = server.run(server.app.quotas.figures(beneficiary_id, [stale_id, other_id]))
+    assert (hot[stale_id].available_fen, hot[stale_id].held_fen) == (0, 0)
+    assert (hot[other_id].available_fen, hot[other_id].held_fen) == (20_000, 0)
+    assert ledger(server, other_id).unused_fen == 20_000
+    voided = get(authorizations, HOSPITAL, spanning.authorization_id)
+    assert voided.status == pb.AUTHORIZATION_STATUS_VOIDED
+    again = authorize(authorizations, HOSPITAL, beneficiary_id, MEDICAL, 20_000)
+    assert again.decision == APPROVED  # the other quota, whole
+
+
+def slowed_dissolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each dissolving transaction takes half a second on the SQL thread (a lock waited on)."""
+    real = ledger_module.dissolve
+
+    def slow(*arguments: Any, **named: Any) -> int:
+        time.sleep(0.5)
+        return real(*arguments, **named)
+
+    monkeypatch.setattr(ledger_module, "dissolve", slow)
+
+
+def hot_status(harness: Harness, beneficiary_id: str, relationship_id: str) -> bytes | None:
+    client = harness.admin()
+    try:
+        status = client.hget(keys.quota(beneficiary_id, relationship_id), "status")
+    finally:
+        client.close()
+    assert status is None or isinstance(status, bytes)
+    return status
+
+
+def test_a_dissolve_whose_caller_gave_up_still_dissolves_in_redis(
+    server: Harness, stubs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's deadline passes while the dissolve's transaction is on the SQL thread: the
+    transaction commits all the same, and so must its Redis step (not wait for the cursor)."""
+    registry, relationships, authorizations, _ = stubs
+    beneficiary_id, relationship_id = family_with_a_hold(registry, relationships, authorizations)
+    slowed_dissolve(monkeypatch)
+    app = server.app
+
+    async def call_with_deadline() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                app.relationships.dissolve(relationship_id, Party.HOLDER, Channel.APP), 0.1
+            )
+
+    server.run(call_with_deadline())
+    wait_for(lambda: ledger(server, relationship_id).unused_fen == 0, seconds=10)
+    wait_for(lambda: hot_status(server, beneficiary_id, relationship_id) == b"DISSOLVED")
+
+
+def test_an_insurance_event_whose_caller_gave_up_still_dissolves_in_redis(
+    server: Harness, stubs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, for the relationships an insurance event (a death) dissolves."""
+    registry, relationships, authorizations, _ = stubs
+    beneficiary_id, relationship_id = family_with_a_hold(registry, relationships, authorizations)
+    slowed_dissolve(monkeypatch)
+    app = server.app
+    event = InsuranceEvent(
+        participant_id=beneficiary_id,
+        event_type=InsuranceEventType.TERMINATED,
+        termination_reason=TerminationReason.DEATH,
+        new_pooling_region=None,
+        new_scheme=None,
+    )
+
+    async def call_with_deadline() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(app.registry.report_event(event), 0.1)
+
+    server.run(call_with_deadline())
+    wait_for(lambda: ledger(server, relationship_id).unused_fen == 0, seconds=10)
+    wait_for(lambda: hot_status(server, beneficiary_id, relationship_id) == b"DISSOLVED")
+
+
+def test_a_rebuild_sets_the_dissolutions_cursor_at_its_start(server: Harness) -> None:
+    """A rebuild deletes every mw:* key, the cursor with them; started over, the cursor would
+    read every dissolution ever made before a lost Redis step after the rebuild is found. The
+    rebuild sets it at its own start (less the grace) instead."""
+    client = server.admin()
+    try:
+        client.set(keys.RECONCILE_DISSOLVED_CURSOR, "2020-01-01T00:00:00+00:00|old")
+    finally:
+        client.close()
+    before = datetime.now(UTC)
+    lose_redis(server)
+    client = server.admin()
+    try:
+        stored = client.get(keys.RECONCILE_DISSOLVED_CURSOR)
+    finally:
+        client.close()
+    assert isinstance(stored, bytes)
+    position = parse_cursor(stored.decode())
+    assert position is not None
+    grace = timedelta(seconds=SETTLED_AFTER_SECONDS)
+    assert before - grace - timedelta(seconds=5) <= position[0] <= datetime.now(UTC) - grace

@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.model import QuotaTotals
 from authz_server.domain.types import RelationshipStatus, Scheme
+from authz_server.runtime.reconcile_dissolved import dissolutions_cursor_at
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.quota_sync import ledger_marks, on_loop, quota_restore
 from authz_server.storage.redis import keys
@@ -121,6 +122,7 @@ async def rebuild_hot_state(
     `still_owner` (when given) is cleared by the caller if it lost the rebuild lock: the
     rebuild then stops unpublished."""
     started = time.perf_counter()
+    begun = clock()
     generation = new_generation()
     await redis.execute("SET", keys.GENERATION, f"{REBUILDING}|{generation}")
     # Every decision journaled from now on is refused; those journaled before are read below
@@ -150,6 +152,13 @@ async def rebuild_hot_state(
     # After every page, before publishing: a witness naming the generation is younger than all
     # the rebuild wrote to its node. XX: a node emptied since the pending witnesses keeps none.
     await _write(redis, witness_commands(generation, only_existing=True))
+    # The rolling reconcile's dissolutions cursor went with the rest of mw:* (step 2), and
+    # started afresh it would read every dissolution ever made before the newest: those
+    # committed before this rebuild began are in Redis as SQL says (dissolved: no quota
+    # written), so it starts at the rebuild's start, less its grace for clock skew.
+    await redis.execute(
+        "SET", keys.RECONCILE_DISSOLVED_CURSOR, dissolutions_cursor_at(begun)
+    )  # fmt: skip
     # Published only while keys.GENERATION still names this rebuild: another server that took
     # the rebuild over (this one's lock expired) has marked its own and swept Redis since.
     published = await redis.execute(

@@ -15,9 +15,17 @@ idempotent) on any that Redis still has active, counting it as drift. Only disso
 than SETTLED_AFTER_SECONDS are read: a dissolution's time is taken by its server's clock before
 its transaction commits, so one committed later may carry an earlier time than one the cursor
 has passed; waiting that long lets every such transaction commit first (and its own Redis step
-finish) before the cursor passes its time. A missing cursor (Redis lost it, or the first turn
-ever) starts at the first dissolution: a pass over the history at the page's pace, each one a
-read of its quota in Redis.
+finish) before the cursor passes its time. A rebuild of the hot state deletes the cursor
+with the rest and sets it again at its own start (less that grace): every dissolution before
+is in the rebuilt Redis as SQL says. A cursor missing all the same (an operator's DEL, the
+first turn ever) starts at the first dissolution: a pass over the history at the page's pace,
+each one a read of its quota in Redis.
+
+What this does not cover: a dissolution whose transaction took longer than the grace from its
+clock reading to its commit (nothing bounds a PostgreSQL transaction's time here: a row lock
+waited on for minutes) and whose Redis step was lost as well; or server clocks apart by more
+than the grace. Such a quota stays active in Redis until a rebuild (each capture on it is
+refused by the ledger all the same).
 """
 
 from __future__ import annotations
@@ -40,11 +48,11 @@ from authz_server.storage.sql.records import utc
 from authz_server.storage.sql.tables import RelationshipRow
 
 log = logging.getLogger(__name__)
-# How old a dissolution must be before the cursor may pass it: longer than any transaction's
-# time from its clock reading to its commit (PostgreSQL's statement and idle-in-transaction
-# timeouts are seconds) plus the servers' clock skew (NTP keeps it well under a second), and
-# longer than a dissolve's Redis step with its retries through a rebuild (REBUILD_WAIT_SECONDS).
-# What it costs: a lost Redis step is mended this much later.
+# How old a dissolution must be before the cursor may pass it: longer than a dissolving
+# transaction's time from its clock reading to its commit (milliseconds; seconds behind a busy
+# row lock) plus the servers' clock skew (NTP keeps it well under a second), and longer than a
+# dissolve's Redis step with its retries through a rebuild (REBUILD_WAIT_SECONDS). What it
+# costs: a lost Redis step is mended this much later.
 SETTLED_AFTER_SECONDS = 300.0
 _SEPARATOR = "|"
 
@@ -58,6 +66,13 @@ class Dissolution:
     @property
     def cursor(self) -> str:
         return f"{self.dissolved_at.isoformat()}{_SEPARATOR}{self.relationship_id}"
+
+
+def dissolutions_cursor_at(moment: datetime) -> str:
+    """A cursor before every dissolution made from SETTLED_AFTER_SECONDS before `moment` on
+    (a rebuild's start: runtime/rebuild.py)."""
+    since = moment - timedelta(seconds=SETTLED_AFTER_SECONDS)
+    return f"{since.isoformat()}{_SEPARATOR}"
 
 
 def parse_cursor(cursor: str) -> tuple[datetime, str] | None:

@@ -449,7 +449,9 @@ class Application:
 
     async def _writes_left_running(self) -> None:
         await asyncio.gather(
-            self.authorizations.to_the_end.finished(), self.relationships.to_the_end.finished()
+            self.authorizations.to_the_end.finished(),
+            self.relationships.to_the_end.finished(),
+            self.registry.to_the_end.finished(),
         )
 
     async def _stop_background(self) -> None:

@@ -29,6 +29,7 @@ from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import QuotaCache
 from authz_server.service.quota_sync import when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
+from authz_server.service.to_the_end import ToTheEnd
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import (
@@ -75,6 +76,7 @@ class RegistryService:
         self.quotas = quotas
         self.clock = clock
         self.references = references
+        self.to_the_end = ToTheEnd("insurance event")
 
     async def upsert_participant(
         self, participant_id: str, scheme: Scheme, pooling_region: str
@@ -196,14 +198,19 @@ class RegistryService:
             )
             return result, in_redis
 
-        result, in_redis = await self.database.run(work)
-        for relationship in in_redis:
-            # Waits out a rebuild of the hot state (service/quota_sync.py, when_rebuilt).
-            dissolve = functools.partial(
-                self.quotas.dissolve, relationship.beneficiary_id, relationship.relationship_id
-            )
-            await when_rebuilt(dissolve)
-        return result
+        async def to_the_end() -> InsuranceEventResult:
+            # A cancelled call (its deadline passed) leaves its SQL transaction to commit: its
+            # quotas must then be dissolved in Redis too, or Authorize approves on them.
+            result, in_redis = await self.database.run(work)
+            for relationship in in_redis:
+                # Waits out a rebuild of the hot state (service/quota_sync.py, when_rebuilt).
+                dissolve = functools.partial(
+                    self.quotas.dissolve, relationship.beneficiary_id, relationship.relationship_id
+                )
+                await when_rebuilt(dissolve)
+            return result
+
+        return await self.to_the_end.run(to_the_end())
 
     @staticmethod
     def _apply(row: ParticipantRow, event: InsuranceEvent) -> bool:

@@ -91,7 +91,7 @@ class RelationshipService:
         self.clock = clock
         # An allocation or release runs to its end even when its call is cancelled (a deadline):
         # its SQL transaction may commit after the cancel, and its Redis step must follow it.
-        self.to_the_end = ToTheEnd("quota allocation or release")
+        self.to_the_end = ToTheEnd("quota allocation, release or dissolution")
 
     async def propose(
         self, holder_id: str, beneficiary_id: str, relation: Relation, channel: Channel
@@ -391,11 +391,16 @@ class RelationshipService:
             )
             return records.relationship(row), returned
 
-        relationship, returned = await self.database.run(work)
-        await when_rebuilt(
-            lambda: self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
-        )
-        return DissolveResult(QuotaView(relationship, 0, 0), returned)
+        async def to_the_end() -> DissolveResult:
+            # A cancelled call (its deadline passed) leaves its SQL transaction to commit: the
+            # quota must then be dissolved in Redis too, or Authorize approves on it.
+            relationship, returned = await self.database.run(work)
+            await when_rebuilt(
+                lambda: self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+            )
+            return DissolveResult(QuotaView(relationship, 0, 0), returned)
+
+        return await self.to_the_end.run(to_the_end())
 
     async def get(self, relationship_id: str) -> QuotaView:
         relationship = await self.database.run(

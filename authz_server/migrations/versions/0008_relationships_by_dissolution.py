@@ -20,13 +20,22 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index(
-        "ix_relationships_dissolved_at",
-        "relationships",
-        ["dissolved_at", "relationship_id"],
-        unique=False,
-    )
+    # CONCURRENTLY on PostgreSQL (outside a transaction): a plain CREATE INDEX would block every
+    # write to relationships (each capture's) while it reads the whole table.
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_relationships_dissolved_at",
+            "relationships",
+            ["dissolved_at", "relationship_id"],
+            unique=False,
+            postgresql_concurrently=True,
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_relationships_dissolved_at", table_name="relationships")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_relationships_dissolved_at",
+            table_name="relationships",
+            postgresql_concurrently=True,
+        )

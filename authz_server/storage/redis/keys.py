@@ -163,7 +163,7 @@ missing: from the first); not hot state (lost with Redis, the next pass starts o
 RECONCILE_DISSOLVED_CURSOR = "mw:{reconcile}:dissolved"
 """STRING: "<dissolved_at ISO 8601>|<relationship id>" of the last dissolution the rolling
 reconcile made sure Redis has (runtime/reconcile_dissolved.py); missing: from the first one.
-Not hot state (lost with Redis, which a rebuild then refills with active quotas only)."""
+Deleted with the hot state by a rebuild, which sets it again at its own start."""
 
 
 def generation_marker(prefix_text: str) -> str:
