@@ -188,7 +188,7 @@ class AuthorizationService:
         self.clock = clock
         # A claimed capture or a refund runs to its end even when its call is cancelled (a
         # deadline): its write may commit after the cancel, and Redis must follow that write.
-        self.to_the_end = ToTheEnd("capture or refund")
+        self.to_the_end = ToTheEnd("capture, void or refund")
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -771,6 +771,11 @@ class AuthorizationService:
     # --- Void ------------------------------------------------------------------------------
 
     async def void(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
+        # A cancelled call (its deadline passed) leaves its SQL transaction to commit the void:
+        # the hold must then be voided in Redis too, or its money stays held until it expires.
+        return await self.to_the_end.run(self._void(merchant_id, authorization_id))
+
+    async def _void(self, merchant_id: str, authorization_id: str) -> AuthorizationView:
         # SQL first (storage/sql/open_holds.void_in_ledger): a capture committing meanwhile
         # either came first (ALREADY_CAPTURED) or is refused; and a rebuild of Redis never puts
         # a voided hold back.
