@@ -12,6 +12,7 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -97,6 +98,13 @@ class Serializable(Protocol):
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
+# A new decision whose call ended before it was journaled is journaled by a follow-up
+# (_journal_unanswered), tried again while SQL or Redis does not answer: first after this
+# long, doubling up to the most, for this long in all. Past that the hold may stay in Redis
+# only until it expires (a till that retries with its key journals it too).
+UNANSWERED_FOLLOW_UP_SECONDS = 60.0
+UNANSWERED_RETRY_FIRST_SECONDS = 0.2
+UNANSWERED_RETRY_MOST_SECONDS = 5.0
 CAPTURE_REFUSALS = frozenset(
     {CaptureOutcome.ALREADY_CAPTURED, CaptureOutcome.ALREADY_VOIDED,
      CaptureOutcome.AUTHORIZATION_EXPIRED, CaptureOutcome.AUTHORIZATION_DECLINED,
@@ -224,7 +232,13 @@ class AuthorizationService:
             template=encode_lines(precheck.lines),
             requested_fen=request.amount_fen,
         )
-        decision = await self._decide(call, _ms(now))
+        try:
+            decision = await self._decide(call, _ms(now))
+        except (asyncio.CancelledError, Unavailable):
+            # authorize.lua may have placed the hold all the same: a cancelled caller's command
+            # is still sent, and one whose reply timed out may have run.
+            self._follow_up_unanswered(request, request_digest, call, now, respond)
+            raise
         if decision.replayed:
             metrics.idempotent_replays.labels("Authorize").inc()
             outcome = await self._replayed(decision)
@@ -239,7 +253,86 @@ class AuthorizationService:
                                          respond)
                 )  # fmt: skip
             _count(request.purpose, outcome)
-        return await self._answer(request, request_digest, call, decision, outcome, now, respond)
+        try:
+            return await self._answer(
+                request, request_digest, call, decision, outcome, now, respond
+            )
+        except (asyncio.CancelledError, Unavailable):
+            # Not journaled (or not known to be): the hold it placed must not stay in Redis
+            # only, holding the family's money until it expires with SQL knowing nothing.
+            if decision.status is HoldStatus.PENDING and not decision.replayed:
+                self._follow_up_unanswered(request, request_digest, call, now, respond)
+            raise
+
+    def _follow_up_unanswered(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> None:
+        """Starts _journal_unanswered for a call that ended before its new decision was
+        journaled (its caller gone: it runs on by itself, bounded by ToTheEnd)."""
+        work = self._journal_unanswered(request, request_digest, call, now, respond)
+        if not self.to_the_end.left_running(work):
+            metrics.unanswered_decisions.labels("not_started").inc()
+
+    async def _journal_unanswered(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> None:
+        """What the till's retry with the same key would do, for a call that ended after
+        authorize.lua may have placed a hold under `call`'s id: the decision replayed and
+        journaled (kept once, whoever journals it first: a retry racing this is answered the
+        same; undone when SQL has another decision for the key), so Redis holds no money SQL
+        never heard of. Not undone instead: a retry may have been answered with it already.
+        Tried until UNANSWERED_FOLLOW_UP_SECONDS have passed (SQL or Redis down)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNANSWERED_FOLLOW_UP_SECONDS
+        delay = UNANSWERED_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                outcome = await self._journal_if_held(request, request_digest, call, now, respond)
+                break
+            except IdempotencyKeyReused:  # the key is another request's: the hold was undone
+                outcome = "undone"
+                break
+            except Unavailable as error:
+                if loop.time() + delay > deadline:
+                    log.warning(
+                        "authorization %s: its call ended before it was journaled, and it could "
+                        "not be since (%s); held in Redis only until it expires",
+                        call.authorization_id, error,
+                    )  # fmt: skip
+                    outcome = "gave_up"
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, UNANSWERED_RETRY_MOST_SECONDS)
+        metrics.unanswered_decisions.labels(outcome).inc()
+
+    async def _journal_if_held(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> str:
+        hold = await self.holds.get(call.authorization_id)
+        if hold is None or hold.status is not HoldStatus.PENDING:
+            # Not placed, declined, or already moved on (a retry's capture, a void, expiry):
+            # whatever moved it on had it journaled first.
+            return "nothing_held"
+        decision = await self._decide(call, _ms(now))  # the key's decision: this hold's
+        await self._answer(
+            request, request_digest, call, decision, self._outcome(decision), now, respond
+        )
+        return "journaled"
 
     async def _pay_and_answer(
         self,
