@@ -56,15 +56,6 @@ open_holds = Gauge(
 hold_expirations = Counter(
     "medwallet_hold_expirations_total", "Holds that expired and returned to their quota."
 )
-unanswered_decisions = Counter(
-    "medwallet_authorize_unanswered_total",
-    "New Authorize decisions whose call ended before they were journaled (cancelled by the "
-    "client's deadline, or UNAVAILABLE), by how the follow-up ended: journaled (the hold is in "
-    "SQL, as a retry would have made it), nothing_held, undone, gave_up (SQL or Redis did not "
-    "answer for UNANSWERED_FOLLOW_UP_SECONDS: the hold may be in Redis only until it expires), "
-    "not_started (too many follow-ups running).",
-    ["outcome"],
-)
 idempotent_replays = Counter(
     "medwallet_idempotent_replays_total",
     "Writes answered from their idempotency record (a client retry).",

@@ -53,7 +53,7 @@ from authz_server.service.capture_recovery import (
 from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, CaptureWriter
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
-from authz_server.service.journal import DecisionJournal, StoredDecision
+from authz_server.service.journal import DecisionJournal, GenerationChanged, StoredDecision
 from authz_server.service.ports import (
     NOT_WRITTEN,
     AuthorizeCall,
@@ -98,13 +98,11 @@ class Serializable(Protocol):
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
-# A new decision whose call ended before it was journaled is journaled by a follow-up
-# (_journal_unanswered), tried again while SQL or Redis does not answer: first after this
-# long, doubling up to the most, for this long in all. Past that the hold may stay in Redis
-# only until it expires (a till that retries with its key journals it too).
-UNANSWERED_FOLLOW_UP_SECONDS = 60.0
-UNANSWERED_RETRY_FIRST_SECONDS = 0.2
-UNANSWERED_RETRY_MOST_SECONDS = 5.0
+# A decision that holds money is journaled again while SQL does not take it (_journaled): first
+# after this long, doubling, for this long in all (a PostgreSQL failover, SQLite's lock, a
+# Redis pause the generation's read waits out); then the call answers UNAVAILABLE.
+JOURNAL_RETRY_SECONDS = 3.0
+JOURNAL_RETRY_FIRST_SECONDS = 0.1
 CAPTURE_REFUSALS = frozenset(
     {CaptureOutcome.ALREADY_CAPTURED, CaptureOutcome.ALREADY_VOIDED,
      CaptureOutcome.AUTHORIZATION_EXPIRED, CaptureOutcome.AUTHORIZATION_DECLINED,
@@ -194,9 +192,10 @@ class AuthorizationService:
         self.pharmacy_hold_seconds = pharmacy_hold_seconds
         self.medical_hold_seconds = medical_hold_seconds
         self.clock = clock
-        # A claimed capture or a refund runs to its end even when its call is cancelled (a
-        # deadline): its write may commit after the cancel, and Redis must follow that write.
-        self.to_the_end = ToTheEnd("capture, void or refund")
+        # An Authorize, a claimed capture, a void or a refund runs to its end even when its
+        # call is cancelled (a deadline): its write may commit after the cancel, and Redis and
+        # SQL must follow each other.
+        self.to_the_end = ToTheEnd("authorize, capture, void or refund")
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -232,107 +231,37 @@ class AuthorizationService:
             template=encode_lines(precheck.lines),
             requested_fen=request.amount_fen,
         )
-        try:
-            decision = await self._decide(call, _ms(now))
-        except (asyncio.CancelledError, Unavailable):
-            # authorize.lua may have placed the hold all the same: a cancelled caller's command
-            # is still sent, and one whose reply timed out may have run.
-            self._follow_up_unanswered(request, request_digest, call, now, respond)
-            raise
+        # Decided, journaled and answered to the end even when the call is cancelled (its
+        # deadline) meanwhile. authorize.lua places the hold whether or not its caller still
+        # waits (a cancelled caller's command is still sent): a hold left unjournaled would hold
+        # the family's money in Redis until it expired, SQL knowing nothing; a claim conflict
+        # left undone, the same. And a one-step payment SQL made without the key's journal row
+        # would be made again by a retry once Redis lost the key. Costs ~4.5 µs a call (a task
+        # and a shield; loadtest/RESULTS.md).
+        return await self.to_the_end.run(
+            self._decide_and_answer(request, request_digest, call, now, respond)
+        )
+
+    async def _decide_and_answer(
+        self,
+        request: rules.AuthorizeRequest,
+        request_digest: str,
+        call: AuthorizeCall,
+        now: datetime,
+        respond: Callable[[AuthorizeOutcome], R],
+    ) -> R | bytes:
+        decision = await self._decide(call, _ms(now))
         if decision.replayed:
             metrics.idempotent_replays.labels("Authorize").inc()
             outcome = await self._replayed(decision)
         else:
             outcome = self._outcome(decision)
             if decision.status is HoldStatus.CAPTURING:
-                # The payment and its journal row run to their end together, even when the
-                # call is cancelled (its deadline) meanwhile: a payment SQL made without the
-                # key's journal row would be made again by a retry once Redis lost the key.
-                return await self.to_the_end.run(
-                    self._pay_and_answer(request, request_digest, call, decision, outcome, now,
-                                         respond)
-                )  # fmt: skip
+                return await self._pay_and_answer(
+                    request, request_digest, call, decision, outcome, now, respond
+                )
             _count(request.purpose, outcome)
-        try:
-            return await self._answer(
-                request, request_digest, call, decision, outcome, now, respond
-            )
-        except (asyncio.CancelledError, Unavailable):
-            # Not journaled (or not known to be): the hold it placed must not stay in Redis
-            # only, holding the family's money until it expires with SQL knowing nothing.
-            if decision.status is HoldStatus.PENDING and not decision.replayed:
-                self._follow_up_unanswered(request, request_digest, call, now, respond)
-            raise
-
-    def _follow_up_unanswered(
-        self,
-        request: rules.AuthorizeRequest,
-        request_digest: str,
-        call: AuthorizeCall,
-        now: datetime,
-        respond: Callable[[AuthorizeOutcome], R],
-    ) -> None:
-        """Starts _journal_unanswered for a call that ended before its new decision was
-        journaled (its caller gone: it runs on by itself, bounded by ToTheEnd)."""
-        work = self._journal_unanswered(request, request_digest, call, now, respond)
-        if not self.to_the_end.left_running(work):
-            metrics.unanswered_decisions.labels("not_started").inc()
-
-    async def _journal_unanswered(
-        self,
-        request: rules.AuthorizeRequest,
-        request_digest: str,
-        call: AuthorizeCall,
-        now: datetime,
-        respond: Callable[[AuthorizeOutcome], R],
-    ) -> None:
-        """What the till's retry with the same key would do, for a call that ended after
-        authorize.lua may have placed a hold under `call`'s id: the decision replayed and
-        journaled (kept once, whoever journals it first: a retry racing this is answered the
-        same; undone when SQL has another decision for the key), so Redis holds no money SQL
-        never heard of. Not undone instead: a retry may have been answered with it already.
-        Tried until UNANSWERED_FOLLOW_UP_SECONDS have passed (SQL or Redis down)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + UNANSWERED_FOLLOW_UP_SECONDS
-        delay = UNANSWERED_RETRY_FIRST_SECONDS
-        while True:
-            try:
-                outcome = await self._journal_if_held(request, request_digest, call, now, respond)
-                break
-            except IdempotencyKeyReused:  # the key is another request's: the hold was undone
-                outcome = "undone"
-                break
-            except Unavailable as error:
-                if loop.time() + delay > deadline:
-                    log.warning(
-                        "authorization %s: its call ended before it was journaled, and it could "
-                        "not be since (%s); held in Redis only until it expires",
-                        call.authorization_id, error,
-                    )  # fmt: skip
-                    outcome = "gave_up"
-                    break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, UNANSWERED_RETRY_MOST_SECONDS)
-        metrics.unanswered_decisions.labels(outcome).inc()
-
-    async def _journal_if_held(
-        self,
-        request: rules.AuthorizeRequest,
-        request_digest: str,
-        call: AuthorizeCall,
-        now: datetime,
-        respond: Callable[[AuthorizeOutcome], R],
-    ) -> str:
-        hold = await self.holds.get(call.authorization_id)
-        if hold is None or hold.status is not HoldStatus.PENDING:
-            # Not placed, declined, or already moved on (a retry's capture, a void, expiry):
-            # whatever moved it on had it journaled first.
-            return "nothing_held"
-        decision = await self._decide(call, _ms(now))  # the key's decision: this hold's
-        await self._answer(
-            request, request_digest, call, decision, self._outcome(decision), now, respond
-        )
-        return "journaled"
+        return await self._answer(request, request_digest, call, decision, outcome, now, respond)
 
     async def _pay_and_answer(
         self,
@@ -368,7 +297,9 @@ class AuthorizationService:
         # Durable before the till hears it (service/journal.py): an approval survives the loss of
         # Redis, and SQL's unique key is the last word on which decision a key has. A replay is
         # journaled too (kept once): its first call may never have been.
-        stored = await self.journal.write(
+        holds_money = decision.status in (HoldStatus.PENDING, HoldStatus.CAPTURING)
+        stored = await self._journaled(
+            holds_money,
             {
                 "authorization_id": outcome.authorization_id,
                 "merchant_id": request.merchant_id,
@@ -391,7 +322,7 @@ class AuthorizationService:
                 "generation": decision.generation
                 if outcome.status is AuthorizationStatus.PENDING
                 else "",
-            }
+            },
         )
         if stored is not None:
             # A decision made anew (or a stray record Redis kept) is undone; never a payment
@@ -417,6 +348,31 @@ class AuthorizationService:
                 )
             )  # fmt: skip
         return response
+
+    async def _journaled(self, holds_money: bool, row: dict[str, Any]) -> StoredDecision | None:
+        """journal.write(row); for a decision that holds money (a hold, a payment made), tried
+        again while SQL does not take it (down, locked, the generation's read failing, the
+        queue full), for up to JOURNAL_RETRY_SECONDS: its hold is in Redis already, and left
+        unjournaled it would hold the family's money until it expired, SQL knowing nothing. A
+        try whose commit went through unanswered is harmless (the row is kept once). Not a
+        decision of a generation no longer published (GenerationChanged): the rebuild drops
+        its hold. Past the bound the call answers UNAVAILABLE; the till's retry with its key
+        journals the decision."""
+        if not holds_money:
+            return await self.journal.write(row)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + JOURNAL_RETRY_SECONDS
+        delay = JOURNAL_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return await self.journal.write(row)
+            except GenerationChanged:
+                raise
+            except Unavailable:
+                if loop.time() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay *= 2
 
     async def _stored_answer(
         self, call: AuthorizeCall, stored: StoredDecision, undo_id: str | None

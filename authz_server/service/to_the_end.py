@@ -17,9 +17,6 @@ from authz_server.domain.errors import DomainError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Work left running without a caller (left_running) at most, per kind of work and process:
-# during an outage each refused call may leave one, and each waits for the outage to end.
-MAX_LEFT_RUNNING = 1_000
 
 
 class ToTheEnd:
@@ -38,18 +35,6 @@ class ToTheEnd:
             self._left_running.add(task)
             task.add_done_callback(self._left_running.discard)
             raise
-
-    def left_running(self, work: Coroutine[Any, Any, Any]) -> bool:
-        """Starts `work` with no caller: kept until it ends (`finished`), a failure logged.
-        False (work not started) when MAX_LEFT_RUNNING are running already."""
-        if len(self._left_running) >= MAX_LEFT_RUNNING:
-            work.close()
-            return False
-        task = asyncio.ensure_future(work)
-        task.add_done_callback(self._outcome_seen)
-        self._left_running.add(task)
-        task.add_done_callback(self._left_running.discard)
-        return True
 
     async def finished(self) -> None:
         """Returns once the work whose callers were cancelled has ended."""
