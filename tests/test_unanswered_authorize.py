@@ -4,7 +4,8 @@ so the hold is placed all the same. Before, the hold stayed in Redis only, holdi
 money until it expired (a day for a medical hold) with SQL knowing nothing, and no reconcile
 freed it (a restore keeps open holds); a key claimed by another request left its hold not undone
 the same way. Now an Authorize runs to its end (service/to_the_end.py), as a call whose answer
-was lost on the way does: its decision journaled, or undone."""
+was lost on the way does: its decision journaled, or undone; and a row the journal did not take
+is submitted again later (service/late_journal.py, tests/test_late_journal.py)."""
 
 from __future__ import annotations
 
@@ -44,8 +45,10 @@ def journaled_fen(harness: Harness, beneficiary_id: str) -> tuple[int, int]:
 
 
 def settled(harness: Harness) -> None:
-    """Every follow-up the calls left has ended."""
+    """Every Authorize whose call was cancelled, and every row handed to the late journal, has
+    ended."""
     harness.run(harness.app.authorizations.to_the_end.finished())
+    wait_for(lambda: harness.app.authorizations.late_journal.waiting == 0, seconds=90)
 
 
 def test_an_authorize_cancelled_after_its_redis_decision_is_journaled_all_the_same(
@@ -113,8 +116,8 @@ def test_no_hold_is_left_in_redis_only_when_redis_stalls_under_short_deadlines(
     try:
         for _ in range(3):
             time.sleep(0.5)
-            client.execute_command("CLIENT", "PAUSE", 1_200, "ALL")
-            time.sleep(1.4)
+            client.execute_command("CLIENT", "PAUSE", 2_500, "ALL")
+            time.sleep(2.7)
     finally:
         stop.set()
         for thread in tills:

@@ -56,6 +56,16 @@ open_holds = Gauge(
 hold_expirations = Counter(
     "medwallet_hold_expirations_total", "Holds that expired and returned to their quota."
 )
+late_journal = Counter(
+    "medwallet_authorize_late_journal_total",
+    "Authorize decisions holding money the journal did not take when their call wrote them "
+    "(the call answered UNAVAILABLE), submitted again in the background "
+    "(service/late_journal.py), by how that ended: journaled, undone (SQL had another "
+    "decision for the key), generation_changed (the rebuild dropped the hold); and, the hold "
+    "left in Redis only until the till retries or it expires: gave_up, not_started, "
+    "abandoned (the server stopped), undo_failed, other_decision.",
+    ["outcome"],
+)
 idempotent_replays = Counter(
     "medwallet_idempotent_replays_total",
     "Writes answered from their idempotency record (a client retry).",

@@ -420,6 +420,9 @@ class Application:
             # their end: before Redis and SQL close
             ("writes_left_running", self._writes_left_running, step),
             ("capture_writer", self.authorizations.captures.written, step),
+            # rows waiting for a retry are given up on (logged) before the journal writes
+            # what is queued and stops
+            ("late_journal", self.authorizations.late_journal.stop, step),
             ("journal", self.journal.stop, step),
             ("audit_trail", self.audit.stop, step),
             ("limiter_releases", self._stop_limiter, step),

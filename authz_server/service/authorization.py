@@ -12,7 +12,6 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from authz_server.service.capture_writer import CapturedInLedger, CaptureUnit, C
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import DecisionJournal, GenerationChanged, StoredDecision
+from authz_server.service.late_journal import LateJournal
 from authz_server.service.ports import (
     NOT_WRITTEN,
     AuthorizeCall,
@@ -98,11 +98,6 @@ class Serializable(Protocol):
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
-# A decision that holds money is journaled again while SQL does not take it (_journaled): first
-# after this long, doubling, for this long in all (a PostgreSQL failover, SQLite's lock, a
-# Redis pause the generation's read waits out); then the call answers UNAVAILABLE.
-JOURNAL_RETRY_SECONDS = 3.0
-JOURNAL_RETRY_FIRST_SECONDS = 0.1
 CAPTURE_REFUSALS = frozenset(
     {CaptureOutcome.ALREADY_CAPTURED, CaptureOutcome.ALREADY_VOIDED,
      CaptureOutcome.AUTHORIZATION_EXPIRED, CaptureOutcome.AUTHORIZATION_DECLINED,
@@ -196,6 +191,8 @@ class AuthorizationService:
         # call is cancelled (a deadline): its write may commit after the cancel, and Redis and
         # SQL must follow each other.
         self.to_the_end = ToTheEnd("authorize, capture, void or refund")
+        # Decision rows the journal did not take, submitted again in the background.
+        self.late_journal = LateJournal(journal)
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -297,9 +294,9 @@ class AuthorizationService:
         # Durable before the till hears it (service/journal.py): an approval survives the loss of
         # Redis, and SQL's unique key is the last word on which decision a key has. A replay is
         # journaled too (kept once): its first call may never have been.
-        holds_money = decision.status in (HoldStatus.PENDING, HoldStatus.CAPTURING)
         stored = await self._journaled(
-            holds_money,
+            call,
+            decision,
             {
                 "authorization_id": outcome.authorization_id,
                 "merchant_id": request.merchant_id,
@@ -349,30 +346,27 @@ class AuthorizationService:
             )  # fmt: skip
         return response
 
-    async def _journaled(self, holds_money: bool, row: dict[str, Any]) -> StoredDecision | None:
-        """journal.write(row); for a decision that holds money (a hold, a payment made), tried
-        again while SQL does not take it (down, locked, the generation's read failing, the
-        queue full), for up to JOURNAL_RETRY_SECONDS: its hold is in Redis already, and left
-        unjournaled it would hold the family's money until it expired, SQL knowing nothing. A
-        try whose commit went through unanswered is harmless (the row is kept once). Not a
-        decision of a generation no longer published (GenerationChanged): the rebuild drops
-        its hold. Past the bound the call answers UNAVAILABLE; the till's retry with its key
-        journals the decision."""
-        if not holds_money:
+    async def _journaled(
+        self, call: AuthorizeCall, decision: HoldDecision, row: dict[str, Any]
+    ) -> StoredDecision | None:
+        """journal.write(row). A decision that holds money (a hold, a payment made) the journal
+        does not take is handed to the late journal (service/late_journal.py), which submits the
+        same row again in the background: left unjournaled, its hold would hold the family's
+        money in Redis until it expired, SQL knowing nothing. The call answers UNAVAILABLE at
+        once, as before. Not a decision of a generation no longer published (GenerationChanged):
+        the rebuild drops its hold."""
+        try:
             return await self.journal.write(row)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + JOURNAL_RETRY_SECONDS
-        delay = JOURNAL_RETRY_FIRST_SECONDS
-        while True:
-            try:
-                return await self.journal.write(row)
-            except GenerationChanged:
-                raise
-            except Unavailable:
-                if loop.time() + delay > deadline:
-                    raise
-                await asyncio.sleep(delay)
-                delay *= 2
+        except GenerationChanged:
+            raise
+        except Unavailable:
+            if decision.status is HoldStatus.PENDING:
+                self.late_journal.hand(
+                    row, functools.partial(self.holds.undo, call, decision.authorization_id)
+                )
+            elif decision.status is HoldStatus.CAPTURING:  # a payment made: never undone
+                self.late_journal.hand(row, None)
+            raise
 
     async def _stored_answer(
         self, call: AuthorizeCall, stored: StoredDecision, undo_id: str | None
