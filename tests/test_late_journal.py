@@ -5,6 +5,7 @@ Redis only, holding the family's money until it expires with SQL knowing nothing
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -134,19 +135,66 @@ def test_the_late_journal_gives_up_after_its_bound_naming_the_authorization(
     assert journaled_fen(harness, fam.beneficiary_id) == (0, 0)
 
 
-def test_rows_still_waiting_when_the_server_stops_are_given_up_on_and_counted(
+def test_a_till_retrying_its_key_hands_the_row_once(
     harness: Harness, relationships: Any, registry: Any, authorizations: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
+    """Each retry replays the same decision and its row is refused again: one row waits, not
+    one a retry (they would crowd out other holds' rows under MAX_ROWS)."""
     fam = family(registry, relationships, 20_000)
-    RefusingJournal(harness, monkeypatch)
-    with pytest.raises(grpc.RpcError):
-        authorizations.Authorize(
-            authorize_request(fam.beneficiary_id, MEDICAL, 12_000), metadata=HOSPITAL
-        )
+    journal = RefusingJournal(harness, monkeypatch)
     waiting = harness.app.authorizations.late_journal
-    assert waiting.waiting == 1
-    abandoned_before = late("abandoned")
-    harness.run(waiting.stop())  # the stop step, on its own: the server goes on serving
-    assert waiting.waiting == 0
-    assert late("abandoned") == abandoned_before + 1
+    before = waiting.waiting
+    request = authorize_request(fam.beneficiary_id, MEDICAL, 12_000)
+    for _ in range(4):
+        with pytest.raises(grpc.RpcError):
+            authorizations.Authorize(request, metadata=HOSPITAL)
+    assert journal.refused == 4
+    assert waiting.waiting == before + 1
+    journal.refusing = False
+    wait_for(lambda: journaled_fen(harness, fam.beneficiary_id) == (1, 12_000), seconds=15)
+
+
+class DownJournal:
+    """A journal whose SQL is down until `up`."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.rows: list[str] = []
+
+    async def write(self, row: dict[str, Any]) -> None:
+        if not self.up:
+            raise Unavailable("the decision journal did not answer: SQL is down")
+        self.rows.append(row["authorization_id"])
+
+
+def test_a_stop_gives_each_waiting_row_a_last_try_and_counts_the_rest_abandoned(
+    harness: Harness,
+) -> None:
+    journal = DownJournal()
+    rows = late_journal.LateJournal(journal)
+
+    async def scenario() -> tuple[int, int]:
+        rows.hand({"authorization_id": "a-taken"}, None)
+        rows.hand({"authorization_id": "a-left"}, None)
+        await asyncio.sleep(0)
+        waiting = rows.waiting
+        journal.up = True  # SQL is back for the last try of the first only
+        original = journal.write
+
+        async def first_only(row: dict[str, Any]) -> None:
+            if row["authorization_id"] != "a-taken":
+                raise Unavailable("the decision journal did not answer")
+            await original(row)
+
+        journal.write = first_only  # type: ignore[method-assign]
+        await rows.stop()
+        rows.hand({"authorization_id": "a-after-stop"}, None)  # given up on at once
+        return waiting, rows.waiting
+
+    abandoned_before, journaled_before = late("abandoned"), late("journaled")
+    waiting, left = harness.run(scenario())
+    assert (waiting, left) == (2, 0)
+    assert journal.rows == ["a-taken"]
+    assert late("journaled") == journaled_before + 1
+    assert late("abandoned") == abandoned_before + 2  # a-left, and a-after-stop

@@ -63,7 +63,8 @@ late_journal = Counter(
     "(service/late_journal.py), by how that ended: journaled, undone (SQL had another "
     "decision for the key), generation_changed (the rebuild dropped the hold); and, the hold "
     "left in Redis only until the till retries or it expires: gave_up, not_started, "
-    "abandoned (the server stopped), undo_failed, other_decision.",
+    "abandoned (the server stopped), undo_failed, failed, other_decision (a payment made whose "
+    "key SQL answered under another decision).",
     ["outcome"],
 )
 idempotent_replays = Counter(
