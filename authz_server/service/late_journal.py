@@ -14,7 +14,6 @@ logged by authorization id and counted (medwallet_authorize_late_journal_total).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -102,8 +101,9 @@ class LateJournal:
 
     async def _last_try(self, authorization_id: str, waiting: _Waiting) -> None:
         if waiting.task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiting.task
+            await asyncio.wait([waiting.task])
+            if not waiting.task.cancelled():  # it ended by itself before the cancel came
+                return
         try:
             stored = await asyncio.wait_for(self.journal.write(waiting.row), STOP_TRY_SECONDS)
         except GenerationChanged:
