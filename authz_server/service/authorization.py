@@ -72,6 +72,7 @@ from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import records, settlement_lock
+from authz_server.storage.sql.capture_batch import payment_scope
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
 from authz_server.storage.sql.open_holds import (
@@ -482,7 +483,7 @@ class AuthorizationService:
         claim_token = str(_ms(now))  # when authorize.lua began the payment's claim: its cs
         answer = respond(_with_status(outcome, AuthorizationStatus.CAPTURED)).SerializeToString()
         paid_once = Idempotency[AuthorizationView](
-            f"authorize:{request.merchant_id}",
+            payment_scope(request.merchant_id),
             request.idempotency_key,
             call.request_digest,
             lambda _view: answer,

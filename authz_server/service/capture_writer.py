@@ -104,6 +104,12 @@ def decide(
         call = unit.call
         if call is not None:
             stored = state.answers.get((call.scope, call.key))
+            journaled = state.journaled.get((call.scope, call.key))
+            if stored is None and journaled and journaled.authorization_id != unit.authorization_id:
+                # A one-step payment whose key the journal holds under another decision that
+                # paid nothing (Redis lost the key's record, and decided anew): that decision
+                # is the key's, and nothing is paid (or the key was reused: refused).
+                stored = journaled.answer
             if stored is not None:
                 if stored.request_digest != call.request_digest:
                     outcomes.append((False, IdempotencyKeyReused(call.key)))

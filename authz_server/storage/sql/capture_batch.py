@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Connection, Dialect, Table
@@ -48,6 +48,23 @@ class StoredAnswer:
     response: bytes
 
 
+# The idempotency scope of a one-step payment's answer: its merchant's Authorize keys. The
+# journal (authorizations) keeps every Authorize decision under the same (merchant, key).
+PAYMENT_SCOPE_PREFIX = "authorize:"
+
+
+def payment_scope(merchant_id: str) -> str:
+    return f"{PAYMENT_SCOPE_PREFIX}{merchant_id}"
+
+
+@dataclass(frozen=True)
+class JournaledDecision:
+    """The decision the journal holds for a payment's (merchant, key)."""
+
+    authorization_id: str
+    answer: StoredAnswer
+
+
 @dataclass(frozen=True)
 class FundingRelationship:
     status: str
@@ -68,6 +85,10 @@ class BatchState:
     relationships: dict[str, FundingRelationship]
     # authorizations voided in SQL (a Void, a refused capture): never captured after that
     voided: frozenset[str] = frozenset()
+    # (payment scope, key) -> the decision the journal holds for a one-step payment's key: one
+    # that paid nothing (a decline, a hold) leaves no answer in `answers`, and a payment decided
+    # anew after Redis lost the key's record must not be paid over it
+    journaled: dict[tuple[str, str], JournaledDecision] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,7 @@ def load(
         for scope, key, digest, response in rows:
             if (scope, key) in wanted_keys:
                 answers[(scope, key)] = StoredAnswer(digest, bytes(response))
+    journaled = _journaled(connection, wanted_keys)
     captured: dict[str, list[tuple[str, int]]] = {}
     ids = sorted(set(authorization_ids))
     if ids:
@@ -182,7 +204,41 @@ def load(
         captured={key: tuple(value) for key, value in captured.items()},
         relationships=funding,
         voided=frozenset(voided),
+        journaled=journaled,
     )
+
+
+def _journaled(
+    connection: Connection, wanted_keys: set[tuple[str, str]]
+) -> dict[tuple[str, str], JournaledDecision]:
+    """The journal's decisions for the batch's one-step payment keys (one query, on the
+    unique (merchant_id, idempotency_key) index; none when the batch has no payment)."""
+    payments = {
+        (scope, scope[len(PAYMENT_SCOPE_PREFIX) :], key)
+        for scope, key in wanted_keys
+        if scope.startswith(PAYMENT_SCOPE_PREFIX)
+    }
+    if not payments:
+        return {}
+    dialect = connection.dialect
+    merchants = sorted({merchant for _, merchant, _ in payments})
+    key_list = sorted({key for _, _, key in payments})
+    rows = fetch_all(
+        connection,
+        f"SELECT merchant_id, idempotency_key, authorization_id, request_digest, response"
+        f" FROM {dialect.identifier_preparer.quote(authorizations.name)}"
+        f" WHERE merchant_id IN ({placeholders(dialect, len(merchants))})"
+        f" AND idempotency_key IN ({placeholders(dialect, len(key_list))})",
+        [*merchants, *key_list],
+    )
+    found: dict[tuple[str, str], JournaledDecision] = {}
+    for merchant_id, key, authorization_id, digest, response in rows:
+        scope = payment_scope(merchant_id)
+        if (scope, merchant_id, key) in payments:
+            found[(scope, key)] = JournaledDecision(
+                authorization_id, StoredAnswer(digest, bytes(response))
+            )
+    return found
 
 
 @dataclass(frozen=True)
