@@ -87,7 +87,10 @@ class BatchState:
     voided: frozenset[str] = frozenset()
     # (payment scope, key) -> the decision the journal holds for a one-step payment's key: one
     # that paid nothing (a decline, a hold) leaves no answer in `answers`, and a payment decided
-    # anew after Redis lost the key's record must not be paid over it
+    # anew after Redis lost the key's record must not be paid over it. Not covered: that first
+    # decision's row still queued, not committed, when this batch reads (a journal backlog
+    # spanning the Redis loss, its rebuild and the till's retry); inserting the payment's own
+    # journal row in this transaction would close it (the unique key deciding).
     journaled: dict[tuple[str, str], JournaledDecision] = field(default_factory=dict)
 
 
