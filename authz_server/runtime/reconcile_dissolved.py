@@ -65,14 +65,18 @@ class Dissolution:
 
     @property
     def cursor(self) -> str:
-        return f"{self.dissolved_at.isoformat()}{_SEPARATOR}{self.relationship_id}"
+        return _cursor(self.dissolved_at, self.relationship_id)
+
+
+def _cursor(dissolved_at: datetime, relationship_id: str) -> str:
+    """The stored form of a position; parse_cursor reads it back."""
+    return f"{dissolved_at.isoformat()}{_SEPARATOR}{relationship_id}"
 
 
 def dissolutions_cursor_at(moment: datetime) -> str:
     """A cursor before every dissolution made from SETTLED_AFTER_SECONDS before `moment` on
     (a rebuild's start: runtime/rebuild.py)."""
-    since = moment - timedelta(seconds=SETTLED_AFTER_SECONDS)
-    return f"{since.isoformat()}{_SEPARATOR}"
+    return _cursor(moment - timedelta(seconds=SETTLED_AFTER_SECONDS), "")
 
 
 def parse_cursor(cursor: str) -> tuple[datetime, str] | None:

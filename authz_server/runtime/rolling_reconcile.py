@@ -126,18 +126,14 @@ async def take_turn_and_reconcile(
     # Counted first: the page set these quotas whatever happens to the bookkeeping below.
     metrics.reconcile_pages.inc()
     metrics.reconcile_quotas.inc(report.quotas)
-    metrics.reconcile_failures.inc(report.failed)
-    metrics.reconcile_drift.inc(report.drifted)
-    metrics.reconcile_drift_fen.inc(report.drift_fen)
+    _count_found(report)
     # "" at the end of the quotas: the next page starts the next pass.
     await commands.execute("SET", keys.RECONCILE_CURSOR, last)
     if reconcile_dissolved is not None:
         stored = await commands.execute("GET", keys.RECONCILE_DISSOLVED_CURSOR)
         since = stored.decode() if isinstance(stored, bytes) else ""
         moved_to, dissolved = await reconcile_dissolved(since, PAGE_SIZE)
-        metrics.reconcile_failures.inc(dissolved.failed)
-        metrics.reconcile_drift.inc(dissolved.drifted)
-        metrics.reconcile_drift_fen.inc(dissolved.drift_fen)
+        _count_found(dissolved)
         if moved_to != since:
             await commands.execute("SET", keys.RECONCILE_DISSOLVED_CURSOR, moved_to)
     await commands.execute("EVAL", _TURN_ENDS_IN, 1, keys.RECONCILE_TURN, token, turn_after_ms)
@@ -152,3 +148,10 @@ async def take_turn_and_reconcile(
         _last_pass_logged[0] = now
         log.info("rolling reconcile: a pass over every quota ended; the next one begins")
     return report
+
+
+def _count_found(report: ReconcileReport) -> None:
+    """What a page found: the quotas it failed on, and the drift it set right."""
+    metrics.reconcile_failures.inc(report.failed)
+    metrics.reconcile_drift.inc(report.drifted)
+    metrics.reconcile_drift_fen.inc(report.drift_fen)

@@ -111,34 +111,35 @@ class RedisQuotaCache:
     async def figures(
         self, beneficiary_id: str, relationship_ids: list[str]
     ) -> dict[str, QuotaFigures]:
-        if not relationship_ids:
-            return {}
-        commands: list[Command] = [
-            ("HMGET", keys.quota(beneficiary_id, relationship_id), *QUOTA_FIGURES)
-            for relationship_id in relationship_ids
-        ]
-        rows = await guarded(lambda: self._all_answered(commands))
+        rows = await self._fields(beneficiary_id, relationship_ids, *QUOTA_FIGURES)
         return {
             relationship_id: QuotaFigures(as_integer(row[0]), as_integer(row[1]))
-            for relationship_id, row in zip(relationship_ids, map(as_list, rows), strict=True)
+            for relationship_id, row in rows.items()
             if row[0] is not None
         }
 
     async def still_active(
         self, beneficiary_id: str, relationship_ids: list[str]
     ) -> dict[str, QuotaFigures]:
+        rows = await self._fields(beneficiary_id, relationship_ids, QUOTA_STATUS, *QUOTA_FIGURES)
+        return {
+            relationship_id: QuotaFigures(as_integer(row[1] or 0), as_integer(row[2] or 0))
+            for relationship_id, row in rows.items()
+            if row[0] == QUOTA_ACTIVE.encode()
+        }
+
+    async def _fields(
+        self, beneficiary_id: str, relationship_ids: list[str], *fields: str
+    ) -> dict[str, list[Reply]]:
+        """`fields` of each quota hash (HMGET, one pipelined write), by relationship id."""
         if not relationship_ids:
             return {}
         commands: list[Command] = [
-            ("HMGET", keys.quota(beneficiary_id, relationship_id), QUOTA_STATUS, *QUOTA_FIGURES)
+            ("HMGET", keys.quota(beneficiary_id, relationship_id), *fields)
             for relationship_id in relationship_ids
         ]
         rows = await guarded(lambda: self._all_answered(commands))
-        return {
-            relationship_id: QuotaFigures(as_integer(row[1] or 0), as_integer(row[2] or 0))
-            for relationship_id, row in zip(relationship_ids, map(as_list, rows), strict=True)
-            if row[0] == QUOTA_ACTIVE.encode()
-        }
+        return dict(zip(relationship_ids, map(as_list, rows), strict=True))
 
     async def _all_answered(self, commands: list[Command]) -> list[Reply]:
         """The replies of a pipeline, or its first error reply raised (as redis-py did)."""
