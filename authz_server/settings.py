@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from authz_server.domain.abandoned_holds import DEFAULT_ABANDONED_HOLD_SECONDS
 from authz_server.domain.relationships import DEFAULT_ALLOWED_RELATIONS
 from authz_server.domain.types import Relation
 
@@ -110,6 +111,12 @@ class Settings:
     # ~170 µs a quota of one server (loadtest/RESULTS.md, "A rolling reconcile"). Up to 5,000;
     # 0: only at start-up and by command.
     reconcile_quotas_per_second: float = 200.0
+    # A hold in Redis whose Authorize never committed its journal row (its process died, or
+    # its Redis reply timed out after the script ran, and the till gave up) is released once
+    # it is this old, by the rolling reconcile's pages (runtime/release_abandoned_holds.py):
+    # SQL gets a DECLINED row under its idempotency key first, so a late retry is told so.
+    # At least 180 (domain/abandoned_holds.py: the late journal's minute, with a margin).
+    abandoned_hold_seconds: int = DEFAULT_ABANDONED_HOLD_SECONDS
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095
     # Bounds at the edge (server/edge.py). Largest request body: a catalog batch of 1000 items
@@ -221,6 +228,9 @@ class Settings:
             limit_hold_ms=int(get("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms)),
             reconcile_quotas_per_second=float(
                 get("MEDWALLET_RECONCILE_QUOTAS_PER_SECOND", defaults.reconcile_quotas_per_second)
+            ),
+            abandoned_hold_seconds=int(
+                get("MEDWALLET_ABANDONED_HOLD_SECONDS", defaults.abandoned_hold_seconds)
             ),
             audit_retention_days=int(
                 get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)

@@ -33,6 +33,9 @@ class DeclineReason(Enum):
     PURPOSE_NOT_ALLOWED = 5
     MERCHANT_NOT_DESIGNATED = 6
     BENEFICIARY_NOT_ELIGIBLE = 7
+    #: An earlier call with this key placed a hold never confirmed (the server stopped, or the
+    #: call was given up); it was released: authorize again with a new idempotency key.
+    HOLD_ABANDONED = 8
 
 
 class AuthorizationStatus(Enum):

@@ -46,7 +46,7 @@ CALL = AuthorizeCall(
 AUTHORIZATION = CALL.authorization_id
 CALLS: list[ScriptCall[object]] = [
     Authorize(CALL, 1),
-    AuthorizeUndo(CALL, AUTHORIZATION),
+    AuthorizeUndo.of(CALL, AUTHORIZATION),
     AuthorizeForget(CALL, AUTHORIZATION),
     HoldRestore(OpenHold(AUTHORIZATION, "m", "b", "PHARMACY", "APPROVED", 1, (), NOW, NOW), 1),
     CaptureBegin(AUTHORIZATION, "m", "c", 0, 1),

@@ -108,6 +108,10 @@ class DeclineReason(StrEnum):
     PURPOSE_NOT_ALLOWED = "PURPOSE_NOT_ALLOWED"
     MERCHANT_NOT_DESIGNATED = "MERCHANT_NOT_DESIGNATED"
     BENEFICIARY_NOT_ELIGIBLE = "BENEFICIARY_NOT_ELIGIBLE"
+    # An earlier call with the key placed a hold never confirmed to anybody (its journal row
+    # never committed), released after MEDWALLET_ABANDONED_HOLD_SECONDS
+    # (runtime/release_abandoned_holds.py); the till authorizes again with a new key.
+    HOLD_ABANDONED = "HOLD_ABANDONED"
 
 
 class AuthorizationStatus(StrEnum):

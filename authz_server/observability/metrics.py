@@ -62,10 +62,17 @@ late_journal = Counter(
     "(the call answered UNAVAILABLE), submitted again in the background "
     "(service/late_journal.py), by how that ended: journaled, undone (SQL had another "
     "decision for the key), generation_changed (the rebuild dropped the hold); and, the hold "
-    "left in Redis only until the till retries or it expires: gave_up, not_started, "
+    "left in Redis only until the till retries, it is released as abandoned, or it expires: "
+    "gave_up, not_started, "
     "abandoned (the server stopped), undo_failed, failed, other_decision (a payment made whose "
     "key SQL answered under another decision).",
     ["outcome"],
+)
+abandoned_holds_released = Counter(
+    "medwallet_abandoned_holds_released_total",
+    "Holds in Redis whose Authorize never committed its journal row (nobody was told of them), "
+    "released MEDWALLET_ABANDONED_HOLD_SECONDS after they were placed, their idempotency key "
+    "answered DECLINED HOLD_ABANDONED in SQL (runtime/release_abandoned_holds.py); each logged.",
 )
 idempotent_replays = Counter(
     "medwallet_idempotent_replays_total",

@@ -16,6 +16,9 @@ failed on (medwallet_reconcile_failures_total): both wait for the next pass.
 The same turn then follows a second cursor (keys.RECONCILE_DISSOLVED_CURSOR) through the
 relationships dissolved since, a page at most, dissolving in Redis any quota still active there
 (runtime/reconcile_dissolved.py says why): the quota pages visit active relationships only.
+Last, it releases the holds on the page's quotas that no till was ever told of, placed longer
+than MEDWALLET_ABANDONED_HOLD_SECONDS ago and never journaled (runtime/
+release_abandoned_holds.py says why and how).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 
+from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
 from authz_server.runtime.reconcile import ReconcileReport
 from authz_server.storage.redis import keys
@@ -62,6 +66,8 @@ _TURN_ENDS_IN = (
 
 # (after, page size) -> (the page's last relationship id, or "" at the end; what it found)
 ReconcilePage = Callable[[str, int], Awaitable[tuple[str, ReconcileReport]]]
+# (after, through: the range of the page just reconciled) -> how many holds it released
+ReleaseAbandoned = Callable[[str, str], Awaitable[int]]
 
 
 def page_interval_seconds(quotas_per_second: float) -> float:
@@ -85,6 +91,7 @@ async def reconcile_rolling(
     ready: Callable[[], bool],
     reconcile_page: ReconcilePage,
     reconcile_dissolved: ReconcilePage | None = None,
+    release_abandoned: ReleaseAbandoned | None = None,
 ) -> None:
     """Every page interval (JITTER), while the hot state is trusted (`ready`): takes the turn,
     and reconciles the page after the shared cursor when this server got it. A failure is
@@ -97,7 +104,7 @@ async def reconcile_rolling(
             continue
         try:
             await take_turn_and_reconcile(
-                commands, turn_after_ms, reconcile_page, reconcile_dissolved
+                commands, turn_after_ms, reconcile_page, reconcile_dissolved, release_abandoned
             )
         except Exception:
             log.exception("rolling reconcile: a page failed; a later turn tries it again")
@@ -111,10 +118,12 @@ async def take_turn_and_reconcile(
     turn_after_ms: int,
     reconcile_page: ReconcilePage,
     reconcile_dissolved: ReconcilePage | None = None,
+    release_abandoned: ReleaseAbandoned | None = None,
 ) -> ReconcileReport | None:
     """One look: the page after the cursor, when the turn was free (None: it was not), then the
     dissolutions' page after theirs (`reconcile_dissolved`: (cursor, page size) -> (the cursor
-    to store, what it found)). The turn then ends `turn_after_ms` after the pages did. Returns
+    to store, what it found)), then the abandoned holds on the quota page's quotas
+    (`release_abandoned`). The turn then ends `turn_after_ms` after the pages did. Returns
     the quota page's report."""
     token = os.urandom(8).hex()
     running_ms = int(TURN_WHILE_RUNNING_SECONDS * 1000)
@@ -136,6 +145,16 @@ async def take_turn_and_reconcile(
         _count_found(dissolved)
         if moved_to != since:
             await commands.execute("SET", keys.RECONCILE_DISSOLVED_CURSOR, moved_to)
+    if release_abandoned is not None and last:
+        # The next pass over these quotas looks again; meanwhile the turn is handed on as usual.
+        try:
+            await release_abandoned(after, last)
+        except Unavailable as error:
+            log.warning(
+                "rolling reconcile: abandoned holds after %r not released: %s", after, error
+            )
+        except Exception:
+            log.exception("rolling reconcile: releasing abandoned holds after %r failed", after)
     await commands.execute("EVAL", _TURN_ENDS_IN, 1, keys.RECONCILE_TURN, token, turn_after_ms)
     if report.drifted:
         log.warning(

@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import text
 
+from authz_server.domain.abandoned_holds import checked_abandoned_hold_seconds
 from authz_server.generated.medwallet.v1 import (
     audit_pb2,
     audit_pb2_grpc,
@@ -40,12 +41,13 @@ from authz_server.observability import loop_lag, metrics, tracing
 from authz_server.observability.interceptor import ObservedServer
 from authz_server.runtime.reconcile import ReconcileReport, reconcile, reconcile_page
 from authz_server.runtime.reconcile_dissolved import reconcile_dissolved_page
+from authz_server.runtime.release_abandoned_holds import release_abandoned_holds
 from authz_server.runtime.rolling_reconcile import checked_pace, reconcile_rolling
 from authz_server.runtime.wiring import open_storage
 from authz_server.server.audit import AuditedServer
 from authz_server.server.audit_handler import AuditHandler
 from authz_server.server.auth import Authenticator, ClientIdentity
-from authz_server.server.authorization_handler import AuthorizationHandler
+from authz_server.server.authorization_handler import AuthorizationHandler, authorize_response
 from authz_server.server.edge import EdgeServer, server_options
 from authz_server.server.limits import LimitedServer, Limiter, Limits
 from authz_server.server.registry_handler import RegistryHandler
@@ -67,6 +69,7 @@ from authz_server.settings import Settings
 from authz_server.storage.redis.generation import published_generation
 from authz_server.storage.redis.rate_limiter import RedisRateLimiter
 from authz_server.storage.redis.sweeper import HoldSweeper
+from authz_server.storage.redis.unconfirmed_holds import UnconfirmedHolds
 from authz_server.storage.sql.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
@@ -301,8 +304,10 @@ class Application:
         if self.sweep_holds:
             self.background.append(loop.create_task(self._sweep(), name="hold-sweeper"))
         pace = checked_pace(self.settings.reconcile_quotas_per_second)  # a bad one: no start
+        grace_seconds = checked_abandoned_hold_seconds(self.settings.abandoned_hold_seconds)
         if self.sweep_holds and pace > 0:
             metrics.reconcile_pace.set(pace)
+            unconfirmed = UnconfirmedHolds(self.pipelined_redis)
             rolling = reconcile_rolling(
                 pace,
                 self.pipelined_redis,
@@ -312,6 +317,15 @@ class Application:
                 ),
                 lambda after, page_size: reconcile_dissolved_page(
                     self.database, self.quotas, after, page_size, self.clock
+                ),
+                lambda after, through: release_abandoned_holds(
+                    self.database,
+                    unconfirmed,
+                    after,
+                    through,
+                    grace_seconds,
+                    authorize_response,
+                    self.clock,
                 ),
             )
             self.background.append(loop.create_task(rolling, name="rolling-reconcile"))

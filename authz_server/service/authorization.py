@@ -157,6 +157,17 @@ def decode_lines(text: str) -> tuple[rules.LineResult, ...]:
     return tuple(lines)
 
 
+def declined_lines(
+    lines: tuple[rules.LineResult, ...], reason: DeclineReason
+) -> tuple[rules.LineResult, ...]:
+    """A declined decision's lines: those the precheck let through are declined for `reason`
+    (the lines it refused keep their own reason)."""
+    return tuple(
+        line if not line.approved else rules.LineResult(line.item_code, False, reason, 0)
+        for line in lines
+    )
+
+
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
@@ -425,11 +436,7 @@ class AuthorizationService:
         if approved:
             lines = rules.distribute(lines, decision.approved_fen)
         elif decision.decline_reason:
-            reason = decision.decline_reason
-            lines = tuple(
-                line if not line.approved else rules.LineResult(line.item_code, False, reason, 0)
-                for line in lines
-            )
+            lines = declined_lines(lines, decision.decline_reason)
         # A one-step payment is CAPTURING until its capture is written: PENDING until then.
         # (Not dict.get(status, AuthorizationStatus(status)): the default is built eagerly,
         # and there is no AuthorizationStatus "CAPTURING".)

@@ -26,8 +26,9 @@ from authz_server.service.journal import DecisionJournal, GenerationChanged, Sto
 
 log = logging.getLogger(__name__)
 # How long a row is submitted again (an outage longer than this leaves its hold to the till's
-# retry or its expiry), the first wait and the longest between tries, and the most rows being
-# retried at once per process (each one task; during a long outage every refused call hands one).
+# retry, the release of abandoned holds, which waits longer than this: domain/abandoned_holds.py,
+# or its expiry), the first wait and the longest between tries, and the most rows being retried
+# at once per process (each one task; during a long outage every refused call hands one).
 RETRY_SECONDS = 60.0
 FIRST_WAIT_SECONDS = 0.2
 LONGEST_WAIT_SECONDS = 5.0
@@ -82,7 +83,8 @@ class LateJournal:
             metrics.late_journal.labels("failed").inc()
             log.error(
                 "authorization %s: the late journal failed; its hold stays in Redis only until "
-                "the till retries with its key or it expires", authorization_id,
+                "the till retries with its key, it is released as abandoned, or it expires",
+                authorization_id,
                 exc_info=task.exception(),
             )  # fmt: skip
 
@@ -163,6 +165,7 @@ class LateJournal:
         metrics.late_journal.labels(outcome).inc()
         log.warning(
             "authorization %s: its decision was not journaled (%s: %s); its hold stays in "
-            "Redis only until the till retries with its key or it expires",
+            "Redis only until the till retries with its key, it is released as abandoned "
+            "(MEDWALLET_ABANDONED_HOLD_SECONDS), or it expires",
             authorization_id, outcome, why,
         )  # fmt: skip

@@ -93,7 +93,7 @@ class HoldStore:
     async def undo(self, call: AuthorizeCall, authorization_id: str) -> None:
         """Forgets a decision made for `call`'s key (authorize_undo.lua): its hold goes back to
         the quotas; the key's record is dropped if it names this decision."""
-        await self._run(AuthorizeUndo(call, authorization_id), "undo")
+        await self._run(AuthorizeUndo.of(call, authorization_id), "undo")
 
     async def restore_hold(self, hold: OpenHold, now_ms: int) -> bool:
         """Places an approved hold SQL has and Redis lost (hold_restore.lua). True when placed;

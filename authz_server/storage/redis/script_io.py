@@ -146,6 +146,7 @@ class Authorize(ScriptCall[AuthorizeReply]):
             int(call.requires_resident),  # 14
             call.template,  # 15
             call.requested_fen,  # 16
+            call.idempotency_key,  # 17: kept in the hold (release_abandoned_holds.py)
         ]
 
     def unpack(self, raw: Reply, generation: str = "") -> AuthorizeReply:
@@ -173,26 +174,33 @@ class Authorize(ScriptCall[AuthorizeReply]):
 
 
 @dataclass(frozen=True)
-class AuthorizeUndo(ScriptCall[None]):
-    """lua/authorize_undo.lua: a decision just made for `call`'s key goes (its hold back to the
-    quotas; the key's record dropped if it names this decision)."""
+class AuthorizeUndo(ScriptCall[bool]):
+    """lua/authorize_undo.lua: a decision made for a merchant's idempotency key goes (its hold
+    back to the quotas; the key's record dropped if it names this decision)."""
 
     SCRIPT = script("authorize_undo")
-    call: AuthorizeCall
+    beneficiary_id: str
+    merchant_id: str
+    idempotency_key: str
     authorization_id: str
 
+    @classmethod
+    def of(cls, call: AuthorizeCall, authorization_id: str) -> AuthorizeUndo:
+        """The undo of a decision made for `call`'s key."""
+        return cls(call.beneficiary_id, call.merchant_id, call.idempotency_key, authorization_id)
+
     def keys(self) -> list[str]:
-        call = self.call
         return [
             keys.authorization(self.authorization_id),
-            keys.idempotency(call.beneficiary_id, call.merchant_id, call.idempotency_key),
+            keys.idempotency(self.beneficiary_id, self.merchant_id, self.idempotency_key),
         ]
 
     def arguments(self) -> list[Argument]:
-        return [keys.prefix(self.call.beneficiary_id), self.authorization_id]
+        return [keys.prefix(self.beneficiary_id), self.authorization_id]
 
-    def unpack(self, raw: Reply) -> None:
-        return None
+    def unpack(self, raw: Reply) -> bool:
+        """True when the undo gave money back (the hold was PENDING or CAPTURING)."""
+        return as_integer(raw) == 1
 
 
 @dataclass(frozen=True)

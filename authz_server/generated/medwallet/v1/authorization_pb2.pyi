@@ -56,6 +56,14 @@ class _DeclineReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decline
     DECLINE_REASON_PURPOSE_NOT_ALLOWED: _DeclineReason.ValueType  # 5
     DECLINE_REASON_MERCHANT_NOT_DESIGNATED: _DeclineReason.ValueType  # 6
     DECLINE_REASON_BENEFICIARY_NOT_ELIGIBLE: _DeclineReason.ValueType  # 7
+    DECLINE_REASON_HOLD_ABANDONED: _DeclineReason.ValueType  # 8
+    """Only to a retry: an earlier call with this idempotency key placed a hold whose decision was
+    never confirmed to anybody (the call failed: the server stopped or did not answer), and
+    with no retry for some minutes (the server's MEDWALLET_ABANDONED_HOLD_SECONDS, 300 s by
+    default, from the call or its last retry) the hold was released. Nothing is held or paid
+    under this key: authorize again with a new idempotency key. remaining_quota_fen is not
+    given (0) with this reason.
+    """
 
 class DeclineReason(_DeclineReason, metaclass=_DeclineReasonEnumTypeWrapper): ...
 
@@ -67,6 +75,14 @@ DECLINE_REASON_ITEM_NOT_ELIGIBLE: DeclineReason.ValueType  # 4
 DECLINE_REASON_PURPOSE_NOT_ALLOWED: DeclineReason.ValueType  # 5
 DECLINE_REASON_MERCHANT_NOT_DESIGNATED: DeclineReason.ValueType  # 6
 DECLINE_REASON_BENEFICIARY_NOT_ELIGIBLE: DeclineReason.ValueType  # 7
+DECLINE_REASON_HOLD_ABANDONED: DeclineReason.ValueType  # 8
+"""Only to a retry: an earlier call with this idempotency key placed a hold whose decision was
+never confirmed to anybody (the call failed: the server stopped or did not answer), and
+with no retry for some minutes (the server's MEDWALLET_ABANDONED_HOLD_SECONDS, 300 s by
+default, from the call or its last retry) the hold was released. Nothing is held or paid
+under this key: authorize again with a new idempotency key. remaining_quota_fen is not
+given (0) with this reason.
+"""
 Global___DeclineReason: _TypeAlias = DeclineReason  # noqa: Y015
 
 class _AuthorizationStatus:

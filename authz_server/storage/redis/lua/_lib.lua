@@ -2,8 +2,10 @@
 -- Conventions: `prefix` is the slot's key prefix mw:{b:<digest>}; money is integer fen;
 -- an authorization hash has fields m (merchant), b (beneficiary), p (purpose), s (status:
 -- PENDING, CAPTURING, CAPTURED, VOIDED, EXPIRED, DECLINED), ap (approved fen), cp (captured fen),
--- f (funding "rid=fen;rid=fen"), ex (expires at, ms), cr (created at, ms), ck (capture key);
--- a hold a rebuild put back also rs = 1 and sb (until when its expiry waits for the sweeper's
+-- f (funding "rid=fen;rid=fen"), ex (expires at, ms), cr (created at, ms), ck (capture key),
+-- ik (the Authorize's idempotency key; absent on holds a rebuild put back, and on those placed
+-- before it was kept), rt (when a retry last replayed it, ms; absent until one did); a hold a
+-- rebuild put back also rs = 1 and sb (until when its expiry waits for the sweeper's
 -- settlement, ms: awaiting_settlement).
 
 -- Redis Cluster: in a slot being migrated (resharding), Redis refuses a script's access to a

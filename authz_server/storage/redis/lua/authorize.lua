@@ -14,6 +14,11 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   local record = {}
   for i = 1, #stored, 2 do record[stored[i]] = stored[i + 1] end
   if record.digest ~= ARGV[7] then return {'REUSED'} end
+  -- A till asking again is not a till that gave up: the hold's grace before it may be released
+  -- as abandoned (runtime/release_abandoned_holds.py) runs from its last ask, rt, should this
+  -- replay's journal row not commit either. Read before it is written (touch, _lib.lua).
+  local hold = prefix .. ':a:' .. record.a
+  if redis.call('HGET', hold, 's') == 'PENDING' then redis.call('HSET', hold, 'rt', now) end
   return answer('REPLAY', record)
 end
 
@@ -108,10 +113,11 @@ record.rem = total
 
 -- The hold: merchant, beneficiary, purpose, status, approved, captured, funding, expires,
 -- created, decision, reason, capture key, one-step payment (1/0; such a hold is voided, not put
--- back, when SQL turns out not to have it).
+-- back, when SQL turns out not to have it), ik the Authorize's idempotency key (a hold whose
+-- journal row never committed is released under it: runtime/release_abandoned_holds.py).
 redis.call('HSET', KEYS[1], 'm', ARGV[4], 'b', ARGV[5], 'p', ARGV[6], 's', record.s,
   'ap', record.ap, 'cp', 0, 'f', record.f, 'ex', record.ex, 'cr', now, 'd', record.d,
-  'r', record.r, 'ck', '', 'o', ARGV[13])
+  'r', record.r, 'ck', '', 'o', ARGV[13], 'ik', ARGV[17])
 -- A one-step payment's claim begins now: cs is its token for capture_finish.lua.
 if record.s == 'CAPTURING' then redis.call('HSET', KEYS[1], 'cs', ARGV[2]) end
 redis.call('HSET', KEYS[2], 'digest', ARGV[7], 'a', auth_id, 'd', record.d, 'r', record.r,

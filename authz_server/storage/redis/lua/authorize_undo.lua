@@ -10,10 +10,13 @@ for _, part in ipairs(parse_funding(funding)) do
 end
 if redis.call('HGET', KEYS[2], 'a') == auth_id then redis.call('DEL', KEYS[2]) end
 local status = redis.call('HGET', auth, 's')
+local released = 0
 if status == 'PENDING' or status == 'CAPTURING' then
   release_parts(prefix, auth_id, redis.call('HGET', auth, 'f'), nil)
   redis.call('ZREM', prefix .. ':expiry', auth_id)
   redis.call('ZREM', prefix .. ':capturing', auth_id)
+  released = 1
 end
 redis.call('DEL', auth)
-return 1
+-- 1 when this call gave money back (0: already released, settled, or gone)
+return released
