@@ -115,7 +115,8 @@ class Settings:
     # its Redis reply timed out after the script ran, and the till gave up) is released once
     # it is this old, by the rolling reconcile's pages (runtime/release_abandoned_holds.py):
     # SQL gets a DECLINED row under its idempotency key first, so a late retry is told so.
-    # At least 180 (domain/abandoned_holds.py: the late journal's minute, with a margin).
+    # At least 180 (domain/abandoned_holds.py: the late journal's minute, with a margin);
+    # 0: none released (the rolling reconcile runs on without this step).
     abandoned_hold_seconds: int = DEFAULT_ABANDONED_HOLD_SECONDS
     # Audit records older than this are deleted by `medwallet-authz purge-audit`.
     audit_retention_days: int = 1095

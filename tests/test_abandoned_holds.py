@@ -269,7 +269,7 @@ def test_the_rule_takes_only_old_pending_keyed_holds_sql_has_no_row_of() -> None
     assert [h.authorization_id for h in abandoned(candidates, {"journaled"})] == ["old"]
 
 
-@pytest.mark.parametrize("seconds", [0, 60, MIN_ABANDONED_HOLD_SECONDS - 1])
+@pytest.mark.parametrize("seconds", [1, 60, MIN_ABANDONED_HOLD_SECONDS - 1])
 def test_a_grace_within_the_late_journal_window_is_refused_naming_the_setting(
     seconds: int,
 ) -> None:
@@ -279,3 +279,4 @@ def test_a_grace_within_the_late_journal_window_is_refused_naming_the_setting(
     read = Settings.from_environment({"MEDWALLET_ABANDONED_HOLD_SECONDS": str(seconds)})
     assert read.abandoned_hold_seconds == seconds
     assert Settings.from_environment({}).abandoned_hold_seconds == 300
+    assert checked_abandoned_hold_seconds(0) == 0  # off (test_abandoned_holds_off.py)

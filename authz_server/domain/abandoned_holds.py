@@ -62,11 +62,14 @@ class FirstCall:
 
 
 def checked_abandoned_hold_seconds(seconds: int) -> int:
-    """The grace, or ValueError naming the setting when it is under the minimum."""
-    if seconds < MIN_ABANDONED_HOLD_SECONDS:
+    """The grace (0: no hold is released, as before the release was built: an operator's
+    switch that leaves the rolling reconcile on), or ValueError naming the setting when it is
+    under the minimum."""
+    if seconds != 0 and seconds < MIN_ABANDONED_HOLD_SECONDS:
         raise ValueError(
-            f"MEDWALLET_ABANDONED_HOLD_SECONDS must be at least {MIN_ABANDONED_HOLD_SECONDS} "
-            f"(longer than the late journal's minute, with a margin), not {seconds!r}"
+            f"MEDWALLET_ABANDONED_HOLD_SECONDS must be 0 (off) or at least "
+            f"{MIN_ABANDONED_HOLD_SECONDS} (longer than the late journal's minute, with a "
+            f"margin), not {seconds!r}"
         )
     return seconds
 

@@ -318,15 +318,19 @@ class Application:
                 lambda after, page_size: reconcile_dissolved_page(
                     self.database, self.quotas, after, page_size, self.clock
                 ),
-                lambda after, through: release_abandoned_holds(
-                    self.database,
-                    unconfirmed,
-                    after,
-                    through,
-                    grace_seconds,
-                    authorize_response,
-                    self.clock,
-                ),
+                (
+                    lambda after, through: release_abandoned_holds(
+                        self.database,
+                        unconfirmed,
+                        after,
+                        through,
+                        grace_seconds,
+                        authorize_response,
+                        self.clock,
+                    )
+                )
+                if grace_seconds
+                else None,
             )
             self.background.append(loop.create_task(rolling, name="rolling-reconcile"))
         await self.server.start()
