@@ -34,7 +34,7 @@ from authz_server.observability import metrics
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.dbapi import BulkInsert
 from authz_server.storage.sql.journal_fence import for_journaling
-from authz_server.storage.sql.tables import AuthorizationRow
+from authz_server.storage.sql.tables import DECISION_COLUMNS, AuthorizationRow
 
 log = logging.getLogger(__name__)
 # Rows per transaction. On SQLite the one SQL thread is shared with the group commit of
@@ -45,12 +45,9 @@ MAX_BATCH = 500
 MAX_QUEUED = 20_000
 
 AUTHORIZATIONS: Table = AuthorizationRow.__table__  # type: ignore[assignment]
-# The columns a decision is written with, in the table's order (storage/sql/tables.py is the one
-# mapping); a decision is a dict with these keys, "response" an AuthorizeResponse or bytes.
-# voided_at is set later, by a void.
-COLUMNS: tuple[str, ...] = tuple(
-    column.name for column in AUTHORIZATIONS.columns if column.name != "voided_at"
-)
+# A decision is a dict with these keys (storage/sql/tables.py), "response" an AuthorizeResponse
+# or bytes.
+COLUMNS = DECISION_COLUMNS
 _RESPONSE = COLUMNS.index("response")
 
 

@@ -102,6 +102,14 @@ def as_integer(reply: Reply) -> int:
     raise ResponseError(f"expected a number from Redis, got {reply!r}")
 
 
+def all_answered(replies: list[Reply]) -> list[Reply]:
+    """The replies of execute_many, or its first error reply raised (as redis-py did)."""
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
+
+
 def as_list(reply: Reply) -> list[Reply]:
     if isinstance(reply, list):
         return reply

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
@@ -17,6 +17,7 @@ from authz_server.storage.redis.pipelined import (
     Command,
     PipelinedRedis,
     Reply,
+    all_answered,
     as_integer,
     as_list,
 )
@@ -138,13 +139,9 @@ class RedisQuotaCache:
             ("HMGET", keys.quota(beneficiary_id, relationship_id), *fields)
             for relationship_id in relationship_ids
         ]
-        rows = await guarded(lambda: self._all_answered(commands))
-        return dict(zip(relationship_ids, map(as_list, rows), strict=True))
 
-    async def _all_answered(self, commands: list[Command]) -> list[Reply]:
-        """The replies of a pipeline, or its first error reply raised (as redis-py did)."""
-        replies = await self.commands.execute_many(commands)
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies
+        async def send() -> list[Reply]:
+            return all_answered(await self.commands.execute_many(commands))
+
+        rows = await guarded(send)
+        return dict(zip(relationship_ids, map(as_list, rows), strict=True))

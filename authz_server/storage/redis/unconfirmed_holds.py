@@ -13,14 +13,13 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from redis.exceptions import ResponseError
-
 from authz_server.domain.abandoned_holds import FirstCall, HoldInRedis
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.pipelined import (
     Command,
     PipelinedRedis,
     Reply,
+    all_answered,
     as_integer,
     as_list,
     as_text,
@@ -97,11 +96,7 @@ class UnconfirmedHolds:
         does not answer is Unavailable (guarded)."""
 
         async def send() -> list[Reply]:
-            replies = await self.commands.execute_many(commands)
-            for reply in replies:
-                if isinstance(reply, ResponseError):
-                    raise reply
-            return replies
+            return all_answered(await self.commands.execute_many(commands))
 
         return await guarded(send, "abandoned_holds_read")
 

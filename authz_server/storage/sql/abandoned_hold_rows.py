@@ -13,13 +13,13 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.types import RelationshipStatus
 from authz_server.storage.sql.dbapi import BulkInsert
-from authz_server.storage.sql.tables import AuthorizationRow, RelationshipRow
+from authz_server.storage.sql.tables import (
+    DECISION_COLUMNS,
+    AuthorizationRow,
+    RelationshipRow,
+)
 
 AUTHORIZATIONS: Table = AuthorizationRow.__table__  # type: ignore[assignment]
-# The columns a decision row is written with (as the journal writes them: voided_at is a void's).
-COLUMNS: tuple[str, ...] = tuple(
-    column.name for column in AUTHORIZATIONS.columns if column.name != "voided_at"
-)
 
 
 def active_quotas_between(
@@ -57,15 +57,17 @@ def journaled_ids(session: Session, authorization_ids: Sequence[str]) -> set[str
 def decline_in_their_place(
     connection: Connection, rows: Sequence[dict[str, Any]]
 ) -> dict[tuple[str, str], str]:
-    """Inserts each DECLINED row (a dict of COLUMNS, `response` serialized) unless its
+    """Inserts each DECLINED row (a dict of DECISION_COLUMNS, `response` serialized) unless its
     (merchant, idempotency key) has a row already (ON CONFLICT DO NOTHING: the key's decision
     was journaled meanwhile, by a retry or the late journal), then reads, in the same
     transaction, the authorization SQL holds for each key: by (merchant id, key). Run in one
     transaction (Database.run_core): whoever commits first under the unique index has the key."""
     if not rows:
         return {}
-    insert = BulkInsert.of(AUTHORIZATIONS, connection.dialect, COLUMNS, skip_conflicts=True)
-    insert.run(connection, [[row[name] for name in COLUMNS] for row in rows])
+    insert = BulkInsert.of(
+        AUTHORIZATIONS, connection.dialect, DECISION_COLUMNS, skip_conflicts=True
+    )
+    insert.run(connection, [[row[name] for name in DECISION_COLUMNS] for row in rows])
     wanted = [(row["merchant_id"], row["idempotency_key"]) for row in rows]
     found = connection.execute(
         select(

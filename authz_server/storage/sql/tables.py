@@ -215,6 +215,14 @@ class AuthorizationRow(Base):
     voided_at: Mapped[datetime | None] = mapped_column(Timestamp, default=None)
 
 
+# The columns a decision is written with, in the table's order: a decision row is a dict with
+# these keys (service/journal.py, runtime/release_abandoned_holds.py). voided_at is set later,
+# by a void.
+DECISION_COLUMNS: tuple[str, ...] = tuple(
+    column.name for column in AuthorizationRow.__table__.columns if column.name != "voided_at"
+)
+
+
 class CaptureRow(Base):
     """A captured authorization: the money the merchant is owed (less refunds)."""
 
