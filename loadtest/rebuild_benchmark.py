@@ -3,6 +3,7 @@ noticed, rebuilt the hot state from SQL (runtime/rebuild.py) and serves again (i
 
     python -m loadtest.rebuild_benchmark [--relationships 100000] [--decisions 1000000]
         [--open-holds 20000] [--runs 3] [--database-url postgresql+psycopg://...]
+        [--pages-in-flight 1,4]
 
 1. A database migrated to head: a fresh SQLite file in a temporary directory, or with
    --database-url a private schema of that PostgreSQL database (dropped afterwards). It is filled
@@ -16,9 +17,11 @@ noticed, rebuilt the hot state from SQL (runtime/rebuild.py) and serves again (i
    process, on their own event loop; the start itself rebuilds the empty Redis (not timed).
 3. --runs times: FLUSHALL, then the time until the guardian trusts Redis again with a new
    rebuild: detection (the guardian's next look, ≤ 0.5 s, and the lock) and the rebuild, split
-   into its phases (deleting what Redis had, SQL reads, Redis writes). A sample of quotas is then
-   read from Redis and compared with what SQL says (ledger less open holds): any difference
-   fails the run.
+   into its phases (deleting what Redis had, SQL reads, Redis writes), and this process's CPU
+   meanwhile (the service's threads; not Redis's or PostgreSQL's). With --pages-in-flight 1,4
+   the runs take those values in turn (rebuild.PAGES_IN_FLIGHT: pages read and written at once)
+   and each value's median is printed. A sample of quotas is then read from Redis and compared
+   with what SQL says (ledger less open holds): any difference fails the run.
 4. --reconciles times: a reconcile of every quota while serving (what the periodic one costs a
    server), which must find nothing to set right.
 5. A summary; loadtest/results/rebuild/rebuild-<database>-<relationships>.json and .png (--out).
@@ -567,13 +570,18 @@ class Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.pages = 0
+        # The first page's start and the last one's end: with pages in flight, their times
+        # summed exceed the time they took.
+        self.pages_from = self.pages_to = 0.0
         self.saved: dict[str, Any] = {}
 
     def reset(self) -> dict[str, float]:
         taken = dict(self.seconds)
         taken["pages"] = self.pages
+        taken["pages_wall"] = max(0.0, self.pages_to - self.pages_from)
         self.seconds = {}
         self.pages = 0
+        self.pages_from = self.pages_to = 0.0
         return taken
 
     def _add(self, name: str, seconds: float) -> None:
@@ -600,7 +608,7 @@ class Phases:
             try:
                 return await function(*args, **kwargs)
             finally:
-                self._add(name, time.perf_counter() - started)
+                self._add(_write_kind(name, args), time.perf_counter() - started)
 
         return timed
 
@@ -610,11 +618,26 @@ class Phases:
             try:
                 return function(*args, **kwargs)
             finally:
-                self._add(name, time.perf_counter() - started)
+                ended = time.perf_counter()
+                self._add(name, ended - started)
                 if name == "_page":
                     self.pages += 1
+                    if not self.pages_from or started < self.pages_from:
+                        self.pages_from = started
+                    self.pages_to = max(self.pages_to, ended)
 
         return timed
+
+
+def _write_kind(name: str, args: tuple[Any, ...]) -> str:
+    """A page's write (its slot marks lead: SET ... GET) is `_write`; the witnesses' writes
+    around the pages are not a page's (counted in "other")."""
+    if name != "_write":
+        return name
+    commands = args[1] if len(args) > 1 else []
+    if commands and commands[0][0] == "SET" and commands[0][-1] == "GET":
+        return "_write"
+    return "_write_witnesses"
 
 
 class Service:
@@ -672,6 +695,8 @@ class RunResult:
     deleted_keys: int
     phases: dict[str, float] = field(default_factory=dict)
     checked_quotas: int = 0
+    pages_in_flight: int = 1
+    cpu_seconds: float = 0.0  # this process's CPU (all its threads) from FLUSHALL to serving
 
 
 def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
@@ -680,6 +705,7 @@ def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
     before = app.guardian.last_rebuild
     phases.reset()
     flushed_at = time.perf_counter()
+    cpu_at = time.process_time()
 
     async def flushall() -> None:
         await app.pipelined_redis.execute("FLUSHALL")
@@ -697,6 +723,7 @@ def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
             raise SystemExit(f"the hot state was not rebuilt within {timeout:.0f} s")
         time.sleep(0.005)
     total = time.perf_counter() - flushed_at
+    cpu_seconds = time.process_time() - cpu_at
     assert report is not None
     return RunResult(
         total_seconds=total,
@@ -708,6 +735,8 @@ def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
         open_holds=report.open_holds,
         deleted_keys=report.deleted_keys,
         phases=phases.reset(),
+        pages_in_flight=rebuild_module.PAGES_IN_FLIGHT,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -788,12 +817,17 @@ def time_reconciles(service: Service, count: int) -> list[tuple[float, Reconcile
 
 
 def breakdown(run: RunResult) -> dict[str, float]:
-    """Where one run's time went, in seconds (the parts add up to total_seconds)."""
+    """Where one run's time went, in seconds (the parts add up to total_seconds). With pages in
+    flight the pages' parts, summed over the pages, are scaled to the time the pages took from
+    the first one's start to the last one's end: each part keeps its share."""
     delete = run.phases.get("delete_hot_state", 0.0)
-    write = run.phases.get("_write", 0.0)
-    marks = run.phases.get("ledger_marks", 0.0)
-    holds = run.phases.get("open_holds", 0.0)
-    sql = run.phases.get("_page", 0.0) - write
+    pages = run.phases.get("_page", 0.0)
+    pages_wall = run.phases.get("pages_wall", pages) or pages
+    scale = pages_wall / pages if pages else 1.0
+    write = run.phases.get("_write", 0.0) * scale
+    marks = run.phases.get("ledger_marks", 0.0) * scale
+    holds = run.phases.get("open_holds", 0.0) * scale
+    sql = pages_wall - write
     return {
         "detection": run.detection_seconds,
         "delete what Redis had": delete,
@@ -817,26 +851,37 @@ COLUMNS = {
 
 
 def summary(runs: list[RunResult]) -> str:
-    header = f"{'run':>3} {'serving again':>14} {'rebuild':>8} "
+    header = f"{'run':>3} {'pages':>5} {'serving again':>14} {'rebuild':>8} {'CPU':>7} "
     header += " ".join(f"{short:>7}" for short in COLUMNS.values())
     header += f" {'quotas':>8} {'open holds':>10} {'deleted':>8}"
     lines = [header]
     for number, run in enumerate(runs, 1):
         parts = breakdown(run)
-        line = f"{number:>3} {run.total_seconds:>13.2f}s {run.rebuild_seconds:>7.2f}s "
+        line = f"{number:>3} {run.pages_in_flight:>5} {run.total_seconds:>13.2f}s "
+        line += f"{run.rebuild_seconds:>7.2f}s {run.cpu_seconds:>6.2f}s "
         line += " ".join(f"{parts[name]:>6.2f}s" for name in COLUMNS)
         line += f" {run.quotas:>8,} {run.open_holds:>10,} {run.deleted_keys:>8,}"
         lines.append(line)
-    totals = [run.total_seconds for run in runs]
     lines.append(
-        "columns: detect = FLUSHALL to the rebuild's start (the guardian's look, the lock); "
-        "holds, marks, rel+ = the pages' SQL (open_holds, ledger_marks, the rest); Redis = the "
-        "pages' writes"
+        "columns: pages = pages in flight; CPU = this process's (the service's threads), not "
+        "Redis's or the database's; detect = FLUSHALL to the rebuild's start (the guardian's "
+        "look, the lock); holds, marks, rel+ = the pages' SQL (open_holds, ledger_marks, the "
+        "rest); Redis = the pages' writes (with pages in flight: shares of the pages' time)"
     )
-    lines.append(
-        f"serving again after a Redis loss: median {statistics.median(totals):.2f} s, "
-        f"min {min(totals):.2f} s, max {max(totals):.2f} s"
-    )
+    medians: dict[int, float] = {}
+    for in_flight in sorted({run.pages_in_flight for run in runs}):
+        totals = [run.total_seconds for run in runs if run.pages_in_flight == in_flight]
+        cpu = [run.cpu_seconds for run in runs if run.pages_in_flight == in_flight]
+        medians[in_flight] = statistics.median(totals)
+        line = (
+            f"serving again after a Redis loss, {in_flight} page(s) in flight: median "
+            f"{medians[in_flight]:.2f} s, min {min(totals):.2f} s, max {max(totals):.2f} s "
+            f"({len(totals)} runs; CPU median {statistics.median(cpu):.2f} s)"
+        )
+        first = min(medians)
+        if in_flight != first:
+            line += f": ×{medians[first] / medians[in_flight]:.2f} as fast as {first}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -883,7 +928,12 @@ def chart(
     axis.axhline(30, color="black", linestyle="--", linewidth=0.8, label="aim: 30 s")
     axis.set_xticks(positions + reconcile_positions)
     axis.set_xticklabels(
-        [f"run {p}" for p in positions] + [f"reconcile {n}" for n in range(1, len(reconciles) + 1)]
+        [
+            f"run {p}\n{run.pages_in_flight} in flight"
+            for p, run in zip(positions, runs, strict=True)
+        ]
+        + [f"reconcile {n}" for n in range(1, len(reconciles) + 1)],
+        fontsize=8,
     )
     axis.set_ylabel("seconds (FLUSHALL to serving again; a reconcile of every quota)")
     axis.set_title(title, fontsize=9)
@@ -908,6 +958,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-holds", type=int, default=20_000, help="part of --decisions")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
+        "--pages-in-flight",
+        default=str(rebuild_module.PAGES_IN_FLIGHT),
+        help="comma-separated: the runs take these values in turn (the rebuild's pages read and "
+        "written at once; PostgreSQL only: SQLite has one SQL thread)",
+    )
+    parser.add_argument(
         "--reconciles",
         type=int,
         default=1,
@@ -925,6 +981,13 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     if arguments.relationships < 8:
         parser.error("--relationships: at least 8")
+    try:
+        in_flight_values = [int(value) for value in arguments.pages_in_flight.split(",")]
+    except ValueError:
+        parser.error("--pages-in-flight: comma-separated whole numbers, e.g. 1,4")
+    if not in_flight_values or not all(1 <= value <= 8 for value in in_flight_values):
+        parser.error("--pages-in-flight: each from 1 to 8 (the service's SQL threads)")
+    default_in_flight = rebuild_module.PAGES_IN_FLIGHT
     started_at = datetime.now(UTC)
     load_at_start = os.getloadavg()
     directory = Path(tempfile.mkdtemp(prefix="rebuild-bench-"))
@@ -952,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"after the start: {checked:,} sampled quotas in Redis equal SQL's")
                 with Progress(arguments.runs, "Redis losses", unit="runs") as progress:
                     for number in range(arguments.runs):
+                        in_flight = in_flight_values[number % len(in_flight_values)]
+                        rebuild_module.PAGES_IN_FLIGHT = in_flight
                         result = lose_redis(service, phases, arguments.timeout)
                         result.checked_quotas = check_sample(
                             service, arguments.check, arguments.seed + number + 1
@@ -960,6 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
                         progress.advance(1)
                 reconciles = time_reconciles(service, arguments.reconciles)
             finally:
+                rebuild_module.PAGES_IN_FLIGHT = default_in_flight
                 service.close()
                 phases.restore()
     finally:
@@ -1001,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
             "open_holds": arguments.open_holds,
             "event_loop": arguments.event_loop,
             "beneficiaries_per_page": rebuild_module.BENEFICIARIES_PER_PAGE,
+            "pages_in_flight": in_flight_values,
         },
         "fill": asdict(fill_report),
         "service_start_seconds": start_seconds,

@@ -15,7 +15,7 @@ from loadtest import rebuild_benchmark
 def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
     arguments = [
         "--relationships", "400", "--decisions", "6000", "--open-holds", "150", "--runs", "2",
-        "--check", "400", "--reconciles", "2", "--out", str(tmp_path),
+        "--check", "400", "--reconciles", "2", "--out", str(tmp_path), "--pages-in-flight", "1,3",
     ]  # fmt: skip
     database_url = os.environ.get("TEST_DATABASE_URL")
     if database_url:
@@ -27,6 +27,7 @@ def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
     assert [run["quotas"] for run in document["runs"]] == [400, 400]
     assert [run["open_holds"] for run in document["runs"]] == [150, 150]
     assert all(run["checked_quotas"] == 400 for run in document["runs"])
+    assert [run["pages_in_flight"] for run in document["runs"]] == [1, 3]
     assert [(run["quotas"], run["drifted"]) for run in document["reconciles"]] == [(400, 0)] * 2
     rows = document["fill"]["rows"]
     assert rows["authorizations"] == 6000 and rows["relationships"] == 400

@@ -200,7 +200,8 @@ def test_a_rebuild_taken_over_writes_no_page_more(
 ) -> None:
     """Another server takes the rebuild over (this one's lock expired, unnoticed until its next
     renewal): this rebuild stops before its next page. Each page it wrote after the other's
-    sweep would be a late page there, and cost that rebuild a start more."""
+    sweep would be a late page there, and cost that rebuild a start more. One page in flight
+    here: with more, each of those already read may land (at most PAGES_IN_FLIGHT)."""
     from authz_server.runtime import rebuild
     from authz_server.runtime.rebuild import RebuildAbandoned
     from authz_server.storage.redis.generation import REBUILDING
@@ -232,7 +233,9 @@ def test_a_rebuild_taken_over_writes_no_page_more(
         commands.execute_many = first_page_then_taken_over  # type: ignore[method-assign]
         try:
             with pytest.raises(RebuildAbandoned):
-                await rebuild_hot_state(harness.app.database, commands, "run", None, harness.clock)
+                await rebuild_hot_state(
+                    harness.app.database, commands, "run", None, harness.clock, pages_in_flight=1
+                )
             assert await commands.execute("GET", keys.GENERATION) == taken_over.encode()
             return len(pages)
         finally:

@@ -38,6 +38,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -65,6 +66,13 @@ from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
 log = logging.getLogger(__name__)
 # Beneficiaries per page: their relationships stay locked for one round of Redis writes.
 BENEFICIARIES_PER_PAGE = 500
+# Pages read and written at once, each in its own transaction on its own SQL thread (PostgreSQL:
+# one connection each; SQLite has one SQL thread, so its pages still go one at a time). The
+# pages name disjoint beneficiaries, so their row locks do not meet and their Redis commands
+# commute (a slot two pages share is marked by both with this generation; the index zsets only
+# gain members). Below the SQL threads (storage/sql/database.py, 8): captures and the rest keep
+# some meanwhile. Measured in loadtest/RESULTS.md ("The rebuild's pages in parallel").
+PAGES_IN_FLIGHT = 4
 # Commands per write to Redis, far below the connection's bound on commands in flight.
 COMMANDS_PER_WRITE = 2000
 # What a quota's restore needs of its relationship (quota_sync.quota_restore).
@@ -115,12 +123,13 @@ async def rebuild_hot_state(
     run_ids: str,
     still_owner: asyncio.Event | None = None,
     clock: Clock = system_clock,
+    pages_in_flight: int | None = None,
 ) -> RebuildReport:
     """Rebuilds everything under a new generation and publishes it with `run_ids` (the
     primaries' run ids read before the rebuild began, generation.redis_run_ids: a failover
     meanwhile makes the published marker stale at once, and the hot state is rebuilt again).
     `still_owner` (when given) is cleared by the caller if it lost the rebuild lock: the
-    rebuild then stops unpublished."""
+    rebuild then stops unpublished. `pages_in_flight`: PAGES_IN_FLIGHT unless given."""
     started = time.perf_counter()
     begun = clock()
     generation = new_generation()
@@ -130,23 +139,9 @@ async def rebuild_hot_state(
     await database.run(wait_for_journal)
     deleted = await delete_hot_state(redis)
     await _write(redis, witness_commands(f"{REBUILDING}|{generation}"))
-    loop = asyncio.get_running_loop()
-    after = ""
-    beneficiaries = quotas = holds = 0
-    while True:
-        if still_owner is not None and not still_owner.is_set():
-            raise RebuildAbandoned(generation)
-        cursor = after
-
-        def page(session: Session, cursor: str = cursor) -> tuple[str, int, int, int]:
-            return _page(session, cursor, generation, redis, loop, clock())
-
-        after, page_beneficiaries, page_quotas, page_holds = await database.run(page)
-        if not page_beneficiaries:
-            break
-        beneficiaries += page_beneficiaries
-        quotas += page_quotas
-        holds += page_holds
+    beneficiaries, quotas, holds = await _write_pages(
+        database, redis, generation, still_owner, clock, pages_in_flight
+    )
     if still_owner is not None and not still_owner.is_set():
         raise RebuildAbandoned(generation)
     # After every page, before publishing: a witness naming the generation is younger than all
@@ -183,17 +178,9 @@ async def rebuild_hot_state(
     return report
 
 
-def _page(
-    session: Session,
-    after: str,
-    generation: str,
-    redis: PipelinedRedis,
-    loop: asyncio.AbstractEventLoop,
-    now: datetime,
-) -> tuple[str, int, int, int]:
-    """One page of beneficiaries, read under their relationships' row locks and written to
-    Redis before those are let go: (the last beneficiary, beneficiaries, quotas, open holds)."""
-    beneficiary_ids = list(
+def _beneficiary_page(session: Session, after: str) -> list[str]:
+    """The next page's beneficiaries, in id order after `after` (no locks: _page takes them)."""
+    return list(
         session.scalars(
             select(RelationshipRow.beneficiary_id)
             .distinct()
@@ -202,8 +189,79 @@ def _page(
             .limit(BENEFICIARIES_PER_PAGE)
         )
     )
-    if not beneficiary_ids:
-        return after, 0, 0, 0
+
+
+async def _write_pages(
+    database: Database,
+    redis: PipelinedRedis,
+    generation: str,
+    still_owner: asyncio.Event | None,
+    clock: Clock,
+    pages_in_flight: int | None,
+) -> tuple[int, int, int]:
+    """Every beneficiary's page written, up to `pages_in_flight` at once: (beneficiaries, quotas,
+    open holds). The pages are listed here in turn (keyset, cheap) and each read under its row
+    locks and written by a task of its own. The first page to fail stops the listing; the pages
+    already in flight are waited for before its error is raised, so no page of this rebuild is
+    still being read or written once it has ended (the next rebuild's sweep comes after them)."""
+    limit = max(1, pages_in_flight if pages_in_flight is not None else PAGES_IN_FLIGHT)
+    loop = asyncio.get_running_loop()
+    in_flight: set[asyncio.Task[tuple[int, int, int]]] = set()
+    totals = [0, 0, 0]
+
+    def count(done: set[asyncio.Task[tuple[int, int, int]]]) -> None:
+        failure = _first_failure(done)
+        if failure is not None:
+            raise failure
+        for task in done:
+            for index, figure in enumerate(task.result()):
+                totals[index] += figure
+
+    def page(session: Session, ids: list[str]) -> tuple[int, int, int]:
+        return _page(session, ids, generation, redis, loop, clock())
+
+    after = ""
+    try:
+        while True:
+            if still_owner is not None and not still_owner.is_set():
+                raise RebuildAbandoned(generation)
+            ids = await database.run(partial(_beneficiary_page, after=after))
+            if not ids:
+                break
+            after = ids[-1]
+            while len(in_flight) >= limit:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                count(done)
+            in_flight.add(asyncio.ensure_future(database.run(partial(page, ids=ids))))
+        while in_flight:
+            done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            count(done)
+    finally:
+        if in_flight:
+            # A page failed, the listing did, or the rebuild was cancelled: the rest still run
+            # on their SQL threads (a thread is not interrupted) and are waited out.
+            await asyncio.wait(in_flight)
+            _first_failure(in_flight)  # their errors read: the first one is already raised
+    return totals[0], totals[1], totals[2]
+
+
+def _first_failure(tasks: set[asyncio.Task[tuple[int, int, int]]]) -> BaseException | None:
+    """The first error of these finished tasks, every task's error read (none left to be logged
+    as never retrieved)."""
+    failures = [task.exception() for task in tasks if not task.cancelled()]
+    return next((failure for failure in failures if failure is not None), None)
+
+
+def _page(
+    session: Session,
+    beneficiary_ids: list[str],
+    generation: str,
+    redis: PipelinedRedis,
+    loop: asyncio.AbstractEventLoop,
+    now: datetime,
+) -> tuple[int, int, int]:
+    """One page of beneficiaries, read under their relationships' row locks and written to
+    Redis before those are let go: (beneficiaries, quotas, open holds)."""
     # Columns, not ORM objects and Relationships: building 100,000 of those took ~1.5 s of a
     # 7 s rebuild (loadtest/rebuild_benchmark.py, loadtest/RESULTS.md "Redis loss").
     rows = session.execute(
@@ -251,7 +309,7 @@ def _page(
             generation, len(late), late[0],
         )  # fmt: skip
         raise LatePageFound(f"{len(late)} slot(s) marked since the sweep, e.g. {late[0]}")
-    return beneficiary_ids[-1], len(beneficiary_ids), len(quotas), len(holds)
+    return len(beneficiary_ids), len(quotas), len(holds)
 
 
 async def _still_rebuilding(redis: PipelinedRedis, generation: str) -> bool:

@@ -1,0 +1,205 @@
+"""The rebuild's pages read and written several at once (runtime/rebuild.py PAGES_IN_FLIGHT): on
+PostgreSQL each on its own connection, so a province's rebuild is not one page after another.
+
+- The pages commute: a rebuild with four pages in flight leaves Redis exactly as one with a page
+  at a time does (every key and value, bar the generation's own tokens), over families with open
+  holds, split holds, a captured hold and a dissolved quota, with pages of two beneficiaries.
+- A failing page ends the rebuild only once the pages in flight beside it have ended: none is
+  still read or written after the rebuild returned (the next rebuild's sweep must come after),
+  and no page is begun after the failure was seen."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authz_server.runtime import rebuild
+from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.runtime.rebuild import LatePageFound, rebuild_hot_state
+from authz_server.storage.redis import keys
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from tests.harness import Harness, own_harness
+from tests.test_authorization_rules import (
+    APPROVED,
+    CAPTURED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    capture,
+    family,
+)
+from tests.test_redis_loss import served_stubs
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    yield from own_harness(tmp_path_factory.mktemp("rebuild-pages"))
+
+
+@pytest.fixture(scope="module")
+def families(own_server: Harness) -> int:
+    """Twelve beneficiaries with open holds (some split over two quotas), a captured one and a
+    dissolved quota: how many beneficiaries."""
+    from authz_server.generated.medwallet.v1 import common_pb2, relationship_pb2
+    from tests.harness import APP
+
+    stubs = served_stubs(own_server)
+    registry, relationships, authorizations, _ = next(stubs)
+    try:
+        for number in range(12):
+            fam = family(registry, relationships, 10_000 + number, 5_000)
+            if number == 5:  # its second quota dissolved before anything was held
+                relationships.DissolveRelationship(
+                    relationship_pb2.DissolveRelationshipRequest(
+                        relationship_id=fam.relationship_ids[1], party=common_pb2.PARTY_BENEFICIARY
+                    ),
+                    metadata=APP,
+                )
+            else:
+                held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+                assert held.decision == APPROVED  # over the first quota: split over both
+            small = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 300)
+            assert small.decision == APPROVED
+            if number == 3:
+                assert capture(authorizations, HOSPITAL, small.authorization_id).status == CAPTURED
+    finally:
+        stubs.close()
+    return 12
+
+
+def _redis_state(url: str) -> dict[str, Any]:
+    """Every key of the hot state with its value, bar what differs by generation and page: the
+    slots' generation marks and witnesses (the generation's token), a quota's epoch `e` (random a
+    page: quota_io.quota_fields) and keys.GENERATION itself."""
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(url)
+    state: dict[str, Any] = {}
+    try:
+        for name in client.scan_iter(count=1000):
+            key = name.decode()
+            kind = client.type(name).decode()
+            if key == keys.GENERATION or kind == "string":
+                continue  # marks, witnesses, cursors: values of the generation or the clock
+            if kind == "hash":
+                value: Any = {
+                    field.decode(): data.decode()
+                    for field, data in client.hgetall(name).items()
+                    if not (field == b"e" and ":q:" in key)
+                }
+            elif kind == "zset":
+                value = client.zrange(name, 0, -1, withscores=True)
+            elif kind == "set":
+                value = sorted(client.smembers(name))
+            else:
+                value = kind
+            state[key] = value
+    finally:
+        client.close()
+    return state
+
+
+def _rebuild(
+    harness: Harness, url: str, pages_in_flight: int, moment: datetime
+) -> rebuild.RebuildReport:
+    """A rebuild into the Redis at `url`, from the server's SQL, its clock stopped at `moment`
+    (the holds put back carry the rebuild's time: the same in every page and every run)."""
+
+    async def scenario() -> rebuild.RebuildReport:
+        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0)
+        try:
+            return await rebuild_hot_state(
+                harness.app.database, commands, "run", None, lambda: moment, pages_in_flight
+            )
+        finally:
+            await commands.aclose()
+
+    return asyncio.run(scenario())
+
+
+class PagesSeen:
+    """Counts the pages running at once (wraps rebuild._page)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_page: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.running = self.most = self.started = self.ended = 0
+        self.fail_page = fail_page
+        self.failed_at_start: int | None = None
+        real = rebuild._page
+
+        def page(*arguments: Any) -> Any:
+            with self.lock:
+                self.started += 1
+                number = self.started
+                self.running += 1
+                self.most = max(self.most, self.running)
+            try:
+                time.sleep(0.05)  # long enough for the others to begin beside it
+                if number == self.fail_page:
+                    self.failed_at_start = self.started
+                    raise LatePageFound("a slot marked since the sweep (the test's)")
+                return real(*arguments)
+            finally:
+                with self.lock:
+                    self.running -= 1
+                    self.ended += 1
+
+        monkeypatch.setattr(rebuild, "_page", page)
+
+
+def test_pages_in_flight_leave_redis_as_one_page_at_a_time_does(
+    own_server: Harness, families: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 2)
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+    try:
+        moment = own_server.clock()
+        one_at_a_time = _rebuild(own_server, url, 1, moment)
+        expected = _redis_state(url)
+        seen = PagesSeen(monkeypatch)
+        four = _rebuild(own_server, url, 4, moment)
+        got = _redis_state(url)
+    finally:
+        redis.stop()
+    assert one_at_a_time.beneficiaries >= families
+    assert (four.beneficiaries, four.quotas, four.open_holds) == (
+        one_at_a_time.beneficiaries, one_at_a_time.quotas, one_at_a_time.open_holds,
+    )  # fmt: skip
+    assert one_at_a_time.open_holds >= 2 * families - 2  # one captured, one never split
+    assert got == expected
+    assert seen.started == seen.ended >= families // 2
+    if own_server.app.database.is_sqlite:
+        assert seen.most == 1  # one SQL thread: its pages still go one at a time
+    else:
+        assert seen.most > 1, "no two pages were in flight at once"
+
+
+def test_a_failed_page_ends_the_rebuild_after_the_pages_beside_it(
+    own_server: Harness, families: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 1)
+    seen = PagesSeen(monkeypatch, fail_page=3)
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+    try:
+        with pytest.raises(LatePageFound):
+            _rebuild(own_server, url, 4, own_server.clock())
+        running_when_it_ended = seen.running
+        started_when_it_ended = seen.started
+        time.sleep(0.3)  # a page still running, or begun, would show now
+    finally:
+        redis.stop()
+    assert running_when_it_ended == 0
+    assert seen.started == seen.ended == started_when_it_ended
+    assert seen.failed_at_start is not None
+    # the listing stops once the failure is seen: at most the pages then in flight are begun
+    assert seen.started <= seen.failed_at_start + 4
+    assert seen.started < families
