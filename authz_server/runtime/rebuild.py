@@ -8,7 +8,8 @@ rebuild and makes sure only one server does.
    committed (storage/sql/journal_fence.py).
 2. Every key of the hot state is deleted: whatever Redis still had (a restart with part of its
    file, a replica's older copy) may be wrong, and nothing is decided on it again.
-3. SQL is read a page of beneficiaries at a time, under their relationships' row locks, and the
+3. SQL is read a page of beneficiaries at a time (up to PAGES_IN_FLIGHT pages at once, each in
+   its own transaction), under their relationships' row locks, and the
    page is written to Redis before the locks are let go (as reconcile does, service/quota_sync.py
    says why): quotas with the ledger's figures less the open holds, the open holds themselves
    with their expiry (domain/hot_state.py), each slot marked with the new generation first.
