@@ -565,7 +565,8 @@ def database(url: str | None, directory: Path) -> Iterator[str]:
 class Phases:
     """Wraps runtime/rebuild.py's steps with timers (module globals, put back by `restore`):
     delete_hot_state, each page (_page: SQL reads plus the page's Redis writes), the writes
-    (_write), and within a page's SQL ledger_marks and open_holds."""
+    (_write), and within a page's SQL open_holds (the ledger marks are read with the
+    relationships since 2026-12-05: in "the rest")."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -589,11 +590,11 @@ class Phases:
 
     def install(self) -> None:
         module: Any = rebuild_module
-        for name in ("delete_hot_state", "_write", "_page", "ledger_marks", "open_holds"):
+        for name in ("delete_hot_state", "_write", "_page", "open_holds"):
             self.saved[name] = getattr(module, name)
         for name in ("delete_hot_state", "_write"):
             setattr(module, name, self._timed_async(name, self.saved[name]))
-        for name in ("_page", "ledger_marks", "open_holds"):
+        for name in ("_page", "open_holds"):
             setattr(module, name, self._timed(name, self.saved[name]))
 
     def restore(self) -> None:
@@ -825,15 +826,13 @@ def breakdown(run: RunResult) -> dict[str, float]:
     pages_wall = run.phases.get("pages_wall", pages) or pages
     scale = pages_wall / pages if pages else 1.0
     write = run.phases.get("_write", 0.0) * scale
-    marks = run.phases.get("ledger_marks", 0.0) * scale
     holds = run.phases.get("open_holds", 0.0) * scale
     sql = pages_wall - write
     return {
         "detection": run.detection_seconds,
         "delete what Redis had": delete,
         "SQL: open holds": holds,
-        "SQL: ledger marks": marks,
-        "SQL: relationships, the rest": sql - holds - marks,
+        "SQL: relationships, the rest": sql - holds,
         "Redis writes": write,
         "other": max(0.0, run.rebuild_seconds - delete - sql - write),
     }
@@ -843,7 +842,6 @@ COLUMNS = {
     "detection": "detect",
     "delete what Redis had": "delete",
     "SQL: open holds": "holds",
-    "SQL: ledger marks": "marks",
     "SQL: relationships, the rest": "rel+",
     "Redis writes": "Redis",
     "other": "other",
@@ -865,8 +863,9 @@ def summary(runs: list[RunResult]) -> str:
     lines.append(
         "columns: pages = pages in flight; CPU = this process's (the service's threads), not "
         "Redis's or the database's; detect = FLUSHALL to the rebuild's start (the guardian's "
-        "look, the lock); holds, marks, rel+ = the pages' SQL (open_holds, ledger_marks, the "
-        "rest); Redis = the pages' writes (with pages in flight: shares of the pages' time)"
+        "look, the lock); holds, rel+ = the pages' SQL (open_holds; the rest: relationships with "
+        "their ledger marks, listing); Redis = the pages' writes (with pages in flight: shares "
+        "of the pages' time)"
     )
     medians: dict[int, float] = {}
     for in_flight in sorted({run.pages_in_flight for run in runs}):
@@ -896,7 +895,7 @@ def chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = ("#9e9e9e", "#ff7f0e", "#1f77b4", "#6baed6", "#c6dbef", "#d62728", "#bcbd22")
+    colors = ("#9e9e9e", "#ff7f0e", "#1f77b4", "#6baed6", "#d62728", "#bcbd22")
     figure, axis = plt.subplots(figsize=(8, 5.2))
     positions = list(range(1, len(runs) + 1))
     bottoms = [0.0] * len(runs)

@@ -6,11 +6,14 @@ PostgreSQL each on its own connection, so a province's rebuild is not one page a
   holds, split holds, a captured hold and a dissolved quota, with pages of two beneficiaries.
 - A failing page ends the rebuild only once the pages in flight beside it have ended: none is
   still read or written after the rebuild returned (the next rebuild's sweep must come after),
-  and no page is begun after the failure was seen."""
+  and no page is begun once it failed (the pages already handed to a SQL thread return unread).
+- The pages write to Redis in turn: the rebuild keeps no more commands in flight on the
+  connection the calls share than one page did (its bound on pending commands)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -107,13 +110,13 @@ def _redis_state(url: str) -> dict[str, Any]:
 
 
 def _rebuild(
-    harness: Harness, url: str, pages_in_flight: int, moment: datetime
+    harness: Harness, url: str, pages_in_flight: int, moment: datetime, **redis_options: Any
 ) -> rebuild.RebuildReport:
     """A rebuild into the Redis at `url`, from the server's SQL, its clock stopped at `moment`
     (the holds put back carry the rebuild's time: the same in every page and every run)."""
 
     async def scenario() -> rebuild.RebuildReport:
-        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0)
+        commands = PipelinedRedis.from_url(url, timeout_seconds=5.0, **redis_options)
         try:
             return await rebuild_hot_state(
                 harness.app.database, commands, "run", None, lambda: moment, pages_in_flight
@@ -127,11 +130,17 @@ def _rebuild(
 class PagesSeen:
     """Counts the pages running at once (wraps rebuild._page)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_page: int | None = None) -> None:
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        fail_page: int | None = None,
+        together: threading.Barrier | None = None,
+    ) -> None:
         self.lock = threading.Lock()
         self.running = self.most = self.started = self.ended = 0
         self.fail_page = fail_page
-        self.failed_at_start: int | None = None
+        self.failed_at: int | None = None
+        self.started_after_failure = 0
         real = rebuild._page
 
         def page(*arguments: Any) -> Any:
@@ -140,10 +149,17 @@ class PagesSeen:
                 number = self.started
                 self.running += 1
                 self.most = max(self.most, self.running)
+                if self.failed_at is not None:
+                    self.started_after_failure += 1
             try:
-                time.sleep(0.05)  # long enough for the others to begin beside it
+                if together is not None:
+                    with contextlib.suppress(threading.BrokenBarrierError):
+                        together.wait()  # the pages read, and reach Redis, at once
+                else:
+                    time.sleep(0.05)  # long enough for the others to begin beside it
                 if number == self.fail_page:
-                    self.failed_at_start = self.started
+                    with self.lock:
+                        self.failed_at = number
                     raise LatePageFound("a slot marked since the sweep (the test's)")
                 return real(*arguments)
             finally:
@@ -186,7 +202,7 @@ def test_a_failed_page_ends_the_rebuild_after_the_pages_beside_it(
     own_server: Harness, families: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 1)
-    seen = PagesSeen(monkeypatch, fail_page=3)
+    seen = PagesSeen(monkeypatch, fail_page=1)
     redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
     url = redis.start()
     try:
@@ -199,7 +215,96 @@ def test_a_failed_page_ends_the_rebuild_after_the_pages_beside_it(
         redis.stop()
     assert running_when_it_ended == 0
     assert seen.started == seen.ended == started_when_it_ended
-    assert seen.failed_at_start is not None
-    # the listing stops once the failure is seen: at most the pages then in flight are begun
-    assert seen.started <= seen.failed_at_start + 4
+    assert seen.failed_at == 1
+    # those handed to a SQL thread beside it (with one SQL thread: queued behind it) return
+    # before they read or write anything (called, the wrapper counts them: none may be)
+    assert seen.started_after_failure == 0
     assert seen.started < families
+
+
+def test_the_pages_write_to_redis_in_turn(
+    own_server: Harness, families: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaled down: 6 commands a write and a connection that takes 8 in flight (a page's write
+    and its check that the rebuild is still its own). Four pages reaching Redis together would
+    put 24 there: each must wait for its turn instead."""
+    monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 1)
+    monkeypatch.setattr(rebuild, "COMMANDS_PER_WRITE", 6)
+    pages = 4 if not own_server.app.database.is_sqlite else 1
+    seen = PagesSeen(monkeypatch, together=threading.Barrier(pages, timeout=2))
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+    try:
+        report = _rebuild(own_server, url, 4, own_server.clock(), pending_limit=8)
+    finally:
+        redis.stop()
+    assert report.beneficiaries >= families
+    if not own_server.app.database.is_sqlite:
+        assert seen.most == 4, "the pages did not reach Redis together"
+
+
+def test_a_page_that_waited_for_a_lock_reads_the_marks_of_the_totals_it_got(
+    own_server: Harness, families: int, tmp_path: Path
+) -> None:
+    """PostgreSQL (READ COMMITTED): a top-up's transaction holds a quota's row while it adds to
+    its totals and writes the ledger entry; the page's locked read waits for it. The quota is
+    written with the top-up counted, so its mark must name the top-up's entry: else its credit,
+    sent to Redis after the rebuild (quota_credit.lua: applied unless the mark has it), would
+    count the money twice (a refund's likewise). SQLite's writers take turns: nothing waits."""
+    from sqlalchemy import create_engine, update
+    from sqlalchemy.orm import Session
+
+    from authz_server.domain.types import LedgerKind
+    from authz_server.storage.sql.tables import LedgerEntryRow, RelationshipRow
+
+    if own_server.app.database.is_sqlite:
+        pytest.skip("SQLite's writers take turns: no locked read waits for a commit")
+    stubs = served_stubs(own_server)
+    registry, relationships, _, _ = next(stubs)
+    try:
+        fam = family(registry, relationships, 7_000)
+    finally:
+        stubs.close()
+    (relationship_id,) = fam.relationship_ids
+    engine = create_engine(own_server.app.database.engine.url)
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+    outcome: list[object] = []
+    try:
+        with Session(engine) as top_up, top_up.begin():
+            top_up.execute(
+                update(RelationshipRow)
+                .where(RelationshipRow.relationship_id == relationship_id)
+                .values(allocated_total_fen=RelationshipRow.allocated_total_fen + 500)
+            )
+            entry = LedgerEntryRow(
+                kind=LedgerKind.QUOTA_ALLOCATION.value,
+                holder_id=fam.holder_ids[0],
+                relationship_id=relationship_id,
+                amount_fen=500,
+                created_at=own_server.clock(),
+            )
+            top_up.add(entry)
+            top_up.flush()
+            rebuilding = threading.Thread(
+                target=lambda: outcome.append(_rebuild(own_server, url, 4, own_server.clock()))
+            )
+            rebuilding.start()
+            time.sleep(1.0)  # the page reaches the quota's row and waits for its lock
+            assert rebuilding.is_alive(), outcome
+            top_up_entry = entry.entry_id
+        rebuilding.join(30)
+        import redis as redis_py
+
+        client = redis_py.Redis.from_url(url)
+        try:
+            written = client.hmget(
+                keys.quota(fam.beneficiary_id, relationship_id), "r", "available"
+            )
+        finally:
+            client.close()
+    finally:
+        redis.stop()
+        engine.dispose()
+    assert outcome and isinstance(outcome[0], rebuild.RebuildReport), outcome
+    assert written == [str(top_up_entry).encode(), b"7500"]

@@ -36,19 +36,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.model import QuotaTotals
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.runtime.reconcile_dissolved import dissolutions_cursor_at
 from authz_server.service.clock import Clock, system_clock
-from authz_server.service.quota_sync import ledger_marks, on_loop, quota_restore
+from authz_server.service.quota_sync import on_loop, quota_restore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import REBUILDING, new_generation
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
@@ -62,7 +63,7 @@ from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.journal_fence import wait_for_journal
 from authz_server.storage.sql.open_holds import open_holds
 from authz_server.storage.sql.records import utc
-from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
+from authz_server.storage.sql.tables import LedgerEntryRow, ParticipantRow, RelationshipRow
 
 log = logging.getLogger(__name__)
 # Beneficiaries per page: their relationships stay locked for one round of Redis writes.
@@ -88,6 +89,16 @@ QUOTA_COLUMNS = (
     RelationshipRow.released_total_fen,
     RelationshipRow.captured_total_fen,
     RelationshipRow.refunded_to_quota_total_fen,
+)
+
+# Each relationship's newest ledger entry (quota_sync.ledger_marks): one index look-up a
+# relationship (~6.7 ms a page of 1,000 on PostgreSQL, against 11-17 ms for a GROUP BY over the
+# page's ids or a join; loadtest/RESULTS.md, "The rebuild's pages in parallel").
+_LEDGER_MARK = (
+    select(func.max(LedgerEntryRow.entry_id))
+    .where(LedgerEntryRow.relationship_id == RelationshipRow.relationship_id)
+    .scalar_subquery()
+    .label("ledger_mark")
 )
 
 
@@ -179,17 +190,19 @@ async def rebuild_hot_state(
     return report
 
 
-def _beneficiary_page(session: Session, after: str) -> list[str]:
-    """The next page's beneficiaries, in id order after `after` (no locks: _page takes them)."""
-    return list(
-        session.scalars(
-            select(RelationshipRow.beneficiary_id)
-            .distinct()
-            .where(RelationshipRow.beneficiary_id > after)
-            .order_by(RelationshipRow.beneficiary_id)
-            .limit(BENEFICIARIES_PER_PAGE)
-        )
+def _page_end(session: Session, after: str) -> str | None:
+    """The last beneficiary of the page after `after`: BENEFICIARIES_PER_PAGE of them in id order
+    (fewer at the end; None past it). No locks: _page takes them."""
+    page = (
+        select(RelationshipRow.beneficiary_id)
+        .distinct()
+        .where(RelationshipRow.beneficiary_id > after)
+        .order_by(RelationshipRow.beneficiary_id)
+        .limit(BENEFICIARIES_PER_PAGE)
+        .subquery()
     )
+    last: str | None = session.scalar(select(func.max(page.c.beneficiary_id)))
+    return last
 
 
 async def _write_pages(
@@ -218,22 +231,38 @@ async def _write_pages(
             for index, figure in enumerate(task.result()):
                 totals[index] += figure
 
-    def page(session: Session, ids: list[str]) -> tuple[int, int, int]:
-        return _page(session, ids, generation, redis, loop, clock())
+    failed = threading.Event()  # set on its SQL thread by the first page that fails
+    # One page's write to Redis at a time: the rebuild keeps at most COMMANDS_PER_WRITE commands
+    # in flight on the connection the calls share, as with one page in flight (its bound on
+    # pending commands, its timeout). The pages' SQL still overlaps.
+    write_turn = asyncio.Lock()
+
+    def page(session: Session, last: str, after: str) -> tuple[int, int, int]:
+        if failed.is_set():
+            return 0, 0, 0  # not begun: the failure is raised from its own page's task
+        try:
+            return _page(session, (after, last), generation, redis, loop, clock(), write_turn)
+        except BaseException:
+            failed.set()
+            raise
 
     after = ""
     try:
         while True:
             if still_owner is not None and not still_owner.is_set():
                 raise RebuildAbandoned(generation)
-            ids = await database.run(partial(_beneficiary_page, after=after))
-            if not ids:
+            if failed.is_set():  # a page failed: its task holds the error, raised below
                 break
-            after = ids[-1]
+            last = await database.run(partial(_page_end, after=after))
+            if last is None:
+                break
             while len(in_flight) >= limit:
                 done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
                 count(done)
-            in_flight.add(asyncio.ensure_future(database.run(partial(page, ids=ids))))
+            in_flight.add(
+                asyncio.ensure_future(database.run(partial(page, last=last, after=after)))
+            )
+            after = last
         while in_flight:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             count(done)
@@ -255,24 +284,42 @@ def _first_failure(tasks: set[asyncio.Task[tuple[int, int, int]]]) -> BaseExcept
 
 def _page(
     session: Session,
-    beneficiary_ids: list[str],
+    beneficiaries: tuple[str, str],
     generation: str,
     redis: PipelinedRedis,
     loop: asyncio.AbstractEventLoop,
     now: datetime,
+    write_turn: asyncio.Lock,
 ) -> tuple[int, int, int]:
-    """One page of beneficiaries, read under their relationships' row locks and written to
-    Redis before those are let go: (beneficiaries, quotas, open holds)."""
+    """One page of beneficiaries, those after beneficiaries[0] up to beneficiaries[1], read under
+    their relationships' row locks and written to Redis before those are let go: (beneficiaries,
+    quotas, open holds). A range, not a list of ids: the queries' texts are then the same for
+    every page, short, and parsed, planned and cached once (a list of 500 ids made each query
+    text ~10 KB, converted anew by the driver every time: loadtest/RESULTS.md, "The rebuild's
+    pages in parallel"). A beneficiary whose first relationship was made in the range since the
+    page was listed is read too, under the same locks."""
+    after, last = beneficiaries
+    in_page = and_(RelationshipRow.beneficiary_id > after, RelationshipRow.beneficiary_id <= last)
     # Columns, not ORM objects and Relationships: building 100,000 of those took ~1.5 s of a
     # 7 s rebuild (loadtest/rebuild_benchmark.py, loadtest/RESULTS.md "Redis loss").
     rows = session.execute(
         select(*QUOTA_COLUMNS, ParticipantRow.scheme)
         .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
-        .where(RelationshipRow.beneficiary_id.in_(beneficiary_ids))
+        .where(in_page)
         .order_by(RelationshipRow.relationship_id)
         .with_for_update(of=RelationshipRow)
     ).all()
-    marks = ledger_marks(session, [row.relationship_id for row in rows])
+    # The marks in a statement of their own, once the locks are held: a locked SELECT that
+    # waited for a row returns its newest version (PostgreSQL, READ COMMITTED), but works out
+    # its subqueries in the snapshot it began with, so a mark read beside the row could predate
+    # the totals it goes with (a refund committed while the page waited: its credit, sent to
+    # Redis after the rebuild, would be applied twice). tests/test_rebuild_pages_in_flight.py.
+    marks: dict[str, int | None] = {
+        relationship_id: mark
+        for relationship_id, mark in session.execute(
+            select(RelationshipRow.relationship_id, _LEDGER_MARK).where(in_page)
+        )
+    }
     active = RelationshipStatus.ACTIVE.value
     quotas = [
         quota_restore(
@@ -288,19 +335,19 @@ def _page(
             ),
             activated_at=utc(row.activated_at or row.created_at),
             beneficiary_scheme=Scheme(row.scheme),
-            ledger_mark=marks.get(row.relationship_id, 0),
+            ledger_mark=marks.get(row.relationship_id) or 0,
         )
         for row in rows
     ]
-    holds = open_holds(session, now, beneficiary_ids=beneficiary_ids)
+    holds = open_holds(
+        session,
+        now,
+        beneficiaries=(after, last),
+        known_active={row.relationship_id: row.status == active for row in rows},
+    )
     commands = page_commands(generation, quotas, holds, int(now.timestamp() * 1000))
-    # Another server that took the rebuild over (this one's lock expired unnoticed: it is
-    # renewed every few seconds) has swept Redis since: a page written now would be a late
-    # page for it, and cost it a rebuild more (LatePageFound). Asked once a page, right
-    # before its write: at most the page in flight while the lock changes hands lands.
-    if not on_loop(loop, _still_rebuilding(redis, generation)):
-        raise RebuildAbandoned(generation)
-    late = late_page_marks(generation, commands, on_loop(loop, _write(redis, commands)))
+    replies = on_loop(loop, _write_page(redis, generation, commands, write_turn))
+    late = late_page_marks(generation, commands, replies)
     if late:
         # Written over: the page is right now, but what else that late page left (a hold
         # closed since, in a slot's sets) is not. Swept again by the next rebuild.
@@ -310,13 +357,27 @@ def _page(
             generation, len(late), late[0],
         )  # fmt: skip
         raise LatePageFound(f"{len(late)} slot(s) marked since the sweep, e.g. {late[0]}")
-    return len(beneficiary_ids), len(quotas), len(holds)
+    return len({row.beneficiary_id for row in rows}), len(quotas), len(holds)
 
 
 async def _still_rebuilding(redis: PipelinedRedis, generation: str) -> bool:
     """Whether keys.GENERATION still names this rebuild."""
     marker = await redis.execute("GET", keys.GENERATION)
     return isinstance(marker, bytes) and marker.decode() == f"{REBUILDING}|{generation}"
+
+
+async def _write_page(
+    redis: PipelinedRedis, generation: str, commands: list[Command], write_turn: asyncio.Lock
+) -> list[object]:
+    """A page's commands written in its turn. Another server that took the rebuild over (this
+    one's lock expired unnoticed: it is renewed every few seconds) has swept Redis since: a page
+    written now would be a late page for it, and cost it a rebuild more (LatePageFound). Asked
+    once a page, right before its write: at most the page being written while the lock changes
+    hands lands."""
+    async with write_turn:
+        if not await _still_rebuilding(redis, generation):
+            raise RebuildAbandoned(generation)
+        return await _write(redis, commands)
 
 
 async def _write(redis: PipelinedRedis, commands: list[Command]) -> list[object]:

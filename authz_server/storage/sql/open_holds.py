@@ -4,7 +4,7 @@ and for putting one hold back; and the mark a void leaves."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from sqlalchemy import exists, select, update
@@ -21,17 +21,35 @@ from authz_server.storage.sql.tables import (
     RelationshipRow,
 )
 
+# What an open hold needs of its row (columns: no ORM object built for each).
+HOLD_COLUMNS = (
+    AuthorizationRow.authorization_id,
+    AuthorizationRow.merchant_id,
+    AuthorizationRow.beneficiary_id,
+    AuthorizationRow.purpose,
+    AuthorizationRow.decision,
+    AuthorizationRow.approved_fen,
+    AuthorizationRow.funding,
+    AuthorizationRow.created_at,
+    AuthorizationRow.expires_at,
+)
+
 
 def open_holds(
     session: Session,
     now: datetime,
     *,
     beneficiary_ids: Sequence[str] = (),
+    beneficiaries: tuple[str, str] | None = None,
     authorization_id: str | None = None,
+    known_active: Mapping[str, bool] | None = None,
 ) -> list[OpenHold]:
-    """The open holds of these beneficiaries (or the one authorization), as SQL has them now.
-    Read under the caller's row locks of their relationships, when it needs a stable answer."""
-    query = select(AuthorizationRow).where(
+    """The open holds of these beneficiaries (`beneficiary_ids`, or those after beneficiaries[0]
+    up to beneficiaries[1]: a rebuild's page) or of the one authorization, as SQL has them now.
+    Read under the caller's row locks of their relationships, when it needs a stable answer.
+    `known_active`: whether each relationship is active, as the caller read it under those
+    locks (the rest are read here)."""
+    query = select(*HOLD_COLUMNS).where(
         AuthorizationRow.decision.in_(sorted(APPROVALS)),
         AuthorizationRow.expires_at > now,
         AuthorizationRow.voided_at.is_(None),
@@ -39,23 +57,27 @@ def open_holds(
     )
     if authorization_id is not None:
         query = query.where(AuthorizationRow.authorization_id == authorization_id)
+    elif beneficiaries is not None:
+        after, last = beneficiaries
+        query = query.where(
+            AuthorizationRow.beneficiary_id > after, AuthorizationRow.beneficiary_id <= last
+        )
     else:
         query = query.where(AuthorizationRow.beneficiary_id.in_(beneficiary_ids))
-    rows = list(session.scalars(query))
+    rows = session.execute(query).all()
     funding = {row.authorization_id: parse_funding(row.funding) for row in rows}
-    relationship_ids = sorted({rid for parts in funding.values() for rid, _ in parts})
-    active = (
-        set(
+    known = known_active or {}
+    active = {rid for rid, is_active in known.items() if is_active}
+    unknown = sorted({rid for parts in funding.values() for rid, _ in parts} - known.keys())
+    if unknown:
+        active.update(
             session.scalars(
                 select(RelationshipRow.relationship_id).where(
-                    RelationshipRow.relationship_id.in_(relationship_ids),
+                    RelationshipRow.relationship_id.in_(unknown),
                     RelationshipRow.status == RelationshipStatus.ACTIVE.value,
                 )
             )
         )
-        if relationship_ids
-        else set()
-    )
     holds = []
     for row in rows:
         parts = funding[row.authorization_id]
