@@ -308,3 +308,43 @@ def test_a_page_that_waited_for_a_lock_reads_the_marks_of_the_totals_it_got(
         engine.dispose()
     assert outcome and isinstance(outcome[0], rebuild.RebuildReport), outcome
     assert written == [str(top_up_entry).encode(), b"7500"]
+
+
+def test_a_rebuild_says_how_far_it_has_got(
+    own_server: Harness,
+    families: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A province's rebuild takes minutes: the gauges and a log line a page here (every 10 s in
+    service) say how many beneficiaries are written, of how many, and the time left."""
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    from authz_server.runtime import rebuild_progress
+
+    def gauge(state: str) -> float | None:
+        return REGISTRY.get_sample_value(
+            "medwallet_hot_state_rebuild_beneficiaries", {"state": state}
+        )
+
+    monkeypatch.setattr(rebuild, "BENEFICIARIES_PER_PAGE", 2)
+    monkeypatch.setattr(rebuild_progress, "PROGRESS_LOG_SECONDS", 0.0)
+    started = PagesSeen(monkeypatch, together=None)  # pages of 50 ms: the count ends first
+    redis = EmbeddedRedis(tmp_path / "redis", persistent=False)
+    url = redis.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger=rebuild_progress.__name__):
+            report = _rebuild(own_server, url, 4, own_server.clock())
+    finally:
+        redis.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == rebuild_progress.__name__]
+    assert started.started == len(lines) >= families // 2
+    assert report.beneficiaries >= families
+    assert gauge("done") == report.beneficiaries
+    assert gauge("total") == report.beneficiaries  # nothing related since the count
+    assert f"{report.beneficiaries:,} beneficiaries" in lines[-1]
+    assert f"100% of {report.beneficiaries:,}, about 0 s left" in lines[-1], lines[-1]
+    assert any("% of" in line and "s left" in line for line in lines[:-1]), lines

@@ -169,6 +169,14 @@ hot_state_rebuild_seconds = Gauge(
     "How long this server's last rebuild of the hot state from SQL took.",
     multiprocess_mode="max",
 )
+hot_state_rebuild_beneficiaries = Gauge(
+    "medwallet_hot_state_rebuild_beneficiaries",
+    "How far the rebuild of the hot state from SQL running on (or last run by) this server has "
+    "got: state=done, beneficiaries written; state=total, those with a relationship when it "
+    "began (runtime/rebuild_progress.py).",
+    ["state"],
+    multiprocess_mode="livemostrecent",
+)
 ledger_limit_refusals = Counter(
     "medwallet_ledger_limit_refusals_total",
     "Captures and releases Redis approved that the SQL ledger refused because the quota had"

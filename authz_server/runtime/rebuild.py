@@ -47,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from authz_server.domain.model import QuotaTotals
 from authz_server.domain.types import RelationshipStatus, Scheme
+from authz_server.runtime.rebuild_progress import RebuildProgress, count_beneficiaries
 from authz_server.runtime.reconcile_dissolved import dissolutions_cursor_at
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.quota_sync import on_loop, quota_restore
@@ -151,9 +152,22 @@ async def rebuild_hot_state(
     await database.run(wait_for_journal)
     deleted = await delete_hot_state(redis)
     await _write(redis, witness_commands(f"{REBUILDING}|{generation}"))
-    beneficiaries, quotas, holds = await _write_pages(
-        database, redis, generation, still_owner, clock, pages_in_flight
+    progress = RebuildProgress(generation)
+    counting = asyncio.ensure_future(database.run(count_beneficiaries))  # beside the pages
+    counting.add_done_callback(
+        lambda done: (
+            progress.set_total(done.result())
+            if not done.cancelled() and done.exception() is None
+            else None
+        )
     )
+    try:
+        beneficiaries, quotas, holds = await _write_pages(
+            database, redis, generation, still_owner, clock, pages_in_flight, progress
+        )
+    finally:
+        if not counting.done():
+            counting.cancel()
     if still_owner is not None and not still_owner.is_set():
         raise RebuildAbandoned(generation)
     # After every page, before publishing: a witness naming the generation is younger than all
@@ -212,6 +226,7 @@ async def _write_pages(
     still_owner: asyncio.Event | None,
     clock: Clock,
     pages_in_flight: int | None,
+    progress: RebuildProgress,
 ) -> tuple[int, int, int]:
     """Every beneficiary's page written, up to `pages_in_flight` at once: (beneficiaries, quotas,
     open holds). The pages are listed here in turn (keyset, cheap) and each read under its row
@@ -228,7 +243,9 @@ async def _write_pages(
         if failure is not None:
             raise failure
         for task in done:
-            for index, figure in enumerate(task.result()):
+            page_figures = task.result()
+            progress.page_done(*page_figures)
+            for index, figure in enumerate(page_figures):
                 totals[index] += figure
 
     failed = threading.Event()  # set on its SQL thread by the first page that fails
