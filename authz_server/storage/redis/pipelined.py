@@ -102,11 +102,17 @@ def as_integer(reply: Reply) -> int:
     raise ResponseError(f"expected a number from Redis, got {reply!r}")
 
 
+def answered(reply: Reply) -> Reply:
+    """One reply of execute_many, or its error raised."""
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
+
+
 def all_answered(replies: list[Reply]) -> list[Reply]:
     """The replies of execute_many, or its first error reply raised (as redis-py did)."""
     for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
+        answered(reply)
     return replies
 
 

@@ -13,13 +13,12 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
 
 from authz_server.storage.redis.pipelined import (
     Argument,
     Command,
     PipelinedRedis,
-    Reply,
+    answered,
     as_integer,
     as_list,
     as_text,
@@ -114,10 +113,4 @@ async def unlink(redis: PipelinedRedis, names: list[str]) -> int:
     if not names:
         return 0
     commands: list[Command] = [("UNLINK", *group) for group in by_slot(names)]
-    return sum(as_integer(_raised(reply)) for reply in await redis.execute_many(commands))
-
-
-def _raised(reply: Reply) -> Reply:
-    if isinstance(reply, ResponseError):
-        raise reply
-    return reply
+    return sum(as_integer(answered(reply)) for reply in await redis.execute_many(commands))

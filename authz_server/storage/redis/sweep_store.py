@@ -26,6 +26,7 @@ from authz_server.storage.redis.pipelined import (
     Command,
     PipelinedRedis,
     Reply,
+    answered,
     as_integer,
     as_list,
     as_text,
@@ -84,7 +85,7 @@ class SweepStore:
             # writes its own entry after the removal. Only lowered (LT): never later than
             # what an Authorize wrote meanwhile.
             replies = await guarded(partial(self.commands.execute_many, commands), "expire")
-            _raise_error(replies[0])
+            answered(replies[0])
             back: list[Command] = []
             failure: ResponseError | None = None
             for number, prefix in enumerate(due):
@@ -120,7 +121,7 @@ class SweepStore:
             commands.append(("ZRANGEBYSCORE", capturing, "-inf", before_ms))
             commands.append(("ZRANGE", capturing, 0, 0, "WITHSCORES"))
         replies = await guarded(partial(self.commands.execute_many, commands))
-        _raise_error(replies[0])
+        answered(replies[0])
         found: list[str] = []
         back: list[Command] = []
         for number, prefix in enumerate(due):
@@ -154,8 +155,8 @@ class SweepStore:
         open_holds = 0
         for number, (prefix, kind) in enumerate(slots):
             earliest, size = replies[2 * number], replies[2 * number + 1]
-            _raise_error(earliest)
-            _raise_error(size)
+            answered(earliest)
+            answered(size)
             first = as_list(earliest)
             if not first:
                 continue  # emptied (and so deleted) meanwhile
@@ -180,7 +181,7 @@ class SweepStore:
 
     async def _write_all(self, commands: list[Command]) -> None:
         for reply in await self._execute_in_batches(commands):
-            _raise_error(reply)
+            answered(reply)
 
     async def _execute_in_batches(self, commands: list[Command]) -> list[Reply]:
         """Many commands, COMMANDS_PER_BATCH at a time (one write each), replies in order."""
@@ -208,8 +209,8 @@ class SweepStore:
                 replies = await self._execute_in_batches(commands)
                 back: list[Command] = []
                 for number, prefix in enumerate(batch):
-                    still_open += as_integer(_raise_error(replies[2 * number]))
-                    first = as_list(_raise_error(replies[2 * number + 1]))
+                    still_open += as_integer(answered(replies[2 * number]))
+                    first = as_list(answered(replies[2 * number + 1]))
                     if first:
                         back.append(("ZADD", keys.DUE_HOLDS, "LT", _score(first[1]), prefix))
                 await self._write_all(back)
@@ -226,7 +227,7 @@ class SweepStore:
                 await guarded(lambda: self.commands.load_script(Expire.SCRIPT), "expire")
                 replies = await guarded(partial(self.commands.execute_many, commands), "expire")
             results = [
-                call.unpack(_raise_error(reply)) for call, reply in zip(calls, replies, strict=True)
+                call.unpack(answered(reply)) for call, reply in zip(calls, replies, strict=True)
             ]
             expired += sum(result.expired for result in results)
             # A put-back hold awaiting its settlement is taken but not expired: it moved to its
@@ -272,12 +273,6 @@ def _slot_zset(prefix: str, kind: str) -> str:
 
 def _error(reply: Reply) -> ResponseError | None:
     return reply if isinstance(reply, ResponseError) else None
-
-
-def _raise_error(reply: Reply) -> Reply:
-    if isinstance(reply, ResponseError):
-        raise reply
-    return reply
 
 
 def _score(reply: Reply) -> bytes:
