@@ -700,8 +700,12 @@ class RunResult:
     cpu_seconds: float = 0.0  # this process's CPU (all its threads) from FLUSHALL to serving
 
 
-def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
-    """FLUSHALL, then waits until the guardian trusts Redis again with a new rebuild."""
+def lose_redis(
+    service: Service, phases: Phases, timeout: float, loss: str = "flushall"
+) -> RunResult:
+    """FLUSHALL (or, `loss` "forget", only the published generation deleted: Redis keeps every
+    other key, as a replica promoted with its copy does, and the rebuild must delete them
+    first), then waits until the guardian trusts Redis again with a new rebuild."""
     app = service.app
     before = app.guardian.last_rebuild
     phases.reset()
@@ -709,7 +713,10 @@ def lose_redis(service: Service, phases: Phases, timeout: float) -> RunResult:
     cpu_at = time.process_time()
 
     async def flushall() -> None:
-        await app.pipelined_redis.execute("FLUSHALL")
+        if loss == "forget":
+            await app.pipelined_redis.execute("DEL", keys.GENERATION)
+        else:
+            await app.pipelined_redis.execute("FLUSHALL")
 
     service.run(flushall())
     noticed_at: float | None = None
@@ -957,6 +964,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-holds", type=int, default=20_000, help="part of --decisions")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument(
+        "--loss",
+        choices=("flushall", "forget"),
+        default="flushall",
+        help="how Redis is lost: FLUSHALL, or forget (only the published generation deleted: "
+        "the rebuild deletes every other key first, as after a failover to a replica)",
+    )
+    parser.add_argument(
         "--pages-in-flight",
         default=str(rebuild_module.PAGES_IN_FLIGHT),
         help="comma-separated: the runs take these values in turn (the rebuild's pages read and "
@@ -1016,7 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
                     for number in range(arguments.runs):
                         in_flight = in_flight_values[number % len(in_flight_values)]
                         rebuild_module.PAGES_IN_FLIGHT = in_flight
-                        result = lose_redis(service, phases, arguments.timeout)
+                        result = lose_redis(service, phases, arguments.timeout, arguments.loss)
                         result.checked_quotas = check_sample(
                             service, arguments.check, arguments.seed + number + 1
                         )
@@ -1067,6 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
             "event_loop": arguments.event_loop,
             "beneficiaries_per_page": rebuild_module.BENEFICIARIES_PER_PAGE,
             "pages_in_flight": in_flight_values,
+            "loss": arguments.loss,
         },
         "fill": asdict(fill_report),
         "service_start_seconds": start_seconds,

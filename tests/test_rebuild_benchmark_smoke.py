@@ -1,7 +1,7 @@
 """loadtest/rebuild_benchmark.py at a tiny size: it fills a database consistently, the rebuilds
-after each FLUSHALL put every quota and open hold back, the sampled quotas in Redis equal SQL's,
-and the reconciles while serving find no drift (the script fails otherwise). No timing is
-asserted."""
+after each loss (here the published generation forgotten: the rebuild deletes what Redis kept
+first) put every quota and open hold back, the sampled quotas in Redis equal SQL's, and the
+reconciles while serving find no drift (the script fails otherwise). No timing is asserted."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
     arguments = [
         "--relationships", "400", "--decisions", "6000", "--open-holds", "150", "--runs", "2",
         "--check", "400", "--reconciles", "2", "--out", str(tmp_path), "--pages-in-flight", "1,3",
+        "--loss", "forget",
     ]  # fmt: skip
     database_url = os.environ.get("TEST_DATABASE_URL")
     if database_url:
@@ -28,6 +29,7 @@ def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
     assert [run["open_holds"] for run in document["runs"]] == [150, 150]
     assert all(run["checked_quotas"] == 400 for run in document["runs"])
     assert [run["pages_in_flight"] for run in document["runs"]] == [1, 3]
+    assert all(run["deleted_keys"] > 400 for run in document["runs"])  # Redis kept its keys
     assert [(run["quotas"], run["drifted"]) for run in document["reconciles"]] == [(400, 0)] * 2
     rows = document["fill"]["rows"]
     assert rows["authorizations"] == 6000 and rows["relationships"] == 400
