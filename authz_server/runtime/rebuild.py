@@ -120,6 +120,11 @@ class RebuildAbandoned(Exception):
     """Another server took the rebuild over (this one's lock expired): its result stands."""
 
 
+class RebuildStopped(Exception):
+    """A page not read or not written: another page of its rebuild failed first, or the rebuild
+    was cancelled. That cause is what the rebuild raises."""
+
+
 @dataclass(frozen=True)
 class RebuildReport:
     generation: str
@@ -237,12 +242,17 @@ async def _write_pages(
     loop = asyncio.get_running_loop()
     in_flight: set[asyncio.Task[tuple[int, int, int]]] = set()
     totals = [0, 0, 0]
+    stopped: list[BaseException] = []  # pages a failure stopped: raised if nothing else is
 
     def count(done: set[asyncio.Task[tuple[int, int, int]]]) -> None:
         failure = _first_failure(done)
-        if failure is not None:
+        if failure is not None and not isinstance(failure, RebuildStopped):
             raise failure
         for task in done:
+            error = RebuildStopped(generation) if task.cancelled() else task.exception()
+            if error is not None:
+                stopped.append(error)
+                continue
             page_figures = task.result()
             progress.page_done(*page_figures)
             for index, figure in enumerate(page_figures):
@@ -256,9 +266,11 @@ async def _write_pages(
 
     def page(session: Session, last: str, after: str) -> tuple[int, int, int]:
         if failed.is_set():
-            return 0, 0, 0  # not begun: the failure is raised from its own page's task
+            raise RebuildStopped(generation)  # not begun
         try:
-            return _page(session, (after, last), generation, redis, loop, clock(), write_turn)
+            return _page(
+                session, (after, last), generation, redis, loop, clock(), write_turn, failed
+            )
         except BaseException:
             failed.set()
             raise
@@ -283,10 +295,15 @@ async def _write_pages(
         while in_flight:
             done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             count(done)
+        if stopped:  # a page not written and no other error seen: never published so
+            raise stopped[0]
     finally:
+        # A page failed, the listing did, or the rebuild was cancelled (a server stopping): the
+        # pages handed to a SQL thread but not begun, or waiting for their turn to write, stop.
+        failed.set()
         if in_flight:
-            # A page failed, the listing did, or the rebuild was cancelled: the rest still run
-            # on their SQL threads (a thread is not interrupted) and are waited out.
+            # Those begun still run on their SQL threads (a thread is not interrupted): waited
+            # out, so none is read or written once the rebuild has ended.
             await asyncio.wait(in_flight)
             _first_failure(in_flight)  # their errors read: the first one is already raised
     return totals[0], totals[1], totals[2]
@@ -296,7 +313,9 @@ def _first_failure(tasks: set[asyncio.Task[tuple[int, int, int]]]) -> BaseExcept
     """The first error of these finished tasks, every task's error read (none left to be logged
     as never retrieved)."""
     failures = [task.exception() for task in tasks if not task.cancelled()]
-    return next((failure for failure in failures if failure is not None), None)
+    found = [failure for failure in failures if failure is not None]
+    found.sort(key=lambda failure: isinstance(failure, RebuildStopped))  # the cause first
+    return found[0] if found else None
 
 
 def _page(
@@ -307,6 +326,7 @@ def _page(
     loop: asyncio.AbstractEventLoop,
     now: datetime,
     write_turn: asyncio.Lock,
+    failed: threading.Event,
 ) -> tuple[int, int, int]:
     """One page of beneficiaries, those after beneficiaries[0] up to beneficiaries[1], read under
     their relationships' row locks and written to Redis before those are let go: (beneficiaries,
@@ -363,7 +383,7 @@ def _page(
         known_active={row.relationship_id: row.status == active for row in rows},
     )
     commands = page_commands(generation, quotas, holds, int(now.timestamp() * 1000))
-    replies = on_loop(loop, _write_page(redis, generation, commands, write_turn))
+    replies = on_loop(loop, _write_page(redis, generation, commands, write_turn, failed))
     late = late_page_marks(generation, commands, replies)
     if late:
         # Written over: the page is right now, but what else that late page left (a hold
@@ -384,17 +404,28 @@ async def _still_rebuilding(redis: PipelinedRedis, generation: str) -> bool:
 
 
 async def _write_page(
-    redis: PipelinedRedis, generation: str, commands: list[Command], write_turn: asyncio.Lock
+    redis: PipelinedRedis,
+    generation: str,
+    commands: list[Command],
+    write_turn: asyncio.Lock,
+    failed: threading.Event,
 ) -> list[object]:
     """A page's commands written in its turn. Another server that took the rebuild over (this
     one's lock expired unnoticed: it is renewed every few seconds) has swept Redis since: a page
     written now would be a late page for it, and cost it a rebuild more (LatePageFound). Asked
     once a page, right before its write: at most the page being written while the lock changes
-    hands lands."""
+    hands lands. A page waiting for its turn when another page failed is not written; a
+    write that fails says so before the turn passes on."""
     async with write_turn:
-        if not await _still_rebuilding(redis, generation):
-            raise RebuildAbandoned(generation)
-        return await _write(redis, commands)
+        if failed.is_set():
+            raise RebuildStopped(generation)
+        try:
+            if not await _still_rebuilding(redis, generation):
+                raise RebuildAbandoned(generation)
+            return await _write(redis, commands)
+        except BaseException:
+            failed.set()
+            raise
 
 
 async def _write(redis: PipelinedRedis, commands: list[Command]) -> list[object]:
