@@ -23,7 +23,7 @@ PROGRESS_LOG_SECONDS = 10.0
 def count_beneficiaries(session: Session) -> int:
     """Beneficiaries with a relationship: what a rebuild's pages go through. A scan of every
     relationship (and PostgreSQL's sort for DISTINCT): beside the pages on PostgreSQL, before
-    them on SQLite's one SQL thread (~10 ms a 100,000 here; not measured at 1e7)."""
+    them on SQLite's one SQL thread (its own cost not measured apart from the rebuild's)."""
     return int(
         session.scalar(select(func.count(func.distinct(RelationshipRow.beneficiary_id)))) or 0
     )
