@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from prometheus_client import REGISTRY
@@ -41,7 +41,7 @@ def test_one_hold_released_by_two_overlapping_pages_counts_once(server: Harness)
         stubs.close()
     (quota,) = fam.relationship_ids
     unjournaled_hold(server, fam.beneficiary_id, quota, 4_000)
-    late = datetime.now(UTC) + timedelta(seconds=G + 1)
+    late = server.clock() + timedelta(seconds=G + 1)
     app = server.app
     before = released_metric()
 
