@@ -50,7 +50,7 @@ from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.runtime.rebuild_progress import RebuildProgress, count_beneficiaries
 from authz_server.runtime.reconcile_dissolved import dissolutions_cursor_at
 from authz_server.service.clock import Clock, system_clock
-from authz_server.service.quota_sync import on_loop, quota_restore
+from authz_server.service.quota_sync import ledger_marks_where, on_loop, quota_restore
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import REBUILDING, new_generation
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis
@@ -64,7 +64,7 @@ from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.journal_fence import wait_for_journal
 from authz_server.storage.sql.open_holds import open_holds
 from authz_server.storage.sql.records import utc
-from authz_server.storage.sql.tables import LedgerEntryRow, ParticipantRow, RelationshipRow
+from authz_server.storage.sql.tables import ParticipantRow, RelationshipRow
 
 log = logging.getLogger(__name__)
 # Beneficiaries per page: their relationships stay locked for one round of Redis writes.
@@ -91,17 +91,6 @@ QUOTA_COLUMNS = (
     RelationshipRow.captured_total_fen,
     RelationshipRow.refunded_to_quota_total_fen,
 )
-
-# Each relationship's newest ledger entry (quota_sync.ledger_marks): one index look-up a
-# relationship (~6.7 ms a page of 1,000 on PostgreSQL, against 11-17 ms for a GROUP BY over the
-# page's ids or a join; loadtest/RESULTS.md, "The rebuild's pages in parallel").
-_LEDGER_MARK = (
-    select(func.max(LedgerEntryRow.entry_id))
-    .where(LedgerEntryRow.relationship_id == RelationshipRow.relationship_id)
-    .scalar_subquery()
-    .label("ledger_mark")
-)
-
 
 # Sets KEYS[1] to ARGV[2] if it is ARGV[1]: 1 when it did.
 _PUBLISH = (
@@ -346,17 +335,8 @@ def _page(
         .order_by(RelationshipRow.relationship_id)
         .with_for_update(of=RelationshipRow)
     ).all()
-    # The marks in a statement of their own, once the locks are held: a locked SELECT that
-    # waited for a row returns its newest version (PostgreSQL, READ COMMITTED), but works out
-    # its subqueries in the snapshot it began with, so a mark read beside the row could predate
-    # the totals it goes with (a refund committed while the page waited: its credit, sent to
-    # Redis after the rebuild, would be applied twice). tests/test_rebuild_pages_in_flight.py.
-    marks: dict[str, int | None] = {
-        relationship_id: mark
-        for relationship_id, mark in session.execute(
-            select(RelationshipRow.relationship_id, _LEDGER_MARK).where(in_page)
-        )
-    }
+    # After the locks, not in the locked read: quota_sync.ledger_marks_where says why.
+    marks = ledger_marks_where(session, in_page)
     active = RelationshipStatus.ACTIVE.value
     quotas = [
         quota_restore(
@@ -372,7 +352,7 @@ def _page(
             ),
             activated_at=utc(row.activated_at or row.created_at),
             beneficiary_scheme=Scheme(row.scheme),
-            ledger_mark=marks.get(row.relationship_id) or 0,
+            ledger_mark=marks.get(row.relationship_id, 0),
         )
         for row in rows
     ]
@@ -380,7 +360,7 @@ def _page(
         session,
         now,
         beneficiaries=(after, last),
-        known_active={row.relationship_id: row.status == active for row in rows},
+        known_active={quota.relationship_id: quota.active for quota in quotas},
     )
     commands = page_commands(generation, quotas, holds, int(now.timestamp() * 1000))
     replies = on_loop(loop, _write_page(redis, generation, commands, write_turn, failed))
