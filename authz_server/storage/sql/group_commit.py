@@ -98,7 +98,10 @@ class GroupCommit:
             for work in works:
                 try:
                     with session.begin_nested():
-                        outcomes.append((True, work(session)))
+                        answer = work(session)
+                    # Only once the savepoint is released: its release flushes what the unit
+                    # left unflushed and may fail (a unique key), and then the unit failed.
+                    outcomes.append((True, answer))
                 except OperationalError as error:  # a lock or connection failure: retryable
                     outcomes.append((False, Unavailable(f"the database did not answer: {error}")))
                 except Exception as error:  # this unit only; its savepoint was rolled back
