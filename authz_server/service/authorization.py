@@ -126,6 +126,49 @@ class RefundOutcome:
     parts: tuple[tuple[str, int, bool], ...]
 
 
+def _capture_parts(session: Session, authorization_id: str) -> list[CapturePartRow]:
+    """A capture's parts, last-drawn first (the order refunds go back in), as they are under
+    the capture's lock (records.locked: a unit rolled back earlier in a group commit may have
+    loaded them)."""
+    return list(
+        session.scalars(
+            select(CapturePartRow)
+            .where(CapturePartRow.authorization_id == authorization_id)
+            .order_by(CapturePartRow.position.desc())
+            .execution_options(populate_existing=True)
+        )
+    )
+
+
+def _captured_view(
+    base: AuthorizationView, capture: CaptureRow, parts: list[CapturePartRow]
+) -> AuthorizationView:
+    """The authorization as Get shows it, with its capture's figures as they are now."""
+    return replace(
+        base, status=AuthorizationStatus.CAPTURED, approved_fen=capture.approved_fen,
+        captured_fen=capture.amount_fen, refunded_fen=capture.refunded_fen,
+        captured_funding=tuple((p.relationship_id, p.amount_fen) for p in reversed(parts)),
+        captured_at=records.utc(capture.captured_at),
+    )  # fmt: skip
+
+
+def _refund_made_under(
+    session: Session, authorization_id: str, merchant_id: str, key: str
+) -> RefundRow | None:
+    """A refund of the authorization made under `key` whose idempotency record is gone: purged
+    with its closed month (service/retention.py). The refunds table keeps every refund's key
+    for good, found through the authorization's index, so a retry after the purge is still
+    answered as a retry (the authorization as it is now; the parts were in the purged record)
+    and never refunded again."""
+    return session.scalars(
+        select(RefundRow).where(
+            RefundRow.authorization_id == authorization_id,
+            RefundRow.merchant_id == merchant_id,
+            RefundRow.idempotency_key == key,
+        )
+    ).first()
+
+
 def split_capture(funding: Funding, amount_fen: int) -> Funding:
     """A capture of less than approved is drawn from the funding parts in order."""
     left, parts = amount_fen, []
@@ -883,22 +926,31 @@ class AuthorizationService:
             # refund settles in (storage/sql/settlement_lock.py).
             settlement_lock.for_writing(session)
             now = self.clock()
+            # Refreshed from the row it locks (records.locked): a refused refund earlier in this
+            # group commit may have loaded it, and its savepoint's rollback let the lock go.
+            capture = session.get(
+                CaptureRow, authorization_id, with_for_update=True, populate_existing=True
+            )
+            # The key is looked up after the lock: a retry on another worker while the first
+            # call's transaction is open waits for the lock, then finds its answer (before the
+            # lock it found none and decided the refund anew: refused, or refunded twice).
             replay = idempotency.find(session, call)
             if replay is not None:
                 return replay
-            capture = session.get(CaptureRow, authorization_id, with_for_update=True)
             if capture is None or capture.merchant_id != merchant_id:
                 raise NotFound(f"no capture of authorization {authorization_id}")
+            made = _refund_made_under(session, authorization_id, merchant_id, call.key)
+            if made is not None:  # its record was purged with its closed month
+                if made.amount_fen != amount_fen:
+                    raise IdempotencyKeyReused(call.key)
+                parts = _capture_parts(session, authorization_id)
+                return RefundOutcome(_captured_view(base, capture, parts), ())
             if capture.refunded_fen + amount_fen > capture.amount_fen:
                 raise PolicyRefusal(
                     "REFUND_EXCEEDS_CAPTURED",
                     f"only {capture.amount_fen - capture.refunded_fen} fen can still be refunded",
                 )
-            capture_parts = session.scalars(
-                select(CapturePartRow)
-                .where(CapturePartRow.authorization_id == authorization_id)
-                .order_by(CapturePartRow.position.desc())
-            ).all()
+            capture_parts = _capture_parts(session, authorization_id)
             left, done = amount_fen, []
             for part in capture_parts:
                 take = min(left, part.amount_fen - part.refunded_fen)
@@ -934,14 +986,7 @@ class AuthorizationService:
                     created_at=now,
                 )
             )
-            view = replace(
-                base, status=AuthorizationStatus.CAPTURED, approved_fen=capture.approved_fen,
-                captured_fen=capture.amount_fen, refunded_fen=capture.refunded_fen,
-                captured_funding=tuple((p.relationship_id, p.amount_fen)
-                                       for p in reversed(capture_parts)),
-                captured_at=records.utc(capture.captured_at),
-            )  # fmt: skip
-            outcome = RefundOutcome(view, tuple(done))
+            outcome = RefundOutcome(_captured_view(base, capture, capture_parts), tuple(done))
             idempotency.remember(session, call, outcome, now)
             return outcome
 

@@ -1,11 +1,14 @@
 """Dropping the engine's idempotency records (and Redis's settled authorizations), which is
 allowed only for closed months.
 
-A record must answer a retry at least until the month of its operation is settled; after that
-a retry would be a new payment in a closed month, which settlement cannot take anyway. Dropped:
-Authorize records in Redis and Capture/Refund records in SQL created before the end of the
-latest closed month, and the settled authorizations' hashes in Redis (the journal has them).
-The decision journal (authorizations) and the ledger are kept.
+A record answers a retry with the first response at least until the month of its operation is
+settled. Dropped: Authorize records in Redis and Capture/Refund records in SQL created before
+the end of the latest closed month, and the settled authorizations' hashes in Redis (the journal
+has them). The decision journal (authorizations) and the ledger are kept. A retry that comes
+after the purge (a till retrying minutes after a close at midnight) still pays nothing twice:
+an Authorize's key is the journal's unique key, a capture's authorization is captured already,
+and a refund's key stays on its row in the refunds table (service/authorization.py
+_refund_made_under): it is answered with the authorization as it is now.
 """
 
 from __future__ import annotations

@@ -184,7 +184,12 @@ class SettlementService:
         # One close at a time (PostgreSQL: the row lock below locks nothing while the month's
         # row does not exist yet).
         settlement_lock.for_closing(session)
-        if session.get(SettlementMonthRow, str(month), with_for_update=True) is not None:
+        if (
+            session.get(
+                SettlementMonthRow, str(month), with_for_update=True, populate_existing=True
+            )
+            is not None
+        ):
             return self._report(session, month), True
         check_closable(month, writers_done_at, self._earliest_open(session))
         times = {"starts_at": month.starts_at, "ends_at": month.ends_at}

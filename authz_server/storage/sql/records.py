@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import NotFound
@@ -24,6 +25,8 @@ from authz_server.storage.sql.tables import (
     ParticipantRow,
     RelationshipRow,
 )
+
+T = TypeVar("T")
 
 
 def utc(moment: datetime) -> datetime:
@@ -71,9 +74,19 @@ def relationship(row: RelationshipRow) -> Relationship:
     )
 
 
+def locked(query: Select[T]) -> Select[T]:
+    """`query` FOR UPDATE, its rows' objects refreshed from what it locked. The ORM leaves an
+    object already in the session as it was loaded (populate_existing is not implied by the
+    lock): a row loaded before, whose lock a rolled-back savepoint let go (a refused unit of a
+    group commit), or loaded without one, would be decided on as it was then while PostgreSQL
+    has a newer version committed since (READ COMMITTED). Unflushed changes are flushed first
+    (autoflush), so refreshing loses none."""
+    return query.with_for_update().execution_options(populate_existing=True)
+
+
 def participant_row(session: Session, participant_id: str, *, lock: bool = False) -> ParticipantRow:
     query = select(ParticipantRow).where(ParticipantRow.participant_id == participant_id)
-    row = session.scalars(query.with_for_update() if lock else query).one_or_none()
+    row = session.scalars(locked(query) if lock else query).one_or_none()
     if row is None:
         raise NotFound(f"participant {participant_id} not found")
     return row
@@ -83,7 +96,7 @@ def relationship_row(
     session: Session, relationship_id: str, *, lock: bool = False
 ) -> RelationshipRow:
     query = select(RelationshipRow).where(RelationshipRow.relationship_id == relationship_id)
-    row = session.scalars(query.with_for_update() if lock else query).one_or_none()
+    row = session.scalars(locked(query) if lock else query).one_or_none()
     if row is None:
         raise NotFound(f"relationship {relationship_id} not found")
     return row

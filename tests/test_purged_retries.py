@@ -1,0 +1,72 @@
+"""A retry after its month was closed and its idempotency record purged (`purge-idempotency`,
+run after each close: service/retention.py). A refund's retry is still a retry: the refunds
+table keeps each refund's key, so it is answered with the authorization as it is now and
+nothing is refunded again (an audit found it refunded a second time: money back to the quota
+twice, the merchant charged twice, when the till's retry came minutes after the close)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authz_server.generated.medwallet.v1 import authorization_pb2
+from authz_server.service.retention import purge_closed_months
+from tests import factories
+from tests.harness import new_id
+from tests.test_settlement_races import HOSPITAL, World
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> Iterator[World]:
+    world = World(tmp_path)
+    yield world
+    world.close()
+
+
+def test_a_refund_retried_after_its_month_was_closed_and_purged_refunds_once(
+    world: World,
+) -> None:
+    app = world.harness.app
+    world.at(2025, 1, 31, 21)
+    world.capture()  # 1,000 fen captured on 31 January
+    request = authorization_pb2.RefundRequest(
+        authorization_id=world.hold.authorization_id,
+        amount_fen=400,
+        idempotency_key=new_id("refund"),
+    )
+    world.at(2025, 1, 31, 23, 59, 59)
+    first = world.authorizations.Refund(request, metadata=HOSPITAL)
+    assert first.authorization.refunded_amount_fen == 400
+
+    # The operator closes January just after midnight and purges, as the README says to.
+    world.at(2025, 2, 1, 0, 5)
+    assert world.settled("2025-01") == (1_000, 400)
+    purged = world.harness.run(purge_closed_months(app.database, app.pipelined_redis))
+    assert purged.through_month == "2025-01" and purged.sql_records >= 1
+
+    # The till never saw the first answer (a timeout, a crash) and retries with the same key.
+    world.at(2025, 2, 1, 0, 10)
+    again = world.authorizations.Refund(request, metadata=HOSPITAL)
+    # refunded 400, once (its created_at now comes from SQL's journal, to the microsecond: the
+    # settled authorization was purged from Redis too)
+    for answer in (first, again):
+        answer.authorization.ClearField("created_at")
+    assert again.authorization == first.authorization
+    assert list(again.parts) == []  # where it went was in the purged record
+    assert world.in_ledger("REFUND_TO_QUOTA", "REFUND_TO_ACCOUNT") == 400
+
+    # The same key for another amount is another request: refused, nothing refunded.
+    other = authorization_pb2.RefundRequest()
+    other.CopyFrom(request)
+    other.amount_fen = 300
+    with pytest.raises(grpc.RpcError) as refused:
+        world.authorizations.Refund(other, metadata=HOSPITAL)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert factories.error_info(refused.value).reason == "IDEMPOTENCY_KEY_REUSED"
+    assert world.in_ledger("REFUND_TO_QUOTA", "REFUND_TO_ACCOUNT") == 400
+    # February's settlement has no refund of it either.
+    world.at(2025, 3, 1, 0, 5)
+    assert world.settled("2025-02") == (0, 0)
