@@ -73,6 +73,21 @@ def call_for(authorization_id: str, fen: int) -> tuple[int, Idempotency[Any]]:
     return fen, call
 
 
+def second_worker(world: World) -> tuple[Any, GroupCommit]:
+    """Another worker: the same service code with a group commit (a transaction) of its own;
+    the caller stops the group commit."""
+    harness = world.harness
+    other_commit = GroupCommit(harness.app.database)
+
+    async def start() -> None:
+        other_commit.start()
+
+    harness.run(start())
+    other_worker = copy.copy(harness.app.authorizations)
+    other_worker.group_commit = other_commit
+    return other_worker, other_commit
+
+
 @postgresql_only
 def test_a_refund_after_a_refused_one_in_its_batch_cannot_exceed_the_capture(
     world: World,
@@ -83,16 +98,7 @@ def test_a_refund_after_a_refused_one_in_its_batch_cannot_exceed_the_capture(
     world.capture()  # 1,000 fen captured
     authorization_id = world.hold.authorization_id
     service = app.authorizations
-
-    # A second worker: the same code with a group commit (a transaction) of its own.
-    other_commit = GroupCommit(app.database)
-
-    async def start() -> None:
-        other_commit.start()
-
-    harness.run(start())
-    other_worker = copy.copy(service)
-    other_worker.group_commit = other_commit
+    other_worker, other_commit = second_worker(world)
 
     batch = service.group_commit
     waiting: list[tuple[Any, asyncio.Future[Any]]] = []
@@ -149,22 +155,9 @@ def test_a_refund_after_a_refused_one_in_its_batch_cannot_exceed_the_capture(
         batch.submit = real_submit  # type: ignore[method-assign]
         harness.run(other_commit.stop())
 
-    def state(session: Any) -> tuple[int, int, int]:
-        capture = session.get(CaptureRow, authorization_id)
-        rows = session.scalar(
-            select(func.coalesce(func.sum(RefundRow.amount_fen), 0)).where(
-                RefundRow.authorization_id == authorization_id
-            )
-        )
-        ledger = session.scalar(
-            select(func.coalesce(func.sum(LedgerEntryRow.amount_fen), 0)).where(
-                LedgerEntryRow.authorization_id == authorization_id,
-                LedgerEntryRow.kind.in_(["REFUND_TO_QUOTA", "REFUND_TO_ACCOUNT"]),
-            )
-        )
-        return int(capture.refunded_fen), int(rows), int(ledger)
-
-    refunded_fen, refund_rows_fen, ledger_fen = app.database.transaction(state)
+    refunded_fen, refund_rows_fen, ledger_fen = app.database.transaction(
+        lambda session: _totals(session, authorization_id)
+    )
     # 1,000 captured; the other worker refunded 600: a second 600 is beyond the capture.
     assert (second, refunded_fen, refund_rows_fen, ledger_fen) == (
         "REFUND_EXCEEDS_CAPTURED",
@@ -192,14 +185,7 @@ def test_a_refund_retried_on_another_worker_while_the_first_commits_gets_the_fir
     world.capture()  # 1,000 fen captured
     authorization_id = world.hold.authorization_id
     service = app.authorizations
-    other_commit = GroupCommit(app.database)
-
-    async def start() -> None:
-        other_commit.start()
-
-    harness.run(start())
-    other_worker = copy.copy(service)
-    other_worker.group_commit = other_commit
+    other_worker, other_commit = second_worker(world)
     fen, call = call_for(authorization_id, refund_fen)  # a refund, and its retry
     retry: list[Any] = []
     batch = service.group_commit
@@ -263,6 +249,7 @@ def test_a_refund_retried_on_another_worker_while_the_first_commits_gets_the_fir
 
 
 def _totals(session: Any, authorization_id: str) -> tuple[int, int, int]:
+    """(the capture's refunded figure, the refunds' rows, the ledger's refund rows), in fen."""
     capture = session.get(CaptureRow, authorization_id)
     rows = session.scalar(
         select(func.coalesce(func.sum(RefundRow.amount_fen), 0)).where(
