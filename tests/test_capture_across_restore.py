@@ -11,7 +11,14 @@ part: where the restore capped held at unused (a hold larger than what the captu
 overstated available (Redis approving money SQL does not have). A restore before the commit
 still sees the money unused: the part is released as taken, as before. Found by an audit; every
 test here fails without the fix but the one with the restore before the commit (and the
-limit's case that recounts)."""
+limit's case that recounts).
+
+The put-back hold does not know the key of the capture that finishes it (its claim was lost with
+Redis), or knows that of a later claim whose write found the capture in SQL: a retry with the
+capture's key was refused ALREADY_CAPTURED, and one with the later claim's key
+IDEMPOTENCY_KEY_REUSED. Now a capture answered ALREADY_CAPTURED gets its key's stored answer
+first, and a key captured in Redis whose answer SQL does not have is refused ALREADY_CAPTURED
+(the last two tests; found by a later audit, each fails without that fix)."""
 
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from authz_server.service.capture_writer import CaptureUnit, CaptureWriter
 from authz_server.service.ports import CaptureOutcome, Finish
 from authz_server.service.quota_sync import restore_from_ledger
 from authz_server.storage.redis import script_io
-from tests.harness import Harness, lose_redis
+from tests.harness import Harness, lose_redis, new_id
 from tests.test_authorization_recovery import hot_figures, ledger
 from tests.test_authorization_rules import (
     APPROVED,
@@ -59,11 +66,13 @@ def merchants(registry: Any) -> None:
 class PausedCapture:
     """A capture of one authorization, claimed in Redis, paused at two of its real steps: its
     SQL write (CaptureWriter.submit) until `write` is set, and its hold's first finish as
-    CAPTURED (HoldStore.capture_finish, after SQL committed) until `finish` is set."""
+    CAPTURED (HoldStore.capture_finish, after SQL committed) until `finish` is set. `key`: its
+    idempotency key, as its till sent it (its retry sends it again)."""
 
     def __init__(self, harness: Harness, authorizations: Any, authorization_id: str) -> None:
         self.authorizations = authorizations
         self.authorization_id = authorization_id
+        self.key = new_id("capture")
         self.writer: CaptureWriter = harness.app.authorizations.captures
         self.holds = harness.app.holds
         self.real_submit = self.writer.submit
@@ -99,7 +108,9 @@ class PausedCapture:
 
         def capture_it() -> None:
             try:
-                answer = capture(self.authorizations, HOSPITAL, self.authorization_id, amount_fen)
+                answer = capture(
+                    self.authorizations, HOSPITAL, self.authorization_id, amount_fen, key=self.key
+                )
                 self.outcomes.append(answer)
             except grpc.RpcError as error:
                 self.outcomes.append(error.code())
@@ -415,5 +426,69 @@ def test_the_sweeper_settles_a_put_back_hold_claimed_again_after_a_restore_right
     )
     assert claim.outcome is CaptureOutcome.OK
     harness.run(settle_capture(app.database, app.holds, held.authorization_id))
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+    redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+
+
+def test_a_same_key_retry_of_a_capture_committed_across_a_redis_loss_gets_its_answer(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    paused: Callable[[str], PausedCapture],
+) -> None:
+    """The till's capture is claimed, Redis is lost and rebuilt (the hold put back PENDING,
+    rs = 1, without the capture's key), the capture commits in SQL and finishes the put-back
+    hold as CAPTURED. The till, whose call timed out while the finish waited for the rebuild,
+    retries with the same key and request: it gets its stored answer, as every retry does.
+    Before the fix (found by an audit) it was refused FAILED_PRECONDITION ALREADY_CAPTURED
+    (capture_begin.lua compared its key with the hold's): told another capture had taken the
+    payment its own capture made. Another key is still refused."""
+    fam = family(registry, relationships, 20_000)
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    step = paused(held.authorization_id)
+    step.commit_across_redis_loss(harness, 12_000)
+    first = step.end()
+    assert (first.status, first.captured_amount_fen) == (CAPTURED, 12_000)
+
+    assert capture(authorizations, HOSPITAL, held.authorization_id, 12_000, key=step.key) == first
+    refused(
+        lambda: capture(authorizations, HOSPITAL, held.authorization_id, 12_000),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_CAPTURED",
+    )
+
+
+def test_a_key_whose_claim_of_the_put_back_hold_found_it_captured_is_refused_again(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    paused: Callable[[str], PausedCapture],
+) -> None:
+    """The first capture commits across a Redis loss, its finish paused. A second till (another
+    key) claims the put-back hold; its write finds the capture in SQL: refused ALREADY_CAPTURED,
+    the hold finished CAPTURED in its claim (so under its key). Its retry with the same key and
+    request was answered ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED before the fix (capture_begin.lua:
+    REPLAY, and SQL has no answer for the key), as if it had sent another request; now it is
+    refused ALREADY_CAPTURED again. The first till's retry gets its stored answer."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    step = paused(held.authorization_id)
+    step.commit_across_redis_loss(harness, 12_000)  # committed; its finish paused
+    committed(harness, relationship_id, 8_000)
+    second_key = new_id("capture")
+    for _ in range(2):  # its first call, then its retry
+        refused(
+            lambda: capture(
+                authorizations, HOSPITAL, held.authorization_id, 12_000, key=second_key
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ALREADY_CAPTURED",
+        )
+    first = step.end()
+    assert (first.status, first.captured_amount_fen) == (CAPTURED, 12_000)
+    assert capture(authorizations, HOSPITAL, held.authorization_id, 12_000, key=step.key) == first
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
     redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)

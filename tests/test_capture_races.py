@@ -2,13 +2,17 @@
 old claim, or for a claim still live, reopened a hold whose capture SQL then committed (the
 merchant was told "captured"; a void or expiry then gave the money back to the quota, and Redis
 showed more than SQL): a slow sweeper racing a till's same-key retry, and a reconcile run while
-servers serve. Found by an audit; each test fails on the code before its fix."""
+servers serve. And a claim still being written, which may yet fail, was taken for a capture: a
+void, or a capture under another key, that found the hold CAPTURING was answered
+ALREADY_CAPTURED (now UNAVAILABLE, retry). Found by audits; each test fails on the code before
+its fix."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -33,6 +37,7 @@ from tests.test_authorization_rules import (
     register_merchants,
     void,
 )
+from tests.test_capture_across_restore import PausedCapture, let_go_after
 
 
 def register(registry: Any) -> None:
@@ -174,3 +179,55 @@ def test_a_void_while_the_capture_is_written_is_told_to_retry_not_already_captur
     assert void(authorizations, HOSPITAL, authorization_id).status == pb.AUTHORIZATION_STATUS_VOIDED
     available, held = hot_figures(harness, fam.beneficiary_id, fam.relationship_ids[0])
     assert (available, held) == (20_000, 0)
+
+
+@pytest.fixture()
+def paused(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], PausedCapture]]:
+    yield from let_go_after(PausedCapture, harness, authorizations)
+
+
+@pytest.mark.parametrize("voided_first", [True, False], ids=["void-wins", "capture-wins"])
+def test_a_capture_with_another_key_while_a_claim_is_written_is_told_to_retry(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    paused: Callable[[str], PausedCapture],
+    voided_first: bool,
+) -> None:
+    """Capture A is claimed (CAPTURING), its SQL write not yet done. Capture B, another key (a
+    cashier pasting the README's `--fresh-key` capture again), was answered FAILED_PRECONDITION
+    ALREADY_CAPTURED (found by an audit); then a Void committed first in SQL, A was refused
+    ALREADY_VOIDED and the hold ended VOIDED, nothing captured and all the money back in the
+    quota: till B had been told the payment was taken (goods leave, the merchant is never
+    paid). Now B is answered UNAVAILABLE, as a Void is, and its retry gets what A came to:
+    ALREADY_VOIDED, or ALREADY_CAPTURED once A's capture is really there."""
+    register(registry)
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    step = paused(held.authorization_id)
+    step.start(0)  # claimed (CAPTURING); its SQL write waits
+    second_key = new_id("capture")
+
+    def capture_b() -> Any:
+        return capture(authorizations, HOSPITAL, held.authorization_id, 12_000, key=second_key)
+
+    with pytest.raises(grpc.RpcError) as told:
+        capture_b()
+    assert told.value.code() == grpc.StatusCode.UNAVAILABLE, told.value.details()
+    if voided_first:
+        with pytest.raises(grpc.RpcError) as told:  # SQL marked voided: A will be refused
+            void(authorizations, HOSPITAL, held.authorization_id)
+        assert told.value.code() == grpc.StatusCode.UNAVAILABLE, told.value.details()
+    first = step.end()
+    if voided_first:
+        assert first == grpc.StatusCode.FAILED_PRECONDITION  # ALREADY_VOIDED
+        final = get(authorizations, HOSPITAL, held.authorization_id)
+        assert (final.status, final.captured_amount_fen) == (pb.AUTHORIZATION_STATUS_VOIDED, 0)
+        assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (20_000, 0)
+        refused(capture_b, grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_VOIDED")
+    else:
+        assert (first.status, first.captured_amount_fen) == (CAPTURED, 12_000)
+        assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+        refused(capture_b, grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_CAPTURED")

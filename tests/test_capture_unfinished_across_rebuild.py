@@ -8,7 +8,12 @@ rebuild lists every hold it puts back in its slot's capturing zset (keys.capturi
 capture index; the sweeper settles each as SQL says once STALE_CAPTURE_SECONDS have passed
 (service/capture_recovery.settle_capture), and expiry waits for that settlement (lua/_lib.lua
 expire_due, up to the hold's bound sb). Found by an audit; every test here fails without the
-change (the first with Redis at (20,000, 0) against SQL's 8,000 unused)."""
+change (the first with Redis at (20,000, 0) against SQL's 8,000 unused).
+
+Past its expiry, such a hold was answered expired (a void) or settled and expired (a capture)
+even while a capture claimed in the lost Redis could still commit; now UNAVAILABLE until
+CAPTURE_WRITE_DEADLINE_SECONDS after its put-back (lua/_lib.lua lost_claim_may_commit; the tests
+of a lost claim that may commit, found by a later audit, fail without that fix)."""
 
 from __future__ import annotations
 
@@ -26,7 +31,13 @@ from authz_server.domain.errors import Unavailable
 from authz_server.domain.hot_state import OpenHold
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.service.capture_writer import CaptureUnit
-from authz_server.service.ports import CaptureOutcome, HoldStatus, QuotaRestore, VoidOutcome
+from authz_server.service.ports import (
+    CAPTURE_WRITE_DEADLINE_SECONDS,
+    CaptureOutcome,
+    HoldStatus,
+    QuotaRestore,
+    VoidOutcome,
+)
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.rebuild_writer import page_commands
 from authz_server.storage.redis.script_io import (
@@ -87,7 +98,6 @@ class DeadCapture(PausedCapture):
     and is settled as SQL says)."""
 
     never_written = False  # set: the process dies before the SQL write, not after it
-    key = ""  # the capture's idempotency key, as its till sent it (its retry sends it again)
 
     async def _wait(self, event: threading.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -98,8 +108,6 @@ class DeadCapture(PausedCapture):
     async def submit(self, unit: CaptureUnit) -> Any:
         if unit.authorization_id != self.authorization_id:
             return await self.real_submit(unit)
-        assert unit.call is not None
-        self.key = unit.call.key
         self.claimed.set()
         await self._wait(self.write)
         if self.never_written:
@@ -278,7 +286,9 @@ def test_a_void_of_the_expired_put_back_hold_is_answered_expired_and_gives_nothi
 ) -> None:
     """A Void after the expiry, before the settlement, of a hold whose capture SQL does not
     have (its write never came; one SQL has is answered ALREADY_CAPTURED and finished as SQL
-    says, as before: tests/test_capture_across_restore.py). SQL answers EXPIRED; void.lua must
+    says, as before: tests/test_capture_across_restore.py), put back more than
+    CAPTURE_WRITE_DEADLINE_SECONDS before (so no capture claimed before can commit any more;
+    until then UNAVAILABLE, as the test after this one shows). SQL answers EXPIRED; void.lua must
     neither void the hold (answering OK for an expired one) nor release it before its
     settlement. Once settled open it expires."""
     fam = family(registry, relationships, 20_000)
@@ -308,16 +318,82 @@ def test_a_void_of_the_expired_put_back_hold_is_answered_expired_and_gives_nothi
     redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
 
 
+@pytest.fixture()
+def paused(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], PausedCapture]]:
+    yield from let_go_after(PausedCapture, harness, authorizations)
+
+
+@pytest.mark.parametrize("call", ["void", "capture"])
+@pytest.mark.parametrize("commits", [True, False], ids=["its-write-commits", "too-late-to"])
+def test_past_the_expiry_a_put_back_hold_whose_lost_claim_may_commit_is_told_to_retry(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    paused: Callable[[str], PausedCapture],
+    call: str,
+    commits: bool,
+) -> None:
+    """A capture is claimed 2 s before the hold's expiry; Redis is lost and rebuilt while its
+    SQL write is under way (the hold put back PENDING, rs = 1, awaiting its settlement). Just
+    past the expiry the till, its capture call timed out, voids (or another till captures).
+    Before the fix (found by an audit) the void was answered FAILED_PRECONDITION
+    AUTHORIZATION_EXPIRED (SQL: expired, no capture yet, no void mark; void.lua: awaiting its
+    settlement, past its expiry), and the capture was settled as not captured and refused
+    AUTHORIZATION_EXPIRED; then the first capture's write committed (within
+    CAPTURE_WRITE_DEADLINE_SECONDS of its claim) and the family's quota was charged 12,000: the
+    till was told nothing was taken for money that was. Without the Redis loss the same void is
+    answered UNAVAILABLE (CAPTURE_IN_PROGRESS); so it is now, until no capture claimed in the
+    lost Redis can commit any more (CAPTURE_WRITE_DEADLINE_SECONDS after the put-back): then
+    the retry gets ALREADY_CAPTURED, or AUTHORIZATION_EXPIRED as before."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
+    hold = harness.run(harness.app.holds.get(held.authorization_id))
+    assert hold is not None
+    harness.clock.advance((hold.expires_ms - now_ms_of(harness)) / 1000 - 2)
+    step = paused(held.authorization_id)
+    rebuilt_after_ms = now_ms_of(harness)
+    step.start(0)  # claimed before the expiry; its SQL write waits
+    lose_redis(harness)  # the claim lost with Redis: the hold put back PENDING, rs = 1
+    assert awaiting_settlement(harness, held.authorization_id)
+    past_expiry(harness, held.authorization_id, rebuilt_after_ms)
+
+    def void_or_capture() -> Any:
+        if call == "void":
+            return void(authorizations, HOSPITAL, held.authorization_id)
+        return capture(authorizations, HOSPITAL, held.authorization_id, 12_000)
+
+    with pytest.raises(grpc.RpcError) as told:
+        void_or_capture()
+    assert told.value.code() == grpc.StatusCode.UNAVAILABLE, told.value.details()
+    if commits:
+        first = step.end()  # its write goes on and commits
+        assert (first.status, first.captured_amount_fen) == (CAPTURED, 12_000)
+        assert unused_in_sql(harness, relationship_id) == 8_000
+        refused(void_or_capture, grpc.StatusCode.FAILED_PRECONDITION, "ALREADY_CAPTURED")
+        assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
+        redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
+    else:
+        harness.clock.advance(CAPTURE_WRITE_DEADLINE_SECONDS)  # its write can no longer commit
+        refused(void_or_capture, grpc.StatusCode.FAILED_PRECONDITION, "AUTHORIZATION_EXPIRED")
+        assert step.end() == grpc.StatusCode.UNAVAILABLE  # it waited too long to be written
+        assert unused_in_sql(harness, relationship_id) == 20_000
+
+
 # --- the scripts themselves, on a private redis-server (tests/test_sweeper_index.py's Store) ---
 
 
-async def put_back(store: Store, fen: int, *, holds: int = 1) -> tuple[str, str, list[str]]:
-    """A beneficiary with a quota of `fen` and `holds` holds of 1,000 fen each, written as a
-    rebuild's page writes them at NOW_MS (page_commands): put back, listed for the sweeper.
-    Returns (beneficiary, relationship, authorization ids)."""
+async def put_back(
+    store: Store, fen: int, *, holds: int = 1, expires_in_ms: int = MINUTE_MS
+) -> tuple[str, str, list[str]]:
+    """A beneficiary with a quota of `fen` and `holds` holds of 1,000 fen each, expiring
+    `expires_in_ms` after NOW_MS, written as a rebuild's page writes them at NOW_MS
+    (page_commands): put back, listed for the sweeper. Returns (beneficiary, relationship,
+    authorization ids)."""
     beneficiary_id, relationship_id = await store.quota(fen)
     created = datetime.fromtimestamp(NOW_MS / 1000, UTC)
-    expires = created + timedelta(minutes=1)
+    expires = created + timedelta(milliseconds=expires_in_ms)
     open_holds = [
         OpenHold(
             authorization_id=keys.new_authorization_id(beneficiary_id),
@@ -434,6 +510,35 @@ def test_a_capture_or_void_after_the_expiry_leaves_an_awaiting_hold_for_its_sett
         assert not await store.holds.clear_capture(early, EXPIRES_MS)  # the claim's: left
         assert await store.admin.zscore(capturing, early) == NOW_MS + 1
         assert await store.figures(beneficiary_id, relationship_id) == (8_000, 2_000)
+
+    run(redis_url, body)
+
+
+def test_past_its_expiry_a_put_back_hold_is_in_progress_while_a_lost_claim_may_commit(
+    redis_url: str,
+) -> None:
+    """A put-back hold that expires sooner after the rebuild than CAPTURE_WRITE_DEADLINE_SECONDS:
+    a capture claimed in the Redis that was lost may commit until then (lua/_lib.lua
+    lost_claim_may_commit), so a capture or void past its expiry is told one is in progress;
+    from the deadline on, STALLED and AUTHORIZATION_EXPIRED as above."""
+    deadline_ms = CAPTURE_WRITE_DEADLINE_SECONDS * 1000
+
+    async def body(store: Store) -> None:
+        beneficiary_id, relationship_id, (held,) = await put_back(
+            store, 10_000, expires_in_ms=deadline_ms // 2
+        )
+        for now_ms in (NOW_MS + deadline_ms // 2, NOW_MS + deadline_ms - 1):
+            claim = await store.holds.capture_begin(held, "sweeper-merchant", "c1", 0, now_ms)
+            assert claim.outcome == CaptureOutcome.IN_PROGRESS
+            void = await store.holds.void(held, "sweeper-merchant", now_ms)
+            assert void == VoidOutcome.CAPTURE_IN_PROGRESS
+        now_ms = NOW_MS + deadline_ms
+        claim = await store.holds.capture_begin(held, "sweeper-merchant", "c1", 0, now_ms)
+        assert claim.outcome == CaptureOutcome.STALLED
+        void = await store.holds.void(held, "sweeper-merchant", now_ms)
+        assert void == VoidOutcome.AUTHORIZATION_EXPIRED
+        assert await store.status(held) == "PENDING"  # left for its settlement
+        assert await store.figures(beneficiary_id, relationship_id) == (9_000, 1_000)
 
     run(redis_url, body)
 

@@ -644,28 +644,42 @@ class AuthorizationService:
                 )
             return await self._capture_without_hold(merchant_id, authorization_id, call)
         if claim.outcome is CaptureOutcome.REPLAY:
-            return await self._capture_replay(call)
+            return await self._capture_replay(authorization_id, call)
         if claim.outcome is CaptureOutcome.STALLED and not resumed:
-            # Our own earlier attempt lost its way between SQL and Redis, or the hold, put back
-            # by a rebuild and past its expiry, awaits its settlement (a capture claimed before
-            # the loss may have committed): settle it as SQL says, then answer this retry as if
-            # it came first or again. Its key's answer first: a hold put back and settled
-            # CAPTURED does not know the key its capture had.
+            # A claim of it (this key's earlier attempt, or another key's) lost its way between
+            # SQL and Redis, or the hold, put back by a rebuild and past its expiry, awaits its
+            # settlement (a capture claimed before the loss may have committed): settle it as
+            # SQL says, then answer this retry as if it came first or again. Its key's answer
+            # first: a hold put back and settled CAPTURED does not know the key its capture had.
             await settle_capture(self.database, self.holds, authorization_id)
             replay = await self.database.run(lambda session: idempotency.find(session, call))
             if replay is not None:
                 return replay
             return await self.capture(merchant_id, authorization_id, amount_fen, call, True)
         if claim.outcome is CaptureOutcome.IN_PROGRESS:
-            # The same key's capture is under way, or committed and lost its Redis step (a
-            # stall): once SQL has its answer, the hold is finished as SQL says and the retry
-            # gets that answer, rather than waiting STALE_CAPTURE_SECONDS for the sweeper.
+            # A capture of it is under way: this key's, or committed and lost its Redis step (a
+            # stall), or another key's, which may still fail (a Void marked SQL first), so this
+            # till is not told ALREADY_CAPTURED; or a capture claimed in the Redis that was lost
+            # may still commit to a put-back hold. Once SQL has this key's answer (its capture
+            # committed; the hold put back, claimed since by another key), the hold is finished
+            # as SQL says and the retry gets that answer, rather than waiting
+            # STALE_CAPTURE_SECONDS for the sweeper.
             replay = await self.database.run(lambda session: idempotency.find(session, call))
             if replay is not None:
                 await settle_capture(self.database, self.holds, authorization_id)
                 return replay
         if claim.outcome in (CaptureOutcome.IN_PROGRESS, CaptureOutcome.STALLED):
-            raise Unavailable("this capture is still being written; retry with the same key")
+            raise Unavailable(
+                "a capture of this authorization is still being written; retry with the same key"
+            )
+        if claim.outcome is CaptureOutcome.ALREADY_CAPTURED:
+            # Redis has it captured, not under this key as far as it knows: a hold a rebuild put
+            # back does not know the key its capture had (its claim was lost with Redis), and
+            # keeps the key of a later claim that SQL's capture finished. This key's own answer
+            # first, when SQL has it (its request the same, or IDEMPOTENCY_KEY_REUSED).
+            replay = await self.database.run(lambda session: idempotency.find(session, call))
+            if replay is not None:
+                return replay
         if claim.outcome in CAPTURE_REFUSALS:
             raise PolicyRefusal(claim.outcome, f"authorization {authorization_id}: {claim.outcome}")
         if claim.outcome is CaptureOutcome.CAPTURE_EXCEEDS_APPROVED:
@@ -824,10 +838,18 @@ class AuthorizationService:
         reason = state[1]
         raise PolicyRefusal(reason, f"authorization {authorization_id}: {reason}")
 
-    async def _capture_replay(self, call: Idempotency[AuthorizationView]) -> bytes:
+    async def _capture_replay(
+        self, authorization_id: str, call: Idempotency[AuthorizationView]
+    ) -> bytes:
+        """Redis has the hold captured under this key: SQL has the key's answer. Unless the
+        capture SQL has is another key's, which finished this key's claim (a hold a rebuild put
+        back, claimed again by this key: its write found the capture, CapturedInLedger): this
+        key was refused ALREADY_CAPTURED, and is again."""
         replay = await self.database.run(lambda session: idempotency.find(session, call))
         if replay is None:
-            raise IdempotencyKeyReused(call.key)
+            raise PolicyRefusal(
+                "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
+            )
         return replay
 
     async def _write_capture(
@@ -897,7 +919,10 @@ class AuthorizationService:
             if state is None or state[0] != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
             outcome = VoidOutcome.OK.value if state[1] == "ALREADY_VOIDED" else state[1]
-        if voided is VoidOutcome.CAPTURE_IN_PROGRESS:  # its write will find the void: refused
+        if voided is VoidOutcome.CAPTURE_IN_PROGRESS:
+            # Its write will find the void and be refused; or, the hold expired (no void mark),
+            # a capture claimed before its expiry may still commit: the retry is answered as SQL
+            # says then (ALREADY_CAPTURED, or AUTHORIZATION_EXPIRED once none can commit).
             raise Unavailable("a capture of this authorization is being written; retry")
         if outcome != VoidOutcome.OK.value:
             raise PolicyRefusal(outcome, f"authorization {authorization_id}: {outcome}")

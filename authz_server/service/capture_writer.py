@@ -37,6 +37,7 @@ from authz_server.domain.types import AuthorizationStatus, Purpose, Relationship
 from authz_server.observability import metrics, tracing
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
+from authz_server.service.ports import CAPTURE_WRITE_DEADLINE_SECONDS
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import capture_batch, settlement_lock
 from authz_server.storage.sql.capture_batch import AcceptedCapture, BatchState, CapturePart
@@ -46,13 +47,6 @@ from authz_server.storage.sql.group_commit import answer
 log = logging.getLogger(__name__)
 # Bounds one transaction: enough to share its round trips, short enough for row-lock times.
 MAX_BATCH = 256
-# A capture whose transaction has not taken its quotas' locks this long after its hold was
-# claimed is not written (UNAVAILABLE; the till retries). The sweeper settles a claim still
-# CAPTURING after STALE_CAPTURE_SECONDS as SQL says, under the same locks: a capture still
-# waiting in a queue then must never be written after SQL was read as not having it, or the
-# hold would be put back while SQL counts its money as spent. Well below the sweeper's 30 s,
-# leaving room for clock skew between hosts.
-CAPTURE_WRITE_DEADLINE_SECONDS = 10
 
 BatchObserver = Callable[[int, float], None]
 

@@ -122,15 +122,28 @@ class HoldStatus(StrEnum):
     DECLINED = "DECLINED"
 
 
+# A capture whose transaction has not taken its quotas' locks this long after its hold was
+# claimed is not written (UNAVAILABLE; the till retries; service/capture_writer.py). The sweeper
+# settles a claim still CAPTURING after STALE_CAPTURE_SECONDS as SQL says, under the same locks:
+# a capture still waiting in a queue then must never be written after SQL was read as not
+# having it, or the hold would be put back while SQL counts its money as spent. Well below the
+# sweeper's 30 s, leaving room for clock skew between hosts. Void and capture_begin read it too:
+# how long after a rebuild put a hold back a claim lost with Redis may still commit.
+CAPTURE_WRITE_DEADLINE_SECONDS = 10
+
+
 class CaptureOutcome(StrEnum):
     """What claiming a hold for a capture answered. A voided hold answers why it was voided
     (ALREADY_VOIDED, RELATIONSHIP_NOT_ACTIVE, LEDGER_LIMIT_EXCEEDED)."""
 
     OK = "OK"
     REPLAY = "REPLAY"  # captured already with this capture key
-    IN_PROGRESS = "IN_PROGRESS"  # this key's capture is being written
-    # this key's capture began too long ago: its process lost the thread; or the hold, put back
-    # by a rebuild and past its expiry, awaits its settlement as SQL says (it may be captured)
+    # a capture of it is being written (this key's or another's: either may still fail); or the
+    # hold, put back by a rebuild and past its expiry, may still get a capture claimed in the
+    # Redis that was lost (within CAPTURE_WRITE_DEADLINE_SECONDS of its put-back)
+    IN_PROGRESS = "IN_PROGRESS"
+    # its capture began too long ago: its process lost the thread; or the hold, put back by a
+    # rebuild and past its expiry, awaits its settlement as SQL says (it may be captured)
     STALLED = "STALLED"
     NOT_FOUND = "NOT_FOUND"
     ALREADY_CAPTURED = "ALREADY_CAPTURED"
@@ -146,7 +159,9 @@ class VoidOutcome(StrEnum):
     OK = "OK"  # voided now, or before
     NOT_FOUND = "NOT_FOUND"
     ALREADY_CAPTURED = "ALREADY_CAPTURED"
-    CAPTURE_IN_PROGRESS = "CAPTURE_IN_PROGRESS"  # its write may still fail: pending again
+    # its write may still fail: pending again; or, put back by a rebuild and past its expiry,
+    # a capture claimed in the Redis that was lost may still commit
+    CAPTURE_IN_PROGRESS = "CAPTURE_IN_PROGRESS"
     AUTHORIZATION_EXPIRED = "AUTHORIZATION_EXPIRED"
     AUTHORIZATION_DECLINED = "AUTHORIZATION_DECLINED"
 

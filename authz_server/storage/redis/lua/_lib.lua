@@ -57,6 +57,17 @@ local function awaiting_settlement(prefix, auth_id, hold, now)
     and redis.call('ZSCORE', prefix .. ':capturing', auth_id) ~= false
 end
 
+-- Whether a capture claimed in the Redis that was lost may still commit in SQL, for a hold
+-- awaiting its settlement (awaiting_settlement): such a claim was made before the rebuild put
+-- the hold back, and the capture writer writes a claim only within its write deadline
+-- (`deadline`, ms: service/ports.CAPTURE_WRITE_DEADLINE_SECONDS) of it. The hold's
+-- score in the capturing zset is when it was put back (or, later, when a claim of it that was
+-- finished PENDING began): until that plus the deadline, SQL's "no capture" may still change.
+local function lost_claim_may_commit(prefix, auth_id, now, deadline)
+  local listed = redis.call('ZSCORE', prefix .. ':capturing', auth_id)
+  return listed ~= false and now < tonumber(listed) + deadline
+end
+
 -- Expires up to `limit` holds of this slot whose time has come. Returns how many expired, and
 -- how many it took from the expiry zset (a slot with more due holds has this at `limit`). A
 -- put-back hold awaiting its settlement (awaiting_settlement) is not released: it is due again

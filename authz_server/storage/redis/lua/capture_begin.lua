@@ -1,9 +1,11 @@
 -- First phase of a capture: claims a pending hold (status CAPTURING) so that neither expiry nor
 -- a void can take it while the capture is written to SQL.
 -- KEYS, ARGV and reply: CaptureBegin in storage/redis/script_io.py. The outcome is OK,
--- REPLAY (captured with this key), IN_PROGRESS, STALLED (this key's claim too old, or a
--- put-back hold past its expiry still awaiting its settlement), NOT_FOUND, ALREADY_CAPTURED,
--- ALREADY_VOIDED, AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
+-- REPLAY (captured with this key), IN_PROGRESS (a claim of it, this key's or another's, is
+-- being written; or a put-back hold past its expiry whose capture claimed in the Redis that
+-- was lost may still commit), STALLED (that claim too old, or a put-back hold past its expiry
+-- still awaiting its settlement), NOT_FOUND, ALREADY_CAPTURED, ALREADY_VOIDED,
+-- AUTHORIZATION_EXPIRED, AUTHORIZATION_DECLINED, CAPTURE_EXCEEDS_APPROVED or
 -- RELATIONSHIP_NOT_ACTIVE (voided because a relationship funding it was dissolved).
 local prefix, now = ARGV[1], tonumber(ARGV[2])
 expire_due(prefix, now, 16)
@@ -21,13 +23,12 @@ if status == 'CAPTURED' then
   return reply('ALREADY_CAPTURED', 0)
 end
 if status == 'CAPTURING' then
-  if key == ARGV[4] then
-    -- Still running, or its process lost the thread: past ARGV[6] ms it counts as stalled.
-    local started = tonumber(redis.call('HGET', auth, 'cs') or '0')
-    if now - started > tonumber(ARGV[6]) then return reply('STALLED', 0) end
-    return reply('IN_PROGRESS', 0)
-  end
-  return reply('ALREADY_CAPTURED', 0)
+  -- Still running, or its process lost the thread: past ARGV[6] ms it counts as stalled.
+  -- Whatever the key: another key's claim may still fail (a Void marked SQL first), so that
+  -- till is not told ALREADY_CAPTURED for a hold that may end uncaptured; it retries.
+  local started = tonumber(redis.call('HGET', auth, 'cs') or '0')
+  if now - started > tonumber(ARGV[6]) then return reply('STALLED', 0) end
+  return reply('IN_PROGRESS', 0)
 end
 if status == 'VOIDED' then
   local why = redis.call('HGET', auth, 'vr')
@@ -39,9 +40,17 @@ if status == 'EXPIRED' then return reply('AUTHORIZATION_EXPIRED', 0) end
 if status ~= 'PENDING' then return reply('AUTHORIZATION_DECLINED', 0) end
 if now >= expires then
   -- A hold a rebuild put back whose capture may have committed (awaiting_settlement): not
-  -- released here either. STALLED: the caller settles it as SQL says, then asks again.
+  -- released here either. STALLED: the caller settles it as SQL says, then asks again; but
+  -- IN_PROGRESS while a capture claimed in the Redis that was lost may still commit (ARGV[7]
+  -- ms, lost_claim_may_commit): settled as not captured then, it could commit after this
+  -- capture was answered AUTHORIZATION_EXPIRED.
   local put_back = redis.call('HMGET', auth, 's', 'rs', 'sb')
-  if awaiting_settlement(prefix, auth_id, put_back, now) then return reply('STALLED', 0) end
+  if awaiting_settlement(prefix, auth_id, put_back, now) then
+    if lost_claim_may_commit(prefix, auth_id, now, tonumber(ARGV[7])) then
+      return reply('IN_PROGRESS', 0)
+    end
+    return reply('STALLED', 0)
+  end
   release_parts(prefix, auth_id, f[5], nil)
   redis.call('HSET', auth, 's', 'EXPIRED')
   redis.call('ZREM', prefix .. ':expiry', auth_id)
