@@ -11,12 +11,22 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from authz_server.generated.medwallet.v1 import authorization_pb2
 from authz_server.service.retention import purge_closed_months
 from tests import factories
 from tests.harness import new_id
 from tests.test_settlement_races import HOSPITAL, World
+
+
+def refunded_metric() -> float:
+    """medwallet_refunded_amount_fen_total over its labels ("money refunded")."""
+    total = 0.0
+    for family in REGISTRY.collect():
+        if family.name == "medwallet_refunded_amount_fen":
+            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
 
 
 @pytest.fixture()
@@ -38,6 +48,7 @@ def test_a_refund_retried_after_its_month_was_closed_and_purged_refunds_once(
         idempotency_key=new_id("refund"),
     )
     world.at(2025, 1, 31, 23, 59, 59)
+    counted = refunded_metric()
     first = world.authorizations.Refund(request, metadata=HOSPITAL)
     assert first.authorization.refunded_amount_fen == 400
 
@@ -57,6 +68,7 @@ def test_a_refund_retried_after_its_month_was_closed_and_purged_refunds_once(
     assert again.authorization == first.authorization
     assert list(again.parts) == []  # where it went was in the purged record
     assert world.in_ledger("REFUND_TO_QUOTA", "REFUND_TO_ACCOUNT") == 400
+    assert refunded_metric() - counted == 400  # counted as a replay, not as money refunded
 
     # The same key for another amount is another request: refused, nothing refunded.
     other = authorization_pb2.RefundRequest()

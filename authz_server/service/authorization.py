@@ -969,7 +969,8 @@ class AuthorizationService:
                 if made.amount_fen != amount_fen:
                     raise IdempotencyKeyReused(call.key)
                 parts = _capture_parts(session, authorization_id)
-                return RefundOutcome(_captured_view(base, capture, parts), ())
+                # a replay's bytes (not an outcome: the handler counts outcomes as refunded)
+                return call.encode(RefundOutcome(_captured_view(base, capture, parts), ()))
             if capture.refunded_fen + amount_fen > capture.amount_fen:
                 raise PolicyRefusal(
                     "REFUND_EXCEEDS_CAPTURED",
