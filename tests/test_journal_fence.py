@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -131,3 +132,35 @@ def test_a_months_close_waits_for_a_real_capture_batch(
         batching.join(10)
     assert returned.wait(10)
     close.join(10)
+
+
+def test_the_locks_are_the_schemas_own(harness: Harness) -> None:
+    """storage/sql/advisory_locks.py: a writer of another schema of the same database (another
+    deployment, another test session) takes the writers' lock while this schema's close holds
+    it; one of this schema waits (here: gives up at its lock_timeout)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from authz_server.storage.sql.advisory_locks import WRITERS_LOCK, exclusive, shared
+
+    database = harness.app.database
+    if database.is_sqlite:
+        pytest.skip("PostgreSQL's advisory locks (SQLite: one database file a deployment)")
+    engine = create_engine(database.url)
+    other = f"other_{uuid.uuid4().hex[:12]}"
+    try:
+        with engine.connect() as closing, engine.connect() as writing:
+            closing.execute(text(exclusive(WRITERS_LOCK)))  # this schema's close holds it
+            writing.execute(text(f"CREATE SCHEMA {other}"))
+            writing.execute(text(f"SET LOCAL search_path TO {other}"))
+            writing.execute(text("SET LOCAL lock_timeout = '5s'"))
+            writing.execute(text(shared(WRITERS_LOCK)))  # another schema's: taken at once
+            writing.rollback()
+            writing.execute(text("SET LOCAL lock_timeout = '200ms'"))
+            with pytest.raises(OperationalError, match="lock timeout"):
+                writing.execute(text(shared(WRITERS_LOCK)))  # this schema's: waits
+            closing.rollback()
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA IF EXISTS {other}"))
+        engine.dispose()

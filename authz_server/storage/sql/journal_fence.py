@@ -10,12 +10,12 @@ journal write that read the generation before the mark has committed by then (an
 the rebuild), and every later one reads REBUILDING and refuses its decisions (UNAVAILABLE: the
 till retries, and the retry is decided in the rebuilt Redis).
 
-On PostgreSQL these are advisory locks. On SQLite every write transaction holds the database's
-write lock already (BEGIN IMMEDIATE, storage/sql/database.py), so the rebuild's own transaction
-waits for the journal's once it has begun: `wait_for_journal` runs a statement for that, since a
-session that runs none never begins one. (Processes sharing the file also take turns through
-the writer lock, storage/sql/writer_lock.py, which orders them the same way; the fence does not
-depend on it.)
+On PostgreSQL these are advisory locks (storage/sql/advisory_locks.py). On SQLite every write
+transaction holds the database's write lock already (BEGIN IMMEDIATE, storage/sql/database.py),
+so the rebuild's own transaction waits for the journal's once it has begun: `wait_for_journal`
+runs a statement for that, since a session that runs none never begins one. (Processes sharing
+the file also take turns through the writer lock, storage/sql/writer_lock.py, which orders them
+the same way; the fence does not depend on it.)
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from authz_server.storage.sql.advisory_locks import JOURNAL_LOCK, exclusive, shared
 from authz_server.storage.sql.dbapi import fetch_all
 
-# A fixed 64-bit number, the same in every process of the service.
-JOURNAL_LOCK = 0x6D77_6A6F_7572_6E6C  # "mwjournl"
+_SHARED = shared(JOURNAL_LOCK)
+_EXCLUSIVE = text(exclusive(JOURNAL_LOCK))
 
 
 def for_journaling(connection: Connection) -> None:
@@ -34,13 +35,13 @@ def for_journaling(connection: Connection) -> None:
     cursor (storage/sql/dbapi.py): SQLAlchemy's execution around it was most of its client CPU,
     and every journal batch takes it."""
     if connection.dialect.name == "postgresql":
-        fetch_all(connection, "SELECT pg_advisory_xact_lock_shared(%s)", (JOURNAL_LOCK,))
+        fetch_all(connection, _SHARED, ())
 
 
 def wait_for_journal(session: Session) -> None:
     """A rebuild's transaction of its own, after it marked Redis REBUILDING: returns when every
     journal write that read the generation before the mark has committed."""
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": JOURNAL_LOCK})
+        session.execute(_EXCLUSIVE)
     else:  # SQLite: begin (BEGIN IMMEDIATE waits for the journal's write transaction)
         session.execute(text("SELECT 1"))

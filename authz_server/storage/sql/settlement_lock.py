@@ -10,8 +10,8 @@ reads a time after the month's end. It does not hold it while it computes (a clo
 month takes seconds, and every payment would wait). Closes take turns through a lock of their
 own (`for_closing`), held for the close's transaction.
 
-On PostgreSQL these are advisory locks. On SQLite every write transaction holds the database's
-write lock already, so there is nothing more to take.
+On PostgreSQL these are advisory locks (storage/sql/advisory_locks.py). On SQLite every write
+transaction holds the database's write lock already, so there is nothing more to take.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from __future__ import annotations
 from sqlalchemy import Connection, text
 from sqlalchemy.orm import Session
 
+from authz_server.storage.sql.advisory_locks import CLOSE_LOCK, WRITERS_LOCK, exclusive, shared
 from authz_server.storage.sql.dbapi import fetch_all
 
-# Fixed 64-bit numbers, the same in every process of the service.
-WRITERS_LOCK = 0x6D77_7365_7474_6C65  # "mwsettle"
-CLOSE_LOCK = 0x6D77_636C_6F73_6521  # "mwclose!"
+_WRITING = shared(WRITERS_LOCK)
+_WAIT_FOR_WRITERS = text(exclusive(WRITERS_LOCK))
+_CLOSING = text(exclusive(CLOSE_LOCK))
 
 
 def for_writing(connection: Connection | Session) -> None:
@@ -33,22 +34,22 @@ def for_writing(connection: Connection | Session) -> None:
     if _dialect(connection) != "postgresql":
         return
     if isinstance(connection, Connection):
-        fetch_all(connection, "SELECT pg_advisory_xact_lock_shared(%s)", (WRITERS_LOCK,))
+        fetch_all(connection, _WRITING, ())
     else:
-        connection.execute(text("SELECT pg_advisory_xact_lock_shared(:key)"), {"key": WRITERS_LOCK})
+        connection.execute(text(_WRITING))
 
 
 def wait_for_writers(session: Session) -> None:
     """A transaction of its own, once the month has ended: returns when every write that took
     the writers' lock before it has committed."""
     if _dialect(session) == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITERS_LOCK})
+        session.execute(_WAIT_FOR_WRITERS)
 
 
 def for_closing(session: Session) -> None:
     """Taken by a month's close before it reads anything: one close at a time."""
     if _dialect(session) == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLOSE_LOCK})
+        session.execute(_CLOSING)
 
 
 def _dialect(connection: Connection | Session) -> str:
