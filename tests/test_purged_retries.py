@@ -82,3 +82,37 @@ def test_a_refund_retried_after_its_month_was_closed_and_purged_refunds_once(
     # February's settlement has no refund of it either.
     world.at(2025, 3, 1, 0, 5)
     assert world.settled("2025-02") == (0, 0)
+
+
+def test_a_capture_retried_after_its_month_was_closed_and_purged_gets_the_authorization(
+    world: World,
+) -> None:
+    """Its record and the authorization's Redis hash are gone: SQL's capture row has its key,
+    so the retry is answered with the authorization as it is now (before: ALREADY_CAPTURED, an
+    error for a capture that went through, and a till might take the money another way)."""
+    app = world.harness.app
+    world.at(2025, 1, 31, 21)
+    request = authorization_pb2.CaptureRequest(
+        authorization_id=world.hold.authorization_id, idempotency_key=new_id("capture")
+    )
+    first = world.authorizations.Capture(request, metadata=HOSPITAL)
+    assert first.authorization.captured_amount_fen == 1_000
+
+    world.at(2025, 2, 1, 0, 5)
+    assert world.settled("2025-01") == (1_000, 0)
+    world.harness.run(purge_closed_months(app.database, app.pipelined_redis))
+
+    world.at(2025, 2, 1, 0, 10)
+    again = world.authorizations.Capture(request, metadata=HOSPITAL)
+    for answer in (first, again):
+        answer.authorization.ClearField("created_at")  # SQL's journal has it to the microsecond
+    assert again.authorization == first.authorization
+    assert world.in_ledger("CAPTURE") == 1_000
+
+    other = authorization_pb2.CaptureRequest()
+    other.CopyFrom(request)
+    other.amount_fen = 500  # another request under the key
+    with pytest.raises(grpc.RpcError) as refused:
+        world.authorizations.Capture(other, metadata=HOSPITAL)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert world.in_ledger("CAPTURE") == 1_000

@@ -642,7 +642,7 @@ class AuthorizationService:
                 return await self.capture(
                     merchant_id, authorization_id, amount_fen, call, resumed, put_back=True
                 )
-            return await self._capture_without_hold(merchant_id, authorization_id, call)
+            return await self._capture_without_hold(merchant_id, authorization_id, amount_fen, call)
         if claim.outcome is CaptureOutcome.REPLAY:
             return await self._capture_replay(authorization_id, call)
         if claim.outcome is CaptureOutcome.STALLED and not resumed:
@@ -824,7 +824,11 @@ class AuthorizationService:
         return True
 
     async def _capture_without_hold(
-        self, merchant_id: str, authorization_id: str, call: Idempotency[AuthorizationView]
+        self,
+        merchant_id: str,
+        authorization_id: str,
+        amount_fen: int,
+        call: Idempotency[AuthorizationView],
     ) -> bytes:
         """Redis knows no such authorization of this merchant. If SQL does (Redis lost it), a
         retry gets its first answer; otherwise it is captured or, a lost hold, voided."""
@@ -836,6 +840,17 @@ class AuthorizationService:
         if replay is not None:
             return replay
         reason = state[1]
+        if reason == "ALREADY_CAPTURED":
+            captured = await self.database.run(
+                lambda session: session.get(CaptureRow, authorization_id)
+            )
+            if captured is not None and captured.idempotency_key == call.key:
+                # Captured under this key, its record purged with its closed month
+                # (service/retention.py; Redis's hash went with it): a retry still, answered
+                # with the authorization as it is now.
+                if (amount_fen or captured.approved_fen) != captured.amount_fen:
+                    raise IdempotencyKeyReused(call.key)
+                return call.encode(await self.get(merchant_id, authorization_id))
         raise PolicyRefusal(reason, f"authorization {authorization_id}: {reason}")
 
     async def _capture_replay(

@@ -5,10 +5,11 @@ A record answers a retry with the first response at least until the month of its
 settled. Dropped: Authorize records in Redis and Capture/Refund records in SQL created before
 the end of the latest closed month, and the settled authorizations' hashes in Redis (the journal
 has them). The decision journal (authorizations) and the ledger are kept. A retry that comes
-after the purge (a till retrying minutes after a close at midnight) still pays nothing twice:
-an Authorize's key is the journal's unique key, a capture's authorization is captured already,
-and a refund's key stays on its row in the refunds table (service/authorization.py
-_refund_made_under): it is answered with the authorization as it is now.
+after the purge (a till retrying minutes after a close at midnight) still pays nothing twice
+and is still answered as a retry: an Authorize's key is the journal's unique key, and a
+capture's or a refund's key stays on its row in the captures or refunds table
+(service/authorization.py _capture_without_hold, _refund_made_under): it is answered with the
+authorization as it is now.
 """
 
 from __future__ import annotations
