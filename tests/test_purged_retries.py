@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from authz_server.generated.medwallet.v1 import authorization_pb2
+from authz_server.service import retention
 from authz_server.service.retention import purge_closed_months
 from tests import factories
 from tests.harness import new_id
@@ -115,4 +116,44 @@ def test_a_capture_retried_after_its_month_was_closed_and_purged_gets_the_author
     with pytest.raises(grpc.RpcError) as refused:
         world.authorizations.Capture(other, metadata=HOSPITAL)
     assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert world.in_ledger("CAPTURE") == 1_000
+
+
+def test_a_capture_retried_while_the_purge_has_left_its_redis_hash_gets_the_authorization(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge drops SQL's records first, then Redis's settled hashes: a retry in between (or
+    after the Redis step failed) finds the hash CAPTURED under its key and no record in SQL. It
+    is answered from the capture's row (before: ALREADY_CAPTURED)."""
+    app = world.harness.app
+    world.at(2025, 1, 31, 21)
+    request = authorization_pb2.CaptureRequest(
+        authorization_id=world.hold.authorization_id, idempotency_key=new_id("capture")
+    )
+    first = world.authorizations.Capture(request, metadata=HOSPITAL)
+    assert first.authorization.captured_amount_fen == 1_000
+
+    world.at(2025, 2, 1, 0, 5)
+    assert world.settled("2025-01") == (1_000, 0)
+
+    async def redis_step_fails(*args: object, **kwargs: object) -> int:
+        raise ConnectionError("Redis timed out during the purge's SCAN")
+
+    # SQL's records are deleted (committed), then the Redis step fails: the settled hashes stay
+    # until the operator runs purge-idempotency again.
+    monkeypatch.setattr(retention, "purge_settled_authorizations_before", redis_step_fails)
+    with pytest.raises(ConnectionError):
+        world.harness.run(purge_closed_months(app.database, app.pipelined_redis))
+
+    world.at(2025, 2, 1, 0, 10)
+    try:
+        again = world.authorizations.Capture(request, metadata=HOSPITAL)
+    except grpc.RpcError as refused:
+        pytest.fail(
+            f"the till's retry of a capture that went through was refused: {refused.code()} "
+            f"{factories.error_info(refused).reason}"
+        )
+    for answer in (first, again):
+        answer.authorization.ClearField("created_at")
+    assert again.authorization == first.authorization
     assert world.in_ledger("CAPTURE") == 1_000

@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import select
@@ -56,6 +56,7 @@ from authz_server.service.journal import DecisionJournal, GenerationChanged, Sto
 from authz_server.service.late_journal import LateJournal
 from authz_server.service.ports import (
     NOT_WRITTEN,
+    STALE_CAPTURE_SECONDS,
     AuthorizeCall,
     CaptureClaim,
     CaptureOutcome,
@@ -644,7 +645,7 @@ class AuthorizationService:
                 )
             return await self._capture_without_hold(merchant_id, authorization_id, amount_fen, call)
         if claim.outcome is CaptureOutcome.REPLAY:
-            return await self._capture_replay(authorization_id, call)
+            return await self._capture_replay(merchant_id, authorization_id, amount_fen, call)
         if claim.outcome is CaptureOutcome.STALLED and not resumed:
             # A claim of it (this key's earlier attempt, or another key's) lost its way between
             # SQL and Redis, or the hold, put back by a rebuild and past its expiry, awaits its
@@ -678,6 +679,8 @@ class AuthorizationService:
             # keeps the key of a later claim that SQL's capture finished. This key's own answer
             # first, when SQL has it (its request the same, or IDEMPOTENCY_KEY_REUSED).
             replay = await self.database.run(lambda session: idempotency.find(session, call))
+            if replay is None:
+                replay = await self._purged_capture(merchant_id, authorization_id, amount_fen, call)
             if replay is not None:
                 return replay
         if claim.outcome in CAPTURE_REFUSALS:
@@ -841,26 +844,49 @@ class AuthorizationService:
             return replay
         reason = state[1]
         if reason == "ALREADY_CAPTURED":
-            captured = await self.database.run(
-                lambda session: session.get(CaptureRow, authorization_id)
-            )
-            if captured is not None and captured.idempotency_key == call.key:
-                # Captured under this key, its record purged with its closed month
-                # (service/retention.py; Redis's hash went with it): a retry still, answered
-                # with the authorization as it is now.
-                if (amount_fen or captured.approved_fen) != captured.amount_fen:
-                    raise IdempotencyKeyReused(call.key)
-                return call.encode(await self.get(merchant_id, authorization_id))
+            replay = await self._purged_capture(merchant_id, authorization_id, amount_fen, call)
+            if replay is not None:
+                return replay
+        if reason == CAPTURE_MAY_COMMIT:
+            raise Unavailable("a capture of this authorization may still be written; retry")
         raise PolicyRefusal(reason, f"authorization {authorization_id}: {reason}")
 
+    async def _purged_capture(
+        self,
+        merchant_id: str,
+        authorization_id: str,
+        amount_fen: int,
+        call: Idempotency[AuthorizationView],
+    ) -> bytes | None:
+        """This key's answer when SQL has the capture under it but not its record any more:
+        purged with its closed month (service/retention.py; the purge drops the record first,
+        then Redis's hash). A retry still, answered with the authorization as it is now (a
+        replay's bytes: not counted as captured again); None if the capture is another key's
+        or there is none."""
+        captured = await self.database.run(
+            lambda session: session.get(CaptureRow, authorization_id)
+        )
+        if captured is None or captured.idempotency_key != call.key:
+            return None
+        if (amount_fen or captured.approved_fen) != captured.amount_fen:  # 0: all of it
+            raise IdempotencyKeyReused(call.key)
+        return call.encode(await self.get(merchant_id, authorization_id))
+
     async def _capture_replay(
-        self, authorization_id: str, call: Idempotency[AuthorizationView]
+        self,
+        merchant_id: str,
+        authorization_id: str,
+        amount_fen: int,
+        call: Idempotency[AuthorizationView],
     ) -> bytes:
-        """Redis has the hold captured under this key: SQL has the key's answer. Unless the
-        capture SQL has is another key's, which finished this key's claim (a hold a rebuild put
-        back, claimed again by this key: its write found the capture, CapturedInLedger): this
-        key was refused ALREADY_CAPTURED, and is again."""
+        """Redis has the hold captured under this key: SQL has the key's answer, or had it
+        (purged since: _purged_capture). Unless the capture SQL has is another key's, which
+        finished this key's claim (a hold a rebuild put back, claimed again by this key: its
+        write found the capture, CapturedInLedger): this key was refused ALREADY_CAPTURED, and
+        is again."""
         replay = await self.database.run(lambda session: idempotency.find(session, call))
+        if replay is None:
+            replay = await self._purged_capture(merchant_id, authorization_id, amount_fen, call)
         if replay is None:
             raise PolicyRefusal(
                 "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"
@@ -926,13 +952,15 @@ class AuthorizationService:
         voided = await when_rebuilt(
             lambda: self.holds.void(authorization_id, merchant_id, _ms(self.clock()))
         )
-        if voided is VoidOutcome.NOT_FOUND and in_ledger is LedgerVoid.EXPIRED:
-            voided = VoidOutcome.AUTHORIZATION_EXPIRED
         outcome = voided.value
         if voided is VoidOutcome.NOT_FOUND:  # unknown, another merchant's, or lost with Redis
-            state = await self.database.run(lambda session: _lost_state(session, authorization_id))
+            state = await self.database.run(
+                lambda session: _lost_state(session, authorization_id, now)
+            )
             if state is None or state[0] != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
+            if state[1] == CAPTURE_MAY_COMMIT:
+                raise Unavailable("a capture of this authorization may still be written; retry")
             outcome = VoidOutcome.OK.value if state[1] == "ALREADY_VOIDED" else state[1]
         if voided is VoidOutcome.CAPTURE_IN_PROGRESS:
             # Its write will find the void and be refused; or, the hold expired (no void mark),
@@ -1111,13 +1139,22 @@ class AuthorizationService:
         )  # fmt: skip
 
 
+# What _lost_state says of a hold whose time passed so lately that a capture claimed before it
+# (in a Redis since lost) may still commit: the caller answers UNAVAILABLE (retry), not
+# AUTHORIZATION_EXPIRED, which would tell the till nothing was taken for money that then is.
+CAPTURE_MAY_COMMIT = "CAPTURE_MAY_COMMIT"
+
+
 def _lost_state(
     session: Session, authorization_id: str, now: datetime | None = None
 ) -> tuple[str, str] | None:
     """An authorization Redis does not know, as SQL has it: (merchant, what a capture of it is
     told), None if SQL does not know it either. A hold lost with Redis (or dropped by retention
     once settled) counts as voided, or as expired when its time passed (before `now`) with no
-    void, as GetAuthorization says."""
+    void, as GetAuthorization says; CAPTURE_MAY_COMMIT within STALE_CAPTURE_SECONDS after its
+    time: a capture is claimed before the hold's time and written within
+    CAPTURE_WRITE_DEADLINE_SECONDS of its claim; the sweeper's bound (30 s) leaves the rest for
+    the commit itself and for the clocks of different servers."""
     journal_row = session.get(AuthorizationRow, authorization_id)
     if journal_row is None:
         return None
@@ -1131,6 +1168,8 @@ def _lost_state(
         and journal_row.expires_at is not None
         and records.utc(journal_row.expires_at) <= now
     ):
+        if now < records.utc(journal_row.expires_at) + timedelta(seconds=STALE_CAPTURE_SECONDS):
+            return journal_row.merchant_id, CAPTURE_MAY_COMMIT
         return journal_row.merchant_id, "AUTHORIZATION_EXPIRED"
     return journal_row.merchant_id, "ALREADY_VOIDED"
 

@@ -130,6 +130,9 @@ class HoldStatus(StrEnum):
 # sweeper's 30 s, leaving room for clock skew between hosts. Void and capture_begin read it too:
 # how long after a rebuild put a hold back a claim lost with Redis may still commit.
 CAPTURE_WRITE_DEADLINE_SECONDS = 10
+# A capture still CAPTURING this long after it began lost its process (or its Redis reply):
+# it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
+STALE_CAPTURE_SECONDS = 30
 
 
 class CaptureOutcome(StrEnum):

@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from authz_server.domain.hot_state import OpenHold
 from authz_server.service.ports import (
     NOT_WRITTEN,
+    STALE_CAPTURE_SECONDS,
     AuthorizeCall,
     CaptureClaim,
     CaptureEntries,
@@ -33,7 +34,6 @@ from authz_server.storage.redis.pipelined import (
 )
 from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.redis.script_io import (
-    STALE_CAPTURE_SECONDS,
     Authorize,
     AuthorizeForget,
     AuthorizeKind,

@@ -19,6 +19,7 @@ from authz_server.domain.hot_state import OpenHold
 from authz_server.domain.types import Decision, DeclineReason
 from authz_server.service.ports import (
     CAPTURE_WRITE_DEADLINE_SECONDS,
+    STALE_CAPTURE_SECONDS,
     AuthorizeCall,
     CaptureClaim,
     CaptureEntries,
@@ -45,9 +46,6 @@ from authz_server.storage.redis.scripts import script
 
 R = TypeVar("R")
 
-# A capture still CAPTURING this long after it began lost its process (or its Redis reply):
-# it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
-STALE_CAPTURE_SECONDS = 30
 # How long at most a hold a rebuild put back waits for the sweeper to settle it as SQL says
 # before its expiry may release it (its bound sb, from the rebuild's time; lua/_lib.lua
 # awaiting_settlement). The sweeper settles such holds from STALE_CAPTURE_SECONDS after the

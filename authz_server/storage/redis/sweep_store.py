@@ -21,6 +21,7 @@ from functools import partial
 
 from redis.exceptions import NoScriptError, ResponseError
 
+from authz_server.service.ports import STALE_CAPTURE_SECONDS
 from authz_server.storage.redis import keys, scans
 from authz_server.storage.redis.pipelined import (
     Command,
@@ -32,7 +33,7 @@ from authz_server.storage.redis.pipelined import (
     as_text,
 )
 from authz_server.storage.redis.quota_cache import guarded
-from authz_server.storage.redis.script_io import STALE_CAPTURE_SECONDS, Expire
+from authz_server.storage.redis.script_io import Expire
 
 __all__ = ["STALE_CAPTURE_SECONDS", "IndexStep", "SweepStore"]
 
