@@ -194,28 +194,39 @@ def test_a_refund_retried_on_another_worker_while_the_first_commits_gets_the_fir
     async def retried_meanwhile(work: Any) -> Any:
         def first(session: Any) -> Any:
             answer = work(session)  # written, not committed: the capture row stays locked
+            backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
             retry.append(
                 asyncio.run_coroutine_threadsafe(
                     other_worker.refund(MERCHANT, authorization_id, fen, call), loop
                 )
             )
-            waits_for_the_lock()  # the retry has looked its key up and waits for the lock
+            waits_for(backend)  # the retry waits for a lock this transaction holds
             return answer
 
         return await real_submit(first)
 
-    def waits_for_the_lock() -> None:
+    def waits_for(backend: int) -> None:
+        """Returns once a session of the database waits for a lock `backend` holds (whichever:
+        the capture's row, with the fix; before it, the relationship's row or the key's)."""
         engine = create_engine(app.database.url)
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 20
             with engine.connect() as connection:
                 while not connection.scalar(
                     text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE '%captures%FOR UPDATE%'"
-                    )
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE :backend = ANY(pg_blocking_pids(pid))"
+                    ),
+                    {"backend": backend},
                 ):
-                    assert time.monotonic() < deadline, "the retry never waited for the lock"
+                    if time.monotonic() > deadline:
+                        sessions = connection.execute(
+                            text(
+                                "SELECT pid, state, wait_event_type, wait_event, left(query, 80)"
+                                " FROM pg_stat_activity WHERE datname = current_database()"
+                            )
+                        ).all()
+                        raise AssertionError(f"the retry never waited for {backend}: {sessions}")
                     time.sleep(0.02)
         finally:
             engine.dispose()
