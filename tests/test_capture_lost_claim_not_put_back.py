@@ -21,9 +21,11 @@ from tests.test_authorization_rules import (
     CAPTURED,
     HOSPITAL,
     MEDICAL,
+    PENDING,
     authorize,
     capture,
     family,
+    get,
     register_merchants,
     void,
 )
@@ -72,6 +74,9 @@ def test_a_lost_claim_of_a_hold_expired_before_the_rebuild_read_may_still_commit
         told = void_or_capture()
     except grpc.RpcError as error:
         told = error
+    # GetAuthorization agrees: not EXPIRED (final) while the capture may commit, but pending, as
+    # a put-back hold shows in Redis (before: EXPIRED, then CAPTURED).
+    assert get(authorizations, HOSPITAL, held.authorization_id).status == PENDING
     first = step.end()  # its write, 3 s after its claim (deadline 10 s), commits
     assert (first.status, first.captured_amount_fen) == (CAPTURED, 12_000)
     assert unused_in_sql(harness, relationship_id) == 8_000  # the family paid 12,000

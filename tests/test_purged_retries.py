@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,15 +19,25 @@ from authz_server.service import retention
 from authz_server.service.retention import purge_closed_months
 from tests import factories
 from tests.harness import new_id
+from tests.test_authorization_rules import (
+    CAPTURED,
+    MEDICAL,
+    authorize,
+    capture,
+    family,
+    refused,
+    register_merchants,
+)
+from tests.test_authorization_rules import HOSPITAL as RULES_HOSPITAL
 from tests.test_settlement_races import HOSPITAL, World
 
 
 def refunded_metric() -> float:
     """medwallet_refunded_amount_fen_total over its labels ("money refunded")."""
     total = 0.0
-    for family in REGISTRY.collect():
-        if family.name == "medwallet_refunded_amount_fen":
-            total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    for metric in REGISTRY.collect():
+        if metric.name == "medwallet_refunded_amount_fen":
+            total += sum(s.value for s in metric.samples if s.name.endswith("_total"))
     return total
 
 
@@ -157,3 +168,26 @@ def test_a_capture_retried_while_the_purge_has_left_its_redis_hash_gets_the_auth
         answer.authorization.ClearField("created_at")
     assert again.authorization == first.authorization
     assert world.in_ledger("CAPTURE") == 1_000
+
+
+@pytest.mark.parametrize("amount_fen", [0, 5_000], ids=["all", "part"])
+def test_a_capture_of_a_one_step_payment_under_its_authorize_key_is_already_captured(
+    registry: Any, relationships: Any, authorizations: Any, amount_fen: int
+) -> None:
+    """A one-step payment's capture row carries its Authorize's key (another scope): a first
+    Capture under the same key string (a till keying every call of a sale by its order id) is
+    not a retry of it (before this was checked: answered OK as a replay of a capture it never
+    made, or IDEMPOTENCY_KEY_REUSED)."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 20_000)
+    key = new_id("sale")
+    paid = authorize(
+        authorizations, RULES_HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000,
+        idempotency_key=key, capture=True,
+    )  # fmt: skip
+    assert paid.status == CAPTURED
+    refused(
+        lambda: capture(authorizations, RULES_HOSPITAL, paid.authorization_id, amount_fen, key=key),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_CAPTURED",
+    )

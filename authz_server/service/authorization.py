@@ -863,10 +863,19 @@ class AuthorizationService:
         then Redis's hash). A retry still, answered with the authorization as it is now (a
         replay's bytes: not counted as captured again); None if the capture is another key's
         or there is none."""
-        captured = await self.database.run(
-            lambda session: session.get(CaptureRow, authorization_id)
-        )
+
+        def read(session: Session) -> tuple[CaptureRow | None, AuthorizationRow | None]:
+            return (
+                session.get(CaptureRow, authorization_id),
+                session.get(AuthorizationRow, authorization_id),
+            )
+
+        captured, journal_row = await self.database.run(read)
         if captured is None or captured.idempotency_key != call.key:
+            return None
+        if journal_row is None or journal_row.idempotency_key == call.key:
+            # A one-step payment's capture carries its Authorize's key (another scope): not a
+            # Capture call's (a till that keys both calls of a sale alike is refused as before)
             return None
         if (amount_fen or captured.approved_fen) != captured.amount_fen:  # 0: all of it
             raise IdempotencyKeyReused(call.key)
@@ -1117,7 +1126,13 @@ class AuthorizationService:
                 and journal_row.expires_at is not None
                 and records.utc(journal_row.expires_at) <= self.clock()
             ):
-                status = AuthorizationStatus.EXPIRED
+                # As a void or capture of it is answered (_lost_state): pending still while a
+                # capture claimed before its time may commit, as a put-back hold shows in Redis.
+                status = (
+                    AuthorizationStatus.PENDING
+                    if _capture_may_commit(journal_row.expires_at, self.clock())
+                    else AuthorizationStatus.EXPIRED
+                )
             return AuthorizationView(
                 authorization_id, merchant_id, journal_row.beneficiary_id,
                 Purpose(journal_row.purpose), status, journal_row.approved_fen,
@@ -1145,16 +1160,22 @@ class AuthorizationService:
 CAPTURE_MAY_COMMIT = "CAPTURE_MAY_COMMIT"
 
 
+def _capture_may_commit(expires_at: datetime, now: datetime) -> bool:
+    """Whether, `now`, a capture claimed before a hold's time (`expires_at`, passed) in a Redis
+    since lost may still commit (CAPTURE_MAY_COMMIT)."""
+    return now < records.utc(expires_at) + timedelta(seconds=STALE_CAPTURE_SECONDS)
+
+
 def _lost_state(
     session: Session, authorization_id: str, now: datetime | None = None
 ) -> tuple[str, str] | None:
     """An authorization Redis does not know, as SQL has it: (merchant, what a capture of it is
     told), None if SQL does not know it either. A hold lost with Redis (or dropped by retention
     once settled) counts as voided, or as expired when its time passed (before `now`) with no
-    void, as GetAuthorization says; CAPTURE_MAY_COMMIT within STALE_CAPTURE_SECONDS after its
-    time: a capture is claimed before the hold's time and written within
-    CAPTURE_WRITE_DEADLINE_SECONDS of its claim; the sweeper's bound (30 s) leaves the rest for
-    the commit itself and for the clocks of different servers."""
+    void, as GetAuthorization says (pending within the window below); CAPTURE_MAY_COMMIT
+    within STALE_CAPTURE_SECONDS after its time: a capture is claimed before the hold's time and
+    written within CAPTURE_WRITE_DEADLINE_SECONDS of its claim; the sweeper's bound (30 s) leaves
+    the rest for the commit itself and for the clocks of different servers."""
     journal_row = session.get(AuthorizationRow, authorization_id)
     if journal_row is None:
         return None
@@ -1168,7 +1189,7 @@ def _lost_state(
         and journal_row.expires_at is not None
         and records.utc(journal_row.expires_at) <= now
     ):
-        if now < records.utc(journal_row.expires_at) + timedelta(seconds=STALE_CAPTURE_SECONDS):
+        if _capture_may_commit(journal_row.expires_at, now):
             return journal_row.merchant_id, CAPTURE_MAY_COMMIT
         return journal_row.merchant_id, "AUTHORIZATION_EXPIRED"
     return journal_row.merchant_id, "ALREADY_VOIDED"
