@@ -147,22 +147,33 @@ class RegistryService:
         nothing in SQL; it dissolves the person's dissolved quotas in Redis again, in case the
         first call's Redis step did not happen (its process died, or Redis did not answer)."""
 
+        def open_relationships(session: Session) -> list[RelationshipRow]:
+            return list(
+                session.scalars(
+                    records.locked(
+                        select(RelationshipRow)
+                        .where(
+                            or_(
+                                RelationshipRow.holder_id == event.participant_id,
+                                RelationshipRow.beneficiary_id == event.participant_id,
+                            ),
+                            RelationshipRow.status.in_([s.value for s in rules.OPEN_STATUSES]),
+                        )
+                        .order_by(RelationshipRow.relationship_id)
+                    )
+                )
+            )
+
         def work(session: Session) -> tuple[InsuranceEventResult, list[RelationshipRow]]:
             # Lock order everywhere: relationships first, then participants (allocate, release,
             # dissolve and capture do the same), so concurrent writers cannot deadlock.
-            open_rows = session.scalars(
-                select(RelationshipRow)
-                .where(
-                    or_(
-                        RelationshipRow.holder_id == event.participant_id,
-                        RelationshipRow.beneficiary_id == event.participant_id,
-                    ),
-                    RelationshipRow.status.in_([s.value for s in rules.OPEN_STATUSES]),
-                )
-                .order_by(RelationshipRow.relationship_id)
-                .with_for_update()
-            ).all()
+            open_relationships(session)
             row = records.participant_row(session, event.participant_id, lock=True)
+            # Read again under the person's lock: on PostgreSQL the first statement saw only
+            # the relationships of its snapshot, and one proposed, consented or funded while it
+            # waited for a row would survive the event (a dead holder's quota still spent).
+            # Proposing and consenting lock the person's row too, so none is made after this.
+            open_rows = open_relationships(session)
             now = self.clock()
             changed = self._apply(row, event)
             dissolved: list[RelationshipRow] = []

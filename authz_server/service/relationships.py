@@ -97,6 +97,11 @@ class RelationshipService:
         self, holder_id: str, beneficiary_id: str, relation: Relation, channel: Channel
     ) -> QuotaView:
         def work(session: Session) -> Relationship:
+            # Both people's rows locked (in id order): an insurance event about either waits for
+            # this proposal, or this waits for it and sees the person's new status
+            # (registry.report_event reads their relationships again under that lock).
+            for participant_id in sorted({holder_id, beneficiary_id}):
+                records.participant_row(session, participant_id, lock=True)
             holder = records.participant(records.participant_row(session, holder_id))
             beneficiary = records.participant(records.participant_row(session, beneficiary_id))
             existing = session.scalars(
@@ -147,10 +152,12 @@ class RelationshipService:
             if already and row.status != RelationshipStatus.DISSOLVED.value:
                 return records.relationship(row), False
             relationship = records.relationship(row)
-            rules.check_consent(
+            rules.check_consent(  # their rows locked, as a proposal does
                 relationship,
-                records.participant(records.participant_row(session, row.holder_id)),
-                records.participant(records.participant_row(session, row.beneficiary_id)),
+                records.participant(records.participant_row(session, row.holder_id, lock=True)),
+                records.participant(
+                    records.participant_row(session, row.beneficiary_id, lock=True)
+                ),
             )
             now = self.clock()
             if party is Party.HOLDER:
