@@ -78,8 +78,15 @@ def _authorize(stubs: Any, beneficiary: str, amount_fen: int) -> Any:
 def test_payments_go_through_the_ledger_writer(
     lossy: Harness, stubs: Any, families: list[tuple[str, str]]
 ) -> None:
+    import psutil
+
     answer = _authorize(stubs, families[0][0], 1_000)
     assert writer_pid(lossy) != os.getpid()
+    # Its URLs (which may hold credentials) are in its environment, not on its command line,
+    # which any local user can read (ps).
+    command_line = " ".join(psutil.Process(writer_pid(lossy)).cmdline())
+    assert "--socket" in command_line
+    assert lossy.database_url not in command_line and lossy.redis_url not in command_line
     database = lossy.app.database
     # The journal's row is committed before the answer; the audit record follows shortly.
     journaled = database.transaction(

@@ -29,7 +29,13 @@ from typing import Any
 
 from authz_server.domain.errors import Unavailable
 from authz_server.ledger.forwarded_metrics import WorkerMetrics
-from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, read_frame
+from authz_server.ledger.protocol import (
+    DATABASE_URL_VARIABLE,
+    MAX_ROWS_PER_FRAME,
+    REDIS_URL_VARIABLE,
+    frame,
+    read_frame,
+)
 from authz_server.observability import metrics
 from authz_server.service.audit_trail import AuditRecord, buffer_within_bound
 from authz_server.service.journal import MAX_QUEUED, Written, settle
@@ -74,14 +80,18 @@ class WriterCommand:
     event_loop: str
 
     def arguments(self) -> list[str]:
+        """The command line: no URL (they may hold credentials, and any local user can read a
+        process's arguments): those go in its environment (`environment`)."""
         return [
             sys.executable, "-m", "authz_server.ledger.writer",
-            "--socket", str(self.socket), "--database-url", self.database_url,
-            "--redis-url", self.redis_url,
+            "--socket", str(self.socket),
             "--redis-timeout-seconds", str(self.redis_timeout_seconds),
             "--log-level", self.log_level, "--event-loop", self.event_loop,
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        return {DATABASE_URL_VARIABLE: self.database_url, REDIS_URL_VARIABLE: self.redis_url}
 
 
 class LedgerClient:
@@ -152,6 +162,7 @@ class LedgerClient:
         # multiprocess files (each update through a memory-mapped file): it sends them to its
         # worker (forwarded_metrics.py).
         env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        env.update(self.command.environment())
         return await asyncio.create_subprocess_exec(
             *self.command.arguments(), env=env, start_new_session=True
         )

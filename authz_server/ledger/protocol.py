@@ -20,6 +20,10 @@ from typing import Any
 
 from authz_server.domain.errors import Unavailable
 
+# Where the writer process finds its worker's database and Redis URLs (not its arguments).
+DATABASE_URL_VARIABLE = "MEDWALLET_LEDGER_WRITER_DATABASE_URL"
+REDIS_URL_VARIABLE = "MEDWALLET_LEDGER_WRITER_REDIS_URL"
+
 # A frame larger than this is refused (the connection is dropped): a journal batch of
 # MAX_ROWS_PER_FRAME rows with their responses is ~1 MiB.
 MAX_FRAME_BYTES = 64 * 1024 * 1024

@@ -28,7 +28,14 @@ from authz_server.ledger.forwarded_metrics import (
     SEND_AFTER_BATCH_SECONDS,
     WriterMetrics,
 )
-from authz_server.ledger.protocol import MAX_ROWS_PER_FRAME, frame, portable, read_frame
+from authz_server.ledger.protocol import (
+    DATABASE_URL_VARIABLE,
+    MAX_ROWS_PER_FRAME,
+    REDIS_URL_VARIABLE,
+    frame,
+    portable,
+    read_frame,
+)
 from authz_server.observability import logs, thread_names
 from authz_server.runtime import event_loop
 from authz_server.service.audit_trail import AuditTrail
@@ -192,13 +199,17 @@ async def serve(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m authz_server.ledger.writer")
     parser.add_argument("--socket", type=Path, required=True)
-    parser.add_argument("--database-url", required=True)
-    parser.add_argument("--redis-url", required=True)
+    # The URLs come in the environment (client.DATABASE_URL_VARIABLE, REDIS_URL_VARIABLE): a
+    # process's arguments are readable by any local user, and URLs may hold credentials.
+    parser.add_argument("--database-url", default=os.environ.get(DATABASE_URL_VARIABLE))
+    parser.add_argument("--redis-url", default=os.environ.get(REDIS_URL_VARIABLE))
     parser.add_argument("--redis-timeout-seconds", type=float, default=0.5)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--event-loop", default="auto", help="as MEDWALLET_EVENT_LOOP")
     parser.add_argument("--parent-pid", type=int, default=0, help="stop when it is gone")
     arguments = parser.parse_args(argv)
+    if not arguments.database_url or not arguments.redis_url:
+        parser.error(f"{DATABASE_URL_VARIABLE} and {REDIS_URL_VARIABLE} must be set")
     logs.configure(arguments.log_level)
     # "mw-ledger" for top -H, ps -L and the benchmark's CPU by thread (loadtest/thread_cpu.py)
     thread_names.name_this_thread("ledger")
