@@ -37,8 +37,8 @@ LOCK_FILE = "server.lock"
 
 
 class ServeRefused(Exception):
-    """Something this server needs is another server's: it must not start (the message says
-    what and whose)."""
+    """Something this server needs is another server's, or its settings contradict each other:
+    it must not start (the message says what and whose)."""
 
 
 class Claim:

@@ -54,6 +54,7 @@ def serve(settings: Settings) -> int:
     # (runtime/exclusive.py), or it exits at once saying whose they are.
     claims: list[exclusive.Claim] = []
     try:
+        refuse_plaintext_with_a_client_ca(settings)
         for claim in (
             exclusive.claim_data_directory(settings.data_dir),
             exclusive.claim_port(settings.grpc_host, settings.grpc_port, "MEDWALLET_GRPC_PORT"),
@@ -69,6 +70,18 @@ def serve(settings: Settings) -> int:
         # Last: a new server may start once this one's Redis has stopped too.
         for claim in claims:
             claim.release()
+
+
+def refuse_plaintext_with_a_client_ca(settings: Settings) -> None:
+    """A client CA asks that every merchant present a certificate; without the server's own
+    certificate and key the port would be plaintext and merchant tokens accepted: refused,
+    rather than serving less securely than configured."""
+    if settings.tls_client_ca_file and not (settings.tls_cert_file and settings.tls_key_file):
+        raise exclusive.ServeRefused(
+            "MEDWALLET_TLS_CLIENT_CA_FILE is set but MEDWALLET_TLS_CERT_FILE and "
+            "MEDWALLET_TLS_KEY_FILE are not: mutual TLS needs the server's own certificate "
+            "(set both, or unset the client CA to serve without TLS)"
+        )
 
 
 def _serve_claimed(settings: Settings, claims: list[exclusive.Claim]) -> int:

@@ -186,3 +186,19 @@ def test_the_data_directory_is_locked_with_redis_url_and_database_url_set_too(
             second.stop()
         private.stop()
         drop_database(database_url)
+
+
+@ON_SQLITE_ANYWAY
+def test_a_client_ca_without_the_servers_certificate_refuses_to_start(tmp_path: Path) -> None:
+    """Mutual TLS asked for (a client CA) without the server's own certificate and key: the
+    port would have been plaintext with merchant tokens accepted (an audit's note). It exits,
+    saying what is missing."""
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_text("not read: the server refuses before it loads certificates\n")
+    server = ServerProcess(tmp_path, MEDWALLET_TLS_CLIENT_CA_FILE=str(client_ca))
+    try:
+        code, output = _refused(server)
+        assert code != 0, output
+        assert "MEDWALLET_TLS_CLIENT_CA_FILE is set but MEDWALLET_TLS_CERT_FILE" in output, output
+    finally:
+        server.stop()
