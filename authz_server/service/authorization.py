@@ -678,9 +678,7 @@ class AuthorizationService:
             # back does not know the key its capture had (its claim was lost with Redis), and
             # keeps the key of a later claim that SQL's capture finished. This key's own answer
             # first, when SQL has it (its request the same, or IDEMPOTENCY_KEY_REUSED).
-            replay = await self.database.run(lambda session: idempotency.find(session, call))
-            if replay is None:
-                replay = await self._purged_capture(merchant_id, authorization_id, amount_fen, call)
+            replay = await self._answer_to_key(merchant_id, authorization_id, amount_fen, call)
             if replay is not None:
                 return replay
         if claim.outcome in CAPTURE_REFUSALS:
@@ -839,38 +837,39 @@ class AuthorizationService:
         state = await self.database.run(lambda session: _lost_state(session, authorization_id, now))
         if state is None or state[0] != merchant_id:
             raise NotFound(f"authorization {authorization_id} not found")
-        replay = await self.database.run(lambda session: idempotency.find(session, call))
+        replay = await self._answer_to_key(merchant_id, authorization_id, amount_fen, call)
         if replay is not None:
             return replay
         reason = state[1]
-        if reason == "ALREADY_CAPTURED":
-            replay = await self._purged_capture(merchant_id, authorization_id, amount_fen, call)
-            if replay is not None:
-                return replay
         if reason == CAPTURE_MAY_COMMIT:
             raise Unavailable("a capture of this authorization may still be written; retry")
         raise PolicyRefusal(reason, f"authorization {authorization_id}: {reason}")
 
-    async def _purged_capture(
+    async def _answer_to_key(
         self,
         merchant_id: str,
         authorization_id: str,
         amount_fen: int,
         call: Idempotency[AuthorizationView],
     ) -> bytes | None:
-        """This key's answer when SQL has the capture under it but not its record any more:
-        purged with its closed month (service/retention.py; the purge drops the record first,
-        then Redis's hash). A retry still, answered with the authorization as it is now (a
-        replay's bytes: not counted as captured again); None if the capture is another key's
-        or there is none."""
+        """This key's answer from SQL: its stored record (IDEMPOTENCY_KEY_REUSED for another
+        request), or, when SQL has the capture under it but not its record any more (purged
+        with its closed month, service/retention.py; the purge drops the record first, then
+        Redis's hash), the authorization as it is now, a replay's bytes (not counted as
+        captured again). None if neither: no capture, or another key's."""
 
-        def read(session: Session) -> tuple[CaptureRow | None, AuthorizationRow | None]:
+        def read(
+            session: Session,
+        ) -> tuple[bytes | None, CaptureRow | None, AuthorizationRow | None]:
             return (
+                idempotency.find(session, call),
                 session.get(CaptureRow, authorization_id),
                 session.get(AuthorizationRow, authorization_id),
             )
 
-        captured, journal_row = await self.database.run(read)
+        replay, captured, journal_row = await self.database.run(read)
+        if replay is not None:
+            return replay
         if captured is None or captured.idempotency_key != call.key:
             return None
         if journal_row is None or journal_row.idempotency_key == call.key:
@@ -889,13 +888,11 @@ class AuthorizationService:
         call: Idempotency[AuthorizationView],
     ) -> bytes:
         """Redis has the hold captured under this key: SQL has the key's answer, or had it
-        (purged since: _purged_capture). Unless the capture SQL has is another key's, which
+        (purged since: _answer_to_key). Unless the capture SQL has is another key's, which
         finished this key's claim (a hold a rebuild put back, claimed again by this key: its
         write found the capture, CapturedInLedger): this key was refused ALREADY_CAPTURED, and
         is again."""
-        replay = await self.database.run(lambda session: idempotency.find(session, call))
-        if replay is None:
-            replay = await self._purged_capture(merchant_id, authorization_id, amount_fen, call)
+        replay = await self._answer_to_key(merchant_id, authorization_id, amount_fen, call)
         if replay is None:
             raise PolicyRefusal(
                 "ALREADY_CAPTURED", f"authorization {authorization_id}: ALREADY_CAPTURED"

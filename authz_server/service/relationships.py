@@ -100,10 +100,12 @@ class RelationshipService:
             # Both people's rows locked (in id order): an insurance event about either waits for
             # this proposal, or this waits for it and sees the person's new status
             # (registry.report_event reads their relationships again under that lock).
-            for participant_id in sorted({holder_id, beneficiary_id}):
-                records.participant_row(session, participant_id, lock=True)
-            holder = records.participant(records.participant_row(session, holder_id))
-            beneficiary = records.participant(records.participant_row(session, beneficiary_id))
+            rows = {
+                participant_id: records.participant_row(session, participant_id, lock=True)
+                for participant_id in sorted({holder_id, beneficiary_id})
+            }
+            holder = records.participant(rows[holder_id])
+            beneficiary = records.participant(rows[beneficiary_id])
             existing = session.scalars(
                 select(RelationshipRow.relationship_id).where(
                     RelationshipRow.holder_id == holder_id,

@@ -23,6 +23,7 @@ from authz_server.storage.sql.advisory_locks import CLOSE_LOCK, WRITERS_LOCK, ex
 from authz_server.storage.sql.dbapi import fetch_all
 
 _WRITING = shared(WRITERS_LOCK)
+_WRITING_TEXT = text(_WRITING)
 _WAIT_FOR_WRITERS = text(exclusive(WRITERS_LOCK))
 _CLOSING = text(exclusive(CLOSE_LOCK))
 
@@ -36,7 +37,7 @@ def for_writing(connection: Connection | Session) -> None:
     if isinstance(connection, Connection):
         fetch_all(connection, _WRITING, ())
     else:
-        connection.execute(text(_WRITING))
+        connection.execute(_WRITING_TEXT)
 
 
 def wait_for_writers(session: Session) -> None:
