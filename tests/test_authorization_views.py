@@ -101,3 +101,44 @@ def test_get_capture_refund_and_void_answer_the_same_view(
     assert voided.status == authorization_pb2.AUTHORIZATION_STATUS_VOIDED
     assert parts(voided, "funding") == [(first, 400)] or parts(voided, "funding") == [(second, 400)]
     assert parts(voided, "captured_funding") == [] and not voided.HasField("captured_at")
+
+
+def test_the_times_shown_are_the_same_from_redis_and_from_sql(
+    harness: Any,
+    registry: registry_pb2_grpc.RegistryServiceStub,
+    relationships: relationship_pb2_grpc.RelationshipServiceStub,
+    authorizations: authorization_pb2_grpc.AuthorizationServiceStub,
+) -> None:
+    """Redis keeps an authorization's times in milliseconds; SQL kept its created_at to the
+    microsecond, so GetAuthorization showed another created_at once Redis no longer had the
+    hash (a Redis loss, a closed month's purge) than it showed before. Both agree now."""
+    from authz_server.storage.redis import keys
+
+    ef.merchant(registry, "merchant-a", common_pb2.MERCHANT_KIND_MEDICAL_INSTITUTION)
+    parent = factories.resident(registry)
+    factories.active_relationship(
+        relationships, factories.employee(registry, 10_000), parent, 5_000
+    )
+
+    def get(authorization_id: str) -> authorization_pb2.Authorization:
+        request = authorization_pb2.GetAuthorizationRequest(authorization_id=authorization_id)
+        return authorizations.GetAuthorization(request, metadata=TOKEN).authorization
+
+    for _ in range(5):  # one in a thousand clock readings falls on a whole millisecond
+        authorized = authorizations.Authorize(ef.medical(parent, 100), metadata=TOKEN)
+        authorization_id = authorized.authorization_id
+        voided = authorizations.Void(
+            authorization_pb2.VoidRequest(authorization_id=authorization_id), metadata=TOKEN
+        ).authorization
+        from_redis = get(authorization_id)
+        harness.run(harness.app.journal.flush())
+        harness.run(
+            harness.app.pipelined_redis.execute("UNLINK", keys.authorization(authorization_id))
+        )
+        from_sql = get(authorization_id)
+        assert from_sql.status == from_redis.status == authorization_pb2.AUTHORIZATION_STATUS_VOIDED
+        for name in ("created_at", "expires_at"):
+            assert getattr(from_sql, name) == getattr(from_redis, name) == getattr(voided, name), (
+                name
+            )
+        assert from_redis.expires_at == authorized.expires_at

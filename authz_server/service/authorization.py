@@ -216,6 +216,10 @@ def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def _whole_milliseconds(moment: datetime) -> datetime:
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def _from_ms(value: int) -> datetime | None:
     return datetime.fromtimestamp(value / 1000, UTC) if value else None
 
@@ -263,7 +267,10 @@ class AuthorizationService:
         rules.check_request(request)
         merchant = self.references.merchants.get(request.merchant_id)
         precheck = rules.precheck(request, merchant, self.references.catalog)
-        now = self.clock()
+        # To the millisecond, as Redis keeps the authorization's times: the journal's created_at
+        # is then the one Redis shows, and GetAuthorization answers the same time after Redis
+        # has lost or dropped the hash as before.
+        now = _whole_milliseconds(self.clock())
         hold_seconds = rules.hold_seconds(
             request.purpose, self.pharmacy_hold_seconds, self.medical_hold_seconds
         )
