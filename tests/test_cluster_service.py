@@ -91,8 +91,12 @@ def marker(harness: Harness) -> GlobalMarker:
 
 def run_ids(cluster: RedisClusterHarness) -> str:
     ports = cluster.primary_ports()
-    ids = [str(cluster.node(port).client().info("server")["run_id"]) for port in ports]
-    return ",".join(sorted(ids))
+    runs = []
+    for port in ports:
+        client = cluster.node(port).client()
+        replication_id = client.info("replication")["master_replid"]
+        runs.append(f"{client.info('server')['run_id']}:{replication_id}")
+    return ",".join(sorted(runs))
 
 
 def test_authorize_and_capture_on_every_primary(service: tuple[Harness, Stubs]) -> None:

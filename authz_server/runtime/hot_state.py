@@ -4,9 +4,10 @@ may have), has exactly one server rebuild it from SQL (runtime/rebuild.py), and 
 Every server runs a guardian. It looks at keys.GENERATION every CHECK_SECONDS, and at once when a
 call found its slot lost (storage/redis/generation.py). The hot state is trusted while that key
 names a complete generation built in the Redis processes that answer now (the run ids of every
-primary, generation.redis_run_ids): a Redis that restarted (even with its file: the last second
-of writes may be missing), a replica promoted in its place, FLUSHALL, or a rebuild that died
-half-way all fail that test. Then health turns NOT_SERVING and the servers race for a lock in
+primary and its replication id, generation.redis_run_ids): a Redis that restarted (even with its
+file: the last second of writes may be missing), a replica promoted in its place, a primary
+promoted back after it resynced from such a replica, FLUSHALL, or a rebuild that died half-way
+all fail that test. Then health turns NOT_SERVING and the servers race for a lock in
 Redis (SET NX with an expiry, renewed while the rebuild runs): the winner rebuilds, the others
 wait for the new generation. If the winner dies, its lock expires and another takes over.
 
@@ -35,6 +36,7 @@ from authz_server.storage.redis.generation import (
     GlobalMarker,
     HotStateGeneration,
     redis_run_ids,
+    same_runs,
 )
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.sql.database import Database
@@ -104,10 +106,13 @@ class HotStateGuardian:
         hot state is ready now."""
         marker = GlobalMarker.parse(await self.commands.execute("GET", keys.GENERATION))
         run_ids = await redis_run_ids(self.commands)
-        if marker is not None and not marker.rebuilding and marker.run_ids == run_ids:
+        if marker is not None and not marker.rebuilding and same_runs(marker.run_ids, run_ids):
             self.generation.adopt(marker.generation, marker.run_ids)
             await self._set_ready(True)
             return True
+        # No script until a generation is adopted again: a connection to a primary promoted
+        # back stays open, and would pass the run gate on the run it read when it opened.
+        self.generation.distrust()
         await self._set_ready(False)
         token = os.urandom(8).hex()
         taken = await self.commands.execute(

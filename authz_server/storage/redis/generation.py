@@ -4,8 +4,8 @@ Redis is a cache that can vanish (a restart without persistence, FLUSHALL, a rep
 with an older copy). Nothing may be decided on what it lost, so:
 - a rebuild from SQL (runtime/rebuild.py) writes the whole hot state under a new random
   generation, marks every slot it writes with it (keys.generation_marker), and only then
-  publishes it in keys.GENERATION together with the run ids of the Redis processes it was
-  built in (every primary's: `redis_run_ids`);
+  publishes it in keys.GENERATION together with the runs of the Redis primaries it was built
+  in (each one's run id and replication id: `redis_run_ids`);
 - every script call carries the generation its process decides in (PipelinedRedis appends it)
   and every script first checks its slot's marker (lua/_generation.lua): a lost slot is refused
   before anything is read or written;
@@ -98,24 +98,33 @@ class HotStateGeneration:
         self.value = ""
         # Set when a call found the hot state lost or being rebuilt; the guardian waits on it.
         self.lost = asyncio.Event()
-        # The Redis processes (run ids) the adopted generation was built on; None until one is
-        # adopted. A script is only sent to one of them (PipelinedRedis.run_gate): a replica
-        # promoted in a primary's place, or a Redis restarted with its file, may miss the last
-        # writes, and it is refused at once rather than trusted until the guardian's next look.
+        # The Redis runs (`redis_run_ids`) the adopted generation was built on; None until one
+        # is adopted. A script is only sent to one of them (PipelinedRedis.run_gate): a replica
+        # promoted in a primary's place, a Redis restarted with its file, or a primary promoted
+        # back after it resynced from a replica may miss the last writes, and it is refused at
+        # once rather than trusted until the guardian's next look.
         self.trusted_run_ids: frozenset[str] | None = None
 
     def adopt(self, generation: str, run_ids: str) -> None:
-        """Decides in `generation` from now on, on the Redis processes `run_ids` (comma-joined,
-        as keys.GENERATION holds them)."""
+        """Decides in `generation` from now on, on the Redis runs `run_ids` (comma-joined, as
+        keys.GENERATION holds them)."""
         if generation != self.value:
             log.info("hot state generation %s adopted", generation)
         self.value = generation
         self.trusted_run_ids = frozenset(run_id for run_id in run_ids.split(",") if run_id)
 
-    def trusts(self, run_id: str) -> bool:
-        """Whether a script may go to the Redis process `run_id` (any, before a generation is
-        adopted: every script refuses then anyway)."""
-        return self.trusted_run_ids is None or run_id in self.trusted_run_ids
+    def distrust(self) -> None:
+        """No script goes to Redis until a generation is adopted again: the guardian found the
+        runs changed (a failback keeps the connections open, so the run gate, which reads a
+        connection's run when it opens, would not see it by itself)."""
+        self.trusted_run_ids = frozenset()
+
+    def trusts(self, run: str) -> bool:
+        """Whether a script may go to the Redis run `run` (any, before a generation is adopted:
+        every script refuses then anyway). A generation published by a release that knew run
+        ids only names bare run ids: trusted on the run id alone, until the next rebuild."""
+        trusted = self.trusted_run_ids
+        return trusted is None or run in trusted or run.partition(RUN_SEPARATOR)[0] in trusted
 
     async def resolve(self, redis: PipelinedRedis, refusals: list[Reply]) -> bool:
         """Scripts refused their slots. True when they should be sent again (a newer complete
@@ -221,25 +230,56 @@ async def published_generation(redis: PipelinedRedis) -> str | None:
 
 
 async def redis_run_ids(redis: PipelinedRedis) -> str:
-    """The run ids of every primary (INFO server), sorted and joined with ','. A run id is new
-    whenever a Redis process starts, so this changes when any primary restarted or a replica
-    (which may have missed the last writes) was promoted in its place: the hot state built
-    before is not trusted any more, on any shard (runtime/hot_state.py). Asked of all
-    primaries at once: the guardian asks twice a second."""
+    """The runs of every primary (`run_of`), sorted and joined with ','. This changes when any
+    primary restarted, a replica (which may have missed the last writes) was promoted in its
+    place, or a primary was promoted back after it had resynced from such a replica (a
+    failback: its run id is the same, its replication id is new): the hot state built before
+    is not trusted any more, on any shard (runtime/hot_state.py). Asked of all primaries at
+    once: the guardian asks twice a second."""
     primaries = await redis.primaries()
-    return ",".join(sorted(await asyncio.gather(*(_run_id(node) for node in primaries))))
+    return ",".join(sorted(await asyncio.gather(*(_run(node) for node in primaries))))
 
 
-def run_id_of(info: Reply) -> str:
-    """The run_id line of an INFO server reply."""
+# Between a run's run id and its replication id.
+RUN_SEPARATOR = ":"
+# What a Redis process is asked for its run (`run_of`): two sections, as Redis before 7 takes
+# one section an INFO.
+RUN_COMMANDS: tuple[tuple[str, str], ...] = (("INFO", "server"), ("INFO", "replication"))
+
+
+def run_of(server: Reply, replication: Reply) -> str:
+    """'<run id>:<replication id>' from the replies to RUN_COMMANDS. The run id is new whenever
+    a Redis process starts; the replication id (master_replid) whenever a process becomes a
+    primary, and a replica takes its primary's: so a primary that was demoted, resynced from a
+    replica that had missed writes and was promoted back shows a new run."""
+    replication_id = _info_field(replication, "master_replid")
+    return f"{_info_field(server, 'run_id')}{RUN_SEPARATOR}{replication_id}"
+
+
+def same_runs(published: str, current: str) -> bool:
+    """Whether the runs a generation was published with are the ones answering now. One
+    published by a release that knew run ids only (no replication ids) is compared on the run
+    ids: else, in a rolling upgrade, the servers of each release would rebuild the hot state
+    in turn, each finding the other's publication foreign. The next rebuild publishes both."""
+    if published == current:
+        return True
+    if RUN_SEPARATOR in published:
+        return False
+    run_ids = sorted(run.partition(RUN_SEPARATOR)[0] for run in current.split(",") if run)
+    return published == ",".join(run_ids)
+
+
+def _info_field(info: Reply, name: str) -> str:
+    """One `name:value` line of an INFO reply."""
     if isinstance(info, ResponseError):
         raise RedisConnectionError(f"Redis refused INFO: {info}")
     for line in (info.decode() if isinstance(info, bytes) else str(info)).splitlines():
-        name, _, value = line.partition(":")
-        if name == "run_id":
+        field, _, value = line.partition(":")
+        if field == name:
             return value.strip()
-    raise RedisConnectionError("INFO server names no run_id")
+    raise RedisConnectionError(f"INFO names no {name}")
 
 
-async def _run_id(node: PipelinedRedis) -> str:
-    return run_id_of(await node.execute("INFO", "server"))
+async def _run(node: PipelinedRedis) -> str:
+    server, replication = await node.execute_many(RUN_COMMANDS)
+    return run_of(server, replication)

@@ -45,7 +45,7 @@ from redis.exceptions import (
 )
 
 from authz_server.observability import tracing
-from authz_server.storage.redis.generation import refused_slot, run_id_of
+from authz_server.storage.redis.generation import RUN_COMMANDS, refused_slot, run_of
 
 Argument: TypeAlias = str | bytes | int
 Command: TypeAlias = tuple[Argument, ...]
@@ -226,8 +226,12 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = self._loop.create_future()
         self.pending_commands = 0
         self.closed = False
-        # The Redis process's run id (INFO server), learned at connect when a run gate is set.
-        self.run_id = ""
+        # The Redis run at the other end (generation.run_of), read at connect when a run gate
+        # is set, and again when the gate does not trust it (`checked_against`: the trusted set
+        # it was last compared with): a Redis keeps its connections when it is demoted and
+        # promoted back, and its run changes under them.
+        self.run = ""
+        self.checked_against: frozenset[str] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -423,13 +427,32 @@ class PipelinedRedis:
         if connection is None or connection.closed:
             connection = await self._connected()
         gate = self.run_gate
-        if gate is not None and not gate.trusts(connection.run_id) and _has_script(commands):
-            gate.lost.set()  # the guardian looks at once
-            raise UntrustedRedis(
-                f"Redis at {self.address} (run {connection.run_id}) is not one the hot state "
-                "was built on"
-            )
-        return await connection.send(commands)
+        if gate is not None and not gate.trusts(connection.run) and _has_script(commands):
+            await self._refused_unless_trusted_now(connection, gate)
+        replies = await connection.send(commands)
+        if gate is not None and ReadOnlyError in map(type, replies):
+            # A primary demoted under our connection (a failover, or one on its way back to
+            # being a primary with a replica's older copy): the guardian looks at once.
+            gate.lost.set()
+        return replies
+
+    async def _refused_unless_trusted_now(
+        self, connection: _Connection, gate: HotStateGeneration
+    ) -> None:
+        """Raises UntrustedRedis unless the connection's run, read again (once for each trusted
+        set the gate adopts), is trusted: the guardian may have adopted a generation built on
+        what this connection's Redis is now."""
+        trusted = gate.trusted_run_ids
+        if trusted and connection.checked_against is not trusted:
+            connection.checked_against = trusted
+            server, replication = await connection.send(list(RUN_COMMANDS))
+            connection.run = run_of(server, replication)
+            if gate.trusts(connection.run):
+                return
+        gate.lost.set()  # the guardian looks at once
+        raise UntrustedRedis(
+            f"Redis at {self.address} (run {connection.run}) is not one the hot state was built on"
+        )
 
     async def primaries(self) -> list[PipelinedRedis]:
         """One plain connection (no generation) per Redis primary, for what runs on every
@@ -535,8 +558,8 @@ class PipelinedRedis:
                         if isinstance(reply, ResponseError):
                             raise RedisConnectionError(f"Redis refused {command[0]!r}: {reply}")
                 if self.run_gate is not None:
-                    (info,) = await connection.send([("INFO", "server")])
-                    connection.run_id = run_id_of(info)
+                    server, replication = await connection.send(list(RUN_COMMANDS))
+                    connection.run = run_of(server, replication)
         except (OSError, TimeoutError, RedisError) as error:
             if connection is not None:
                 connection.drop(RedisConnectionError("login failed"))
