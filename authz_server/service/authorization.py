@@ -865,23 +865,24 @@ class AuthorizationService:
         Redis's hash), the authorization as it is now, a replay's bytes (not counted as
         captured again). None if neither: no capture, or another key's."""
 
-        def read(
-            session: Session,
-        ) -> tuple[bytes | None, CaptureRow | None, AuthorizationRow | None]:
-            return (
-                idempotency.find(session, call),
-                session.get(CaptureRow, authorization_id),
-                session.get(AuthorizationRow, authorization_id),
+        def read(session: Session) -> tuple[bytes | None, CaptureRow | None, bool]:
+            captured = session.get(CaptureRow, authorization_id)
+            # A one-step payment's capture carries its Authorize's key, and its answer is kept
+            # under the merchant's Authorize keys (never purged): that capture is not a Capture
+            # call's. A till keying both calls of a two-step sale alike has no such record.
+            paid_at_once = (
+                captured is not None
+                and session.get(
+                    IdempotencyRecordRow, (payment_scope(merchant_id), captured.idempotency_key)
+                )
+                is not None
             )
+            return idempotency.find(session, call), captured, paid_at_once
 
-        replay, captured, journal_row = await self.database.run(read)
+        replay, captured, paid_at_once = await self.database.run(read)
         if replay is not None:
             return replay
-        if captured is None or captured.idempotency_key != call.key:
-            return None
-        if journal_row is None or journal_row.idempotency_key == call.key:
-            # A one-step payment's capture carries its Authorize's key (another scope): not a
-            # Capture call's (a till that keys both calls of a sale alike is refused as before)
+        if captured is None or captured.idempotency_key != call.key or paid_at_once:
             return None
         if (amount_fen or captured.approved_fen) != captured.amount_fen:  # 0: all of it
             raise IdempotencyKeyReused(call.key)
