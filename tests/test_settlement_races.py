@@ -206,3 +206,27 @@ def test_payments_go_on_while_a_month_is_being_closed(world: World) -> None:
     # dated 1 February: settled in February, not in the January being closed
     world.at(2025, 3, 5, 12)
     assert world.settled("2025-01", "2025-02") == (1_000, 0)
+
+
+def test_a_capture_on_a_worker_that_has_not_seen_its_merchant_yet_keeps_the_region(
+    world: World,
+) -> None:
+    """A worker's merchant cache learns another worker's upsert within ~2 s: a capture in that
+    time wrote the merchant's region as "", and the close cleared the money to no province
+    (an audit finding). A merchant the cache does not know is read from SQL."""
+    app = world.harness.app
+    world.at(2025, 1, 31, 21)
+    # This worker has not refreshed since another worker took the merchant's upsert.
+    app.authorizations.references.merchants.pop("race-hospital")
+    world.capture()
+
+    def regions(session: Any) -> list[str | None]:
+        rows = session.scalars(select(LedgerEntryRow).where(LedgerEntryRow.kind == "CAPTURE"))
+        return [row.merchant_region for row in rows]
+
+    assert app.database.transaction(regions) == ["440300"]
+    world.at(2025, 2, 5, 12)
+    report = world.settlement.CloseMonth(
+        settlement_pb2.CloseMonthRequest(month="2025-01"), metadata=ADMIN
+    ).report
+    assert {position.province for position in report.province_positions} == {"11", "44"}

@@ -921,7 +921,7 @@ class AuthorizationService:
         created_at: datetime | None = None,
         expires_at: datetime | None = None,
     ) -> AuthorizationView | bytes:
-        merchant = self.references.merchants.get(merchant_id)
+        merchant = await self.references.merchant(merchant_id)
         unit = CaptureUnit(
             authorization_id=authorization_id,
             merchant_id=merchant_id,

@@ -39,6 +39,22 @@ REFRESH_SECONDS = 2.0
 LOOKBACK_SECONDS = 60.0
 
 
+# The columns of a merchant the cache keeps.
+_MERCHANT_COLUMNS = select(
+    MerchantRow.merchant_id,
+    MerchantRow.kind,
+    MerchantRow.pooling_region,
+    MerchantRow.designated,
+    MerchantRow.name,
+)
+
+
+def _merchant(row: Any) -> Merchant:
+    return Merchant(
+        row.merchant_id, MerchantKind(row.kind), row.pooling_region, row.designated, row.name
+    )
+
+
 class ReferenceCache:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -63,15 +79,7 @@ class ReferenceCache:
         merchants, items = await self.database.run(partial(self._changed, since=since))
         self.refreshed_at = began
         for merchant_row in merchants:
-            self.put_merchant(
-                Merchant(
-                    merchant_row.merchant_id,
-                    MerchantKind(merchant_row.kind),
-                    merchant_row.pooling_region,
-                    merchant_row.designated,
-                    merchant_row.name,
-                )
-            )
+            self.put_merchant(_merchant(merchant_row))
         for item_row in items:
             self.put_items(
                 [
@@ -84,16 +92,30 @@ class ReferenceCache:
                 ]
             )
 
+    async def merchant(self, merchant_id: str) -> Merchant | None:
+        """The merchant, read from SQL when this process has not seen it yet (another worker
+        took its upsert since the last refresh): for what is written to the ledger (a
+        capture's merchant region), where a miss must not stand for "no such merchant"."""
+        known = self.merchants.get(merchant_id)
+        if known is not None:
+            return known
+
+        def read(session: Session) -> Any:
+            return session.execute(
+                _MERCHANT_COLUMNS.where(MerchantRow.merchant_id == merchant_id)
+            ).one_or_none()
+
+        row = await self.database.run(read)
+        if row is None:
+            return None
+        found = _merchant(row)
+        self.put_merchant(found)
+        return found
+
     def _changed(self, session: Session, *, since: datetime | None) -> tuple[list[Any], list[Any]]:
         # Plain rows of the columns the cache keeps, not ORM objects: a bulk-loaded catalog is
         # read again for LOOKBACK_SECONDS, and that should cost little.
-        merchants = select(
-            MerchantRow.merchant_id,
-            MerchantRow.kind,
-            MerchantRow.pooling_region,
-            MerchantRow.designated,
-            MerchantRow.name,
-        )
+        merchants = _MERCHANT_COLUMNS
         items = select(
             CatalogItemRow.item_code,
             CatalogItemRow.name,
