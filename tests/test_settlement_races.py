@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import grpc
 import pytest
 from sqlalchemy import select
 
+from authz_server.domain.errors import PolicyRefusal
 from authz_server.domain.settlement import BEIJING, Month
 from authz_server.generated.medwallet.v1 import (
     authorization_pb2,
@@ -28,6 +29,7 @@ from authz_server.generated.medwallet.v1 import (
     settlement_pb2,
     settlement_pb2_grpc,
 )
+from authz_server.service.settlement import SettlementService
 from authz_server.storage.sql.tables import LedgerEntryRow
 from tests import engine_factories as ef
 from tests import factories
@@ -113,10 +115,17 @@ def test_a_capture_that_commits_after_its_month_closed_is_settled_in_the_next(
     writer = app.authorizations.captures
     real_submit = writer.submit
 
+    # The closing host's clock runs 30 s ahead of the server's: a close waits that long past
+    # the month's end (domain/settlement.py), and the capture must still be within its write
+    # deadline (service/ports.py) on the server's.
+    ahead = SettlementService(
+        app.database, 120, clock=lambda: world.harness.clock() + timedelta(seconds=30)
+    )
+
     async def month_closes_first(unit: Any) -> Any:
         # Claimed at 23:59:59.5 on 31 January; January closes before the batch is written.
         world.at(2025, 2, 1, 0, 0, 1)
-        await app.settlement.close_month(Month(2025, 1))
+        await ahead.close_month(Month(2025, 1))
         return await real_submit(unit)
 
     writer.submit = month_closes_first  # type: ignore[method-assign]
@@ -141,7 +150,7 @@ def test_a_refund_that_commits_after_its_month_closed_is_settled_in_the_next(
 
     async def month_closes_first(work: Any) -> Any:
         # Asked at 23:59:59.5 on 28 February; February closes before the refund is written.
-        world.at(2025, 3, 1, 0, 0, 1)
+        world.at(2025, 3, 1, 0, 0, 31)
         await app.settlement.close_month(Month(2025, 1))
         await app.settlement.close_month(Month(2025, 2))
         return await real_submit(work)
@@ -230,3 +239,25 @@ def test_a_capture_on_a_worker_that_has_not_seen_its_merchant_yet_keeps_the_regi
         settlement_pb2.CloseMonthRequest(month="2025-01"), metadata=ADMIN
     ).report
     assert {position.province for position in report.province_positions} == {"11", "44"}
+
+
+def test_a_month_closes_only_once_every_servers_clock_has_left_it(world: World) -> None:
+    """A close on a host whose clock ran 2 s ahead of a server's closed January while that
+    server still dated its captures in January: they were settled by no month (an audit
+    finding). A close now waits 30 s past the month's end (domain/settlement.py)."""
+    app = world.harness.app
+    ahead = SettlementService(
+        app.database, 120, clock=lambda: world.harness.clock() + timedelta(seconds=2)
+    )
+    # The servers read 23:59:58.5 on 31 January; the closing host reads 00:00:00.5.
+    world.at(2025, 1, 31, 23, 59, 58, microsecond=500_000)
+    with pytest.raises(PolicyRefusal) as refused:
+        world.harness.run(ahead.close_month(Month(2025, 1)))
+    assert refused.value.reason == "MONTH_NOT_ENDED"
+    world.capture()  # written by a server whose clock still says January
+    world.at(2025, 2, 1, 0, 0, 29)  # the closing host: 00:00:31
+    _, already = world.harness.run(ahead.close_month(Month(2025, 1)))
+    assert not already
+    world.at(2025, 3, 5, 12)
+    assert world.settled("2025-01", "2025-02") == (1_000, 0)
+    assert world.in_ledger("CAPTURE") == 1_000

@@ -58,10 +58,22 @@ class Month:
         return self.next().starts_at
 
 
+# Servers date captures and refunds by their own clocks, the host that closes a month by its
+# own: a close waits this long past the month's end, so a server whose clock runs behind the
+# closer's by less (NTP keeps hosts within milliseconds) cannot date a write into a month
+# already closed, which no month would then settle.
+CLOSE_AFTER_MONTH_END_SECONDS = 30
+
+
 def check_closable(month: Month, now: datetime, earliest_open: Month | None) -> None:
-    """A month closes once it has ended, and only after every earlier month with traffic."""
-    if now < month.ends_at:
-        raise PolicyRefusal("MONTH_NOT_ENDED", f"{month} has not ended in Beijing time")
+    """A month closes once it has ended (CLOSE_AFTER_MONTH_END_SECONDS ago), and only after
+    every earlier month with traffic."""
+    if now < month.ends_at + timedelta(seconds=CLOSE_AFTER_MONTH_END_SECONDS):
+        raise PolicyRefusal(
+            "MONTH_NOT_ENDED",
+            f"{month} has not ended in Beijing time (a close waits "
+            f"{CLOSE_AFTER_MONTH_END_SECONDS} s past its end, for every server's clock)",
+        )
     if earliest_open is not None and earliest_open < month:
         raise PolicyRefusal("EARLIER_MONTH_OPEN", f"{earliest_open} must be closed first")
 
