@@ -8,9 +8,22 @@ import json
 import time
 from pathlib import Path
 
-from authz_server.service.settlement import SettlementReport
+from authz_server.service.settlement import (
+    MerchantPayable,
+    PrepaidFund,
+    ProvincePosition,
+    RegionFlow,
+    SettlementReport,
+)
 
-TABLES = ("merchant_payables", "region_flows", "province_positions", "prepaid_funds")
+# Each table of the report and the type of its rows (a CSV's header, also when it has no row:
+# a month with local traffic only has no province positions).
+TABLES: dict[str, type] = {
+    "merchant_payables": MerchantPayable,
+    "region_flows": RegionFlow,
+    "province_positions": ProvincePosition,
+    "prepaid_funds": PrepaidFund,
+}
 
 
 def export(report: SettlementReport, directory: Path, form: str) -> list[Path]:
@@ -23,13 +36,12 @@ def export(report: SettlementReport, directory: Path, form: str) -> list[Path]:
         path.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
         return [path]
     written = []
-    for table in TABLES:
+    for table, row_type in TABLES.items():
         rows = getattr(report, table)
         path = directory / f"{report.month}-{table.replace('_', '-')}.csv"
         with path.open("w", newline="") as handle:
-            fields = [f.name for f in dataclasses.fields(rows[0])] if rows else []
             writer = csv.writer(handle)
-            writer.writerow(fields)
+            writer.writerow([field.name for field in dataclasses.fields(row_type)])
             for row in rows:
                 writer.writerow(dataclasses.astuple(row))
         written.append(path)
