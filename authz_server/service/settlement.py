@@ -48,9 +48,9 @@ _NET = "CAST(SUM(CASE WHEN kind = 'CAPTURE' THEN amount_fen ELSE -amount_fen END
 MERCHANT_PAYABLES = f"""
 INSERT INTO settlement_merchant_payables
     (month, merchant_id, pooling_region, captured_fen, refunded_fen, payable_fen)
-SELECT :month, merchant_id, MAX(merchant_region), {_CAPTURED}, {_REFUNDED}, {_NET}
+SELECT :month, merchant_id, merchant_region, {_CAPTURED}, {_REFUNDED}, {_NET}
 {_IN_MONTH}
-GROUP BY merchant_id
+GROUP BY merchant_id, merchant_region
 """
 
 REGION_FLOWS = f"""
@@ -251,7 +251,9 @@ class SettlementService:
 
         M, F = SettlementMerchantPayableRow, SettlementRegionFlowRow
         P, R = SettlementProvincePositionRow, SettlementPrepaidFundRow
-        merchants = session.scalars(select(M).where(M.month == key).order_by(M.merchant_id))
+        merchants = session.scalars(
+            select(M).where(M.month == key).order_by(M.merchant_id, M.pooling_region)
+        )
         flows = session.scalars(
             select(F).where(F.month == key).order_by(F.holder_region, F.merchant_region)
         )

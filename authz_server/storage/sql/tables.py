@@ -291,7 +291,9 @@ class SettlementMerchantPayableRow(Base):
 
     month: Mapped[str] = mapped_column(String(7), primary_key=True)
     merchant_id: Mapped[str] = mapped_column(Id, primary_key=True)
-    pooling_region: Mapped[str] = mapped_column(String(6))
+    # A row per region the merchant's captures were made in: one whose pooling region changed
+    # within the month is paid by each agency for the captures made under it.
+    pooling_region: Mapped[str] = mapped_column(String(6), primary_key=True)
     captured_fen: Mapped[int] = mapped_column(BigInteger)
     refunded_fen: Mapped[int] = mapped_column(BigInteger)
     payable_fen: Mapped[int] = mapped_column(BigInteger)

@@ -149,7 +149,10 @@ Global___SettlementReport: _TypeAlias = SettlementReport  # noqa: Y015
 
 @_typing.final
 class MerchantPayable(_message.Message):
-    """What a merchant's pooling-region agency pays it for the month (negative: the merchant owes)."""
+    """What a merchant's pooling-region agency pays it for the month (negative: the merchant owes).
+    One per merchant and region: a merchant whose pooling region changed within the month has a
+    row for each, with the captures (and their refunds) made under that region.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -1,0 +1,33 @@
+"""merchant payables by region: keyed on (month, merchant_id, pooling_region)
+
+A merchant whose pooling region changed within a month was given one payable row under one of
+its regions (MAX) for all its captures, while the region flows counted each capture under the
+region it was made in: one agency was told to pay money another received. A row per region.
+
+Revision ID: 0009
+Revises: 0008
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "0009"
+down_revision = "0008"
+branch_labels = None
+depends_on = None
+
+NAME = "pk_settlement_merchant_payables"
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("settlement_merchant_payables") as batch:
+        batch.drop_constraint(NAME, type_="primary")
+        batch.create_primary_key(NAME, ["month", "merchant_id", "pooling_region"])
+
+
+def downgrade() -> None:
+    # Refused where a month has a merchant under two regions (the key would repeat).
+    with op.batch_alter_table("settlement_merchant_payables") as batch:
+        batch.drop_constraint(NAME, type_="primary")
+        batch.create_primary_key(NAME, ["month", "merchant_id"])
