@@ -261,3 +261,26 @@ def test_a_month_closes_only_once_every_servers_clock_has_left_it(world: World) 
     world.at(2025, 3, 5, 12)
     assert world.settled("2025-01", "2025-02") == (1_000, 0)
     assert world.in_ledger("CAPTURE") == 1_000
+
+
+def test_after_the_first_close_every_month_is_closed_in_turn(world: World) -> None:
+    """An empty month skipped made the next month's prepaid fund the average of two months'
+    outflow instead of three (×1.5), and its adjustment was taken against a fund never set (an
+    audit finding). After the first close, a month closes only once the one before it has,
+    traffic or not."""
+
+    def close(month: str) -> settlement_pb2.SettlementReport:
+        request = settlement_pb2.CloseMonthRequest(month=month)
+        return world.settlement.CloseMonth(request, metadata=ADMIN).report
+
+    world.at(2025, 1, 31, 21)
+    world.capture()
+    world.at(2025, 2, 5, 12)
+    close("2025-01")
+    world.at(2025, 4, 5, 12)  # February and March: no traffic at all
+    with pytest.raises(grpc.RpcError) as refused:
+        close("2025-03")
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert factories.error_info(refused.value).reason == "EARLIER_MONTH_OPEN"
+    assert "2025-02" in (refused.value.details() or "")
+    assert (close("2025-02").captured_fen, close("2025-03").captured_fen) == (0, 0)

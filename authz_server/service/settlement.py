@@ -231,16 +231,16 @@ class SettlementService:
         return await self.database.run(lambda session: self._report(session, month))
 
     def _earliest_open(self, session: Session) -> Month | None:
-        """The earliest month with money movements that is not closed (None if all are)."""
+        """The earliest month that must close before a later one: after the first close, the
+        month after the last closed one, traffic or not (the prepaid funds average over
+        calendar months: an empty month skipped would leave its outflow out of the average);
+        before it, the earliest month with money movements (None if there is none)."""
         last_closed = session.scalar(select(func.max(SettlementMonthRow.month)))
-        query = select(func.min(LedgerEntryRow.created_at)).where(
-            LedgerEntryRow.kind.in_(MONEY_KINDS)
-        )
         if last_closed:
-            query = query.where(
-                LedgerEntryRow.created_at >= Month.parse("month", last_closed).ends_at
-            )
-        first = session.scalar(query)
+            return Month.parse("month", last_closed).next()
+        first = session.scalar(
+            select(func.min(LedgerEntryRow.created_at)).where(LedgerEntryRow.kind.in_(MONEY_KINDS))
+        )
         return Month.containing(utc(first)) if first is not None else None
 
     def _report(self, session: Session, month: Month) -> SettlementReport:

@@ -38,8 +38,9 @@ class SettlementServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SettlementServiceAsyncStub: ...
     CloseMonth: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.CloseMonthRequest, _settlement_pb2.CloseMonthResponse]
-    """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time
-    (MONTH_NOT_ENDED) or that has an earlier month still open (EARLIER_MONTH_OPEN).
+    """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
+    (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
+    first close, every month closes in turn, one without traffic too.
     """
     GetSettlementReport: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementReportRequest, _settlement_pb2.GetSettlementReportResponse]
 
@@ -53,8 +54,9 @@ class SettlementServiceAsyncStub(SettlementServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CloseMonth: _aio.UnaryUnaryMultiCallable[_settlement_pb2.CloseMonthRequest, _settlement_pb2.CloseMonthResponse]  # type: ignore[assignment]
-    """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time
-    (MONTH_NOT_ENDED) or that has an earlier month still open (EARLIER_MONTH_OPEN).
+    """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
+    (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
+    first close, every month closes in turn, one without traffic too.
     """
     GetSettlementReport: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementReportRequest, _settlement_pb2.GetSettlementReportResponse]  # type: ignore[assignment]
 
@@ -71,8 +73,9 @@ class SettlementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _settlement_pb2.CloseMonthRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_settlement_pb2.CloseMonthResponse, _abc.Awaitable[_settlement_pb2.CloseMonthResponse]]:
-        """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time
-        (MONTH_NOT_ENDED) or that has an earlier month still open (EARLIER_MONTH_OPEN).
+        """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
+        (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
+        first close, every month closes in turn, one without traffic too.
         """
 
     @_abc_1.abstractmethod
