@@ -131,6 +131,11 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
     from authz_server.runtime.wiring import open_database
     from authz_server.service.settlement import SettlementService
 
+    folder = arguments.export if arguments.command == "close-month" else arguments.to
+    if folder is not None and folder.exists() and not folder.is_dir():
+        # Refused before the close: after it, the month would be closed without its files.
+        print(f"refused: {folder} is not a folder", file=sys.stderr)
+        return 2
     database = open_database(settings)
     service = SettlementService(database, settings.prepaid_safety_percent)
     try:
@@ -146,9 +151,17 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
                 report, already = asyncio.run(service.report(month)), True
             progress.advance(1)
         print(settlement_export.summary(report, already, settlement_export.timed() - started))
-        folder = arguments.export if arguments.command == "close-month" else arguments.to
         if folder is not None:
-            for path in settlement_export.export(report, folder, arguments.format):
+            try:
+                written = settlement_export.export(report, folder, arguments.format)
+            except OSError as error:
+                print(
+                    f"{month} is closed, but its files were not written ({error}): run "
+                    f"`medwallet-authz settlement-export {month} --to <folder>`",
+                    file=sys.stderr,
+                )
+                return 1
+            for path in written:
                 print(f"wrote {path}")
         return 0
     except DomainError as error:
@@ -159,6 +172,7 @@ def _settle(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 async def _purge(settings: Settings) -> int:
+    from authz_server.runtime.progress import Progress
     from authz_server.runtime.wiring import close_storage, open_storage
     from authz_server.service.retention import purge_closed_months
 
@@ -167,7 +181,10 @@ async def _purge(settings: Settings) -> int:
         return 2
     storage = open_storage(settings, settings.redis_url)  # one node or a cluster, by the URL
     try:
-        purged = await purge_closed_months(storage.database, storage.redis)
+        # Three scans of the keyspace (records, claims, authorizations): the count is of the
+        # keys they looked at, with no total known beforehand.
+        with Progress(None, "purge-idempotency: Redis keys", unit="keys") as progress:
+            purged = await purge_closed_months(storage.database, storage.redis, progress.advance)
     finally:
         await close_storage(storage)
     print(

@@ -43,3 +43,32 @@ def test_csv_of_an_empty_table_still_has_its_header(tmp_path: Path) -> None:
         "receives_fen",
         "net_fen",
     ], headers
+
+
+def test_close_month_refuses_an_export_path_that_is_a_file_before_closing(tmp_path: Path) -> None:
+    """Pointed at a file, close-month closed the month and then failed with a traceback (an
+    audit note): it is refused before the close now, and the month stays open."""
+    import os
+    import subprocess
+    import sys
+
+    environment = dict(os.environ, MEDWALLET_DATA_DIR=str(tmp_path / "data"))
+    environment.pop("DATABASE_URL", None)
+
+    def cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "authz_server.cli", *arguments],
+            env=environment, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    refused = cli("close-month", "2025-01", "--export", str(a_file))
+    assert refused.returncode == 2 and "is not a folder" in refused.stderr, refused.stderr
+    still_open = cli("settlement-export", "2025-01", "--to", str(tmp_path / "out"))
+    assert still_open.returncode != 0 and "not closed" in still_open.stderr, still_open.stderr
+    closed = cli("close-month", "2025-01", "--export", str(tmp_path / "out"))
+    assert closed.returncode == 0, closed.stderr
+    assert "2025-01 closed" in closed.stdout
+    with (tmp_path / "out" / "2025-01-province-positions.csv").open(newline="") as handle:
+        assert next(csv.reader(handle))[0] == "province"

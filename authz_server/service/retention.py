@@ -14,6 +14,7 @@ authorization as it is now.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, or_, select
@@ -38,7 +39,14 @@ class Purged:
     redis_authorizations: int = 0
 
 
-async def purge_closed_months(database: Database, redis: PipelinedRedis) -> Purged:
+def _ignore(_looked_at: int) -> None:
+    pass
+
+
+async def purge_closed_months(
+    database: Database, redis: PipelinedRedis, looked_at: Callable[[int], None] = _ignore
+) -> Purged:
+    """`looked_at`: told how many Redis keys each page of the scans looked at."""
     last = await database.run(
         lambda session: session.scalar(select(func.max(SettlementMonthRow.month)))
     )
@@ -60,6 +68,6 @@ async def purge_closed_months(database: Database, redis: PipelinedRedis) -> Purg
 
     sql_records = await database.run(purge_sql)
     cutoff_ms = int(cutoff.timestamp() * 1000)
-    redis_records = await purge_idempotency_before(redis, cutoff_ms)
-    authorizations = await purge_settled_authorizations_before(redis, cutoff_ms)
+    redis_records = await purge_idempotency_before(redis, cutoff_ms, looked_at)
+    authorizations = await purge_settled_authorizations_before(redis, cutoff_ms, looked_at)
     return Purged(last, sql_records, redis_records, authorizations)

@@ -5,6 +5,8 @@ primary: the Authorize idempotency records (keys.idempotency, field cr), the mer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from authz_server.service.ports import HoldStatus
 from authz_server.storage.redis import keys, scans
 from authz_server.storage.redis.pipelined import Command, PipelinedRedis, Reply, as_text
@@ -13,11 +15,18 @@ from authz_server.storage.redis.pipelined import Command, PipelinedRedis, Reply,
 SCAN_COUNT = 1000
 
 
-async def purge_idempotency_before(redis: PipelinedRedis, cutoff_ms: int) -> int:
+def _ignore(_looked_at: int) -> None:
+    pass
+
+
+async def purge_idempotency_before(
+    redis: PipelinedRedis, cutoff_ms: int, looked_at: Callable[[int], None] = _ignore
+) -> int:
     """Deletes the Authorize idempotency records and claims created before `cutoff_ms`. Returns
-    how many."""
+    how many; `looked_at` is told how many keys each page looked at (a progress bar)."""
     deleted = 0
     async for names in scans.scan_pages(redis, keys.IDEMPOTENCY_RECORDS, SCAN_COUNT):
+        looked_at(len(names))
         created = await _each(redis, [("HGET", name, "cr") for name in names])
         deleted += await scans.unlink(
             redis,
@@ -28,6 +37,7 @@ async def purge_idempotency_before(redis: PipelinedRedis, cutoff_ms: int) -> int
             ],
         )
     async for names in scans.scan_pages(redis, keys.IDEMPOTENCY_CLAIMS, SCAN_COUNT):
+        looked_at(len(names))
         claims = await _each(redis, [("GET", name) for name in names])
         deleted += await scans.unlink(
             redis,
@@ -49,12 +59,15 @@ SETTLED = frozenset(
 )
 
 
-async def purge_settled_authorizations_before(redis: PipelinedRedis, cutoff_ms: int) -> int:
+async def purge_settled_authorizations_before(
+    redis: PipelinedRedis, cutoff_ms: int, looked_at: Callable[[int], None] = _ignore
+) -> int:
     """Deletes the hashes of authorizations created before `cutoff_ms` and settled (captured,
     voided, expired, declined). Returns how many. A settled state is final, so reading it and
     then deleting is safe without a script."""
     deleted = 0
     async for names in scans.scan_pages(redis, keys.AUTHORIZATIONS, SCAN_COUNT):
+        looked_at(len(names))
         states = await _each(redis, [("HMGET", name, "s", "cr") for name in names])
         doomed = []
         for name, state in zip(names, states, strict=True):
