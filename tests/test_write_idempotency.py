@@ -13,6 +13,7 @@ import grpc
 import pytest
 from sqlalchemy import select
 
+from authz_server.domain.errors import Unavailable
 from authz_server.domain.types import LedgerKind
 from authz_server.generated.medwallet.v1 import registry_pb2, relationship_pb2
 from authz_server.storage.sql.tables import LedgerEntryRow
@@ -264,3 +265,35 @@ def test_concurrent_release_retries_move_money_once(harness, registry, relations
     final = relationships.ReleaseQuota(release_request(rid, 2_000, new_id("rel")), metadata=APP)
     assert final.holder_balance_fen == 10_000
     assert ledger_balance(harness, holder) == 10_000
+
+
+def test_an_allocation_whose_redis_credit_was_lost_is_credited_by_its_retry(
+    harness, registry, relationships
+) -> None:
+    """The allocation committed in SQL, its Redis credit failed (a timeout: the caller gets
+    UNAVAILABLE and retries): the retry's replay sets the quota from the ledger, so the family
+    can spend what it allocated at once, not after the rolling reconcile reaches the quota (an
+    audit note: payments declined INSUFFICIENT_QUOTA on money SQL holds until then)."""
+    holder = factories.employee(registry, 50_000)
+    rid = factories.active_relationship(relationships, holder, factories.resident(registry), 1_000)
+    quotas = harness.app.relationships.quotas
+    real_credit = quotas.credit
+
+    async def lost(*arguments: Any) -> bool:
+        # What the quota cache raises for a Redis timeout (storage/redis/quota_cache.guarded).
+        raise Unavailable("the quota store did not answer: TimeoutError")
+
+    quotas.credit = lost
+    request = allocate_request(rid, 20_000, new_id("alloc"))
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            relationships.AllocateQuota(request, metadata=APP)
+    finally:
+        quotas.credit = real_credit
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+    assert factories.relationship(relationships, rid).available_fen == 1_000  # understated
+    again = relationships.AllocateQuota(request, metadata=APP)
+    assert again.holder_balance_fen == 50_000 - 1_000 - 20_000
+    shown = factories.relationship(relationships, rid)
+    assert (shown.allocated_fen, shown.available_fen) == (21_000, 21_000)
+    assert [kind for kind, _, _ in ledger_rows(harness, holder)].count("QUOTA_ALLOCATION") == 2

@@ -192,6 +192,10 @@ class RelationshipService:
         """Rule 5: personal account -> quota. SQL first, then Redis (see module docstring)."""
         checked = await self._precheck(relationship_id, call)
         if isinstance(checked, bytes):
+            # A retry: its first call's Redis credit may have been lost after its commit (the
+            # caller got UNAVAILABLE); the quota is set from the ledger, not left understated
+            # (payments declined on money SQL holds) until the rolling reconcile reaches it.
+            await self._heal_quota(relationship_id)
             return checked
         held_fen = (await self._figures(checked)).held_fen
 
@@ -233,7 +237,9 @@ class RelationshipService:
             # SQL first, then Redis; to the end even when the call is cancelled meanwhile: a
             # commit whose credit never came would understate the quota until reconcile.
             result, relationship = await self._run_idempotent(work)
-            if relationship is not None and not await when_rebuilt(
+            if relationship is None:  # a retry's replay (see above)
+                await self._heal_quota(relationship_id)
+            elif not await when_rebuilt(
                 lambda: self.quotas.credit(
                     relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
                 )
@@ -305,7 +311,7 @@ class RelationshipService:
             except LedgerLimitExceeded:
                 # Redis overstated the quota: its debit is not given back; the quota is set
                 # from the ledger instead.
-                await self._heal_overstated_quota(relationship_id)
+                await self._heal_quota(relationship_id)
                 raise
             except BaseException:
                 if debited:
@@ -338,9 +344,10 @@ class RelationshipService:
                 f"only {refusal.unused_fen} fen of the quota is unused in the ledger",
             ) from None
 
-    async def _heal_overstated_quota(self, relationship_id: str) -> None:
-        """Sets from the ledger a quota Redis overstated; if it cannot be now (a capture of it
-        between its phases), reconcile does it later."""
+    async def _heal_quota(self, relationship_id: str) -> None:
+        """Sets from the ledger a quota Redis may have wrong (overstated: a release the ledger
+        refused; understated: an allocation whose credit was lost); if it cannot be now (a
+        capture of it between its phases, Redis down), reconcile does it later."""
         try:
             await self._restore(relationship_id)
         except Exception:
