@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 
+from authz_server.domain.errors import Unavailable
 from authz_server.generated.medwallet.v1 import (
     authorization_pb2 as pb,
 )
@@ -838,6 +839,38 @@ def test_refund_up_to_what_was_captured_back_to_the_quota(
     )
     shown = get(authorizations, HOSPITAL, answer.authorization_id)
     assert (shown.captured_amount_fen, shown.refunded_amount_fen) == (20_000, 20_000)
+
+
+def test_a_refund_whose_redis_credit_was_lost_is_credited_by_its_retry(
+    harness, registry, relationships, authorizations
+) -> None:
+    """The refund committed in SQL, its credit back to the quota failed in Redis (a timeout:
+    UNAVAILABLE, the till retries): the retry's replay sets the quota from the ledger, so the
+    money refunded can be spent at once, not after the rolling reconcile reaches the quota."""
+    fam = family(registry, relationships, 50_000)
+    [rid] = fam.relationship_ids
+    answer = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 30_000)
+    capture(authorizations, HOSPITAL, answer.authorization_id, 20_000)
+    quotas = harness.app.authorizations.quotas
+    real_credit = quotas.credit
+
+    async def lost(*arguments: Any) -> bool:
+        # What the quota cache raises for a Redis timeout (storage/redis/quota_cache.guarded).
+        raise Unavailable("the quota store did not answer: TimeoutError")
+
+    key = new_id("refund")
+    quotas.credit = lost
+    try:
+        refused(
+            lambda: refund(authorizations, HOSPITAL, answer.authorization_id, 5_000, key),
+            grpc.StatusCode.UNAVAILABLE,
+            "UNAVAILABLE",
+        )
+    finally:
+        quotas.credit = real_credit
+    again = refund(authorizations, HOSPITAL, answer.authorization_id, 5_000, key)
+    assert again.authorization.refunded_amount_fen == 5_000
+    assert figures(relationships, rid) == (35_000, 0, 15_000)
 
 
 def test_nothing_to_refund_before_a_capture(registry, relationships, authorizations) -> None:

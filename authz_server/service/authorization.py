@@ -998,12 +998,17 @@ class AuthorizationService:
         account where that relationship is no longer active."""
         # (beneficiary, relationship, fen, the REFUND_TO_QUOTA ledger entry), once written
         credits: list[tuple[str, str, int, int]] = []
+        # A retry's relationships, set from the ledger after its replay: its first call's
+        # credits may have been lost after its commit (the till got UNAVAILABLE), and the
+        # quotas would stay understated until the rolling reconcile reached them.
+        to_heal: list[str] = []
         # The authorization as Get shows it (its times, its funding as approved): the answer's
         # base, so every RPC answers the same view (NotFound for another merchant's id).
         base = await self.get(merchant_id, authorization_id)
 
         def work(session: Session) -> RefundOutcome | bytes:
             credits.clear()
+            to_heal.clear()
             # The time is read inside the transaction, after the settlement lock: the month the
             # refund settles in (storage/sql/settlement_lock.py).
             settlement_lock.for_writing(session)
@@ -1018,6 +1023,10 @@ class AuthorizationService:
             # lock it found none and decided the refund anew: refused, or refunded twice).
             replay = idempotency.find(session, call)
             if replay is not None:
+                if capture is not None:
+                    to_heal[:] = [
+                        p.relationship_id for p in _capture_parts(session, authorization_id)
+                    ]
                 return replay
             if capture is None or capture.merchant_id != merchant_id:
                 raise NotFound(f"no capture of authorization {authorization_id}")
@@ -1026,6 +1035,7 @@ class AuthorizationService:
                 if made.amount_fen != amount_fen:
                     raise IdempotencyKeyReused(call.key)
                 parts = _capture_parts(session, authorization_id)
+                to_heal[:] = [part.relationship_id for part in parts]
                 # a replay's bytes (not an outcome: the handler counts outcomes as refunded)
                 return call.encode(RefundOutcome(_captured_view(base, capture, parts), ()))
             if capture.refunded_fen + amount_fen > capture.amount_fen:
@@ -1076,7 +1086,7 @@ class AuthorizationService:
         try:
             # SQL first, then the credits; to the end even when the call is cancelled meanwhile
             # (a refund whose credit never came would understate the quota until reconcile).
-            return await self.to_the_end.run(self._refund_to_the_end(work, credits))
+            return await self.to_the_end.run(self._refund_to_the_end(work, credits, to_heal))
         except NotFound:
             # This merchant's authorization, not (yet) captured: nothing can be refunded.
             # Another merchant's, or none: get() raises NotFound itself.
@@ -1090,8 +1100,19 @@ class AuthorizationService:
         self,
         work: Callable[[Session], RefundOutcome | bytes],
         credits: list[tuple[str, str, int, int]],
+        to_heal: list[str],
     ) -> RefundOutcome | bytes:
         result = await self.group_commit.submit(work)
+        for relationship_id in to_heal:
+            try:
+                await restore_from_ledger(self.database, self.quotas, relationship_id)
+            except Exception:  # the rolling reconcile does it later; the answer stands
+                log.warning(
+                    "quota %s not set from the ledger after a refund's replay",
+                    relationship_id,
+                    extra={"relationship_id": relationship_id},
+                    exc_info=True,
+                )
         for beneficiary_id, relationship_id, fen, entry_id in credits:
             credit = functools.partial(
                 self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id
