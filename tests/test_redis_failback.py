@@ -25,8 +25,9 @@ import pytest
 import redis as redis_lib
 
 from authz_server.runtime.embedded_redis import EmbeddedRedis, redis_server_binary
-from authz_server.storage.redis.generation import HotStateGeneration, redis_run_ids, same_runs
+from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.pipelined import PipelinedRedis, Script, UntrustedRedis
+from authz_server.storage.redis.runs import redis_run_ids, same_runs
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
 from tests.test_authorization_rules import (
@@ -203,3 +204,91 @@ def test_a_hold_approved_before_a_failback_is_not_approved_again(
     assert hot_figures(harness, beneficiary, relationship_id) == (4_000, 6_000)
     second = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 6_000)
     assert second.decision == DECLINED
+
+
+# --- what the fix must not cost (a second audit): normal operation changes replication ids ----
+
+
+def _settled(harness: Harness, seconds: float = 30.0) -> None:
+    """Waits until the guardian trusts the hot state and no rebuild has happened for 1.5 s."""
+    app = harness.app
+    deadline = time.monotonic() + seconds
+    while True:
+        before = app.guardian.last_rebuild
+        time.sleep(1.5)
+        if app.guardian.ready and app.guardian.last_rebuild is before:
+            return
+        assert time.monotonic() < deadline, "the hot state never settled"
+
+
+@pytest.mark.single_redis
+def test_a_replica_attaching_or_leaving_for_good_rebuilds_nothing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A primary takes a new replication id when a replica attaches while it has no backlog,
+    and when it frees its backlog after repl-backlog-ttl without replicas: no promotion, no
+    data lost (master_replid2 zeros). The guardian publishes the new runs; no rebuild."""
+    app = harness.app
+    primary = harness.admin()
+    assert isinstance(primary, redis_lib.Redis)
+    try:
+        primary.config_set("repl-backlog-ttl", 1)  # one hour by default
+        # No backlog to begin with (an earlier test's replica may have left one).
+        _wait(lambda: primary.info("replication")["repl_backlog_active"] == 0, 10)
+        _settled(harness)
+        rebuilt_before, generation_before = app.guardian.last_rebuild, app.generation.value
+        replication_id = primary.info("replication")["master_replid"]
+        with replica_of(primary, tmp_path / "replica"):
+            time.sleep(2.0)  # four guardian looks
+            attached = primary.info("replication")["master_replid"]
+            assert attached != replication_id
+        _wait(lambda: primary.info("replication")["master_replid"] != attached, 10)
+        time.sleep(1.5)
+        assert app.guardian.last_rebuild is rebuilt_before
+        assert app.generation.value == generation_before and app.guardian.ready
+    finally:
+        primary.config_set("repl-backlog-ttl", 3600)
+        primary.close()
+
+
+def test_calls_while_the_gate_reads_a_connections_run_again_wait_for_it(tmp_path: Path) -> None:
+    """Right after the guardian adopted new runs, the first calls on a connection opened before
+    wait for the one read of its run, instead of being refused (UNAVAILABLE) meanwhile."""
+    server = EmbeddedRedis(tmp_path / "a", persistent=False)
+    url = server.start()
+    primary = redis_lib.Redis.from_url(url)
+
+    async def opened() -> tuple[PipelinedRedis, HotStateGeneration, str]:
+        gate = HotStateGeneration()
+        client = PipelinedRedis.from_url(url, timeout_seconds=2.0)
+        client.run_gate = gate
+        before = await redis_run_ids(client)
+        gate.adopt("g1", before)
+        assert await client.evalsha(ECHO, ["k"], []) == b"k"  # the connection is open
+        return client, gate, before
+
+    async def after_the_run_changed(
+        client: PipelinedRedis, gate: HotStateGeneration, before: str
+    ) -> list[object]:
+        after = await redis_run_ids(client)
+        assert after != before  # same process, new replication id
+        gate.adopt("g2", after)
+        gate.lost.clear()
+        return await asyncio.gather(
+            *(client.evalsha(ECHO, [f"k{n}"], []) for n in range(20)), return_exceptions=True
+        )
+
+    loop = asyncio.new_event_loop()
+    try:
+        client, gate, before = loop.run_until_complete(opened())
+        try:
+            with replica_of(primary, tmp_path / "b"):  # the primary creates its backlog
+                results = loop.run_until_complete(after_the_run_changed(client, gate, before))
+        finally:
+            loop.run_until_complete(client.aclose())
+    finally:
+        loop.close()
+        primary.close()
+        server.stop()
+    assert results == [f"k{n}".encode() for n in range(20)], results
+    assert not gate.lost.is_set()

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.storage.redis.cluster import ClusterPipelinedRedis
-from authz_server.storage.redis.generation import HotStateGeneration, redis_run_ids
+from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.pipelined import PipelinedRedis, Script, UntrustedRedis
+from authz_server.storage.redis.runs import redis_run_ids
 from tests.redis_cluster import HOST, RedisClusterHarness, running_cluster, slot_of
 
 pytestmark = pytest.mark.backend_neutral
@@ -127,3 +129,35 @@ async def _promoted(cluster: RedisClusterHarness) -> None:
 
 def _owner(cluster: RedisClusterHarness, key: str) -> int:
     return cluster.owner_of_slot(slot_of(key))
+
+
+def test_the_primaries_runs_are_read_again_after_a_failover_with_no_other_call(
+    tmp_path: Path,
+) -> None:
+    """The guardian learns the primaries' runs through the router's slot map, and a primary
+    that died failed that look every time, the map never refreshed, until some call routed by
+    key hit the dead shard (an audit finding): meanwhile no change of run on any shard was
+    acted on. A primary that does not answer the look has the map read again."""
+    with running_cluster(tmp_path / "cluster") as cluster:
+        asyncio.run(_runs_after_failover(cluster))
+
+
+async def _runs_after_failover(cluster: RedisClusterHarness) -> None:
+    seeds = ",".join(f"{HOST}:{port}" for port in cluster.primary_ports())
+    client = ClusterPipelinedRedis.from_url(f"redis+cluster://{seeds}", timeout_seconds=1.0)
+    try:
+        before = await redis_run_ids(client)
+        victim = cluster.primary_ports()[0]
+        cluster.kill_primary(victim)
+        await asyncio.to_thread(cluster.wait_for_promotion, victim)
+        for _ in range(20):  # the guardian's looks, 0.5 s apart, and no other call
+            try:
+                after = await redis_run_ids(client)
+            except (RedisError, OSError):  # the dead primary, until the map is read again
+                await asyncio.sleep(0.5)
+                continue
+            assert after != before
+            return
+        raise AssertionError("the primaries' runs could not be read for 10 s after a failover")
+    finally:
+        await client.aclose()

@@ -14,9 +14,10 @@ import pytest
 
 from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.service.quota_sync import when_rebuilt
-from authz_server.storage.redis.generation import HotStateGeneration, redis_run_ids
+from authz_server.storage.redis.generation import HotStateGeneration
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.quota_cache import guarded
+from authz_server.storage.redis.runs import redis_run_ids
 from tests.test_run_gate import ECHO, run_gated
 
 pytestmark = pytest.mark.backend_neutral

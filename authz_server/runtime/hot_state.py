@@ -4,7 +4,7 @@ may have), has exactly one server rebuild it from SQL (runtime/rebuild.py), and 
 Every server runs a guardian. It looks at keys.GENERATION every CHECK_SECONDS, and at once when a
 call found its slot lost (storage/redis/generation.py). The hot state is trusted while that key
 names a complete generation built in the Redis processes that answer now (the run ids of every
-primary and its replication id, generation.redis_run_ids): a Redis that restarted (even with its
+primary and its replication id, storage/redis/runs.py): a Redis that restarted (even with its
 file: the last second of writes may be missing), a replica promoted in its place, a primary
 promoted back after it resynced from such a replica, FLUSHALL, or a rebuild that died half-way
 all fail that test. Then health turns NOT_SERVING and the servers race for a lock in
@@ -32,13 +32,15 @@ from authz_server.observability import metrics
 from authz_server.runtime.rebuild import RebuildAbandoned, RebuildReport, rebuild_hot_state
 from authz_server.service.clock import Clock, system_clock
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.generation import (
-    GlobalMarker,
-    HotStateGeneration,
-    redis_run_ids,
+from authz_server.storage.redis.generation import GlobalMarker, HotStateGeneration
+from authz_server.storage.redis.pipelined import PipelinedRedis
+from authz_server.storage.redis.runs import (
+    is_legacy,
+    joined,
+    redis_runs,
+    renumbered_only,
     same_runs,
 )
-from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.sql.database import Database
 
 if TYPE_CHECKING:
@@ -56,6 +58,11 @@ MIN_CHECK_SECONDS = 0.05
 # The rebuild lock's expiry, and how often its owner renews it.
 LOCK_SECONDS = 15
 RENEW_SECONDS = 5.0
+# Sets keys.GENERATION (KEYS[1]) to ARGV[2] if it still is ARGV[1]: 1 if it did.
+_REPLACE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
+    "return 1 end return 0"
+)
 # How long a starting process waits for the hot state (its own rebuild, or another server's).
 START_WAIT_SECONDS = 300.0
 
@@ -77,6 +84,8 @@ class HotStateGuardian:
         self.ready = False
         self.stopping = False
         self.last_rebuild: RebuildReport | None = None
+        # The legacy generation (storage/redis/runs.py is_legacy) last warned of.
+        self.warned_legacy = ""
 
     async def run(self) -> None:
         """Checks until stopped (or cancelled); a failed check (Redis down) counts as not
@@ -105,11 +114,23 @@ class HotStateGuardian:
         """Trusts the hot state, or rebuilds it (when this server wins the lock). True when the
         hot state is ready now."""
         marker = GlobalMarker.parse(await self.commands.execute("GET", keys.GENERATION))
-        run_ids = await redis_run_ids(self.commands)
-        if marker is not None and not marker.rebuilding and same_runs(marker.run_ids, run_ids):
-            self.generation.adopt(marker.generation, marker.run_ids)
-            await self._set_ready(True)
-            return True
+        runs = await redis_runs(self.commands)
+        run_ids = joined(runs)
+        if marker is not None and not marker.rebuilding:
+            if same_runs(marker.run_ids, run_ids):
+                self._warn_if_legacy(marker)
+                self.generation.adopt(marker.generation, marker.run_ids)
+                await self._set_ready(True)
+                return True
+            if renumbered_only(marker.run_ids, runs) and await self._republish(marker, run_ids):
+                log.info(
+                    "Redis primaries took new replication ids without a promotion (a replica "
+                    "attached, or a backlog freed): generation %s published on %s",
+                    marker.generation, run_ids,
+                )  # fmt: skip
+                self.generation.adopt(marker.generation, run_ids)
+                await self._set_ready(True)
+                return True
         # No script until a generation is adopted again: a connection to a primary promoted
         # back stays open, and would pass the run gate on the run it read when it opened.
         self.generation.distrust()
@@ -142,6 +163,25 @@ class HotStateGuardian:
         self.generation.adopt(report.generation, run_ids)
         await self._set_ready(True)
         return True
+
+    async def _republish(self, marker: GlobalMarker, run_ids: str) -> bool:
+        """The same generation published on the runs answering now, if the marker is still
+        the one read (another server may have done it, or begun a rebuild)."""
+        renumbered = GlobalMarker(marker.generation, run_ids, rebuilding=False)
+        replaced = await self.commands.execute(
+            "EVAL", _REPLACE, 1, keys.GENERATION, marker.text(), renumbered.text()
+        )
+        return replaced == 1
+
+    def _warn_if_legacy(self, marker: GlobalMarker) -> None:
+        if is_legacy(marker.run_ids) and marker.generation != self.warned_legacy:
+            self.warned_legacy = marker.generation
+            log.warning(
+                "hot state generation %s was published by a release without replication ids: "
+                "a failback to a primary that resynced from a stale replica is not noticed "
+                "until the next rebuild (RUNBOOK: after the rollout, rebuild once)",
+                marker.generation,
+            )
 
     async def wait_ready(self, timeout_seconds: float) -> bool:
         """Checks (and rebuilds, or waits for another server's rebuild) until the hot state is

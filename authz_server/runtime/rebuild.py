@@ -133,7 +133,7 @@ async def rebuild_hot_state(
     pages_in_flight: int | None = None,
 ) -> RebuildReport:
     """Rebuilds everything under a new generation and publishes it with `run_ids` (the
-    primaries' run ids read before the rebuild began, generation.redis_run_ids: a failover
+    primaries' run ids read before the rebuild began, runs.redis_run_ids: a failover
     meanwhile makes the published marker stale at once, and the hot state is rebuilt again).
     `still_owner` (when given) is cleared by the caller if it lost the rebuild lock: the
     rebuild then stops unpublished. `pages_in_flight`: PAGES_IN_FLIGHT unless given."""

@@ -217,6 +217,9 @@ class ClusterPipelinedRedis(PipelinedRedis):
         self._last_refresh = time.monotonic()
         self._mapped = True
 
+    def topology_suspect(self) -> None:
+        self.refresh_soon()
+
     def refresh_soon(self) -> None:
         """Refreshes the slot map in the background: single flight, at most once per
         REFRESH_INTERVAL_SECONDS (every failing call asks for one)."""

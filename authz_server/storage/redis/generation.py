@@ -5,7 +5,7 @@ with an older copy). Nothing may be decided on what it lost, so:
 - a rebuild from SQL (runtime/rebuild.py) writes the whole hot state under a new random
   generation, marks every slot it writes with it (keys.generation_marker), and only then
   publishes it in keys.GENERATION together with the runs of the Redis primaries it was built
-  in (each one's run id and replication id: `redis_run_ids`);
+  in (each one's run id and replication id: storage/redis/runs.py);
 - every script call carries the generation its process decides in (PipelinedRedis appends it)
   and every script first checks its slot's marker (lua/_generation.lua): a lost slot is refused
   before anything is read or written;
@@ -26,10 +26,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from authz_server.storage.redis import keys
+from authz_server.storage.redis.runs import RUN_SEPARATOR
 
 if TYPE_CHECKING:
     from authz_server.storage.redis.pipelined import PipelinedRedis, Reply
@@ -61,7 +61,7 @@ def new_generation() -> str:
 @dataclass(frozen=True)
 class GlobalMarker:
     """What keys.GENERATION says: a complete generation and the Redis runs it was built in
-    (`redis_run_ids`, as `<generation>|<run ids>`), or a rebuild under way."""
+    (runs.redis_run_ids, as `<generation>|<runs>`), or a rebuild under way."""
 
     generation: str
     run_ids: str
@@ -98,7 +98,7 @@ class HotStateGeneration:
         self.value = ""
         # Set when a call found the hot state lost or being rebuilt; the guardian waits on it.
         self.lost = asyncio.Event()
-        # The Redis runs (`redis_run_ids`) the adopted generation was built on; None until one
+        # The Redis runs (runs.redis_run_ids) the adopted generation was built on; None until one
         # is adopted. A script is only sent to one of them (PipelinedRedis.run_gate): a replica
         # promoted in a primary's place, a Redis restarted with its file, or a primary promoted
         # back after it resynced from a replica may miss the last writes, and it is refused at
@@ -227,59 +227,3 @@ async def published_generation(redis: PipelinedRedis) -> str | None:
     rebuilt."""
     marker = GlobalMarker.parse(await redis.execute("GET", keys.GENERATION))
     return None if marker is None or marker.rebuilding else marker.generation
-
-
-async def redis_run_ids(redis: PipelinedRedis) -> str:
-    """The runs of every primary (`run_of`), sorted and joined with ','. This changes when any
-    primary restarted, a replica (which may have missed the last writes) was promoted in its
-    place, or a primary was promoted back after it had resynced from such a replica (a
-    failback: its run id is the same, its replication id is new): the hot state built before
-    is not trusted any more, on any shard (runtime/hot_state.py). Asked of all primaries at
-    once: the guardian asks twice a second."""
-    primaries = await redis.primaries()
-    return ",".join(sorted(await asyncio.gather(*(_run(node) for node in primaries))))
-
-
-# Between a run's run id and its replication id.
-RUN_SEPARATOR = ":"
-# What a Redis process is asked for its run (`run_of`): two sections, as Redis before 7 takes
-# one section an INFO.
-RUN_COMMANDS: tuple[tuple[str, str], ...] = (("INFO", "server"), ("INFO", "replication"))
-
-
-def run_of(server: Reply, replication: Reply) -> str:
-    """'<run id>:<replication id>' from the replies to RUN_COMMANDS. The run id is new whenever
-    a Redis process starts; the replication id (master_replid) whenever a process becomes a
-    primary, and a replica takes its primary's: so a primary that was demoted, resynced from a
-    replica that had missed writes and was promoted back shows a new run."""
-    replication_id = _info_field(replication, "master_replid")
-    return f"{_info_field(server, 'run_id')}{RUN_SEPARATOR}{replication_id}"
-
-
-def same_runs(published: str, current: str) -> bool:
-    """Whether the runs a generation was published with are the ones answering now. One
-    published by a release that knew run ids only (no replication ids) is compared on the run
-    ids: else, in a rolling upgrade, the servers of each release would rebuild the hot state
-    in turn, each finding the other's publication foreign. The next rebuild publishes both."""
-    if published == current:
-        return True
-    if RUN_SEPARATOR in published:
-        return False
-    run_ids = sorted(run.partition(RUN_SEPARATOR)[0] for run in current.split(",") if run)
-    return published == ",".join(run_ids)
-
-
-def _info_field(info: Reply, name: str) -> str:
-    """One `name:value` line of an INFO reply."""
-    if isinstance(info, ResponseError):
-        raise RedisConnectionError(f"Redis refused INFO: {info}")
-    for line in (info.decode() if isinstance(info, bytes) else str(info)).splitlines():
-        field, _, value = line.partition(":")
-        if field == name:
-            return value.strip()
-    raise RedisConnectionError(f"INFO names no {name}")
-
-
-async def _run(node: PipelinedRedis) -> str:
-    server, replication = await node.execute_many(RUN_COMMANDS)
-    return run_of(server, replication)

@@ -30,7 +30,7 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -45,7 +45,8 @@ from redis.exceptions import (
 )
 
 from authz_server.observability import tracing
-from authz_server.storage.redis.generation import RUN_COMMANDS, refused_slot, run_of
+from authz_server.storage.redis.generation import refused_slot
+from authz_server.storage.redis.runs import RUN_COMMANDS, run_of
 
 Argument: TypeAlias = str | bytes | int
 Command: TypeAlias = tuple[Argument, ...]
@@ -226,12 +227,13 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = self._loop.create_future()
         self.pending_commands = 0
         self.closed = False
-        # The Redis run at the other end (generation.run_of), read at connect when a run gate
-        # is set, and again when the gate does not trust it (`checked_against`: the trusted set
-        # it was last compared with): a Redis keeps its connections when it is demoted and
-        # promoted back, and its run changes under them.
+        # The Redis run at the other end (runs.RedisRun.text), read at connect when a run gate
+        # is set, and again when the gate does not trust it, once for each trusted set the gate
+        # adopts (`reading`: that read, which the calls refused meanwhile wait for): a Redis
+        # keeps its connections when it is demoted and promoted back, or takes a new
+        # replication id, and its run changes under them.
         self.run = ""
-        self.checked_against: frozenset[str] | None = None
+        self.reading: tuple[frozenset[str], asyncio.Future[str]] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -443,16 +445,23 @@ class PipelinedRedis:
         set the gate adopts), is trusted: the guardian may have adopted a generation built on
         what this connection's Redis is now."""
         trusted = gate.trusted_run_ids
-        if trusted and connection.checked_against is not trusted:
-            connection.checked_against = trusted
-            server, replication = await connection.send(list(RUN_COMMANDS))
-            connection.run = run_of(server, replication)
+        if trusted:
+            if connection.reading is None or connection.reading[0] is not trusted:
+                read = asyncio.ensure_future(_run_of_connection(connection))
+                read.add_done_callback(_retrieve_error)
+                connection.reading = (trusted, read)
+            # Shielded: one caller giving up does not cancel the read the others wait for.
+            connection.run = await asyncio.shield(connection.reading[1])
             if gate.trusts(connection.run):
                 return
         gate.lost.set()  # the guardian looks at once
         raise UntrustedRedis(
             f"Redis at {self.address} (run {connection.run}) is not one the hot state was built on"
         )
+
+    def topology_suspect(self) -> None:
+        """A primary did not answer a command sent to it directly (`primaries`): a cluster
+        client looks at its slot map again; nothing for a single node."""
 
     async def primaries(self) -> list[PipelinedRedis]:
         """One plain connection (no generation) per Redis primary, for what runs on every
@@ -558,8 +567,7 @@ class PipelinedRedis:
                         if isinstance(reply, ResponseError):
                             raise RedisConnectionError(f"Redis refused {command[0]!r}: {reply}")
                 if self.run_gate is not None:
-                    server, replication = await connection.send(list(RUN_COMMANDS))
-                    connection.run = run_of(server, replication)
+                    connection.run = await _run_of_connection(connection)
         except (OSError, TimeoutError, RedisError) as error:
             if connection is not None:
                 connection.drop(RedisConnectionError("login failed"))
@@ -575,6 +583,11 @@ class PipelinedRedis:
         return connection
 
 
+async def _run_of_connection(connection: _Connection) -> str:
+    server, replication = await connection.send(list(RUN_COMMANDS))
+    return run_of(server, replication).text()
+
+
 def _has_script(commands: Sequence[Command]) -> bool:
     return any(command[0] == "EVALSHA" for command in commands)
 
@@ -584,7 +597,7 @@ def _stamped(commands: Sequence[Command], generation: str) -> list[Command]:
     return [(*command, generation) if command[0] == "EVALSHA" else command for command in commands]
 
 
-def _retrieve_error(task: asyncio.Task[_Connection]) -> None:
+def _retrieve_error(task: asyncio.Future[Any]) -> None:
     """Marks a failed attempt's error as seen even when every caller had given up waiting."""
     if not task.cancelled():
         task.exception()
