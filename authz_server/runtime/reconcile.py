@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
-from authz_server.domain.model import QuotaFigures
+from authz_server.domain.hot_state import OpenHold
+from authz_server.domain.model import QuotaFigures, Relationship
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
@@ -22,6 +25,7 @@ from authz_server.storage.redis.hold_store import HoldStore
 from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.open_holds import open_holds
 from authz_server.storage.sql.tables import (
     ParticipantRow,
     RelationshipRow,
@@ -50,6 +54,9 @@ class ReconcileReport:
     # a rolling page's quotas not set (a Redis call failed even when tried again, or a quota
     # after it in the page): the next pass tries them (reconcile_page with rolling=True)
     failed: int = 0
+    # open holds SQL has and Redis had lost without a loss being noticed (an older copy
+    # served): put back, each of their quotas counted drifted and overstated above
+    holds_put_back: int = 0
 
     def plus(self, other: ReconcileReport) -> ReconcileReport:
         return ReconcileReport(
@@ -59,6 +66,7 @@ class ReconcileReport:
             busy=self.busy + other.busy,
             overstated=self.overstated + other.overstated,
             failed=self.failed + other.failed,
+            holds_put_back=self.holds_put_back + other.holds_put_back,
         )
 
 
@@ -89,7 +97,7 @@ async def reconcile(
     after = ""
     total = ReconcileReport(quotas=0, drifted=0, drift_fen=0)
     while True:
-        after, report = await reconcile_page(database, quotas, after)
+        after, report = await reconcile_page(database, quotas, after, holds=holds, clock=clock)
         total = total.plus(report)
         if not after:
             return total
@@ -101,6 +109,8 @@ async def reconcile_page(
     after: str,
     page_size: int = BATCH_SIZE,
     rolling: bool = False,
+    holds: HoldStore | None = None,
+    clock: Clock = system_clock,
 ) -> tuple[str, ReconcileReport]:
     """One page of reconcile(): up to `page_size` active quotas whose relationship ids come
     after `after`, read under their row locks and restored before those are let go (service/
@@ -111,10 +121,18 @@ async def reconcile_page(
     another transaction has locked are skipped, not waited for (PostgreSQL's SKIP LOCKED: a
     page waiting on one busy row would hold the rows before it, and the payments waiting on
     those); they wait for the next pass, as do the quotas a failed Redis call left (counted in
-    `failed`, not raised: one bad quota must not stop every pass at its page)."""
+    `failed`, not raised: one bad quota must not stop every pass at its page).
+
+    `holds`: first, the open holds SQL has and Redis does not know at all are put back
+    (hold_restore.lua), so the quotas' held figures count them again. Redis lost them without
+    a loss being noticed (an older copy served; the generation's checks cannot see every such
+    case): else the sums agree, no drift is found, and the money they hold is approved again
+    while the approvals already given cannot be captured."""
     loop = asyncio.get_running_loop()
 
-    def page(session: Session) -> tuple[str, list[Drift | BaseException | None], int]:
+    def page(
+        session: Session,
+    ) -> tuple[str, list[Drift | BaseException | None], int, list[OpenHold]]:
         rows = session.execute(
             select(RelationshipRow, ParticipantRow.scheme)
             .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
@@ -128,17 +146,32 @@ async def reconcile_page(
         )
         batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
         if not batch:
-            return "", [], 0
+            return "", [], 0, []
         marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
         quotas_of_page = [
             restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
             for relationship, scheme in batch
         ]
+        put_back: list[OpenHold] = []
+        if holds is not None:
+            now = clock()
+            lost = _open_holds_under_lock(session, [relationship for relationship, _ in batch], now)
+            put_back = on_loop(loop, _put_back(holds, lost, _ms(now)))
         drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        return batch[-1][0].relationship_id, drifts, len(batch)
+        return batch[-1][0].relationship_id, drifts, len(batch), put_back
 
-    last, drifts, read = await _locked_page(database, page)
+    last, drifts, read, put_back = await _locked_page(database, page)
     drifted = drift_fen = busy = overstated = 0
+    for hold in put_back:
+        log.error(
+            "authorization %s: an open hold SQL has was missing from Redis (an older copy "
+            "served without a loss being noticed?): put back",
+            hold.authorization_id,
+            extra={"authorization_id": hold.authorization_id},
+        )
+        drifted += len(hold.funding)
+        overstated += len(hold.funding)
+        drift_fen += hold.approved_fen
     errors = [drift for drift in drifts if isinstance(drift, BaseException)]
     if rolling and errors:
         # _restore_page ends a page at its first failed group: the rest was not tried either.
@@ -163,8 +196,57 @@ async def reconcile_page(
         busy=busy,
         overstated=overstated,
         failed=read - len(drifts),
+        holds_put_back=len(put_back),
     )
     return last, report
+
+
+def _open_holds_under_lock(
+    session: Session, page: list[Relationship], now: datetime
+) -> list[OpenHold]:
+    """The open holds of the page's beneficiaries whose every quota this transaction has
+    locked: the page's, and those of the holds' other quotas it could lock without waiting
+    (SKIP LOCKED: they come outside the page's id order, and waiting could deadlock with a
+    capture batch; a hold one of whose quotas is busy waits for the next pass). Read again
+    once those are locked, so no capture or void of them commits before they are put back."""
+    locked = {relationship.relationship_id for relationship in page}
+    beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
+    candidates = open_holds(session, now, beneficiary_ids=beneficiaries)
+    others = sorted({rid for hold in candidates for rid, _ in hold.funding} - locked)
+    if not others:
+        return candidates  # read under the page's locks already
+    locked.update(
+        session.scalars(
+            select(RelationshipRow.relationship_id)
+            .where(RelationshipRow.relationship_id.in_(others))
+            .with_for_update(skip_locked=True)
+        )
+    )
+    wanted = {
+        hold.authorization_id
+        for hold in candidates
+        if all(rid in locked for rid, _ in hold.funding)
+    }
+    if not wanted:
+        return []
+    return [
+        hold
+        for hold in open_holds(session, now, beneficiary_ids=beneficiaries)
+        if hold.authorization_id in wanted
+    ]
+
+
+async def _put_back(holds: HoldStore, lost: list[OpenHold], now_ms: int) -> list[OpenHold]:
+    """Puts back those Redis does not know at all (hold_restore.lua changes nothing when it
+    knows the authorization, in whatever state); the ones it did."""
+    placed = await asyncio.gather(
+        *(_tried_again(functools.partial(holds.restore_hold, hold, now_ms)) for hold in lost)
+    )
+    return [hold for hold, was_placed in zip(lost, placed, strict=True) if was_placed]
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True)

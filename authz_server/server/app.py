@@ -313,7 +313,13 @@ class Application:
                 self.pipelined_redis,
                 lambda: self.guardian.ready and not self.stopping,
                 lambda after, page_size: reconcile_page(
-                    self.database, self.quotas, after, page_size, rolling=True
+                    self.database,
+                    self.quotas,
+                    after,
+                    page_size,
+                    rolling=True,
+                    holds=self.holds,
+                    clock=self.clock,
                 ),
                 lambda after, page_size: reconcile_dissolved_page(
                     self.database, self.quotas, after, page_size, self.clock
