@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from authz_server.runtime.reconcile import reconcile
+import grpc
+import pytest
+
+from authz_server.domain.errors import Unavailable
+from authz_server.runtime.reconcile import VOID_SETTLED_SECONDS, reconcile
 from authz_server.storage.redis import keys
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
@@ -24,6 +28,7 @@ from tests.test_authorization_rules import (
     capture,
     family,
     register_merchants,
+    void,
 )
 
 
@@ -101,3 +106,40 @@ def test_a_split_hold_lost_by_a_stale_copy_is_put_back_on_each_of_its_quotas(
     )
     assert figures == [(0, 3_000), (1_000, 2_000)]
     assert capture(authorizations, HOSPITAL, held.authorization_id).status == CAPTURED
+
+
+def test_a_hold_voided_in_sql_whose_redis_step_was_lost_is_voided_by_the_reconcile(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """A Void commits in SQL first, then voids in Redis; that step lost (a Redis timeout, the
+    till gives up), Redis held the money until the hold expired (24 h at a hospital): the sums
+    agreed, so the reconcile found nothing, and payments were declined on money the family has.
+    A hold SQL voided over VOID_SETTLED_SECONDS ago and still PENDING in Redis is voided there."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 10_000)
+    beneficiary, (relationship_id,) = fam.beneficiary_id, fam.relationship_ids
+    app = harness.app
+    held = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 6_000)
+    assert held.decision == APPROVED
+    real_void = app.holds.void
+
+    async def lost(*arguments: Any) -> Any:
+        raise Unavailable("the quota store did not answer: TimeoutError")
+
+    app.holds.void = lost  # type: ignore[method-assign]
+    try:
+        with pytest.raises(grpc.RpcError) as failed:
+            void(authorizations, HOSPITAL, held.authorization_id)
+    finally:
+        app.holds.void = real_void  # type: ignore[method-assign]
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert hot_figures(harness, beneficiary, relationship_id) == (4_000, 6_000)
+
+    # A void's own Redis step may still be on its way: left alone for VOID_SETTLED_SECONDS.
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert report.holds_voided == 0
+    harness.clock.advance(VOID_SETTLED_SECONDS + 1)
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert report.holds_voided == 1 and report.drifted >= 1
+    assert hot_figures(harness, beneficiary, relationship_id) == (10_000, 0)
+    assert authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 8_000).decision == APPROVED

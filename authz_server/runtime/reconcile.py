@@ -7,26 +7,29 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
-from authz_server.domain.hot_state import OpenHold
+from authz_server.domain.hot_state import APPROVALS, OpenHold
 from authz_server.domain.model import QuotaFigures, Relationship
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
-from authz_server.service.ports import QuotaCache, QuotaRestore
+from authz_server.service.ports import HoldStatus, QuotaCache, QuotaRestore, VoidOutcome
 from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
+from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from authz_server.storage.sql.open_holds import open_holds
+from authz_server.storage.sql.open_holds import HOLD_COLUMNS, hold_of, open_holds
 from authz_server.storage.sql.tables import (
+    AuthorizationRow,
     ParticipantRow,
     RelationshipRow,
 )
@@ -57,6 +60,9 @@ class ReconcileReport:
     # open holds SQL has and Redis had lost without a loss being noticed (an older copy
     # served): put back, each of their quotas counted drifted and overstated above
     holds_put_back: int = 0
+    # holds SQL voided that Redis still held (a void's Redis step lost, an older copy): voided
+    # in Redis, each of their quotas counted drifted (understated) above
+    holds_voided: int = 0
 
     def plus(self, other: ReconcileReport) -> ReconcileReport:
         return ReconcileReport(
@@ -67,6 +73,7 @@ class ReconcileReport:
             overstated=self.overstated + other.overstated,
             failed=self.failed + other.failed,
             holds_put_back=self.holds_put_back + other.holds_put_back,
+            holds_voided=self.holds_voided + other.holds_voided,
         )
 
 
@@ -132,7 +139,7 @@ async def reconcile_page(
 
     def page(
         session: Session,
-    ) -> tuple[str, list[Drift | BaseException | None], int, list[OpenHold]]:
+    ) -> tuple[str, list[Drift | BaseException | None], int, list[OpenHold], list[OpenHold]]:
         rows = session.execute(
             select(RelationshipRow, ParticipantRow.scheme)
             .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
@@ -146,22 +153,35 @@ async def reconcile_page(
         )
         batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
         if not batch:
-            return "", [], 0, []
+            return "", [], 0, [], []
         marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
         quotas_of_page = [
             restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
             for relationship, scheme in batch
         ]
         put_back: list[OpenHold] = []
+        voided: list[OpenHold] = []
         if holds is not None:
             now = clock()
-            lost = _open_holds_under_lock(session, [relationship for relationship, _ in batch], now)
+            relationships = [relationship for relationship, _ in batch]
+            lost = _open_holds_under_lock(session, relationships, now)
             put_back = on_loop(loop, _put_back(holds, lost, _ms(now)))
+            still_held = _voided_holds(session, relationships, now)
+            voided = on_loop(loop, _void_in_redis(holds, still_held, _ms(now)))
         drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        return batch[-1][0].relationship_id, drifts, len(batch), put_back
+        return batch[-1][0].relationship_id, drifts, len(batch), put_back, voided
 
-    last, drifts, read, put_back = await _locked_page(database, page)
+    last, drifts, read, put_back, voided = await _locked_page(database, page)
     drifted = drift_fen = busy = overstated = 0
+    for hold in voided:
+        log.error(
+            "authorization %s: a hold SQL voided was still held in Redis (its void's Redis "
+            "step lost, or an older copy served): voided",
+            hold.authorization_id,
+            extra={"authorization_id": hold.authorization_id},
+        )
+        drifted += len(hold.funding)
+        drift_fen += hold.approved_fen
     for hold in put_back:
         log.error(
             "authorization %s: an open hold SQL has was missing from Redis (an older copy "
@@ -197,8 +217,59 @@ async def reconcile_page(
         overstated=overstated,
         failed=read - len(drifts),
         holds_put_back=len(put_back),
+        holds_voided=len(voided),
     )
     return last, report
+
+
+# A void's Redis step follows its commit within milliseconds (or waits out a rebuild, up to
+# quota_sync.REBUILD_WAIT_SECONDS): a hold voided in SQL longer ago and still PENDING in Redis
+# had that step lost. Younger ones are left to it (and to the next pass).
+VOID_SETTLED_SECONDS = 30
+
+
+def _voided_holds(session: Session, page: list[Relationship], now: datetime) -> list[OpenHold]:
+    """The holds of the page's beneficiaries SQL voided more than VOID_SETTLED_SECONDS ago and
+    that have not expired (Redis would still hold their money if the void's step was lost)."""
+    beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
+    rows = session.execute(
+        select(*HOLD_COLUMNS).where(
+            AuthorizationRow.beneficiary_id.in_(beneficiaries),
+            AuthorizationRow.decision.in_(sorted(APPROVALS)),
+            AuthorizationRow.expires_at > now,
+            AuthorizationRow.voided_at < now - timedelta(seconds=VOID_SETTLED_SECONDS),
+        )
+    ).all()
+    return [hold_of(row) for row in rows]
+
+
+async def _void_in_redis(holds: HoldStore, voided: list[OpenHold], now_ms: int) -> list[OpenHold]:
+    """Voids in Redis those it still has PENDING; the ones it did."""
+    if not voided:
+        return []
+    states = await _tried_again(
+        lambda: guarded(
+            lambda: holds.commands.execute_many(
+                [("HGET", keys.authorization(hold.authorization_id), "s") for hold in voided]
+            )
+        )
+    )
+    pending = [
+        hold
+        for hold, state in zip(voided, states, strict=True)
+        if state == HoldStatus.PENDING.value.encode()
+    ]
+    outcomes = await asyncio.gather(
+        *(
+            _tried_again(
+                functools.partial(holds.void, hold.authorization_id, hold.merchant_id, now_ms)
+            )
+            for hold in pending
+        )
+    )
+    return [
+        hold for hold, outcome in zip(pending, outcomes, strict=True) if outcome is VoidOutcome.OK
+    ]
 
 
 def _open_holds_under_lock(

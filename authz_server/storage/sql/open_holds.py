@@ -6,11 +6,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session
 
-from authz_server.domain.funding import format_funding, parse_funding
+from authz_server.domain.funding import Funding, format_funding, parse_funding
 from authz_server.domain.hot_state import APPROVALS, OpenHold, is_open
 from authz_server.domain.types import RelationshipStatus
 from authz_server.storage.sql.records import utc
@@ -91,20 +92,23 @@ def open_holds(
             now=now,
         ):
             continue
-        holds.append(
-            OpenHold(
-                authorization_id=row.authorization_id,
-                merchant_id=row.merchant_id,
-                beneficiary_id=row.beneficiary_id,
-                purpose=row.purpose,
-                decision=row.decision,
-                approved_fen=row.approved_fen,
-                funding=parts,
-                created_at=utc(row.created_at),
-                expires_at=expires_at,
-            )
-        )
+        holds.append(hold_of(row, parts))
     return holds
+
+
+def hold_of(row: Any, funding: Funding | None = None) -> OpenHold:
+    """A row of HOLD_COLUMNS as a hold (`funding`: its parsed funding, when read already)."""
+    return OpenHold(
+        authorization_id=row.authorization_id,
+        merchant_id=row.merchant_id,
+        beneficiary_id=row.beneficiary_id,
+        purpose=row.purpose,
+        decision=row.decision,
+        approved_fen=row.approved_fen,
+        funding=parse_funding(row.funding) if funding is None else funding,
+        created_at=utc(row.created_at),
+        expires_at=utc(row.expires_at),
+    )
 
 
 def ledger_parts(session: Session, authorization_id: str) -> str | None:
