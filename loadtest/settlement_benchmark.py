@@ -77,7 +77,7 @@ def main() -> None:
     database.close()
     print(
         f"{arguments.rows:,} ledger rows written in {fill_seconds:.1f} s; month closed in "
-        f"{close_seconds:.2f} s: {len(report.merchant_payables)} merchants, "
+        f"{close_seconds:.2f} s: {len(report.merchant_payables)} merchant payables, "
         f"{len(report.region_flows)} region pairs, {len(report.province_positions)} provinces "
         f"(net {sum(p.net_fen for p in report.province_positions)} fen), "
         f"captured {report.captured_fen} fen, refunded {report.refunded_fen} fen"

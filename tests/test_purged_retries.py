@@ -18,6 +18,7 @@ from authz_server.generated.medwallet.v1 import authorization_pb2
 from authz_server.service import retention
 from authz_server.service.retention import purge_closed_months
 from authz_server.storage.sql.tables import AuthorizationRow
+from tests import engine_factories as ef
 from tests import factories
 from tests.harness import new_id
 from tests.test_authorization_rules import (
@@ -74,10 +75,8 @@ def test_a_refund_retried_after_its_month_was_closed_and_purged_refunds_once(
     # The till never saw the first answer (a timeout, a crash) and retries with the same key.
     world.at(2025, 2, 1, 0, 10)
     again = world.authorizations.Refund(request, metadata=HOSPITAL)
-    # refunded 400, once (its created_at now comes from SQL's journal, to the microsecond: the
-    # settled authorization was purged from Redis too)
-    for answer in (first, again):
-        answer.authorization.ClearField("created_at")
+    # refunded 400, once (the settled authorization was purged from Redis too: its times now
+    # come from SQL's journal, to the millisecond as Redis had them)
     assert again.authorization == first.authorization
     assert list(again.parts) == []  # where it went was in the purged record
     assert world.in_ledger("REFUND_TO_QUOTA", "REFUND_TO_ACCOUNT") == 400
@@ -156,6 +155,42 @@ def test_a_capture_keyed_like_its_authorize_retried_after_the_purge_gets_the_aut
     again = world.authorizations.Capture(request, metadata=HOSPITAL)
     assert again.authorization == first.authorization
     assert world.in_ledger("CAPTURE") == 1_000
+
+
+def test_a_capture_under_a_key_an_earlier_one_step_payment_used_is_answered_after_the_purge(
+    world: World,
+) -> None:
+    """A till may use one key string for a one-step payment (Authorize's scope) and, later, for
+    another sale's Capture (Capture's scope): that capture's retry after the purge was refused
+    ALREADY_CAPTURED, taken for the one-step payment's (a second audit). The payment's record
+    must be this authorization's: its journal row carries the same key."""
+    app = world.harness.app
+    beneficiary = app.database.transaction(
+        lambda session: session.get(AuthorizationRow, world.hold.authorization_id).beneficiary_id
+    )
+    key = new_id("till")
+    world.at(2025, 1, 31, 20, 30)
+    one_step = ef.medical(beneficiary, 500, capture=True)
+    one_step.idempotency_key = key
+    paid = world.authorizations.Authorize(one_step, metadata=HOSPITAL)
+    assert paid.status == authorization_pb2.AUTHORIZATION_STATUS_CAPTURED
+
+    world.at(2025, 1, 31, 21)
+    request = authorization_pb2.CaptureRequest(
+        authorization_id=world.hold.authorization_id, idempotency_key=key
+    )
+    first = world.authorizations.Capture(request, metadata=HOSPITAL)
+    assert first.authorization.captured_amount_fen == 1_000
+    assert world.authorizations.Capture(request, metadata=HOSPITAL) == first
+
+    world.at(2025, 2, 1, 0, 5)
+    assert world.settled("2025-01") == (1_500, 0)
+    world.harness.run(purge_closed_months(app.database, app.pipelined_redis))
+
+    world.at(2025, 2, 1, 0, 10)
+    again = world.authorizations.Capture(request, metadata=HOSPITAL)
+    assert again.authorization == first.authorization
+    assert world.in_ledger("CAPTURE") == 1_500
 
 
 def test_a_capture_retried_while_the_purge_has_left_its_redis_hash_gets_the_authorization(

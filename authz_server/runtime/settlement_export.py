@@ -53,7 +53,8 @@ def summary(report: SettlementReport, already: bool, seconds: float) -> str:
     return (
         f"{report.month} {'was already closed' if already else 'closed'} in {seconds:.2f} s: "
         f"captured {report.captured_fen} fen, refunded {report.refunded_fen} fen, "
-        f"{len(report.merchant_payables)} merchants, {len(report.region_flows)} region pairs, "
+        f"{len({p.merchant_id for p in report.merchant_payables})} merchants, "
+        f"{len(report.region_flows)} region pairs, "
         f"{len(report.province_positions)} provinces (net {net} fen), "
         f"{len(report.prepaid_funds)} prepaid funds"
     )

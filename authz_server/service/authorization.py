@@ -867,11 +867,16 @@ class AuthorizationService:
 
         def read(session: Session) -> tuple[bytes | None, CaptureRow | None, bool]:
             captured = session.get(CaptureRow, authorization_id)
-            # A one-step payment's capture carries its Authorize's key, and its answer is kept
-            # under the merchant's Authorize keys (never purged): that capture is not a Capture
-            # call's. A till keying both calls of a two-step sale alike has no such record.
+            # A one-step payment's capture carries its Authorize's key (the journal row's), and
+            # its answer is kept under the merchant's Authorize keys (never purged): that
+            # capture is not a Capture call's. Both, for this authorization: a till keying both
+            # calls of a two-step sale alike has no such record, and one reusing a one-step
+            # payment's key for another sale's Capture has another journal row under it.
+            journal_row = session.get(AuthorizationRow, authorization_id)
             paid_at_once = (
                 captured is not None
+                # (no journal row: a one-step payment whose row the journal never got)
+                and (journal_row is None or journal_row.idempotency_key == captured.idempotency_key)
                 and session.get(
                     IdempotencyRecordRow, (payment_scope(merchant_id), captured.idempotency_key)
                 )

@@ -10,6 +10,7 @@ Revises: 0008
 
 from __future__ import annotations
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
@@ -27,7 +28,24 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Refused where a month has a merchant under two regions (the key would repeat).
+    # Refused, before anything changes, where a month has a merchant under two regions (the
+    # narrower key would repeat; SQLite's batch copy would fail half-way and leave its copy).
+    repeated = (
+        op.get_bind()
+        .execute(
+            sa.text(
+                "SELECT month, merchant_id FROM settlement_merchant_payables"
+                " GROUP BY month, merchant_id HAVING COUNT(*) > 1 ORDER BY month, merchant_id"
+            )
+        )
+        .all()
+    )
+    if repeated:
+        shown = ", ".join(f"{month} {merchant}" for month, merchant in repeated[:10])
+        raise RuntimeError(
+            f"{len(repeated)} merchants have payables under two pooling regions in one month;"
+            f" the schema before 0009 has one row per merchant and month: {shown}"
+        )
     with op.batch_alter_table("settlement_merchant_payables") as batch:
         batch.drop_constraint(NAME, type_="primary")
         batch.create_primary_key(NAME, ["month", "merchant_id"])
