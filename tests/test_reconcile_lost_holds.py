@@ -16,6 +16,7 @@ import pytest
 from authz_server.domain.errors import Unavailable
 from authz_server.runtime.reconcile import VOID_SETTLED_SECONDS, reconcile
 from authz_server.storage.redis import keys
+from tests import factories
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
 from tests.test_authorization_rules import (
@@ -27,6 +28,7 @@ from tests.test_authorization_rules import (
     authorize,
     capture,
     family,
+    funding,
     register_merchants,
     void,
 )
@@ -143,3 +145,28 @@ def test_a_hold_voided_in_sql_whose_redis_step_was_lost_is_voided_by_the_reconci
     assert report.holds_voided == 1 and report.drifted >= 1
     assert hot_figures(harness, beneficiary, relationship_id) == (10_000, 0)
     assert authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 8_000).decision == APPROVED
+
+
+def test_a_lost_hold_on_a_quota_the_stale_copy_lacks_is_put_back_in_the_same_pass(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """The copy predates the second relationship: it lacks that quota and the hold on it. Put
+    back before the quotas were set, hold_restore.lua placed nothing (a quota it does not have
+    active), and the quota came back with all its money available (a second audit)."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 1_000)
+    beneficiary = fam.beneficiary_id
+    app = harness.app
+    copy = snapshot_slot(harness, beneficiary)  # before the second relationship was active
+
+    holder = factories.employee(registry, balance_fen=100_000)
+    second_quota = factories.active_relationship(relationships, holder, beneficiary, 9_000)
+    held = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 6_000)
+    assert held.decision == APPROVED
+    assert second_quota in dict(funding(held.funding))
+    journaled(harness, held.authorization_id)
+    serve_stale_copy(harness, beneficiary, copy)  # the hold and the second quota are gone
+
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert report.holds_put_back == 1, report
+    assert authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 6_000).decision == DECLINED

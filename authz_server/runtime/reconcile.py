@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ from authz_server.service.ports import HoldStatus, QuotaCache, QuotaRestore, Voi
 from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import HoldStore
+from authz_server.storage.redis.pipelined import Reply
 from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 from authz_server.storage.sql import records
@@ -137,9 +138,7 @@ async def reconcile_page(
     while the approvals already given cannot be captured."""
     loop = asyncio.get_running_loop()
 
-    def page(
-        session: Session,
-    ) -> tuple[str, list[Drift | BaseException | None], int, list[OpenHold], list[OpenHold]]:
+    def page(session: Session) -> tuple[str, list[Drift | BaseException | None], int, HoldFixes]:
         rows = session.execute(
             select(RelationshipRow, ParticipantRow.scheme)
             .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
@@ -153,25 +152,26 @@ async def reconcile_page(
         )
         batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
         if not batch:
-            return "", [], 0, [], []
+            return "", [], 0, HoldFixes()
         marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
         quotas_of_page = [
             restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
             for relationship, scheme in batch
         ]
-        put_back: list[OpenHold] = []
-        voided: list[OpenHold] = []
+        drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
+        fixes = HoldFixes()
         if holds is not None:
+            # After the quotas: a quota an older copy lacked is there again for its holds to be
+            # put back on (hold_restore.lua places nothing on a quota it does not have active).
             now = clock()
             relationships = [relationship for relationship, _ in batch]
             lost = _open_holds_under_lock(session, relationships, now)
-            put_back = on_loop(loop, _put_back(holds, lost, _ms(now)))
             still_held = _voided_holds(session, relationships, now)
-            voided = on_loop(loop, _void_in_redis(holds, still_held, _ms(now)))
-        drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        return batch[-1][0].relationship_id, drifts, len(batch), put_back, voided
+            fixes = on_loop(loop, _fix_holds(holds, lost, still_held, _ms(now)))
+        return batch[-1][0].relationship_id, drifts, len(batch), fixes
 
-    last, drifts, read, put_back, voided = await _locked_page(database, page)
+    last, drifts, read, fixes = await _locked_page(database, page)
+    put_back, voided = fixes.put_back, fixes.voided
     drifted = drift_fen = busy = overstated = 0
     for hold in voided:
         log.error(
@@ -215,7 +215,7 @@ async def reconcile_page(
         drift_fen=drift_fen,
         busy=busy,
         overstated=overstated,
-        failed=read - len(drifts),
+        failed=read - len(drifts) + fixes.failed,
         holds_put_back=len(put_back),
         holds_voided=len(voided),
     )
@@ -307,13 +307,67 @@ def _open_holds_under_lock(
     ]
 
 
-async def _put_back(holds: HoldStore, lost: list[OpenHold], now_ms: int) -> list[OpenHold]:
-    """Puts back those Redis does not know at all (hold_restore.lua changes nothing when it
-    knows the authorization, in whatever state); the ones it did."""
+@dataclass(frozen=True)
+class HoldFixes:
+    """What a page did to holds Redis had wrong: put back, voided, and how many it could not
+    look at or fix (a Redis call failed even when tried again: the next pass tries them)."""
+
+    put_back: list[OpenHold] = field(default_factory=list)
+    voided: list[OpenHold] = field(default_factory=list)
+    failed: int = 0
+
+
+async def _fix_holds(
+    holds: HoldStore, lost: list[OpenHold], voided: list[OpenHold], now_ms: int
+) -> HoldFixes:
+    """Puts back the open holds Redis does not know at all, and voids in Redis the voided ones
+    it still has PENDING. A failure is counted, not raised: one bad hold must not stop every
+    pass at its page (the quotas' restores were done already)."""
+    failed = 0
+    states: list[Reply] = []
+    names = [keys.authorization(hold.authorization_id) for hold in [*lost, *voided]]
+    if names:
+        try:
+            states = await _tried_again(
+                lambda: guarded(
+                    lambda: holds.commands.execute_many([("HGET", name, "s") for name in names])
+                )
+            )
+        except Unavailable as error:
+            log.warning("reconcile: the page's holds could not be read from Redis: %s", error)
+            return HoldFixes(failed=len(names))
+    missing = [hold for hold, state in zip(lost, states, strict=False) if state is None]
+    pending = [
+        hold
+        for hold, state in zip(voided, states[len(lost) :], strict=True)
+        if state == HoldStatus.PENDING.value.encode()
+    ]
     placed = await asyncio.gather(
-        *(_tried_again(functools.partial(holds.restore_hold, hold, now_ms)) for hold in lost)
+        *(_tried_again(functools.partial(holds.restore_hold, hold, now_ms)) for hold in missing),
+        return_exceptions=True,
     )
-    return [hold for hold, was_placed in zip(lost, placed, strict=True) if was_placed]
+    outcomes = await asyncio.gather(
+        *(
+            _tried_again(
+                functools.partial(holds.void, hold.authorization_id, hold.merchant_id, now_ms)
+            )
+            for hold in pending
+        ),
+        return_exceptions=True,
+    )
+    for result in [*placed, *outcomes]:
+        if isinstance(result, BaseException):
+            failed += 1
+            log.warning("reconcile: a hold Redis had wrong was not set right: %s", result)
+    return HoldFixes(
+        put_back=[hold for hold, done in zip(missing, placed, strict=True) if done is True],
+        voided=[
+            hold
+            for hold, outcome in zip(pending, outcomes, strict=True)
+            if outcome is VoidOutcome.OK
+        ],
+        failed=failed,
+    )
 
 
 def _ms(moment: datetime) -> int:

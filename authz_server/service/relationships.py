@@ -352,7 +352,7 @@ class RelationshipService:
             await self._restore(relationship_id)
         except Exception:
             log.warning(
-                "quota %s overstated in Redis could not be set from the ledger now",
+                "quota %s (Redis may have it wrong) could not be set from the ledger now",
                 relationship_id,
                 extra={"relationship_id": relationship_id},
                 exc_info=True,

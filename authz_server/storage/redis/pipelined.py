@@ -91,7 +91,14 @@ class UntrustedRedis(RedisConnectionError):
 def _reply_error(message: str) -> ResponseError:
     """hiredis builds error replies with this (and returns them, never raises them)."""
     code = message.split(" ", 1)[0]
+    if code == "ERR" and _SCRIPT_READ_ONLY in message:
+        # A script's write refused on a replica comes wrapped (Redis 7: "ERR Error running
+        # script ... -READONLY ..."): still the sign of a primary demoted under us.
+        return ReadOnlyError(message)
     return _ERROR_KINDS.get(code, ResponseError)(message)
+
+
+_SCRIPT_READ_ONLY = "-READONLY "
 
 
 def as_integer(reply: Reply) -> int:
