@@ -205,7 +205,8 @@ async def _reconcile(settings: Settings) -> int:
     print(
         f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen"
         f" ({report.overstated} overstated by Redis); {report.busy} left as they were (a capture"
-        " between its phases, or money moving as they were set; run it again)"
+        " between its phases, or money moving as they were set; run it again); holds Redis had"
+        f" wrong: {report.holds_put_back} put back, {report.holds_voided} voided"
     )
     return 0
 

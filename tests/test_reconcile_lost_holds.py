@@ -8,14 +8,20 @@ approved a second time; the first approval could not be captured. Now each page'
 
 from __future__ import annotations
 
+import contextlib
+import io
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import pytest
 
+from authz_server import cli
 from authz_server.domain.errors import Unavailable
-from authz_server.runtime.reconcile import VOID_SETTLED_SECONDS, reconcile
+from authz_server.runtime.reconcile import reconcile
+from authz_server.runtime.reconcile_holds import VOID_SETTLED_SECONDS
 from authz_server.storage.redis import keys
+from authz_server.storage.redis.hold_store import HoldStore
 from tests import factories
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
@@ -170,3 +176,64 @@ def test_a_lost_hold_on_a_quota_the_stale_copy_lacks_is_put_back_in_the_same_pas
     report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     assert report.holds_put_back == 1, report
     assert authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 6_000).decision == DECLINED
+
+
+def test_a_stale_copys_voided_hold_does_not_overstate_a_quota_spent_since(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """Voided after the quota was set, a stale hold moved its whole amount back to available,
+    more than the held figure the restore had capped at the ledger's unused: Redis overstated
+    the quota (a third audit). The voids come before the quotas are set."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 10_000)
+    beneficiary, (relationship_id,) = fam.beneficiary_id, fam.relationship_ids
+    app = harness.app
+    stale = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 5_000)
+    assert stale.decision == APPROVED
+    journaled(harness, stale.authorization_id)
+    copy = snapshot_slot(harness, beneficiary)  # 5,000 available, 5,000 held
+
+    void(authorizations, HOSPITAL, stale.authorization_id)
+    paid = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 8_000)
+    assert paid.decision == APPROVED
+    journaled(harness, paid.authorization_id)
+    assert capture(authorizations, HOSPITAL, paid.authorization_id).status == CAPTURED
+    serve_stale_copy(harness, beneficiary, copy)  # the ledger: 2,000 unused, no open hold
+    harness.clock.advance(VOID_SETTLED_SECONDS + 1)
+
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert report.holds_voided == 1, report
+    assert hot_figures(harness, beneficiary, relationship_id) == (2_000, 0)
+    assert authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 4_000).decision == DECLINED
+
+
+def test_the_reconcile_command_fails_when_a_lost_hold_could_not_be_put_back(
+    harness: Harness,
+    registry: Any,
+    relationships: Any,
+    authorizations: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outside the rolling reconcile a hold Redis fails on fails the run, as a quota does: the
+    reconcile Job reported success while the family's held money was available again."""
+    register_merchants(registry)
+    fam = family(registry, relationships, 10_000)
+    beneficiary, (relationship_id,) = fam.beneficiary_id, fam.relationship_ids
+    copy = snapshot_slot(harness, beneficiary)
+    held = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 6_000)
+    assert held.decision == APPROVED
+    journaled(harness, held.authorization_id)
+    serve_stale_copy(harness, beneficiary, copy)  # the approved hold is gone from Redis
+
+    async def times_out(self: HoldStore, *arguments: Any) -> bool:
+        raise Unavailable("the quota store did not answer: TimeoutError")
+
+    monkeypatch.setattr(HoldStore, "restore_hold", times_out)  # the command's own storage too
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(Unavailable):
+        harness.run(cli._reconcile(replace(harness.settings, redis_url=harness.redis_url)))
+    monkeypatch.undo()
+    assert hot_figures(harness, beneficiary, relationship_id) == (10_000, 0)  # not put back
+    app = harness.app
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert report.holds_put_back == 1
+    assert hot_figures(harness, beneficiary, relationship_id) == (4_000, 6_000)

@@ -3,34 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
-from authz_server.domain.hot_state import APPROVALS, OpenHold
-from authz_server.domain.model import QuotaFigures, Relationship
+from authz_server.domain.model import QuotaFigures
 from authz_server.domain.types import RelationshipStatus, Scheme
+from authz_server.runtime.reconcile_holds import (
+    HoldFixes,
+    holds_of_page,
+    put_back_lost,
+    tried_again,
+    void_stale,
+)
 from authz_server.service.capture_recovery import settle_stalled
 from authz_server.service.clock import Clock, system_clock
-from authz_server.service.ports import HoldStatus, QuotaCache, QuotaRestore, VoidOutcome
+from authz_server.service.ports import QuotaCache, QuotaRestore
 from authz_server.service.quota_sync import ledger_marks, on_loop, restore_of
-from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import HoldStore
-from authz_server.storage.redis.pipelined import Reply
-from authz_server.storage.redis.quota_cache import guarded
 from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from authz_server.storage.sql.open_holds import HOLD_COLUMNS, hold_of, open_holds
 from authz_server.storage.sql.tables import (
-    AuthorizationRow,
     ParticipantRow,
     RelationshipRow,
 )
@@ -131,11 +131,11 @@ async def reconcile_page(
     those); they wait for the next pass, as do the quotas a failed Redis call left (counted in
     `failed`, not raised: one bad quota must not stop every pass at its page).
 
-    `holds`: first, the open holds SQL has and Redis does not know at all are put back
-    (hold_restore.lua), so the quotas' held figures count them again. Redis lost them without
-    a loss being noticed (an older copy served; the generation's checks cannot see every such
-    case): else the sums agree, no drift is found, and the money they hold is approved again
-    while the approvals already given cannot be captured."""
+    `holds`: the holds Redis has wrong are set right too, around the quotas' restores
+    (runtime/reconcile_holds.py: a hold SQL voided that Redis still holds, an open one Redis
+    lost), counted as drift and logged. Redis lost or kept them without a loss being noticed:
+    the sums agree, so the quotas alone show nothing, while the money is approved twice or
+    held for nobody. A hold Redis fails on counts in `failed` when rolling, and raises else."""
     loop = asyncio.get_running_loop()
 
     def page(session: Session) -> tuple[str, list[Drift | BaseException | None], int, HoldFixes]:
@@ -158,17 +158,19 @@ async def reconcile_page(
             restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
             for relationship, scheme in batch
         ]
+        if holds is None:
+            drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
+            return batch[-1][0].relationship_id, drifts, len(batch), HoldFixes()
+        # The order matters (runtime/reconcile_holds.py): voids, quotas, put-backs.
+        now = clock()
+        found = holds_of_page(session, [relationship for relationship, _ in batch], now)
+        quotas_of_page += _restores_of(session, found.other_quotas)
+        fixes = on_loop(loop, void_stale(holds, found.voided, _ms(now)))
         drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        fixes = HoldFixes()
-        if holds is not None:
-            # After the quotas: a quota an older copy lacked is there again for its holds to be
-            # put back on (hold_restore.lua places nothing on a quota it does not have active).
-            now = clock()
-            relationships = [relationship for relationship, _ in batch]
-            lost = _open_holds_under_lock(session, relationships, now)
-            still_held = _voided_holds(session, relationships, now)
-            fixes = on_loop(loop, _fix_holds(holds, lost, still_held, _ms(now)))
-        return batch[-1][0].relationship_id, drifts, len(batch), fixes
+        fixes = fixes.plus(on_loop(loop, put_back_lost(holds, found.open, _ms(now))))
+        if fixes.failed and not rolling:
+            raise Unavailable(f"{fixes.failed} holds Redis has wrong could not be set right")
+        return batch[-1][0].relationship_id, drifts, len(quotas_of_page), fixes
 
     last, drifts, read, fixes = await _locked_page(database, page)
     put_back, voided = fixes.put_back, fixes.voided
@@ -222,152 +224,22 @@ async def reconcile_page(
     return last, report
 
 
-# A void's Redis step follows its commit within milliseconds (or waits out a rebuild, up to
-# quota_sync.REBUILD_WAIT_SECONDS): a hold voided in SQL longer ago and still PENDING in Redis
-# had that step lost. Younger ones are left to it (and to the next pass).
-VOID_SETTLED_SECONDS = 30
-
-
-def _voided_holds(session: Session, page: list[Relationship], now: datetime) -> list[OpenHold]:
-    """The holds of the page's beneficiaries SQL voided more than VOID_SETTLED_SECONDS ago and
-    that have not expired (Redis would still hold their money if the void's step was lost)."""
-    beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
+def _restores_of(session: Session, relationship_ids: list[str]) -> list[QuotaRestore]:
+    """The restores of these quotas (locked by the caller), as the page's are built."""
+    if not relationship_ids:
+        return []
     rows = session.execute(
-        select(*HOLD_COLUMNS).where(
-            AuthorizationRow.beneficiary_id.in_(beneficiaries),
-            AuthorizationRow.decision.in_(sorted(APPROVALS)),
-            AuthorizationRow.expires_at > now,
-            AuthorizationRow.voided_at < now - timedelta(seconds=VOID_SETTLED_SECONDS),
-        )
-    ).all()
-    return [hold_of(row) for row in rows]
-
-
-async def _void_in_redis(holds: HoldStore, voided: list[OpenHold], now_ms: int) -> list[OpenHold]:
-    """Voids in Redis those it still has PENDING; the ones it did."""
-    if not voided:
-        return []
-    states = await _tried_again(
-        lambda: guarded(
-            lambda: holds.commands.execute_many(
-                [("HGET", keys.authorization(hold.authorization_id), "s") for hold in voided]
-            )
-        )
+        select(RelationshipRow, ParticipantRow.scheme)
+        .join(ParticipantRow, ParticipantRow.participant_id == RelationshipRow.beneficiary_id)
+        .where(RelationshipRow.relationship_id.in_(relationship_ids))
+        .order_by(RelationshipRow.relationship_id)
     )
-    pending = [
-        hold
-        for hold, state in zip(voided, states, strict=True)
-        if state == HoldStatus.PENDING.value.encode()
-    ]
-    outcomes = await asyncio.gather(
-        *(
-            _tried_again(
-                functools.partial(holds.void, hold.authorization_id, hold.merchant_id, now_ms)
-            )
-            for hold in pending
-        )
-    )
+    batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
+    marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
     return [
-        hold for hold, outcome in zip(pending, outcomes, strict=True) if outcome is VoidOutcome.OK
+        restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
+        for relationship, scheme in batch
     ]
-
-
-def _open_holds_under_lock(
-    session: Session, page: list[Relationship], now: datetime
-) -> list[OpenHold]:
-    """The open holds of the page's beneficiaries whose every quota this transaction has
-    locked: the page's, and those of the holds' other quotas it could lock without waiting
-    (SKIP LOCKED: they come outside the page's id order, and waiting could deadlock with a
-    capture batch; a hold one of whose quotas is busy waits for the next pass). Read again
-    once those are locked, so no capture or void of them commits before they are put back."""
-    locked = {relationship.relationship_id for relationship in page}
-    beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
-    candidates = open_holds(session, now, beneficiary_ids=beneficiaries)
-    others = sorted({rid for hold in candidates for rid, _ in hold.funding} - locked)
-    if not others:
-        return candidates  # read under the page's locks already
-    locked.update(
-        session.scalars(
-            select(RelationshipRow.relationship_id)
-            .where(RelationshipRow.relationship_id.in_(others))
-            .with_for_update(skip_locked=True)
-        )
-    )
-    wanted = {
-        hold.authorization_id
-        for hold in candidates
-        if all(rid in locked for rid, _ in hold.funding)
-    }
-    if not wanted:
-        return []
-    return [
-        hold
-        for hold in open_holds(session, now, beneficiary_ids=beneficiaries)
-        if hold.authorization_id in wanted
-    ]
-
-
-@dataclass(frozen=True)
-class HoldFixes:
-    """What a page did to holds Redis had wrong: put back, voided, and how many it could not
-    look at or fix (a Redis call failed even when tried again: the next pass tries them)."""
-
-    put_back: list[OpenHold] = field(default_factory=list)
-    voided: list[OpenHold] = field(default_factory=list)
-    failed: int = 0
-
-
-async def _fix_holds(
-    holds: HoldStore, lost: list[OpenHold], voided: list[OpenHold], now_ms: int
-) -> HoldFixes:
-    """Puts back the open holds Redis does not know at all, and voids in Redis the voided ones
-    it still has PENDING. A failure is counted, not raised: one bad hold must not stop every
-    pass at its page (the quotas' restores were done already)."""
-    failed = 0
-    states: list[Reply] = []
-    names = [keys.authorization(hold.authorization_id) for hold in [*lost, *voided]]
-    if names:
-        try:
-            states = await _tried_again(
-                lambda: guarded(
-                    lambda: holds.commands.execute_many([("HGET", name, "s") for name in names])
-                )
-            )
-        except Unavailable as error:
-            log.warning("reconcile: the page's holds could not be read from Redis: %s", error)
-            return HoldFixes(failed=len(names))
-    missing = [hold for hold, state in zip(lost, states, strict=False) if state is None]
-    pending = [
-        hold
-        for hold, state in zip(voided, states[len(lost) :], strict=True)
-        if state == HoldStatus.PENDING.value.encode()
-    ]
-    placed = await asyncio.gather(
-        *(_tried_again(functools.partial(holds.restore_hold, hold, now_ms)) for hold in missing),
-        return_exceptions=True,
-    )
-    outcomes = await asyncio.gather(
-        *(
-            _tried_again(
-                functools.partial(holds.void, hold.authorization_id, hold.merchant_id, now_ms)
-            )
-            for hold in pending
-        ),
-        return_exceptions=True,
-    )
-    for result in [*placed, *outcomes]:
-        if isinstance(result, BaseException):
-            failed += 1
-            log.warning("reconcile: a hold Redis had wrong was not set right: %s", result)
-    return HoldFixes(
-        put_back=[hold for hold, done in zip(missing, placed, strict=True) if done is True],
-        voided=[
-            hold
-            for hold, outcome in zip(pending, outcomes, strict=True)
-            if outcome is VoidOutcome.OK
-        ],
-        failed=failed,
-    )
 
 
 def _ms(moment: datetime) -> int:
@@ -452,23 +324,10 @@ async def _restore_page(
     return drifts
 
 
-# How long a quota's Redis call waits before its one more try (a dropped connection reconnects).
-RETRY_AFTER_SECONDS = 0.1
-
-
-async def _tried_again(call: Callable[[], Awaitable[T]]) -> T:
-    """`call()`, once more after RETRY_AFTER_SECONDS when Redis did not answer (Unavailable)."""
-    try:
-        return await call()
-    except Unavailable:
-        await asyncio.sleep(RETRY_AFTER_SECONDS)
-        return await call()
-
-
 async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> Drift | None:
     """Sets one quota to the ledger's figure; returns how it was off (None: it was not;
     _BUSY: left as it was)."""
-    before = await _tried_again(
+    before = await tried_again(
         lambda: quotas.figures(quota.beneficiary_id, [quota.relationship_id])
     )
     # Setting a quota from the ledger again is safe (quota_restore.lua recounts held from the
@@ -480,7 +339,7 @@ async def _reconcile_quota(quotas: QuotaCache, quota: QuotaRestore) -> Drift | N
     # a capture moved between the two (an overstatement then reported as busy, or a capture's
     # finish as drift): rare (a lost reply and a capture of that quota within ~0.6 s), and
     # before, the start failed and the next one found nothing to report either.
-    after = await _tried_again(lambda: quotas.restore(quota))
+    after = await tried_again(lambda: quotas.restore(quota))
     if after is None:
         return _BUSY
     return drift_of(before.get(quota.relationship_id), after)

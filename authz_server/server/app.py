@@ -565,10 +565,13 @@ def record_reconcile(report: ReconcileReport) -> None:
     log.log(
         logging.WARNING if report.drifted else logging.INFO,
         "reconciled %d quotas, %d drifted by %d fen (%d overstated by Redis), %d left as they"
-        " were (a capture between its phases, or money moving as they were set)",
+        " were (a capture between its phases, or money moving as they were set); holds Redis"
+        " had wrong: %d put back, %d voided",
         report.quotas,
         report.drifted,
         report.drift_fen,
         report.overstated,
         report.busy,
+        report.holds_put_back,
+        report.holds_voided,
     )
