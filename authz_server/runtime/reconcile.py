@@ -164,13 +164,18 @@ async def reconcile_page(
         # The order matters (runtime/reconcile_holds.py): voids, quotas, put-backs.
         now = clock()
         found = holds_of_page(session, [relationship for relationship, _ in batch], now)
-        quotas_of_page += _restores_of(session, found.other_quotas)
         fixes = on_loop(loop, void_stale(holds, found.voided, _ms(now)))
         drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        fixes = fixes.plus(on_loop(loop, put_back_lost(holds, found.open, _ms(now))))
-        if fixes.failed and not rolling:
-            raise Unavailable(f"{fixes.failed} holds Redis has wrong could not be set right")
-        return batch[-1][0].relationship_id, drifts, len(quotas_of_page), fixes
+        put = on_loop(loop, put_back_lost(holds, found.open, _ms(now)))
+        fixes = fixes.plus(put)
+        if put.put_back:  # set again: their drift is the hold's, counted with it
+            touched = {rid for hold in put.put_back for rid, _ in hold.funding}
+            again = [quota for quota in quotas_of_page if quota.relationship_id in touched]
+            again += _restores_of(session, sorted(touched & set(found.other_quotas)))
+            results = on_loop(loop, _restore_page(quotas, again))
+            unset = sum(isinstance(result, BaseException) for result in results)
+            fixes = fixes.plus(HoldFixes(failed=unset + len(again) - len(results)))
+        return batch[-1][0].relationship_id, drifts, len(batch), fixes
 
     last, drifts, read, fixes = await _locked_page(database, page)
     put_back, voided = fixes.put_back, fixes.voided
@@ -194,6 +199,8 @@ async def reconcile_page(
         drifted += len(hold.funding)
         overstated += len(hold.funding)
         drift_fen += hold.approved_fen
+    if fixes.failed and not rolling:  # after the page and its log lines: not tried again
+        raise Unavailable(f"{fixes.failed} holds Redis has wrong could not be set right")
     errors = [drift for drift in drifts if isinstance(drift, BaseException)]
     if rolling and errors:
         # _restore_page ends a page at its first failed group: the rest was not tried either.

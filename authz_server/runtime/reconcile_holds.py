@@ -5,11 +5,14 @@ served without a loss being noticed (restored by hand, a slot copied back), or a
 step lost after its commit. So each page, under its row locks:
 1. voids in Redis the holds SQL voided over VOID_SETTLED_SECONDS ago that Redis still has
    PENDING (their money was held until they expired, up to 24 h, and payments declined on it);
-2. then sets the quotas (quota_restore.lua recounts held from the holds Redis has pending, and
-   caps it at the ledger's unused: voiding after that would move more than it holds back to
-   available), the page's and any other quota of those holds;
+2. then sets the page's quotas (quota_restore.lua recounts held from the holds Redis has
+   pending, and caps it at the ledger's unused: voiding after that would move more than it
+   holds back to available);
 3. then puts back the open holds SQL has and Redis does not know at all (hold_restore.lua
-   places nothing on a quota it lacks, and a copy may lack one: the quotas come first).
+   places nothing on a quota it lacks, and a copy may lack one: the quotas come first), and
+   sets their quotas again (a hold put back on money Redis approved twice meanwhile leaves
+   available below zero, which the next pass would count as drift of its own).
+Voided holds are voided only where all their quotas are the page's.
 Each hold is touched only while this transaction holds the row lock of every quota it draws
 on: the page's, and the others it could lock without waiting (SKIP LOCKED: they come outside
 the page's id order, and waiting could deadlock with a capture batch; a hold one of whose quotas
@@ -60,7 +63,8 @@ class PageHolds:
     # voided in SQL over VOID_SETTLED_SECONDS ago, not expired: voided where Redis has them
     # PENDING
     voided: list[OpenHold] = field(default_factory=list)
-    # quotas of the voided holds outside the page, locked here: set again after the voids
+    # the open holds' quotas outside the page, locked here (and active): set again, as the
+    # page's, where a hold was put back on them
     other_quotas: list[str] = field(default_factory=list)
 
 
@@ -85,8 +89,15 @@ def holds_of_page(session: Session, page: list[Relationship], now: datetime) -> 
     page_ids = {relationship.relationship_id for relationship in page}
     beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
     candidates = open_holds(session, now, beneficiary_ids=beneficiaries)
-    voided = _voided_holds(session, beneficiaries, now)
-    others = sorted({rid for hold in [*candidates, *voided] for rid, _ in hold.funding} - page_ids)
+    # Only those on the page's quotas alone: a void moves money on every quota of the hold, and
+    # one outside the page would then need setting again (and may be dissolved in SQL while
+    # Redis lost that step: the dissolutions' cursor mends that quota, not a restore).
+    voided = [
+        hold
+        for hold in _voided_holds(session, beneficiaries, now)
+        if all(rid in page_ids for rid, _ in hold.funding)
+    ]
+    others = sorted({rid for hold in candidates for rid, _ in hold.funding} - page_ids)
     if not others:
         return PageHolds(candidates, voided)  # read under the page's locks already
     locked = page_ids | set(
@@ -101,14 +112,14 @@ def holds_of_page(session: Session, page: list[Relationship], now: datetime) -> 
         return all(rid in locked for rid, _ in hold.funding)
 
     wanted = {hold.authorization_id for hold in candidates if all_locked(hold)}
-    # Read again once locked (a void is final: the voided ones need not be).
+    # Read again once locked.
     still_open = [
         hold
         for hold in open_holds(session, now, beneficiary_ids=beneficiaries)
         if hold.authorization_id in wanted
     ] if wanted else []  # fmt: skip
-    voided = [hold for hold in voided if all_locked(hold)]
-    other_quotas = sorted({rid for hold in voided for rid, _ in hold.funding} - page_ids)
+    # Active in SQL, all of them: open_holds leaves out a hold on a quota that is not.
+    other_quotas = sorted({rid for hold in still_open for rid, _ in hold.funding} - page_ids)
     return PageHolds(still_open, voided, other_quotas)
 
 
