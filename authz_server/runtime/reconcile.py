@@ -166,15 +166,13 @@ async def reconcile_page(
         found = holds_of_page(session, [relationship for relationship, _ in batch], now)
         fixes = on_loop(loop, void_stale(holds, found.voided, _ms(now)))
         drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        put = on_loop(loop, put_back_lost(holds, found.open, _ms(now)))
-        fixes = fixes.plus(put)
-        if put.put_back:  # set again: their drift is the hold's, counted with it
-            touched = {rid for hold in put.put_back for rid, _ in hold.funding}
-            again = [quota for quota in quotas_of_page if quota.relationship_id in touched]
-            again += _restores_of(session, sorted(touched & set(found.other_quotas)))
-            results = on_loop(loop, _restore_page(quotas, again))
+        if fixes.voided and found.other_quotas:  # their drift is the voided holds'
+            voided_on = {rid for hold in fixes.voided for rid, _ in hold.funding}
+            others = _restores_of(session, sorted(voided_on & set(found.other_quotas)))
+            results = on_loop(loop, _restore_page(quotas, others))
             unset = sum(isinstance(result, BaseException) for result in results)
-            fixes = fixes.plus(HoldFixes(failed=unset + len(again) - len(results)))
+            fixes = fixes.plus(HoldFixes(failed=unset + len(others) - len(results)))
+        fixes = fixes.plus(on_loop(loop, put_back_lost(holds, found.open, _ms(now))))
         return batch[-1][0].relationship_id, drifts, len(batch), fixes
 
     last, drifts, read, fixes = await _locked_page(database, page)

@@ -5,14 +5,15 @@ served without a loss being noticed (restored by hand, a slot copied back), or a
 step lost after its commit. So each page, under its row locks:
 1. voids in Redis the holds SQL voided over VOID_SETTLED_SECONDS ago that Redis still has
    PENDING (their money was held until they expired, up to 24 h, and payments declined on it);
-2. then sets the page's quotas (quota_restore.lua recounts held from the holds Redis has
-   pending, and caps it at the ledger's unused: voiding after that would move more than it
-   holds back to available);
+2. then sets the page's quotas, and the voided holds' other quotas that are active in SQL
+   (quota_restore.lua recounts held from the holds Redis has pending, and caps it at the
+   ledger's unused: voiding after that would move more than it holds back to available);
 3. then puts back the open holds SQL has and Redis does not know at all (hold_restore.lua
-   places nothing on a quota it lacks, and a copy may lack one: the quotas come first), and
-   sets their quotas again (a hold put back on money Redis approved twice meanwhile leaves
-   available below zero, which the next pass would count as drift of its own).
-Voided holds are voided only where all their quotas are the page's.
+   places nothing on a quota it lacks, and a copy may lack one: the quotas come first). A hold
+   put back on money Redis approved twice meanwhile leaves available below zero; the next pass
+   counts that quota as drift and caps its held at the ledger's unused (quota_restore.lua's
+   rule for an over-committed quota, older than this: a later void of one of its holds then
+   gives back more than the cap kept; the ledger refuses any capture beyond the quota).
 Each hold is touched only while this transaction holds the row lock of every quota it draws
 on: the page's, and the others it could lock without waiting (SKIP LOCKED: they come outside
 the page's id order, and waiting could deadlock with a capture batch; a hold one of whose quotas
@@ -36,6 +37,7 @@ from sqlalchemy.orm import Session
 from authz_server.domain.errors import Unavailable
 from authz_server.domain.hot_state import APPROVALS, OpenHold
 from authz_server.domain.model import Relationship
+from authz_server.domain.types import RelationshipStatus
 from authz_server.service.ports import HoldStatus, VoidOutcome
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.hold_store import HoldStore
@@ -63,8 +65,8 @@ class PageHolds:
     # voided in SQL over VOID_SETTLED_SECONDS ago, not expired: voided where Redis has them
     # PENDING
     voided: list[OpenHold] = field(default_factory=list)
-    # the open holds' quotas outside the page, locked here (and active): set again, as the
-    # page's, where a hold was put back on them
+    # the voided holds' quotas outside the page, locked here and active in SQL: set after the
+    # voids, as the page's are (not counted as the page's)
     other_quotas: list[str] = field(default_factory=list)
 
 
@@ -89,15 +91,8 @@ def holds_of_page(session: Session, page: list[Relationship], now: datetime) -> 
     page_ids = {relationship.relationship_id for relationship in page}
     beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
     candidates = open_holds(session, now, beneficiary_ids=beneficiaries)
-    # Only those on the page's quotas alone: a void moves money on every quota of the hold, and
-    # one outside the page would then need setting again (and may be dissolved in SQL while
-    # Redis lost that step: the dissolutions' cursor mends that quota, not a restore).
-    voided = [
-        hold
-        for hold in _voided_holds(session, beneficiaries, now)
-        if all(rid in page_ids for rid, _ in hold.funding)
-    ]
-    others = sorted({rid for hold in candidates for rid, _ in hold.funding} - page_ids)
+    voided = _voided_holds(session, beneficiaries, now)
+    others = sorted({rid for hold in [*candidates, *voided] for rid, _ in hold.funding} - page_ids)
     if not others:
         return PageHolds(candidates, voided)  # read under the page's locks already
     locked = page_ids | set(
@@ -112,14 +107,28 @@ def holds_of_page(session: Session, page: list[Relationship], now: datetime) -> 
         return all(rid in locked for rid, _ in hold.funding)
 
     wanted = {hold.authorization_id for hold in candidates if all_locked(hold)}
-    # Read again once locked.
+    # Read again once locked (a void is final: the voided ones need not be).
     still_open = [
         hold
         for hold in open_holds(session, now, beneficiary_ids=beneficiaries)
         if hold.authorization_id in wanted
     ] if wanted else []  # fmt: skip
-    # Active in SQL, all of them: open_holds leaves out a hold on a quota that is not.
-    other_quotas = sorted({rid for hold in still_open for rid, _ in hold.funding} - page_ids)
+    voided = [hold for hold in voided if all_locked(hold)]
+    # Set again after the voids: the voided holds' other quotas, only those active in SQL. One
+    # dissolved in SQL whose Redis step was lost is the dissolutions' cursor's to mend (a
+    # restore would write it DISSOLVED without voiding its holds, and the cursor skip it).
+    other_quotas = sorted(
+        set(
+            session.scalars(
+                select(RelationshipRow.relationship_id).where(
+                    RelationshipRow.relationship_id.in_(
+                        sorted({rid for hold in voided for rid, _ in hold.funding} - page_ids)
+                    ),
+                    RelationshipRow.status == RelationshipStatus.ACTIVE.value,
+                )
+            )
+        )
+    )
     return PageHolds(still_open, voided, other_quotas)
 
 

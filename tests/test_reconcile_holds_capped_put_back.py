@@ -1,0 +1,90 @@
+"""A hold put back on money Redis approved a second time leaves available below zero, and later
+releases of the quota's holds come out exact (a fifth audit: a page that set such a quota
+again at once capped held at the ledger's unused, and a later void gave back more than the cap
+kept). The next pass still caps it (quota_restore.lua's rule for an over-committed quota, older
+than the hold fixes): the last test shows that, expected to fail until that rule is changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from authz_server.runtime.reconcile import reconcile
+from tests.harness import Harness
+from tests.test_authorization_recovery import hot_figures, journaled
+from tests.test_authorization_rules import (
+    APPROVED,
+    DECLINED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    family,
+    register_merchants,
+    void,
+)
+from tests.test_reconcile_lost_holds import serve_stale_copy, snapshot_slot
+
+
+def _approved_twice(harness: Harness, registry: Any, relationships: Any, authorizations: Any):
+    register_merchants(registry)
+    fam = family(registry, relationships, 10_000)
+    beneficiary, (relationship_id,) = fam.beneficiary_id, fam.relationship_ids
+    copy = snapshot_slot(harness, beneficiary)
+    lost = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 4_000)
+    assert lost.decision == APPROVED
+    journaled(harness, lost.authorization_id)
+    serve_stale_copy(harness, beneficiary, copy)  # `lost` gone from Redis, 10,000 available
+    again = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 8_000)
+    assert again.decision == APPROVED  # 2,000 of it approved twice
+    journaled(harness, again.authorization_id)
+    app = harness.app
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert report.holds_put_back == 1, report
+    return beneficiary, relationship_id, lost, again
+
+
+def test_voiding_the_other_hold_leaves_the_put_back_one_held(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    beneficiary, relationship_id, _lost, again = _approved_twice(
+        harness, registry, relationships, authorizations
+    )
+    void(authorizations, HOSPITAL, again.authorization_id)
+    # `lost` (4,000) is still pending: 6,000 may be authorized, no more.
+    figures = hot_figures(harness, beneficiary, relationship_id)
+    assert figures == (6_000, 4_000), figures
+    assert authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 7_000).decision == DECLINED
+
+
+def test_voiding_both_holds_gives_back_the_ledgers_unused_no_more(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    beneficiary, relationship_id, lost, again = _approved_twice(
+        harness, registry, relationships, authorizations
+    )
+    void(authorizations, HOSPITAL, again.authorization_id)
+    void(authorizations, HOSPITAL, lost.authorization_id)
+    figures = hot_figures(harness, beneficiary, relationship_id)
+    assert figures == (10_000, 0), figures  # the ledger: 10,000 unused, no open hold
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="quota_restore.lua caps held at the ledger's unused for an over-committed quota: a "
+    "later void then gives back more than the cap kept (known; left for the next session)",
+)
+def test_the_next_pass_does_not_cap_the_held_of_an_overcommitted_quota(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    """The same cap, by the next pass (pre-existing: quota_restore.lua caps held at unused on
+    any quota whose pending holds exceed it, which hold_restore.lua makes on purpose)."""
+    beneficiary, relationship_id, lost, again = _approved_twice(
+        harness, registry, relationships, authorizations
+    )
+    app = harness.app
+    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # the next pass
+    void(authorizations, HOSPITAL, again.authorization_id)
+    void(authorizations, HOSPITAL, lost.authorization_id)
+    figures = hot_figures(harness, beneficiary, relationship_id)
+    assert figures == (10_000, 0), figures
