@@ -166,8 +166,9 @@ async def reconcile_page(
         found = holds_of_page(session, [relationship for relationship, _ in batch], now)
         fixes = on_loop(loop, void_stale(holds, found.voided, _ms(now)))
         drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
-        if fixes.voided and found.other_quotas:  # their drift is the voided holds'
-            voided_on = {rid for hold in fixes.voided for rid, _ in hold.funding}
+        if fixes.void_sent and found.other_quotas:  # their drift is the voided holds'
+            # Every hold a void was sent for: one whose reply was lost may have been voided.
+            voided_on = {rid for hold in fixes.void_sent for rid, _ in hold.funding}
             others = _restores_of(session, sorted(voided_on & set(found.other_quotas)))
             results = on_loop(loop, _restore_page(quotas, others))
             unset = sum(isinstance(result, BaseException) for result in results)

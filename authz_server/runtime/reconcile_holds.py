@@ -78,12 +78,15 @@ class HoldFixes:
     put_back: list[OpenHold] = field(default_factory=list)
     voided: list[OpenHold] = field(default_factory=list)
     failed: int = 0
+    # the holds a void was sent for, voided or not (its reply may be lost after it was done)
+    void_sent: list[OpenHold] = field(default_factory=list)
 
     def plus(self, other: HoldFixes) -> HoldFixes:
         return HoldFixes(
             [*self.put_back, *other.put_back],
             [*self.voided, *other.voided],
             self.failed + other.failed,
+            [*self.void_sent, *other.void_sent],
         )
 
 
@@ -158,7 +161,7 @@ async def void_stale(holds: HoldStore, voided: list[OpenHold], now_ms: int) -> H
         return_exceptions=True,
     )
     done = [hold for hold, outcome in zip(pending, outcomes, strict=True) if outcome is _VOIDED]
-    return HoldFixes(voided=done, failed=failed + _failures(outcomes))
+    return HoldFixes(voided=done, failed=failed + _failures(outcomes), void_sent=pending)
 
 
 async def put_back_lost(holds: HoldStore, open_in_sql: list[OpenHold], now_ms: int) -> HoldFixes:
