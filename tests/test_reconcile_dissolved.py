@@ -268,7 +268,10 @@ def test_a_dissolution_is_made_sure_of_when_redis_stalls_under_load(
         moved_to, report = server.run(
             reconcile_dissolved_page(app.database, app.quotas, cursor_before, 1, settled_clock)
         )
-        assert moved_to.endswith("|" + relationship_id) and report.drifted == 1
+        # The paused page's dissolve may still run when Redis takes writes again (a command
+        # Redis read before the client gave up on it): then this page finds it dissolved
+        # already. Either way the cursor moves past it only now, with the quota dissolved.
+        assert moved_to.endswith("|" + relationship_id) and report.drifted in (0, 1)
         assert client.hget(keys.quota(beneficiary_id, relationship_id), "status") == b"DISSOLVED"
     finally:
         stop.set()
