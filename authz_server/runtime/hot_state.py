@@ -29,7 +29,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from authz_server.observability import metrics
-from authz_server.runtime.rebuild import RebuildAbandoned, RebuildReport, rebuild_hot_state
+from authz_server.runtime.rebuild import (
+    REPLACE_IF_UNCHANGED,
+    RebuildAbandoned,
+    RebuildReport,
+    rebuild_hot_state,
+)
 from authz_server.service.clock import Clock, system_clock
 from authz_server.storage.redis import keys
 from authz_server.storage.redis.generation import GlobalMarker, HotStateGeneration
@@ -58,11 +63,6 @@ MIN_CHECK_SECONDS = 0.05
 # The rebuild lock's expiry, and how often its owner renews it.
 LOCK_SECONDS = 15
 RENEW_SECONDS = 5.0
-# Sets keys.GENERATION (KEYS[1]) to ARGV[2] if it still is ARGV[1]: 1 if it did.
-_REPLACE = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
-    "return 1 end return 0"
-)
 # How long a starting process waits for the hot state (its own rebuild, or another server's).
 START_WAIT_SECONDS = 300.0
 
@@ -169,7 +169,7 @@ class HotStateGuardian:
         the one read (another server may have done it, or begun a rebuild)."""
         renumbered = GlobalMarker(marker.generation, run_ids, rebuilding=False)
         replaced = await self.commands.execute(
-            "EVAL", _REPLACE, 1, keys.GENERATION, marker.text(), renumbered.text()
+            "EVAL", REPLACE_IF_UNCHANGED, 1, keys.GENERATION, marker.text(), renumbered.text()
         )
         return replaced == 1
 

@@ -92,8 +92,9 @@ QUOTA_COLUMNS = (
     RelationshipRow.refunded_to_quota_total_fen,
 )
 
-# Sets KEYS[1] to ARGV[2] if it is ARGV[1]: 1 when it did.
-_PUBLISH = (
+# Sets KEYS[1] to ARGV[2] if it is ARGV[1]: 1 when it did (keys.GENERATION's compare-and-set:
+# a rebuild publishing its generation, the guardian publishing new runs).
+REPLACE_IF_UNCHANGED = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) "
     "return 1 end return 0"
 )
@@ -177,7 +178,7 @@ async def rebuild_hot_state(
     # Published only while keys.GENERATION still names this rebuild: another server that took
     # the rebuild over (this one's lock expired) has marked its own and swept Redis since.
     published = await redis.execute(
-        "EVAL", _PUBLISH, 1, keys.GENERATION, f"{REBUILDING}|{generation}",
+        "EVAL", REPLACE_IF_UNCHANGED, 1, keys.GENERATION, f"{REBUILDING}|{generation}",
         f"{generation}|{run_ids}",
     )  # fmt: skip
     if published != 1:

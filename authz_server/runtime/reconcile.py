@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
-from authz_server.domain.model import QuotaFigures
+from authz_server.domain.model import QuotaFigures, Relationship
 from authz_server.domain.types import RelationshipStatus, Scheme
 from authz_server.runtime.reconcile_holds import (
     HoldFixes,
@@ -153,11 +153,7 @@ async def reconcile_page(
         batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
         if not batch:
             return "", [], 0, HoldFixes()
-        marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
-        quotas_of_page = [
-            restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))
-            for relationship, scheme in batch
-        ]
+        quotas_of_page = _restores(session, batch)
         if holds is None:
             drifts = on_loop(loop, _restore_page(quotas, quotas_of_page))
             return batch[-1][0].relationship_id, drifts, len(batch), HoldFixes()
@@ -240,7 +236,11 @@ def _restores_of(session: Session, relationship_ids: list[str]) -> list[QuotaRes
         .where(RelationshipRow.relationship_id.in_(relationship_ids))
         .order_by(RelationshipRow.relationship_id)
     )
-    batch = [(records.relationship(row), Scheme(scheme)) for row, scheme in rows]
+    return _restores(session, [(records.relationship(row), Scheme(scheme)) for row, scheme in rows])
+
+
+def _restores(session: Session, batch: list[tuple[Relationship, Scheme]]) -> list[QuotaRestore]:
+    """Each quota's restore from its row (read under its lock) and its ledger mark."""
     marks = ledger_marks(session, [relationship.relationship_id for relationship, _ in batch])
     return [
         restore_of(relationship, scheme, marks.get(relationship.relationship_id, 0))

@@ -68,7 +68,7 @@ from authz_server.service.ports import (
     QuotaCache,
     VoidOutcome,
 )
-from authz_server.service.quota_sync import restore_from_ledger, when_rebuilt
+from authz_server.service.quota_sync import heal_from_ledger, restore_from_ledger, when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
@@ -1109,15 +1109,7 @@ class AuthorizationService:
     ) -> RefundOutcome | bytes:
         result = await self.group_commit.submit(work)
         for relationship_id in to_heal:
-            try:
-                await restore_from_ledger(self.database, self.quotas, relationship_id)
-            except Exception:  # the rolling reconcile does it later; the answer stands
-                log.warning(
-                    "quota %s not set from the ledger after a refund's replay",
-                    relationship_id,
-                    extra={"relationship_id": relationship_id},
-                    exc_info=True,
-                )
+            await heal_from_ledger(self.database, self.quotas, relationship_id)
         for beneficiary_id, relationship_id, fen, entry_id in credits:
             credit = functools.partial(
                 self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id

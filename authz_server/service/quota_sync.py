@@ -14,6 +14,7 @@ run while servers serve.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.tables import LedgerEntryRow, RelationshipRow
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # How long a Redis step that follows a SQL commit waits for a rebuild of the hot state to end.
 REBUILD_WAIT_SECONDS = 10.0
 REBUILD_WAIT_STEP_SECONDS = 0.2
@@ -138,6 +140,21 @@ async def restore_from_ledger(
     if figures is None:
         raise Unavailable("a payment of this quota is being written; retry")
     return figures
+
+
+async def heal_from_ledger(database: Database, quotas: QuotaCache, relationship_id: str) -> None:
+    """`restore_from_ledger` for a quota Redis may have wrong (a release the ledger refused,
+    a credit lost after its commit), best effort: when it cannot be set now (a capture of it
+    between its phases, Redis down), the rolling reconcile does it later."""
+    try:
+        await restore_from_ledger(database, quotas, relationship_id)
+    except Exception:
+        log.warning(
+            "quota %s (Redis may have it wrong) could not be set from the ledger now",
+            relationship_id,
+            extra={"relationship_id": relationship_id},
+            exc_info=True,
+        )
 
 
 async def when_rebuilt(step: Callable[[], Awaitable[T]]) -> T:

@@ -53,7 +53,12 @@ from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import Debit, QuotaCache, QuotaFigures
-from authz_server.service.quota_sync import on_loop, restore_from_ledger, when_rebuilt
+from authz_server.service.quota_sync import (
+    heal_from_ledger,
+    on_loop,
+    restore_from_ledger,
+    when_rebuilt,
+)
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
@@ -195,7 +200,7 @@ class RelationshipService:
             # A retry: its first call's Redis credit may have been lost after its commit (the
             # caller got UNAVAILABLE); the quota is set from the ledger, not left understated
             # (payments declined on money SQL holds) until the rolling reconcile reaches it.
-            await self._heal_quota(relationship_id)
+            await heal_from_ledger(self.database, self.quotas, relationship_id)
             return checked
         held_fen = (await self._figures(checked)).held_fen
 
@@ -238,7 +243,7 @@ class RelationshipService:
             # commit whose credit never came would understate the quota until reconcile.
             result, relationship = await self._run_idempotent(work)
             if relationship is None:  # a retry's replay (see above)
-                await self._heal_quota(relationship_id)
+                await heal_from_ledger(self.database, self.quotas, relationship_id)
             elif not await when_rebuilt(
                 lambda: self.quotas.credit(
                     relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
@@ -311,7 +316,7 @@ class RelationshipService:
             except LedgerLimitExceeded:
                 # Redis overstated the quota: its debit is not given back; the quota is set
                 # from the ledger instead.
-                await self._heal_quota(relationship_id)
+                await heal_from_ledger(self.database, self.quotas, relationship_id)
                 raise
             except BaseException:
                 if debited:
@@ -343,20 +348,6 @@ class RelationshipService:
                 "INSUFFICIENT_QUOTA",
                 f"only {refusal.unused_fen} fen of the quota is unused in the ledger",
             ) from None
-
-    async def _heal_quota(self, relationship_id: str) -> None:
-        """Sets from the ledger a quota Redis may have wrong (overstated: a release the ledger
-        refused; understated: an allocation whose credit was lost); if it cannot be now (a
-        capture of it between its phases, Redis down), reconcile does it later."""
-        try:
-            await self._restore(relationship_id)
-        except Exception:
-            log.warning(
-                "quota %s (Redis may have it wrong) could not be set from the ledger now",
-                relationship_id,
-                extra={"relationship_id": relationship_id},
-                exc_info=True,
-            )
 
     async def _release_as_sql_says(
         self,

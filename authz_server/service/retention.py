@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from authz_server.domain.settlement import Month
 from authz_server.storage.redis.pipelined import PipelinedRedis
 from authz_server.storage.redis.retention import (
+    ignore_count,
     purge_idempotency_before,
     purge_settled_authorizations_before,
 )
@@ -39,12 +40,8 @@ class Purged:
     redis_authorizations: int = 0
 
 
-def _ignore(_looked_at: int) -> None:
-    pass
-
-
 async def purge_closed_months(
-    database: Database, redis: PipelinedRedis, looked_at: Callable[[int], None] = _ignore
+    database: Database, redis: PipelinedRedis, looked_at: Callable[[int], None] = ignore_count
 ) -> Purged:
     """`looked_at`: told how many Redis keys each page of the scans looked at."""
     last = await database.run(

@@ -15,12 +15,12 @@ from authz_server.storage.redis.pipelined import Command, PipelinedRedis, Reply,
 SCAN_COUNT = 1000
 
 
-def _ignore(_looked_at: int) -> None:
-    pass
+def ignore_count(_looked_at: int) -> None:
+    """A `looked_at` that shows nothing."""
 
 
 async def purge_idempotency_before(
-    redis: PipelinedRedis, cutoff_ms: int, looked_at: Callable[[int], None] = _ignore
+    redis: PipelinedRedis, cutoff_ms: int, looked_at: Callable[[int], None] = ignore_count
 ) -> int:
     """Deletes the Authorize idempotency records and claims created before `cutoff_ms`. Returns
     how many; `looked_at` is told how many keys each page looked at (a progress bar)."""
@@ -60,7 +60,7 @@ SETTLED = frozenset(
 
 
 async def purge_settled_authorizations_before(
-    redis: PipelinedRedis, cutoff_ms: int, looked_at: Callable[[int], None] = _ignore
+    redis: PipelinedRedis, cutoff_ms: int, looked_at: Callable[[int], None] = ignore_count
 ) -> int:
     """Deletes the hashes of authorizations created before `cutoff_ms` and settled (captured,
     voided, expired, declined). Returns how many. A settled state is final, so reading it and
