@@ -311,8 +311,16 @@ def test_a_command_that_timed_out_is_not_sent_again(redis_cluster: RedisClusterH
     (port, (prefix,)), *_ = prefixes_by_primary(redis_cluster, 1).items()
     name = f"{prefix}:once"
 
-    # Writes, then keeps Redis busy past the client's timeout: Redis runs it to its end.
-    slow = Script("redis.call('INCR', KEYS[1])\nlocal n = 0\nfor i = 1, 150000000 do n = n + 1 end")
+    # Writes, then keeps Redis busy past the client's timeout (0.2 s): Redis runs it to its end.
+    # Busy for 0.5 s by the clock, not a count of loops: a node busy past cluster-node-timeout
+    # (1 s here) is failed over by its replica, and the next test would find the topology
+    # changing under it (a loaded machine once made 150M loops take that long).
+    slow = Script(
+        "redis.call('INCR', KEYS[1])\n"
+        "local function now() local t = redis.call('TIME') return t[1] * 1e6 + t[2] end\n"
+        "local deadline = now() + 500000\n"
+        "while now() < deadline do end"
+    )
 
     async def test(client: ClusterPipelinedRedis) -> None:
         await client.execute("DEL", name)
@@ -330,6 +338,7 @@ def test_a_command_that_timed_out_is_not_sent_again(redis_cluster: RedisClusterH
         assert await client.execute("GET", name) == b"1"
 
     run(test, redis_cluster)
+    assert redis_cluster.role(redis_cluster.node(port)) == "master", "failed over while busy"
 
 
 def test_a_killed_primary_fails_its_slots_until_its_replica_is_promoted(
