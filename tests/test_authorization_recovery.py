@@ -233,8 +233,8 @@ def test_reconcile_twice_changes_nothing(harness: Harness, registry, relationshi
     [rid] = fam.relationship_ids
     app = harness.app
     # Other tests of the session may have left Redis wrong on purpose (a hold lost, its money
-    # approved again): the first pass puts such a hold back, leaving available below zero,
-    # which the pass after it counts as drift and caps (quota_restore.lua). Once a pass finds
+    # approved again): the first pass puts such a hold back, leaving available below zero
+    # (which later passes keep: tests/test_over_committed_quota.py). Once a pass finds
     # nothing, another changes nothing.
     for _ in range(3):
         if harness.run(reconcile(app.database, app.quotas, app.holds)).drifted == 0:

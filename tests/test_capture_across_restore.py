@@ -7,11 +7,11 @@ available: Redis understated the quota by the captured part (declines of money t
 until the next reconcile. Now the finish asks for the capture's ledger entries and, where the
 quota's mark r shows the restore counted the capture, takes the part out of held only, held
 recounted from the other holds (lua/capture_finish.lua). Not simply held -= part, available +=
-part: where the restore capped held at unused (a hold larger than what the capture left) that
-overstated available (Redis approving money SQL does not have). A restore before the commit
-still sees the money unused: the part is released as taken, as before. Found by an audit; every
-test here fails without the fix but the one with the restore before the commit (and the
-limit's case that recounts).
+part: where a restore capped held at unused (a hold larger than what the capture left; it no
+longer caps) that overstated available (Redis approving money SQL does not have). A restore
+before the commit still sees the money unused: the part is released as taken, as before. Found
+by an audit; every test here fails without the fix but the one with the restore before the
+commit (and the limit's case that recounts).
 
 The put-back hold does not know the key of the capture that finishes it (its claim was lost with
 Redis), or knows that of a later claim whose write found the capture in SQL: a retry with the
@@ -181,7 +181,7 @@ def committed(harness: Harness, relationship_id: str, unused_fen: int) -> None:
     ("hold_fen", "capture_fen"),
     [
         (5_000, 5_000),  # the restore's held fits in unused
-        (12_000, 12_000),  # more held than unused: the restore keeps held at unused
+        (12_000, 12_000),  # more held than unused: available below zero until the finish
         (12_000, 5_000),  # a partial capture: the rest of the hold returns
     ],
 )
@@ -366,8 +366,10 @@ def test_a_retry_that_claims_the_put_back_hold_after_a_restore_finishes_it_right
     step = paused(held.authorization_id)
     step.commit_across_redis_loss(harness, 12_000)  # committed; its finish paused
     committed(harness, relationship_id, 8_000)
-    restore(harness, [relationship_id])  # r at least the capture's entry; the hold held (capped)
-    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (0, 8_000)
+    # r at least the capture's entry; the captured hold still held whole, above unused (the
+    # finish takes it out; held was once capped at unused here, (0, 8,000))
+    restore(harness, [relationship_id])
+    assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (-4_000, 12_000)
 
     retry_claimed, retry_write = threading.Event(), threading.Event()
 

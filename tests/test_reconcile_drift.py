@@ -99,12 +99,24 @@ def test_understated_quotas_are_drift_too_but_not_overstated() -> None:
 
 
 def test_a_ledger_that_paid_out_more_than_was_allocated_is_overstated_drift() -> None:
-    """SQL captured 207,400 fen against a quota of 200,000: the restore can only set held to the
+    """SQL captured 207,400 fen against a quota of 200,000: the restore sets available to the
     negative unused figure; Redis said so before too, and the sums agree, yet money went out that
-    was not there."""
-    overdrawn = QuotaFigures(available_fen=0, held_fen=-7_400)
+    was not there. (An older restore capped held at unused, leaving held negative: that too.)"""
+    overdrawn = QuotaFigures(available_fen=-7_400, held_fen=0)
     assert drift_of(overdrawn, overdrawn) == Drift(fen=7_400, overstated=True)
     assert drift_of(None, overdrawn) == Drift(fen=7_400, overstated=True)
+    capped = QuotaFigures(available_fen=0, held_fen=-7_400)
+    assert drift_of(capped, overdrawn) == Drift(fen=7_400, overstated=True)
+
+
+def test_holds_over_committing_a_quota_are_not_drift_once_redis_says_so() -> None:
+    """Holds put back on money approved twice: 12,000 held of 10,000 unused. Redis saying just
+    that is no drift (the put-back counted it once), and neither is a negative available
+    whose sum a live call's hold moved since (only sums are compared); a different sum is."""
+    over_committed = QuotaFigures(available_fen=-2_000, held_fen=12_000)
+    assert drift_of(over_committed, over_committed) is None
+    assert drift_of(QuotaFigures(-3_000, 13_000), over_committed) is None
+    assert drift_of(QuotaFigures(-1_000, 12_000), over_committed) == Drift(1_000, True)
 
 
 def test_a_restore_whose_reply_was_lost_is_tried_again_and_its_drift_still_counted(

@@ -1,14 +1,12 @@
 """A hold put back on money Redis approved a second time leaves available below zero, and later
 releases of the quota's holds come out exact (a fifth audit: a page that set such a quota
 again at once capped held at the ledger's unused, and a later void gave back more than the cap
-kept). The next pass still caps it (quota_restore.lua's rule for an over-committed quota, older
-than the hold fixes): the last test shows that, expected to fail until that rule is changed."""
+kept). The next pass keeps it so (quota_restore.lua capped held at unused once: a later void
+then gave back more than the cap kept)."""
 
 from __future__ import annotations
 
 from typing import Any
-
-import pytest
 
 from authz_server.runtime.reconcile import reconcile
 from tests.harness import Harness
@@ -69,21 +67,18 @@ def test_voiding_both_holds_gives_back_the_ledgers_unused_no_more(
     assert figures == (10_000, 0), figures  # the ledger: 10,000 unused, no open hold
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quota_restore.lua caps held at the ledger's unused for an over-committed quota: a "
-    "later void then gives back more than the cap kept (known; left for the next session)",
-)
 def test_the_next_pass_does_not_cap_the_held_of_an_overcommitted_quota(
     harness: Harness, registry: Any, relationships: Any, authorizations: Any
 ) -> None:
-    """The same cap, by the next pass (pre-existing: quota_restore.lua caps held at unused on
-    any quota whose pending holds exceed it, which hold_restore.lua makes on purpose)."""
+    """The next pass keeps the holds' sum above unused (quota_restore.lua capped it once), and
+    finds no drift in it: the put-back counted it."""
     beneficiary, relationship_id, lost, again = _approved_twice(
         harness, registry, relationships, authorizations
     )
     app = harness.app
-    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # the next pass
+    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    assert hot_figures(harness, beneficiary, relationship_id) == (-2_000, 12_000)
+    assert report.drifted == 0, report
     void(authorizations, HOSPITAL, again.authorization_id)
     void(authorizations, HOSPITAL, lost.authorization_id)
     figures = hot_figures(harness, beneficiary, relationship_id)

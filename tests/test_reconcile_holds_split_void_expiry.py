@@ -1,7 +1,7 @@
 """A split hold SQL voided, which an older copy still holds, is voided before its quotas are set
-(runtime/reconcile_holds.py): left pending, the restore capped its quota's held at the ledger's
-unused, and its expiry then gave its whole part back to available, more than the quota has (a
-fifth audit)."""
+(runtime/reconcile_holds.py): left pending, the restore (then) capped its quota's held at the
+ledger's unused, and its expiry then gave its whole part back to available, more than the quota
+has (a fifth audit)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A split hold's void that Redis applied but whose reply was lost (both tries) still has the
 hold's other quotas set again after it: void.lua released the hold's whole part there, and a
-quota an earlier page had capped (the hold still pending then) was left overstated until the
-next pass (a sixth audit)."""
+quota an earlier page had capped (the hold still pending then; restores capped held at unused)
+was left overstated until the next pass (a sixth audit)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _scenario(
     unused = {one: 0, two: 500}
 
     # The previous pages (the void not yet VOID_SETTLED_SECONDS old): both quotas set with
-    # `stale` still pending, its held capped at the ledger's unused.
+    # `stale` still pending (counted as held).
     harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
     harness.clock.advance(VOID_SETTLED_SECONDS + 1)
 

@@ -182,7 +182,7 @@ def test_a_stale_copys_voided_hold_does_not_overstate_a_quota_spent_since(
     harness: Harness, registry: Any, relationships: Any, authorizations: Any
 ) -> None:
     """Voided after the quota was set, a stale hold moved its whole amount back to available,
-    more than the held figure the restore had capped at the ledger's unused: Redis overstated
+    more than the held figure the restore had (then) capped at the ledger's unused: Redis overstated
     the quota (a third audit). The voids come before the quotas are set."""
     register_merchants(registry)
     fam = family(registry, relationships, 10_000)

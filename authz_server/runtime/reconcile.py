@@ -269,19 +269,21 @@ def drift_of(before: QuotaFigures | None, after: QuotaFigures) -> Drift | None:
       reconcile may run while servers serve, and their calls move money between available and
       held (an Authorize, a void, an expiry) between the read and the restore, never in or out
       of the sum (that commits under the row lock the page holds);
-    - a negative figure before: no script leaves one, and a negative held inflates available
-      by as much with the sum unchanged (Redis let that much more be authorized). The amount is
-      then what available was above the ledger's (a live call may have moved some of it
-      meanwhile: the figure is an estimate, the drift is not);
-    - a negative held after: the ledger's unused figure is itself negative, more captured than
-      allocated (quota_restore.lua keeps held at most unused): money out that was not there.
+    - a negative held before: no script leaves one, and it inflates available by as much
+      with the sum unchanged (Redis let that much more be authorized). The amount is then what
+      available was above the ledger's (a live call may have moved some of it meanwhile: the
+      figure is an estimate, the drift is not). A negative available is not drift by itself:
+      holds put back on money approved twice leave one (hold_restore.lua), and the restore
+      keeps it (quota_restore.lua), so that each hold's release gives back what it holds;
+    - a negative sum after: the ledger's unused figure is itself negative, more captured than
+      allocated: money out that was not there.
     """
     total_after = after.available_fen + after.held_fen
     if before is None:  # Redis lacked the quota: everything unused was missing from it
-        return Drift(fen=abs(total_after), overstated=after.held_fen < 0)
+        return Drift(fen=abs(total_after), overstated=total_after < 0)
     total_before = before.available_fen + before.held_fen
     fen = abs(total_before - total_after)
-    negative = max(0, -before.available_fen, -before.held_fen, -after.held_fen)
+    negative = max(0, -before.held_fen, -total_after)
     if negative:
         fen = max(fen, negative, before.available_fen - after.available_fen)
     if fen == 0:

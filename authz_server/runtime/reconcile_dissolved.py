@@ -39,8 +39,9 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
+from authz_server.domain.model import QuotaFigures
 from authz_server.domain.types import RelationshipStatus
-from authz_server.runtime.reconcile import ReconcileReport
+from authz_server.runtime.reconcile import ReconcileReport, drift_of
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.ports import QuotaCache
 from authz_server.storage.sql.database import Database
@@ -155,8 +156,11 @@ async def reconcile_dissolved_page(
                     figures.available_fen, figures.held_fen,
                 )  # fmt: skip
                 drifted += 1
-                # Everything it had was money the ledger gave back to the holder.
-                drift_fen += abs(figures.available_fen) + abs(figures.held_fen)
+                # Everything it had was money the ledger gave back to the holder: its sum, as
+                # drift_of counts a quota against a ledger figure of nothing (available below
+                # zero, holds over-committing it, is not more of it).
+                drift = drift_of(figures, QuotaFigures(available_fen=0, held_fen=0))
+                drift_fen += drift.fen if drift is not None else 0
                 overstated += 1
             cursor = dissolution.cursor
             done += 1

@@ -6,14 +6,14 @@ step lost after its commit. So each page, under its row locks:
 1. voids in Redis the holds SQL voided over VOID_SETTLED_SECONDS ago that Redis still has
    PENDING (their money was held until they expired, up to 24 h, and payments declined on it);
 2. then sets the page's quotas, and the voided holds' other quotas that are active in SQL
-   (quota_restore.lua recounts held from the holds Redis has pending, and caps it at the
-   ledger's unused: voiding after that would move more than it holds back to available);
+   (quota_restore.lua recounts held from the holds Redis has pending: after the voids, those
+   no longer count);
 3. then puts back the open holds SQL has and Redis does not know at all (hold_restore.lua
    places nothing on a quota it lacks, and a copy may lack one: the quotas come first). A hold
-   put back on money Redis approved twice meanwhile leaves available below zero; the next pass
-   counts that quota as drift and caps its held at the ledger's unused (quota_restore.lua's
-   rule for an over-committed quota, older than this: a later void of one of its holds then
-   gives back more than the cap kept; the ledger refuses any capture beyond the quota).
+   put back on money Redis approved twice meanwhile leaves available below zero; later passes
+   keep it so (quota_restore.lua keeps held at the holds' sum, above unused), and each of the
+   quota's holds gives back exactly what it holds when released; the ledger refuses any
+   capture beyond the quota.
 Each hold is touched only while this transaction holds the row lock of every quota it draws
 on: the page's, and the others it could lock without waiting (SKIP LOCKED: they come outside
 the page's id order, and waiting could deadlock with a capture batch; a hold one of whose quotas

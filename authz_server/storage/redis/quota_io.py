@@ -33,8 +33,8 @@ class QuotaCredit(ScriptCall[bool]):
         return [self.amount_fen, self.entry_id, self.epoch]
 
     def unpack(self, raw: Reply) -> bool:
-        # the new available figure; -2 counted already by a restore; -1 missing or not active
-        return as_integer(raw) != -1
+        # 1 added; 2 counted already by a restore; 0 missing or not active
+        return as_integer(raw) != 0
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,9 @@ class QuotaRestoreCall(ScriptCall[QuotaFigures | RestoreRefused]):
 
     def unpack(self, raw: Reply) -> QuotaFigures | RestoreRefused:
         reply = as_list(raw)  # {available, held}; {-1, -1} BUSY; {-2, -2} MOVED
-        status = as_integer(reply[0])
+        # Held is a sum of holds, never below zero: a negative one is a refusal (available may
+        # be below zero, the holds over-committing the quota).
+        status = as_integer(reply[1])
         if status < 0:
             return RestoreRefused.BUSY if status == -1 else RestoreRefused.MOVED
         return QuotaFigures(available_fen=as_integer(reply[0]), held_fen=as_integer(reply[1]))

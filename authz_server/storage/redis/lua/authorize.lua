@@ -55,11 +55,14 @@ if record.r == '' and ARGV[14] == '1' then
   end
 end
 
+-- total: what the quotas can fund, each at least 0. A quota's available is below zero while
+-- its holds over-commit it (holds put back on money approved twice, hold_restore.lua): it funds
+-- nothing, and takes nothing from what the others can.
 local available = {}
 local total = 0
 for i, rid in ipairs(candidates) do
   available[i] = tonumber(redis.call('HGET', prefix .. ':q:' .. rid, 'available'))
-  total = total + available[i]
+  total = total + math.max(0, available[i])
 end
 
 if record.r == '' then

@@ -16,7 +16,7 @@
 -- from an unused figure that counts the capture as spent, and counted this hold's part as held
 -- on top: the quota's mark r is at least the capture's entry for it. Released as taken, the
 -- part would leave that quota twice. There the part leaves held only: held is recounted from
--- the quota's other holds, exactly (the restore caps held at unused), and available + held
+-- the quota's other holds, exactly (as the restore counts it), and available + held
 -- stays (v too: no money moved). A quota whose r is older was set from SQL before the capture
 -- committed: there the part is released as taken. (The rebuild that put the hold back read it
 -- with the quotas, under the same row locks, before the capture committed: the r it wrote is
@@ -84,9 +84,9 @@ if put_back then
     if entry and quota[1] == 'ACTIVE' and tonumber(quota[2] or '0') >= entry then
       local held = held_by_others(part[1])
       if held then
-        -- Exact, not capped at the total as the restore caps it: holds worth more than the
-        -- total (another put-back hold whose capture committed) leave available negative, and
-        -- each release then gives back exactly what it held.
+        -- Exact, as the restore counts it: holds worth more than the total (another put-back
+        -- hold whose capture committed) leave available negative, and each release then gives
+        -- back exactly what it held.
         local unused = tonumber(quota[3]) + tonumber(quota[4])
         recounted[part[1]] = {held, unused - held}
       else

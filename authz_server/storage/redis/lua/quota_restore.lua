@@ -5,7 +5,8 @@
 -- r and a new epoch e tell later credits and give-backs that the figure counts them already
 -- (quota_credit.lua). A quota with a capture between its phases is left as it is (BUSY): its
 -- SQL write may have committed, and the figure would count the capture twice once its hold is
--- finished. Returns {available, held}, or {-1, -1} when BUSY.
+-- finished. Returns {available, held} (available below zero when the holds exceed unused; held
+-- never is), or {-1, -1} when BUSY.
 -- The caller read the quota's money version v (ARGV[11]) under the same row lock. A restore
 -- that reaches Redis after the lock was let go (its reply timed out, the caller gave up; the
 -- command itself was only late) must change nothing once any money of the quota moved since:
@@ -40,7 +41,10 @@ for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
   end
 end
 for _, auth_id in ipairs(finished) do redis.call('SREM', holds, auth_id) end
-if held > unused then held = unused end
+-- Held is the holds' sum even above unused (a hold put back on money approved twice,
+-- hold_restore.lua): available then falls below zero, nothing more is approved, and each hold's
+-- release gives back exactly what it holds. Capping held at unused here would let those
+-- releases give back more than the ledger has unused.
 redis.call('HSET', KEYS[1], 'status', 'ACTIVE', 'available', unused - held, 'held', held,
   'holder', ARGV[2], 'order', ARGV[5], 'beneficiary', ARGV[6], 'scheme', ARGV[7],
   'r', ARGV[9])
