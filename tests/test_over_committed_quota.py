@@ -10,7 +10,11 @@ cap kept). Found by the audit of that change, each test failing before its fix:
   landing on -1 was taken for a missing quota, and an allocation SQL committed and Redis
   credited was answered UNAVAILABLE (its restore BUSY beside a capture);
 - the dissolutions cursor counted abs(available) + abs(held) as drift: 14,000 fen for
-  (-2,000, 12,000), where the ledger gave the holder back 10,000."""
+  (-2,000, 12,000), where the ledger gave the holder back 10,000;
+- (a second audit) the relationship RPCs showed Redis's figures as they are: available_fen
+  below zero and more held than the quota (GetRelationship, ListRelationships, the
+  AllocateQuota answer), and a refused ReleaseQuota said "only -2000 fen ... available";
+  now nothing free and all the unused money held (QuotaView.shown)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import pytest
 
 from authz_server.generated.medwallet.v1 import relationship_pb2
@@ -26,6 +31,7 @@ from authz_server.runtime.reconcile_dissolved import reconcile_dissolved_page
 from authz_server.service.ports import CaptureOutcome
 from authz_server.storage.redis import keys
 from tests import engine_factories as ef
+from tests import factories
 from tests.harness import APP, Harness, new_id, own_harness
 from tests.test_authorization_recovery import hot_figures, journaled, ledger
 from tests.test_authorization_rules import (
@@ -185,3 +191,68 @@ def test_the_drift_of_a_stale_over_committed_quota_is_what_the_ledger_gave_back(
     )
     assert moved_to.endswith("|" + rid) and report.drifted == 1, (moved_to, report)
     assert report.drift_fen == unused, report  # was 14,000
+
+
+def _shown_sanely(shown: relationship_pb2.Relationship) -> None:
+    assert shown.available_fen >= 0, (
+        f"available_fen {shown.available_fen} (held {shown.held_fen}, "
+        f"allocated {shown.allocated_fen}, spent {shown.spent_fen})"
+    )
+    assert shown.held_fen <= shown.allocated_fen - shown.spent_fen, shown
+
+
+def test_get_relationship_does_not_show_available_below_zero(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    beneficiary, (rid,) = _over_commit_first(harness, registry, relationships, authorizations)
+    assert hot_figures(harness, beneficiary, rid) == (-2_000, 12_000)
+    # Authorize says nothing is left ...
+    answer = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 1_000)
+    assert answer.remaining_quota_fen == 0
+    # ... GetRelationship says -2,000 is free to authorize, 12,000 held of a 10,000 quota.
+    _shown_sanely(factories.relationship(relationships, rid))
+
+
+def test_list_relationships_does_not_show_available_below_zero(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    beneficiary, (rid, other) = _over_commit_first(
+        harness, registry, relationships, authorizations, 3_000
+    )
+    listed = relationships.ListRelationships(
+        relationship_pb2.ListRelationshipsRequest(beneficiary_id=beneficiary), metadata=APP
+    ).relationships
+    shown = {r.relationship_id: r for r in listed}
+    assert set(shown) == {rid, other}
+    _shown_sanely(shown[rid])
+
+
+def test_allocate_answer_does_not_show_available_below_zero(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    beneficiary, (rid,) = _over_commit_first(harness, registry, relationships, authorizations)
+    answer = relationships.AllocateQuota(
+        relationship_pb2.AllocateQuotaRequest(
+            relationship_id=rid, amount_fen=1_000, idempotency_key=new_id("alloc")
+        ),
+        metadata=APP,
+    )
+    assert answer.relationship.allocated_fen == 11_000
+    assert hot_figures(harness, beneficiary, rid) == (-1_000, 12_000)
+    _shown_sanely(answer.relationship)  # available_fen -1,000
+
+
+def test_release_refusal_does_not_name_a_negative_available(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    _beneficiary, (rid,) = _over_commit_first(harness, registry, relationships, authorizations)
+    with pytest.raises(grpc.RpcError) as caught:
+        relationships.ReleaseQuota(
+            relationship_pb2.ReleaseQuotaRequest(
+                relationship_id=rid, amount_fen=1_000, idempotency_key=new_id("release")
+            ),
+            metadata=APP,
+        )
+    error = caught.value
+    assert factories.error_info(error).reason == "INSUFFICIENT_QUOTA", error.details()
+    assert "-" not in (error.details() or ""), error.details()

@@ -129,6 +129,17 @@ class QuotaView:
     def figures(self) -> QuotaFigures:
         return QuotaFigures(self.available_fen, self.held_fen)
 
+    @staticmethod
+    def shown(relationship: Relationship, available_fen: int, held_fen: int) -> QuotaView:
+        """The view of hot figures as a holder or beneficiary reads them. Holds worth more than
+        the quota's unused money (a hold put back on money approved twice after Redis served an
+        older copy) leave available below zero until they are released: shown as nothing free
+        and all of the unused money held, so that allocated = available + held + spent still
+        reads true and no figure is below zero (Authorize's remaining figure says the same)."""
+        if available_fen >= 0:
+            return QuotaView(relationship, available_fen, held_fen)
+        return QuotaView(relationship, 0, max(0, available_fen + held_fen))
+
 
 @dataclass(frozen=True)
 class QuotaFigures:

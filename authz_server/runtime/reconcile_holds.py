@@ -93,7 +93,9 @@ class HoldFixes:
 def holds_of_page(session: Session, page: list[Relationship], now: datetime) -> PageHolds:
     page_ids = {relationship.relationship_id for relationship in page}
     beneficiaries = sorted({relationship.beneficiary_id for relationship in page})
-    candidates = open_holds(session, now, beneficiary_ids=beneficiaries)
+    # The page's quotas were read active under their locks: not read again for each hold.
+    active = dict.fromkeys(page_ids, True)
+    candidates = open_holds(session, now, beneficiary_ids=beneficiaries, known_active=active)
     voided = _voided_holds(session, beneficiaries, now)
     others = sorted({rid for hold in [*candidates, *voided] for rid, _ in hold.funding} - page_ids)
     if not others:
@@ -113,7 +115,7 @@ def holds_of_page(session: Session, page: list[Relationship], now: datetime) -> 
     # Read again once locked (a void is final: the voided ones need not be).
     still_open = [
         hold
-        for hold in open_holds(session, now, beneficiary_ids=beneficiaries)
+        for hold in open_holds(session, now, beneficiary_ids=beneficiaries, known_active=active)
         if hold.authorization_id in wanted
     ] if wanted else []  # fmt: skip
     voided = [hold for hold in voided if all_locked(hold)]

@@ -233,7 +233,8 @@ class RelationshipService:
             session.flush()  # the entry's id: the credit's mark in Redis (quota_credit.lua)
             entry_ids[:] = [entry.entry_id]
             relationship = records.relationship(row)
-            view = QuotaView(relationship, relationship.totals.unused_fen - held_fen, held_fen)
+            unused_fen = relationship.totals.unused_fen
+            view = QuotaView.shown(relationship, unused_fen - held_fen, held_fen)
             result = QuotaMoveResult(view, holder.balance_fen)
             idempotency.remember(session, call, result, now)
             return result, relationship
@@ -335,7 +336,9 @@ class RelationshipService:
         try:
             return await self.to_the_end.run(to_the_end())
         except _QuotaShort:
-            rules.check_release((await self._figures(checked)).available_fen, amount_fen)
+            available_fen = (await self._figures(checked)).available_fen
+            # below zero while holds over-commit the quota (QuotaView.shown): nothing to release
+            rules.check_release(max(0, available_fen), amount_fen)
             raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again") from None
         except LedgerLimitExceeded as refusal:
             metrics.ledger_limit_refusals.labels("release").inc()
@@ -458,7 +461,7 @@ class RelationshipService:
         found = figures.get(relationship.relationship_id)
         if found is None:
             found = await self._restore(relationship.relationship_id)
-        return QuotaView(relationship, found.available_fen, found.held_fen)
+        return QuotaView.shown(relationship, found.available_fen, found.held_fen)
 
     async def _precheck(
         self, relationship_id: str, call: Idempotency[QuotaMoveResult]
