@@ -26,7 +26,6 @@ import grpc
 import pytest
 
 from authz_server.generated.medwallet.v1 import relationship_pb2
-from authz_server.runtime.reconcile import reconcile
 from authz_server.runtime.reconcile_dissolved import reconcile_dissolved_page
 from authz_server.service.ports import CaptureOutcome
 from authz_server.storage.redis import keys
@@ -53,7 +52,7 @@ from tests.test_reconcile_dissolved import (
     dissolved_with_its_redis_step_lost,
     settled_clock,
 )
-from tests.test_reconcile_lost_holds import serve_stale_copy, snapshot_slot
+from tests.test_reconcile_lost_holds import reconcile_family, serve_stale_copy, snapshot_slot
 from tests.test_redis_loss import served_stubs
 
 
@@ -73,10 +72,9 @@ def _over_commit_first(
     again = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 8_000)
     assert again.decision == APPROVED and funding(again.funding) == [(rids[0], 8_000)]
     journaled(harness, again.authorization_id)
-    app = harness.app
-    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    report = reconcile_family(harness, rids)
     assert report.holds_put_back == 1, report
-    harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))  # the next pass
+    reconcile_family(harness, rids)  # the next pass
     return beneficiary, rids
 
 

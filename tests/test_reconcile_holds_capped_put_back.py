@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from authz_server.runtime.reconcile import reconcile
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
 from tests.test_authorization_rules import (
@@ -21,7 +20,7 @@ from tests.test_authorization_rules import (
     register_merchants,
     void,
 )
-from tests.test_reconcile_lost_holds import serve_stale_copy, snapshot_slot
+from tests.test_reconcile_lost_holds import reconcile_family, serve_stale_copy, snapshot_slot
 
 
 def _approved_twice(harness: Harness, registry: Any, relationships: Any, authorizations: Any):
@@ -36,8 +35,7 @@ def _approved_twice(harness: Harness, registry: Any, relationships: Any, authori
     again = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 8_000)
     assert again.decision == APPROVED  # 2,000 of it approved twice
     journaled(harness, again.authorization_id)
-    app = harness.app
-    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    report = reconcile_family(harness, [relationship_id])
     assert report.holds_put_back == 1, report
     return beneficiary, relationship_id, lost, again
 
@@ -75,8 +73,7 @@ def test_the_next_pass_does_not_cap_the_held_of_an_overcommitted_quota(
     beneficiary, relationship_id, lost, again = _approved_twice(
         harness, registry, relationships, authorizations
     )
-    app = harness.app
-    report = harness.run(reconcile(app.database, app.quotas, app.holds, harness.clock))
+    report = reconcile_family(harness, [relationship_id])
     assert hot_figures(harness, beneficiary, relationship_id) == (-2_000, 12_000)
     assert report.drifted == 0, report
     void(authorizations, HOSPITAL, again.authorization_id)
