@@ -18,6 +18,9 @@ from authz_server.storage.sql.tables import CatalogItemRow, MerchantRow
 from tests import factories
 from tests.harness import ADMIN, APP, bearer, new_id
 
+# Who may call what is decided from the token before any SQL: the same on every database.
+pytestmark = pytest.mark.backend_neutral
+
 Metadata = tuple[tuple[str, str], ...]
 
 
