@@ -50,9 +50,13 @@ class Relationship(_message.Message):
     allocated_fen = available_fen + held_fen + spent_fen.
     """
     available_fen: _builtins.int
-    """Free to authorize."""
+    """Free to authorize; never below zero."""
     held_fen: _builtins.int
-    """Reserved by open authorizations."""
+    """Reserved by open authorizations; never more than allocated_fen - spent_fen. Where open
+    authorizations hold more than that (one put back from the ledger after the hot state
+    approved the same money again), all of it shows as held and available_fen as 0 until
+    they end; a capture beyond the quota is refused.
+    """
     spent_fen: _builtins.int
     """Captured minus refunded back to this quota."""
     holder_consented: _builtins.bool
