@@ -143,7 +143,7 @@ def test_a_credit_landing_on_minus_one_is_not_taken_for_a_missing_quota(
     client = harness.admin()
     try:
         pending = [
-            member.decode() for member in client.smembers(keys.prefix(beneficiary) + ":qh:" + rid)
+            member.decode() for member in client.smembers(keys.quota_holds(beneficiary, rid))
         ]
     finally:
         client.close()

@@ -128,11 +128,13 @@ def check_balance(holder: Participant, amount_fen: int) -> None:
 
 
 def check_release(available_fen: int, amount_fen: int) -> None:
-    """Rule 5: only unused, unheld quota can be taken back."""
-    if amount_fen > available_fen:
+    """Rule 5: only unused, unheld quota can be taken back. `available_fen` is below zero
+    while holds over-commit the quota (QuotaView.shown): nothing is free then."""
+    free_fen = max(0, available_fen)
+    if amount_fen > free_fen:
         raise PolicyRefusal(
             "INSUFFICIENT_QUOTA",
-            f"only {available_fen} fen of the quota is available to release",
+            f"only {free_fen} fen of the quota is available to release",
         )
 
 

@@ -336,9 +336,7 @@ class RelationshipService:
         try:
             return await self.to_the_end.run(to_the_end())
         except _QuotaShort:
-            available_fen = (await self._figures(checked)).available_fen
-            # below zero while holds over-commit the quota (QuotaView.shown): nothing to release
-            rules.check_release(max(0, available_fen), amount_fen)
+            rules.check_release((await self._figures(checked)).available_fen, amount_fen)
             raise PolicyRefusal("INSUFFICIENT_QUOTA", "the quota changed; try again") from None
         except LedgerLimitExceeded as refusal:
             metrics.ledger_limit_refusals.labels("release").inc()
