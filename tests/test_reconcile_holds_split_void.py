@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 from authz_server.domain.errors import Unavailable
-from authz_server.runtime.reconcile import reconcile_page
 from authz_server.runtime.reconcile_holds import VOID_SETTLED_SECONDS
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
@@ -26,6 +25,7 @@ from tests.test_authorization_rules import (
     register_merchants,
     void,
 )
+from tests.test_reconcile_lost_holds import reconcile_family
 
 
 def test_a_split_hold_whose_void_was_lost_is_voided_when_its_quotas_are_in_different_pages(
@@ -51,16 +51,7 @@ def test_a_split_hold_whose_void_was_lost_is_voided_when_its_quotas_are_in_diffe
         app.holds.void = real_void  # type: ignore[method-assign]
     harness.clock.advance(VOID_SETTLED_SECONDS + 1)
 
-    after, voided = "", 0
-    while True:  # a pass whose pages hold one quota each: the two quotas in different pages
-        after, report = harness.run(
-            reconcile_page(
-                app.database, app.quotas, after, 1, rolling=True, holds=app.holds,
-                clock=harness.clock,
-            )
-        )  # fmt: skip
-        voided += report.holds_voided
-        if not after:
-            break
+    # Pages of one quota each: the two quotas in different pages.
+    voided = reconcile_family(harness, fam.relationship_ids, rolling=True).holds_voided
     figures = [hot_figures(harness, beneficiary, one), hot_figures(harness, beneficiary, two)]
     assert figures == [(3_000, 0), (3_000, 0)] and voided == 1, (figures, voided)

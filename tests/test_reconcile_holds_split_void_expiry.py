@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from authz_server.runtime.reconcile import reconcile_page
 from authz_server.runtime.reconcile_holds import VOID_SETTLED_SECONDS
 from tests.harness import Harness
 from tests.test_authorization_recovery import hot_figures, journaled
@@ -23,7 +22,7 @@ from tests.test_authorization_rules import (
     register_merchants,
     void,
 )
-from tests.test_reconcile_lost_holds import serve_stale_copy, snapshot_slot
+from tests.test_reconcile_lost_holds import reconcile_family, serve_stale_copy, snapshot_slot
 
 
 def test_a_stale_split_hold_left_pending_does_not_overstate_a_quota_spent_since(
@@ -32,7 +31,6 @@ def test_a_stale_split_hold_left_pending_does_not_overstate_a_quota_spent_since(
     register_merchants(registry)
     fam = family(registry, relationships, 3_000, 2_000)
     beneficiary, (one, two) = fam.beneficiary_id, fam.relationship_ids
-    app = harness.app
     stale = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 5_000)
     assert stale.decision == APPROVED
     assert dict(funding(stale.funding)) == {one: 3_000, two: 2_000}
@@ -46,16 +44,8 @@ def test_a_stale_split_hold_left_pending_does_not_overstate_a_quota_spent_since(
     serve_stale_copy(harness, beneficiary, copy)  # the ledger: 500 and 2,000 unused, no hold
     harness.clock.advance(VOID_SETTLED_SECONDS + 1)
 
-    after = ""
-    while True:  # pages of one quota each: the hold's quotas in different pages
-        after, _ = harness.run(
-            reconcile_page(
-                app.database, app.quotas, after, 1, rolling=True, holds=app.holds,
-                clock=harness.clock,
-            )
-        )  # fmt: skip
-        if not after:
-            break
+    # Pages of one quota each: the hold's quotas in different pages.
+    reconcile_family(harness, fam.relationship_ids, rolling=True)
     harness.clock.advance(25 * 3600)  # `stale` expires in Redis (it was still PENDING there)
     authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 1)  # runs expire_due
     available, held = hot_figures(harness, beneficiary, one)
