@@ -106,6 +106,8 @@ class Phase:
     workload: str
     operations: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    # calls sent again with their idempotency key (loadgen.RETRYABLE), by the first answer's code
+    retries: dict[str, int] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     throughput: float = 0.0
@@ -384,9 +386,11 @@ def measure(
     latencies = sorted(latency for report in reports for latency in report.latencies)
     phase.operations = len(latencies)
     errors: Counter[str] = Counter()
+    retries: Counter[str] = Counter()
     decisions: Counter[str] = Counter()
     for report in reports:
         errors.update(report.errors)
+        retries.update(report.retries)
         decisions.update(report.decisions)
         for name, value in (
             ("authorize", report.sample_authorize),
@@ -395,6 +399,7 @@ def measure(
             if value and f"{system}:{name}" not in run.samples:
                 run.samples[f"{system}:{name}"] = value
     phase.errors = dict(errors)
+    phase.retries = dict(retries)
     phase.decisions = dict(decisions)
     started = min(report.started for report in reports)
     ended = max(report.ended for report in reports)
@@ -988,6 +993,14 @@ def table(run: Run) -> str:
         )
     if any(phase.time_bound_hit for phase in run.phases):
         lines.append("* stopped by the time bound before all operations were done")
+    retried = [
+        f"{phase.system} {phase.operation} {phase.workload} "
+        + ", ".join(f"{code} {count:,}" for code, count in sorted(phase.retries.items()))
+        for phase in run.phases
+        if phase.retries
+    ]
+    if retried:  # not errors: each got its answer on a later try with its key
+        lines.append("calls sent again with their idempotency key: " + "; ".join(retried))
     return "\n".join(lines)
 
 

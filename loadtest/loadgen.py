@@ -15,6 +15,12 @@ left: a server that falls behind shows its queue in the latencies (no coordinate
 
 Each worker reports per-operation latencies, decisions, errors by status code, and the amount
 approved per beneficiary (warm-up included) for the over-quota check.
+
+A call answered UNAVAILABLE or DEADLINE_EXCEEDED is sent again with the same bytes (its
+idempotency key), as a till does (RETRY_ATTEMPTS): its outcome is then known, so the money check
+after a phase stays exact where the server could not answer at once (an Authorize whose hold was
+placed before its answer was lost), and the phase reports the retries by the first answer's code.
+An error is a call that failed all its tries, or with another code.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ AUTHORIZE = "/medwallet.v1.AuthorizationService/Authorize"
 CAPTURE = "/medwallet.v1.AuthorizationService/Capture"
 APPROVED = (authorization_pb2.DECISION_APPROVED, authorization_pb2.DECISION_PARTIALLY_APPROVED)
 DEADLINE_SECONDS = 30.0
+# Tries of a call answered RETRYABLE, the same request each time, RETRY_PAUSE_SECONDS x the try
+# number apart (a till's retry on a timeout): ~1.5 s of pauses in all.
+RETRY_ATTEMPTS = 6
+RETRY_PAUSE_SECONDS = 0.1
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Paced calls in flight at once in one process, at most: a server far behind the pace gets a
 # queue this deep from each load process, not an unbounded one.
 MAX_PACED_IN_FLIGHT = 2_000
@@ -67,6 +78,8 @@ class Plan:
 class Report:
     operations: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    # calls sent again with their idempotency key, by the code of the answer that made them
+    retries: Counter[str] = field(default_factory=Counter)
     decisions: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     # Authorize+Capture: the Capture call alone (its Authorize is the rest of the latency)
@@ -104,6 +117,19 @@ def requests(plan: Plan, count: int, offset: int) -> list[tuple[str, bytes]]:
         )
         built.append((beneficiary, request.SerializeToString()))
     return built
+
+
+async def retried(call: Any, body: bytes, token: Any, retries: Counter[str]) -> Any:
+    """call(body), sent again with the same bytes while answered RETRYABLE (RETRY_ATTEMPTS)."""
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return await call(body, metadata=token, timeout=DEADLINE_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in RETRYABLE or attempt == RETRY_ATTEMPTS:
+                raise
+            retries[error.code().name] += 1
+        await asyncio.sleep(RETRY_PAUSE_SECONDS * attempt)
+    raise AssertionError("unreachable: the last try returns or raises")
 
 
 async def _drive(
@@ -146,7 +172,7 @@ async def _drive(
         token = metadata[index % len(metadata)]
         began = time.perf_counter() if due is None else due
         try:
-            answer = await authorize[lane](body, metadata=token, timeout=DEADLINE_SECONDS)
+            answer = await retried(authorize[lane], body, token, report.retries)
             size = answer.ByteSize()
             if not report.sample_authorize and answer.decision in APPROVED:
                 report.sample_authorize = answer.SerializeToString()
@@ -162,8 +188,8 @@ async def _drive(
                     authorization_id=answer.authorization_id,
                     idempotency_key=f"{plan.key_prefix}{index:09d}c",
                 )
-                captured = await capture[lane](
-                    request.SerializeToString(), metadata=token, timeout=DEADLINE_SECONDS
+                captured = await retried(
+                    capture[lane], request.SerializeToString(), token, report.retries
                 )
                 if not report.sample_capture:
                     report.sample_capture = captured.SerializeToString()
