@@ -62,6 +62,8 @@ from authz_server.runtime.embedded_redis import EmbeddedRedis
 from authz_server.runtime.progress import Progress
 from authz_server.runtime.reconcile import ReconcileReport, reconcile
 from authz_server.server.app import Application
+from authz_server.service import capture_recovery
+from authz_server.service.ports import STALE_CAPTURE_SECONDS
 from authz_server.settings import Settings
 from authz_server.storage.redis import keys
 from authz_server.storage.sql.dbapi import BulkInsert, run_many
@@ -647,7 +649,7 @@ class Service:
 
     def __init__(self, directory: Path, database_url: str, event_loop_choice: str) -> None:
         self.redis = EmbeddedRedis(directory / "redis", persistent=False)
-        redis_url = self.redis.start()
+        self.redis_url = redis_url = self.redis.start()
         tokens = directory / "tokens.json"
         tokens.write_text(json.dumps({"bench-admin": {"kind": "admin"}}))
         settings = replace(
@@ -807,6 +809,55 @@ def check_sample(service: Service, sample: int, seed: int) -> int:
 # --- the report ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """The sweeper's settlement of the holds the last rebuild put back (each listed, settled as
+    SQL says once STALE_CAPTURE_SECONDS have passed: service/capture_recovery.py)."""
+
+    holds: int  # ids the sweeper's settle calls were given
+    calls: int
+    settle_seconds: float  # in those calls
+    cpu_seconds: float  # this process's CPU (all its threads) during those calls
+    serving_to_settled_seconds: float  # from serving again until nothing was listed
+
+
+def time_settlement(service: Service, serving_since: float, timeout: float) -> Settlement:
+    """Waits until the sweeper has settled every hold the last rebuild put back (nothing listed
+    in keys.CAPTURES_BEGUN), timing its settle calls (capture_recovery.settle_stalled, as the
+    sweeper calls it). Reconciles timed later then do not share the process with it."""
+    import redis
+
+    calls: list[tuple[int, float, float]] = []
+    real = capture_recovery.settle_stalled
+
+    async def timed(database: Any, holds: Any, stalled: list[str]) -> int:
+        began, cpu = time.perf_counter(), time.process_time()
+        try:
+            return await real(database, holds, stalled)
+        finally:
+            if stalled:
+                calls.append((len(stalled), time.perf_counter() - began, time.process_time() - cpu))
+
+    capture_recovery.settle_stalled = timed
+    client = redis.Redis.from_url(service.redis_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while client.zcard(keys.CAPTURES_BEGUN) or not calls:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the put-back holds were not settled within {timeout:.0f} s")
+            time.sleep(0.1)
+    finally:
+        capture_recovery.settle_stalled = real
+        client.close()
+    return Settlement(
+        holds=sum(count for count, _, _ in calls),
+        calls=len(calls),
+        settle_seconds=sum(seconds for _, seconds, _ in calls),
+        cpu_seconds=sum(cpu for _, _, cpu in calls),
+        serving_to_settled_seconds=time.perf_counter() - serving_since,
+    )
+
+
 def time_reconciles(service: Service, count: int) -> list[tuple[float, ReconcileReport]]:
     """Reconciles every quota `count` times, timed, while the server serves (what the rolling
     reconcile does a page at a time). Right after a rebuild there must be no drift: SystemExit
@@ -896,6 +947,7 @@ def chart(
     title: str,
     path: Path,
     reconciles: Sequence[tuple[float, ReconcileReport]] = (),
+    settlement: Settlement | None = None,
 ) -> None:
     import matplotlib
 
@@ -931,17 +983,34 @@ def chart(
             label="reconcile while serving" if not number else None,
         )
         axis.annotate(f"{seconds:.1f} s", (spot, seconds), ha="center", va="bottom", fontsize=9)
+    # Last: the sweeper's settlement of the holds the last rebuild put back (--settle).
+    settle_positions = []
+    if settlement is not None:
+        spot = len(runs) + 1.5 + len(reconciles)
+        settle_positions.append(spot)
+        axis.bar(spot, settlement.settle_seconds, 0.6, color="#9467bd", label="settling put-backs")
+        axis.annotate(
+            f"{settlement.settle_seconds:.1f} s\n(all {settlement.serving_to_settled_seconds:.0f} s"
+            " after serving)",
+            (spot, settlement.settle_seconds),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     axis.axhline(30, color="black", linestyle="--", linewidth=0.8, label="aim: 30 s")
-    axis.set_xticks(positions + reconcile_positions)
+    axis.set_xticks(positions + reconcile_positions + settle_positions)
     axis.set_xticklabels(
         [
             f"run {p}\n{run.pages_in_flight} in flight"
             for p, run in zip(positions, runs, strict=True)
         ]
-        + [f"reconcile {n}" for n in range(1, len(reconciles) + 1)],
+        + [f"reconcile {n}" for n in range(1, len(reconciles) + 1)]
+        + [f"settle {settlement.holds:,}\nput-back holds" for _ in settle_positions if settlement],
         fontsize=8,
     )
-    axis.set_ylabel("seconds (FLUSHALL to serving again; a reconcile of every quota)")
+    axis.set_ylabel(
+        "seconds (FLUSHALL to serving again; a reconcile of every quota; the settlement)"
+    )
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -982,6 +1051,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="then times this many reconciles of every quota while serving, as the periodic "
         "one (MEDWALLET_RECONCILE_INTERVAL_SECONDS) runs; each must find no drift",
+    )
+    parser.add_argument(
+        "--settle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the last loss, wait for the sweeper to settle the holds its rebuild put "
+        "back (STALE_CAPTURE_SECONDS later), timed, before the reconciles",
     )
     parser.add_argument("--check", type=int, default=2_000, help="quotas compared per run")
     parser.add_argument("--seed", type=int, default=12)
@@ -1036,6 +1112,14 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         runs.append(result)
                         progress.advance(1)
+                        serving_since = time.perf_counter()
+                settlement = None
+                if arguments.settle and runs and runs[-1].open_holds:
+                    print(
+                        f"waiting for the sweeper to settle the {runs[-1].open_holds:,} holds "
+                        f"the last rebuild put back (it waits {STALE_CAPTURE_SECONDS} s first)"
+                    )
+                    settlement = time_settlement(service, serving_since, arguments.timeout)
                 reconciles = time_reconciles(service, arguments.reconciles)
             finally:
                 rebuild_module.PAGES_IN_FLIGHT = default_in_flight
@@ -1052,6 +1136,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"expected {arguments.relationships} and {expected_holds}"
             )
     print(summary(runs))
+    if settlement is not None:
+        print(
+            f"put-back holds settled by the sweeper: {settlement.holds:,} in "
+            f"{settlement.settle_seconds:.2f} s ({settlement.calls} calls, "
+            f"{settlement.settle_seconds / max(1, settlement.holds) * 1e6:.0f} µs a hold, CPU "
+            f"{settlement.cpu_seconds:.2f} s); all settled "
+            f"{settlement.serving_to_settled_seconds:.1f} s after serving again"
+        )
     for number, (seconds, report) in enumerate(reconciles, 1):
         print(
             f"reconcile {number} while serving: {seconds:.2f} s for {report.quotas:,} quotas "
@@ -1088,6 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [{**asdict(run), "breakdown": breakdown(run)} for run in runs],
         "median_total_seconds": statistics.median(run.total_seconds for run in runs),
         "reconciles": [{"seconds": seconds, **asdict(report)} for seconds, report in reconciles],
+        "settlement": asdict(settlement) if settlement is not None else None,
     }
     (arguments.out / f"{stem}.json").write_text(json.dumps(document, indent=1) + "\n")
     title = (
@@ -1096,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{arguments.decisions:,} decisions ({arguments.open_holds:,} open), "
         f"{os.cpu_count()} cores, {started_at:%Y-%m-%d %H:%M} UTC"
     )
-    chart(runs, title, arguments.out / f"{stem}.png", reconciles)
+    chart(runs, title, arguments.out / f"{stem}.png", reconciles, settlement)
     print(f"results in {arguments.out}/{stem}.json and .png")
     return 0
 
