@@ -1,7 +1,7 @@
-"""Outside the rolling reconcile a hold Redis fails on fails the run after the page, not inside
-it: the page was tried again (PAGE_TRIES) and the second try, finding Redis right, reported
-nothing of what the first had set right (a fourth audit). Now what the page did is logged and
-the run fails; the next run sets right what it could not."""
+"""Outside the rolling reconcile a hold Redis fails on fails the run after the page, not inside it:
+the page was tried again (Database.run_locking) and the second try, finding Redis right,
+reported nothing of what the first had set right (a fourth audit). Now what the page did is
+logged and the run fails; the next run sets right what it could not."""
 
 from __future__ import annotations
 

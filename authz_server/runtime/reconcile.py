@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -172,7 +171,7 @@ async def reconcile_page(
         fixes = fixes.plus(on_loop(loop, put_back_lost(holds, found.open, _ms(now))))
         return batch[-1][0].relationship_id, drifts, len(batch), fixes
 
-    last, drifts, read, fixes = await _locked_page(database, page)
+    last, drifts, read, fixes = await database.run_locking(page)
     put_back, voided = fixes.put_back, fixes.voided
     drifted = drift_fen = busy = overstated = 0
     for hold in voided:
@@ -294,22 +293,6 @@ def drift_of(before: QuotaFigures | None, after: QuotaFigures) -> Drift | None:
 # A quota left as it was because a capture of it was between its phases (quota_restore.lua);
 # no drift is negative, so it equals none of them.
 _BUSY = Drift(fen=-1, overstated=False)
-
-
-# Tries of a page whose locks could not be had (a PostgreSQL deadlock with a refund batch,
-# which locks its rows in refund order; the other side is retried by its own caller).
-PAGE_TRIES = 3
-
-
-async def _locked_page(database: Database, page: Callable[[Session], T]) -> T:
-    """`database.run(page)`, tried again when it could not take its locks (or Redis did not
-    answer). A page sets each quota from SQL under its locks, so setting it again is safe."""
-    for attempt in range(1, PAGE_TRIES):
-        try:
-            return await database.run(page)
-        except Unavailable:
-            await asyncio.sleep(0.1 * attempt)
-    return await database.run(page)
 
 
 async def _restore_page(

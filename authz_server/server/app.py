@@ -56,9 +56,9 @@ from authz_server.server.settlement_handler import SettlementHandler
 from authz_server.server.tls import ClientIdentity as GrpcClientIdentity
 from authz_server.server.tls import ReloadingCertificates
 from authz_server.server.tls_front import PRIVATE_HOST, FrontGate, TlsFront
+from authz_server.service import capture_recovery
 from authz_server.service.audit_trail import AuditTrail
 from authz_server.service.authorization import AuthorizationService
-from authz_server.service.capture_recovery import settle_capture
 from authz_server.service.clock import Clock, system_clock
 from authz_server.service.journal import Journal
 from authz_server.service.reference_cache import ReferenceCache
@@ -415,8 +415,13 @@ class Application:
                 metrics.hold_expirations.inc(report.expired)
                 if report.open_holds is not None:  # counted by a complete safety-net pass
                     metrics.open_holds.set(report.open_holds)
-                for authorization_id in report.stalled_captures:
-                    await settle_capture(self.database, self.holds, authorization_id)
+                await sweeper.settle_due(
+                    now_ms,
+                    report.stalled_captures,
+                    lambda stalled: capture_recovery.settle_stalled(
+                        self.database, self.holds, stalled
+                    ),
+                )
             except Exception:
                 log.exception("hold sweep failed; retrying")
 

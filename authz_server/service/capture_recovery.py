@@ -20,29 +20,60 @@ sets the quotas from the ledger: AuthorizationService._finish_captured).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from authz_server.service.ports import NOT_WRITTEN, Finish, FinishReply, HoldStatus, HoldStore
+from authz_server.service.ports import (
+    NOT_WRITTEN,
+    Finish,
+    FinishReply,
+    HoldRecord,
+    HoldStatus,
+    HoldStore,
+)
 from authz_server.storage.sql import records
 from authz_server.storage.sql.database import Database
-from authz_server.storage.sql.open_holds import ledger_parts
+from authz_server.storage.sql.open_holds import ledger_parts_of
+from authz_server.storage.sql.tables import RelationshipRow
 
 log = logging.getLogger(__name__)
+# Holds a rebuild put back, settled a batch at a time: their Redis reads and writes at once, and
+# one SQL transaction for all (a rebuild lists every open hold it puts back: a province's
+# hundreds of thousands, each its own transaction before, kept the sweeper busy for minutes, its
+# expiries waiting, and the SQL thread with it). The bound: the batch's quotas stay locked for
+# its read (a capture of one of them waits that long), and its Redis calls go at once.
+SETTLE_BATCH_HOLDS = 200
 
 
 def captured_as_sql_says(
     session: Session, authorization_id: str, relationship_ids: Iterable[str]
 ) -> str | None:
-    """`ledger_parts`, read after every capture of these quotas still committing has ended:
-    their row locks are taken first, in id order as everywhere (on SQLite the transaction holds
-    the database's write lock already). Without them, a capture whose COMMIT is in flight would
-    read as absent, and its hold be given back while SQL counts the money as spent."""
-    for relationship_id in sorted(set(relationship_ids)):
-        records.relationship_row(session, relationship_id, lock=True)
-    return ledger_parts(session, authorization_id)
+    """`ledger_parts`, read after every capture of these quotas still committing has ended
+    (captured_of_as_sql_says)."""
+    return captured_of_as_sql_says(session, [authorization_id], relationship_ids).get(
+        authorization_id
+    )
+
+
+def captured_of_as_sql_says(
+    session: Session, authorization_ids: Sequence[str], relationship_ids: Iterable[str]
+) -> dict[str, str]:
+    """`ledger_parts_of` these authorizations, read after every capture of these quotas (all
+    those funding them) still committing has ended: their row locks are taken first, in id
+    order as everywhere (on SQLite the transaction holds the database's write lock already).
+    Without them, a capture whose COMMIT is in flight would read as absent, and its hold be
+    given back while SQL counts the money as spent."""
+    session.scalars(
+        select(RelationshipRow.relationship_id)
+        .where(RelationshipRow.relationship_id.in_(sorted(set(relationship_ids))))
+        .order_by(RelationshipRow.relationship_id)
+        .with_for_update()
+    ).all()
+    return ledger_parts_of(session, authorization_ids)
 
 
 async def finish_captured(
@@ -81,7 +112,7 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
     leaves the sweeper's list, if a rebuild left it there (voided or dissolved since)."""
     hold = await holds.get(authorization_id)
     if hold is not None and hold.status is HoldStatus.PENDING and hold.put_back:
-        await settle_put_back(database, holds, authorization_id, hold.funding, hold.expires_ms)
+        await settle_put_back(database, holds, {authorization_id: hold})
         return
     if hold is None or hold.status is not HoldStatus.CAPTURING:
         await holds.clear_capture(authorization_id, hold.expires_ms if hold else 0)
@@ -101,34 +132,59 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
         await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
 
 
-async def settle_put_back(
-    database: Database,
-    holds: HoldStore,
-    authorization_id: str,
-    funding: Iterable[tuple[str, int]],
-    expires_ms: int,
-) -> None:
-    """Settles a hold a rebuild put back (PENDING, rs = 1) as SQL says, read after every
-    capture of its quotas still committing has ended (captured_as_sql_says): CAPTURED with
-    SQL's parts (finish_captured, which compares each quota's restore mark with the capture's
-    ledger entries), else an ordinary open hold from now on (clear_capture), expiring at
-    `expires_ms`. A capture that claimed it meanwhile (CAPTURING) is left to its own finish,
-    or to the sweeper's settlement of that claim."""
-    relationship_ids = [relationship_id for relationship_id, _ in funding]
-    captured = await database.run(
-        lambda session: captured_as_sql_says(session, authorization_id, relationship_ids)
-    )
-    if captured is not None:
-        # '' finishes whichever claim there is: SQL has the capture, so a claim made meanwhile
-        # is refused in SQL (or replayed) and finds the hold finished.
-        await finish_captured(database, holds, authorization_id, "", captured)
-    else:
-        await holds.clear_capture(authorization_id, expires_ms)
-
-
 async def settle_stalled(database: Database, holds: HoldStore, stalled: list[str]) -> int:
     """Settles these authorizations (found CAPTURING, or put back by a rebuild, by a scan) as
-    SQL says."""
-    for authorization_id in stalled:
-        await settle_capture(database, holds, authorization_id)
+    SQL says, SETTLE_BATCH_HOLDS at a time: the put-back holds still PENDING of a batch
+    together (settle_put_back), the others one by one (settle_capture: a claim left
+    CAPTURING is rare, and its own finish is read with it)."""
+    for start in range(0, len(stalled), SETTLE_BATCH_HOLDS):
+        batch = stalled[start : start + SETTLE_BATCH_HOLDS]
+        found = await asyncio.gather(*(holds.get(authorization_id) for authorization_id in batch))
+        put_back = {
+            authorization_id: hold
+            for authorization_id, hold in zip(batch, found, strict=True)
+            if hold is not None and hold.status is HoldStatus.PENDING and hold.put_back
+        }
+        await settle_put_back(database, holds, put_back)
+        for authorization_id in batch:
+            if authorization_id not in put_back:
+                await settle_capture(database, holds, authorization_id)
     return len(stalled)
+
+
+async def settle_put_back(
+    database: Database, holds: HoldStore, put_back: dict[str, HoldRecord]
+) -> None:
+    """Settles holds a rebuild put back (read PENDING, rs = 1) as SQL says, read in one
+    transaction after every capture of their quotas still committing has ended
+    (captured_of_as_sql_says): CAPTURED with SQL's parts (finish_captured, which compares each
+    quota's restore mark with the capture's ledger entries), else an ordinary open hold from
+    now on (clear_capture), expiring at its own time. A capture that claimed one meanwhile
+    (CAPTURING) is left to its own finish, or to the sweeper's settlement of that claim. The
+    Redis steps go at once; one that fails leaves its hold listed (the sweeper's next round
+    takes it again), and the first failure is raised once the others are done."""
+    if not put_back:
+        return
+    authorization_ids = sorted(put_back)
+    relationship_ids = sorted(
+        {relationship_id for hold in put_back.values() for relationship_id, _ in hold.funding}
+    )
+    # Many quotas' locks at once: tried again after a deadlock with a refund (run_locking).
+    captured = await database.run_locking(
+        lambda session: captured_of_as_sql_says(session, authorization_ids, relationship_ids)
+    )
+    steps = [
+        # '' finishes whichever claim there is: SQL has the capture, so a claim made meanwhile
+        # is refused in SQL (or replayed) and finds the hold finished.
+        finish_captured(database, holds, authorization_id, "", captured[authorization_id])
+        if authorization_id in captured
+        else holds.clear_capture(authorization_id, put_back[authorization_id].expires_ms)
+        for authorization_id in authorization_ids
+    ]
+    failures = [
+        result
+        for result in await asyncio.gather(*steps, return_exceptions=True)
+        if isinstance(result, BaseException)
+    ]
+    if failures:
+        raise failures[0]

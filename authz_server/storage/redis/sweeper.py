@@ -3,7 +3,12 @@
 Each round costs what is due, not the size of the keyspace:
 - expired holds: the slots the due index names (SweepStore.sweep_due);
 - captures stalled between their phases: the slots the capture index names
-  (SweepStore.stalled_captures_due), settled by the caller as SQL says;
+  (SweepStore.stalled_captures_due, SLOTS_PER_BATCH slots a call), settled by the caller as SQL
+  says, then the next slots due (stalled_captures, up to SETTLE_CALLS_PER_ROUND calls a round):
+  after a Redis loss every slot with an open hold is due at once (the rebuild lists the holds it
+  put back), and at one call a round, each slot visited twice (its entry goes back until the
+  next visit finds it settled), a province's holds took hours to settle while their expiries
+  waited (measured: 20,000 holds in ~5 min, ~65 a second);
 - the safety net: a SCAN of the keyspace spread over the rounds (SweepStore.index_step), which
   puts back index entries lost in a crash and counts the open holds. Each round scans at least
   SAFETY_NET_MINIMUM_KEYS keys, and enough for a whole pass in SAFETY_NET_PASS_SECONDS: a small
@@ -15,10 +20,14 @@ Each round costs what is due, not the size of the keyspace:
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from authz_server.storage.redis.sweep_store import STALE_CAPTURE_SECONDS, SweepStore
 
+# Calls for the slots with stalled captures a round makes at most (SLOTS_PER_BATCH slots each):
+# up to ~2,000 slots a round, the round's expiries waiting meanwhile.
+SETTLE_CALLS_PER_ROUND = 40
 # A whole pass of the safety net takes at most this long, whatever the keyspace's size.
 SAFETY_NET_PASS_SECONDS = 60.0
 # Keys a round scans at least (a few milliseconds of Redis time, in several calls).
@@ -53,6 +62,28 @@ class HoldSweeper:
         # it puts back in the indexes is taken at the next round.
         open_holds = await self._safety_net_round()
         return SweepReport(expired, stalled, open_holds)
+
+    async def stalled_captures(self, now_ms: int) -> list[str]:
+        """The next slots' stalled captures (and holds a rebuild put back) due now."""
+        return await self.sweeps.stalled_captures_due(now_ms, STALE_CAPTURE_SECONDS * 1000)
+
+    async def settle_due(
+        self,
+        now_ms: int,
+        stalled: list[str],
+        settle: Callable[[list[str]], Awaitable[object]],
+    ) -> None:
+        """settle(stalled), then the next slots' while any were due, SETTLE_CALLS_PER_ROUND
+        calls at most. A call that found nothing may follow one whose slots went back to the
+        index (their entries stay until a visit finds them settled): it takes those out, and
+        the next call the slots after them."""
+        previous: list[str] = []
+        for _ in range(SETTLE_CALLS_PER_ROUND):
+            if not stalled and not previous:
+                return
+            await settle(stalled)
+            previous, stalled = stalled, await self.stalled_captures(now_ms)
+        # `stalled` unsettled: its slots went back to the index, for the next round
 
     async def _safety_net_round(self) -> int | None:
         if self._cursor == 0:  # a pass begins: size it to the keyspace as it is now

@@ -19,6 +19,9 @@ from authz_server.storage.sql.wal_checkpointer import WalCheckpointer
 from authz_server.storage.sql.writer_lock import WriterLock, lock_path, sqlite_file
 
 T = TypeVar("T")
+# Tries of run_locking, LOCKING_RETRY_SECONDS x the try number apart.
+LOCKING_TRIES = 3
+LOCKING_RETRY_SECONDS = 0.1
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -99,6 +102,19 @@ class Database:
     async def run(self, work: Callable[[Session], T]) -> T:
         """Runs work(session) in one transaction on the SQL threads."""
         return await self._on_sql_thread(self.transaction, work)
+
+    async def run_locking(self, work: Callable[[Session], T]) -> T:
+        """run(work), tried again (LOCKING_TRIES in all) when it could not take its locks: a
+        PostgreSQL deadlock with a refund, which locks its quotas in refund order (several
+        refunds in one group commit: no order across them), or a lost connection. For work
+        that takes many quotas' row locks in id order and is safe to run again; the other side
+        of a deadlock is retried by its own caller."""
+        for attempt in range(1, LOCKING_TRIES):
+            try:
+                return await self.run(work)
+            except Unavailable:
+                await asyncio.sleep(LOCKING_RETRY_SECONDS * attempt)
+        return await self.run(work)
 
     async def run_core(self, work: Callable[[Connection], T]) -> T:
         """Runs work(connection) in one transaction on the SQL threads, without an ORM session:

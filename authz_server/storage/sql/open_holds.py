@@ -113,14 +113,29 @@ def hold_of(row: Any, funding: Funding | None = None) -> OpenHold:
 
 def ledger_parts(session: Session, authorization_id: str) -> str | None:
     """The captured parts ("rid=fen;..." in funding order), None when SQL has no capture."""
-    if session.get(CaptureRow, authorization_id) is None:
-        return None
-    rows = session.scalars(
-        select(CapturePartRow)
-        .where(CapturePartRow.authorization_id == authorization_id)
-        .order_by(CapturePartRow.position)
+    return ledger_parts_of(session, [authorization_id]).get(authorization_id)
+
+
+def ledger_parts_of(session: Session, authorization_ids: Sequence[str]) -> dict[str, str]:
+    """ledger_parts of each of these authorizations SQL has a capture of (two queries)."""
+    captured = set(
+        session.scalars(
+            select(CaptureRow.authorization_id).where(
+                CaptureRow.authorization_id.in_(sorted(set(authorization_ids)))
+            )
+        )
     )
-    return format_funding((row.relationship_id, row.amount_fen) for row in rows)
+    parts: dict[str, list[tuple[str, int]]] = {
+        authorization_id: [] for authorization_id in captured
+    }
+    if captured:
+        for row in session.scalars(
+            select(CapturePartRow)
+            .where(CapturePartRow.authorization_id.in_(sorted(captured)))
+            .order_by(CapturePartRow.authorization_id, CapturePartRow.position)
+        ):
+            parts[row.authorization_id].append((row.relationship_id, row.amount_fen))
+    return {authorization_id: format_funding(drawn) for authorization_id, drawn in parts.items()}
 
 
 class LedgerVoid(enum.Enum):

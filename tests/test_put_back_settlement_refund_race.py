@@ -1,0 +1,128 @@
+"""The batched settlement of put-back holds (capture_recovery.settle_stalled) beside a refund
+(an audit's test). A refund locks its capture's quotas last-drawn part first (funding order
+reversed, not id order; several refunds in one group commit have no order across them). One
+settlement transaction locks the union of a batch's quotas in id order, so a refund holding the
+higher id and waiting for the lower deadlocks with it on PostgreSQL: the batch failed, and with
+it that sweeper round's later batches (the reconcile at start-up: the start). Now the batch is
+tried again (Database.run_locking) and both succeed. PostgreSQL only (TEST_DATABASE_URL);
+SQLite has one writer at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+
+from authz_server.service import capture_recovery
+from authz_server.service.ports import HoldStatus
+from authz_server.storage.sql import records
+from tests.harness import Harness, lose_redis
+from tests.test_authorization_rules import (
+    APPROVED,
+    HOSPITAL,
+    MEDICAL,
+    authorize,
+    capture,
+    family,
+    refund,
+    register_merchants,
+)
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("TEST_DATABASE_URL"), reason="a lock-order deadlock needs PostgreSQL"
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def merchants(registry: Any) -> None:
+    register_merchants(registry)
+
+
+def _waiting_for_a_row_lock(url: str) -> int:
+    engine = create_engine(url.split("?")[0])
+    try:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query ILIKE '%relationships%FOR UPDATE%'"
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, monkeypatch: Any
+) -> None:
+    # Two quotas, the newer one with the higher id (a refund then locks in descending order).
+    while True:
+        people = family(registry, relationships, 10_000, 10_000)
+        low, high = people.relationship_ids
+        if high > low:
+            break
+    beneficiary = people.beneficiary_id
+    on_low = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 2_000)  # low only
+    split = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 12_000)  # low 8k, high 4k
+    assert [part.relationship_id for part in split.funding] == [low, high]
+    capture(authorizations, HOSPITAL, split.authorization_id)
+    on_high = authorize(authorizations, HOSPITAL, beneficiary, MEDICAL, 3_000)  # high only
+    for answer in (on_low, split, on_high):
+        assert answer.decision == APPROVED
+    assert [p.relationship_id for p in on_low.funding] == [low]
+    assert [p.relationship_id for p in on_high.funding] == [high]
+
+    lose_redis(harness)  # both holds put back (PENDING, rs = 1) and listed
+    ids = [on_low.authorization_id, on_high.authorization_id]
+    for authorization_id in ids:
+        hold = harness.run(harness.app.holds.get(authorization_id))
+        assert hold is not None and hold.status is HoldStatus.PENDING and hold.put_back
+
+    # The refund pauses once it holds the higher quota's row (its last-drawn part, first).
+    holding, go = threading.Event(), threading.Event()
+    real = records.relationship_row
+    armed = [True]
+
+    def pausing(session: Any, relationship_id: str, *, lock: bool = False) -> Any:
+        row = real(session, relationship_id, lock=lock)
+        if lock and relationship_id == high and armed[0]:
+            armed[0] = False
+            holding.set()
+            go.wait(15)
+        return row
+
+    monkeypatch.setattr(records, "relationship_row", pausing)
+
+    def refunding() -> str:
+        try:
+            refund(authorizations, HOSPITAL, split.authorization_id, 5_000)  # high 4k, low 1k
+            return "OK"
+        except grpc.RpcError as error:
+            return f"{error.code().name}: {error.details()}"
+
+    with ThreadPoolExecutor(1) as pool:
+        refunded = pool.submit(refunding)
+        assert holding.wait(15), "the refund never locked the higher quota"
+        settling = asyncio.run_coroutine_threadsafe(
+            capture_recovery.settle_stalled(harness.app.database, harness.app.holds, ids),
+            harness.loop,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not _waiting_for_a_row_lock(harness.database_url):
+            time.sleep(0.05)
+        go.set()  # the refund goes on to the lower quota's row
+        refund_result = refunded.result(30)
+    try:
+        settle_result: object = settling.result(30)
+    except Exception as error:
+        settle_result = f"{type(error).__name__}: {error}"
+    assert (refund_result, settle_result) == ("OK", 2)
