@@ -830,10 +830,10 @@ def time_settlement(service: Service, serving_since: float, timeout: float) -> S
     calls: list[tuple[int, float, float]] = []
     real = capture_recovery.settle_stalled
 
-    async def timed(database: Any, holds: Any, stalled: list[str]) -> int:
+    async def timed(database: Any, holds: Any, stalled: list[str], now_ms: int) -> int:
         began, cpu = time.perf_counter(), time.process_time()
         try:
-            return await real(database, holds, stalled)
+            return await real(database, holds, stalled, now_ms)
         finally:
             if stalled:
                 calls.append((len(stalled), time.perf_counter() - began, time.process_time() - cpu))
@@ -1008,9 +1008,7 @@ def chart(
         + [f"settle {settlement.holds:,}\nput-back holds" for _ in settle_positions if settlement],
         fontsize=8,
     )
-    axis.set_ylabel(
-        "seconds (FLUSHALL to serving again; a reconcile of every quota; the settlement)"
-    )
+    axis.set_ylabel("seconds")
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()

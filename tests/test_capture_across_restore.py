@@ -427,7 +427,8 @@ def test_the_sweeper_settles_a_put_back_hold_claimed_again_after_a_restore_right
         app.holds.capture_begin(held.authorization_id, merchant_id, "retry", 12_000, 1)
     )
     assert claim.outcome is CaptureOutcome.OK
-    harness.run(settle_capture(app.database, app.holds, held.authorization_id))
+    now_ms = int(harness.clock().timestamp() * 1000)  # the claim (begun at 1 ms) is stale
+    harness.run(settle_capture(app.database, app.holds, held.authorization_id, now_ms))
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
     redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
 

@@ -95,7 +95,9 @@ def test_a_slow_sweeper_cannot_reopen_the_claim_of_a_retry(
 
     async def sweeper_reads_sql() -> tuple[SlowSweeper, asyncio.Future[None]]:
         slow = SlowSweeper(holds)
-        task = asyncio.ensure_future(settle_capture(harness.app.database, slow, authorization_id))
+        now_ms = int(harness.clock().timestamp() * 1000)
+        settling = settle_capture(harness.app.database, slow, authorization_id, now_ms)
+        task = asyncio.ensure_future(settling)
         await slow.reached.wait()  # SQL has nothing: about to put the hold back PENDING
         return slow, task
 

@@ -65,9 +65,9 @@ def test_one_round_settles_every_put_back_hold_due_not_one_batch_of_slots(
     due_ms = now_ms_of(harness) + (STALE_CAPTURE_SECONDS + 5) * 1000
     settled: list[str] = []
 
-    async def settle(stalled: list[str]) -> None:
+    async def settle(stalled: list[str], now_ms: int) -> None:
         settled.extend(stalled)
-        await capture_recovery.settle_stalled(app.database, app.holds, stalled)
+        await capture_recovery.settle_stalled(app.database, app.holds, stalled, now_ms)
 
     async def one_round() -> None:
         await sweeper.settle_due(due_ms, await sweeper.stalled_captures(due_ms), settle)

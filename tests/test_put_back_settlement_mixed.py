@@ -28,6 +28,7 @@ from tests.test_capture_across_restore import PAUSE_SECONDS, let_go_after
 from tests.test_capture_unfinished_across_rebuild import (
     DeadCapture,
     awaiting_settlement,
+    now_ms_of,
     status,
 )
 from tests.test_live_reconcile import redis_agrees_with_sql
@@ -93,7 +94,7 @@ def test_a_batch_of_mixed_holds_is_settled_each_as_sql_says(
     with pytest.raises(Unavailable):
         harness.run(
             capture_recovery.settle_stalled(
-                harness.app.database, harness.app.holds, [*ids, unknown]
+                harness.app.database, harness.app.holds, [*ids, unknown], now_ms_of(harness)
             )
         )
     for number in (0, 2):
@@ -109,7 +110,7 @@ def test_a_batch_of_mixed_holds_is_settled_each_as_sql_says(
     assert (
         harness.run(
             capture_recovery.settle_stalled(
-                harness.app.database, harness.app.holds, [ids[1], ids[3]]
+                harness.app.database, harness.app.holds, [ids[1], ids[3]], now_ms_of(harness)
             )
         )
         == 2

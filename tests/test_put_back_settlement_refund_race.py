@@ -34,6 +34,7 @@ from tests.test_authorization_rules import (
     refund,
     register_merchants,
 )
+from tests.test_capture_unfinished_across_rebuild import now_ms_of
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TEST_DATABASE_URL"), reason="a lock-order deadlock needs PostgreSQL"
@@ -113,7 +114,9 @@ def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
         refunded = pool.submit(refunding)
         assert holding.wait(15), "the refund never locked the higher quota"
         settling = asyncio.run_coroutine_threadsafe(
-            capture_recovery.settle_stalled(harness.app.database, harness.app.holds, ids),
+            capture_recovery.settle_stalled(
+                harness.app.database, harness.app.holds, ids, now_ms_of(harness)
+            ),
             harness.loop,
         )
         deadline = time.monotonic() + 5

@@ -175,7 +175,7 @@ def sweep_stalled_payment(harness: Harness, beneficiary_id: str) -> None:
     )
     ours = [i for i in stalled if keys.prefix_of_authorization(i) == keys.prefix(beneficiary_id)]
     assert len(ours) == 1, stalled
-    harness.run(settle_capture(harness.app.database, holds, ours[0]))
+    harness.run(settle_capture(harness.app.database, holds, ours[0], later_ms))
 
 
 def test_a_payment_left_capturing_and_never_written_is_voided_by_the_sweeper(
@@ -413,7 +413,7 @@ def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_dec
             stands = await real_holds.forget_unwritten(call, authorization_id)  # still CAPTURING
             stalled_ms = int(harness.clock().timestamp() * 1000) + 3_600_000
             for stalled in await sweeps.stalled_captures_due(stalled_ms, 0):
-                await settle_capture(harness.app.database, real_holds, stalled)
+                await settle_capture(harness.app.database, real_holds, stalled, stalled_ms)
             return bool(stands)
 
     service.holds = SweptMeanwhile()

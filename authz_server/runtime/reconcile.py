@@ -97,10 +97,11 @@ async def reconcile(
         # The captures stalled between their phases: only those past STALE_CAPTURE_SECONDS, as
         # the sweeper does. Other servers may be serving (a rolling restart, the reconcile Job):
         # a younger claim may be live, its write still committing after SQL was read here.
+        now_ms = int(clock().timestamp() * 1000)
         stalled = await SweepStore(holds.commands).stalled_captures(
-            now_ms=int(clock().timestamp() * 1000), older_than_ms=STALE_CAPTURE_SECONDS * 1000
+            now_ms=now_ms, older_than_ms=STALE_CAPTURE_SECONDS * 1000
         )
-        await settle_stalled(database, holds, stalled)
+        await settle_stalled(database, holds, stalled, now_ms)
     after = ""
     total = ReconcileReport(quotas=0, drifted=0, drift_fen=0)
     while True:

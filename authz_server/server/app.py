@@ -418,8 +418,8 @@ class Application:
                 await sweeper.settle_due(
                     now_ms,
                     report.stalled_captures,
-                    lambda stalled: capture_recovery.settle_stalled(
-                        self.database, self.holds, stalled
+                    lambda stalled, due_ms: capture_recovery.settle_stalled(
+                        self.database, self.holds, stalled, due_ms
                     ),
                 )
             except Exception:

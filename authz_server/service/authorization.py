@@ -659,7 +659,7 @@ class AuthorizationService:
             # settlement (a capture claimed before the loss may have committed): settle it as
             # SQL says, then answer this retry as if it came first or again. Its key's answer
             # first: a hold put back and settled CAPTURED does not know the key its capture had.
-            await settle_capture(self.database, self.holds, authorization_id)
+            await settle_capture(self.database, self.holds, authorization_id, _ms(self.clock()))
             replay = await self.database.run(lambda session: idempotency.find(session, call))
             if replay is not None:
                 return replay
@@ -674,7 +674,7 @@ class AuthorizationService:
             # STALE_CAPTURE_SECONDS for the sweeper.
             replay = await self.database.run(lambda session: idempotency.find(session, call))
             if replay is not None:
-                await settle_capture(self.database, self.holds, authorization_id)
+                await settle_capture(self.database, self.holds, authorization_id, _ms(self.clock()))
                 return replay
         if claim.outcome in (CaptureOutcome.IN_PROGRESS, CaptureOutcome.STALLED):
             raise Unavailable(

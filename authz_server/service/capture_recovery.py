@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from authz_server.service.ports import (
     NOT_WRITTEN,
+    STALE_CAPTURE_SECONDS,
     Finish,
     FinishReply,
     HoldRecord,
@@ -104,12 +105,19 @@ async def finish_captured(
     return finished
 
 
-async def settle_capture(database: Database, holds: HoldStore, authorization_id: str) -> None:
+async def settle_capture(
+    database: Database, holds: HoldStore, authorization_id: str, now_ms: int
+) -> None:
     """Finishes a hold still CAPTURING as SQL says: CAPTURED with SQL's parts; when SQL has
     nothing, PENDING again, or VOIDED (NOT_WRITTEN) for a one-step payment, which nobody would
-    capture later (its caller never got its id), so its money is freed at once. A hold a
-    rebuild put back, still PENDING: settle_put_back. Any other (finished meanwhile) only
-    leaves the sweeper's list, if a rebuild left it there (voided or dissolved since)."""
+    capture later (its caller never got its id), so its money is freed at once. But a claim
+    begun less than STALE_CAPTURE_SECONDS before `now_ms` is live (its write may be committing):
+    finished only as CAPTURED, else left to its own finish. The caller found the hold stalled,
+    and a till's retry may have settled it and claimed it anew since (an audit: the sweeper then
+    finished the new claim PENDING, its capture committed after, and Redis kept the hold held
+    while SQL counted it captured). A hold a rebuild put back, still PENDING: settle_put_back.
+    Any other (finished meanwhile) only leaves the sweeper's list, if a rebuild left it there
+    (voided or dissolved since)."""
     hold = await holds.get(authorization_id)
     if hold is not None and hold.status is HoldStatus.PENDING and hold.put_back:
         await settle_put_back(database, holds, {authorization_id: hold})
@@ -126,13 +134,27 @@ async def settle_capture(database: Database, holds: HoldStore, authorization_id:
     )
     if captured is not None:
         await finish_captured(database, holds, authorization_id, claim_token, captured)
+    elif claim_is_live(claim_token, now_ms):
+        return  # its own finish, or the sweeper once it is stale, settles it
     elif hold.one_step:
         await holds.capture_finish(authorization_id, claim_token, Finish.VOIDED, "", NOT_WRITTEN)
     else:
         await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
 
 
-async def settle_stalled(database: Database, holds: HoldStore, stalled: list[str]) -> int:
+def claim_is_live(claim_token: str, now_ms: int) -> bool:
+    """Whether a claim (its token: when it began, in ms, capture_begin.lua's cs) began less
+    than STALE_CAPTURE_SECONDS before now_ms."""
+    try:
+        began_ms = int(claim_token)
+    except ValueError:
+        return False  # no readable start: as before, settled as SQL says
+    return now_ms - began_ms < STALE_CAPTURE_SECONDS * 1000
+
+
+async def settle_stalled(
+    database: Database, holds: HoldStore, stalled: list[str], now_ms: int
+) -> int:
     """Settles these authorizations (found CAPTURING, or put back by a rebuild, by a scan) as
     SQL says, SETTLE_BATCH_HOLDS at a time: the put-back holds still PENDING of a batch
     together (settle_put_back), the others one by one (settle_capture: a claim left
@@ -148,7 +170,7 @@ async def settle_stalled(database: Database, holds: HoldStore, stalled: list[str
         await settle_put_back(database, holds, put_back)
         for authorization_id in batch:
             if authorization_id not in put_back:
-                await settle_capture(database, holds, authorization_id)
+                await settle_capture(database, holds, authorization_id, now_ms)
     return len(stalled)
 
 

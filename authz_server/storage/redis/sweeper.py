@@ -71,17 +71,17 @@ class HoldSweeper:
         self,
         now_ms: int,
         stalled: list[str],
-        settle: Callable[[list[str]], Awaitable[object]],
+        settle: Callable[[list[str], int], Awaitable[object]],
     ) -> None:
-        """settle(stalled), then the next slots' while any were due, SETTLE_CALLS_PER_ROUND
-        calls at most. A call that found nothing may follow one whose slots went back to the
-        index (their entries stay until a visit finds them settled): it takes those out, and
-        the next call the slots after them."""
+        """settle(stalled, now_ms), then the next slots' while any were due, up to
+        SETTLE_CALLS_PER_ROUND calls. A call that found nothing may follow one whose slots went
+        back to the index (their entries stay until a visit finds them settled): it takes those
+        out, and the next call the slots after them."""
         previous: list[str] = []
         for _ in range(SETTLE_CALLS_PER_ROUND):
             if not stalled and not previous:
                 return
-            await settle(stalled)
+            await settle(stalled, now_ms)
             previous, stalled = stalled, await self.stalled_captures(now_ms)
         # `stalled` unsettled: its slots went back to the index, for the next round
 
