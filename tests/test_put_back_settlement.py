@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from authz_server.service import capture_recovery
 from authz_server.service.ports import HoldStatus
 from authz_server.storage.redis.script_io import STALE_CAPTURE_SECONDS
@@ -33,6 +35,11 @@ from tests.test_live_reconcile import redis_agrees_with_sql
 FAMILIES = 2 * SLOTS_PER_BATCH + 30
 QUOTA_FEN = 5_000
 HELD_FEN = 1_200
+
+
+def settled_as(outcome: str) -> float:
+    found = REGISTRY.get_sample_value("medwallet_captures_settled_total", {"outcome": outcome})
+    return found or 0.0
 
 
 def test_one_round_settles_every_put_back_hold_due_not_one_batch_of_slots(
@@ -72,9 +79,11 @@ def test_one_round_settles_every_put_back_hold_due_not_one_batch_of_slots(
     async def one_round() -> None:
         await sweeper.settle_due(due_ms, await sweeper.stalled_captures(due_ms), settle)
 
+    opened_before = settled_as("open")
     harness.run(one_round())
 
     assert set(held) <= set(settled)  # one round: before, the first 100 slots' holds only
+    assert settled_as("open") - opened_before >= FAMILIES  # medwallet_captures_settled_total
     assert reads <= len(settled) // 64 + 2 * SETTLE_CALLS_PER_ROUND, reads  # not one a hold
     for authorization_id, fam in held.items():
         assert not awaiting_settlement(harness, authorization_id)

@@ -56,6 +56,15 @@ open_holds = Gauge(
 hold_expirations = Counter(
     "medwallet_hold_expirations_total", "Holds that expired and returned to their quota."
 )
+captures_settled = Counter(
+    "medwallet_captures_settled_total",
+    "Captures stalled between their phases and holds a rebuild put back, settled as SQL says "
+    "(by the sweeper, the reconcile or a till's retry), by outcome: captured (SQL had the "
+    "capture), pending (a claim SQL never got: the hold open again), voided (a one-step payment "
+    "SQL never had), open (a put-back hold SQL has no capture of: an ordinary open hold again), "
+    "live (a claim younger than STALE_CAPTURE_SECONDS by then: left to its own finish).",
+    ["outcome"],
+)
 late_journal = Counter(
     "medwallet_authorize_late_journal_total",
     "Authorize decisions holding money the journal did not take when their call wrote them "

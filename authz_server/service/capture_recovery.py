@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from authz_server.observability import metrics
 from authz_server.service.ports import (
     NOT_WRITTEN,
     STALE_CAPTURE_SECONDS,
@@ -134,12 +135,16 @@ async def settle_capture(
     )
     if captured is not None:
         await finish_captured(database, holds, authorization_id, claim_token, captured)
+        outcome = "captured"
     elif claim_is_live(claim_token, now_ms):
-        return  # its own finish, or the sweeper once it is stale, settles it
+        outcome = "live"  # its own finish, or the sweeper once it is stale, settles it
     elif hold.one_step:
         await holds.capture_finish(authorization_id, claim_token, Finish.VOIDED, "", NOT_WRITTEN)
+        outcome = "voided"
     else:
         await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
+        outcome = "pending"
+    metrics.captures_settled.labels(outcome).inc()
 
 
 def claim_is_live(claim_token: str, now_ms: int) -> bool:
@@ -203,10 +208,12 @@ async def settle_put_back(
         else holds.clear_capture(authorization_id, put_back[authorization_id].expires_ms)
         for authorization_id in authorization_ids
     ]
-    failures = [
-        result
-        for result in await asyncio.gather(*steps, return_exceptions=True)
-        if isinstance(result, BaseException)
-    ]
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    failures = [result for result in results if isinstance(result, BaseException)]
+    for authorization_id, result in zip(authorization_ids, results, strict=True):
+        if not isinstance(result, BaseException):
+            metrics.captures_settled.labels(
+                "captured" if authorization_id in captured else "open"
+            ).inc()
     if failures:
         raise failures[0]

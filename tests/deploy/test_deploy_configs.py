@@ -84,6 +84,7 @@ COUNTERS_AND_GAUGES = {
     "medwallet_refunded_amount_fen_total",
     "medwallet_open_holds",
     "medwallet_hold_expirations_total",
+    "medwallet_captures_settled_total",
     "medwallet_idempotent_replays_total",
     "medwallet_reconcile_drift_total",
     "medwallet_reconcile_drift_fen_total",
