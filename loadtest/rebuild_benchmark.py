@@ -1105,12 +1105,12 @@ def main(argv: list[str] | None = None) -> int:
                         in_flight = in_flight_values[number % len(in_flight_values)]
                         rebuild_module.PAGES_IN_FLIGHT = in_flight
                         result = lose_redis(service, phases, arguments.timeout, arguments.loss)
+                        serving_since = time.perf_counter()
                         result.checked_quotas = check_sample(
                             service, arguments.check, arguments.seed + number + 1
                         )
                         runs.append(result)
                         progress.advance(1)
-                        serving_since = time.perf_counter()
                 settlement = None
                 if arguments.settle and runs and runs[-1].open_holds:
                     print(

@@ -41,21 +41,30 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+# How long the settlement may take to reach its wait for the refund's row.
+WAIT_SECONDS = 10.0
+
+
 @pytest.fixture(scope="module", autouse=True)
 def merchants(registry: Any) -> None:
     register_merchants(registry)
 
 
 def _waiting_for_a_row_lock(url: str) -> int:
+    """Backends waiting for a row of this test run's own relationships table (its private
+    schema: the other pytest workers' waits do not count). The first waiter for a row holds
+    the row's tuple lock while it waits for the holder's transaction."""
+    schema = url.rsplit("csearch_path%3D", 1)[1]
     engine = create_engine(url.split("?")[0])
     try:
         with engine.connect() as connection:
             return int(
                 connection.execute(
                     text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query ILIKE '%relationships%FOR UPDATE%'"
-                    )
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'tuple'"
+                        " AND relation = to_regclass(:table)"
+                    ),
+                    {"table": f"{schema}.relationships"},
                 ).scalar_one()
             )
     finally:
@@ -119,10 +128,13 @@ def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
             ),
             harness.loop,
         )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not _waiting_for_a_row_lock(harness.database_url):
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (waited := _waiting_for_a_row_lock(harness.database_url)):
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.05)
         go.set()  # the refund goes on to the lower quota's row
+        assert waited, "the settlement never waited for the refund's row: no deadlock to test"
         refund_result = refunded.result(30)
     try:
         settle_result: object = settling.result(30)

@@ -11,8 +11,10 @@ import threading
 import time
 from typing import Any
 
+from prometheus_client import REGISTRY
+
+from authz_server.service.ports import STALE_CAPTURE_SECONDS
 from authz_server.storage.redis import keys
-from authz_server.storage.redis.script_io import STALE_CAPTURE_SECONDS
 from tests.harness import Harness
 from tests.test_authorization_rules import wait_for
 from tests.test_redis_loss import (  # noqa: F401 - the module's fixtures, a server of its own
@@ -22,6 +24,14 @@ from tests.test_redis_loss import (  # noqa: F401 - the module's fixtures, a ser
     run_with_fault,
     stubs,
 )
+
+
+def settled_not_captured() -> float:
+    found = REGISTRY.get_sample_value(
+        "medwallet_captures_settled_total", {"outcome": "not_captured"}
+    )
+    return found or 0.0
+
 
 # How long the rebuild may take before the test gives up on it.
 REBUILD_WAIT_SECONDS = 30.0
@@ -49,6 +59,7 @@ def test_redis_flushed_and_its_put_back_holds_settled_under_load(
         lossy.run(lossy.client.flushall())
         threading.Thread(target=settle_once_rebuilt, daemon=True).start()
 
+    reopened_before = settled_not_captured()
     tally, before, recovery = run_with_fault(lossy, stubs, families, flush)
     assert listed and listed[0] > 0, listed  # the rebuild listed the holds it put back
 
@@ -59,4 +70,6 @@ def test_redis_flushed_and_its_put_back_holds_settled_under_load(
         return lossy.run(lossy.client.zcount(keys.CAPTURES_BEGUN, "-inf", due_ms)) == 0
 
     wait_for(nothing_due, seconds=20)
+    # The holds open at the flush, put back, settled open again (SQL had no capture of them).
+    assert settled_not_captured() > reopened_before
     check(lossy, stubs, "FLUSHALL, put-back holds settled under load", tally, before, recovery)

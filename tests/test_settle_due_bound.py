@@ -11,9 +11,9 @@ import pytest
 
 from authz_server.domain.errors import Unavailable
 from authz_server.service import capture_recovery
+from authz_server.service.ports import STALE_CAPTURE_SECONDS
 from authz_server.storage.redis import keys, sweep_store
 from authz_server.storage.redis import sweeper as sweeper_module
-from authz_server.storage.redis.script_io import STALE_CAPTURE_SECONDS
 from authz_server.storage.redis.sweeper import HoldSweeper
 from tests.harness import Harness, lose_redis
 from tests.test_authorization_rules import (
@@ -77,4 +77,3 @@ def test_bound_and_failure_leave_no_put_back_hold_unlisted_or_unindexed(
         indexed_or_settled()
         rounds += 1
         assert rounds < 60, rounds
-    print("rounds", rounds, "calls", calls)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from authz_server.service import capture_recovery
-from authz_server.storage.redis.hold_store import STALE_CAPTURE_SECONDS
+from authz_server.service.ports import STALE_CAPTURE_SECONDS
 from authz_server.storage.redis.sweep_store import SweepStore
 from authz_server.storage.redis.sweeper import HoldSweeper
 from tests.harness import Harness, new_id

@@ -59,10 +59,11 @@ hold_expirations = Counter(
 captures_settled = Counter(
     "medwallet_captures_settled_total",
     "Captures stalled between their phases and holds a rebuild put back, settled as SQL says "
-    "(by the sweeper, the reconcile or a till's retry), by outcome: captured (SQL had the "
-    "capture), pending (a claim SQL never got: the hold open again), voided (a one-step payment "
-    "SQL never had), open (a put-back hold SQL has no capture of: an ordinary open hold again), "
-    "live (a claim younger than STALE_CAPTURE_SECONDS by then: left to its own finish).",
+    "(by the sweeper, the reconcile or a till's retry), by what SQL said: captured (finished "
+    "as captured), not_captured (a put-back hold open again, a claim SQL never got put back "
+    "pending, a one-step payment SQL never had voided), live (a claim younger than "
+    "STALE_CAPTURE_SECONDS by then, or claimed meanwhile: left to its own finish). A hold its "
+    "own call finished meanwhile counts as what SQL said of it.",
     ["outcome"],
 )
 late_journal = Counter(

@@ -6,7 +6,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 # Quotas per page: read under their row locks and restored before they are let go, so a page
 # holds them (on SQLite the database's write lock) for one round of Redis restores, ~10-50 ms.
 BATCH_SIZE = 500
-T = TypeVar("T")
 # Quotas reconciled concurrently within a page (see reconcile()).
 QUOTAS_IN_FLIGHT = 100
 

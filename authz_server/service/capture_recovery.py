@@ -146,10 +146,10 @@ async def settle_capture(
         outcome = "live"  # its own finish, or the sweeper once it is stale, settles it
     elif hold.one_step:
         await holds.capture_finish(authorization_id, claim_token, Finish.VOIDED, "", NOT_WRITTEN)
-        outcome = "voided"
+        outcome = "not_captured"
     else:
         await holds.capture_finish(authorization_id, claim_token, Finish.PENDING, "")
-        outcome = "pending"
+        outcome = "not_captured"
     metrics.captures_settled.labels(outcome).inc()
 
 
@@ -169,19 +169,36 @@ async def settle_stalled(
     """Settles these authorizations (found CAPTURING, or put back by a rebuild, by a scan) as
     SQL says, SETTLE_BATCH_HOLDS at a time: the put-back holds still PENDING of a batch
     together (settle_put_back), the others one by one (settle_capture: a claim left
-    CAPTURING is rare, and its own finish is read with it)."""
+    CAPTURING is rare, and its own finish is read with it). One that fails (Redis or SQL did not
+    answer) stays listed for the next round; the others go on, and the first failure is raised
+    at the end: one bad hold must not hold back a rebuild's hundreds of thousands."""
+    failures: list[Exception] = []
     for start in range(0, len(stalled), SETTLE_BATCH_HOLDS):
         batch = stalled[start : start + SETTLE_BATCH_HOLDS]
-        found = await asyncio.gather(*(holds.get(authorization_id) for authorization_id in batch))
+        try:
+            found = await asyncio.gather(
+                *(holds.get(authorization_id) for authorization_id in batch)
+            )
+        except Exception as error:
+            failures.append(error)
+            continue
         put_back = {
             authorization_id: hold
             for authorization_id, hold in zip(batch, found, strict=True)
             if hold is not None and hold.status is HoldStatus.PENDING and hold.put_back
         }
-        await settle_put_back(database, holds, put_back)
+        try:
+            await settle_put_back(database, holds, put_back)
+        except Exception as error:
+            failures.append(error)
         for authorization_id in batch:
             if authorization_id not in put_back:
-                await settle_capture(database, holds, authorization_id, now_ms)
+                try:
+                    await settle_capture(database, holds, authorization_id, now_ms)
+                except Exception as error:
+                    failures.append(error)
+    if failures:
+        raise failures[0]
     return len(stalled)
 
 
@@ -217,9 +234,10 @@ async def settle_put_back(
     results = await asyncio.gather(*steps, return_exceptions=True)
     failures = [result for result in results if isinstance(result, BaseException)]
     for authorization_id, result in zip(authorization_ids, results, strict=True):
-        if not isinstance(result, BaseException):
-            metrics.captures_settled.labels(
-                "captured" if authorization_id in captured else "open"
-            ).inc()
+        if isinstance(result, BaseException):
+            continue
+        # clear_capture answers False when a capture claimed the hold meanwhile: left to it.
+        outcome = "captured" if authorization_id in captured else "not_captured"
+        metrics.captures_settled.labels("live" if result is False else outcome).inc()
     if failures:
         raise failures[0]

@@ -8,7 +8,7 @@ Each round costs what is due, not the size of the keyspace:
   after a Redis loss every slot with an open hold is due at once (the rebuild lists the holds it
   put back), and at one call a round, each slot visited twice (its entry goes back until the
   next visit finds it settled), a province's holds took hours to settle while their expiries
-  waited (measured: 20,000 holds in ~5 min, ~65 a second);
+  waited (measured: 20,000 holds in ~7 min, ~47 a second);
 - the safety net: a SCAN of the keyspace spread over the rounds (SweepStore.index_step), which
   puts back index entries lost in a crash and counts the open holds. Each round scans at least
   SAFETY_NET_MINIMUM_KEYS keys, and enough for a whole pass in SAFETY_NET_PASS_SECONDS: a small

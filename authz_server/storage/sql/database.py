@@ -104,11 +104,12 @@ class Database:
         return await self._on_sql_thread(self.transaction, work)
 
     async def run_locking(self, work: Callable[[Session], T]) -> T:
-        """run(work), tried again (LOCKING_TRIES in all) when it could not take its locks: a
-        PostgreSQL deadlock with a refund, which locks its quotas in refund order (several
-        refunds in one group commit: no order across them), or a lost connection. For work
-        that takes many quotas' row locks in id order and is safe to run again; the other side
-        of a deadlock is retried by its own caller."""
+        """run(work), tried again (LOCKING_TRIES in all) when it raised Unavailable: it could
+        not take its locks (a PostgreSQL deadlock with a refund, which locks its quotas in
+        refund order; several refunds in one group commit have no order across them), the
+        connection was lost, or a Redis call inside it did not answer (a reconcile page). For
+        work that takes many quotas' row locks in id order and is safe to run again; the other
+        side of a deadlock is retried by its own caller."""
         for attempt in range(1, LOCKING_TRIES):
             try:
                 return await self.run(work)
