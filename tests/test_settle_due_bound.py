@@ -68,6 +68,7 @@ def test_bound_and_failure_leave_no_put_back_hold_unlisted_or_unindexed(
 
     with pytest.raises(Unavailable):
         harness.run(one_round())
+    assert len(calls) == 3  # the round went on past its failed call, to its bound
     indexed_or_settled()
     rounds = 1
     while any(awaiting_settlement(harness, i) for i in ids):

@@ -76,14 +76,23 @@ class HoldSweeper:
         """settle(stalled, now_ms), then the next slots' while any were due, up to
         SETTLE_CALLS_PER_ROUND calls. A call that found nothing may follow one whose slots went
         back to the index (their entries stay until a visit finds them settled): it takes those
-        out, and the next call the slots after them."""
+        out, and the next call the slots after them. A settle that fails goes on to the next
+        slots (what it left is listed still, for a later round; one bad hold, first in the index
+        at every round, must not hold the rest back), and its error is raised at the end."""
         previous: list[str] = []
+        failure: Exception | None = None
         for _ in range(SETTLE_CALLS_PER_ROUND):
             if not stalled and not previous:
-                return
-            await settle(stalled, now_ms)
+                break
+            try:
+                await settle(stalled, now_ms)
+            except Exception as error:
+                failure = failure or error
             previous, stalled = stalled, await self.stalled_captures(now_ms)
-        # `stalled` unsettled: its slots went back to the index, for the next round
+        # `stalled` at the bound is unsettled: its slots went back to the index, for the next
+        # round
+        if failure is not None:
+            raise failure
 
     async def _safety_net_round(self) -> int | None:
         if self._cursor == 0:  # a pass begins: size it to the keyspace as it is now
