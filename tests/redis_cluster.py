@@ -29,6 +29,7 @@ as one whose disk was lost. Everything runs in the caller's temporary directory 
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -50,6 +51,14 @@ HOST = "127.0.0.1"
 SLOTS = 16384
 BUS_OFFSET = 10000
 START_TIMEOUT_SECONDS = 20.0
+# Ports are taken below the kernel's ephemeral range, bus port (+10000) included: from inside it
+# a client's outgoing connection could take a node's bus port between the check and the start
+# ("Address already in use": seen once in CI's cluster pass, 2026-12-06).
+LOWEST_PORT = 10_000
+# Ports tried for a cluster at most.
+PORT_TRIES = 1_000
+# Tries of a cluster's start whose node could not listen (another listener took its port).
+START_TRIES = 3
 
 
 def redis_cli_binary() -> str | None:
@@ -71,20 +80,36 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` ports whose cluster bus port (+10000) is free too, from the kernel's choice."""
+    """`count` ports whose cluster bus port (+10000) is free too, both below the ephemeral
+    range where it leaves room (LOWEST_PORT), else from the kernel's choice."""
     ports: list[int] = []
-    attempts = 0
-    while len(ports) < count:
-        attempts += 1
-        if attempts > 1000:
-            raise RuntimeError("no free ports for a Redis Cluster")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((HOST, 0))
-            port = int(probe.getsockname()[1])
-        if port + BUS_OFFSET < 65536 and port not in ports and _port_is_free(port + BUS_OFFSET):
+    highest = _ephemeral_low() - 1 - BUS_OFFSET
+    for _ in range(PORT_TRIES):
+        if highest - LOWEST_PORT >= 1000:
+            port = random.randint(LOWEST_PORT, highest)
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind((HOST, 0))
+                port = int(probe.getsockname()[1])
+        if (
+            port + BUS_OFFSET < 65536
+            and port not in ports
+            and _port_is_free(port)
+            and _port_is_free(port + BUS_OFFSET)
+        ):
             ports.append(port)
-    return ports
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no free ports for a Redis Cluster after {PORT_TRIES} tries")
 
 
 def slot_ranges(primaries: int) -> list[tuple[int, int]]:
@@ -141,12 +166,21 @@ class RedisClusterHarness:
 
     def start(self) -> RedisClusterHarness:
         count = self.primaries * (1 + self.replicas_per_primary)
-        for port in free_ports(count):
-            node = ClusterNode(port, self.directory / f"node-{port}")
-            self.nodes.append(node)
-            self._launch(node)
+        for attempt in range(1, START_TRIES + 1):
+            for port in free_ports(count):
+                node = ClusterNode(port, self.directory / f"node-{port}")
+                self.nodes.append(node)
+                self._launch(node)
+            try:
+                for node in self.nodes:
+                    self._wait_for_ping(node)
+                break
+            except RuntimeError:  # a node could not listen: other ports, all of them
+                self.stop()
+                self.nodes.clear()
+                if attempt == START_TRIES:
+                    raise
         for node in self.nodes:
-            self._wait_for_ping(node)
             node.node_id = str(node.command("CLUSTER", "MYID"))
         cli = redis_cli_binary()
         if cli is not None and self.use_redis_cli is not False:
