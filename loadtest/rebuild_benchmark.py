@@ -1005,7 +1005,7 @@ def chart(
             for p, run in zip(positions, runs, strict=True)
         ]
         + [f"reconcile {n}" for n in range(1, len(reconciles) + 1)]
-        + [f"settle {settlement.holds:,}\nput-back holds" for _ in settle_positions if settlement],
+        + ([f"settle {settlement.holds:,}\nput-back holds"] if settlement is not None else []),
         fontsize=8,
     )
     axis.set_ylabel("seconds")

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 # expiries waiting, and the SQL thread with it). The bound: the batch's quotas stay locked for
 # its read (a capture of one of them waits that long), and its Redis calls go at once.
 SETTLE_BATCH_HOLDS = 200
+T = TypeVar("T")
 
 
 def captured_as_sql_says(
@@ -76,10 +78,11 @@ def captured_of_as_sql_says(
     Without them, a capture whose COMMIT is in flight would read as absent, and its hold be
     given back while SQL counts the money as spent."""
     session.scalars(
-        select(RelationshipRow.relationship_id)
-        .where(RelationshipRow.relationship_id.in_(sorted(set(relationship_ids))))
-        .order_by(RelationshipRow.relationship_id)
-        .with_for_update()
+        records.locked(
+            select(RelationshipRow.relationship_id)
+            .where(RelationshipRow.relationship_id.in_(sorted(set(relationship_ids))))
+            .order_by(RelationshipRow.relationship_id)
+        )
     ).all()
     return ledger_parts_of(session, authorization_ids)
 
@@ -175,31 +178,31 @@ async def settle_stalled(
     failures: list[Exception] = []
     for start in range(0, len(stalled), SETTLE_BATCH_HOLDS):
         batch = stalled[start : start + SETTLE_BATCH_HOLDS]
-        try:
-            found = await asyncio.gather(
-                *(holds.get(authorization_id) for authorization_id in batch)
-            )
-        except Exception as error:
-            failures.append(error)
+        found = await _noting(failures, asyncio.gather(*(holds.get(each) for each in batch)))
+        if found is None:
             continue
         put_back = {
             authorization_id: hold
             for authorization_id, hold in zip(batch, found, strict=True)
             if hold is not None and hold.status is HoldStatus.PENDING and hold.put_back
         }
-        try:
-            await settle_put_back(database, holds, put_back)
-        except Exception as error:
-            failures.append(error)
+        await _noting(failures, settle_put_back(database, holds, put_back))
         for authorization_id in batch:
             if authorization_id not in put_back:
-                try:
-                    await settle_capture(database, holds, authorization_id, now_ms)
-                except Exception as error:
-                    failures.append(error)
+                await _noting(failures, settle_capture(database, holds, authorization_id, now_ms))
     if failures:
         raise failures[0]
     return len(stalled)
+
+
+async def _noting(failures: list[Exception], step: Awaitable[T]) -> T | None:
+    """await step; an exception is noted in `failures` (None then), for the caller to raise
+    once the rest is done."""
+    try:
+        return await step
+    except Exception as error:
+        failures.append(error)
+        return None
 
 
 async def settle_put_back(
