@@ -35,3 +35,24 @@ def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
     assert [(run["quotas"], run["drifted"]) for run in document["reconciles"]] == [(400, 0)] * 2
     rows = document["fill"]["rows"]
     assert rows["authorizations"] == 6000 and rows["relationships"] == 400
+
+
+def test_rebuild_benchmark_settles_the_put_back_holds(tmp_path: Path) -> None:
+    """--settle (the default): after the last loss the sweeper settles every hold the rebuild put
+    back, each once (STALE_CAPTURE_SECONDS after serving again: this test waits ~30 s), and the
+    reconcile after it finds no drift: the settlement changed no quota's money."""
+    arguments = [
+        "--relationships", "200", "--decisions", "2000", "--open-holds", "120", "--runs", "1",
+        "--check", "200", "--reconciles", "1", "--out", str(tmp_path), "--loss", "flushall",
+        "--timeout", "240",
+    ]  # fmt: skip
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    if database_url:
+        arguments += ["--database-url", database_url]
+    assert rebuild_benchmark.main(arguments) == 0
+    kind = "postgresql" if database_url else "sqlite"
+    document = json.loads((tmp_path / f"rebuild-{kind}-200.json").read_text())
+    settlement = document["settlement"]
+    assert settlement is not None and settlement["holds"] == 120
+    assert settlement["calls"] >= 1 and settlement["serving_to_settled_seconds"] > 0
+    assert [(run["quotas"], run["drifted"]) for run in document["reconciles"]] == [(200, 0)]
