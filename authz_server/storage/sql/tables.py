@@ -52,6 +52,10 @@ class Base(DeclarativeBase):
 
 
 Id = String(64)
+# A relationship's id sorts by code point on PostgreSQL whatever the database's collation
+# (migration 0010): writers lock many quotas in id order, some through SQL's ORDER BY, some
+# through Python's sorted(), and the two must agree. SQLite compares text by code point already.
+RelationshipId = Id.with_variant(String(64, collation="C"), "postgresql")
 Enum = String(32)
 Timestamp = DateTime(timezone=True)
 
@@ -108,7 +112,7 @@ class RelationshipRow(Base):
         Index("ix_relationships_dissolved_at", "dissolved_at", "relationship_id"),
     )
 
-    relationship_id: Mapped[str] = mapped_column(Id, primary_key=True)
+    relationship_id: Mapped[str] = mapped_column(RelationshipId, primary_key=True)
     holder_id: Mapped[str] = mapped_column(ForeignKey("participants.participant_id"), index=True)
     beneficiary_id: Mapped[str] = mapped_column(
         ForeignKey("participants.participant_id"), index=True
