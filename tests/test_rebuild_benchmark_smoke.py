@@ -8,8 +8,21 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from loadtest import rebuild_benchmark
+
+
+def _run(arguments: list[str], stem: Path) -> Any:
+    """Runs the benchmark on the tests' database (TEST_DATABASE_URL, else SQLite) and returns
+    its JSON document; `stem` names its files, `{kind}` the database's."""
+    database_url = os.environ.get("TEST_DATABASE_URL")
+    if database_url:
+        arguments = [*arguments, "--database-url", database_url]
+    assert rebuild_benchmark.main(arguments) == 0
+    stem = Path(str(stem).format(kind="postgresql" if database_url else "sqlite"))
+    assert stem.with_suffix(".png").exists()
+    return json.loads(stem.with_suffix(".json").read_text())
 
 
 def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
@@ -20,13 +33,7 @@ def test_rebuild_benchmark_runs_and_redis_equals_sql(tmp_path: Path) -> None:
         # not the settlement's timing (--settle): it waits STALE_CAPTURE_SECONDS (30 s) first
         "--no-settle",
     ]  # fmt: skip
-    database_url = os.environ.get("TEST_DATABASE_URL")
-    if database_url:
-        arguments += ["--database-url", database_url]
-    assert rebuild_benchmark.main(arguments) == 0
-    kind = "postgresql" if database_url else "sqlite"
-    document = json.loads((tmp_path / f"rebuild-{kind}-400.json").read_text())
-    assert (tmp_path / f"rebuild-{kind}-400.png").exists()
+    document = _run(arguments, tmp_path / "rebuild-{kind}-400")
     assert [run["quotas"] for run in document["runs"]] == [400, 400]
     assert [run["open_holds"] for run in document["runs"]] == [150, 150]
     assert all(run["checked_quotas"] == 400 for run in document["runs"])
@@ -46,12 +53,7 @@ def test_rebuild_benchmark_settles_the_put_back_holds(tmp_path: Path) -> None:
         "--check", "200", "--reconciles", "1", "--out", str(tmp_path), "--loss", "flushall",
         "--timeout", "240",
     ]  # fmt: skip
-    database_url = os.environ.get("TEST_DATABASE_URL")
-    if database_url:
-        arguments += ["--database-url", database_url]
-    assert rebuild_benchmark.main(arguments) == 0
-    kind = "postgresql" if database_url else "sqlite"
-    document = json.loads((tmp_path / f"rebuild-{kind}-200.json").read_text())
+    document = _run(arguments, tmp_path / "rebuild-{kind}-200")
     settlement = document["settlement"]
     assert settlement is not None and settlement["holds"] == 120
     assert settlement["calls"] >= 1 and settlement["serving_to_settled_seconds"] > 0
