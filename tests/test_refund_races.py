@@ -75,7 +75,9 @@ def call_for(authorization_id: str, fen: int) -> tuple[int, Idempotency[Any]]:
 
 def second_worker(world: World) -> tuple[Any, GroupCommit]:
     """Another worker: the same service code with a group commit (a transaction) of its own;
-    the caller stops the group commit."""
+    the caller stops the group commit. Without the batch's quota locks taken first
+    (lock_refund_quotas): they would keep its refund waiting for this worker's batch, and these
+    tests check the refund's own locks, which still guard a capture its batch did not lock."""
     harness = world.harness
     other_commit = GroupCommit(harness.app.database)
 
@@ -112,9 +114,12 @@ def test_a_refund_after_a_refused_one_in_its_batch_cannot_exceed_the_capture(
             other_worker.refund(MERCHANT, authorization_id, fen, call), loop
         ).result(20)
 
-    async def one_batch(work: Any) -> Any:
+    async def one_batch(work: Any, **_options: Any) -> Any:
         """Puts the first two refunds into one batch, in order; the second one's work first
-        lets the other worker's refund through."""
+        lets the other worker's refund through. Without their lock keys: the batch's quota
+        locks (lock_refund_quotas) would keep the other worker's refund waiting until this batch
+        commits; what is checked here is the unit's own refresh of the capture row, which still
+        guards a capture its batch did not lock first (committed after the batch read it)."""
         future: asyncio.Future[Any] = loop.create_future()
         if waiting:
             first_work = work
@@ -191,7 +196,7 @@ def test_a_refund_retried_on_another_worker_while_the_first_commits_gets_the_fir
     batch = service.group_commit
     real_submit = batch.submit
 
-    async def retried_meanwhile(work: Any) -> Any:
+    async def retried_meanwhile(work: Any, **options: Any) -> Any:
         def first(session: Any) -> Any:
             answer = work(session)  # written, not committed: the capture row stays locked
             backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
@@ -203,7 +208,7 @@ def test_a_refund_retried_on_another_worker_while_the_first_commits_gets_the_fir
             waits_for(backend)  # the retry waits for a lock this transaction holds
             return answer
 
-        return await real_submit(first)
+        return await real_submit(first, **options)
 
     def waits_for(backend: int) -> None:
         """Returns once a session of the database waits for a lock `backend` holds (whichever:

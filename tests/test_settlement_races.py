@@ -148,12 +148,12 @@ def test_a_refund_that_commits_after_its_month_closed_is_settled_in_the_next(
     group_commit = app.authorizations.group_commit
     real_submit = group_commit.submit
 
-    async def month_closes_first(work: Any) -> Any:
+    async def month_closes_first(work: Any, **options: Any) -> Any:
         # Asked at 23:59:59.5 on 28 February; February closes before the refund is written.
         world.at(2025, 3, 1, 0, 0, 31)
         await app.settlement.close_month(Month(2025, 1))
         await app.settlement.close_month(Month(2025, 2))
-        return await real_submit(work)
+        return await real_submit(work, **options)
 
     group_commit.submit = month_closes_first  # type: ignore[method-assign]
     world.at(2025, 2, 28, 23, 59, 59, microsecond=500_000)

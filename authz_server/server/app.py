@@ -71,6 +71,7 @@ from authz_server.storage.redis.rate_limiter import RedisRateLimiter
 from authz_server.storage.redis.sweeper import HoldSweeper
 from authz_server.storage.redis.unconfirmed_holds import UnconfirmedHolds
 from authz_server.storage.sql.group_commit import GroupCommit
+from authz_server.storage.sql.refund_locks import lock_refund_quotas
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,9 @@ class Application:
         self.relationships = RelationshipService(
             self.database, self.quotas, self.settings.allowed_relations, self.clock
         )
-        self.group_commit = GroupCommit(self.database, metrics.BatchObserver("refunds"))
+        self.group_commit = GroupCommit(
+            self.database, metrics.BatchObserver("refunds"), lock_first=lock_refund_quotas
+        )
         self.ledger: LedgerClient | None = None
         self.journal: Journal | RemoteJournal
         self.audit: AuditTrail | RemoteAudit

@@ -1056,6 +1056,8 @@ class AuthorizationService:
                     continue
                 left -= take
                 part.refunded_fen += take
+                # Held already (the batch took its quotas first, in id order: refund_locks.py);
+                # locked again for the row as it is now (records.locked).
                 row = records.relationship_row(session, part.relationship_id, lock=True)
                 row.refunded_to_quota_total_fen += take
                 to_account = row.status != RelationshipStatus.ACTIVE.value
@@ -1091,7 +1093,9 @@ class AuthorizationService:
         try:
             # SQL first, then the credits; to the end even when the call is cancelled meanwhile
             # (a refund whose credit never came would understate the quota until reconcile).
-            return await self.to_the_end.run(self._refund_to_the_end(work, credits, to_heal))
+            return await self.to_the_end.run(
+                self._refund_to_the_end(authorization_id, work, credits, to_heal)
+            )
         except NotFound:
             # This merchant's authorization, not (yet) captured: nothing can be refunded.
             # Another merchant's, or none: get() raises NotFound itself.
@@ -1103,11 +1107,13 @@ class AuthorizationService:
 
     async def _refund_to_the_end(
         self,
+        authorization_id: str,
         work: Callable[[Session], RefundOutcome | bytes],
         credits: list[tuple[str, str, int, int]],
         to_heal: list[str],
     ) -> RefundOutcome | bytes:
-        result = await self.group_commit.submit(work)
+        # Its quotas locked by the batch before its units run (storage/sql/refund_locks.py).
+        result = await self.group_commit.submit(work, lock_key=authorization_id)
         for relationship_id in to_heal:
             await heal_from_ledger(self.database, self.quotas, relationship_id)
         for beneficiary_id, relationship_id, fen, entry_id in credits:

@@ -4,6 +4,13 @@ set-based batches: service/capture_writer.py).
 Each unit of work runs in its own SAVEPOINT, so a refusal (a relationship no longer active, a
 refund over the captured amount) undoes only that unit; one COMMIT then makes the whole batch
 durable. While one batch commits, the next one gathers, so SQL latency does not cap throughput.
+
+A batch's units come in any order, so the row locks they take one after another have no order
+across them. A group commit may be given a `lock_first` step: called once a batch, with the
+lock keys its units were submitted with, before any unit runs, it takes the rows the units will
+lock in the order every other writer takes them. It runs outside the units' savepoints, so a
+refused unit's rollback does not let those locks go; a unit locking such a row again finds it
+held already.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ T = TypeVar("T")
 MAX_BATCH = 256
 
 BatchObserver = Callable[[int, float], None]
+# (session, the batch's lock keys in submission order): takes the units' row locks up front.
+LockFirst = Callable[[Session, list[str]], None]
 
 
 def _ignore(_size: int, _seconds: float) -> None:
@@ -45,12 +54,20 @@ def answer(futures: list[asyncio.Future[Any]], outcomes: list[tuple[bool, Any]])
 
 
 class GroupCommit:
-    def __init__(self, database: Database, observe: BatchObserver = _ignore) -> None:
+    def __init__(
+        self,
+        database: Database,
+        observe: BatchObserver = _ignore,
+        lock_first: LockFirst | None = None,
+    ) -> None:
         self.database = database
         self.observe = observe
+        self.lock_first = lock_first
         self.pending: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
         # The traced callers' spans, by their futures: the batch span links to them.
         self.callers: dict[asyncio.Future[Any], SpanContext] = {}
+        # The units' lock keys (for lock_first), by their futures, as the callers' spans.
+        self.lock_keys: dict[asyncio.Future[Any], str] = {}
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -62,10 +79,13 @@ class GroupCommit:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
 
-    async def submit(self, work: Callable[[Session], T]) -> T:
-        """Runs work(session) in the next batch; raises what work raised, or Unavailable."""
+    async def submit(self, work: Callable[[Session], T], lock_key: str | None = None) -> T:
+        """Runs work(session) in the next batch; raises what work raised, or Unavailable.
+        lock_key: what the batch's lock_first step takes for this unit before the units run."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self.pending.append((work, future))
+        if lock_key is not None:
+            self.lock_keys[future] = lock_key
         tracing.remember_caller(self.callers, future)
         self.wakeup.set()
         return await future
@@ -79,10 +99,18 @@ class GroupCommit:
                 batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
                 started = time.perf_counter()
                 callers = tracing.callers_of(self.callers, [future for _, future in batch])
+                keys = [
+                    key
+                    for _, future in batch
+                    if (key := self.lock_keys.pop(future, None)) is not None
+                ]
                 try:
                     with tracing.batch_span("sql refund batch", callers, len(batch)):
                         outcomes = await loop.run_in_executor(
-                            self.database.executor, self._commit, [work for work, _ in batch]
+                            self.database.executor,
+                            self._commit,
+                            [work for work, _ in batch],
+                            keys,
                         )
                 except OperationalError as error:
                     failure = Unavailable(f"the database did not answer: {error.orig}")
@@ -92,9 +120,15 @@ class GroupCommit:
                 self.observe(len(batch), time.perf_counter() - started)
                 answer([future for _, future in batch], outcomes)
 
-    def _commit(self, works: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
+    def _commit(
+        self, works: list[Callable[[Session], Any]], keys: list[str]
+    ) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         with self.database.writing(), self.database.sessions() as session, session.begin():
+            if self.lock_first is not None and keys:
+                # Outside the savepoints: a failure here (a lost connection) fails the batch,
+                # answered Unavailable by _run, as its COMMIT's.
+                self.lock_first(session, keys)
             for work in works:
                 try:
                     with session.begin_nested():
