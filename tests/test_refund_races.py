@@ -37,8 +37,8 @@ from authz_server.domain.errors import PolicyRefusal
 from authz_server.generated.medwallet.v1 import authorization_pb2
 from authz_server.server import convert
 from authz_server.server.authorization_handler import _encode_refund
-from authz_server.service.authorization import RefundOutcome
 from authz_server.service.idempotency import Idempotency
+from authz_server.service.refunds import RefundOutcome
 from authz_server.storage.sql.group_commit import GroupCommit
 from authz_server.storage.sql.tables import (
     CaptureRow,
@@ -86,7 +86,8 @@ def second_worker(world: World) -> tuple[Any, GroupCommit]:
 
     harness.run(start())
     other_worker = copy.copy(harness.app.authorizations)
-    other_worker.group_commit = other_commit
+    other_worker.refunds = copy.copy(other_worker.refunds)
+    other_worker.refunds.group_commit = other_commit
     return other_worker, other_commit
 
 

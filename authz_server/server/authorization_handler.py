@@ -21,12 +21,9 @@ from authz_server.observability.interceptor import annotate
 from authz_server.server import convert
 from authz_server.server.auth import Authenticator, PrincipalKind
 from authz_server.server.errors import mapped
-from authz_server.service.authorization import (
-    AuthorizationService,
-    AuthorizeOutcome,
-    RefundOutcome,
-)
+from authz_server.service.authorization import AuthorizationService, AuthorizeOutcome
 from authz_server.service.idempotency import Idempotency
+from authz_server.service.refunds import RefundOutcome
 from authz_server.service.views import AuthorizationView
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -5,7 +5,7 @@ refund), in the manner of TigerBeetle's pending/post/void/timeout transfers.
   journaled to SQL in batches afterwards (service/journal.py).
 - Capture claims the hold in Redis, writes the capture to SQL in a set-based batch
   (service/capture_writer.py), then settles the hold in Redis. Refund is written to SQL
-  first, then credited to the quota.
+  first, then credited to the quota (service/refunds.py).
 - Dissolution voids open holds; a hold whose relationship was dissolved cannot be captured
   (RELATIONSHIP_NOT_ACTIVE), because the capture re-checks the relationship in SQL.
 """
@@ -15,11 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from authz_server.domain import authorization as rules
@@ -38,12 +37,10 @@ from authz_server.domain.types import (
     AuthorizationStatus,
     Decision,
     DeclineReason,
-    LedgerKind,
     Purpose,
-    RelationshipStatus,
 )
 from authz_server.observability import metrics
-from authz_server.service import idempotency, ledger
+from authz_server.service import idempotency
 from authz_server.service.capture_recovery import (
     captured_as_sql_says,
     finish_captured,
@@ -68,11 +65,12 @@ from authz_server.service.ports import (
     QuotaCache,
     VoidOutcome,
 )
-from authz_server.service.quota_sync import heal_from_ledger, restore_from_ledger, when_rebuilt
+from authz_server.service.quota_sync import restore_from_ledger, when_rebuilt
 from authz_server.service.reference_cache import ReferenceCache
+from authz_server.service.refunds import RefundOutcome, Refunds
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
-from authz_server.storage.sql import records, settlement_lock
+from authz_server.storage.sql import records
 from authz_server.storage.sql.capture_batch import payment_scope
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
@@ -84,10 +82,8 @@ from authz_server.storage.sql.open_holds import (
 )
 from authz_server.storage.sql.tables import (
     AuthorizationRow,
-    CapturePartRow,
     CaptureRow,
     IdempotencyRecordRow,
-    RefundRow,
 )
 
 
@@ -118,56 +114,6 @@ class AuthorizeOutcome:
     remaining_fen: int
     expires_at: datetime | None
     status: AuthorizationStatus
-
-
-@dataclass(frozen=True)
-class RefundOutcome:
-    view: AuthorizationView
-    # (relationship id, fen, went to the personal account because the quota is dissolved)
-    parts: tuple[tuple[str, int, bool], ...]
-
-
-def _capture_parts(session: Session, authorization_id: str) -> list[CapturePartRow]:
-    """A capture's parts, last-drawn first (the order refunds go back in), as they are under
-    the capture's lock (records.locked: a unit rolled back earlier in a group commit may have
-    loaded them)."""
-    return list(
-        session.scalars(
-            select(CapturePartRow)
-            .where(CapturePartRow.authorization_id == authorization_id)
-            .order_by(CapturePartRow.position.desc())
-            .execution_options(populate_existing=True)
-        )
-    )
-
-
-def _captured_view(
-    base: AuthorizationView, capture: CaptureRow, parts: list[CapturePartRow]
-) -> AuthorizationView:
-    """The authorization as Get shows it, with its capture's figures as they are now."""
-    return replace(
-        base, status=AuthorizationStatus.CAPTURED, approved_fen=capture.approved_fen,
-        captured_fen=capture.amount_fen, refunded_fen=capture.refunded_fen,
-        captured_funding=tuple((p.relationship_id, p.amount_fen) for p in reversed(parts)),
-        captured_at=records.utc(capture.captured_at),
-    )  # fmt: skip
-
-
-def _refund_made_under(
-    session: Session, authorization_id: str, merchant_id: str, key: str
-) -> RefundRow | None:
-    """A refund of the authorization made under `key` whose idempotency record is gone: purged
-    with its closed month (service/retention.py). The refunds table keeps every refund's key
-    for good, found through the authorization's index, so a retry after the purge is still
-    answered as a retry (the authorization as it is now; the parts were in the purged record)
-    and never refunded again."""
-    return session.scalars(
-        select(RefundRow).where(
-            RefundRow.authorization_id == authorization_id,
-            RefundRow.merchant_id == merchant_id,
-            RefundRow.idempotency_key == key,
-        )
-    ).first()
 
 
 def split_capture(funding: Funding, amount_fen: int) -> Funding:
@@ -253,6 +199,7 @@ class AuthorizationService:
         self.to_the_end = ToTheEnd("authorize, capture, void or refund")
         # Decision rows the journal did not take, submitted again in the background.
         self.late_journal = LateJournal(journal)
+        self.refunds = Refunds(database, quotas, group_commit, self.to_the_end, self.get, clock)
 
     # --- Authorize -------------------------------------------------------------------------
 
@@ -999,130 +946,8 @@ class AuthorizationService:
         amount_fen: int,
         call: Idempotency[RefundOutcome],
     ) -> RefundOutcome | bytes:
-        """Back to the quota it came from, last-drawn part first; to the holder's personal
-        account where that relationship is no longer active."""
-        # (beneficiary, relationship, fen, the REFUND_TO_QUOTA ledger entry), once written
-        credits: list[tuple[str, str, int, int]] = []
-        # A retry's relationships, set from the ledger after its replay: its first call's
-        # credits may have been lost after its commit (the till got UNAVAILABLE), and the
-        # quotas would stay understated until the rolling reconcile reached them.
-        to_heal: list[str] = []
-        # The authorization as Get shows it (its times, its funding as approved): the answer's
-        # base, so every RPC answers the same view (NotFound for another merchant's id).
-        base = await self.get(merchant_id, authorization_id)
-
-        def work(session: Session) -> RefundOutcome | bytes:
-            credits.clear()
-            to_heal.clear()
-            # The time is read inside the transaction, after the settlement lock: the month the
-            # refund settles in (storage/sql/settlement_lock.py).
-            settlement_lock.for_writing(session)
-            now = self.clock()
-            # Refreshed from the row it locks (records.locked): a refused refund earlier in this
-            # group commit may have loaded it, and its savepoint's rollback let the lock go.
-            capture = session.get(
-                CaptureRow, authorization_id, with_for_update=True, populate_existing=True
-            )
-            # The key is looked up after the lock: a retry on another worker while the first
-            # call's transaction is open waits for the lock, then finds its answer (before the
-            # lock it found none and decided the refund anew: refused, or refunded twice).
-            replay = idempotency.find(session, call)
-            if replay is not None:
-                if capture is not None:
-                    to_heal[:] = [
-                        p.relationship_id for p in _capture_parts(session, authorization_id)
-                    ]
-                return replay
-            if capture is None or capture.merchant_id != merchant_id:
-                raise NotFound(f"no capture of authorization {authorization_id}")
-            made = _refund_made_under(session, authorization_id, merchant_id, call.key)
-            if made is not None:  # its record was purged with its closed month
-                if made.amount_fen != amount_fen:
-                    raise IdempotencyKeyReused(call.key)
-                parts = _capture_parts(session, authorization_id)
-                to_heal[:] = [part.relationship_id for part in parts]
-                # a replay's bytes (not an outcome: the handler counts outcomes as refunded)
-                return call.encode(RefundOutcome(_captured_view(base, capture, parts), ()))
-            if capture.refunded_fen + amount_fen > capture.amount_fen:
-                raise PolicyRefusal(
-                    "REFUND_EXCEEDS_CAPTURED",
-                    f"only {capture.amount_fen - capture.refunded_fen} fen can still be refunded",
-                )
-            capture_parts = _capture_parts(session, authorization_id)
-            left, done = amount_fen, []
-            for part in capture_parts:
-                take = min(left, part.amount_fen - part.refunded_fen)
-                if take <= 0:
-                    continue
-                left -= take
-                part.refunded_fen += take
-                # Held already (the batch took its quotas first, in id order: refund_locks.py);
-                # locked again for the row as it is now (records.locked).
-                row = records.relationship_row(session, part.relationship_id, lock=True)
-                row.refunded_to_quota_total_fen += take
-                to_account = row.status != RelationshipStatus.ACTIVE.value
-                if to_account:  # through the quota straight back to the holder's account
-                    row.released_total_fen += take
-                    ledger.credit_account(session, row.holder_id, take)
-                kind = LedgerKind.REFUND_TO_ACCOUNT if to_account else LedgerKind.REFUND_TO_QUOTA
-                entry = ledger.entry(
-                    session, kind, row.holder_id, take, now, relationship_id=row.relationship_id
-                )
-                entry.authorization_id = authorization_id
-                entry.merchant_id = merchant_id
-                entry.holder_region = part.holder_region
-                entry.merchant_region = capture.merchant_region
-                if not to_account:
-                    session.flush()  # the entry's id: the credit's mark in Redis
-                    credits.append((row.beneficiary_id, row.relationship_id, take, entry.entry_id))
-                done.append((row.relationship_id, take, to_account))
-            capture.refunded_fen += amount_fen
-            session.add(
-                RefundRow(
-                    authorization_id=authorization_id,
-                    merchant_id=merchant_id,
-                    amount_fen=amount_fen,
-                    idempotency_key=call.key,
-                    created_at=now,
-                )
-            )
-            outcome = RefundOutcome(_captured_view(base, capture, capture_parts), tuple(done))
-            idempotency.remember(session, call, outcome, now)
-            return outcome
-
-        try:
-            # SQL first, then the credits; to the end even when the call is cancelled meanwhile
-            # (a refund whose credit never came would understate the quota until reconcile).
-            return await self.to_the_end.run(
-                self._refund_to_the_end(authorization_id, work, credits, to_heal)
-            )
-        except NotFound:
-            # This merchant's authorization, not (yet) captured: nothing can be refunded.
-            # Another merchant's, or none: get() raises NotFound itself.
-            await self.get(merchant_id, authorization_id)
-            raise PolicyRefusal(
-                "REFUND_EXCEEDS_CAPTURED",
-                f"authorization {authorization_id} is not captured: nothing to refund",
-            ) from None
-
-    async def _refund_to_the_end(
-        self,
-        authorization_id: str,
-        work: Callable[[Session], RefundOutcome | bytes],
-        credits: list[tuple[str, str, int, int]],
-        to_heal: list[str],
-    ) -> RefundOutcome | bytes:
-        # Its quotas locked by the batch before its units run (storage/sql/refund_locks.py).
-        result = await self.group_commit.submit(work, lock_key=authorization_id)
-        for relationship_id in to_heal:
-            await heal_from_ledger(self.database, self.quotas, relationship_id)
-        for beneficiary_id, relationship_id, fen, entry_id in credits:
-            credit = functools.partial(
-                self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id
-            )
-            if not await when_rebuilt(credit):
-                await restore_from_ledger(self.database, self.quotas, relationship_id)
-        return result
+        """Back to the quota it came from, last-drawn part first (service/refunds.py)."""
+        return await self.refunds.refund(merchant_id, authorization_id, amount_fen, call)
 
     # --- Get -------------------------------------------------------------------------------
 
