@@ -16,7 +16,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
@@ -51,9 +51,9 @@ from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.journal import DecisionJournal, GenerationChanged, StoredDecision
 from authz_server.service.late_journal import LateJournal
+from authz_server.service.lost_authorizations import LostState, lost_state, read_lost_state
 from authz_server.service.ports import (
     NOT_WRITTEN,
-    STALE_CAPTURE_SECONDS,
     AuthorizeCall,
     CaptureClaim,
     CaptureOutcome,
@@ -96,6 +96,22 @@ class Serializable(Protocol):
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Serializable)
 T = TypeVar("T")
+# An authorization Redis does not know, as SQL says (service/lost_authorizations.py): what a
+# capture or void of it is refused with, and the status GetAuthorization shows. A capture that
+# may still commit is answered UNAVAILABLE (retry), and shown pending meanwhile.
+LOST_REFUSALS = {
+    LostState.CAPTURED: "ALREADY_CAPTURED",
+    LostState.DECLINED: "AUTHORIZATION_DECLINED",
+    LostState.EXPIRED: "AUTHORIZATION_EXPIRED",
+    LostState.VOIDED: "ALREADY_VOIDED",
+}
+LOST_STATUSES = {
+    LostState.CAPTURED: AuthorizationStatus.CAPTURED,
+    LostState.DECLINED: AuthorizationStatus.DECLINED,
+    LostState.EXPIRED: AuthorizationStatus.EXPIRED,
+    LostState.CAPTURE_MAY_COMMIT: AuthorizationStatus.PENDING,
+    LostState.VOIDED: AuthorizationStatus.VOIDED,
+}
 CAPTURE_REFUSALS = frozenset(
     {CaptureOutcome.ALREADY_CAPTURED, CaptureOutcome.ALREADY_VOIDED,
      CaptureOutcome.AUTHORIZATION_EXPIRED, CaptureOutcome.AUTHORIZATION_DECLINED,
@@ -788,15 +804,17 @@ class AuthorizationService:
         """Redis knows no such authorization of this merchant. If SQL does (Redis lost it), a
         retry gets its first answer; otherwise it is captured or, a lost hold, voided."""
         now = self.clock()
-        state = await self.database.run(lambda session: _lost_state(session, authorization_id, now))
+        state = await self.database.run(
+            lambda session: read_lost_state(session, authorization_id, now)
+        )
         if state is None or state[0] != merchant_id:
             raise NotFound(f"authorization {authorization_id} not found")
         replay = await self._answer_to_key(merchant_id, authorization_id, amount_fen, call)
         if replay is not None:
             return replay
-        reason = state[1]
-        if reason == CAPTURE_MAY_COMMIT:
+        if state[1] is LostState.CAPTURE_MAY_COMMIT:
             raise Unavailable("a capture of this authorization may still be written; retry")
+        reason = LOST_REFUSALS[state[1]]
         raise PolicyRefusal(reason, f"authorization {authorization_id}: {reason}")
 
     async def _answer_to_key(
@@ -921,13 +939,16 @@ class AuthorizationService:
         outcome = voided.value
         if voided is VoidOutcome.NOT_FOUND:  # unknown, another merchant's, or lost with Redis
             state = await self.database.run(
-                lambda session: _lost_state(session, authorization_id, now)
+                lambda session: read_lost_state(session, authorization_id, now)
             )
             if state is None or state[0] != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
-            if state[1] == CAPTURE_MAY_COMMIT:
+            if state[1] is LostState.CAPTURE_MAY_COMMIT:
                 raise Unavailable("a capture of this authorization may still be written; retry")
-            outcome = VoidOutcome.OK.value if state[1] == "ALREADY_VOIDED" else state[1]
+            # a void of a hold that counts as voided already: done (as Redis's void says)
+            outcome = (
+                VoidOutcome.OK.value if state[1] is LostState.VOIDED else LOST_REFUSALS[state[1]]
+            )
         if voided is VoidOutcome.CAPTURE_IN_PROGRESS:
             # Its write will find the void and be refused; or, the hold expired (no void mark),
             # a capture claimed before its expiry may still commit: the retry is answered as SQL
@@ -968,25 +989,9 @@ class AuthorizationService:
         if hold is None:
             if journal_row is None or journal_row.merchant_id != merchant_id:
                 raise NotFound(f"authorization {authorization_id} not found")
-            # Redis lost it, or retention dropped it once settled: as SQL says (captured,
-            # declined, expired when its time passed with no void), otherwise its hold counts
-            # as voided.
-            status = AuthorizationStatus.CAPTURED if capture else AuthorizationStatus.VOIDED
-            if journal_row.decision == Decision.DECLINED.value:
-                status = AuthorizationStatus.DECLINED
-            elif (
-                capture is None
-                and journal_row.voided_at is None
-                and journal_row.expires_at is not None
-                and records.utc(journal_row.expires_at) <= self.clock()
-            ):
-                # As a void or capture of it is answered (_lost_state): pending still while a
-                # capture claimed before its time may commit, as a put-back hold shows in Redis.
-                status = (
-                    AuthorizationStatus.PENDING
-                    if _capture_may_commit(journal_row.expires_at, self.clock())
-                    else AuthorizationStatus.EXPIRED
-                )
+            # Redis lost it, or retention dropped it once settled: as SQL says
+            # (service/lost_authorizations.py).
+            status = LOST_STATUSES[lost_state(journal_row, capture is not None, self.clock())]
             return AuthorizationView(
                 authorization_id, merchant_id, journal_row.beneficiary_id,
                 Purpose(journal_row.purpose), status, journal_row.approved_fen,
@@ -1006,47 +1011,6 @@ class AuthorizationService:
             capture.refunded_fen if capture else 0, hold.funding,
             _from_ms(hold.created_ms), _from_ms(hold.expires_ms), drawn, captured_at,
         )  # fmt: skip
-
-
-# What _lost_state says of a hold whose time passed so lately that a capture claimed before it
-# (in a Redis since lost) may still commit: the caller answers UNAVAILABLE (retry), not
-# AUTHORIZATION_EXPIRED, which would tell the till nothing was taken for money that then is.
-CAPTURE_MAY_COMMIT = "CAPTURE_MAY_COMMIT"
-
-
-def _capture_may_commit(expires_at: datetime, now: datetime) -> bool:
-    """Whether, `now`, a capture claimed before a hold's time (`expires_at`, passed) in a Redis
-    since lost may still commit (CAPTURE_MAY_COMMIT)."""
-    return now < records.utc(expires_at) + timedelta(seconds=STALE_CAPTURE_SECONDS)
-
-
-def _lost_state(
-    session: Session, authorization_id: str, now: datetime | None = None
-) -> tuple[str, str] | None:
-    """An authorization Redis does not know, as SQL has it: (merchant, what a capture of it is
-    told), None if SQL does not know it either. A hold lost with Redis (or dropped by retention
-    once settled) counts as voided, or as expired when its time passed (before `now`) with no
-    void, as GetAuthorization says (pending within the window below); CAPTURE_MAY_COMMIT
-    within STALE_CAPTURE_SECONDS after its time: a capture is claimed before the hold's time and
-    written within CAPTURE_WRITE_DEADLINE_SECONDS of its claim; the sweeper's bound (30 s) leaves
-    the rest for the commit itself and for the clocks of different servers."""
-    journal_row = session.get(AuthorizationRow, authorization_id)
-    if journal_row is None:
-        return None
-    if session.get(CaptureRow, authorization_id) is not None:
-        return journal_row.merchant_id, "ALREADY_CAPTURED"
-    if journal_row.decision == Decision.DECLINED.value:
-        return journal_row.merchant_id, "AUTHORIZATION_DECLINED"
-    if (
-        now is not None
-        and journal_row.voided_at is None
-        and journal_row.expires_at is not None
-        and records.utc(journal_row.expires_at) <= now
-    ):
-        if _capture_may_commit(journal_row.expires_at, now):
-            return journal_row.merchant_id, CAPTURE_MAY_COMMIT
-        return journal_row.merchant_id, "AUTHORIZATION_EXPIRED"
-    return journal_row.merchant_id, "ALREADY_VOIDED"
 
 
 @functools.cache
