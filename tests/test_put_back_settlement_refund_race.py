@@ -1,13 +1,16 @@
-"""The batched settlement of put-back holds (capture_recovery.settle_stalled) beside a refund
-(an audit's test). One settlement transaction locks the union of a batch's quotas in id order.
-A refund's group commit locks its refunds' quotas in that order too before they run
-(lock_refund_quotas), but not those of a capture committed after the batch read the parts: that
-refund locks them itself, last-drawn part first, so one holding the higher id and waiting for
-the lower deadlocks with the settlement on PostgreSQL; the batch failed, and with it that
-sweeper round's later batches (the reconcile at start-up: the start). Now the batch is tried
-again (Database.run_locking) and both succeed. The test stands for that case by running the
-refund's batch without its locks taken first. PostgreSQL only (TEST_DATABASE_URL); SQLite has
-one writer at a time."""
+"""The batched settlement of put-back holds (capture_recovery.settle_stalled) beside other
+writers of the same quotas on PostgreSQL. One settlement transaction locks the union of a
+batch's quotas in id order; a failed one failed that sweeper round's later batches too (the
+reconcile at start-up: the start).
+
+- Beside a refund (an audit's test): a refund locked its capture's quotas last-drawn part first,
+  and one holding the higher id and waiting for the lower deadlocked with the settlement. Now
+  refunds lock their quotas in id order too (storage/sql/refund_locks.py): the settlement waits.
+- Beside a transaction that still locks in another order (a worker of the version before, in a
+  rolling upgrade; an operator's script): PostgreSQL aborts the settlement's side of the
+  deadlock, and the batch is tried again (Database.run_locking) and succeeds.
+
+PostgreSQL only (TEST_DATABASE_URL); SQLite has one writer at a time."""
 
 from __future__ import annotations
 
@@ -73,10 +76,11 @@ def _waiting_for_a_row_lock(url: str) -> int:
         engine.dispose()
 
 
-def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
-    harness: Harness, registry: Any, relationships: Any, authorizations: Any, monkeypatch: Any
-) -> None:
-    # Two quotas, the newer one with the higher id (a refund then locks in descending order).
+def _two_put_back_holds(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> tuple[str, str, list[str], str]:
+    """(low, high, the ids of two holds a rebuild put back, one on each quota, and a captured
+    authorization split over both): two quotas, the newer one with the higher id."""
     while True:
         people = family(registry, relationships, 10_000, 10_000)
         low, high = people.relationship_ids
@@ -98,8 +102,26 @@ def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
     for authorization_id in ids:
         hold = harness.run(harness.app.holds.get(authorization_id))
         assert hold is not None and hold.status is HoldStatus.PENDING and hold.put_back
+    return low, high, ids, split.authorization_id
 
-    # The refund pauses once it holds the higher quota's row (its last-drawn part, first).
+
+def _settling(harness: Harness, ids: list[str]) -> Any:
+    """The sweeper's settle call for `ids`, started on the service's loop."""
+    return asyncio.run_coroutine_threadsafe(
+        capture_recovery.settle_stalled(
+            harness.app.database, harness.app.holds, ids, now_ms_of(harness)
+        ),
+        harness.loop,
+    )
+
+
+def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any, monkeypatch: Any
+) -> None:
+    _, high, ids, split_id = _two_put_back_holds(harness, registry, relationships, authorizations)
+
+    # The refund pauses while it holds its quotas (in id order, then the higher one again as its
+    # last-drawn part): the settlement waits for the lower one.
     holding, go = threading.Event(), threading.Event()
     real = records.relationship_row
     armed = [True]
@@ -113,13 +135,10 @@ def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
         return row
 
     monkeypatch.setattr(records, "relationship_row", pausing)
-    # As for a capture committed after the refund's batch read the parts (the one case its
-    # quota locks taken first miss): the refund locks its quotas itself, in refund order.
-    monkeypatch.setattr(harness.app.group_commit, "lock_first", None)
 
     def refunding() -> str:
         try:
-            refund(authorizations, HOSPITAL, split.authorization_id, 5_000)  # high 4k, low 1k
+            refund(authorizations, HOSPITAL, split_id, 5_000)  # high 4k, low 1k
             return "OK"
         except grpc.RpcError as error:
             return f"{error.code().name}: {error.details()}"
@@ -127,22 +146,45 @@ def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
     with ThreadPoolExecutor(1) as pool:
         refunded = pool.submit(refunding)
         assert holding.wait(15), "the refund never locked the higher quota"
-        settling = asyncio.run_coroutine_threadsafe(
-            capture_recovery.settle_stalled(
-                harness.app.database, harness.app.holds, ids, now_ms_of(harness)
-            ),
-            harness.loop,
-        )
+        settling = _settling(harness, ids)
         deadline = time.monotonic() + WAIT_SECONDS
         while not (waited := _waiting_for_a_row_lock(harness.database_url)):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         go.set()  # the refund goes on to the lower quota's row
-        assert waited, "the settlement never waited for the refund's row: no deadlock to test"
+        assert waited, "the settlement never waited for the refund's row: no race to test"
         refund_result = refunded.result(30)
     try:
         settle_result: object = settling.result(30)
     except Exception as error:
         settle_result = f"{type(error).__name__}: {error}"
     assert (refund_result, settle_result) == ("OK", 2)
+
+
+def test_a_settlement_that_meets_a_deadlock_is_tried_again(
+    harness: Harness, registry: Any, relationships: Any, authorizations: Any
+) -> None:
+    low, high, ids, _ = _two_put_back_holds(harness, registry, relationships, authorizations)
+    engine = create_engine(harness.database_url)
+    try:
+        with engine.connect() as other:
+            # Outside the service's lock order: the higher quota first. Its deadlock check
+            # waits longer than the service's (PostgreSQL's default, 1 s), so PostgreSQL ends
+            # the settlement's side of the deadlock, not this one.
+            other.execute(text("SET deadlock_timeout = '20s'"))
+            lock = "SELECT 1 FROM relationships WHERE relationship_id = :id FOR UPDATE"
+            other.execute(text(lock), {"id": high})
+            settling = _settling(harness, ids)  # takes the lower quota, waits for the higher
+            deadline = time.monotonic() + WAIT_SECONDS
+            while not (waited := _waiting_for_a_row_lock(harness.database_url)):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert waited, "the settlement never waited for the higher quota: no deadlock"
+            other.execute(text(lock), {"id": low})  # a deadlock: the settlement's side ends
+            other.commit()
+        settled = settling.result(30)
+    finally:
+        engine.dispose()
+    assert settled == 2  # tried again after the deadlock (Database.run_locking), then settled

@@ -159,12 +159,16 @@ class RelationshipService:
             if already and row.status != RelationshipStatus.DISSOLVED.value:
                 return records.relationship(row), False
             relationship = records.relationship(row)
-            rules.check_consent(  # their rows locked, as a proposal does
+            # Their rows locked, in id order as a proposal takes them: holder first, a consent
+            # and a proposal of the reverse pair (or two consents of it) could deadlock.
+            people = {
+                participant_id: records.participant_row(session, participant_id, lock=True)
+                for participant_id in sorted({row.holder_id, row.beneficiary_id})
+            }
+            rules.check_consent(
                 relationship,
-                records.participant(records.participant_row(session, row.holder_id, lock=True)),
-                records.participant(
-                    records.participant_row(session, row.beneficiary_id, lock=True)
-                ),
+                records.participant(people[row.holder_id]),
+                records.participant(people[row.beneficiary_id]),
             )
             now = self.clock()
             if party is Party.HOLDER:

@@ -105,11 +105,12 @@ class Database:
 
     async def run_locking(self, work: Callable[[Session], T]) -> T:
         """run(work), tried again (LOCKING_TRIES in all) when it raised Unavailable: it could
-        not take its locks (a PostgreSQL deadlock: a refund's group commit locks its quotas in
-        id order first, storage/sql/refund_locks.py, but not those of a capture committed after
-        it read the parts), the connection was lost, or a Redis call inside it did not answer (a
-        reconcile page). For work that takes many quotas' row locks in id order and is safe to
-        run again; the other side of a deadlock is retried by its own caller."""
+        not take its locks (a PostgreSQL deadlock with a transaction outside the service's lock
+        order, README "One lock order for quotas": a worker of an earlier version during a
+        rolling upgrade, an operator's script), the connection was lost, or a Redis call inside
+        it did not answer (a reconcile page). For work that takes many quotas' row locks in id
+        order and is safe to run again; the other side of a deadlock is retried by its own
+        caller."""
         for attempt in range(1, LOCKING_TRIES):
             try:
                 return await self.run(work)

@@ -8,8 +8,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from authz_server.domain.types import RelationshipStatus
 from authz_server.storage.sql import settlement_lock
-from authz_server.storage.sql.tables import CapturePartRow, RelationshipRow
+from authz_server.storage.sql.tables import CapturePartRow, ParticipantRow, RelationshipRow
 
 # Ids in one IN list: a full batch (MAX_BATCH refunds of a few parts each) takes one or two
 # statements, far below the bind parameters a statement may have.
@@ -27,11 +28,14 @@ def lock_refund_quotas(session: Session, authorization_ids: list[str]) -> None:
     rows again (records.relationship_row: held already, each row refreshed as it is).
 
     Every part of each capture is locked, refunded in full or not, and for a replay or a refusal
-    too: more than a unit may need, never less. The parts are read without a lock: a capture's
-    parts and their quotas never change once written (only their refunded figures, under these
-    locks). A capture committed after this read (a refund sent before its capture was answered)
-    has its quotas locked by its unit alone, as before. SQLite: nothing to take (the batch's
-    BEGIN IMMEDIATE holds the database's write lock)."""
+    too: more than a unit may need, never less; then the holders of those quotas no longer
+    active (a refund there credits the holder's account), by id. The parts are read without a
+    lock: a capture's parts and their quotas never change once written (only their refunded
+    figures, under these locks). Each unit calls this again for its own capture before it locks
+    the capture row: a capture committed after the batch's read (a refund sent before its
+    capture was answered) has its quotas taken then, in the same order, before the capture row
+    as another worker's batch takes them. SQLite: nothing to take (the batch's BEGIN IMMEDIATE
+    holds the database's write lock)."""
     if session.get_bind().dialect.name != "postgresql":
         return
     # Before the quotas, as a capture batch takes it: after them, it could wait behind a close's
@@ -50,11 +54,27 @@ def lock_refund_quotas(session: Session, authorization_ids: list[str]) -> None:
             )
         )
     ordered = sorted(quotas)
+    # The holders of the quotas no longer active: a refund on one credits the holder's account
+    # (an UPDATE of the participant's row), which the units would do in the order they came,
+    # so two workers' batches crediting the same two holders deadlocked. Read under the quotas'
+    # locks: one active now stays so until this batch commits (a dissolution locks it first).
+    holders: set[str] = set()
     for start in range(0, len(ordered), REFUND_LOCK_CHUNK):
         chunk = ordered[start : start + REFUND_LOCK_CHUNK]
-        session.execute(
-            select(RelationshipRow.relationship_id)
+        rows = session.execute(
+            select(RelationshipRow.holder_id, RelationshipRow.status)
             .where(RelationshipRow.relationship_id.in_(chunk))
             .order_by(RelationshipRow.relationship_id)
             .with_for_update()
+        )
+        holders.update(h for h, status in rows if status != RelationshipStatus.ACTIVE.value)
+    # After the quotas, as every writer takes participants (registry.report_event says so), in
+    # Python's order as a proposal takes its two (the column keeps the database's collation).
+    people = sorted(holders)
+    for start in range(0, len(people), REFUND_LOCK_CHUNK):
+        session.execute(
+            select(ParticipantRow.participant_id)
+            .where(ParticipantRow.participant_id.in_(people[start : start + REFUND_LOCK_CHUNK]))
+            .order_by(ParticipantRow.participant_id.collate("C"))
+            .with_for_update(key_share=True)
         )
