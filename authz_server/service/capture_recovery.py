@@ -222,7 +222,8 @@ async def settle_put_back(
     relationship_ids = sorted(
         {relationship_id for hold in put_back.values() for relationship_id, _ in hold.funding}
     )
-    # Many quotas' locks at once: tried again after a deadlock with a refund (run_locking).
+    # Many quotas' locks at once: tried again after a deadlock (run_locking: a writer outside
+    # the lock order, README "One lock order for quotas").
     captured = await database.run_locking(
         lambda session: captured_of_as_sql_says(session, authorization_ids, relationship_ids)
     )
