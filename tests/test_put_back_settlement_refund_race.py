@@ -23,6 +23,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, text
 
 from authz_server.service import capture_recovery
@@ -166,6 +167,7 @@ def test_a_settlement_that_meets_a_deadlock_is_tried_again(
     harness: Harness, registry: Any, relationships: Any, authorizations: Any
 ) -> None:
     low, high, ids, _ = _two_put_back_holds(harness, registry, relationships, authorizations)
+    deadlocks_before = _deadlocks()
     engine = create_engine(harness.database_url)
     try:
         with engine.connect() as other:
@@ -188,3 +190,9 @@ def test_a_settlement_that_meets_a_deadlock_is_tried_again(
     finally:
         engine.dispose()
     assert settled == 2  # tried again after the deadlock (Database.run_locking), then settled
+    assert _deadlocks() == deadlocks_before + 1  # counted for the SRE (the settlement's side)
+
+
+def _deadlocks() -> float:
+    value = REGISTRY.get_sample_value("medwallet_sql_unavailable_total", {"kind": "deadlock"})
+    return value or 0.0

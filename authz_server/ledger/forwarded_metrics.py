@@ -32,6 +32,7 @@ FORWARDED_COUNTERS: dict[str, Counter] = {
     "medwallet_audit_dropped": metrics.audit_dropped,
     "medwallet_journal_rejected": metrics.journal_rejected,
     "medwallet_sqlite_checkpoints": metrics.sqlite_checkpoints,
+    "medwallet_sql_unavailable": metrics.sql_unavailable,
 }
 
 # (counter's family name, its labels as sorted (name, value) pairs) -> its total

@@ -197,6 +197,21 @@ ledger_limit_refusals = Counter(
 # series born at 1 shows no increase).
 for _operation in ("capture", "release"):
     ledger_limit_refusals.labels(_operation)
+# The kinds medwallet_sql_unavailable_total counts (storage/sql/failures.py).
+SQL_FAILURE_KINDS = (
+    "deadlock", "lock_timeout", "statement_timeout", "busy", "connection", "other",
+)  # fmt: skip
+sql_unavailable = Counter(
+    "medwallet_sql_unavailable_total",
+    "SQL transactions that failed with a retryable database error (the call answered"
+    " UNAVAILABLE, or the work was tried again), by kind: deadlock (a writer outside the lock"
+    " order), lock_timeout, statement_timeout, busy (SQLite's write lock past its busy"
+    " timeout), connection, other.",
+    ["kind"],
+)
+# Every kind's series from the start at 0, so the alert's increase() sees the first one.
+for _kind in SQL_FAILURE_KINDS:
+    sql_unavailable.labels(_kind)
 redis_up = Gauge(
     "medwallet_redis_up", "1 while Redis answers, else 0.", multiprocess_mode="livemin"
 )

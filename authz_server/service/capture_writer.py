@@ -42,6 +42,7 @@ from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import capture_batch, settlement_lock
 from authz_server.storage.sql.capture_batch import AcceptedCapture, BatchState, CapturePart
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.failures import unavailable
 from authz_server.storage.sql.group_commit import answer
 
 log = logging.getLogger(__name__)
@@ -280,7 +281,7 @@ class CaptureWriter:
                         self.database.executor, self._commit, units
                     )
             except OperationalError as error:  # a lock or a lost connection: retryable
-                failure = Unavailable(f"the database did not answer: {error.orig}")
+                failure = unavailable(error)
                 outcomes = [(False, failure)] * len(batch)
             except Exception:  # not a lock: find the capture that broke it, one by one
                 log.exception("capture batch of %d failed; retrying one by one", len(batch))
@@ -313,7 +314,7 @@ class CaptureWriter:
             try:
                 outcomes.extend(self._commit([unit]))
             except OperationalError as error:
-                outcomes.append((False, Unavailable(f"the database did not answer: {error}")))
+                outcomes.append((False, unavailable(error)))
             except Exception as error:  # this capture only; its transaction was rolled back
                 outcomes.append((False, error))
         return outcomes

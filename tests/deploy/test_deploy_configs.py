@@ -91,6 +91,7 @@ COUNTERS_AND_GAUGES = {
     "medwallet_reconcile_pages_total",
     "medwallet_reconcile_quotas_per_second",
     "medwallet_ledger_limit_refusals_total",
+    "medwallet_sql_unavailable_total",
     "medwallet_authorize_late_journal_total",
     "medwallet_abandoned_holds_released_total",
     "medwallet_redis_up",

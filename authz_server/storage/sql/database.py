@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from authz_server.domain.errors import Unavailable
 from authz_server.observability.thread_names import name_this_thread
 from authz_server.storage.sql.dbapi import execute
+from authz_server.storage.sql.failures import unavailable
 from authz_server.storage.sql.wal_checkpointer import WalCheckpointer
 from authz_server.storage.sql.writer_lock import WriterLock, lock_path, sqlite_file
 
@@ -128,7 +129,7 @@ class Database:
         try:
             return await loop.run_in_executor(self.executor, transaction, work)
         except OperationalError as error:
-            raise Unavailable(f"the database did not answer: {error.orig}") from error
+            raise unavailable(error) from error
 
     def start_checkpoints(self) -> None:
         """A SQLite file's log copied back by a thread of its own (storage/sql/wal_checkpointer.py),

@@ -24,9 +24,9 @@ from opentelemetry.trace import SpanContext
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from authz_server.domain.errors import Unavailable
 from authz_server.observability import tracing
 from authz_server.storage.sql.database import Database
+from authz_server.storage.sql.failures import unavailable
 
 T = TypeVar("T")
 # Bounds one transaction: long enough to amortize a commit, short enough for lock times.
@@ -113,7 +113,7 @@ class GroupCommit:
                             keys,
                         )
                 except OperationalError as error:
-                    failure = Unavailable(f"the database did not answer: {error.orig}")
+                    failure = unavailable(error)
                     outcomes = [(False, failure)] * len(batch)
                 except Exception as error:  # the COMMIT itself failed: nothing of it happened
                     outcomes = [(False, error)] * len(batch)
@@ -137,7 +137,7 @@ class GroupCommit:
                     # left unflushed and may fail (a unique key), and then the unit failed.
                     outcomes.append((True, answer))
                 except OperationalError as error:  # a lock or connection failure: retryable
-                    outcomes.append((False, Unavailable(f"the database did not answer: {error}")))
+                    outcomes.append((False, unavailable(error)))
                 except Exception as error:  # this unit only; its savepoint was rolled back
                     outcomes.append((False, error))
         return outcomes
