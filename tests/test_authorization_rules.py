@@ -1159,7 +1159,8 @@ def test_an_expired_hold_purged_from_redis_is_still_refused_as_expired(
 ) -> None:
     """purge-idempotency drops the settled authorization hashes of closed months (EXPIRED
     included, storage/redis/retention.py); a later Capture is answered from SQL's journal
-    (_lost_state), and must still say AUTHORIZATION_EXPIRED, as GetAuthorization and Void do."""
+    (service/lost_authorizations.py), and must still say AUTHORIZATION_EXPIRED, as
+    GetAuthorization and Void do."""
     from authz_server.service.ports import STALE_CAPTURE_SECONDS
     from authz_server.storage.redis import keys
 

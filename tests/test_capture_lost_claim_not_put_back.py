@@ -3,7 +3,7 @@ after the expiry, so the hold is not put back at all (open_holds: expires_at > n
 claim's write is still within CAPTURE_WRITE_DEADLINE_SECONDS of its claim and commits. A void,
 or a capture under another key, in between is told UNAVAILABLE (retry): SQL says the hold
 expired uncaptured, but within STALE_CAPTURE_SECONDS of its expiry a claim made before it may
-still commit (service/authorization.py _lost_state, CAPTURE_MAY_COMMIT). Before, it was told
+still commit (service/lost_authorizations.py, CAPTURE_MAY_COMMIT). Before, it was told
 AUTHORIZATION_EXPIRED, and then the family's quota was charged: the till was told nothing was
 taken for money that was (an audit's finding; put-back holds had the same rule in Redis,
 tests/test_capture_unfinished_across_rebuild.py)."""

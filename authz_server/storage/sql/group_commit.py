@@ -137,6 +137,11 @@ class GroupCommit:
                     # left unflushed and may fail (a unique key), and then the unit failed.
                     outcomes.append((True, answer))
                 except OperationalError as error:  # a lock or connection failure: retryable
+                    if error.connection_invalidated:
+                        # The connection, and the batch's transaction with it, is gone: the
+                        # next unit and the COMMIT would fail with PendingRollbackError
+                        # (INTERNAL). The whole batch fails, answered and counted once by _run.
+                        raise
                     outcomes.append((False, unavailable(error)))
                 except Exception as error:  # this unit only; its savepoint was rolled back
                     outcomes.append((False, error))
