@@ -9,42 +9,21 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from authz_server.generated.medwallet.v1 import common_pb2, relationship_pb2
 from authz_server.storage.sql import records
 from tests import factories
 from tests.harness import APP, Harness
+from tests.pg_locks import waited_for_rows
 from tests.test_refund_lock_order import _calling
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TEST_DATABASE_URL"), reason="a lock-order deadlock needs PostgreSQL"
 )
-WAIT_SECONDS = 10.0
-
-
-def _waiting_for_a_person(url: str) -> int:
-    """Backends waiting for a row of this run's own participants table (its private schema)."""
-    schema = url.rsplit("csearch_path%3D", 1)[1]
-    engine = create_engine(url.split("?")[0])
-    try:
-        with engine.connect() as connection:
-            return int(
-                connection.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'tuple'"
-                        " AND relation = to_regclass(:table)"
-                    ),
-                    {"table": f"{schema}.participants"},
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
 
 
 def test_a_consent_and_a_proposal_of_the_reverse_pair_do_not_deadlock(
@@ -91,11 +70,7 @@ def test_a_consent_and_a_proposal_of_the_reverse_pair_do_not_deadlock(
         consented = pool.submit(consenting)
         assert holding.wait(15), "the consent never locked a person"
         proposal = pool.submit(proposing)  # locks the lower id first
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not (waited := _waiting_for_a_person(harness.database_url)):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        waited = waited_for_rows(harness.database_url, "participants")
         go.set()  # the consent goes on to its second person
         assert waited, "the proposal never waited for the consent's row: no race to test"
         outcomes = (consented.result(30), proposal.result(30))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,6 +29,7 @@ from authz_server.service import capture_recovery
 from authz_server.service.ports import HoldStatus
 from authz_server.storage.sql import records
 from tests.harness import Harness, lose_redis
+from tests.pg_locks import waited_for_rows
 from tests.test_authorization_rules import (
     APPROVED,
     HOSPITAL,
@@ -47,34 +47,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# How long the settlement may take to reach its wait for the refund's row.
-WAIT_SECONDS = 10.0
-
-
 @pytest.fixture(scope="module", autouse=True)
 def merchants(registry: Any) -> None:
     register_merchants(registry)
-
-
-def _waiting_for_a_row_lock(url: str) -> int:
-    """Backends waiting for a row of this test run's own relationships table (its private
-    schema: the other pytest workers' waits do not count). The first waiter for a row holds
-    the row's tuple lock while it waits for the holder's transaction."""
-    schema = url.rsplit("csearch_path%3D", 1)[1]
-    engine = create_engine(url.split("?")[0])
-    try:
-        with engine.connect() as connection:
-            return int(
-                connection.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'tuple'"
-                        " AND relation = to_regclass(:table)"
-                    ),
-                    {"table": f"{schema}.relationships"},
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
 
 
 def _two_put_back_holds(
@@ -148,11 +123,7 @@ def test_settling_put_back_holds_does_not_deadlock_with_a_refund(
         refunded = pool.submit(refunding)
         assert holding.wait(15), "the refund never locked the higher quota"
         settling = _settling(harness, ids)
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not (waited := _waiting_for_a_row_lock(harness.database_url)):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        waited = waited_for_rows(harness.database_url, "relationships")
         go.set()  # the refund goes on to the lower quota's row
         assert waited, "the settlement never waited for the refund's row: no race to test"
         refund_result = refunded.result(30)
@@ -178,11 +149,7 @@ def test_a_settlement_that_meets_a_deadlock_is_tried_again(
             lock = "SELECT 1 FROM relationships WHERE relationship_id = :id FOR UPDATE"
             other.execute(text(lock), {"id": high})
             settling = _settling(harness, ids)  # takes the lower quota, waits for the higher
-            deadline = time.monotonic() + WAIT_SECONDS
-            while not (waited := _waiting_for_a_row_lock(harness.database_url)):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            waited = waited_for_rows(harness.database_url, "relationships")
             assert waited, "the settlement never waited for the higher quota: no deadlock"
             other.execute(text(lock), {"id": low})  # a deadlock: the settlement's side ends
             other.commit()

@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import create_engine, text
 
 from authz_server.generated.medwallet.v1 import authorization_pb2
 from authz_server.server import convert
@@ -27,6 +26,7 @@ from authz_server.storage.sql.group_commit import GroupCommit
 from authz_server.storage.sql.refund_locks import lock_refund_quotas
 from tests import factories
 from tests.harness import Harness, new_id
+from tests.pg_locks import waiting_for_rows
 from tests.test_authorization_rules import (
     HOSPITAL,
     MEDICAL,
@@ -46,26 +46,6 @@ MERCHANT = "rules-hospital"
 @pytest.fixture(scope="module", autouse=True)
 def merchants(registry: Any) -> None:
     register_merchants(registry)
-
-
-def _someone_waits(url: str) -> bool:
-    """A session of this run's schema waits for a lock another holds."""
-    schema = url.rsplit("csearch_path%3D", 1)[1]
-    engine = create_engine(url.split("?")[0])
-    try:
-        with engine.connect() as connection:
-            return bool(
-                connection.scalar(
-                    text(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                        " JOIN pg_namespace n ON n.oid = c.relnamespace"
-                        " WHERE l.locktype = 'tuple' AND n.nspname = :schema"
-                    ),
-                    {"schema": schema},
-                )
-            )
-    finally:
-        engine.dispose()
 
 
 def _paired(
@@ -183,7 +163,7 @@ def test_two_workers_refunding_to_crossed_holders_accounts_do_not_deadlock(
             y2 = y_refund(paid[(p1, b2)])
             # Y's first refund runs (before a fix), or Y's batch waits for X's (with one)
             deadline = time.monotonic() + 20
-            while not (y_first.is_set() or _someone_waits(harness.database_url)):
+            while not (y_first.is_set() or waiting_for_rows(harness.database_url)):
                 assert time.monotonic() < deadline, "Y neither ran nor waited"
                 time.sleep(0.05)
             go.set()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +24,7 @@ from authz_server.generated.medwallet.v1 import authorization_pb2, relationship_
 from authz_server.storage.sql import records
 from authz_server.storage.sql.tables import LedgerEntryRow, RelationshipRow
 from tests.harness import APP, Harness, new_id
+from tests.pg_locks import waited_for_rows
 from tests.test_authorization_rules import (
     APPROVED,
     HOSPITAL,
@@ -36,14 +36,10 @@ from tests.test_authorization_rules import (
     refund,
     register_merchants,
 )
-from tests.test_put_back_settlement_refund_race import _waiting_for_a_row_lock
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("TEST_DATABASE_URL"), reason="a lock-order deadlock needs PostgreSQL"
 )
-
-# How long the capture may take to reach its wait for a quota's row.
-WAIT_SECONDS = 10.0
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,11 +97,7 @@ def _refunds_beside_a_capture(
         refunded = pool.submit(_calling, refunding)
         assert asking.wait(15), "the refund never asked for the lower quota's row"
         captured = pool.submit(_calling, capturing)
-        deadline = time.monotonic() + WAIT_SECONDS
-        while not (waited := _waiting_for_a_row_lock(harness.database_url)):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        waited = waited_for_rows(harness.database_url, "relationships")
         go.set()
         assert waited, "the capture never waited for a quota's row: no deadlock to test"
         return refunded.result(30), captured.result(30)

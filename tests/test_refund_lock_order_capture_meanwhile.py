@@ -16,12 +16,10 @@ import asyncio
 import copy
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from authz_server.generated.medwallet.v1 import authorization_pb2
 from authz_server.server import convert
@@ -31,6 +29,7 @@ from authz_server.storage.sql import records
 from authz_server.storage.sql.group_commit import GroupCommit
 from authz_server.storage.sql.refund_locks import lock_refund_quotas
 from tests.harness import Harness, new_id
+from tests.pg_locks import waited_for_rows
 from tests.test_authorization_rules import (
     HOSPITAL,
     MEDICAL,
@@ -50,26 +49,6 @@ MERCHANT = "rules-hospital"
 @pytest.fixture(scope="module", autouse=True)
 def merchants(registry: Any) -> None:
     register_merchants(registry)
-
-
-def _waiting_for_a_capture_row(url: str) -> int:
-    """Backends waiting for a row of this run's captures or relationships (Y waits for X: for
-    the capture row, when a unit locked it first; for a quota, now that it locks quotas first)."""
-    schema = url.rsplit("csearch_path%3D", 1)[1]
-    engine = create_engine(url.split("?")[0])
-    try:
-        with engine.connect() as connection:
-            return int(
-                connection.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'tuple'"
-                        " AND relation IN (to_regclass(:captures), to_regclass(:quotas))"
-                    ),
-                    {"captures": f"{schema}.captures", "quotas": f"{schema}.relationships"},
-                ).scalar_one()
-            )
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize("other_lock_first", ["without_locks_first", "with_locks_first"])
@@ -144,11 +123,7 @@ def test_two_refunds_of_a_just_captured_authorization_on_two_workers_do_not_dead
             y = asyncio.run_coroutine_threadsafe(
                 y_worker.refund(MERCHANT, authorization_id, 1_000, call), loop
             )
-            deadline = time.monotonic() + 10
-            while not (waited := _waiting_for_a_capture_row(harness.database_url)):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
+            waited = waited_for_rows(harness.database_url, "captures", "relationships")
             go.set()
             assert waited, "Y never waited for X"
             x_outcome = x.result(30)
