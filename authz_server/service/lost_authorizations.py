@@ -39,14 +39,14 @@ def lost_state(journal_row: AuthorizationRow, captured: bool, now: datetime) -> 
         return LostState.CAPTURED
     if journal_row.decision == Decision.DECLINED.value:
         return LostState.DECLINED
-    if (
-        journal_row.voided_at is None
-        and journal_row.expires_at is not None
-        and records.utc(journal_row.expires_at) <= now
-    ):
-        window_ends = records.utc(journal_row.expires_at) + timedelta(seconds=STALE_CAPTURE_SECONDS)
-        return LostState.CAPTURE_MAY_COMMIT if now < window_ends else LostState.EXPIRED
-    return LostState.VOIDED
+    if journal_row.voided_at is not None or journal_row.expires_at is None:
+        return LostState.VOIDED
+    expires_at = records.utc(journal_row.expires_at)
+    if now < expires_at:
+        return LostState.VOIDED
+    if now < expires_at + timedelta(seconds=STALE_CAPTURE_SECONDS):
+        return LostState.CAPTURE_MAY_COMMIT
+    return LostState.EXPIRED
 
 
 def read_lost_state(

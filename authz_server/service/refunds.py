@@ -30,7 +30,7 @@ from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import records, settlement_lock
 from authz_server.storage.sql.database import Database
 from authz_server.storage.sql.group_commit import GroupCommit
-from authz_server.storage.sql.refund_locks import lock_refund_quotas
+from authz_server.storage.sql.refund_locks import lock_quotas_of_refund
 from authz_server.storage.sql.tables import CapturePartRow, CaptureRow, RefundRow
 
 
@@ -135,7 +135,7 @@ class Refunds:
             # locking the capture row first, this unit and another worker's refund of the same
             # capture, whose batch locked the quotas first, took the two in opposite orders and
             # deadlocked on PostgreSQL).
-            lock_refund_quotas(session, [authorization_id])
+            lock_quotas_of_refund(session, authorization_id)
             # Refreshed from the row it locks (records.locked): a refused refund earlier in this
             # group commit may have loaded it, and its savepoint's rollback let the lock go.
             capture = session.get(

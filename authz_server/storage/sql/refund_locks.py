@@ -5,6 +5,8 @@ once a batch with its refunds' authorization ids."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -15,6 +17,9 @@ from authz_server.storage.sql.tables import CapturePartRow, ParticipantRow, Rela
 # Ids in one IN list: a full batch (MAX_BATCH refunds of a few parts each) takes one or two
 # statements, far below the bind parameters a statement may have.
 REFUND_LOCK_CHUNK = 1_000
+# In the batch's session.info: the authorizations whose quotas the batch's step locked (those
+# captured when it read them), so a unit of one of them need not read and lock them again.
+LOCKED_BY_BATCH = "refund_quotas_locked"
 
 
 def lock_refund_quotas(session: Session, authorization_ids: list[str]) -> None:
@@ -31,36 +36,47 @@ def lock_refund_quotas(session: Session, authorization_ids: list[str]) -> None:
     too: more than a unit may need, never less; then the holders of those quotas no longer
     active (a refund there credits the holder's account), by id. The parts are read without a
     lock: a capture's parts and their quotas never change once written (only their refunded
-    figures, under these locks). Each unit calls this again for its own capture before it locks
-    the capture row: a capture committed after the batch's read (a refund sent before its
-    capture was answered) has its quotas taken then, in the same order, before the capture row
-    as another worker's batch takes them. SQLite: nothing to take (the batch's BEGIN IMMEDIATE
-    holds the database's write lock)."""
+    figures, under these locks). SQLite: nothing to take (the batch's BEGIN IMMEDIATE holds the
+    database's write lock)."""
+    session.info[LOCKED_BY_BATCH] = _lock(session, authorization_ids)
+
+
+def lock_quotas_of_refund(session: Session, authorization_id: str) -> None:
+    """A refund unit's own capture's quotas, before its capture row, when the batch's step did
+    not lock them: a capture committed after the batch read the parts (a refund sent before its
+    capture was answered). Locked in the same order, before the capture row, as another
+    worker's batch takes them. Inside the unit's savepoint, so not noted as the batch's: a
+    refused unit's rollback lets these locks go."""
+    if authorization_id not in session.info.get(LOCKED_BY_BATCH, ()):
+        _lock(session, [authorization_id])
+
+
+def _lock(session: Session, authorization_ids: list[str]) -> set[str]:
+    """Locks (PostgreSQL) the quotas of these authorizations' captures and the holders of those
+    no longer active; the authorizations found captured."""
     if session.get_bind().dialect.name != "postgresql":
-        return
+        return set()
     # Before the quotas, as a capture batch takes it: after them, it could wait behind a close's
     # exclusive request (one waiting queues the shared ones asked after it) that waits for a
     # capture batch, itself waiting for these quotas.
     settlement_lock.for_writing(session)
-    ids = sorted(set(authorization_ids))
+    captured: set[str] = set()
     quotas: set[str] = set()
-    for start in range(0, len(ids), REFUND_LOCK_CHUNK):
-        chunk = ids[start : start + REFUND_LOCK_CHUNK]
-        quotas.update(
-            session.scalars(
-                select(CapturePartRow.relationship_id).where(
-                    CapturePartRow.authorization_id.in_(chunk)
-                )
+    for chunk in _chunks(sorted(set(authorization_ids))):
+        parts = session.execute(
+            select(CapturePartRow.authorization_id, CapturePartRow.relationship_id).where(
+                CapturePartRow.authorization_id.in_(chunk)
             )
         )
-    ordered = sorted(quotas)
+        for authorization_id, relationship_id in parts:
+            captured.add(authorization_id)
+            quotas.add(relationship_id)
     # The holders of the quotas no longer active: a refund on one credits the holder's account
     # (an UPDATE of the participant's row), which the units would do in the order they came,
     # so two workers' batches crediting the same two holders deadlocked. Read under the quotas'
     # locks: one active now stays so until this batch commits (a dissolution locks it first).
     holders: set[str] = set()
-    for start in range(0, len(ordered), REFUND_LOCK_CHUNK):
-        chunk = ordered[start : start + REFUND_LOCK_CHUNK]
+    for chunk in _chunks(sorted(quotas)):
         rows = session.execute(
             select(RelationshipRow.holder_id, RelationshipRow.status)
             .where(RelationshipRow.relationship_id.in_(chunk))
@@ -70,11 +86,16 @@ def lock_refund_quotas(session: Session, authorization_ids: list[str]) -> None:
         holders.update(h for h, status in rows if status != RelationshipStatus.ACTIVE.value)
     # After the quotas, as every writer takes participants (registry.report_event says so), in
     # Python's order as a proposal takes its two (the column keeps the database's collation).
-    people = sorted(holders)
-    for start in range(0, len(people), REFUND_LOCK_CHUNK):
+    for chunk in _chunks(sorted(holders)):
         session.execute(
             select(ParticipantRow.participant_id)
-            .where(ParticipantRow.participant_id.in_(people[start : start + REFUND_LOCK_CHUNK]))
+            .where(ParticipantRow.participant_id.in_(chunk))
             .order_by(ParticipantRow.participant_id.collate("C"))
             .with_for_update(key_share=True)
         )
+    return captured
+
+
+def _chunks(ids: list[str]) -> Iterator[list[str]]:
+    for start in range(0, len(ids), REFUND_LOCK_CHUNK):
+        yield ids[start : start + REFUND_LOCK_CHUNK]
