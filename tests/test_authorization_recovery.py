@@ -266,7 +266,7 @@ def test_reconcile_finishes_interrupted_captures_as_sql_says(
     # The second one's SQL write happened before the process stopped.
     claim_parts = ((rid, 20_000),)
     harness.run(
-        app.authorizations._write_capture(
+        app.authorizations.captures.write(
             written.authorization_id, "rules-hospital", fam.beneficiary_id,
             Purpose.MEDICAL_OUT_OF_POCKET,
             20_000, claim_parts, claim_parts, None, harness.clock(),

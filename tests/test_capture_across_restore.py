@@ -73,7 +73,7 @@ class PausedCapture:
         self.authorizations = authorizations
         self.authorization_id = authorization_id
         self.key = new_id("capture")
-        self.writer: CaptureWriter = harness.app.authorizations.captures
+        self.writer: CaptureWriter = harness.app.authorizations.captures.writer
         self.holds = harness.app.holds
         self.real_submit = self.writer.submit
         self.real_finish = self.holds.capture_finish

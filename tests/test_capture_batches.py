@@ -126,7 +126,7 @@ def test_each_capture_in_a_batch_gets_its_own_outcome(
     harness: Harness, quotas: tuple[str, str]
 ) -> None:
     active, dissolved = quotas
-    writer = harness.app.authorizations.captures
+    writer = harness.app.authorizations.captures.writer
     earlier_key = new_id("k")
     earlier = harness.run(writer.submit(unit(active, 100, earlier_key)))
     assert isinstance(earlier, AuthorizationView)
@@ -180,7 +180,7 @@ def test_a_capture_that_breaks_its_batch_fails_alone(
     harness: Harness, quotas: tuple[str, str]
 ) -> None:
     active, _ = quotas
-    writer = harness.app.authorizations.captures
+    writer = harness.app.authorizations.captures.writer
 
     def broken(_view: AuthorizationView) -> bytes:
         raise RuntimeError("cannot encode")
@@ -204,7 +204,7 @@ def test_a_capture_that_waited_past_its_write_deadline_is_not_written(
     counts the money as spent), so one past its deadline is refused, retryable."""
     assert CAPTURE_WRITE_DEADLINE_SECONDS * 2 < STALE_CAPTURE_SECONDS
     active, _ = quotas
-    writer = harness.app.authorizations.captures
+    writer = harness.app.authorizations.captures.writer
     before = captured_total(harness, active)
     fresh = unit(active, 30, new_id("k"))
     waited = unit(active, 40, new_id("k"))

@@ -102,7 +102,7 @@ def test_a_slow_sweeper_cannot_reopen_the_claim_of_a_retry(
         return slow, task
 
     slow, sweeper = harness.run(sweeper_reads_sql())
-    writer = harness.app.authorizations.captures
+    writer = harness.app.authorizations.captures.writer
     real_submit = writer.submit
 
     async def submit(unit: Any) -> Any:
@@ -129,7 +129,7 @@ def test_a_reconcile_run_while_serving_leaves_a_live_capture_alone(
     authorization_id = authorize(
         authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000
     ).authorization_id
-    writer = harness.app.authorizations.captures
+    writer = harness.app.authorizations.captures.writer
     real = writer._commit
 
     def slow(units: Any) -> Any:  # a busy SQL: the batch begins a moment later

@@ -249,7 +249,7 @@ def test_a_batch_writes_the_captures_the_ledger_can_pay_and_refuses_the_others(
     other = factories.active_relationship(
         relationships, holder, factories.employee(registry), 1_000
     )
-    writer = harness.app.authorizations.captures
+    writer = harness.app.authorizations.captures.writer
     batch = [
         _unit(harness, rid, 300),
         _unit(harness, rid, 800),  # 300 + 800 > 1,000

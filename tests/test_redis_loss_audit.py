@@ -55,7 +55,7 @@ def merchants(registry: Any) -> None:
 
 @pytest.fixture()
 def writer(harness: Harness) -> Iterator[CaptureWriter]:
-    captures = harness.app.authorizations.captures
+    captures = harness.app.authorizations.captures.writer
     real_commit, real_submit = captures._commit, captures.submit
     yield captures
     captures._commit = real_commit  # type: ignore[method-assign]

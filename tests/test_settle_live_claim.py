@@ -64,7 +64,7 @@ def test_a_list_fetched_as_stalled_does_not_settle_the_live_claim_of_a_retry(
     fetched = harness.run(sweeper.stalled_captures(now_ms))
     assert fetched == [authorization_id]
 
-    writer = app.authorizations.captures
+    writer = app.authorizations.captures.writer
     real_submit = writer.submit
     rounds: list[None] = []
 

@@ -112,7 +112,7 @@ def test_a_capture_that_commits_after_its_month_closed_is_settled_in_the_next(
     world: World,
 ) -> None:
     app = world.harness.app
-    writer = app.authorizations.captures
+    writer = app.authorizations.captures.writer
     real_submit = writer.submit
 
     # The closing host's clock runs 30 s ahead of the server's: a close waits that long past

@@ -55,7 +55,7 @@ def merchants(registry: Any) -> None:
 
 @pytest.fixture()
 def writer(harness: Harness) -> Iterator[CaptureWriter]:
-    captures = harness.app.authorizations.captures
+    captures = harness.app.authorizations.captures.writer
     real = captures._commit
     yield captures
     captures._commit = real  # type: ignore[method-assign]
@@ -139,7 +139,9 @@ class UnreachableDatabase:
 
 @pytest.fixture()
 def service(harness: Harness) -> Iterator[Any]:
-    service = harness.app.authorizations
+    """The captures' part of the service (service/captures.py): its reads of SQL after a
+    failed write are what an unreachable database refuses."""
+    service = harness.app.authorizations.captures
     real = service.database
     yield service
     service.database = real
@@ -402,7 +404,8 @@ def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_dec
     fam = family(registry, relationships, 20_000)
     key = new_id("premium")
     left_capturing(authorizations, service, writer, fam, key, commits=False)
-    real_holds = service.holds
+    deciding = harness.app.authorizations  # Authorize's decision, read again by a retry
+    real_holds = deciding.holds
     sweeps = SweepStore(harness.app.pipelined_redis)
 
     class SweptMeanwhile:
@@ -416,7 +419,7 @@ def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_dec
                 await settle_capture(harness.app.database, real_holds, stalled, stalled_ms)
             return bool(stands)
 
-    service.holds = SweptMeanwhile()
+    deciding.holds = SweptMeanwhile()
     try:
         with pytest.raises(grpc.RpcError) as told:
             authorize(
@@ -424,7 +427,7 @@ def test_a_retry_that_sees_the_sweeper_void_its_payment_is_told_to_retry_not_dec
                 idempotency_key=key,
             )  # fmt: skip
     finally:
-        service.holds = real_holds
+        deciding.holds = real_holds
     assert told.value.code() == grpc.StatusCode.UNAVAILABLE
     pays_once_when_retried(harness, relationships, authorizations, fam, key)
     harness.run(harness.app.journal.flush())

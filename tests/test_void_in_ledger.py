@@ -55,7 +55,7 @@ def written_behind_redis(harness: Harness, authorization_id: str) -> Any:
 
     async def submit() -> Any:
         try:
-            return await app.authorizations.captures.submit(unit)
+            return await app.authorizations.captures.writer.submit(unit)
         except PolicyRefusal as refusal:
             return refusal
 

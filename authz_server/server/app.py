@@ -451,7 +451,7 @@ class Application:
             # captures and releases whose calls were cancelled (a deadline) but which run to
             # their end: before Redis and SQL close
             ("writes_left_running", self._writes_left_running, step),
-            ("capture_writer", self.authorizations.captures.written, step),
+            ("capture_writer", self.authorizations.captures.writer.written, step),
             # rows waiting for a retry are given up on (logged) before the journal writes
             # what is queued and stops
             ("late_journal", self.authorizations.late_journal.stop, step),

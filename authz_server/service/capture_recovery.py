@@ -15,7 +15,7 @@ SQL, so it cannot tell which), and expiry does not release one while it is liste
 bound; lua/_lib.lua awaiting_settlement). Here it is settled as SQL says too: CAPTURED as
 above, or, when SQL has no capture, simply no longer listed (an ordinary open hold, expiring at
 its time; a capture that commits even later finds it PENDING and finishes it, or, expired,
-sets the quotas from the ledger: AuthorizationService._finish_captured). A rebuild lists all
+sets the quotas from the ledger: Captures.finish_hold_captured). A rebuild lists all
 its open holds at once, so these are settled a batch at a time (settle_stalled: one SQL read for
 a batch's put-back holds, their Redis steps at once).
 

@@ -10,3 +10,13 @@ Clock = Callable[[], datetime]
 
 def system_clock() -> datetime:
     return datetime.now(UTC)
+
+
+def milliseconds(moment: datetime) -> int:
+    """A moment as Redis keeps it: whole milliseconds since the epoch."""
+    return int(moment.timestamp() * 1000)
+
+
+def from_milliseconds(value: int) -> datetime | None:
+    """Redis's milliseconds as a moment; None for 0 (not set)."""
+    return datetime.fromtimestamp(value / 1000, UTC) if value else None

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from authz_server.domain.types import Decision
+from authz_server.domain.types import AuthorizationStatus, Decision
 from authz_server.service.ports import STALE_CAPTURE_SECONDS
 from authz_server.storage.sql import records
 from authz_server.storage.sql.tables import AuthorizationRow, CaptureRow
@@ -31,6 +31,24 @@ class LostState(enum.Enum):
     EXPIRED = "EXPIRED"
     CAPTURE_MAY_COMMIT = "CAPTURE_MAY_COMMIT"  # expired, but a capture may still commit
     VOIDED = "VOIDED"
+
+
+# What a capture or void of such an authorization is refused with, and the status
+# GetAuthorization shows. A capture that may still commit is answered UNAVAILABLE (retry), and
+# shown pending meanwhile.
+LOST_REFUSALS = {
+    LostState.CAPTURED: "ALREADY_CAPTURED",
+    LostState.DECLINED: "AUTHORIZATION_DECLINED",
+    LostState.EXPIRED: "AUTHORIZATION_EXPIRED",
+    LostState.VOIDED: "ALREADY_VOIDED",
+}
+LOST_STATUSES = {
+    LostState.CAPTURED: AuthorizationStatus.CAPTURED,
+    LostState.DECLINED: AuthorizationStatus.DECLINED,
+    LostState.EXPIRED: AuthorizationStatus.EXPIRED,
+    LostState.CAPTURE_MAY_COMMIT: AuthorizationStatus.PENDING,
+    LostState.VOIDED: AuthorizationStatus.VOIDED,
+}
 
 
 def lost_state(journal_row: AuthorizationRow, captured: bool, now: datetime) -> LostState:

@@ -8,7 +8,7 @@ has them). The decision journal (authorizations) and the ledger are kept. A retr
 after the purge (a till retrying minutes after a close at midnight) still pays nothing twice
 and is still answered as a retry: an Authorize's key is the journal's unique key, and a
 capture's or a refund's key stays on its row in the captures or refunds table
-(service/authorization.py _capture_without_hold, service/refunds.py _refund_made_under): it
+(service/captures.py _capture_without_hold, service/refunds.py _refund_made_under): it
 is answered with the authorization as it is now.
 """
 
