@@ -30,6 +30,7 @@ import pytest
 from authz_server.domain.errors import Unavailable
 from authz_server.domain.hot_state import OpenHold
 from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.service import capture_recovery
 from authz_server.service.capture_writer import CaptureUnit
 from authz_server.service.ports import (
     CAPTURE_WRITE_DEADLINE_SECONDS,
@@ -118,6 +119,21 @@ class DeadCapture(PausedCapture):
 @pytest.fixture()
 def dead(harness: Harness, authorizations: Any) -> Iterator[Callable[[str], DeadCapture]]:
     yield from let_go_after(DeadCapture, harness, authorizations)
+
+
+@pytest.fixture()
+def sweeper_held_back(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """The running sweeper's settlement of stalled and put-back holds held back (a late round:
+    many slots due, a Redis stall), so that a test past the window in which a claim lost with
+    Redis may commit sees the scripts' own answers, not the sweeper's settlement. Returns what
+    lets it go again."""
+    real = capture_recovery.settle_stalled
+
+    async def held_back(database: Any, holds: Any, stalled: list[str], now_ms: int) -> int:
+        return 0
+
+    monkeypatch.setattr(capture_recovery, "settle_stalled", held_back)
+    return lambda: monkeypatch.setattr(capture_recovery, "settle_stalled", real)
 
 
 def status(harness: Harness, authorization_id: str) -> HoldStatus | None:
@@ -253,13 +269,16 @@ def test_a_capture_of_the_expired_put_back_hold_is_answered_as_sql_says(
     relationships: Any,
     authorizations: Any,
     dead: Callable[[str], DeadCapture],
+    sweeper_held_back: Callable[[], None],
     same_key: bool,
 ) -> None:
     """A capture reaches the hold after its expiry, before the sweeper settled it:
     capture_begin's own expiry must not give the captured money back either (fails without the
-    change: AUTHORIZATION_EXPIRED, the 12,000 back in Redis). It is settled first (STALLED):
-    another till is answered ALREADY_CAPTURED; the dead capture's till, retrying with its key,
-    gets its capture's answer."""
+    change: AUTHORIZATION_EXPIRED, the 12,000 back in Redis). The dead capture's till, retrying
+    with its key, gets its capture's answer at once (SQL has it under its key). Another till is
+    told to retry while a claim lost with Redis may still commit (STALE_CAPTURE_SECONDS after
+    the put-back: lua/_lib.lua lost_claim_may_commit), then, the hold settled first (STALLED),
+    ALREADY_CAPTURED."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
     authorization_id, step = near_expiry_across_a_rebuild(harness, authorizations, dead, fam)
@@ -267,6 +286,12 @@ def test_a_capture_of_the_expired_put_back_hold_is_answered_as_sql_says(
         answer = capture(authorizations, HOSPITAL, authorization_id, 12_000, key=step.key)
         assert (answer.status, answer.captured_amount_fen) == (CAPTURED, 12_000)
     else:
+        refused(
+            lambda: capture(authorizations, HOSPITAL, authorization_id, 12_000),
+            grpc.StatusCode.UNAVAILABLE,
+            "UNAVAILABLE",
+        )
+        harness.clock.advance(STALE_CAPTURE_SECONDS)  # past the window; the sweeper is late
         refused(
             lambda: capture(authorizations, HOSPITAL, authorization_id, 12_000),
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -283,14 +308,15 @@ def test_a_void_of_the_expired_put_back_hold_is_answered_expired_and_gives_nothi
     relationships: Any,
     authorizations: Any,
     dead: Callable[[str], DeadCapture],
+    sweeper_held_back: Callable[[], None],
 ) -> None:
-    """A Void after the expiry, before the settlement, of a hold whose capture SQL does not
-    have (its write never came; one SQL has is answered ALREADY_CAPTURED and finished as SQL
-    says, as before: tests/test_capture_across_restore.py), put back more than
-    CAPTURE_WRITE_DEADLINE_SECONDS before (so no capture claimed before can commit any more;
-    until then UNAVAILABLE, as the test after this one shows). SQL answers EXPIRED; void.lua must
-    neither void the hold (answering OK for an expired one) nor release it before its
-    settlement. Once settled open it expires."""
+    """A Void after the expiry, before the settlement (the sweeper late), of a hold whose
+    capture SQL does not have (its write never came; one SQL has is answered ALREADY_CAPTURED
+    and finished as SQL says, as before: tests/test_capture_across_restore.py), put back
+    STALE_CAPTURE_SECONDS before or more (so no capture claimed before can commit any more,
+    whatever the servers' clocks; until then UNAVAILABLE, as the test after this one shows). SQL
+    answers EXPIRED; void.lua must neither void the hold (answering OK for an expired one) nor
+    release it before its settlement. Once settled open it expires."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
     held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
@@ -301,6 +327,7 @@ def test_a_void_of_the_expired_put_back_hold_is_answered_expired_and_gives_nothi
     step.start(12_000)
     lose_redis(harness)
     past_expiry(harness, held.authorization_id, rebuilt_after_ms)
+    harness.clock.advance(STALE_CAPTURE_SECONDS)  # past the window; the sweeper is late
     refused(
         lambda: void(authorizations, HOSPITAL, held.authorization_id),
         grpc.StatusCode.FAILED_PRECONDITION,
@@ -309,7 +336,7 @@ def test_a_void_of_the_expired_put_back_hold_is_answered_expired_and_gives_nothi
     assert status(harness, held.authorization_id) is HoldStatus.PENDING
     assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 12_000)
 
-    harness.clock.advance(STALE_CAPTURE_SECONDS)  # settled open, then expired
+    sweeper_held_back()  # let go: settled open, then expired
     wait_for(
         lambda: status(harness, held.authorization_id) is HoldStatus.EXPIRED,
         seconds=SWEEP_WAIT_SECONDS,
@@ -331,6 +358,7 @@ def test_past_the_expiry_a_put_back_hold_whose_lost_claim_may_commit_is_told_to_
     relationships: Any,
     authorizations: Any,
     paused: Callable[[str], PausedCapture],
+    sweeper_held_back: Callable[[], None],
     call: str,
     commits: bool,
 ) -> None:
@@ -344,8 +372,10 @@ def test_past_the_expiry_a_put_back_hold_whose_lost_claim_may_commit_is_told_to_
     CAPTURE_WRITE_DEADLINE_SECONDS of its claim) and the family's quota was charged 12,000: the
     till was told nothing was taken for money that was. Without the Redis loss the same void is
     answered UNAVAILABLE (CAPTURE_IN_PROGRESS); so it is now, until no capture claimed in the
-    lost Redis can commit any more (CAPTURE_WRITE_DEADLINE_SECONDS after the put-back): then
-    the retry gets ALREADY_CAPTURED, or AUTHORIZATION_EXPIRED as before."""
+    lost Redis can commit any more (its write deadline, CAPTURE_WRITE_DEADLINE_SECONDS, after its
+    claim; the scripts wait STALE_CAPTURE_SECONDS after the put-back, for clocks that differ
+    between servers): then the retry gets ALREADY_CAPTURED, or AUTHORIZATION_EXPIRED as
+    before (here the sweeper is late: the scripts' own answers)."""
     fam = family(registry, relationships, 20_000)
     (relationship_id,) = fam.relationship_ids
     held = authorize(authorizations, HOSPITAL, fam.beneficiary_id, MEDICAL, 12_000)
@@ -375,7 +405,7 @@ def test_past_the_expiry_a_put_back_hold_whose_lost_claim_may_commit_is_told_to_
         assert hot_figures(harness, fam.beneficiary_id, relationship_id) == (8_000, 0)
         redis_agrees_with_sql(harness, fam.beneficiary_id, relationship_id)
     else:
-        harness.clock.advance(CAPTURE_WRITE_DEADLINE_SECONDS)  # its write can no longer commit
+        harness.clock.advance(STALE_CAPTURE_SECONDS)  # its write can no longer commit
         refused(void_or_capture, grpc.StatusCode.FAILED_PRECONDITION, "AUTHORIZATION_EXPIRED")
         assert step.end() == grpc.StatusCode.UNAVAILABLE  # it waited too long to be written
         assert unused_in_sql(harness, relationship_id) == 20_000
@@ -517,22 +547,29 @@ def test_a_capture_or_void_after_the_expiry_leaves_an_awaiting_hold_for_its_sett
 def test_past_its_expiry_a_put_back_hold_is_in_progress_while_a_lost_claim_may_commit(
     redis_url: str,
 ) -> None:
-    """A put-back hold that expires sooner after the rebuild than CAPTURE_WRITE_DEADLINE_SECONDS:
-    a capture claimed in the Redis that was lost may commit until then (lua/_lib.lua
-    lost_claim_may_commit), so a capture or void past its expiry is told one is in progress;
-    from the deadline on, STALLED and AUTHORIZATION_EXPIRED as above."""
+    """A put-back hold that expires sooner after the rebuild than STALE_CAPTURE_SECONDS: a
+    capture claimed in the Redis that was lost may commit until CAPTURE_WRITE_DEADLINE_SECONDS
+    after its claim, by its own server's clock, and the rebuild listed the hold by the
+    rebuilding server's: so a capture or void past its expiry is told one is in progress until
+    the sweeper's bound (lua/_lib.lua lost_claim_may_commit); from then on, STALLED and
+    AUTHORIZATION_EXPIRED as above. At the bare deadline after the listing (what the scripts
+    allowed before) a server whose clock runs ahead of the rebuilder's would settle the hold as
+    not captured and answer AUTHORIZATION_EXPIRED while the lost claim could still commit."""
     deadline_ms = CAPTURE_WRITE_DEADLINE_SECONDS * 1000
+    window_ms = STALE_CAPTURE_SECONDS * 1000
 
     async def body(store: Store) -> None:
         beneficiary_id, relationship_id, (held,) = await put_back(
             store, 10_000, expires_in_ms=deadline_ms // 2
         )
-        for now_ms in (NOW_MS + deadline_ms // 2, NOW_MS + deadline_ms - 1):
+        # this server's clock 0 s, 5 s and 20 s ahead of the rebuilder's, at the claim's deadline
+        ahead = [NOW_MS + deadline_ms - 1 + skew_ms for skew_ms in (0, 5_000, 19_999)]
+        for now_ms in (NOW_MS + deadline_ms // 2, *ahead, NOW_MS + window_ms - 1):
             claim = await store.holds.capture_begin(held, "sweeper-merchant", "c1", 0, now_ms)
-            assert claim.outcome == CaptureOutcome.IN_PROGRESS
+            assert claim.outcome == CaptureOutcome.IN_PROGRESS, now_ms - NOW_MS
             void = await store.holds.void(held, "sweeper-merchant", now_ms)
-            assert void == VoidOutcome.CAPTURE_IN_PROGRESS
-        now_ms = NOW_MS + deadline_ms
+            assert void == VoidOutcome.CAPTURE_IN_PROGRESS, now_ms - NOW_MS
+        now_ms = NOW_MS + window_ms
         claim = await store.holds.capture_begin(held, "sweeper-merchant", "c1", 0, now_ms)
         assert claim.outcome == CaptureOutcome.STALLED
         void = await store.holds.void(held, "sweeper-merchant", now_ms)

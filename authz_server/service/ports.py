@@ -127,8 +127,9 @@ class HoldStatus(StrEnum):
 # settles a claim still CAPTURING after STALE_CAPTURE_SECONDS as SQL says, under the same locks:
 # a capture still waiting in a queue then must never be written after SQL was read as not
 # having it, or the hold would be put back while SQL counts its money as spent. Well below the
-# sweeper's 30 s, leaving room for clock skew between hosts. Void and capture_begin read it too:
-# how long after a rebuild put a hold back a claim lost with Redis may still commit.
+# sweeper's 30 s, leaving room for clock skew between hosts (the sweeper's bound is also how long
+# after a rebuild put a hold back void.lua and capture_begin.lua let a claim lost with Redis
+# commit: lua/_lib.lua lost_claim_may_commit).
 CAPTURE_WRITE_DEADLINE_SECONDS = 10
 # A capture still CAPTURING this long after it began lost its process (or its Redis reply):
 # it is settled as SQL says. Far above a capture's SQL time, so live ones are never touched.
@@ -143,7 +144,7 @@ class CaptureOutcome(StrEnum):
     REPLAY = "REPLAY"  # captured already with this capture key
     # a capture of it is being written (this key's or another's: either may still fail); or the
     # hold, put back by a rebuild and past its expiry, may still get a capture claimed in the
-    # Redis that was lost (within CAPTURE_WRITE_DEADLINE_SECONDS of its put-back)
+    # Redis that was lost (within STALE_CAPTURE_SECONDS of its put-back)
     IN_PROGRESS = "IN_PROGRESS"
     # its capture began too long ago: its process lost the thread; or the hold, put back by a
     # rebuild and past its expiry, awaits its settlement as SQL says (it may be captured)

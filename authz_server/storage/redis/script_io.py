@@ -18,7 +18,6 @@ from authz_server.domain.funding import format_funding, parse_funding
 from authz_server.domain.hot_state import OpenHold
 from authz_server.domain.types import Decision, DeclineReason
 from authz_server.service.ports import (
-    CAPTURE_WRITE_DEADLINE_SECONDS,
     STALE_CAPTURE_SECONDS,
     AuthorizeCall,
     CaptureClaim,
@@ -292,8 +291,9 @@ class CaptureBegin(ScriptCall[CaptureClaim]):
             self.capture_key,  # 4
             self.amount_fen,  # 5
             STALE_CAPTURE_SECONDS * 1000,  # 6: after this, a claim still CAPTURING is STALLED
-            # 7: how long after a put-back hold was listed a claim lost with Redis may commit
-            CAPTURE_WRITE_DEADLINE_SECONDS * 1000,
+            # 7: how long after a put-back hold was listed a claim lost with Redis may commit,
+            # clock skew between servers included (lua/_lib.lua lost_claim_may_commit)
+            STALE_CAPTURE_SECONDS * 1000,
         ]
 
     def unpack(self, raw: Reply) -> CaptureClaim:
@@ -369,8 +369,9 @@ class Void(ScriptCall[VoidOutcome]):
 
     def arguments(self) -> list[Argument]:
         prefix = keys.prefix_of_authorization(self.authorization_id)
-        # 4: how long after a put-back hold was listed a claim lost with Redis may commit
-        return [prefix, self.now_ms, self.merchant_id, CAPTURE_WRITE_DEADLINE_SECONDS * 1000]
+        # 4: how long after a put-back hold was listed a claim lost with Redis may commit,
+        # clock skew between servers included (lua/_lib.lua lost_claim_may_commit)
+        return [prefix, self.now_ms, self.merchant_id, STALE_CAPTURE_SECONDS * 1000]
 
     def unpack(self, raw: Reply) -> VoidOutcome:
         return VoidOutcome(as_text(raw))

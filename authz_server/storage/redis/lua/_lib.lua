@@ -60,12 +60,18 @@ end
 -- Whether a capture claimed in the Redis that was lost may still commit in SQL, for a hold
 -- awaiting its settlement (awaiting_settlement): such a claim was made before the rebuild put
 -- the hold back, and the capture writer writes a claim only within its write deadline
--- (`deadline`, ms: service/ports.CAPTURE_WRITE_DEADLINE_SECONDS) of it. The hold's
--- score in the capturing zset is when it was put back (or, later, when a claim of it that was
--- finished PENDING began): until that plus the deadline, SQL's "no capture" may still change.
-local function lost_claim_may_commit(prefix, auth_id, now, deadline)
+-- (service/ports.CAPTURE_WRITE_DEADLINE_SECONDS, 10 s) of it, by its own server's clock. The
+-- hold's score in the capturing zset is when it was put back (or, later, when a claim of it
+-- that was finished PENDING began), by the rebuilding server's clock, and `now` is this
+-- caller's: so `window` (ms) is the sweeper's bound, STALE_CAPTURE_SECONDS (30 s), the
+-- deadline plus room for clocks that differ between servers (as service/lost_authorizations.py
+-- and the sweeper allow). With the bare deadline, a server whose clock ran ahead of the
+-- rebuilder's settled the hold as not captured, and answered AUTHORIZATION_EXPIRED, while the
+-- lost claim could still commit. Until the score plus the window, SQL's "no capture" may
+-- still change.
+local function lost_claim_may_commit(prefix, auth_id, now, window)
   local listed = redis.call('ZSCORE', prefix .. ':capturing', auth_id)
-  return listed ~= false and now < tonumber(listed) + deadline
+  return listed ~= false and now < tonumber(listed) + window
 end
 
 -- Expires up to `limit` holds of this slot whose time has come. Returns how many expired, and
