@@ -397,32 +397,52 @@ class BulkLoader:
                 except InvalidArgument as error:
                     raise _FileError(1, error.field, error.why) from None
                 width = len(header)
+                line = reader.line_num  # the header's last line
                 batch: _Batch[R] = _Batch([], [], 0)
-                for row in reader:
-                    line = reader.line_num
+                while True:
+                    try:
+                        row = next(reader)
+                    except StopIteration:
+                        break
+                    except csv.Error as error:
+                        # The rows gathered before it are loaded (or reported) first: dropped
+                        # with the batch, they were neither, the report naming one bad row.
+                        if batch.consumed:
+                            yield batch
+                        raise _FileError(
+                            line + 1, "file", f"cannot be read further: {error}"
+                        ) from None
+                    # A row begins on the line after the previous one ended (an unclosed quote
+                    # reads the following lines into it): reported where it begins.
+                    first, line = line + 1, reader.line_num
                     if not row:
                         continue
                     batch.consumed += 1
+                    where = (
+                        ""
+                        if line == first
+                        else f" (the row runs on to line {line}: an unclosed quote?)"
+                    )
                     if not _utf8(row):
-                        batch.rejections.append((line, "row", "is not UTF-8 text"))
+                        batch.rejections.append((first, "row", "is not UTF-8 text" + where))
                     elif len(row) != width:
                         batch.rejections.append(
-                            (line, "row", f"has {len(row)} fields; the header has {width}")
+                            (first, "row", f"has {len(row)} fields; the header has {width}{where}")
                         )
                     else:
                         try:
                             record = spec.parse([row[i] for i in positions])
                         except InvalidArgument as error:
-                            batch.rejections.append((line, error.field, error.why))
+                            batch.rejections.append((first, error.field, error.why + where))
                         else:
-                            batch.records.append((line, record))
+                            batch.records.append((first, record))
                     if len(batch.records) >= self.batch_size:
                         yield batch
                         batch = _Batch([], [], 0)
                 if batch.consumed:
                     yield batch
-        except csv.Error as error:
-            raise _FileError(line + 1, "file", f"cannot be read further: {error}") from None
+        except csv.Error as error:  # the header row
+            raise _FileError(line, "file", f"cannot be read further: {error}") from None
         except OSError as error:
             raise _FileError(0, "file", f"cannot be read: {error}") from None
 
