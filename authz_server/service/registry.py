@@ -167,13 +167,25 @@ class RegistryService:
         def work(session: Session) -> tuple[InsuranceEventResult, list[RelationshipRow]]:
             # Lock order everywhere: relationships first, then participants (allocate, release,
             # dissolve and capture do the same), so concurrent writers cannot deadlock.
-            open_relationships(session)
-            row = records.participant_row(session, event.participant_id, lock=True)
+            first = open_relationships(session)
+            # The person and every holder the dissolutions will credit (ledger.dissolve: an
+            # UPDATE of the holder's account), locked together in id order as a proposal and a
+            # consent lock people: credited one by one in relationship id order, two events on
+            # relatives of the same two holders took their rows in opposite orders and
+            # deadlocked (tests/test_insurance_event_lock_order.py).
+            people = sorted({event.participant_id} | {r.holder_id for r in first})
+            locked = {
+                participant_id: records.participant_row(session, participant_id, lock=True)
+                for participant_id in people
+            }
+            row = locked[event.participant_id]
             # Read again under the person's lock: on PostgreSQL the first statement saw only
             # the relationships of its snapshot, and one proposed, consented or funded while it
             # waited for a row would survive the event (a dead holder's quota still spent).
             # Proposing and consenting lock the person's row too, so none is made after this.
             open_rows = open_relationships(session)
+            for holder_id in sorted({r.holder_id for r in open_rows} - locked.keys()):
+                records.participant_row(session, holder_id, lock=True)  # one made meanwhile
             now = self.clock()
             changed = self._apply(row, event)
             dissolved: list[RelationshipRow] = []
