@@ -43,6 +43,46 @@ local function release_parts(prefix, auth_id, funding, captured)
   end
 end
 
+-- The open holds of a quota being dissolved (quota_dissolve.lua; quota_restore.lua when SQL
+-- says the quota is no longer active: a dissolve whose Redis step was lost), to be voided once
+-- the quota is marked DISSOLVED (dissolve_holds). A hold a rebuild put back that still waits
+-- for the sweeper's settlement (rs = 1 and listed in the slot's capturing zset: see
+-- awaiting_settlement) is left PENDING: its capture may have committed in SQL, and voided here
+-- its parts on the other quotas would go back to them though spent. The settlement finishes it
+-- as SQL says (captured; or, a funding quota dissolved, voided as here: capture_clear.lua).
+-- Every key the voids write is read first (touch): in a slot being migrated a script is refused
+-- on a key missing there, and refused half-way it would leave the quota dissolved with its holds
+-- neither voided nor released.
+local function holds_of_dissolved(prefix, rid)
+  local holds = prefix .. ':qh:' .. rid
+  touch(prefix .. ':capturing', prefix .. ':expiry', holds)
+  local voiding = {}
+  for _, auth_id in ipairs(redis.call('SMEMBERS', holds)) do
+    local hold = redis.call('HMGET', prefix .. ':a:' .. auth_id, 's', 'rs', 'f')
+    local waiting = hold[2] == '1'
+      and redis.call('ZSCORE', prefix .. ':capturing', auth_id) ~= false
+    if hold[1] == 'PENDING' and not waiting then
+      voiding[#voiding + 1] = {auth_id, hold[3]}
+      for _, part in ipairs(parse_funding(hold[3])) do
+        touch(prefix .. ':q:' .. part[1], prefix .. ':qh:' .. part[1])
+      end
+    end
+  end
+  return voiding
+end
+
+-- Voids holds_of_dissolved's holds, the quota already DISSOLVED (release_parts skips it: their
+-- parts on the beneficiary's other quotas go back to those), each remembering why (vr: a later
+-- capture is refused RELATIONSHIP_NOT_ACTIVE), and drops the quota's hold set.
+local function dissolve_holds(prefix, rid, voiding)
+  for _, hold in ipairs(voiding) do
+    release_parts(prefix, hold[1], hold[2], nil)
+    redis.call('HSET', prefix .. ':a:' .. hold[1], 's', 'VOIDED', 'vr', 'RELATIONSHIP_NOT_ACTIVE')
+    redis.call('ZREM', prefix .. ':expiry', hold[1])
+  end
+  redis.call('DEL', prefix .. ':qh:' .. rid)
+end
+
 -- Whether a hold a rebuild put back still waits for the sweeper to settle it as SQL says
 -- (`hold`: its fields s, rs, sb as HMGET reads them). Its capture may have been claimed in the
 -- Redis that was lost and have committed in SQL since, its process dead before finishing the

@@ -19,10 +19,18 @@ local unused, prefix = tonumber(ARGV[4]), ARGV[8]
 local version = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if version ~= tonumber(ARGV[11]) then return {-2, -2} end
 if ARGV[3] ~= 'ACTIVE' then
+  -- Dissolved in SQL: as quota_dissolve.lua does, its open holds voided too. Its own Redis step
+  -- may have been lost (its process died, its reply timed out and nobody retried): marked
+  -- DISSOLVED here with its holds left PENDING, a hold split over it and another quota held that
+  -- quota's part for nobody until it expired (a capture of it is refused in SQL), and the
+  -- rolling reconcile's dissolutions cursor (runtime/reconcile_dissolved.py) passes quotas no
+  -- longer active in Redis by.
+  local voiding = holds_of_dissolved(prefix, ARGV[1])
   redis.call('HSET', KEYS[1], 'status', 'DISSOLVED', 'available', 0, 'held', 0,
     'holder', ARGV[2], 'beneficiary', ARGV[6], 'scheme', ARGV[7], 'r', ARGV[9])
   redis.call('HSET', KEYS[1], 'e', ARGV[10], 'v', version + 1)
   redis.call('ZREM', KEYS[2], ARGV[1])
+  dissolve_holds(prefix, ARGV[1], voiding)
   return {0, 0}
 end
 local held = 0
