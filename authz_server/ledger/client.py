@@ -33,6 +33,7 @@ from authz_server.ledger.protocol import (
     DATABASE_URL_VARIABLE,
     MAX_ROWS_PER_FRAME,
     REDIS_URL_VARIABLE,
+    audit_frames,
     frame,
     read_frame,
 )
@@ -297,7 +298,7 @@ class LedgerClient:
         if self.records and unsent < MAX_UNSENT_BYTES:
             records = list(self.records)
             self.records.clear()
-            self.stream.write(frame(("audit", records)))
+            self.stream.write(audit_frames(records))
 
     async def _flush_when_ready(self) -> None:
         try:
@@ -333,6 +334,14 @@ class LedgerClient:
                 log.error("ledger writer did not stop within %s s: killed", STOP_SECONDS)
                 process.kill()
                 await process.wait()
+            finally:
+                # The stop cancelled within its bound (Application.stop's step, shorter than
+                # STOP_SECONDS): a writer not gone by then is killed, not left running with its
+                # worker gone (a stalled one would hold its SQL locks for ever).
+                if process.returncode is None:
+                    log.error("ledger writer not stopped when its stop was given up: killed")
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
         if self.reader_task is not None:
             self.reader_task.cancel()
             await asyncio.gather(self.reader_task, return_exceptions=True)
@@ -419,7 +428,7 @@ class RemoteAudit:
         while client.records:  # sent ahead of the flush frame, which the writer reads after
             records = list(client.records)
             client.records.clear()
-            stream.write(frame(("audit", records)))
+            stream.write(audit_frames(records))
         batch_id = next(client.batch_ids)
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         client.audit_flushes[batch_id] = answer

@@ -4,7 +4,8 @@ is in the worker's data directory, mode 0600), so pickle's trust in its input is
 trust in itself.
 
 Worker -> writer:  ("journal", batch id, [row, ...])   each row as Journal.write takes it
-                   ("audit", [AuditRecord, ...])        fire and forget
+                   ("audit", [AuditRecord, ...])        fire and forget (at most
+                                                        MAX_RECORDS_PER_FRAME a frame)
                    ("audit_flush", batch id)            the records sent so far, committed
 Writer -> worker:  (batch id, [outcome, ...])           None, a StoredDecision, or an error
                                                         (an audit flush: [records written])
@@ -28,7 +29,19 @@ REDIS_URL_VARIABLE = "MEDWALLET_LEDGER_WRITER_REDIS_URL"
 # MAX_ROWS_PER_FRAME rows with their responses is ~1 MiB.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_ROWS_PER_FRAME = 2048
+# Audit records a frame carries at most: the client keeps up to the audit trail's bound
+# (MAX_BUFFERED_ROWS, 200,000) while its writer is away, ~400 bytes each with ids at their
+# longest, which as one frame was over MAX_FRAME_BYTES (refused, and every record lost).
+MAX_RECORDS_PER_FRAME = 10_000
 _LENGTH = struct.Struct("!I")
+
+
+def audit_frames(records: list[Any]) -> bytes:
+    """`records` as audit frames of at most MAX_RECORDS_PER_FRAME records each."""
+    return b"".join(
+        frame(("audit", records[start : start + MAX_RECORDS_PER_FRAME]))
+        for start in range(0, len(records), MAX_RECORDS_PER_FRAME)
+    )
 
 
 def frame(message: Any) -> bytes:
