@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from authz_server.domain.errors import InvalidArgument, PolicyRefusal
 
 BEIJING = timezone(timedelta(hours=8), "Asia/Shanghai")
-MONTH_PATTERN = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+# ASCII digits only: \d would take any Unicode digit (full-width ２０２６) for one.
+MONTH_PATTERN = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 # How many closed months the prepaid fund averages over.
 PREPAID_WINDOW_MONTHS = 3
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from authz_server.domain import validation
 from authz_server.domain.errors import InvalidArgument
@@ -33,6 +34,13 @@ def access_record(stored: audit_trail.StoredRecord) -> audit_pb2.AccessRecord:
     )
 
 
+def _instant(field: str, value: Timestamp) -> datetime:
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as error:
+        raise InvalidArgument(field, "not a valid instant") from error
+
+
 class AuditHandler(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, database: Database, auth: Authenticator) -> None:
         self.database = database
@@ -47,11 +55,8 @@ class AuditHandler(audit_pb2_grpc.AuditServiceServicer):
         for name in ("start_time", "end_time"):
             if not request.HasField(name):
                 raise InvalidArgument(name, "is required")
-        try:
-            start = request.start_time.ToDatetime(tzinfo=UTC)
-            end = request.end_time.ToDatetime(tzinfo=UTC)
-        except (ValueError, OverflowError) as error:
-            raise InvalidArgument("start_time", "not a valid instant") from error
+        start = _instant("start_time", request.start_time)
+        end = _instant("end_time", request.end_time)
         if end <= start:
             raise InvalidArgument("end_time", "must be after start_time")
         page_size, token = request.page_size, request.page_token

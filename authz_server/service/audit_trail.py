@@ -192,9 +192,14 @@ def decode_token(token: str) -> tuple[datetime, int] | None:
     if not token:
         return None
     try:
-        moment, record_id = base64.urlsafe_b64decode(token.encode()).decode().split("|")
-        return _utc(datetime.fromisoformat(moment)), int(record_id)
-    except (ValueError, UnicodeDecodeError) as error:
+        moment, text = base64.urlsafe_b64decode(token.encode()).decode().split("|")
+        # OverflowError: an instant whose UTC conversion leaves datetime's range (year 1 at
+        # +01:00); a record id outside int64 SQL cannot compare with (SQLite raised).
+        record_id = int(text)
+        if not 0 <= record_id < 2**63:
+            raise ValueError("record id out of range")
+        return _utc(datetime.fromisoformat(moment)), record_id
+    except (ValueError, UnicodeDecodeError, OverflowError) as error:
         raise InvalidArgument("page_token", "not a token this service issued") from error
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Text,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -205,8 +206,9 @@ class AuthorizationRow(Base):
     decline_reason: Mapped[str | None] = mapped_column(Enum)
     requested_fen: Mapped[int] = mapped_column(BigInteger)
     approved_fen: Mapped[int] = mapped_column(BigInteger)
-    # "relationship_id=fen;..." in funding order.
-    funding: Mapped[str] = mapped_column(String(2000))
+    # "relationship_id=fen;..." in funding order: unbounded, as a split's quotas are (a
+    # VARCHAR(2000) held ~27 parts of 64-character ids; migration 0011).
+    funding: Mapped[str] = mapped_column(Text)
     idempotency_key: Mapped[str] = mapped_column(Id)
     request_digest: Mapped[str] = mapped_column(String(64))
     # The AuthorizeResponse as first sent, for replays after Redis was lost.
