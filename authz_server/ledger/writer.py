@@ -176,7 +176,14 @@ async def serve(
     ledger.audit.start()
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()
-    server = await asyncio.start_unix_server(ledger.connection, path=str(socket))
+    # 0600 from its bind on, not only after a chmod: the socket accepts connections once bound,
+    # and one made before the chmod (a local user of a group-writable umask) would stay open
+    # and have its pickles loaded (protocol.py). The umask is the process's, for this moment.
+    previous_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(ledger.connection, path=str(socket))
+    finally:
+        os.umask(previous_umask)
     os.chmod(socket, 0o600)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
