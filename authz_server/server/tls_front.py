@@ -797,3 +797,30 @@ class FrontGate(WrappedServer):
             else grpc.stream_stream_rpc_method_handler
         )
         return make(gated, **serializers)
+
+    async def start(self) -> None:
+        """Last of all the handlers, one for the methods the server does not have: on a refused
+        connection it answers UNAUTHENTICATED too (else a client without a good certificate
+        could tell by probing which methods exist), on an accepted one UNIMPLEMENTED as gRPC
+        would. Added to the grpc.aio server itself, past the layers between: an unknown method
+        is neither limited, observed (a made-up name would be a metric label) nor audited."""
+        server: grpc.aio.Server = self.server
+        while isinstance(server, WrappedServer):
+            server = server.server
+        server.add_generic_rpc_handlers((_UnknownMethods(self),))
+        await super().start()
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    """Any method no handler before it took (FrontGate.start)."""
+
+    def __init__(self, gate: FrontGate) -> None:
+        async def refused(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await gate.check(context)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+        # bytes in, bytes out (no message type is known); any arity reads as a stream
+        self.handler: Handler = grpc.stream_stream_rpc_method_handler(refused)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler:
+        return self.handler
