@@ -66,14 +66,25 @@ class Month:
 CLOSE_AFTER_MONTH_END_SECONDS = 30
 
 
-def check_closable(month: Month, now: datetime, earliest_open: Month | None) -> None:
+def check_closable(
+    month: Month, now: datetime, earliest_open: Month | None, closed_before: bool = False
+) -> None:
     """A month closes once it has ended (CLOSE_AFTER_MONTH_END_SECONDS ago), and only after
-    every earlier month with traffic."""
+    every earlier month with traffic. `closed_before`: a month is closed already; from then on
+    months close in turn, so one still open before `earliest_open` (the month after the last
+    closed one) lies before the first close and never closes: closed late, it would count in
+    the prepaid window of the months after it as a closed month it never was in turn (their
+    funds averaged over one month too many)."""
     if now < month.ends_at + timedelta(seconds=CLOSE_AFTER_MONTH_END_SECONDS):
         raise PolicyRefusal(
             "MONTH_NOT_ENDED",
             f"{month} has not ended in Beijing time (a close waits "
             f"{CLOSE_AFTER_MONTH_END_SECONDS} s past its end, for every server's clock)",
+        )
+    if closed_before and earliest_open is not None and month < earliest_open:
+        raise PolicyRefusal(
+            "MONTH_BEFORE_FIRST_CLOSE",
+            f"{month} is before the first closed month: months close in turn from it",
         )
     if earliest_open is not None and earliest_open < month:
         raise PolicyRefusal("EARLIER_MONTH_OPEN", f"{earliest_open} must be closed first")

@@ -191,7 +191,8 @@ class SettlementService:
             is not None
         ):
             return self._report(session, month), True
-        check_closable(month, writers_done_at, self._earliest_open(session))
+        closed_before = session.scalar(select(SettlementMonthRow.month).limit(1)) is not None
+        check_closable(month, writers_done_at, self._earliest_open(session), closed_before)
         times = {"starts_at": month.starts_at, "ends_at": month.ends_at}
         typed = [bindparam(name, type_=DateTime(timezone=True)) for name in times]
         window = [month.previous(), month.previous().previous()]

@@ -60,7 +60,8 @@ class SettlementServiceServicer:
     def CloseMonth(self, request, context):
         """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
         (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
-        first close, every month closes in turn, one without traffic too.
+        first close, every month closes in turn, one without traffic too, and a month before the
+        first closed one no longer closes (MONTH_BEFORE_FIRST_CLOSE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,8 @@ class SettlementServiceStub:
     CloseMonth: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.CloseMonthRequest, _settlement_pb2.CloseMonthResponse]
     """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
     (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
-    first close, every month closes in turn, one without traffic too.
+    first close, every month closes in turn, one without traffic too, and a month before the
+    first closed one no longer closes (MONTH_BEFORE_FIRST_CLOSE).
     """
     GetSettlementReport: _grpc.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementReportRequest, _settlement_pb2.GetSettlementReportResponse]
 
@@ -56,7 +57,8 @@ class SettlementServiceAsyncStub(SettlementServiceStub):
     CloseMonth: _aio.UnaryUnaryMultiCallable[_settlement_pb2.CloseMonthRequest, _settlement_pb2.CloseMonthResponse]  # type: ignore[assignment]
     """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
     (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
-    first close, every month closes in turn, one without traffic too.
+    first close, every month closes in turn, one without traffic too, and a month before the
+    first closed one no longer closes (MONTH_BEFORE_FIRST_CLOSE).
     """
     GetSettlementReport: _aio.UnaryUnaryMultiCallable[_settlement_pb2.GetSettlementReportRequest, _settlement_pb2.GetSettlementReportResponse]  # type: ignore[assignment]
 
@@ -75,7 +77,8 @@ class SettlementServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_settlement_pb2.CloseMonthResponse, _abc.Awaitable[_settlement_pb2.CloseMonthResponse]]:
         """Refused (FAILED_PRECONDITION) for a month that has not ended in Beijing time, 30 s ago
         (MONTH_NOT_ENDED), or that has an earlier month still open (EARLIER_MONTH_OPEN): after the
-        first close, every month closes in turn, one without traffic too.
+        first close, every month closes in turn, one without traffic too, and a month before the
+        first closed one no longer closes (MONTH_BEFORE_FIRST_CLOSE).
         """
 
     @_abc_1.abstractmethod
