@@ -11,7 +11,7 @@ from pathlib import Path
 
 from authz_server.bulk import command as bulk_command
 from authz_server.runtime import security_commands, serving
-from authz_server.settings import Settings
+from authz_server.settings import SettingError, Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
 
 log = logging.getLogger("authz_server")
@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     security_commands.add_audit_arguments(commands)
     arguments = parser.parse_args(argv)
 
-    settings = Settings.from_environment()
+    try:
+        settings = Settings.from_environment()
+    except SettingError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
     logging.basicConfig(level=settings.log_level, stream=sys.stderr)
     if arguments.command == "call":
         from authz_server.runtime import call as caller

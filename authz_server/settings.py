@@ -19,6 +19,53 @@ def _flag(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+class SettingError(ValueError):
+    """A setting's environment variable holds what it may not: the message names it, what it
+    may be, and what it was (medwallet-authz stops with it before anything starts)."""
+
+
+# Each number's bounds (inclusive), by its environment variable: a value outside them, or not a
+# number, stops the start with a SettingError naming it, rather than a server that answers every
+# capture AUTHORIZATION_EXPIRED (a hold of -5 s) or a traceback about int().
+NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
+    "MEDWALLET_GRPC_PORT": (0, 65_535),  # 0: any free port (tests)
+    "MEDWALLET_METRICS_PORT": (0, 65_535),  # 0: no /metrics
+    "MEDWALLET_WORKERS": (0, 1_024),  # 0: by the database (the field's comment)
+    "MEDWALLET_SHUTDOWN_GRACE_SECONDS": (0, 3_600),
+    "MEDWALLET_REDIS_TIMEOUT_SECONDS": (0.001, 60),
+    "MEDWALLET_PHARMACY_HOLD_SECONDS": (60, 7 * 86_400),
+    "MEDWALLET_MEDICAL_HOLD_SECONDS": (60, 30 * 86_400),
+    # a safety factor below 1 would fund less than the average outflow it is meant to cover
+    "MEDWALLET_PREPAID_SAFETY_PERCENT": (100, 1_000),
+    "MEDWALLET_LIMIT_HOLD_MS": (0, 60_000),
+    "MEDWALLET_RECONCILE_QUOTAS_PER_SECOND": (0, 5_000),  # rolling_reconcile's own bound
+    # 0 (off) or at least 180: domain/abandoned_holds.py checks the gap
+    "MEDWALLET_ABANDONED_HOLD_SECONDS": (0, 7 * 86_400),
+    "MEDWALLET_AUDIT_RETENTION_DAYS": (0, 36_500),
+    "MEDWALLET_MAX_REQUEST_BYTES": (1_024, 64 * 1024 * 1024),
+    "MEDWALLET_MAX_METADATA_BYTES": (1_024, 1024 * 1024),
+    "MEDWALLET_MAX_CALLS_PER_CONNECTION": (1, 100_000),
+    "MEDWALLET_MIN_CLIENT_PING_INTERVAL_MS": (0, 3_600_000),
+    "MEDWALLET_MAX_PING_STRIKES": (0, 1_000),
+    "MEDWALLET_SERVER_KEEPALIVE_MS": (1_000, 86_400_000),
+    "MEDWALLET_SERVER_KEEPALIVE_TIMEOUT_MS": (1_000, 3_600_000),
+}
+
+
+def _bounded(name: str, text: str, value: float | None, kind: str) -> float:
+    """`value` (parsed from `text`, None when it did not parse) within NUMBER_BOUNDS[name]."""
+    low, high = NUMBER_BOUNDS[name]
+    if value is None or not low <= value <= high:  # NaN fails both
+        raise SettingError(
+            f"{name} must be {kind} from {_shown(low)} to {_shown(high)}, not {text!r}"
+        )
+    return value
+
+
+def _shown(bound: float) -> str:
+    return f"{int(bound):,}" if bound == int(bound) else f"{bound:g}"
+
+
 @dataclass(frozen=True)
 class Settings:
     # Address the gRPC server binds: loopback by default (plaintext without TLS files); the
@@ -175,20 +222,36 @@ class Settings:
         def get(name: str, default: object) -> str:
             return env.get(name, str(default))
 
+        def integer(name: str, default: int) -> int:
+            text = get(name, default)
+            try:
+                value: int | None = int(text)
+            except ValueError:
+                value = None
+            return int(_bounded(name, text, value, "an integer"))
+
+        def decimal(name: str, default: float) -> float:
+            text = get(name, default)
+            try:
+                value: float | None = float(text)
+            except ValueError:
+                value = None
+            return _bounded(name, text, value, "a number")
+
         relations = env.get("MEDWALLET_ALLOWED_RELATIONS")
         return cls(
             grpc_host=get("MEDWALLET_GRPC_HOST", defaults.grpc_host),
-            grpc_port=int(get("MEDWALLET_GRPC_PORT", defaults.grpc_port)),
-            metrics_port=int(get("MEDWALLET_METRICS_PORT", defaults.metrics_port)),
+            grpc_port=integer("MEDWALLET_GRPC_PORT", defaults.grpc_port),
+            metrics_port=integer("MEDWALLET_METRICS_PORT", defaults.metrics_port),
             data_dir=Path(get("MEDWALLET_DATA_DIR", defaults.data_dir)),
             database_url=env.get("DATABASE_URL", ""),
             redis_url=env.get("REDIS_URL", ""),
             tokens_file=env.get("MEDWALLET_TOKENS_FILE", ""),
-            workers=int(get("MEDWALLET_WORKERS", defaults.workers)),
+            workers=integer("MEDWALLET_WORKERS", defaults.workers),
             event_loop=get("MEDWALLET_EVENT_LOOP", defaults.event_loop).strip().lower(),
             ledger_writer=get("MEDWALLET_LEDGER_WRITER", defaults.ledger_writer).strip().lower(),
-            shutdown_grace_seconds=float(
-                get("MEDWALLET_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds)
+            shutdown_grace_seconds=decimal(
+                "MEDWALLET_SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_seconds
             ),
             log_level=get("MEDWALLET_LOG_LEVEL", defaults.log_level),
             access_log=_flag(get("MEDWALLET_ACCESS_LOG", defaults.access_log)),
@@ -196,17 +259,17 @@ class Settings:
             tracing=_flag(get("MEDWALLET_TRACING", defaults.tracing)),
             otlp_endpoint=get("MEDWALLET_OTLP_ENDPOINT", defaults.otlp_endpoint).strip(),
             demo_data=_flag(get("MEDWALLET_DEMO_DATA", defaults.demo_data)),
-            redis_timeout_seconds=float(
-                get("MEDWALLET_REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds)
+            redis_timeout_seconds=decimal(
+                "MEDWALLET_REDIS_TIMEOUT_SECONDS", defaults.redis_timeout_seconds
             ),
-            pharmacy_hold_seconds=int(
-                get("MEDWALLET_PHARMACY_HOLD_SECONDS", defaults.pharmacy_hold_seconds)
+            pharmacy_hold_seconds=integer(
+                "MEDWALLET_PHARMACY_HOLD_SECONDS", defaults.pharmacy_hold_seconds
             ),
-            medical_hold_seconds=int(
-                get("MEDWALLET_MEDICAL_HOLD_SECONDS", defaults.medical_hold_seconds)
+            medical_hold_seconds=integer(
+                "MEDWALLET_MEDICAL_HOLD_SECONDS", defaults.medical_hold_seconds
             ),
-            prepaid_safety_percent=int(
-                get("MEDWALLET_PREPAID_SAFETY_PERCENT", defaults.prepaid_safety_percent)
+            prepaid_safety_percent=integer(
+                "MEDWALLET_PREPAID_SAFETY_PERCENT", defaults.prepaid_safety_percent
             ),
             allowed_relations=(
                 frozenset(Relation(r.strip().upper()) for r in relations.split(",") if r.strip())
@@ -226,31 +289,29 @@ class Settings:
             merchant_limit=get("MEDWALLET_MERCHANT_LIMIT", defaults.merchant_limit),
             channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
             limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
-            limit_hold_ms=int(get("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms)),
-            reconcile_quotas_per_second=float(
-                get("MEDWALLET_RECONCILE_QUOTAS_PER_SECOND", defaults.reconcile_quotas_per_second)
+            limit_hold_ms=integer("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms),
+            reconcile_quotas_per_second=decimal(
+                "MEDWALLET_RECONCILE_QUOTAS_PER_SECOND", defaults.reconcile_quotas_per_second
             ),
-            abandoned_hold_seconds=int(
-                get("MEDWALLET_ABANDONED_HOLD_SECONDS", defaults.abandoned_hold_seconds)
+            abandoned_hold_seconds=integer(
+                "MEDWALLET_ABANDONED_HOLD_SECONDS", defaults.abandoned_hold_seconds
             ),
-            audit_retention_days=int(
-                get("MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days)
+            audit_retention_days=integer(
+                "MEDWALLET_AUDIT_RETENTION_DAYS", defaults.audit_retention_days
             ),
-            max_request_bytes=int(get("MEDWALLET_MAX_REQUEST_BYTES", defaults.max_request_bytes)),
-            max_metadata_bytes=int(
-                get("MEDWALLET_MAX_METADATA_BYTES", defaults.max_metadata_bytes)
+            max_request_bytes=integer("MEDWALLET_MAX_REQUEST_BYTES", defaults.max_request_bytes),
+            max_metadata_bytes=integer("MEDWALLET_MAX_METADATA_BYTES", defaults.max_metadata_bytes),
+            max_calls_per_connection=integer(
+                "MEDWALLET_MAX_CALLS_PER_CONNECTION", defaults.max_calls_per_connection
             ),
-            max_calls_per_connection=int(
-                get("MEDWALLET_MAX_CALLS_PER_CONNECTION", defaults.max_calls_per_connection)
+            min_client_ping_interval_ms=integer(
+                "MEDWALLET_MIN_CLIENT_PING_INTERVAL_MS", defaults.min_client_ping_interval_ms
             ),
-            min_client_ping_interval_ms=int(
-                get("MEDWALLET_MIN_CLIENT_PING_INTERVAL_MS", defaults.min_client_ping_interval_ms)
+            max_ping_strikes=integer("MEDWALLET_MAX_PING_STRIKES", defaults.max_ping_strikes),
+            server_keepalive_ms=integer(
+                "MEDWALLET_SERVER_KEEPALIVE_MS", defaults.server_keepalive_ms
             ),
-            max_ping_strikes=int(get("MEDWALLET_MAX_PING_STRIKES", defaults.max_ping_strikes)),
-            server_keepalive_ms=int(
-                get("MEDWALLET_SERVER_KEEPALIVE_MS", defaults.server_keepalive_ms)
-            ),
-            server_keepalive_timeout_ms=int(
-                get("MEDWALLET_SERVER_KEEPALIVE_TIMEOUT_MS", defaults.server_keepalive_timeout_ms)
+            server_keepalive_timeout_ms=integer(
+                "MEDWALLET_SERVER_KEEPALIVE_TIMEOUT_MS", defaults.server_keepalive_timeout_ms
             ),
         )
