@@ -5,12 +5,16 @@ Only UNAVAILABLE is retried: it means the call was not served, or (a connection 
 request left) may have been; every write carries an idempotency key fixed before the first
 attempt, so the server answers a resend with the original answer and never charges twice.
 ProposeRelationship has no key, so it is left out of the retry policy (a resend after success
-would be refused DUPLICATE_RELATIONSHIP); every other method is a keyed write, a harmless repeat
-(consent, void, dissolve, upserts, insurance events, closing a month), or a read.
+would be refused DUPLICATE_RELATIONSHIP); so are DissolveRelationship and ReportInsuranceEvent,
+whose repeat is harmless but answers differently (`returned_fen` 0, no relationship dissolved):
+resent after a lost answer, that repeat's answer would be taken for the call's. Every other
+method is a keyed write, a repeat answered the same (consent, void, upserts, closing a month),
+or a read.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +24,11 @@ import grpc
 
 PACKAGE = "medwallet.v1"
 SERVICES = ("AuthorizationService", "RelationshipService", "RegistryService", "SettlementService")
-NOT_RETRIED = (("RelationshipService", "ProposeRelationship"),)
+NOT_RETRIED = (
+    ("RelationshipService", "ProposeRelationship"),
+    ("RelationshipService", "DissolveRelationship"),
+    ("RegistryService", "ReportInsuranceEvent"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,30 @@ def channel_options(
     ]
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC target ("host:port", "[::1]:port", "dns:///host:port", "ipv4:…",
+    "unix:…") names this machine only: localhost, a loopback IP, or a Unix socket."""
+    target = address.strip()
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target.removeprefix(scheme)
+            break
+    if target.startswith("["):
+        host = target[1 : target.find("]")] if "]" in target else target
+    elif target.count(":") == 1:
+        host = target.rsplit(":", 1)[0]
+    else:
+        host = target
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def open_channel(
     address: str,
     *,
@@ -117,9 +149,17 @@ def open_channel(
     keepalive: Keepalive | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    allow_plaintext: bool = False,
 ) -> grpc.Channel:
-    """A channel to `address` ("host:port"): TLS with `credentials`, plaintext without."""
+    """A channel to `address` ("host:port"): TLS with `credentials`, plaintext without -- to
+    loopback only, unless `allow_plaintext` (the token and the payments would cross the network
+    in clear: the README's "Plaintext is for loopback only")."""
     settings = channel_options(retry or RetryPolicy(), keepalive or Keepalive(), options)
     if credentials is None:
+        if not allow_plaintext and not is_loopback(address):
+            raise ValueError(
+                f"plaintext to {address}, not a loopback address: give credentials (TLS), or "
+                "allow_plaintext=True where the network is trusted"
+            )
         return grpc.insecure_channel(address, options=settings)
     return grpc.secure_channel(address, credentials, options=settings)

@@ -7,7 +7,9 @@
     medwallet --token demo-app relationship list --holder demo-holder-zhang
     medwallet --token demo-admin registry items --csv items.csv
 
-`--address` (or MEDWALLET_ADDRESS, default localhost:50051), `--token` (or MEDWALLET_TOKEN).
+`--address` (or MEDWALLET_ADDRESS, default localhost:50051), `--token` (or MEDWALLET_TOKEN);
+TLS with `--ca-file` (and `--cert-file`/`--key-file` for mutual TLS); plaintext to an address
+that is not loopback only with `--plaintext`.
 Amounts are integer fen. Writes that move money print the idempotency key they were sent with;
 after a failure (the error as JSON on stderr with that key; the exit status says its class:
 clients/errors.py EXIT_CODES) send the same command again with `--idempotency-key KEY` to
@@ -28,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -88,6 +91,14 @@ def fen_type(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of fen") from None
     return value
+
+
+def key_type(text: str) -> str:
+    """An idempotency key to finish an operation with: never empty (an unset variable in a
+    script, `--idempotency-key "$KEY"`, must not become a new operation under a new key)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty key: give the key the operation was sent with")
+    return text
 
 
 def line_type(text: str) -> AuthorizationLine:
@@ -410,6 +421,7 @@ def _choices(kind: type[Enum]) -> str:
 def _key_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--idempotency-key",
+        type=key_type,
         metavar="KEY",
         help="resend an operation started earlier with this key (default: a new key)",
     )
@@ -433,6 +445,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="deadline of each call in seconds (5)"
+    )
+    parser.add_argument(
+        "--ca-file",
+        type=Path,
+        default=os.environ.get("MEDWALLET_CA_FILE"),
+        help="TLS: the CA bundle to verify the service with (MEDWALLET_CA_FILE)",
+    )
+    parser.add_argument(
+        "--cert-file",
+        type=Path,
+        default=os.environ.get("MEDWALLET_CERT_FILE"),
+        help="mutual TLS: this client's certificate (MEDWALLET_CERT_FILE; with --key-file)",
+    )
+    parser.add_argument(
+        "--key-file",
+        type=Path,
+        default=os.environ.get("MEDWALLET_KEY_FILE"),
+        help="mutual TLS: this client's private key (MEDWALLET_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="allow plaintext to an address that is not loopback (refused by default: the "
+        "token would cross the network in clear)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -595,8 +631,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if (args.cert_file is None) != (args.key_file is None):
+        parser.error("--cert-file and --key-file go together")
+    credentials = None
+    if args.ca_file or args.cert_file:
+        try:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=args.ca_file.read_bytes() if args.ca_file else None,
+                private_key=args.key_file.read_bytes() if args.key_file else None,
+                certificate_chain=args.cert_file.read_bytes() if args.cert_file else None,
+            )
+        except OSError as error:
+            parser.error(f"cannot read a TLS file: {error}")
     handler: Callable[[MedWalletClient, argparse.Namespace], object] = args.handler
-    with MedWalletClient(args.address, args.token, timeout=args.timeout) as client:
+    try:
+        client = MedWalletClient(
+            args.address,
+            args.token,
+            timeout=args.timeout,
+            credentials=credentials,
+            allow_plaintext=args.plaintext,
+        )
+    except ValueError as error:
+        parser.error(f"{error} (--ca-file for TLS, or --plaintext)")
+    with client:
         try:
             result = handler(client, args)
         except UsageError as error:

@@ -77,6 +77,22 @@ DEFAULT_KEEPALIVE = Keepalive()
 MAX_ITEMS_PER_CALL = 1000
 
 
+def operation_key(idempotency_key: str | None, prefix: str) -> str:
+    """The key an operation is sent with: the caller's, or a new one when none (None) is given.
+    An empty key is refused, never replaced: it is what a resend with a lost or blank saved key
+    looks like (a CSV cell, a database column, an unset shell variable), and a new key there
+    would make the resend a second payment, credit or refund. The service refuses an empty key
+    too (INVALID_ARGUMENT)."""
+    if idempotency_key is None:
+        return new_idempotency_key(prefix)
+    if not idempotency_key:
+        raise ValueError(
+            "idempotency_key must not be empty: leave it out (None) for a new operation, or "
+            "give the key the operation was first sent with"
+        )
+    return idempotency_key
+
+
 class Operation(Generic[R]):
     """One business operation with its idempotency key fixed. `run()` sends it; running it again
     (after UnavailableError, DeadlineExceededError, or in a new process with the key persisted
@@ -116,9 +132,17 @@ class MedWalletClient:
         keepalive: Keepalive = DEFAULT_KEEPALIVE,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        allow_plaintext: bool = False,
     ) -> None:
+        """Without `credentials` the channel is plaintext, which is refused (ValueError) to an
+        address that is not loopback unless `allow_plaintext`."""
         channel = open_channel(
-            address, retry=retry, keepalive=keepalive, credentials=credentials, options=options
+            address,
+            retry=retry,
+            keepalive=keepalive,
+            credentials=credentials,
+            options=options,
+            allow_plaintext=allow_plaintext,
         )
         self._setup(channel, token, timeout, retry, owns_channel=True)
 
@@ -249,7 +273,7 @@ class MedWalletClient:
                 raise ValueError("amount_fen is required when there are no lines")
             amount_fen = sum(line.amount_fen for line in basket)
         check_fen("amount_fen", amount_fen)
-        key = idempotency_key or new_idempotency_key("auth-")
+        key = operation_key(idempotency_key, "auth-")
         request = authorization_pb2.AuthorizeRequest(
             idempotency_key=key,
             beneficiary_id=beneficiary_id,
@@ -298,7 +322,7 @@ class MedWalletClient:
     ) -> Operation[Authorization]:
         """A Capture of `amount_fen` (0: all that was approved); the rest returns to the quota."""
         check_fen("amount_fen", amount_fen)
-        key = idempotency_key or new_idempotency_key("capture-")
+        key = operation_key(idempotency_key, "capture-")
         request = authorization_pb2.CaptureRequest(
             authorization_id=authorization_id, amount_fen=amount_fen, idempotency_key=key
         )
@@ -332,7 +356,7 @@ class MedWalletClient:
     ) -> Operation[RefundResult]:
         """A Refund of up to captured minus refunded; it goes back last-drawn part first."""
         check_fen("amount_fen", amount_fen)
-        key = idempotency_key or new_idempotency_key("refund-")
+        key = operation_key(idempotency_key, "refund-")
         request = authorization_pb2.RefundRequest(
             authorization_id=authorization_id, amount_fen=amount_fen, idempotency_key=key
         )
@@ -404,7 +428,7 @@ class MedWalletClient:
         idempotency_key: str | None,
     ) -> Operation[QuotaMoveResult]:
         check_fen("amount_fen", amount_fen)
-        key = idempotency_key or new_idempotency_key(f"{name.lower()}-")
+        key = operation_key(idempotency_key, f"{name.lower()}-")
         request = request_type(
             relationship_id=relationship_id, amount_fen=amount_fen, idempotency_key=key
         )
@@ -470,10 +494,16 @@ class MedWalletClient:
     def dissolve_relationship(
         self, relationship_id: str, party: Party, *, timeout: float | None = None
     ) -> DissolveResult:
+        """Dissolves; `returned_fen` is what went back to the holder. Never retried or resent:
+        a repeat answers `returned_fen` 0, which would be taken for this call's answer. After an
+        UnavailableError or DeadlineExceededError, look with `get_relationship` (dissolving
+        again is harmless, but its `returned_fen` is then 0)."""
         request = relationship_pb2.DissolveRelationshipRequest(
             relationship_id=relationship_id, party=convert.proto_enum(party)
         )
-        response = self._invoke(self._relationships.DissolveRelationship, request, timeout)
+        response = self._invoke(
+            self._relationships.DissolveRelationship, request, timeout, resend=False
+        )
         return DissolveResult(convert.relationship(response.relationship), response.returned_fen)
 
     def get_relationship(
@@ -558,7 +588,7 @@ class MedWalletClient:
         self, participant_id: str, amount_fen: int, *, idempotency_key: str | None = None
     ) -> Operation[CreditResult]:
         check_fen("amount_fen", amount_fen)
-        key = idempotency_key or new_idempotency_key("credit-")
+        key = operation_key(idempotency_key, "credit-")
         request = registry_pb2.CreditPersonalAccountRequest(
             participant_id=participant_id, amount_fen=amount_fen, idempotency_key=key
         )
@@ -591,6 +621,9 @@ class MedWalletClient:
         new_scheme: Scheme = Scheme.UNSPECIFIED,
         timeout: float | None = None,
     ) -> InsuranceEventResult:
+        """Never retried or resent: a repeat is a no-op answering no relationship dissolved and
+        `returned_fen` 0, which would be taken for this call's answer. After an UnavailableError
+        or DeadlineExceededError, look with `get_participant` and the relationships."""
         request = registry_pb2.ReportInsuranceEventRequest(
             participant_id=participant_id,
             event_type=convert.proto_enum(event_type),
@@ -598,7 +631,7 @@ class MedWalletClient:
             new_pooling_region=new_pooling_region,
             new_scheme=convert.proto_enum(new_scheme),
         )
-        response = self._invoke(self._registry.ReportInsuranceEvent, request, timeout)
+        response = self._invoke(self._registry.ReportInsuranceEvent, request, timeout, resend=False)
         return InsuranceEventResult(
             convert.participant(response.participant),
             tuple(response.dissolved_relationship_ids),
