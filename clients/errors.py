@@ -65,6 +65,10 @@ class MedWalletError(Exception):
         self.reason = reason or code.name
         self.metadata: Mapping[str, str] = MappingProxyType(dict(metadata or {}))
         self.field: str | None = self.metadata.get("field")
+        # The keyed operation that raised it (medwallet_client.Operation), when one did:
+        # `error.operation.run()` sends it again with the same idempotency key. Calling
+        # `client.refund(...)` again instead draws a new key: a second refund.
+        self.operation: Any = None
         super().__init__(f"{code.name} {self.reason}: {message}")
 
     @property

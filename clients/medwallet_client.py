@@ -41,7 +41,7 @@ from authz_server.generated.medwallet.v1 import (
 )
 from clients import convert, tracing
 from clients.channel import Keepalive, RetryPolicy, open_channel
-from clients.errors import error_from_rpc, retry_delay_s
+from clients.errors import MedWalletError, error_from_rpc, retry_delay_s
 from clients.model import (
     Authorization,
     AuthorizationLine,
@@ -113,7 +113,14 @@ class Operation(Generic[R]):
         return self._idempotency_key
 
     def run(self, timeout: float | None = None) -> R:
-        return self._send(timeout)
+        """Sends it. A MedWalletError it raises carries it (`error.operation`), so a caller of
+        the one-call forms (`client.capture`, `client.refund`, ...) can send the same operation
+        again, with the same key, after a retryable error."""
+        try:
+            return self._send(timeout)
+        except MedWalletError as error:
+            error.operation = self
+            raise
 
     def __repr__(self) -> str:
         return f"Operation({self._name!r}, idempotency_key={self._idempotency_key!r})"

@@ -260,3 +260,30 @@ def test_cli_sends_no_token_in_plaintext_off_loopback(
         )  # fmt: skip
     assert "Bearer admin-secret" not in eavesdropper.tokens()
     assert "plaintext" in capsys.readouterr().err
+
+
+# --- a one-call write that failed is sent again by its operation, with its key -----------------
+
+
+def test_a_refund_whose_answer_was_lost_is_sent_again_by_its_operation(
+    harness: Harness, admin: MedWalletClient, app: MedWalletClient, proxies: list[LossyProxy]
+) -> None:
+    """`client.refund(id, n)` draws its key inside the call: a caller who calls it again after
+    UnavailableError (the refund served, its answer lost) refunds twice. The error carries its
+    operation instead, whose `run()` sends the same key: one refund, its first answer."""
+    _, parent, _ = family(admin, app, quota_fen=50_000)
+    hospital(admin)
+    with MedWalletClient(harness.address, "test-merchant-a") as till:
+        paid = till.authorize(parent, Purpose.MEDICAL_OUT_OF_POCKET, amount_fen=20_000)
+        till.capture(paid.authorization_id)
+    proxy = LossyProxy(harness.address, drops=1)
+    proxies.append(proxy)
+    with MedWalletClient(proxy.address, "test-merchant-a", retry=NO_RETRIES) as till:
+        with pytest.raises(UnavailableError) as lost:
+            till.refund(paid.authorization_id, 5_000)
+        operation = lost.value.operation
+        assert operation is not None and operation.name == "Refund"
+        again = operation.run()
+    assert again.authorization.refunded_amount_fen == 5_000
+    with MedWalletClient(harness.address, "test-merchant-a") as till:
+        assert till.get_authorization(paid.authorization_id).refunded_amount_fen == 5_000
