@@ -221,6 +221,16 @@ class HotStateGuardian:
 async def trusted_and_reconciled(settings: Settings, redis_url: str) -> ReconcileReport:
     """For a process that does not serve (the workers' supervisor, the reconcile command): the
     hot state made trustworthy (rebuilt from SQL when it is not), then reconciled with SQL."""
+    report, _rebuilt = await trusted_and_reconciled_with_rebuild(settings, redis_url)
+    return report
+
+
+async def trusted_and_reconciled_with_rebuild(
+    settings: Settings, redis_url: str
+) -> tuple[ReconcileReport, RebuildReport | None]:
+    """trusted_and_reconciled, and the rebuild this process ran (None: it trusted Redis as it
+    was, or another server rebuilt it): the workers' supervisor has no metrics of its own, so
+    worker 0 counts it (runtime/serving.py)."""
     from authz_server.runtime.reconcile import reconcile
     from authz_server.runtime.wiring import close_storage, open_storage
 
@@ -229,6 +239,7 @@ async def trusted_and_reconciled(settings: Settings, redis_url: str) -> Reconcil
         await storage.preload_scripts()
         if not await storage.guardian.wait_ready(START_WAIT_SECONDS):
             raise RuntimeError("the hot state could not be rebuilt from SQL in time")
-        return await reconcile(storage.database, storage.quotas, storage.holds)
+        report = await reconcile(storage.database, storage.quotas, storage.holds)
+        return report, storage.guardian.last_rebuild
     finally:
         await close_storage(storage)

@@ -29,6 +29,7 @@ from types import FrameType
 from authz_server.observability import logs
 from authz_server.runtime import demo, event_loop, exclusive
 from authz_server.runtime.embedded_redis import EmbeddedRedis
+from authz_server.runtime.rebuild import RebuildReport
 from authz_server.runtime.reconcile import ReconcileReport
 from authz_server.settings import Settings
 from authz_server.storage.sql.migrate import upgrade_to_head
@@ -106,19 +107,21 @@ def _serve_claimed(settings: Settings, claims: list[exclusive.Claim]) -> int:
             embedded.stop()
 
 
-async def _reconcile_once(settings: Settings, redis_url: str) -> ReconcileReport:
-    """Before the workers start: Redis made trustworthy and reconciled once, not per worker."""
-    from authz_server.runtime.hot_state import trusted_and_reconciled
+async def _reconcile_once(
+    settings: Settings, redis_url: str
+) -> tuple[ReconcileReport, RebuildReport | None]:
+    """Before the workers start: Redis made trustworthy and reconciled once, not per worker;
+    and the rebuild that took, if it ran here (worker 0 counts it in the metrics)."""
+    from authz_server.runtime.hot_state import trusted_and_reconciled_with_rebuild
 
-    return await trusted_and_reconciled(settings, redis_url)
+    return await trusted_and_reconciled_with_rebuild(settings, redis_url)
 
 
 def _supervise(settings: Settings, redis_url: str, claims: list[exclusive.Claim]) -> int:
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(settings.data_dir / "metrics")
-    shutil.rmtree(metrics_dir, ignore_errors=True)  # stale files would add old counts
-    os.makedirs(metrics_dir)
+    _emptied(metrics_dir)  # stale files would add old counts
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    report = event_loop.run(_reconcile_once(settings, redis_url), settings.event_loop)
+    report, rebuilt = event_loop.run(_reconcile_once(settings, redis_url), settings.event_loop)
     log.info(
         "reconciled %d quotas, %d drifted (%d overstated by Redis)",
         report.quotas,
@@ -129,7 +132,7 @@ def _supervise(settings: Settings, redis_url: str, claims: list[exclusive.Claim]
     workers = [
         context.Process(
             target=worker_main,
-            args=(settings, redis_url, index, report, claims),
+            args=(settings, redis_url, index, report, claims, rebuilt),
             name=f"w{index}",
         )
         for index in range(settings.effective_workers)
@@ -163,26 +166,47 @@ def _supervise(settings: Settings, redis_url: str, claims: list[exclusive.Claim]
     return 0 if all(code == 0 for code in codes) else 1
 
 
+def _emptied(directory: str) -> None:
+    """Empties the multiprocess metrics directory, made if missing. Its contents go, not the
+    directory itself: it is usually a mount point (a Kubernetes emptyDir, compose's tmpfs), which
+    cannot be removed, under a parent the server may not write (a read-only root filesystem)."""
+    os.makedirs(directory, exist_ok=True)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
+
 def worker_main(
     settings: Settings,
     redis_url: str,
     index: int,
     reconciled: ReconcileReport,
     claims: list[exclusive.Claim],
+    rebuilt: RebuildReport | None = None,
 ) -> None:
     """A worker's process. `claims`: the supervisor's (the same open files), held open here until
     the process ends, so the data directory and port stay claimed while any worker serves."""
     logs.configure(settings.log_level)
     raise SystemExit(
-        event_loop.run(run_worker(settings, redis_url, index, reconciled), settings.event_loop)
+        event_loop.run(
+            run_worker(settings, redis_url, index, reconciled, rebuilt), settings.event_loop
+        )
     )
 
 
 async def run_worker(
-    settings: Settings, redis_url: str, index: int, reconciled: ReconcileReport | None = None
+    settings: Settings,
+    redis_url: str,
+    index: int,
+    reconciled: ReconcileReport | None = None,
+    rebuilt: RebuildReport | None = None,
 ) -> int:
-    """One server process. `reconciled`: the supervisor already rebuilt Redis (worker 0 reports
-    its drift in the metrics); None: this process reconciles at start itself."""
+    """One server process. `reconciled`: the supervisor already made Redis trustworthy and
+    reconciled it (worker 0 reports its drift in the metrics, and `rebuilt`, the rebuild from
+    SQL it ran, if any: MedWalletHotStateRebuilt); None: this process does it at start itself."""
     from authz_server.server.app import Application
 
     app = Application(
@@ -192,6 +216,11 @@ async def run_worker(
         from authz_server.server.app import record_reconcile
 
         record_reconcile(reconciled)
+        if rebuilt is not None:
+            from authz_server.observability import metrics
+
+            metrics.hot_state_rebuilds.inc()
+            metrics.hot_state_rebuild_seconds.set(rebuilt.seconds)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -32,10 +32,12 @@ class ServerProcess:
         redis_url: str = "",
         data_dir: Path | None = None,
         port: int = 0,
+        wrapper: list[str] | None = None,
         **env: str,
     ):
         """A server whose log and tokens are in `directory`, its data in `data_dir` (default
-        `directory`/data), on gRPC `port` (default a free one)."""
+        `directory`/data), on gRPC `port` (default a free one); `wrapper`: a command the server's
+        command line is appended to (it must exec it, so that signals reach the server)."""
         self.port = port or free_port()
         self.metrics_port = free_port()
         tokens = directory / "tokens.json"
@@ -55,12 +57,13 @@ class ServerProcess:
         )
         if "DATABASE_URL" not in env:  # SQLite in the data directory unless a test says
             environment.pop("DATABASE_URL", None)
-        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if "PROMETHEUS_MULTIPROC_DIR" not in env:  # the data directory's unless a test says
+            environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if redis_url:
             environment["REDIS_URL"] = redis_url
         self.log = (directory / "server.log").open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "authz_server.cli", "serve"],
+            [*(wrapper or []), sys.executable, "-m", "authz_server.cli", "serve"],
             env=environment,
             stdout=self.log,
             stderr=subprocess.STDOUT,
