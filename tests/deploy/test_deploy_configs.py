@@ -74,45 +74,29 @@ def _settings_variables() -> set[str]:
 # Every setting the server reads (all have defaults in the server).
 KNOWN_ENV = _settings_variables() | {"PROMETHEUS_MULTIPROC_DIR"}
 
-# Metrics the server exposes (histograms also as _bucket/_sum/_count), plus Prometheus' `up`.
-COUNTERS_AND_GAUGES = {
-    "grpc_server_started_total",
-    "grpc_server_handled_total",
-    "medwallet_authorizations_total",
-    "medwallet_approved_amount_fen_total",
-    "medwallet_captured_amount_fen_total",
-    "medwallet_refunded_amount_fen_total",
-    "medwallet_open_holds",
-    "medwallet_hold_expirations_total",
-    "medwallet_captures_settled_total",
-    "medwallet_idempotent_replays_total",
-    "medwallet_reconcile_drift_total",
-    "medwallet_reconcile_drift_fen_total",
-    "medwallet_reconcile_pages_total",
-    "medwallet_reconcile_quotas_per_second",
-    "medwallet_ledger_limit_refusals_total",
-    "medwallet_sql_unavailable_total",
-    "medwallet_authorize_late_journal_total",
-    "medwallet_abandoned_holds_released_total",
-    "medwallet_redis_up",
-    "medwallet_hot_state_ready",
-    "medwallet_hot_state_rebuilds_total",
-    "medwallet_hot_state_rebuild_seconds",
-    "medwallet_health_serving",
-    "medwallet_build_info",
-    "medwallet_rate_limited_total",
-    "medwallet_audit_records_total",
-    "medwallet_audit_dropped_total",
-    "up",
-}
-HISTOGRAMS = {
-    "grpc_server_handling_seconds",
-    "medwallet_redis_script_seconds",
-    "medwallet_sql_commit_seconds",
-    "medwallet_group_commit_batch_size",
-    "medwallet_journal_wait_seconds",
-    "medwallet_event_loop_lag_seconds",
-}
+
+# Metrics the server exposes (histograms also as _bucket/_sum/_count, counters as _total), from
+# authz_server/observability/metrics.py itself, plus Prometheus' `up`.
+def _exported_metrics() -> tuple[set[str], set[str]]:
+    """(counter and gauge series names, histogram names) the code defines."""
+    from prometheus_client import REGISTRY
+
+    import authz_server.observability.metrics  # noqa: F401  (registers them)
+
+    flat: set[str] = set()
+    histograms: set[str] = set()
+    for family in REGISTRY.collect():
+        if not family.name.startswith(("grpc_server_", "medwallet_")):
+            continue
+        if family.type == "histogram":
+            histograms.add(family.name)
+        else:
+            flat.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    return flat, histograms
+
+
+_FLAT, HISTOGRAMS = _exported_metrics()
+COUNTERS_AND_GAUGES = _FLAT | {"up"}
 # From redis_exporter (oliver006/redis_exporter), the sidecar of every Redis Cluster node in
 # deploy/k8s/redis-cluster/: `up` of its scrape, INFO's role as a label, INFO's connected_slaves.
 REDIS_EXPORTER_METRICS = {"redis_up", "redis_instance_info", "redis_connected_slaves"}
