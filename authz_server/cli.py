@@ -204,7 +204,7 @@ async def _reconcile(settings: Settings) -> int:
     if not settings.redis_url:
         print("reconcile needs REDIS_URL (the private Redis is rebuilt at every start)")
         return 2
-    report = await trusted_and_reconciled(settings, settings.redis_url)
+    report, _ = await trusted_and_reconciled(settings, settings.redis_url)
     print(
         f"reconciled {report.quotas} quotas; {report.drifted} drifted by {report.drift_fen} fen"
         f" ({report.overstated} overstated by Redis); {report.busy} left as they were (a capture"

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,10 +53,14 @@ NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
 }
 
 
-def _bounded(name: str, text: str, value: float | None, kind: str) -> float:
-    """`value` (parsed from `text`, None when it did not parse) within NUMBER_BOUNDS[name]."""
+def _bounded(name: str, text: str, parse: Callable[[str], float], kind: str) -> float:
+    """`text` parsed (int or float) within NUMBER_BOUNDS[name], else a SettingError."""
     low, high = NUMBER_BOUNDS[name]
-    if value is None or not low <= value <= high:  # NaN fails both
+    try:
+        value = parse(text)
+    except ValueError:
+        value = math.nan  # refused below with the rest
+    if not low <= value <= high:  # NaN fails both
         raise SettingError(
             f"{name} must be {kind} from {_shown(low)} to {_shown(high)}, not {text!r}"
         )
@@ -223,20 +228,10 @@ class Settings:
             return env.get(name, str(default))
 
         def integer(name: str, default: int) -> int:
-            text = get(name, default)
-            try:
-                value: int | None = int(text)
-            except ValueError:
-                value = None
-            return int(_bounded(name, text, value, "an integer"))
+            return int(_bounded(name, get(name, default), int, "an integer"))
 
         def decimal(name: str, default: float) -> float:
-            text = get(name, default)
-            try:
-                value: float | None = float(text)
-            except ValueError:
-                value = None
-            return _bounded(name, text, value, "a number")
+            return _bounded(name, get(name, default), float, "a number")
 
         relations = env.get("MEDWALLET_ALLOWED_RELATIONS")
         return cls(

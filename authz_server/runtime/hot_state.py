@@ -218,18 +218,13 @@ class HotStateGuardian:
         await self.on_ready(ready)
 
 
-async def trusted_and_reconciled(settings: Settings, redis_url: str) -> ReconcileReport:
-    """For a process that does not serve (the workers' supervisor, the reconcile command): the
-    hot state made trustworthy (rebuilt from SQL when it is not), then reconciled with SQL."""
-    report, _rebuilt = await trusted_and_reconciled_with_rebuild(settings, redis_url)
-    return report
-
-
-async def trusted_and_reconciled_with_rebuild(
+async def trusted_and_reconciled(
     settings: Settings, redis_url: str
 ) -> tuple[ReconcileReport, RebuildReport | None]:
-    """trusted_and_reconciled, and the rebuild this process ran (None: it trusted Redis as it
-    was, or another server rebuilt it): the workers' supervisor has no metrics of its own, so
+    """For a process that does not serve (the workers' supervisor, the reconcile command): the
+    hot state made trustworthy (rebuilt from SQL when it is not), then reconciled with SQL.
+    Returns the reconcile's report and the rebuild this process ran (None: it trusted Redis as
+    it was, or another server rebuilt it): the workers' supervisor has no metrics of its own, so
     worker 0 counts it (runtime/serving.py)."""
     from authz_server.runtime.reconcile import reconcile
     from authz_server.runtime.wiring import close_storage, open_storage

@@ -112,9 +112,9 @@ async def _reconcile_once(
 ) -> tuple[ReconcileReport, RebuildReport | None]:
     """Before the workers start: Redis made trustworthy and reconciled once, not per worker;
     and the rebuild that took, if it ran here (worker 0 counts it in the metrics)."""
-    from authz_server.runtime.hot_state import trusted_and_reconciled_with_rebuild
+    from authz_server.runtime.hot_state import trusted_and_reconciled
 
-    return await trusted_and_reconciled_with_rebuild(settings, redis_url)
+    return await trusted_and_reconciled(settings, redis_url)
 
 
 def _supervise(settings: Settings, redis_url: str, claims: list[exclusive.Claim]) -> int:

@@ -59,10 +59,6 @@ async def purge_idempotency_before(
     return deleted
 
 
-# An authorization in one of these states still holds money: its Authorize record is kept.
-OPEN = frozenset({HoldStatus.PENDING, HoldStatus.CAPTURING})
-
-
 # An authorization in one of these states is over: no script reads its hash again (it left the
 # quotas' hold sets, the expiry and capturing zsets when it settled), and a late call about it
 # is answered from SQL, as after a rebuild (which never writes settled authorizations back).
@@ -70,6 +66,8 @@ OPEN = frozenset({HoldStatus.PENDING, HoldStatus.CAPTURING})
 SETTLED = frozenset(
     {HoldStatus.CAPTURED, HoldStatus.VOIDED, HoldStatus.EXPIRED, HoldStatus.DECLINED}
 )
+# The others still hold money (PENDING, CAPTURING): their Authorize records are kept.
+OPEN = frozenset(HoldStatus) - SETTLED
 
 
 async def purge_settled_authorizations_before(
