@@ -264,6 +264,37 @@ def test_a_timeout_fails_the_call_and_drops_the_connection(redis_url: str, loop:
 
 
 @LOOPS
+@pytest.mark.parametrize("busy", ["before the write", "after the write"])
+def test_a_loop_busy_past_the_timeout_is_not_redis_failing_to_answer(
+    redis_url: str, loop: str, busy: str
+) -> None:
+    """The loop kept busy (a callback that does not yield, a thread holding the interpreter)
+    for longer than the timeout, right after a call: before its command was written, Redis's time
+    has not begun; after, its reply came meanwhile and is read. Neither is a timeout. (Before the
+    write failed on both loops while the deadline ran from the queueing, and on uvloop too while
+    a due timer, which it runs before call_soon's callbacks, could end the call before its write:
+    a likely cause of the one Redis "timeout" CI saw in test_settle_due_bound.) A Redis that does
+    not answer still times out (the test above)."""
+
+    async def body(client: PipelinedRedis) -> None:
+        await client.execute("PING")  # connected
+        if busy == "before the write":
+            call = asyncio.ensure_future(client.execute("ECHO", "waited"))
+            await asyncio.sleep(0)  # the call has run and queued its command: nothing written
+            time.sleep(0.6)
+            assert await call == b"waited"
+        else:
+            # BLPOP answers (nil) 0.1 s after it is read: during the busy loop, once written.
+            call = asyncio.ensure_future(client.execute("BLPOP", "busy:nothing", 0.1))
+            await asyncio.sleep(0.02)  # written
+            time.sleep(0.6)
+            assert await call is None
+        assert await client.execute("ECHO", "after") == b"after"
+
+    run(redis_url, body, timeout_seconds=0.3, loop=loop)
+
+
+@LOOPS
 def test_the_pending_bound_fails_calls_beyond_it_at_once(redis_url: str, loop: str) -> None:
     async def body(client: PipelinedRedis) -> None:
         await client.execute("PING")  # connected

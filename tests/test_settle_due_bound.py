@@ -5,6 +5,7 @@ SETTLE_CALLS_PER_ROUND settle calls."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -73,7 +74,10 @@ def test_bound_and_failure_leave_no_put_back_hold_unlisted_or_unindexed(
     rounds = 1
     while any(awaiting_settlement(harness, i) for i in ids):
         before = len(calls)
-        harness.run(one_round())
+        # A round that fails of itself (Redis or SQL slow to answer on a loaded machine) is one
+        # more failure mid-loop: it too must leave every hold listed or settled.
+        with contextlib.suppress(Unavailable):
+            harness.run(one_round())
         assert len(calls) - before <= 3
         indexed_or_settled()
         rounds += 1

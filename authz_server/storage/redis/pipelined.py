@@ -204,12 +204,15 @@ class RedisAddress:
 class _Pending:
     """The commands of one call, in flight: replies collect until all of them came."""
 
-    __slots__ = ("deadline", "expected", "future", "replies")
+    __slots__ = ("deadline", "expected", "future", "last_turn_given", "replies")
 
     def __init__(self, future: asyncio.Future[list[Reply]], expected: int, deadline: float) -> None:
         self.future = future
         self.expected = expected
+        # From the write (set again then), not from the queueing: see _flush.
         self.deadline = deadline
+        # Past its deadline once, and given one more turn of the loop: see _check_deadline.
+        self.last_turn_given = False
         self.replies: list[Reply] = []
 
 
@@ -226,6 +229,7 @@ class _Connection(asyncio.Protocol):
         self._reader = hiredis.Reader(replyError=_reply_error)
         self._in_flight: deque[_Pending] = deque()
         self._outgoing: list[bytes] = []
+        self._unwritten_calls = 0  # the last calls of in_flight, their commands in outgoing
         self._flush_scheduled = False
         # One timer for the oldest call only: replies come in order, so the oldest call is the
         # first to run out of time. Cheaper than a timer per call.
@@ -297,6 +301,7 @@ class _Connection(asyncio.Protocol):
         future: asyncio.Future[list[Reply]] = loop.create_future()
         call = _Pending(future, count, loop.time() + self._timeout_seconds)
         self._in_flight.append(call)
+        self._unwritten_calls += 1
         self.pending_commands += count
         self._outgoing.extend(packed)
         if not self._flush_scheduled:
@@ -315,19 +320,32 @@ class _Connection(asyncio.Protocol):
         data = b"".join(self._outgoing)
         self._outgoing.clear()
         self._transport.write(data)
+        # Redis's time runs from the write: a loop kept busy between a call and this write
+        # (other callbacks, a starved thread) is not Redis failing to answer.
+        deadline = self._loop.time() + self._timeout_seconds
+        in_flight = self._in_flight
+        for index in range(1, min(self._unwritten_calls, len(in_flight)) + 1):
+            in_flight[-index].deadline = deadline
+        self._unwritten_calls = 0
 
     def _check_deadline(self) -> None:
         self._deadline_timer = None
         if self.closed or not self._in_flight:
             return
         oldest = self._in_flight[0]
-        if oldest.deadline <= self._loop.time():
+        if oldest.deadline > self._loop.time():
+            self._deadline_timer = self._loop.call_at(oldest.deadline, self._check_deadline)
+        elif not oldest.last_turn_given:
+            # A loop busy past the deadline may run this timer before the write it had queued
+            # (uvloop runs due timers before the callbacks scheduled with call_soon): one more
+            # turn, in which _flush writes and sets the deadline from then, or the socket is read.
+            oldest.last_turn_given = True
+            self._deadline_timer = self._loop.call_later(0, self._check_deadline)
+        else:
             self.drop(
                 RedisConnectionError("connection to Redis dropped: an earlier command timed out"),
                 oldest_error=TimeoutError(f"Redis did not answer within {self._timeout_seconds} s"),
             )
-        else:
-            self._deadline_timer = self._loop.call_at(oldest.deadline, self._check_deadline)
 
     # --- ending -----------------------------------------------------------------------------
 
@@ -342,6 +360,7 @@ class _Connection(asyncio.Protocol):
             self._deadline_timer.cancel()
             self._deadline_timer = None
         self._outgoing.clear()
+        self._unwritten_calls = 0
         self.pending_commands = 0
         first = True
         while self._in_flight:
