@@ -98,7 +98,10 @@ def test_no_hold_is_left_unjournaled_when_the_writer_is_killed_or_stalled(
         time.sleep(1.0)
         pids.append(writer_pid(lossy))
         os.kill(pids[-1], signal.SIGKILL)  # frames in flight
-        time.sleep(2.0)
+        # Replaced at the next frame; how soon depends on the machine's load, not on a fixed
+        # sleep (a loaded CI machine's tills may send nothing for a while).
+        wait_for(lambda: writer_pid(lossy) != pids[0], seconds=60)
+        time.sleep(1.0)
         pids.append(writer_pid(lossy))
         os.kill(pids[-1], signal.SIGSTOP)  # stalled: answered after SIGCONT
         time.sleep(0.8)
@@ -106,7 +109,9 @@ def test_no_hold_is_left_unjournaled_when_the_writer_is_killed_or_stalled(
         time.sleep(1.0)
         pids.append(writer_pid(lossy))
         os.kill(pids[-1], signal.SIGSTOP)  # stalled past the frame deadline: killed by the worker
-        time.sleep(4.0)
+        # at the deadline of the first frame it sends the stalled writer
+        wait_for(lambda: writer_pid(lossy) != pids[-1], seconds=60)
+        time.sleep(1.0)
     finally:
         stop.set()
         for thread in tills:
