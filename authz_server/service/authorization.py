@@ -45,7 +45,12 @@ from authz_server.service.capture_writer import CapturedInLedger
 from authz_server.service.captures import Captures
 from authz_server.service.clock import Clock, from_milliseconds, milliseconds, system_clock
 from authz_server.service.idempotency import Idempotency
-from authz_server.service.journal import DecisionJournal, GenerationChanged, StoredDecision
+from authz_server.service.journal import (
+    DecisionJournal,
+    GenerationChanged,
+    StoredDecision,
+    stored_decision,
+)
 from authz_server.service.late_journal import LateJournal
 from authz_server.service.lost_authorizations import (
     LOST_REFUSALS,
@@ -234,7 +239,10 @@ class AuthorizationService:
         now: datetime,
         respond: Callable[[AuthorizeOutcome], R],
     ) -> R | bytes:
-        decision = await self._decide(call, milliseconds(now))
+        try:
+            decision = await self._decide(call, milliseconds(now))
+        except IdempotencyKeyReused:
+            return await self._reused_unless_sql_says(call)
         if decision.replayed:
             metrics.idempotent_replays.labels("Authorize").inc()
             outcome = await self._replayed(decision)
@@ -375,6 +383,19 @@ class AuthorizationService:
         if hold is not None:
             await self._keep_hold(hold)
         return stored.response
+
+    async def _reused_unless_sql_says(self, call: AuthorizeCall) -> bytes:
+        """Redis refused the key as used by another request (its merchant-wide claim, or the
+        key's record, names another request). SQL's unique (merchant, key) is the last word: a
+        claim written after Redis was lost by another request that SQL then refused (undone, but
+        its claim stays) must not refuse the request SQL holds the key's decision of; that
+        request's retry gets its stored answer (its hold put back if still open)."""
+        stored = await self.database.run(
+            lambda session: stored_decision(session, call.merchant_id, call.idempotency_key)
+        )
+        if stored is None or stored.request_digest != call.request_digest:
+            raise IdempotencyKeyReused(call.idempotency_key)
+        return await self._stored_answer(call, stored, None)
 
     async def _keep_hold(self, hold: OpenHold) -> None:
         """Makes sure Redis holds an approval SQL has: a rebuild of the hot state that read SQL

@@ -28,6 +28,7 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Table, select
+from sqlalchemy.orm import Session
 
 from authz_server.domain.errors import Unavailable
 from authz_server.observability import metrics
@@ -255,18 +256,28 @@ def _conflicts(connection: Connection, rows: list[dict[str, Any]]) -> list[Writt
         if row["authorization_id"] in present:
             outcomes.append(None)
             continue
-        stored = connection.execute(
-            select(
-                AuthorizationRow.authorization_id,
-                AuthorizationRow.request_digest,
-                AuthorizationRow.response,
-            ).where(
-                AuthorizationRow.merchant_id == row["merchant_id"],
-                AuthorizationRow.idempotency_key == row["idempotency_key"],
-            )
-        ).one()
-        outcomes.append(StoredDecision(stored[0], stored[1], bytes(stored[2])))
+        stored = stored_decision(connection, row["merchant_id"], row["idempotency_key"])
+        if stored is None:  # the key's index kept the row out: its holder must be there
+            raise LookupError(f"journal row {row['authorization_id']} neither written nor held")
+        outcomes.append(stored)
     return outcomes
+
+
+def stored_decision(
+    connection: Connection | Session, merchant_id: str, idempotency_key: str
+) -> StoredDecision | None:
+    """The decision SQL holds for a merchant's idempotency key, None when it has none."""
+    stored = connection.execute(
+        select(
+            AuthorizationRow.authorization_id,
+            AuthorizationRow.request_digest,
+            AuthorizationRow.response,
+        ).where(
+            AuthorizationRow.merchant_id == merchant_id,
+            AuthorizationRow.idempotency_key == idempotency_key,
+        )
+    ).one_or_none()
+    return None if stored is None else StoredDecision(stored[0], stored[1], bytes(stored[2]))
 
 
 def _answer(
