@@ -67,6 +67,48 @@ def _bounded(name: str, text: str, parse: Callable[[str], float], kind: str) -> 
     return value
 
 
+LIMIT_FIELDS = ("rate", "burst", "in_flight")
+
+
+def limit_fields(text: str) -> tuple[float, int, int]:
+    """A per-principal limit, "rate=200,burst=400,in_flight=100" -> (rate a second, burst, calls
+    in flight; 0: no bound), or a ValueError saying what is wrong. Strict: a field misspelt
+    ("inflight") or a rate that is not a finite number would be a bound silently not applied."""
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, equals, value = part.partition("=")
+        name = name.strip()
+        if not equals or name not in LIMIT_FIELDS or name in fields:
+            raise ValueError(
+                f"{part.strip()!r} is not one of {', '.join(LIMIT_FIELDS)} (once each)"
+            )
+        fields[name] = value.strip()
+    if "rate" not in fields or "burst" not in fields:
+        raise ValueError("rate and burst are required")
+    try:
+        rate = float(fields["rate"])
+        burst = int(fields["burst"])
+        in_flight = int(fields.get("in_flight", "0"))
+    except ValueError:
+        raise ValueError("rate is a number, burst and in_flight whole numbers") from None
+    if not (math.isfinite(rate) and rate > 0) or burst < 1 or in_flight < 0:
+        raise ValueError("a limit needs 0 < rate < inf, burst >= 1 and in_flight >= 0")
+    return rate, burst, in_flight
+
+
+def _limit(name: str, text: str) -> str:
+    """`text` if it is a limit (limit_fields), else a SettingError naming the variable."""
+    try:
+        limit_fields(text)
+    except ValueError as error:
+        raise SettingError(
+            f"{name} must be like 'rate=1000,burst=2000,in_flight=500' ({error}), not {text!r}"
+        ) from None
+    return text
+
+
 def _shown(bound: float) -> str:
     return f"{int(bound):,}" if bound == int(bound) else f"{bound:g}"
 
@@ -281,8 +323,12 @@ class Settings:
                 "MEDWALLET_CLIENT_IDENTITY_FIELD", defaults.client_identity_field
             ),
             rate_limits=_flag(get("MEDWALLET_RATE_LIMITS", defaults.rate_limits)),
-            merchant_limit=get("MEDWALLET_MERCHANT_LIMIT", defaults.merchant_limit),
-            channel_limit=get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit),
+            merchant_limit=_limit(
+                "MEDWALLET_MERCHANT_LIMIT", get("MEDWALLET_MERCHANT_LIMIT", defaults.merchant_limit)
+            ),
+            channel_limit=_limit(
+                "MEDWALLET_CHANNEL_LIMIT", get("MEDWALLET_CHANNEL_LIMIT", defaults.channel_limit)
+            ),
             limits_file=env.get("MEDWALLET_LIMITS_FILE", ""),
             limit_hold_ms=integer("MEDWALLET_LIMIT_HOLD_MS", defaults.limit_hold_ms),
             reconcile_quotas_per_second=decimal(

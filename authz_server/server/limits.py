@@ -19,6 +19,7 @@ UNAVAILABLE) rather than failing calls that only need SQL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -33,19 +34,39 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from authz_server.domain import validation
+from authz_server.domain.errors import InvalidArgument
+from authz_server.domain.types import Channel
 from authz_server.observability import metrics
 from authz_server.server.auth import Authenticator, Principal, PrincipalKind
 from authz_server.server.errors import DOMAIN
 from authz_server.server.wrapped_server import Handler, WrappedServer
+from authz_server.service.to_the_end import Lease, call_lease
+from authz_server.settings import limit_fields
 from authz_server.storage.redis.rate_limiter import Limit, RedisRateLimiter, Verdict
 
 log = logging.getLogger(__name__)
 
 
 def parse_limit(text: str) -> Limit:
-    """ "rate=200,burst=400,in_flight=100" -> Limit."""
-    fields = dict(part.strip().split("=", 1) for part in text.split(",") if part.strip())
-    return Limit(float(fields["rate"]), int(fields["burst"]), int(fields.get("in_flight", 0)))
+    """ "rate=200,burst=400,in_flight=100" -> Limit; a ValueError for anything else
+    (settings.limit_fields: a misspelt field is not a bound silently left out)."""
+    return Limit(*limit_fields(text))
+
+
+def _names_a_principal(key: str) -> bool:
+    """Whether a limits file's key is one principal_key makes (any other would never match):
+    merchant:<a merchant id, as the registry takes it> or channel:<a channel>."""
+    kind, _, name = key.partition(":")
+    if kind == "channel":
+        return name in {channel.value for channel in Channel}
+    if kind != "merchant":
+        return False
+    try:
+        validation.identifier("merchant_id", name)
+    except InvalidArgument:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -60,7 +81,15 @@ class Limits:
         principals: dict[str, Limit] = {}
         if file:
             document = json.loads(Path(file).read_text())
-            principals = {key: parse_limit(value) for key, value in document.items()}
+            for key, value in document.items():
+                try:
+                    if not _names_a_principal(key):
+                        raise ValueError("not merchant:<id> or channel:<channel>")
+                    if not isinstance(value, str):
+                        raise ValueError("not a string like 'rate=50,burst=100,in_flight=20'")
+                    principals[key] = parse_limit(value)
+                except ValueError as error:
+                    raise ValueError(f"limits file {file}: {key!r}: {error}") from None
         return cls(parse_limit(merchant), parse_limit(channel), principals)
 
     def of(self, key: str, principal: Principal) -> Limit:
@@ -198,13 +227,19 @@ class Limiter:
             if not verdict.admitted:
                 self.memo.remember(key, verdict, asked_at)
                 await self._refuse(context, principal.kind, verdict)
+            if not limit.max_in_flight:
+                return await call(request, context)  # type: ignore[arg-type]
+            # The slot is given back when the call has ended and so has any work of it left
+            # running past its cancellation (service/to_the_end.py: a deadline does not stop
+            # the work, so it does not free the slot either). Not waited for: freed by the
+            # principal's next admission (or within RELEASE_FLUSH_SECONDS).
+            lease = Lease(functools.partial(self.redis.release, key, call_id))
+            leased = call_lease.set(lease)
             try:
                 return await call(request, context)  # type: ignore[arg-type]
             finally:
-                if limit.max_in_flight:
-                    # Not waited for: the slot is freed by the principal's next admission (or
-                    # within storage/redis/rate_limiter.RELEASE_FLUSH_SECONDS).
-                    self.redis.release(key, call_id)
+                call_lease.reset(leased)
+                lease.end()
 
         return grpc.unary_unary_rpc_method_handler(
             limited,

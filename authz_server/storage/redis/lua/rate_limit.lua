@@ -27,7 +27,11 @@ end
 local state = redis.call('HMGET', KEYS[1], 't', 'ts')
 local tokens = tonumber(state[1])
 local since = tonumber(state[2])
-if tokens == nil or since == nil then
+-- A refill in this clock's future was written by a clock ahead of it (a failover to a replica
+-- whose clock is behind, a clock stepped back): nothing tells how long ago it was, so the bucket
+-- starts full, as one Redis lost does (else a bucket left empty would refuse until this clock
+-- caught up, its key kept as long).
+if tokens == nil or since == nil or since > now then
   tokens = burst
   since = now
 end
