@@ -52,7 +52,7 @@ class TwoPrimaries(PipelinedRedis):
             name = str(command[0]).upper()
             if name in ("SCAN", "DBSIZE", "SCRIPT", "FLUSHALL"):
                 raise AssertionError(f"{name} sent by key: it must go to every primary")
-            key = command[3] if name == "EVALSHA" else command[1]
+            key = command[3] if name in ("EVALSHA", "EVAL") else command[1]
             node = self.nodes[self.node_of(as_text(key))]
             (reply,) = await node.transmit([command])
             replies.append(reply)
@@ -163,6 +163,10 @@ def test_the_rebuild_deletes_on_every_primary_one_slot_per_unlink(urls: list[str
         assert unlinks
         for command in unlinks:  # one hash slot per UNLINK, as a cluster requires
             assert len(scans.by_slot([as_text(name) for name in command[1:]])) == 1
+        scripted = [command for command in sent if command[0] == "EVAL"]
+        for command in scripted:  # a slot's keys deleted unless marked: its keys in one slot
+            named = [as_text(name) for name in command[3 : 3 + int(command[2])]]
+            assert len(scans.by_slot(named)) == 1
         assert sum([await admin.dbsize() for admin in admins]) == 1  # the generation kept
 
     run(urls, body)

@@ -18,7 +18,8 @@ rebuild and makes sure only one server does.
    (storage/redis/rebuild_writer.py page_commands, service/capture_recovery.py).
    A slot found marked already is an earlier rebuild's page that reached Redis late (its write
    timed out, the commands were only delayed): this rebuild fails, and the next one sweeps it
-   (storage/redis/rebuild_writer.py page_commands; a late page that lands after this rebuild
+   (storage/redis/rebuild_writer.py page_commands, page_writes: each write of a page carries
+   its slots' marks; a late page that lands after this rebuild
    wrote the slot is found by the scripts: MWSTALE, storage/redis/generation.py). Before
    each page's write the rebuild checks keys.GENERATION still names it: taken over by another
    server, it stops, rather than leave that rebuild late pages until its lock's next renewal.
@@ -58,6 +59,7 @@ from authz_server.storage.redis.rebuild_writer import (
     delete_hot_state,
     late_page_marks,
     page_commands,
+    page_writes,
     witness_commands,
 )
 from authz_server.storage.sql.database import Database
@@ -363,9 +365,13 @@ def _page(
         beneficiaries=(after, last),
         known_active={quota.relationship_id: quota.active for quota in quotas},
     )
-    commands = page_commands(generation, quotas, holds, int(now.timestamp() * 1000))
-    replies = on_loop(loop, _write_page(redis, generation, commands, write_turn, failed))
-    late = late_page_marks(generation, commands, replies)
+    # Each write of the page led by its slots' marks (page_writes): any write of it that
+    # reaches Redis late carries them.
+    writes = page_writes(
+        page_commands(generation, quotas, holds, int(now.timestamp() * 1000)), COMMANDS_PER_WRITE
+    )
+    replies = on_loop(loop, _write_page(redis, generation, writes, write_turn, failed))
+    late = late_page_marks(generation, [command for write in writes for command in write], replies)
     if late:
         # Written over: the page is right now, but what else that late page left (a hold
         # closed since, in a slot's sets) is not. Swept again by the next rebuild.
@@ -387,7 +393,7 @@ async def _still_rebuilding(redis: PipelinedRedis, generation: str) -> bool:
 async def _write_page(
     redis: PipelinedRedis,
     generation: str,
-    commands: list[Command],
+    writes: list[list[Command]],
     write_turn: asyncio.Lock,
     failed: threading.Event,
 ) -> list[object]:
@@ -403,16 +409,24 @@ async def _write_page(
         try:
             if not await _still_rebuilding(redis, generation):
                 raise RebuildAbandoned(generation)
-            return await _write(redis, commands)
+            replies: list[object] = []
+            for write in writes:  # each whole: its marks go with its keys
+                replies.extend(await _write(redis, write, len(write)))
+            return replies
         except BaseException:
             failed.set()
             raise
 
 
-async def _write(redis: PipelinedRedis, commands: list[Command]) -> list[object]:
+async def _write(
+    redis: PipelinedRedis, commands: list[Command], per_write: int | None = None
+) -> list[object]:
+    """The commands in writes of `per_write` (COMMANDS_PER_WRITE unless given), each answered
+    before the next is sent; the first error reply raised."""
+    size = max(1, per_write if per_write is not None else COMMANDS_PER_WRITE)
     replies: list[object] = []
-    for start in range(0, len(commands), COMMANDS_PER_WRITE):
-        for reply in await redis.execute_many(commands[start : start + COMMANDS_PER_WRITE]):
+    for start in range(0, len(commands), size):
+        for reply in await redis.execute_many(commands[start : start + size]):
             if isinstance(reply, Exception):
                 raise reply
             replies.append(reply)

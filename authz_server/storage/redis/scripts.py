@@ -21,6 +21,9 @@ ALL_SCRIPTS = (
 # Scripts whose keys are not the hot state (no money): the per-principal limits' buckets. They
 # skip the generation check; a bucket Redis lost only starts full again.
 NOT_HOT_STATE = frozenset({"rate_limit"})
+# The rebuild's own, run while it has no generation published (sent by EVAL: see
+# storage/redis/rebuild_writer.py).
+REBUILD_ONLY = frozenset({"unlink_unless_marked"})
 # The smallest scripts need none of the shared functions.
 LIBRARY_USERS = frozenset(ALL_SCRIPTS) - {"quota_credit", "quota_debit", "authorize_forget"}
 
@@ -30,7 +33,7 @@ def source(name: str) -> str:
     text = folder.joinpath(f"{name}.lua").read_text()
     if name in LIBRARY_USERS:
         text = folder.joinpath("_lib.lua").read_text() + "\n" + text
-    if name in NOT_HOT_STATE:
+    if name in NOT_HOT_STATE or name in REBUILD_ONLY:
         return text
     return folder.joinpath("_generation.lua").read_text() + "\n" + text
 
