@@ -12,6 +12,7 @@ decision journal and audit trail written by a process of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -248,6 +249,58 @@ def test_a_hung_writer_is_killed_and_started_again(
 
     outcome, after, hung, started = asyncio.run(scenario())
     assert isinstance(outcome, Unavailable)
+    assert after is None and started != hung
+
+
+def test_a_writer_hung_at_its_start_is_killed_and_started_again(
+    tmp_path: Path, lossy: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that hangs before it listens (stopped, or stuck before its socket) sends no
+    frame for the frame deadline to kill it by: it was waited on for ever, each write answered
+    UNAVAILABLE after START_SECONDS (seen under load in CI: the fault test stopped a writer still
+    starting). Not listening by START_SECONDS, it is killed, and a write after that starts
+    another."""
+    from authz_server.domain.errors import Unavailable
+    from authz_server.ledger import client as ledger_client
+
+    monkeypatch.setattr(ledger_client, "START_SECONDS", 2.0)
+
+    async def scenario() -> tuple[Any, Any, int, int]:
+        client = _client(tmp_path, lossy)
+        start = client._start_process
+        hung: list[int] = []
+
+        async def hangs_the_first() -> Any:
+            process = await start()
+            if not hung:
+                os.kill(process.pid, signal.SIGSTOP)  # long before it listens
+                hung.append(process.pid)
+            return process
+
+        client._start_process = hangs_the_first
+        try:
+            try:
+                first = await asyncio.wait_for(client.journal.write(_row()), 20)
+            except Unavailable as error:
+                first = error
+            # A till's retries: each answered UNAVAILABLE until a writer listens again.
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    after = await asyncio.wait_for(client.journal.write(_row()), 20)
+                    break
+                except Unavailable:
+                    assert time.monotonic() < deadline, "no writer started again"
+            assert client.process is not None
+            return first, after, hung[0], client.process.pid
+        finally:
+            for pid in hung:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+            await client.close()
+
+    first, after, hung, started = asyncio.run(scenario())
+    assert isinstance(first, Unavailable)
     assert after is None and started != hung
 
 

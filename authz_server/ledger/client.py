@@ -181,6 +181,10 @@ class LedgerClient:
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
+                    # Not listening within START_SECONDS: hung at its start (stopped, or stuck
+                    # before its socket). Killed, as a writer that answers no frame is, so that
+                    # the next write starts another rather than wait on this one for ever.
+                    self._kill()
                     raise
                 # (a writer killed a moment ago is started again once it is reaped, above)
                 await asyncio.sleep(0.02)
@@ -250,11 +254,15 @@ class LedgerClient:
         fails the frame's rows and the next write starts another."""
         self.frame_timer = None
         log.error("ledger writer answered no frame in %s s: killed", FRAME_DEADLINE_SECONDS)
+        self._kill()
+        if self.stream is not None:
+            self.stream.close()
+
+    def _kill(self) -> None:
+        """Kills the writer (the next connection waits until it is reaped, then starts another)."""
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             self.killed = True
-        if self.stream is not None:
-            self.stream.close()
 
     # --- sending ----------------------------------------------------------------------------
 
