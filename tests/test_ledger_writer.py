@@ -258,12 +258,15 @@ def test_a_writer_hung_at_its_start_is_killed_and_started_again(
     """A writer that hangs before it listens (stopped, or stuck before its socket) sends no
     frame for the frame deadline to kill it by: it was waited on for ever, each write answered
     UNAVAILABLE after START_SECONDS (seen under load in CI: the fault test stopped a writer still
-    starting). Not listening by START_SECONDS, it is killed, and a write after that starts
+    starting). Not listening by START_HUNG_SECONDS, it is killed, and a write after that starts
     another."""
     from authz_server.domain.errors import Unavailable
     from authz_server.ledger import client as ledger_client
 
-    monkeypatch.setattr(ledger_client, "START_SECONDS", 2.0)
+    # Shorter than their 15 and 60 s; the second long enough for a writer to start on a loaded
+    # machine (one not listening by then is killed too).
+    monkeypatch.setattr(ledger_client, "START_SECONDS", 3.0)
+    monkeypatch.setattr(ledger_client, "START_HUNG_SECONDS", 10.0)
 
     async def scenario() -> tuple[Any, Any, int, int]:
         client = _client(tmp_path, lossy)
@@ -280,14 +283,14 @@ def test_a_writer_hung_at_its_start_is_killed_and_started_again(
         client._start_process = hangs_the_first
         try:
             try:
-                first = await asyncio.wait_for(client.journal.write(_row()), 20)
+                first = await asyncio.wait_for(client.journal.write(_row()), 30)
             except Unavailable as error:
                 first = error
             # A till's retries: each answered UNAVAILABLE until a writer listens again.
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while True:
                 try:
-                    after = await asyncio.wait_for(client.journal.write(_row()), 20)
+                    after = await asyncio.wait_for(client.journal.write(_row()), 30)
                     break
                 except Unavailable:
                     assert time.monotonic() < deadline, "no writer started again"

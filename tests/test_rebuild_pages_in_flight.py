@@ -364,14 +364,14 @@ def test_pages_waiting_for_their_turn_are_not_written_once_a_write_failed(
     after_failure: list[object] = []
     failed_once: list[bool] = []
 
-    async def write(redis: Any, commands: Any) -> Any:
+    async def write(redis: Any, commands: Any, *rest: Any) -> Any:
         if any(command[0] == "HSET" for command in commands):  # a page, not the witnesses
             if not failed_once:
                 failed_once.append(True)
                 await asyncio.sleep(0.3)  # the next pages reach their turn meanwhile
                 raise TimeoutError("Redis did not answer in time (the test's)")
             after_failure.append(commands)
-        return await real_write(redis, commands)
+        return await real_write(redis, commands, *rest)
 
     monkeypatch.setattr(rebuild, "_write", write)
     redis = EmbeddedRedis(tmp_path / "redis", persistent=False)

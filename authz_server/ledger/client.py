@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 # How long a write waits for the writer to (re)start before it is answered UNAVAILABLE.
 START_SECONDS = 15.0
+# A writer not listening this long after it was started is taken for hung at its start (stopped,
+# or stuck before its socket): killed, and another started. Far above a start's worst seen on a
+# loaded machine, so that a slow start is waited for, not killed again and again.
+START_HUNG_SECONDS = 60.0
 # How long a stop waits for the writer to write what it holds and exit before it is killed.
 STOP_SECONDS = 10.0
 # A journal frame unanswered this long: the writer is taken for hung, killed and started again
@@ -120,6 +124,7 @@ class LedgerClient:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: set[asyncio.Task[None]] = set()  # referenced until done
         self.killed = False  # the writer was killed here and may not be reaped yet
+        self.started_at = 0.0  # when the writer was started (time.monotonic)
         self.metrics = WorkerMetrics()  # the writer's, added to this worker's series
         self.closed = False
         self.journal = RemoteJournal(self)
@@ -176,15 +181,16 @@ class LedgerClient:
         while True:
             if self.process is None or self.process.returncode is not None:
                 self.process = await self._start_process()
+                self.started_at = time.monotonic()
             try:
                 reader, stream = await asyncio.open_unix_connection(str(self.command.socket))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
                 if time.monotonic() > deadline:
-                    # Not listening within START_SECONDS: hung at its start (stopped, or stuck
-                    # before its socket). Killed, as a writer that answers no frame is, so that
-                    # the next write starts another rather than wait on this one for ever.
-                    self._kill()
+                    if time.monotonic() - self.started_at > START_HUNG_SECONDS:
+                        # Hung at its start: killed, as a writer that answers no frame is, so
+                        # that a write after this starts another rather than wait on it for ever.
+                        self._kill()
                     raise
                 # (a writer killed a moment ago is started again once it is reaped, above)
                 await asyncio.sleep(0.02)
