@@ -127,7 +127,16 @@ def is_loopback(address: str) -> bool:
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
             target = target.removeprefix(scheme)
+            if scheme in ("ipv4:", "ipv6:"):
+                # gRPC takes a list here ("ipv6:[::1]:1,[2001:db8::1]:50051") and connects to
+                # any of them: every one must be loopback, not only the first
+                return all(_names_loopback(one) for one in target.split(","))
             break
+    return "," not in target and _names_loopback(target)
+
+
+def _names_loopback(target: str) -> bool:
+    """Whether one "host:port" (or "[v6]:port", or a bare host) names a loopback host."""
     if target.startswith("["):
         host = target[1 : target.find("]")] if "]" in target else target
     elif target.count(":") == 1:

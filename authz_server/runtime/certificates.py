@@ -50,8 +50,19 @@ class Issued:
     def write(self, directory: Path, name: str) -> tuple[Path, Path]:
         certificate, key = directory / f"{name}.crt", directory / f"{name}.key"
         certificate.write_bytes(self.certificate_pem)
-        key.write_bytes(self.key_pem)
-        os.chmod(key, 0o600)
+        # 0600 from its creation on, not after a chmod: written first with the umask's mode
+        # (0644 under the usual 022), the key (the CA's too) was readable by any local user
+        # until the chmod; one who opened it then kept reading it. A new file put in place, so
+        # a key file already there (and whoever holds it open) never sees the new key.
+        temporary = directory / f".{name}.key.{os.getpid()}.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(self.key_pem)
+            os.replace(temporary, key)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
         return certificate, key
 
 

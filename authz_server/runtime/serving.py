@@ -76,12 +76,26 @@ def serve(settings: Settings) -> int:
 def refuse_plaintext_with_a_client_ca(settings: Settings) -> None:
     """A client CA asks that every merchant present a certificate; without the server's own
     certificate and key the port would be plaintext and merchant tokens accepted: refused,
-    rather than serving less securely than configured."""
+    rather than serving less securely than configured. So is a certificate without its key, or
+    a key without its certificate."""
     if settings.tls_client_ca_file and not (settings.tls_cert_file and settings.tls_key_file):
         raise exclusive.ServeRefused(
             "MEDWALLET_TLS_CLIENT_CA_FILE is set but MEDWALLET_TLS_CERT_FILE and "
             "MEDWALLET_TLS_KEY_FILE are not: mutual TLS needs the server's own certificate "
             "(set both, or unset the client CA to serve without TLS)"
+        )
+    # One of the pair alone: TLS was meant (a misspelt or unset variable beside it); the port
+    # would have been plaintext, the tokens crossing the network in clear, with at most a
+    # warning (and none on a loopback address).
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        given, missing = (
+            ("MEDWALLET_TLS_CERT_FILE", "MEDWALLET_TLS_KEY_FILE")
+            if settings.tls_cert_file
+            else ("MEDWALLET_TLS_KEY_FILE", "MEDWALLET_TLS_CERT_FILE")
+        )
+        raise exclusive.ServeRefused(
+            f"{given} is set but {missing} is not: TLS needs both (set both, or neither to "
+            "serve plaintext)"
         )
 
 

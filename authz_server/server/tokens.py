@@ -15,12 +15,15 @@ guess a dictionary from, and the digest is a lookup key (one hash per call, no s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,24 +135,41 @@ def write(path: Path, entries: dict[str, TokenEntry]) -> None:
     os.replace(temporary, path)
 
 
+@contextlib.contextmanager
+def _editing(path: Path) -> Iterator[None]:
+    """One read-modify-write of the file at a time (`tokens add`/`revoke` run side by side, by
+    hand or by a script): without it one's write put back what the other had just removed, a
+    revoked token served again, or dropped a token the other had just added. An exclusive
+    flock on a lock file beside it, held until the new file is in place."""
+    lock = path.with_name(f".{path.name}.lock")
+    descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # lets the lock go
+
+
 def add(path: Path, kind: str, channel: str | None, merchant_id: str | None) -> tuple[str, str]:
     """Adds a new random token; returns (token id, token). The token is not stored."""
-    entries = read(path) if path.exists() else {}
-    token = secrets.token_urlsafe(32)
-    token_id = f"tok-{secrets.token_hex(4)}"
-    fields = {"kind": kind, "channel": channel, "merchant_id": merchant_id}
-    entries[digest(token)] = _entry(token_id, fields)
-    write(path, entries)
+    with _editing(path):
+        entries = read(path) if path.exists() else {}
+        token = secrets.token_urlsafe(32)
+        token_id = f"tok-{secrets.token_hex(4)}"
+        fields = {"kind": kind, "channel": channel, "merchant_id": merchant_id}
+        entries[digest(token)] = _entry(token_id, fields)
+        write(path, entries)
     return token_id, token
 
 
 def revoke(path: Path, token_id: str) -> bool:
     """Removes the token with this id (running servers drop it within a second)."""
-    entries = read(path)
-    kept = {hashed: entry for hashed, entry in entries.items() if entry.token_id != token_id}
-    if len(kept) == len(entries):
-        return False
-    write(path, kept)
+    with _editing(path):
+        entries = read(path)
+        kept = {hashed: entry for hashed, entry in entries.items() if entry.token_id != token_id}
+        if len(kept) == len(entries):
+            return False
+        write(path, kept)
     return True
 
 
