@@ -96,14 +96,34 @@ if put_back then
   end
 end
 
+-- A claim finished PENDING (SQL has no capture of it) on a hold one of whose quotas was
+-- dissolved while it was CAPTURING (holds_of_dissolved leaves a claimed hold to its capture):
+-- no capture of it can ever be written (SQL refuses RELATIONSHIP_NOT_ACTIVE), so it is voided
+-- as the dissolution would have voided it, its parts on the other quotas back at once. Put
+-- back PENDING, it held them for nobody until it expired (a day for a medical hold). A hold a
+-- rebuild put back (rs = 1) goes back on the sweeper's list instead (below): its settlement
+-- voids it so (capture_clear.lua) once a claim lost with Redis can no longer commit.
+local void_instead = false
+if ARGV[2] == 'PENDING' and state[3] ~= '1' then
+  for _, part in ipairs(funding) do
+    if redis.call('HGET', prefix .. ':q:' .. part[1], 'status') == 'DISSOLVED' then
+      void_instead = true
+    end
+  end
+end
 -- The quotas release_parts writes below, touched before this script's first write.
-if ARGV[2] ~= 'PENDING' then
+if ARGV[2] ~= 'PENDING' or void_instead then
   for _, part in ipairs(funding) do
     touch(prefix .. ':q:' .. part[1], prefix .. ':qh:' .. part[1])
   end
 end
 redis.call('ZREM', prefix .. ':capturing', auth_id)
 redis.call('ZREM', prefix .. ':expiry', auth_id)
+if void_instead then
+  release_parts(prefix, auth_id, state[4], nil)
+  redis.call('HSET', auth, 's', 'VOIDED', 'vr', 'RELATIONSHIP_NOT_ACTIVE', 'ck', '', 'cp', 0)
+  return 1
+end
 if ARGV[2] == 'PENDING' then
   redis.call('HSET', auth, 's', 'PENDING', 'ck', '', 'cp', 0)
   redis.call('ZADD', prefix .. ':expiry', redis.call('HGET', auth, 'ex'), auth_id)
