@@ -38,6 +38,7 @@ from authz_server.domain.errors import (
     InvalidArgument,
     LedgerLimitExceeded,
     PolicyRefusal,
+    Unavailable,
 )
 from authz_server.domain.model import QuotaView, Relationship
 from authz_server.domain.types import (
@@ -246,7 +247,14 @@ class RelationshipService:
         async def to_the_end() -> QuotaMoveResult | bytes:
             # SQL first, then Redis; to the end even when the call is cancelled meanwhile: a
             # commit whose credit never came would understate the quota until reconcile.
-            result, relationship = await self._run_idempotent(work)
+            try:
+                result, relationship = await self._run_idempotent(work)
+            except Unavailable:
+                # A lost connection: its COMMIT may have gone through, its credit then never
+                # sent. The quota is set from the ledger (under the row lock: right either
+                # way), not left short until the channel's retry or the rolling reconcile.
+                await heal_from_ledger(self.database, self.quotas, relationship_id)
+                raise
             if relationship is None:  # a retry's replay (see above)
                 await heal_from_ledger(self.database, self.quotas, relationship_id)
             elif not await when_rebuilt(
@@ -277,6 +285,9 @@ class RelationshipService:
         beneficiary_id = checked.beneficiary_id
         loop = asyncio.get_running_loop()
         debited: list[Debit] = []  # what Redis answered once it gave the money
+        # A debit sent: Redis may have taken the money even when its answer never came back
+        # (a timeout), and then nothing else would give it back.
+        debit_sent: list[bool] = []
 
         def work(session: Session) -> tuple[QuotaMoveResult | bytes, Relationship | None]:
             row = records.relationship_row(session, relationship_id, lock=True)
@@ -286,6 +297,7 @@ class RelationshipService:
             holder_row = records.participant_row(session, row.holder_id, lock=True)
             rules.check_quota_movable(records.relationship(row), records.participant(holder_row))
             if not debited:
+                debit_sent.append(True)
                 taken = on_loop(
                     loop, self.quotas.debit(beneficiary_id, relationship_id, amount_fen)
                 )
@@ -330,6 +342,13 @@ class RelationshipService:
                     )
                     if replay is not None:
                         return replay  # SQL has it: the first answer
+                elif debit_sent:
+                    # The debit's answer was lost (a timeout): Redis may have taken the money,
+                    # and SQL has not (the transaction ended at the debit, rolled back). Left
+                    # so, the quota was understated until the rolling reconcile reached it, and
+                    # the retry was debited again (or refused INSUFFICIENT_QUOTA). Set from the
+                    # ledger under the row lock: right whether or not the debit ran.
+                    await heal_from_ledger(self.database, self.quotas, relationship_id)
                 raise
             if relationship is None and debited:  # the key committed concurrently: give back
                 await self.quotas.give_back(
@@ -365,8 +384,9 @@ class RelationshipService:
         """A release whose transaction failed without a refusal (a lost connection, whose
         COMMIT may have gone through): its Redis debit is given back only when SQL does not
         have it, read under the relationship's row lock (a commit in flight ends first).
-        SQL has it: its stored answer. SQL cannot say: the debit stays (Redis understates the
-        quota until reconcile, never overstates it) and None, as when it was given back."""
+        SQL has it: its stored answer, the quota set from the ledger. SQL cannot say: the
+        debit stays (Redis understates the quota until reconcile, never overstates it) and
+        None, as when it was given back."""
 
         def read(session: Session) -> bytes | None:
             records.relationship_row(session, relationship_id, lock=True)
@@ -386,6 +406,12 @@ class RelationshipService:
             return None
         if replay is None:
             await self.quotas.give_back(beneficiary_id, relationship_id, amount_fen, epoch)
+        else:
+            # SQL has the key's release: this call's own commit whose reply was lost, or a
+            # retry's (this call's deadline passed) that committed after this transaction rolled
+            # back, and took a debit of its own: two debits then, one release. The quota is set
+            # from the ledger (under the row lock), not left understated until reconcile.
+            await heal_from_ledger(self.database, self.quotas, relationship_id)
         return replay
 
     async def dissolve(
@@ -406,13 +432,46 @@ class RelationshipService:
         async def to_the_end() -> DissolveResult:
             # A cancelled call (its deadline passed) leaves its SQL transaction to commit: the
             # quota must then be dissolved in Redis too, or Authorize approves on it.
-            relationship, returned = await self.database.run(work)
+            try:
+                relationship, returned = await self.database.run(work)
+            except Unavailable:
+                # A lost connection: its COMMIT may have gone through. Dissolved in SQL, the
+                # quota is dissolved in Redis too before the caller hears UNAVAILABLE, not left
+                # active there (approving on money given back to the holder) until the rolling
+                # reconcile's dissolutions cursor comes by, minutes later.
+                await self._dissolve_as_sql_says(relationship_id)
+                raise
             await when_rebuilt(
                 lambda: self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
             )
             return DissolveResult(QuotaView(relationship, 0, 0), returned)
 
         return await self.to_the_end.run(to_the_end())
+
+    async def _dissolve_as_sql_says(self, relationship_id: str) -> None:
+        """A dissolve whose transaction failed without a refusal: runs its Redis step when SQL,
+        read under the row lock (a commit in flight ends first), has the relationship
+        dissolved. SQL cannot say: left to the rolling reconcile's dissolutions cursor."""
+
+        def read(session: Session) -> Relationship:
+            return records.relationship(
+                records.relationship_row(session, relationship_id, lock=True)
+            )
+
+        try:
+            relationship = await self.database.run(read)
+            if relationship.status is RelationshipStatus.DISSOLVED:
+                await when_rebuilt(
+                    lambda: self.quotas.dissolve(relationship.beneficiary_id, relationship_id)
+                )
+        except Exception:
+            log.warning(
+                "dissolve of %s: SQL or Redis cannot say now whether it was written; the "
+                "rolling reconcile's dissolutions cursor makes sure of it",
+                relationship_id,
+                extra={"relationship_id": relationship_id},
+                exc_info=True,
+            )
 
     async def get(self, relationship_id: str) -> QuotaView:
         relationship = await self.database.run(
