@@ -46,9 +46,11 @@ log = logging.getLogger(__name__)
 # How long a write waits for the writer to (re)start before it is answered UNAVAILABLE.
 START_SECONDS = 15.0
 # A writer not listening this long after it was started is taken for hung at its start (stopped,
-# or stuck before its socket): killed, and another started. Far above a start's worst seen on a
-# loaded machine, so that a slow start is waited for, not killed again and again.
-START_HUNG_SECONDS = 60.0
+# or stuck before its socket): killed, and another started. Above a start's worst seen on a
+# loaded machine (a few seconds at load 15 on 2 cores), so that a slow start is waited for, not
+# killed again and again; and with START_SECONDS well within the late journal's RETRY_SECONDS
+# (60 s), so that the rows waiting meanwhile are written by its successor, not given up.
+START_HUNG_SECONDS = 20.0
 # How long a stop waits for the writer to write what it holds and exit before it is killed.
 STOP_SECONDS = 10.0
 # A journal frame unanswered this long: the writer is taken for hung, killed and started again
