@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from authz_server.domain.errors import IdempotencyKeyReused, NotFound, PolicyRefusal
+from authz_server.domain.errors import IdempotencyKeyReused, NotFound, PolicyRefusal, Unavailable
 from authz_server.domain.types import AuthorizationStatus, LedgerKind, RelationshipStatus
 from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock
@@ -231,13 +231,33 @@ class Refunds:
         to_heal: list[str],
     ) -> RefundOutcome | bytes:
         # Its quotas locked by the batch before its units run (storage/sql/refund_locks.py).
-        result = await self.group_commit.submit(work, lock_key=authorization_id)
+        try:
+            result = await self.group_commit.submit(work, lock_key=authorization_id)
+        except Unavailable:
+            # A lost connection: the batch's COMMIT may have gone through, its credits then
+            # never sent. The quotas the refund credits are set from the ledger (under their
+            # row locks: right either way), not left short (payments declined on refunded
+            # money) until the till's retry or the rolling reconcile reaches them.
+            for relationship_id in sorted({credit[1] for credit in credits}):
+                await heal_from_ledger(self.database, self.quotas, relationship_id)
+            raise
         for relationship_id in to_heal:
             await heal_from_ledger(self.database, self.quotas, relationship_id)
+        failure: Exception | None = None
         for beneficiary_id, relationship_id, fen, entry_id in credits:
             credit = functools.partial(
                 self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id
             )
-            if not await when_rebuilt(credit):
-                await restore_from_ledger(self.database, self.quotas, relationship_id)
+            try:
+                if not await when_rebuilt(credit):
+                    await restore_from_ledger(self.database, self.quotas, relationship_id)
+            except Exception as error:
+                # The credit's reply lost (it may have run) or Redis failing: this quota is set
+                # from the ledger (its entry mark: never counted twice), and the refund's other
+                # credits still sent (they were skipped, their quotas short until a retry or
+                # the rolling reconcile). The caller still hears the failure.
+                await heal_from_ledger(self.database, self.quotas, relationship_id)
+                failure = failure or error
+        if failure is not None:
+            raise failure
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from authz_server.domain import relationships as rules
-from authz_server.domain.errors import InvalidArgument, PolicyRefusal
+from authz_server.domain.errors import InvalidArgument, PolicyRefusal, Unavailable
 from authz_server.domain.model import CatalogItem, Merchant, Participant
 from authz_server.domain.types import (
     InsuranceEventType,
@@ -40,6 +41,7 @@ from authz_server.storage.sql.tables import (
 )
 
 MAX_CATALOG_BATCH = 1000
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -224,16 +226,77 @@ class RegistryService:
         async def to_the_end() -> InsuranceEventResult:
             # A cancelled call (its deadline passed) leaves its SQL transaction to commit: its
             # quotas must then be dissolved in Redis too, or Authorize approves on them.
-            result, in_redis = await self.database.run(work)
-            for relationship in in_redis:
-                # Waits out a rebuild of the hot state (service/quota_sync.py, when_rebuilt).
-                dissolve = functools.partial(
-                    self.quotas.dissolve, relationship.beneficiary_id, relationship.relationship_id
-                )
-                await when_rebuilt(dissolve)
+            try:
+                result, in_redis = await self.database.run(work)
+            except Unavailable:
+                # A lost connection: its COMMIT may have gone through. What SQL has dissolved
+                # is dissolved in Redis too before the caller hears UNAVAILABLE, not left active
+                # there (Authorize approving on money given back to the holders) until the
+                # caller repeats the event or the rolling reconcile's dissolutions cursor comes
+                # by, minutes later.
+                await self._dissolve_as_sql_says(event.participant_id)
+                raise
+            await self._dissolve_in_redis([(r.beneficiary_id, r.relationship_id) for r in in_redis])
             return result
 
         return await self.to_the_end.run(to_the_end())
+
+    async def _dissolve_in_redis(self, quotas: Sequence[tuple[str, str]]) -> None:
+        """The Redis step of dissolutions SQL committed, (beneficiary, relationship) each, every
+        one tried even when an earlier one failed (its reply lost to a timeout: the quotas after
+        it were left active in Redis); the first failure is raised once all were tried."""
+        failure: Exception | None = None
+        for beneficiary_id, relationship_id in quotas:
+            dissolve = functools.partial(self.quotas.dissolve, beneficiary_id, relationship_id)
+            try:
+                # Waits out a rebuild of the hot state (service/quota_sync.py, when_rebuilt);
+                # once one has failed, the rest are tried once each (a rebuild that outlasted
+                # the wait: not REBUILD_WAIT_SECONDS a quota more; the cursor mends them).
+                await (dissolve() if failure is not None else when_rebuilt(dissolve))
+            except Exception as error:
+                log.warning(
+                    "insurance event: quota %s not dissolved in Redis now; the rolling "
+                    "reconcile's dissolutions cursor makes sure of it",
+                    relationship_id,
+                    extra={"relationship_id": relationship_id},
+                    exc_info=True,
+                )
+                failure = failure or error
+        if failure is not None:
+            raise failure
+
+    async def _dissolve_as_sql_says(self, participant_id: str) -> None:
+        """An event whose transaction failed without a refusal: the Redis step of every
+        dissolution SQL has for the person (as a repeat of the event does), read under the
+        person's row lock (the event's commit, in flight, ends first). SQL cannot say: left to
+        the caller's repeat and the rolling reconcile's dissolutions cursor."""
+
+        def read(session: Session) -> list[tuple[str, str]]:
+            records.participant_row(session, participant_id, lock=True)
+            return [
+                (beneficiary_id, relationship_id)
+                for beneficiary_id, relationship_id in session.execute(
+                    select(RelationshipRow.beneficiary_id, RelationshipRow.relationship_id)
+                    .where(
+                        or_(
+                            RelationshipRow.holder_id == participant_id,
+                            RelationshipRow.beneficiary_id == participant_id,
+                        ),
+                        RelationshipRow.status == RelationshipStatus.DISSOLVED.value,
+                    )
+                    .order_by(RelationshipRow.relationship_id)
+                )
+            ]
+
+        try:
+            await self._dissolve_in_redis(await self.database.run(read))
+        except Exception:
+            log.warning(
+                "insurance event for %s: SQL or Redis cannot say now whether its dissolutions "
+                "were written; the rolling reconcile's dissolutions cursor makes sure of them",
+                participant_id,
+                exc_info=True,
+            )
 
     @staticmethod
     def _apply(row: ParticipantRow, event: InsuranceEvent) -> bool:
