@@ -110,3 +110,67 @@ def test_an_allocation_whose_commit_reply_was_lost_is_in_redis_too(
     assert ledger(harness, relationship_id).unused_fen == 25_000  # SQL has it
     # before: 20,000 (the 5,000 declined to the family until a retry or the rolling reconcile)
     assert sum(hot_figures(harness, fam.beneficiary_id, relationship_id)) == 25_000
+
+
+class CreditReplyLost:
+    """The relationship service's quota cache: its first credit runs in the real Redis and its
+    reply is then lost, as a timeout loses it (guarded() answers Unavailable)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    async def credit(
+        self, beneficiary_id: str, relationship_id: str, amount_fen: int, entry_id: int
+    ) -> bool:
+        done: bool = await self.real.credit(beneficiary_id, relationship_id, amount_fen, entry_id)
+        if self.lost == 0:
+            self.lost += 1
+            raise Unavailable("the quota store did not answer: TimeoutError")
+        return done
+
+
+def test_an_allocation_whose_credit_reply_was_lost_is_in_redis_once(
+    harness: Harness, registry: Any, relationships: Any
+) -> None:
+    """The allocation committed; its Redis credit ran but its answer was lost: the caller hears
+    UNAVAILABLE, and Redis holds the allocation once (its entry mark), whether or not the
+    credit ran, not short of it until the channel's retry (found by an audit of the refunds,
+    which had the same gap; fails before when the credit did not run)."""
+    fam = family(registry, relationships, 20_000)
+    (relationship_id,) = fam.relationship_ids
+    service: Any = harness.app.relationships
+    real_quotas = service.quotas
+    wrapped = CreditReplyLost(real_quotas)
+
+    async def credit_not_run(
+        beneficiary_id: str, relationship_id: str, amount_fen: int, entry_id: int
+    ) -> bool:
+        wrapped.lost += 1
+        raise Unavailable("the quota store did not answer: TimeoutError")
+
+    for lost_before_running in (False, True):
+        wrapped.lost = 0
+        if lost_before_running:  # the script never reached Redis
+            wrapped.credit = credit_not_run  # type: ignore[method-assign]
+        service.quotas = wrapped
+        try:
+            with pytest.raises(grpc.RpcError) as failed:
+                relationships.AllocateQuota(
+                    relationship_pb2.AllocateQuotaRequest(
+                        relationship_id=relationship_id,
+                        amount_fen=5_000,
+                        idempotency_key=new_id("a"),
+                    ),
+                    metadata=APP,
+                )
+        finally:
+            service.quotas = real_quotas
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert wrapped.lost == 1
+        unused = ledger(harness, relationship_id).unused_fen
+        assert sum(hot_figures(harness, fam.beneficiary_id, relationship_id)) == unused
+    assert ledger(harness, relationship_id).unused_fen == 30_000

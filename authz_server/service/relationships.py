@@ -257,11 +257,20 @@ class RelationshipService:
                 raise
             if relationship is None:  # a retry's replay (see above)
                 await heal_from_ledger(self.database, self.quotas, relationship_id)
-            elif not await when_rebuilt(
-                lambda: self.quotas.credit(
-                    relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
+                return result
+            try:
+                credited = await when_rebuilt(
+                    lambda: self.quotas.credit(
+                        relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
+                    )
                 )
-            ):
+            except Exception:
+                # The credit's answer lost (it may have run) or Redis failing: the quota is set
+                # from the ledger (the credit's entry mark: never counted twice), not left short
+                # until the channel's retry or the rolling reconcile.
+                await heal_from_ledger(self.database, self.quotas, relationship_id)
+                raise
+            if not credited:
                 await self._restore(relationship_id)
             return result
 
