@@ -271,9 +271,10 @@ def test_an_allocation_whose_redis_credit_was_lost_is_credited_by_its_retry(
     harness, registry, relationships
 ) -> None:
     """The allocation committed in SQL, its Redis credit failed (a timeout: the caller gets
-    UNAVAILABLE and retries): the retry's replay sets the quota from the ledger, so the family
-    can spend what it allocated at once, not after the rolling reconcile reaches the quota (an
-    audit note: payments declined INSUFFICIENT_QUOTA on money SQL holds until then)."""
+    UNAVAILABLE and retries): the quota is set from the ledger before that answer, and the
+    retry's replay sets it so too, so the family can spend what it allocated at once, not after
+    the rolling reconcile reaches the quota (an audit note: payments declined
+    INSUFFICIENT_QUOTA on money SQL holds until then)."""
     holder = factories.employee(registry, 50_000)
     rid = factories.active_relationship(relationships, holder, factories.resident(registry), 1_000)
     quotas = harness.app.relationships.quotas
@@ -291,7 +292,9 @@ def test_an_allocation_whose_redis_credit_was_lost_is_credited_by_its_retry(
     finally:
         quotas.credit = real_credit
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
-    assert factories.relationship(relationships, rid).available_fen == 1_000  # understated
+    # Set from the ledger before the caller heard UNAVAILABLE (was 1,000, understated until
+    # the retry); the retry's replay does not count it twice.
+    assert factories.relationship(relationships, rid).available_fen == 21_000
     again = relationships.AllocateQuota(request, metadata=APP)
     assert again.holder_balance_fen == 50_000 - 1_000 - 20_000
     shown = factories.relationship(relationships, rid)
