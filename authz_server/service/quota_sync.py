@@ -157,6 +157,30 @@ async def heal_from_ledger(database: Database, quotas: QuotaCache, relationship_
         )
 
 
+async def credit_as_ledger_says(
+    database: Database,
+    quotas: QuotaCache,
+    beneficiary_id: str,
+    relationship_id: str,
+    amount_fen: int,
+    entry_id: int,
+) -> None:
+    """Sends Redis a credit SQL committed (waiting out a rebuild: when_rebuilt). Redis without
+    the quota has it set from the ledger. A credit that failed (its answer lost: it may have
+    run; Redis failing) has its quota set from the ledger too, best effort (the credit's entry
+    mark counts it once), and the failure raised: left so, the quota stayed short until a retry
+    or the rolling reconcile."""
+    try:
+        credited = await when_rebuilt(
+            lambda: quotas.credit(beneficiary_id, relationship_id, amount_fen, entry_id)
+        )
+        if not credited:
+            await restore_from_ledger(database, quotas, relationship_id)
+    except Exception:
+        await heal_from_ledger(database, quotas, relationship_id)
+        raise
+
+
 async def when_rebuilt(step: Callable[[], Awaitable[T]]) -> T:
     """A Redis step that must follow what SQL committed (a credit, a capture's finish): while a
     rebuild of the hot state runs, its slot is refused (UNAVAILABLE), and the step is tried

@@ -11,7 +11,6 @@ was purged with its closed month is still found through the refunds table.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -24,7 +23,7 @@ from authz_server.service import idempotency, ledger
 from authz_server.service.clock import Clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import QuotaCache
-from authz_server.service.quota_sync import heal_from_ledger, restore_from_ledger, when_rebuilt
+from authz_server.service.quota_sync import credit_as_ledger_says, heal_from_ledger
 from authz_server.service.to_the_end import ToTheEnd
 from authz_server.service.views import AuthorizationView
 from authz_server.storage.sql import records, settlement_lock
@@ -245,18 +244,13 @@ class Refunds:
             await heal_from_ledger(self.database, self.quotas, relationship_id)
         failure: Exception | None = None
         for beneficiary_id, relationship_id, fen, entry_id in credits:
-            credit = functools.partial(
-                self.quotas.credit, beneficiary_id, relationship_id, fen, entry_id
-            )
             try:
-                if not await when_rebuilt(credit):
-                    await restore_from_ledger(self.database, self.quotas, relationship_id)
+                await credit_as_ledger_says(
+                    self.database, self.quotas, beneficiary_id, relationship_id, fen, entry_id
+                )
             except Exception as error:
-                # The credit's reply lost (it may have run) or Redis failing: this quota is set
-                # from the ledger (its entry mark: never counted twice), and the refund's other
-                # credits still sent (they were skipped, their quotas short until a retry or
-                # the rolling reconcile). The caller still hears the failure.
-                await heal_from_ledger(self.database, self.quotas, relationship_id)
+                # The refund's other credits still sent (they were skipped, their quotas short
+                # until a retry or the rolling reconcile); the caller hears the first failure.
                 failure = failure or error
         if failure is not None:
             raise failure

@@ -55,6 +55,7 @@ from authz_server.service.clock import Clock, system_clock
 from authz_server.service.idempotency import Idempotency
 from authz_server.service.ports import Debit, QuotaCache, QuotaFigures
 from authz_server.service.quota_sync import (
+    credit_as_ledger_says,
     heal_from_ledger,
     on_loop,
     restore_from_ledger,
@@ -258,20 +259,14 @@ class RelationshipService:
             if relationship is None:  # a retry's replay (see above)
                 await heal_from_ledger(self.database, self.quotas, relationship_id)
                 return result
-            try:
-                credited = await when_rebuilt(
-                    lambda: self.quotas.credit(
-                        relationship.beneficiary_id, relationship_id, amount_fen, entry_ids[0]
-                    )
-                )
-            except Exception:
-                # The credit's answer lost (it may have run) or Redis failing: the quota is set
-                # from the ledger (the credit's entry mark: never counted twice), not left short
-                # until the channel's retry or the rolling reconcile.
-                await heal_from_ledger(self.database, self.quotas, relationship_id)
-                raise
-            if not credited:
-                await self._restore(relationship_id)
+            await credit_as_ledger_says(
+                self.database,
+                self.quotas,
+                relationship.beneficiary_id,
+                relationship_id,
+                amount_fen,
+                entry_ids[0],
+            )
             return result
 
         return await self.to_the_end.run(to_the_end())
